@@ -1,0 +1,95 @@
+"""`specdecode` command line: generate (more subcommands join here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from specdecode.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the target")
+    p.add_argument("--max-context", type=_positive_int, default=None, help="KV cache length in tokens (default 4096)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | layerskip[:N] | model (default ngram)")
+    p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
+    p.add_argument("--k", type=_positive_int, default=4, help="draft length (tokens proposed per step)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=_positive_int, default=None)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specdecode.engine import Engine
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    engine = Engine.load(args.target, args.dtype, args.max_context)
+    stream = engine.stream(
+        prompt, drafter=args.drafter, draft=args.draft, k=args.k, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        stop=args.stop, chat=not args.no_chat,
+    )
+    for delta in stream:
+        if not args.json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    result = stream.result
+    assert result is not None
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print()
+        print(f"[{args.drafter}, k={args.k}] {result.stats.summary_line()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdecode", description="Exact speculative decoding for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text from a prompt (stdin if omitted)")
+    gen.add_argument("prompt", nargs="?", default=None)
+    add_model_args(gen)
+    add_decoding_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) as the last line")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return func(args)
+    except UserError as e:
+        print(f"specdecode: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

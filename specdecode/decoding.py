@@ -1,0 +1,102 @@
+"""The ONE decoding loop: prefill, then (draft -> verify -> commit/rollback -> observe)*.
+
+Autoregressive decoding is this loop with no drafter (every draft is empty), which makes it
+both the baseline for speed and the oracle for exactness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from specdecode.config import GenerationConfig
+from specdecode.drafters.base import Draft, Drafter
+from specdecode.errors import UserError
+from specdecode.kv_cache import KVCache
+from specdecode.metrics import SpecStats
+from specdecode.models.base import CausalLM
+from specdecode.sampling import logits_to_probs, make_generator, select_tokens
+from specdecode.verify import greedy_verify, rejection_sample
+
+
+def decode(
+    target: CausalLM,
+    cache: KVCache,
+    prompt_ids: list[int],
+    config: GenerationConfig,
+    drafter: Drafter | None = None,
+    k: int = 4,
+    eos_ids: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+    stats: SpecStats | None = None,
+) -> Iterator[list[int]]:
+    """Yield the new tokens of each step (1..k+1 tokens) until EOS or max_new_tokens.
+
+    The caller may stop iterating at any time (stop strings); `stats` is complete then too.
+    EOS ends the generation and is not yielded.
+    """
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give some text to continue")
+    if k < 1 and drafter is not None:
+        raise UserError(f"k (draft length) must be >= 1, got {k}")
+    room = cache.max_length - len(prompt_ids)
+    if room < 1:
+        raise UserError(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds {cache.max_length}: shorten the prompt"
+        )
+    sampling = config.sampling
+    generator = generator if generator is not None else make_generator(sampling.seed)
+    stats = stats if stats is not None else SpecStats()
+    stop_ids = set() if config.ignore_eos else set(eos_ids)
+    max_new = min(config.max_new_tokens, room)
+    start = time.perf_counter()
+    try:
+        cache.reset()
+        logits = target.forward(torch.tensor(prompt_ids), cache, num_logits=1).logits  # [1, V]
+        first = int(select_tokens(logits, sampling, generator)[0])
+        stats.target_forwards += 1
+        stats.prefill_seconds = time.perf_counter() - start
+        if first in stop_ids:
+            return
+        stats.new_tokens = 1
+        yield [first]
+        if drafter is not None:
+            drafter.begin(list(prompt_ids))
+        tokens = list(prompt_ids) + [first]
+        while stats.new_tokens < max_new:
+            budget = min(k, max_new - stats.new_tokens - 1)
+            t0 = time.perf_counter()
+            draft = Draft([])
+            if drafter is not None and budget > 0:
+                draft = drafter.propose(tokens, budget, sampling, generator)
+                if len(draft.tokens) > budget:
+                    draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
+            t1 = time.perf_counter()
+            committed = cache.length  # every token but the newest is in the cache
+            logits = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache).logits  # [1+d, V]
+            if sampling.greedy:
+                result = greedy_verify(draft.tokens, logits)
+            else:
+                result = rejection_sample(draft.tokens, draft.probs, logits_to_probs(logits, sampling), generator)
+            cache.rollback(committed + 1 + result.num_accepted)
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += time.perf_counter() - t1
+            stats.record(len(draft.tokens), result.num_accepted)
+            if drafter is not None:
+                drafter.observe(draft, result)
+            new = result.new_tokens(draft.tokens)
+            for i, tok in enumerate(new):
+                if tok in stop_ids:
+                    new = new[:i]
+                    break
+            stopped = len(new) < result.num_accepted + 1
+            tokens.extend(new)
+            stats.new_tokens += len(new)
+            if new:
+                yield new
+            if stopped:
+                return
+    finally:
+        stats.wall_seconds = time.perf_counter() - start

@@ -1,0 +1,33 @@
+"""The drafter protocol (after HF's candidate generator: propose, then learn from the verdict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdecode.config import SamplingParams
+from specdecode.verify import VerifyResult
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # proposed continuation, 0..k tokens
+    # [len(tokens), V] warped draft distributions q the tokens were drawn from; None for a
+    # deterministic draft (verification treats it as a one-hot q).
+    probs: torch.Tensor | None = None
+
+
+class Drafter(Protocol):
+    name: str
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """A new request starts; forget the previous one."""
+
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+        """Propose up to k tokens to follow `tokens` (prompt + everything generated so far)."""
+        ...
+
+    def observe(self, draft: Draft, result: VerifyResult) -> None:
+        """The target kept `result.num_accepted` of the draft (for adaptive drafters)."""

@@ -1,0 +1,59 @@
+"""Builds a drafter from its command-line name: none, ngram, layerskip, model."""
+
+from __future__ import annotations
+
+from specdecode.drafters.base import Drafter
+from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.ngram import NgramDrafter
+from specdecode.errors import UserError
+from specdecode.models.llama import LlamaModel
+
+DRAFTERS = ("none", "ngram", "layerskip", "model")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """'layerskip:8' -> ('layerskip', '8'); 'model:/path' -> ('model', '/path')."""
+    name, _, arg = spec.partition(":")
+    return name, (arg or None)
+
+
+def build_drafter(
+    spec: str,
+    target: LlamaModel,
+    draft_model: LlamaModel | None = None,
+    max_length: int | None = None,
+) -> Drafter | None:
+    """spec: 'none' | 'ngram[:MIN-MAX]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
+    name, arg = parse_spec(spec)
+    if name == "none":
+        return None
+    if name == "ngram":
+        lo, hi = (1, 3)
+        if arg:
+            try:
+                lo, hi = (int(x) for x in arg.split("-"))
+            except ValueError:
+                raise UserError(f"ngram sizes look like ngram:1-3 (min-max), got '{spec}'") from None
+        return NgramDrafter(lo, hi)
+    if name == "layerskip":
+        total = target.config.num_layers
+        n = default_layerskip_layers(total) if arg is None else _int(arg, spec)
+        if not 1 <= n < total:
+            raise UserError(f"layerskip needs 1 <= layers < {total} (the target's depth), got {n}")
+        return DraftModelDrafter(target.with_layers(range(n)), target.config.vocab_size, f"layerskip:{n}", max_length)
+    if name == "model":
+        if draft_model is None:
+            raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
+        return DraftModelDrafter(draft_model, target.config.vocab_size, "model", max_length)
+    raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")
+
+
+def default_layerskip_layers(total: int) -> int:
+    return max(1, total // 4)
+
+
+def _int(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"expected a number after ':' in '{spec}'") from None

@@ -1,0 +1,190 @@
+"""The Python API: load a target, pick a drafter, generate or stream text.
+
+    from specdecode import Engine
+    engine = Engine.load()                      # embedded SmolLM2-135M-Instruct
+    out = engine.generate("Write a haiku", drafter="ngram", k=4)
+    print(out.text, out.stats.mean_accepted_length)
+    for delta in engine.stream("Tell me a story", drafter="layerskip"):
+        print(delta, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.decoding import decode
+from specdecode.drafters.base import Drafter
+from specdecode.drafters.factory import build_drafter
+from specdecode.errors import UserError
+from specdecode.metrics import SpecStats
+from specdecode.models.llama import LlamaModel
+from specdecode.models.loading import load_model_source
+from specdecode.tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_MAX_CONTEXT = 4096
+
+Prompt = str | Sequence[dict[str, str]]  # raw text, or chat messages [{"role", "content"}]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: SpecStats
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_llama(path: str | None, dtype: str = "fp32") -> tuple[LlamaModel, Tokenizer]:
+    loaded = load_model_source(path)
+    return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, parse_dtype(dtype)), loaded.tokenizer
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, max_context: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, model.config.max_position_embeddings)
+        self.cache = model.new_cache(self.max_context)
+        self._drafters: dict[tuple[str, str | None], Drafter | None] = {}
+        self._draft_models: dict[tuple[str, str], LlamaModel] = {}
+
+    @classmethod
+    def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None) -> "Engine":
+        """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct."""
+        model, tokenizer = load_llama(target, dtype)
+        return cls(model, tokenizer, max_context)
+
+    # -- pieces ------------------------------------------------------------------------
+    def drafter(self, spec: str | Drafter | None, draft: str | None = None) -> Drafter | None:
+        """A drafter by name ('none', 'ngram', 'layerskip[:N]', 'model' with draft=PATH), cached."""
+        if spec is None or not isinstance(spec, str):
+            return spec
+        key = (spec, draft)
+        if key not in self._drafters:
+            draft_model = None
+            if spec.startswith("model"):
+                if draft is None:
+                    raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
+                draft_model, draft_tok = load_llama(draft, _dtype_name(self.model.dtype))
+                self._check_same_vocab(draft_tok, draft)
+            self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context)
+        return self._drafters[key]
+
+    def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
+        if other.get_vocab() != self.tokenizer.get_vocab():
+            raise UserError(
+                f"the draft model {path} uses a different tokenizer/vocabulary than the target: "
+                "speculative decoding needs the same vocabulary (use a model of the same family)"
+            )
+
+    def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UserError("the prompt is empty: give some text to continue")
+            if chat:
+                return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        if not prompt:
+            raise UserError("the message list is empty: give at least one message")
+        return self.tokenizer.apply_chat_template(list(prompt))
+
+    # -- generation --------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        drafter: str | Drafter | None = None,
+        draft: str | None = None,
+        k: int = 4,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        chat: bool = True,
+        ignore_eos: bool = False,
+    ) -> "TextStream":
+        """Text deltas as they are decoded; the finished Generation is `.result` afterwards."""
+        if k < 1:
+            raise UserError(f"k (draft length) must be >= 1, got {k}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        config = GenerationConfig(max_new_tokens, tuple(stop), ignore_eos, sampling)
+        prompt_ids = self.encode_prompt(prompt, chat)
+        if len(prompt_ids) >= self.max_context:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context}: "
+                "shorten the prompt or raise --max-context"
+            )
+        return TextStream(self, prompt_ids, config, self.drafter(drafter, draft), k)
+
+    def generate(self, prompt: Prompt, **kwargs: object) -> Generation:
+        stream = self.stream(prompt, **kwargs)  # type: ignore[arg-type]
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+
+class TextStream:
+    """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None, k: int):
+        self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
+        self.stats = SpecStats()
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine, config = self.engine, self.config
+        steps = decode(
+            engine.model, engine.cache, self.prompt_ids, config, self.drafter, self.k,
+            engine.tokenizer.eos_token_ids, stats=self.stats,
+        )
+        detok = StreamDecoder(engine.tokenizer)
+        token_ids: list[int] = []
+        text, emitted = "", 0
+        hold = max((len(s) for s in config.stop_strings), default=1) - 1
+        finish = "length"
+        for new in steps:
+            token_ids.extend(new)
+            text += "".join(detok.push(t) for t in new)
+            cut = _find_stop(text, config.stop_strings)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                steps.close()
+                break
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        else:
+            text += detok.flush()
+            if self.stats.new_tokens < min(config.max_new_tokens, engine.max_context - len(self.prompt_ids)):
+                finish = "stop"
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.result = Generation(text, token_ids, self.stats, finish)
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)

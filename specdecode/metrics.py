@@ -1,0 +1,73 @@
+"""Per-request speculative decoding statistics, counted the way vLLM counts them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    new_tokens: int = 0
+    target_forwards: int = 0  # prefill included
+    verify_steps: int = 0  # target forwards after prefill (each verifies one draft, maybe empty)
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: times drafted
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: times accepted
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.verify_steps += 1
+        self.target_forwards += 1
+        self.drafted += num_drafted
+        self.accepted += num_accepted
+        while len(self.drafted_at) < num_drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(num_drafted):
+            self.drafted_at[i] += 1
+            if i < num_accepted:
+                self.accepted_at[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens gained per verify step, bonus/recovered token included: 1 + accepted/steps."""
+        return 1.0 + self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "new_tokens": self.new_tokens,
+            "target_forwards": self.target_forwards,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 6),
+            "mean_accepted_length": round(self.mean_accepted_length, 6),
+            "per_position_acceptance": [round(x, 6) for x in self.per_position_acceptance],
+            "draft_seconds": round(self.draft_seconds, 6),
+            "verify_seconds": round(self.verify_seconds, 6),
+            "prefill_seconds": round(self.prefill_seconds, 6),
+            "wall_seconds": round(self.wall_seconds, 6),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+        }
+
+    def summary_line(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.wall_seconds:.2f}s ({self.tokens_per_second:.1f} tok/s) | "
+            f"acceptance {self.acceptance_rate:.1%} | mean accepted length {self.mean_accepted_length:.2f} | "
+            f"target forwards {self.target_forwards}"
+        )

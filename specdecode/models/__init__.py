@@ -1,0 +1,1 @@
+"""Target and draft models: the CausalLM protocol, the native Llama family, loaders."""

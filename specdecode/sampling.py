@@ -1,0 +1,59 @@
+"""The ONE place where logits become probabilities and tokens.
+
+Draft and target logits go through the same `logits_to_probs`; that shared warping is what
+keeps speculative sampling exact for temperature / top-k / top-p / min-p. Every random draw
+takes an explicit torch.Generator — never the global RNG, never Python's `random`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdecode.config import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Warp logits [N, V] into probabilities [N, V] (float32).
+
+    Greedy (temperature 0) is the one-hot of the argmax, so greedy drafts and targets can
+    flow through the same code as sampled ones where a distribution is needed.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+        # *before* it already reaches top_p (so the first token is always kept).
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one token per row of probs [N, V] -> [N]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Next tokens [N] from logits [N, V]: argmax when greedy, else a draw from the warped distribution."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample(logits_to_probs(logits, params), generator)

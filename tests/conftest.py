@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random Llama-family models (fp32, CPU) for fast exact tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from specdecode.config import ModelConfig  # noqa: E402
+from specdecode.models.llama import LlamaModel  # noqa: E402
+
+
+def tiny_config(arch: str = "llama", vocab: int = 97, layers: int = 4, **kw) -> ModelConfig:
+    base = dict(
+        arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=layers,
+        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
+        attention_bias=arch == "qwen2", tie_word_embeddings=False, eos_token_ids=(),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, seed: int, scale: float = 2.0) -> LlamaModel:
+    """A random model whose distributions are peaked enough to be interesting (not uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
+        model.lm_head.weight.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> LlamaModel:
+    return random_model(tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft() -> LlamaModel:
+    """Same vocabulary, fewer layers, different weights: agrees sometimes, not always."""
+    return random_model(tiny_config(layers=1), seed=1)
