@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 
 from specdecode.errors import UserError
+
+# Each module has `register(subparsers)` adding its subcommand(s); heavy imports stay inside
+# the command functions so `specdecode --help` is fast.
+SUBCOMMAND_MODULES: list[str] = []
 
 
 def _positive_int(text: str) -> int:
@@ -72,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) as the last line")
     gen.set_defaults(func=cmd_generate)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -85,7 +85,7 @@ class Engine:
         return self._drafters[key]
 
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
-        if other.get_vocab() != self.tokenizer.get_vocab():
+        if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
             raise UserError(
                 f"the draft model {path} uses a different tokenizer/vocabulary than the target: "
                 "speculative decoding needs the same vocabulary (use a model of the same family)"

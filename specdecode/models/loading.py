@@ -125,14 +125,10 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
             f"{path} uses scaled RoPE frequencies (Llama 3.1+ style rope_freqs), which "
             "specdecode's native model does not implement; use a model with plain RoPE"
         )
-    # Tokenizer building re-reads the file in transformers (mostly Python work) while the
-    # dequantization below is numpy work that releases the GIL, so run them side by side.
+    config = _gguf_config(reader, fields, path, arch, names)
+    state_dict = _gguf_state_dict(reader, config, path)
     extra_eos = [fields.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tok_future = pool.submit(Tokenizer.from_gguf, path, [i for i in extra_eos if i is not None])
-        config = _gguf_config(reader, fields, path, arch, names)
-        state_dict = _gguf_state_dict(reader, config, path)
-        tokenizer = tok_future.result()
+    tokenizer = Tokenizer.from_gguf(path, [int(i) for i in extra_eos if i is not None])
     eos: list[int] = []
     for tid in (fields.get("tokenizer.ggml.eos_token_id"), *tokenizer.eos_token_ids):
         if tid is not None and int(tid) not in eos:
@@ -156,6 +152,8 @@ def _open_gguf(path: Path) -> Any:
 
     try:
         return gguf.GGUFReader(str(path))
+    except PermissionError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
     except Exception as exc:  # ValueError, struct/numpy errors on truncation, ...
         raise UserError(
             f"{path} is not a valid GGUF file (it may be truncated or corrupt): {exc}"
@@ -201,7 +199,7 @@ def _gguf_config(reader: Any, f: _GGUFFields, path: Path, arch: str, names: set[
     scaling = f.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise UserError(f"{path} uses RoPE scaling '{scaling}', which specdecode's native model does not implement")
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight") if "token_embd.weight" in names else None
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise UserError(f"{path} has no token_embd.weight tensor; is it a complete model file?")
     model_name = str(f.get("general.name", "") or "").lower()
@@ -443,10 +441,14 @@ def save_hf_folder(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n", encoding="utf-8")
-    hf_tensors = {
-        (k if k == "lm_head.weight" else f"model.{k}"): v.detach().to(torch.float32).contiguous().clone()
-        for k, v in state_dict.items()
-    }
+    hf_tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().to(torch.float32).contiguous()
+        if tensor.data_ptr() in seen:  # safetensors refuses tensors that share memory
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        hf_tensors[key if key == "lm_head.weight" else f"model.{key}"] = tensor
     save_file(hf_tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.hf.save_pretrained(str(folder))
@@ -477,7 +479,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0],
+        "eos_token_id": _eos_json(config.eos_token_ids),
         "torch_dtype": "float32",
         "use_cache": True,
     }
@@ -490,6 +492,13 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         out["use_sliding_window"] = False
         out["sliding_window"] = None
     return out
+
+
+def _eos_json(ids: tuple[int, ...]) -> int | list[int] | None:
+    """config.json style: one id as an int, several as a list, none as null."""
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else list(ids)
 
 
 # ---------------------------------------------------------------------------- checks

