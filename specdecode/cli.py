@@ -15,7 +15,7 @@ from specdecode.errors import UserError
 SUBCOMMAND_MODULES: list[str] = []
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -26,28 +26,37 @@ def _positive_int(text: str) -> int:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the target")
-    p.add_argument("--max-context", type=_positive_int, default=None, help="KV cache length in tokens (default 4096)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-context", type=_integer, default=None, help="KV cache length in tokens (default 4096)")
+    p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | layerskip[:N] | model (default ngram)")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
-    p.add_argument("--k", type=_positive_int, default=4, help="draft length (tokens proposed per step)")
+    p.add_argument("--k", type=_integer, default=4, help="draft length (tokens proposed per step)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--top-k", type=_integer, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=_positive_int, default=None)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--seed", type=_integer, default=None)
+    p.add_argument("--max-new-tokens", type=_integer, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from specdecode.config import SamplingParams
     from specdecode.engine import Engine
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # Validate everything cheap before spending seconds on loading the model.
+    if not prompt.strip():
+        raise UserError("the prompt is empty: give some text to continue")
+    if args.k < 1:
+        raise UserError(f"--k (draft length) must be >= 1, got {args.k}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     engine = Engine.load(args.target, args.dtype, args.max_context)
     stream = engine.stream(
         prompt, drafter=args.drafter, draft=args.draft, k=args.k, max_new_tokens=args.max_new_tokens,

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import json
+from pathlib import Path
+
 import torch
 
 from specdecode.config import GenerationConfig, SamplingParams
@@ -21,10 +24,13 @@ from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
+from specdecode.models.base import CausalLM
+from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.models.loading import load_model_source
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
+NATIVE_ARCHS = ("llama", "qwen2", "mistral")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -53,19 +59,36 @@ def load_llama(path: str | None, dtype: str = "fp32") -> tuple[LlamaModel, Token
     return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, parse_dtype(dtype)), loaded.tokenizer
 
 
+def load_target(path: str | None, dtype: str = "fp32") -> tuple[CausalLM, Tokenizer]:
+    """The native model for llama/qwen2/mistral; any other HF folder runs through transformers."""
+    model_type = _hf_model_type(path)
+    if model_type is not None and model_type not in NATIVE_ARCHS:
+        return HFCausalLM.load(str(path), parse_dtype(dtype)), Tokenizer.from_folder(str(path))
+    return load_llama(path, dtype)
+
+
+def _hf_model_type(path: str | None) -> str | None:
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return str(json.loads(config.read_text()).get("model_type"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {config}: {e}") from None
+
+
 class Engine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, max_context: int | None = None) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, max_context: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, model.config.max_position_embeddings)
         self.cache = model.new_cache(self.max_context)
         self._drafters: dict[tuple[str, str | None], Drafter | None] = {}
-        self._draft_models: dict[tuple[str, str], LlamaModel] = {}
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None) -> "Engine":
         """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct."""
-        model, tokenizer = load_llama(target, dtype)
+        model, tokenizer = load_target(target, dtype)
         return cls(model, tokenizer, max_context)
 
     # -- pieces ------------------------------------------------------------------------
@@ -79,7 +102,7 @@ class Engine:
             if spec.startswith("model"):
                 if draft is None:
                     raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
-                draft_model, draft_tok = load_llama(draft, _dtype_name(self.model.dtype))
+                draft_model, draft_tok = load_target(draft, _dtype_name(self.model.dtype))
                 self._check_same_vocab(draft_tok, draft)
             self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context)
         return self._drafters[key]

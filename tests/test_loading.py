@@ -97,12 +97,6 @@ def test_embedded_matches_transformers(embedded: LoadedModel) -> None:
     for name in names:
         torch.testing.assert_close(embedded.state_dict[name], reference[name], rtol=0, atol=0, msg=name)
     assert set(reference) - {"lm_head.weight"} == set(embedded.state_dict)
-    # The comparison has teeth: the GGUF's own row order (llama.cpp's permuted q) differs.
-    import gguf
-
-    raw = next(t for t in gguf.GGUFReader(str(embedded_model_path())).tensors if t.name == "blk.0.attn_q.weight")
-    as_stored = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type).reshape(576, 576))
-    assert not torch.equal(as_stored, reference["layers.0.self_attn.q_proj.weight"])
 
 
 def test_embedded_predicts_through_transformers(embedded: LoadedModel, tmp_path: Path) -> None:
@@ -282,11 +276,18 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(path: Path, c: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
+def _write_tiny_gguf(
+    path: Path,
+    c: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    arch: str | None = None,
+    raw_tensors: dict[str, np.ndarray] | None = None,
+) -> dict[str, torch.Tensor]:
     """Write a GGUF the way llama.cpp's converter would; return the weights expected back.
 
     2-D tensors cycle through several quant types; quantization works along rows, so
     permuting rows commutes with it and the expected weights are simply dequant(quant(w)).
+    `raw_tensors` are extra float32 tensors written under their GGUF names as they are.
     """
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -331,6 +332,8 @@ def _write_tiny_gguf(path: Path, c: ModelConfig, state_dict: dict[str, torch.Ten
             part, kind_name = rest.rsplit(".", 1)
             gguf_name = f"blk.{layer}.{_GGUF_LAYER[part]}.{kind_name}"
         writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+    for gguf_name, array in (raw_tensors or {}).items():
+        writer.add_tensor(gguf_name, array.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -361,22 +364,17 @@ def test_tiny_gguf_round_trip(arch: str, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- bad input
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
-    config = _tiny("llama")
+    config = replace(_tiny("llama"), vocab_size=264)
     path = tmp_path / "neox.gguf"
-    _write_tiny_gguf(path, replace(config, vocab_size=264), _random_state_dict(replace(config, vocab_size=264), 0), arch="gptneox")
+    _write_tiny_gguf(path, config, _random_state_dict(config, 0), arch="gptneox")
     with pytest.raises(UserError, match=r"unsupported architecture 'gptneox' in .*neox\.gguf: .*supports llama, qwen2, mistral"):
         load_model_source(path)
 
 
 def test_gguf_with_unknown_tensor(tmp_path: Path) -> None:
     config = replace(_tiny("llama"), vocab_size=264)
-    state_dict = _random_state_dict(config, 0)
-    state_dict["layers.0.self_attn.q_norm.weight"] = torch.ones(config.head_dim)
-    _GGUF_LAYER["self_attn.q_norm"] = "attn_q_norm"
-    try:
-        _write_tiny_gguf(tmp_path / "qk_norm.gguf", config, state_dict)
-    finally:
-        del _GGUF_LAYER["self_attn.q_norm"]
+    extra = {"blk.0.attn_q_norm.weight": np.ones(config.head_dim)}  # a qwen3-style q/k norm
+    _write_tiny_gguf(tmp_path / "qk_norm.gguf", config, _random_state_dict(config, 0), raw_tensors=extra)
     with pytest.raises(UserError, match="contains tensor 'blk.0.attn_q_norm.weight'"):
         load_model_source(tmp_path / "qk_norm.gguf")
 

@@ -6,6 +6,7 @@ from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.errors import UserError
+from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
 DRAFTERS = ("none", "ngram", "layerskip", "model")
@@ -19,8 +20,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def build_drafter(
     spec: str,
-    target: LlamaModel,
-    draft_model: LlamaModel | None = None,
+    target: CausalLM,
+    draft_model: CausalLM | None = None,
     max_length: int | None = None,
 ) -> Drafter | None:
     """spec: 'none' | 'ngram[:MIN-MAX]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
@@ -36,6 +37,8 @@ def build_drafter(
                 raise UserError(f"ngram sizes look like ngram:1-3 (min-max), got '{spec}'") from None
         return NgramDrafter(lo, hi)
     if name == "layerskip":
+        if not isinstance(target, LlamaModel):
+            raise UserError("layerskip needs the native model (llama/qwen2/mistral targets)")
         total = target.config.num_layers
         n = default_layerskip_layers(total) if arg is None else _int(arg, spec)
         if not 1 <= n < total:

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +127,14 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
         )
     config = _gguf_config(reader, fields, path, arch, names)
     state_dict = _gguf_state_dict(reader, config, path)
+    _check_state_dict(config, state_dict, str(path))
     extra_eos = [fields.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
     tokenizer = Tokenizer.from_gguf(path, [int(i) for i in extra_eos if i is not None])
     eos: list[int] = []
     for tid in (fields.get("tokenizer.ggml.eos_token_id"), *tokenizer.eos_token_ids):
         if tid is not None and int(tid) not in eos:
             eos.append(int(tid))
-    config = _replace(config, eos_token_ids=tuple(eos))
-    _check_state_dict(config, state_dict, str(path))
-    return LoadedModel(config, state_dict, tokenizer, str(path))
+    return LoadedModel(replace(config, eos_token_ids=tuple(eos)), state_dict, tokenizer, str(path))
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -239,9 +238,9 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation for `llama`-arch files.
 
     llama.cpp's converter reorders each head's rows from HF's "first half / second half"
-    RoPE pairing (rotate_half) to its interleaved pairing: HF row j of a head goes to
-    2*j (first half) or 2*(j-half)+1 (second half). Reading rows as (head, half, pair) in
-    GGUF order is (head, pair, half); swapping the last two restores HF order.
+    RoPE pairing (rotate_half) to its interleaved pairing: HF row h*half + j of a head
+    (h in {0, 1}) becomes GGUF row 2*j + h. So GGUF rows viewed as (head, j, h) are HF
+    rows viewed as (head, h, j); swapping the last two axes restores HF order.
     """
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -310,7 +309,7 @@ def load_hf_folder(path: str | os.PathLike[str]) -> LoadedModel:
     for tid in (*config.eos_token_ids, *gen_eos, *tokenizer.eos_token_ids):
         if tid not in eos:
             eos.append(tid)
-    config = _replace(config, eos_token_ids=tuple(eos))
+    config = replace(config, eos_token_ids=tuple(eos))
     state_dict = _read_safetensors(folder, config)
     _check_state_dict(config, state_dict, str(folder))
     return LoadedModel(config, state_dict, tokenizer, str(folder))
@@ -545,9 +544,3 @@ def _check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], 
         problems.append(f"wrong shape {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     if problems:
         raise UserError(f"weights of {source} do not match its config: {'; '.join(problems)}")
-
-
-def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
