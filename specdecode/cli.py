@@ -12,7 +12,7 @@ from specdecode.errors import UserError
 
 # Each module has `register(subparsers)` adding its subcommand(s); heavy imports stay inside
 # the command functions so `specdecode --help` is fast.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["specdecode.bench.commands", "specdecode.train.commands", "specdecode.server.commands"]
 
 
 def _integer(text: str) -> int:

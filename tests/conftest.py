@@ -8,7 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from threads; tests stay cheap under load
 
 from specdecode.config import ModelConfig  # noqa: E402
 from specdecode.models.llama import LlamaModel  # noqa: E402

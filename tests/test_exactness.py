@@ -133,3 +133,38 @@ def test_sampled_speculation_is_reproducible_with_seed(tiny_target, tiny_draft):
 def test_verify_result_tokens():
     r = VerifyResult(num_accepted=2, next_token=9, is_bonus=False)
     assert r.new_tokens([1, 2, 3]) == [1, 2, 9]
+
+
+def test_tree_attention_mask_matches_separate_branches(pair):
+    """Two siblings after one root, scored in one pass with a tree mask and shared positions,
+    give the logits of each branch decoded on its own (what token trees rely on)."""
+    target, _ = pair
+    prefix, root, left, right = [3, 4, 5, 6], 7, 8, 9
+    cache = target.new_cache()
+    target.forward(torch.tensor(prefix), cache)
+    n = cache.length
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    tree = target.forward(torch.tensor([root, left, right]), cache, positions=torch.tensor([n, n + 1, n + 1]), attn_mask=mask)
+    for i, child in ((1, left), (2, right)):
+        alone = target.forward(torch.tensor(prefix + [root, child]), target.new_cache()).logits[-1]
+        torch.testing.assert_close(tree.logits[i], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_target):
+    from specdecode.errors import UserError
+
+    other = random_model(tiny_config(vocab=50), seed=2)
+    with pytest.raises(UserError, match="vocabulary"):
+        DraftModelDrafter(other, tiny_target.config.vocab_size)
+
+
+def test_bf16_models_decode_speculatively(tiny_target):
+    """bf16 is a supported compute dtype; greedy identity is promised only in fp32 (bf16
+    batched and single-token matmuls may round differently on near-ties)."""
+    cfg = tiny_target.config
+    model = type(tiny_target).from_state_dict(cfg, tiny_target.state_dict(), torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.new_cache(8).k.dtype == torch.bfloat16
+    stats = SpecStats()
+    out = run(model, PROMPTS[0], build_drafter("layerskip:2", model), 4, stats=stats)
+    assert len(out) == 40 and all(0 <= t < cfg.vocab_size for t in out)
+    assert stats.verify_steps < 40

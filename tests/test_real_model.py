@@ -19,8 +19,13 @@ NEW = 24
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.load(max_context=512)
+def engine():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a real 135M model does use both cores
+    yield Engine.load(max_context=512)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Builds a drafter from its command-line name: none, ngram, layerskip, model."""
+"""Builds a drafter from its command-line name: none, ngram, layerskip, model, eagle, medusa, distill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "layerskip", "model")
+DRAFTERS = ("none", "ngram", "layerskip", "model", "eagle", "medusa", "distill")
+TRAINED = ("eagle", "medusa", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -48,7 +49,26 @@ def build_drafter(
         if draft_model is None:
             raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
         return DraftModelDrafter(draft_model, target.config.vocab_size, "model", max_length)
+    if name in TRAINED:
+        return _trained(name, arg, target, max_length)
     raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")
+
+
+def _trained(name: str, path: str | None, target: CausalLM, max_length: int | None) -> Drafter:
+    """eagle / medusa / distill from a folder written by `specdecode train` (None = shipped)."""
+    if not isinstance(target, LlamaModel):
+        raise UserError(f"{name} drafters need the native model (llama/qwen2/mistral targets)")
+    if name == "eagle":
+        from specdecode.drafters.eagle import EagleDrafter
+
+        return EagleDrafter.load(target, path, max_length)
+    if name == "medusa":
+        from specdecode.drafters.medusa import MedusaDrafter
+
+        return MedusaDrafter.load(target, path, max_length)
+    from specdecode.drafters.distill import load_distill
+
+    return load_distill(target, path, max_length)
 
 
 def default_layerskip_layers(total: int) -> int:

@@ -1,12 +1,25 @@
 """The one native implementation of the Llama family: llama (SmolLM2, Llama 2/3), qwen2, mistral.
 
 Parameter names follow Hugging Face's (minus the `model.` prefix) so that checkpoints load
-without a mapping table.
+without a mapping table; `state_dict()` round-trips in that layout.
+
+Compute does not run through those per-projection modules. Decoding a token on a CPU costs
+the bytes of weights read plus ~5-10 us of framework overhead per op, so the forward runs
+on *runtime weights* derived from the parameters: q/k/v fused into one matmul, gate/up into
+one, each matmul float or weight-only quantized (see quant.py). They are built lazily per
+(layer, quantization) and rebuilt when a parameter changes (its version or storage), so
+editing or reloading weights cannot leave a stale copy behind.
+
+`quantized("int4")` and `with_layers(...)` return views that share the parameters (and
+each other's runtime weights): a quantized target, an int4 draft of a float target, or a
+layer-skip draft are all the same code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +28,15 @@ from torch import nn
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
+from specdecode.models.quant import QUANT_MODES, LinearOp, make_linear
+
+# What the tied/untied output head becomes in each quantized mode. The head is the largest
+# matmul of a small-vocabulary-heavy model (SmolLM2: 49152 x 576, a fifth of all weights);
+# GGUF files keep it at 8 bits (Q8_0) for quality, and so do we.
+HEAD_QUANT = {"int8": "int8", "int4": "int8"}
+# Steps with at most this many new tokens run through the compiled step (when compiled);
+# longer ones (prefill) run eagerly, where per-op overhead is amortised over many tokens.
+MAX_COMPILED_TOKENS = 16
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +46,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even for bf16 weights, as HF does, so bf16 stays close to fp32.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 even for bf16 weights, as HF does, so bf16 stays close to fp32.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,37 +62,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """Parameter container (HF names); the math lives in LlamaModel._step."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer = layer
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, head_dim]
-        sin: torch.Tensor,  # [T, head_dim]
-        cache: KVCache,
-        mask: torch.Tensor | None,  # [T, L+T] bool or None (= attend to everything)
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys, values = cache.write(self.layer, k.unsqueeze(0), v.unsqueeze(0))
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [1, heads, T, head_dim]
-        return self.o_proj(out[0].transpose(0, 1).reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -76,21 +80,49 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, mask):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """Runtime weights of one decoder layer: 4 matmuls instead of 7."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv: LinearOp  # hidden -> (heads + 2 kv_heads) * head_dim
+    o: LinearOp  # heads * head_dim -> hidden
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: LinearOp  # hidden -> 2 * intermediate
+    down: LinearOp  # intermediate -> hidden
+
+
+class _RuntimeWeights:
+    """Fused/quantized weights keyed by (quant mode, layer index or -1 for the head).
+
+    Shared by a model and all its views. Each entry remembers the (version, storage) of the
+    parameters it was built from and is rebuilt when they change.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str | None, int], tuple[tuple[tuple[int, int], ...], object]] = {}
+
+    @staticmethod
+    def stamp(params: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+        return tuple((p._version, p.data_ptr()) for p in params)
+
+    def get(self, key: tuple[str | None, int], params: Sequence[torch.Tensor], build: Callable[[], object]) -> object:
+        stamp = self.stamp(params)
+        hit = self.entries.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, build())
+            self.entries[key] = hit
+        return hit[1]
 
 
 class LlamaModel(nn.Module):
@@ -107,15 +139,23 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Which layers run: all for a normal model; a prefix/subset for layer-skip drafts.
         self.layer_ids: tuple[int, ...] = tuple(range(cfg.num_layers)) if layer_ids is None else tuple(layer_ids)
+        self.quant: str | None = None  # None = float matmuls; "int8" / "int4" weight-only
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._runtime = _RuntimeWeights()
+        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_state_dict(
-        cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+        cls,
+        cfg: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        quant: str | None = None,
     ) -> "LlamaModel":
+        """quant: None, "int8" or "int4" weight-only matmuls (activations stay in `dtype`)."""
         with torch.device("meta"):
             model = cls(cfg)
         sd = dict(state_dict)
@@ -129,10 +169,10 @@ class LlamaModel(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
         model.inv_freq = inv_freq.float()
-        return model.to(dtype).eval()
+        model = model.to(dtype).eval()
+        return model if quant is None else model.quantized(quant)
 
-    def with_layers(self, layer_ids: Sequence[int]) -> "LlamaModel":
-        """A view of this model that runs only `layer_ids` (weights shared, not copied)."""
+    def _view(self, layer_ids: Sequence[int], quant: str | None) -> "LlamaModel":
         view = LlamaModel.__new__(LlamaModel)
         nn.Module.__init__(view)
         view.config = self.config
@@ -140,28 +180,102 @@ class LlamaModel(nn.Module):
         view.inv_freq = self.inv_freq
         view._rope_cache = None
         view.layer_ids = tuple(layer_ids)
-        return view
+        view.quant = quant
+        view._runtime = self._runtime
+        view._compiled = None
+        return view.eval()
+
+    def with_layers(self, layer_ids: Sequence[int]) -> "LlamaModel":
+        """A view of this model that runs only `layer_ids` (weights shared, not copied)."""
+        return self._view(layer_ids, self.quant)
+
+    def quantized(self, mode: str | None) -> "LlamaModel":
+        """A view of this model whose matmuls use weight-only `mode` ("int8"/"int4"; None =
+        float). The parameters are shared; the quantized weights are built on first use."""
+        if mode is not None and mode not in QUANT_MODES:
+            raise ValueError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")
+        return self._view(self.layer_ids, mode)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._compiled = None  # .to()/.float() change dtypes: compiled code would be stale
+        return super()._apply(fn, recurse)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activation (and KV cache) dtype; quantized models keep a float one."""
         return self.embed_tokens.weight.dtype
+
+    @property
+    def weight_format(self) -> str:
+        """'fp32' | 'bf16' | 'int8' | 'int4': what `--dtype` names this model."""
+        if self.quant is not None:
+            return self.quant
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_length or c.max_position_embeddings, self.dtype)
 
+    # -- runtime weights ----------------------------------------------------------------
+    def _fused_layer(self, i: int) -> FusedLayer:
+        layer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        params = [p for p in layer.parameters()]
+        quant = self.quant
+
+        def build() -> FusedLayer:
+            with torch.no_grad():
+                qkv_w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+                qkv_b = None
+                if attn.q_proj.bias is not None:
+                    qkv_b = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)).detach()
+                gate_up_w = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+                return FusedLayer(
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    qkv=make_linear(qkv_w.detach(), qkv_b, quant),
+                    o=make_linear(attn.o_proj.weight.detach(), None, quant),
+                    post_norm=layer.post_attention_layernorm.weight.detach(),
+                    gate_up=make_linear(gate_up_w.detach(), None, quant),
+                    down=make_linear(mlp.down_proj.weight.detach(), None, quant),
+                )
+
+        return self._runtime.get((quant, i), params, build)  # type: ignore[return-value]
+
+    def _head(self) -> LinearOp:
+        w = self.lm_head.weight
+        mode = None if self.quant is None else HEAD_QUANT[self.quant]
+        return self._runtime.get((mode, -1), [w], lambda: make_linear(w.detach(), None, mode))  # type: ignore[return-value]
+
+    def runtime_weights(self) -> tuple[tuple[FusedLayer, ...], LinearOp]:
+        """Fused/quantized weights of the layers this model runs, and of its head."""
+        return tuple(self._fused_layer(i) for i in self.layer_ids), self._head()
+
+    # -- compilation --------------------------------------------------------------------
+    def compile(self, **options: object) -> "LlamaModel":
+        """Run steps of up to MAX_COMPILED_TOKENS tokens through torch.compile (inductor).
+
+        Shapes are marked dynamic, so one graph serves every cache length and draft length
+        (plus one specialised for a single token). Falls back to eager if compilation fails.
+        """
+        self._compiled = torch.compile(_step, dynamic=True, fullgraph=True, **options)  # type: ignore[arg-type]
+        return self
+
     # -- forward ------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
+    def _rope(self, positions: torch.Tensor | None, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        need = start + t if positions is None else int(positions.max()) + 1
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < need or self._rope_cache[0].dtype != self.dtype:
             size = max(need, self.config.max_position_embeddings)
             freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq.float())
             emb = torch.cat((freqs, freqs), dim=-1)  # [size, head_dim]
             self._rope_cache = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         cos, sin = self._rope_cache
+        if positions is None:
+            return cos[start : start + t], sin[start : start + t]
         return cos[positions], sin[positions]
 
-    def _mask(self, t: int, past: int, attn_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    def _mask(
+        self, t: int, past: int, attn_mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> torch.Tensor | None:
         window = self.config.sliding_window
         if attn_mask is None and t == 1 and (window is None or past < window):
             return None  # one new token sees everything
@@ -169,6 +283,8 @@ class LlamaModel(nn.Module):
             attn_mask = torch.ones(t, t, dtype=torch.bool).tril()
         mask = torch.cat((torch.ones(t, past, dtype=torch.bool), attn_mask.to(torch.bool)), dim=1)  # [T, past+T]
         if window is not None:
+            if positions is None:
+                positions = torch.arange(past, past + t)
             key_pos = torch.cat((torch.arange(past), positions))
             mask &= (positions[:, None] - key_pos[None, :]) < window
         return mask
@@ -187,16 +303,74 @@ class LlamaModel(nn.Module):
         past = cache.length
         if past + t > cache.max_length:
             raise ValueError(f"sequence of {past + t} tokens exceeds the cache of {cache.max_length}")
-        if positions is None:
-            positions = torch.arange(past, past + t)
-        cos, sin = self._rope(positions)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # broadcast over heads
+        cos, sin = self._rope(positions, past, t)
         mask = self._mask(t, past, attn_mask, positions)
-        x = self.embed_tokens(tokens)
-        for i in self.layer_ids:
-            x = self.layers[i](x, cos, sin, cache, mask)
+        layers, head = self.runtime_weights()
+        n_out = t if num_logits is None else min(num_logits, t)
+        step = self._compiled if (self._compiled is not None and t <= MAX_COMPILED_TOKENS) else _step
+        logits, hidden = step(
+            tokens, cos, sin, mask, cache.k, cache.v, past, n_out,
+            self.embed_tokens.weight, layers, self.layer_ids, self.norm.weight, head, self.config,
+        )
         cache.length = past + t
-        if num_logits is not None:
-            x = x[-num_logits:]
-        h = self.norm(x)
-        return ModelOutput(logits=self.lm_head(h).float(), hidden=h if return_hidden else None)
+        return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+
+def _step(
+    tokens: torch.Tensor,  # [T]
+    cos: torch.Tensor,  # [T, head_dim]
+    sin: torch.Tensor,  # [T, head_dim]
+    mask: torch.Tensor | None,  # [T, past+T] bool, True = may attend; None = everything
+    cache_k: torch.Tensor,  # [layers, 1, kv_heads, max_length, head_dim], written in place
+    cache_v: torch.Tensor,
+    past: int,  # valid cache slots before these tokens
+    n_out: int,  # logits for the last n_out positions
+    embed: torch.Tensor,  # [V, hidden]
+    layers: tuple[FusedLayer, ...],
+    layer_ids: tuple[int, ...],
+    final_norm: torch.Tensor,  # [hidden]
+    head: LinearOp,
+    cfg: ModelConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over T new tokens: the whole model as one function of plain tensors, so
+    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden])."""
+    t = tokens.shape[0]
+    n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    group = n_heads // n_kv
+    end = past + t
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    if mask is not None and group > 1:
+        mask = mask.repeat(group, 1)  # [group*T, S], matching the grouped query rows below
+    x = embed[tokens]  # [T, hidden]
+    for w, li in zip(layers, layer_ids):
+        h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+        qkv = w.qkv(h)  # [T, (H + 2 Hkv) * D]
+        q, k, v = qkv.split((n_heads * d, n_kv * d, n_kv * d), dim=-1)
+        q = q.view(t, n_heads, d)
+        k = k.view(t, n_kv, d)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        ck, cv = cache_k[li, 0], cache_v[li, 0]  # [Hkv, max_length, D]
+        ck[:, past:end] = k.transpose(0, 1)
+        cv[:, past:end] = v.view(t, n_kv, d).transpose(0, 1)
+        # GQA without repeating K/V: the `group` query heads of one KV head become extra
+        # query rows of that head ([Hkv, group*T, D]; HF's head h uses KV head h // group).
+        qg = q.view(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * t, d)
+        out = F.scaled_dot_product_attention(qg, ck[:, :end], cv[:, :end], attn_mask=mask)  # [Hkv, group*T, D]
+        out = out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
+        x = x + w.o(out)
+        h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+        gate, up = w.gate_up(h).chunk(2, dim=-1)
+        x = x + w.down(F.silu(gate) * up)
+    x = x[t - n_out :]
+    h = _rms_norm(x, final_norm, cfg.rms_norm_eps)
+    return head(h).float(), h
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (decode is memory-bound: more threads than
+    cores only add synchronisation)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

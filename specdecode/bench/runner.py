@@ -1,0 +1,258 @@
+"""Build the method columns and run them interleaved over the prompts.
+
+For each prompt every method runs once (per repeat), in an order rotated by one place per
+prompt, so slow drifts of the machine (thermal, other processes) spread evenly over the
+columns, and every speedup is a ratio of two runs on the same prompt minutes apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specdecode.bench.methods import AR, Measurement, Method, Request, SpecdecodeMethod
+from specdecode.bench.peers import (
+    HF_METHODS, LLAMACPP_INSTALL, LLAMACPP_METHODS, PEER_METHODS, HFMethod, LlamaCppMethod, llamacpp_available,
+    load_hf_model, load_llamacpp,
+)
+from specdecode.bench.prompts import Prompt
+from specdecode.config import SamplingParams
+from specdecode.drafters.factory import DRAFTERS, parse_spec
+from specdecode.engine import DTYPES, Engine, parse_dtype
+from specdecode.errors import UserError
+from specdecode.models.llama import LlamaModel
+from specdecode.models.loading import LoadedModel, embedded_model_path, load_model_source, save_hf_folder
+
+OUR_DRAFTERS = tuple(d for d in DRAFTERS if d != "none")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    drafters: tuple[str, ...] = ("ngram", "layerskip")
+    ks: tuple[int, ...] = (4,)
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    repeats: int = 1
+    ignore_eos: bool = False
+    chat: bool = True
+    threads: int = 2
+    warmup: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """'ngram,layerskip:8,hf-lookup' -> names, each checked (ours or a peer)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError("--drafters needs at least one name, e.g. ngram,layerskip,hf")
+    for name in names:
+        if name in PEER_METHODS or parse_spec(name)[0] in OUR_DRAFTERS or name == "none":
+            continue
+        raise UserError(
+            f"unknown method '{name}' in --drafters: ours are {', '.join(OUR_DRAFTERS)} (e.g. ngram:1-3, "
+            f"layerskip:8), peers are {', '.join(PEER_METHODS)}"
+        )
+    return names
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--k takes draft lengths separated by commas, e.g. 1,2,4,8; got '{text}'") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--k values must be >= 1, got '{text}'")
+    return tuple(dict.fromkeys(ks))
+
+
+class Lab:
+    """The target loaded once, plus every peer model built from it, owned for one bench run."""
+
+    def __init__(self, engine: Engine, target: str | None = None, loaded: LoadedModel | None = None,
+                 dtype: str = "fp32", draft: str | None = None) -> None:
+        """engine: our target; target: its path (None = embedded GGUF); loaded: its weights when
+        they came from a GGUF (transformers then gets them through save_hf_folder)."""
+        self.engine, self.target_path, self.loaded, self.dtype, self.draft_path = engine, target, loaded, dtype, draft
+        self._tmp = tempfile.TemporaryDirectory(prefix="specdecode-bench-")
+        self._hf: dict[str, Any] = {}
+        self._llamacpp: dict[str, Any] = {}
+
+    @classmethod
+    def load(cls, target: str | None, dtype: str = "fp32", draft: str | None = None,
+             max_context: int | None = None) -> "Lab":
+        parse_dtype(dtype)
+        if target is not None and Path(target).is_dir():  # HF folder: any architecture Engine supports
+            return cls(Engine.load(target, dtype, max_context), target, None, dtype, draft)
+        loaded = load_model_source(target)
+        model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, DTYPES[dtype])
+        return cls(Engine(model, loaded.tokenizer, max_context), target, loaded, dtype, draft)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    # -- peers ---------------------------------------------------------------------------
+    def hf_model(self, which: str = "target") -> Any:
+        """transformers model with the same weights as ours (target) or of --draft (assistant)."""
+        if which not in self._hf:
+            source = self.target_path if which == "target" else self.draft_path
+            if which != "target" and source is None:
+                raise UserError("hf-assisted needs a draft model: pass --draft PATH (GGUF file or HF folder)")
+            if source is not None and Path(source).is_dir():
+                folder = Path(source)
+            else:  # a GGUF: hand transformers the very weights we dequantized
+                loaded = self.loaded if which == "target" and self.loaded is not None else load_model_source(source)
+                folder = save_hf_folder(loaded, None, Path(self._tmp.name) / which)
+            self._hf[which] = load_hf_model(folder, DTYPES[self.dtype])
+        return self._hf[which]
+
+    def gguf_path(self) -> Path | None:
+        if self.target_path is None:
+            return embedded_model_path()
+        p = Path(self.target_path)
+        return p if p.is_file() and p.suffix.lower() == ".gguf" else None
+
+    def llamacpp(self, drafter: str, threads: int, seed: int | None) -> Any:
+        if drafter not in self._llamacpp:
+            gguf = self.gguf_path()
+            assert gguf is not None
+            self._llamacpp[drafter] = load_llamacpp(gguf, drafter, threads, self.engine.max_context, seed)
+        return self._llamacpp[drafter]
+
+    # -- columns -------------------------------------------------------------------------
+    def build_methods(self, config: BenchConfig, notes: list[str]) -> list[Method]:
+        """Our AR baseline first, then each drafter at each k; peers without k appear once."""
+        methods: list[Method] = [SpecdecodeMethod(self.engine, "none", None)]
+        for name in config.drafters:
+            if name == "none":
+                continue
+            if name in LLAMACPP_METHODS:
+                if not llamacpp_available():
+                    _note(notes, f"{name} skipped: llama-cpp-python is not installed ({LLAMACPP_INSTALL})")
+                    continue
+                if self.gguf_path() is None:
+                    _note(notes, f"{name} skipped: llama.cpp needs a GGUF target, got {self.target_path}")
+                    continue
+                llm = self.llamacpp(name, config.threads, config.sampling.seed)
+                ks: Sequence[int | None] = [None] if name == "llamacpp" else config.ks
+                methods += [LlamaCppMethod(llm, name, k) for k in ks]
+            elif name in HF_METHODS:
+                model = self.hf_model("target")
+                assistant = self.hf_model("draft") if name == "hf-assisted" else None
+                ks = [None] if name == "hf" else config.ks
+                methods += [HFMethod(model, name, k, assistant) for k in ks]
+            else:
+                methods += [SpecdecodeMethod(self.engine, name, k, self.draft_path) for k in config.ks]
+        labels = [m.label for m in methods]
+        if len(set(labels)) != len(labels):
+            raise UserError(f"--drafters lists a method twice: {', '.join(labels)}")
+        return methods
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+# ---------------------------------------------------------------------------- running
+Progress = Callable[[str], None]  # called before each run with a description; "" = prompt done
+
+
+def rotated(methods: Sequence[Method], shift: int) -> list[Method]:
+    shift %= len(methods)
+    return list(methods[shift:]) + list(methods[:shift])
+
+
+def prompt_ids(engine: Engine, prompt: Prompt, chat: bool) -> list[int]:
+    if chat and engine.tokenizer.has_chat_template:
+        return engine.encode_prompt(list(prompt.messages), chat=True)
+    return engine.encode_prompt(prompt.text, chat=False)
+
+
+def request_for(config: BenchConfig, ids: list[int], eos_ids: tuple[int, ...], index: int, repeat: int) -> Request:
+    """The same request (same seed) for every method on this prompt and repeat."""
+    s = config.sampling
+    if not s.greedy:
+        s = SamplingParams(s.temperature, s.top_k, s.top_p, s.min_p, (s.seed or 0) + 1000 * repeat + index)
+    return Request(ids, config.max_new_tokens, s, eos_ids, config.ignore_eos)
+
+
+def warm_up(methods: Sequence[Method], engine: Engine, prompt: Prompt, config: BenchConfig) -> None:
+    """One short untimed run per method: first-call costs (allocations, caches) stay out."""
+    ids = prompt_ids(engine, prompt, config.chat)
+    request = Request(ids, min(8, config.max_new_tokens), config.sampling, engine.tokenizer.eos_token_ids, True)
+    for method in methods:
+        method.run(request)
+
+
+def run_bench(
+    engine: Engine,
+    prompts: Sequence[Prompt],
+    methods: Sequence[Method],
+    config: BenchConfig,
+    progress: Progress | None = None,
+) -> list[Measurement]:
+    """Every method on every prompt (x repeats), interleaved; one Measurement per run."""
+    if not prompts:
+        raise UserError("no prompts to benchmark")
+    torch.set_num_threads(config.threads)
+    if config.warmup:
+        warm_up(methods, engine, prompts[0], config)
+    eos_ids = engine.tokenizer.eos_token_ids
+    out: list[Measurement] = []
+    turn = 0
+    for repeat in range(config.repeats):
+        for index, prompt in enumerate(prompts):
+            ids = prompt_ids(engine, prompt, config.chat)
+            request = request_for(config, ids, eos_ids, index, repeat)
+            rows: list[Measurement] = []
+            for order, method in enumerate(rotated(methods, turn)):
+                if progress:
+                    progress(f"{prompt.id} · {method.label}")
+                outcome = method.run(request)
+                rows.append(Measurement(
+                    **asdict(outcome), method=method.label, family=method.family, drafter=method.drafter,
+                    k=method.k, prompt_id=prompt.id, category=prompt.category, repeat=repeat, order=order,
+                    prompt_tokens=len(ids), new_tokens=len(outcome.token_ids),
+                ))
+            turn += 1
+            if config.sampling.greedy:
+                ar = next(r for r in rows if r.method == AR)
+                for r in rows:
+                    r.matches_ar = r.token_ids == ar.token_ids
+            rows.sort(key=lambda r: [m.label for m in methods].index(r.method))
+            out += rows
+            if progress:
+                progress("")
+    return out
+
+
+@contextlib.contextmanager
+def rich_progress(total: int, enabled: bool = True) -> Iterator[Progress]:
+    """A rich progress bar on stderr: prompts done, elapsed, ETA, and what runs now."""
+    if not enabled:
+        yield lambda text: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+    from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"))
+    with RichProgress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("", total=total)
+
+        def update(text: str) -> None:
+            if text:
+                bar.update(task, description=text)
+            else:
+                bar.advance(task)
+
+        yield update

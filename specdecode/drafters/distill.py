@@ -1,0 +1,92 @@
+"""A distilled draft model: a few Llama layers trained on the target's distributions.
+
+It shares the target's embedding and LM head (so the shipped file holds only its own layers
+and final norm) and runs through the ordinary DraftModelDrafter. With a vocabulary subset,
+the head multiplies only the rows of the most frequent tokens — on a 49k vocabulary the
+head is most of a small draft model's cost — and tokens outside the subset get -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specdecode.config import ModelConfig
+from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.trained import check_target, load_folder, resolve_folder, save_folder, target_signature
+from specdecode.kv_cache import KVCache
+from specdecode.models.base import ModelOutput
+from specdecode.models.llama import LlamaModel
+
+
+class SubsetHeadLM:
+    """A LlamaModel whose LM head covers `vocab_ids` only, seen as a full-vocabulary CausalLM."""
+
+    def __init__(self, model: LlamaModel, vocab_ids: torch.Tensor, full_vocab: int) -> None:
+        self.model = model
+        self.ids = vocab_ids
+        self.config = replace(model.config, vocab_size=full_vocab)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        return self.model.new_cache(max_length)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        num_logits: int | None = None,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
+        out = self.model.forward(tokens, cache, positions, attn_mask, num_logits, return_hidden)
+        full = out.logits.new_full((out.logits.shape[0], self.config.vocab_size), float("-inf"))
+        full[:, self.ids] = out.logits
+        return ModelOutput(full, out.hidden)
+
+
+def draft_config(target: ModelConfig, num_layers: int) -> ModelConfig:
+    return replace(target, num_layers=num_layers, tie_word_embeddings=False)
+
+
+def build_draft_model(
+    target: LlamaModel, layers: dict[str, torch.Tensor], num_layers: int, vocab_ids: torch.Tensor | None
+) -> LlamaModel | SubsetHeadLM:
+    """The draft model from its own tensors (layers.*, norm.weight) plus the target's
+    embedding and head (shared, not copied)."""
+    cfg = draft_config(target.config, num_layers)
+    sd = {k: v.to(target.dtype) for k, v in layers.items()}
+    sd["embed_tokens.weight"] = target.embed_tokens.weight.detach()
+    sd["lm_head.weight"] = target.lm_head.weight.detach()
+    model = LlamaModel.from_state_dict(cfg, sd, target.dtype)
+    if vocab_ids is None:
+        return model
+    head = nn.Linear(cfg.hidden_size, len(vocab_ids), bias=False)
+    head.weight = nn.Parameter(target.lm_head.weight.detach()[vocab_ids].clone(), requires_grad=False)
+    model.lm_head = head.to(target.dtype)
+    return SubsetHeadLM(model, vocab_ids, cfg.vocab_size)
+
+
+def load_distill(target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> DraftModelDrafter:
+    folder = resolve_folder("distill", path)
+    config, tensors = load_folder(folder, "distill")
+    check_target(config, target, folder)
+    ids = tensors.pop("vocab_ids", None)
+    model = build_draft_model(target, tensors, int(config["num_layers"]), None if full_vocab or ids is None else ids.long())
+    name = "distill" if path is None else f"distill:{path}"
+    return DraftModelDrafter(model, target.config.vocab_size, name, max_length)  # type: ignore[arg-type]
+
+
+def save_distill(path: Path, layers: dict[str, torch.Tensor], num_layers: int, target: LlamaModel,
+                 vocab_ids: torch.Tensor | None, extra: dict) -> None:
+    tensors = {k: v.detach().to(torch.bfloat16) for k, v in layers.items()}
+    if vocab_ids is not None:
+        tensors["vocab_ids"] = vocab_ids.to(torch.int32)
+    save_folder(path, "distill", {"num_layers": num_layers, "target": target_signature(target), **extra}, tensors)

@@ -1,0 +1,175 @@
+"""EAGLE: draft in the target's feature space with one decoder layer.
+
+At position i the head reads (target feature f_i ⊕ embedding of token t_{i+1}) and predicts
+the next feature f_{i+1}; the target's own LM head (or a frequency-ranked subset of it)
+turns a predicted feature into the draft distribution. Drafting k tokens is k steps of the
+head, each feeding back its predicted feature and drafted token (Li et al., 2024).
+
+Exactness does not depend on the head: verification is the same as for any drafter, and in
+sampling mode each draft token is drawn from q = logits_to_probs(head logits), the warping
+the target's p gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specdecode.config import SamplingParams
+from specdecode.drafters.base import Draft
+from specdecode.drafters.trained import (
+    Block,
+    DraftHead,
+    TargetFeatures,
+    check_target,
+    load_folder,
+    resolve_folder,
+    rope_tables,
+)
+from specdecode.kv_cache import KVCache
+from specdecode.models.llama import LlamaModel
+from specdecode.sampling import logits_to_probs, sample
+from specdecode.verify import VerifyResult
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+
+    @classmethod
+    def for_target(cls, target: LlamaModel, intermediate_size: int | None = None) -> "EagleConfig":
+        c = target.config
+        return cls(c.hidden_size, intermediate_size or c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                   c.rope_theta, c.rms_norm_eps)
+
+
+class EagleHead(nn.Module):
+    """fc(feature ⊕ token embedding) -> one decoder layer -> predicted next feature."""
+
+    def __init__(self, cfg: EagleConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+
+    def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat((features, embeddings), dim=-1))
+
+    def forward(
+        self,
+        features: torch.Tensor,  # [B, T, H] f_i
+        embeddings: torch.Tensor,  # [B, T, H] embedding of t_{i+1}
+        positions: torch.Tensor,  # [T] position i of each row
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Predicted features [B, T, H] of positions i + 1."""
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, features.dtype)
+        out = self.layer(self.inputs(features, embeddings), cos, sin, cache)
+        if cache is not None:
+            cache.length += features.shape[1]  # the block writes its slots; the owner advances
+        return out
+
+    def new_cache(self, max_length: int, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(1, c.num_kv_heads, c.head_dim, max_length, dtype)
+
+
+class EagleDrafter:
+    """Chain drafting with an EAGLE head. `needs_hidden`: the loop may pass the target's
+    hidden states of committed tokens through `observe_hidden`; without them the drafter
+    computes them itself (TargetFeatures)."""
+
+    needs_hidden = True
+
+    def __init__(
+        self,
+        target: LlamaModel,
+        head: EagleHead,
+        vocab_ids: torch.Tensor | None = None,
+        name: str = "eagle",
+        max_length: int | None = None,
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.head = head.to(target.dtype).eval()
+        self.draft_head = DraftHead(target.lm_head.weight.detach(), vocab_ids)
+        self.max_length = max_length or target.config.max_position_embeddings
+        self.features = TargetFeatures(target, self.max_length)
+        self.cache = head.new_cache(self.max_length, target.dtype)
+        self.cached = 0  # head cache entries built from real target features (positions 0..cached-1)
+
+    @classmethod
+    def load(cls, target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> "EagleDrafter":
+        folder = resolve_folder("eagle", path)
+        config, tensors = load_folder(folder, "eagle")
+        check_target(config, target, folder)
+        head = EagleHead(EagleConfig(**config["head"]))
+        head.load_state_dict({k: v.float() for k, v in tensors.items() if k != "vocab_ids"})
+        ids = None if full_vocab else tensors.get("vocab_ids")
+        name = "eagle" if path is None else f"eagle:{path}"
+        return cls(target, head, None if ids is None else ids.long(), name, max_length)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.features.reset()
+        self.cache.reset()
+        self.cached = 0
+
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        """hidden [n, H]: target features of the next n committed positions."""
+        self.features.observe(hidden)
+
+    def observe(self, draft: Draft, result: VerifyResult) -> None:
+        pass
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+        n = len(tokens) - 1  # the newest token t_n has no feature yet
+        k = min(k, self.max_length - len(tokens))
+        if k <= 0 or n < 1:
+            return Draft([])
+        feats = self.features.upto(tokens)  # [n, H] f_0..f_{n-1}
+        if self.cached > n - 1:  # cannot happen within one request; be safe across misuse
+            self.cache.reset()
+            self.cached = 0
+        self.cache.rollback(self.cached)
+        embed = self.target.embed_tokens
+        start = self.cached
+        # Catch up with real features: rows start..n-1 read (f_i, emb(t_{i+1})).
+        f_in = feats[start:n].unsqueeze(0)
+        e_in = embed(torch.tensor(tokens[start + 1 : n + 1])).unsqueeze(0)
+        h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
+        self.cached = n
+        drafted: list[int] = []
+        probs: list[torch.Tensor] = []
+        for step in range(k):
+            logits = self.draft_head.logits(h)  # [1, Vd]
+            if sampling.greedy:
+                token = self.draft_head.token(int(logits[0].argmax()))
+            else:
+                q = logits_to_probs(self.draft_head.to_full(logits), sampling)
+                token = int(sample(q, generator)[0])
+                probs.append(q[0])
+            drafted.append(token)
+            if step + 1 < k:
+                pos = torch.tensor([n + step])
+                h = self.head(h.unsqueeze(0), embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
+        return Draft(drafted, torch.stack(probs) if probs else None)
+
+
+def save_eagle(path: Path, head: EagleHead, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:
+    from specdecode.drafters.trained import save_folder, target_signature
+
+    tensors = {k: v.detach().to(torch.bfloat16) for k, v in head.state_dict().items()}
+    if vocab_ids is not None:
+        tensors["vocab_ids"] = vocab_ids.to(torch.int32)
+    save_folder(path, "eagle", {"head": asdict(head.config), "target": target_signature(target), **extra}, tensors)

@@ -1,0 +1,266 @@
+"""What the trained drafters (EAGLE, Medusa, distilled draft model) share.
+
+* a drafter folder: `config.json` (kind, shapes, which target it was trained on) plus
+  `drafter.safetensors`; the shipped ones live in specdecode/assets/drafters/<kind>/;
+* a Llama decoder block that trains (autograd, batches) and drafts (KV cache), with the
+  native model's parameter names and math, so a trained block also loads into LlamaModel;
+* an optional vocabulary subset for the draft head (the target's head rows of the most
+  frequent tokens): a draft token outside it is never proposed, verification stays exact;
+* `TargetFeatures`: the target's hidden states of the committed tokens, which EAGLE and
+  Medusa draft from. The decoding loop may hand them over (`observe_hidden`); otherwise the
+  drafter runs the target on the committed tokens it has not seen (an extra target forward
+  of 1 + accepted tokens per step, on a cache of its own).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from specdecode.errors import UserError
+from specdecode.kv_cache import KVCache
+from specdecode.models.llama import LlamaModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
+WEIGHTS_FILE = "drafter.safetensors"
+CONFIG_FILE = "config.json"
+
+
+# ---------------------------------------------------------------------------- folders
+def resolve_folder(kind: str, arg: str | None) -> Path:
+    """`eagle:DIR` -> DIR; plain `eagle` -> the shipped drafter for the embedded target."""
+    path = Path(arg).expanduser() if arg else ASSETS / kind
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        if arg is None:
+            raise UserError(
+                f"no shipped {kind} drafter in {path}: train one with `specdecode train {kind} --out DIR` "
+                f"and pass --drafter {kind}:DIR"
+            )
+        raise UserError(f"{path} is not a {kind} drafter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return path
+
+
+def load_folder(path: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("kind") != kind:
+        raise UserError(f"{path} holds a '{config.get('kind')}' drafter, not '{kind}': use --drafter {config.get('kind')}:{path}")
+    return config, load_file(str(path / WEIGHTS_FILE))
+
+
+def save_folder(path: Path, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps({"kind": kind, **config}, indent=1) + "\n")
+
+
+def target_signature(model: LlamaModel) -> dict[str, Any]:
+    """Enough of the target to tell whether a drafter was trained on it (dtype-tolerant)."""
+    c = model.config
+    emb = model.embed_tokens.weight[:512].detach().double()
+    return {
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
+        "embed_sum": round(float(emb.sum()), 4), "embed_abs_sum": round(float(emb.abs().sum()), 4),
+    }
+
+
+def check_target(config: dict[str, Any], model: LlamaModel, path: Path) -> None:
+    want, have = config.get("target", {}), target_signature(model)
+    shapes = ("vocab_size", "hidden_size", "num_layers")
+    if any(want.get(k) != have[k] for k in shapes):
+        raise UserError(
+            f"the drafter in {path} was trained for another target "
+            f"({', '.join(f'{k}={want.get(k)}' for k in shapes)}; this target has "
+            f"{', '.join(f'{k}={have[k]}' for k in shapes)}): train one for this target with `specdecode train`"
+        )
+    tol = 1e-2 * max(1.0, abs(have["embed_abs_sum"]))  # bf16 targets round their weights
+    if abs(want.get("embed_abs_sum", 0.0) - have["embed_abs_sum"]) > tol:
+        raise UserError(f"the drafter in {path} was trained for a different target with the same shape: retrain it")
+
+
+# ---------------------------------------------------------------------------- rotary
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] for integer positions [T] (the native model's convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = positions.double()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ---------------------------------------------------------------------------- the block
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, hidden] -> q [B, heads, T, d], k, v [B, kv_heads, T, d] (rotary applied)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        gqa = self.heads != self.kv_heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
+
+
+class Block(nn.Module):
+    """One Llama decoder layer (parameter names as the native model's `layers.i`)."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = Attention(hidden, heads, kv_heads, head_dim)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.mlp.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.mlp.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        return m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [T, head_dim]
+        sin: torch.Tensor,
+        cache: KVCache | None = None,  # inference (B = 1): attend to the cache, then append
+        layer: int = 0,
+    ) -> torch.Tensor:
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        if cache is None:
+            o = self.self_attn.attend(q, k, v, None, causal=True)
+        else:
+            t, past = x.shape[1], cache.length
+            keys, values = cache.write(layer, k, v)
+            mask = None
+            if t > 1:
+                mask = torch.cat((torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()), 1)
+            o = self.self_attn.attend(q, keys, values, mask, causal=False)
+        x = x + self.self_attn.out(o)
+        return x + self._mlp(self.post_attention_layernorm(x))
+
+    def forward_kv(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        extra_k: torch.Tensor,  # [B, kv_heads, S, d] keys this pass may see besides its own
+        extra_v: torch.Tensor,
+        mask: torch.Tensor,  # [T, S + T] bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training with unrolled drafting: queries see other passes' keys under `mask`.
+        Returns (output, k, v) so that later passes can attend to this one."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        o = self.self_attn.attend(q, torch.cat((extra_k, k), 2), torch.cat((extra_v, v), 2), mask, causal=False)
+        x = x + self.self_attn.out(o)
+        return x + self._mlp(self.post_attention_layernorm(x)), k, v
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        return k, v
+
+
+# ---------------------------------------------------------------------------- vocabulary
+class DraftHead:
+    """The target's LM head, whole or restricted to `vocab_ids` (frequency-ranked subset)."""
+
+    def __init__(self, lm_head_weight: torch.Tensor, vocab_ids: torch.Tensor | None) -> None:
+        self.vocab_size = lm_head_weight.shape[0]
+        self.ids = vocab_ids
+        self.weight = lm_head_weight if vocab_ids is None else lm_head_weight[vocab_ids].contiguous()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., V_draft] float32 (V_draft = len(vocab_ids) or V)."""
+        return F.linear(h, self.weight).float()
+
+    def to_full(self, logits: torch.Tensor) -> torch.Tensor:
+        """Subset logits [N, Vd] -> full-vocabulary logits [N, V], -inf outside the subset."""
+        if self.ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        full[:, self.ids] = logits
+        return full
+
+    def token(self, index: int) -> int:
+        return index if self.ids is None else int(self.ids[index])
+
+
+# ---------------------------------------------------------------------------- features
+class TargetFeatures:
+    """Final-norm target hidden states of the committed tokens of one request.
+
+    `observe(hidden)` appends rows the decoding loop computed anyway; `upto(tokens)` makes
+    sure rows exist for every token but the newest, running the target itself on any gap.
+    """
+
+    def __init__(self, target: LlamaModel, max_length: int | None) -> None:
+        self.target = target
+        self.max_length = max_length
+        self.rows: list[torch.Tensor] = []  # chunks of [n_i, H]
+        self.count = 0
+        self._cache: KVCache | None = None  # the fallback's own target cache (lazy)
+        self.fallback_tokens = 0  # tokens the fallback had to run the target on (cost report)
+
+    def reset(self) -> None:
+        self.rows, self.count = [], 0
+        if self._cache is not None:
+            self._cache.reset()
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        self.rows.append(hidden)
+        self.count += hidden.shape[0]
+
+    def upto(self, tokens: list[int]) -> torch.Tensor:
+        """All rows [len(tokens) - 1, H]: the features of every committed token but the newest."""
+        need = len(tokens) - 1
+        if self.count < need:
+            if self._cache is None:
+                self._cache = self.target.new_cache(self.max_length)
+            if self._cache.length != self.count:  # rows came from the loop: our cache lags
+                self._cache.reset()
+                gap = tokens[:need]
+                out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
+                self.rows, self.count = [out.hidden], need
+            else:
+                gap = tokens[self.count : need]
+                out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
+                self.observe(out.hidden)
+            self.fallback_tokens += len(gap)
+        if len(self.rows) > 1:
+            self.rows = [torch.cat(self.rows)]
+        return self.rows[0][:need] if self.rows else torch.empty(0)

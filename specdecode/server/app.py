@@ -1,0 +1,132 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (with SSE
+streaming). Speculation is configured per server (--drafter, --k) and may be overridden per
+request with the extension fields `drafter` and `k`; every response carries `spec_stats`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from specdecode.engine import Engine, Generation, TextStream
+from specdecode.errors import UserError
+
+
+class _Request(BaseModel):
+    model: str | None = None
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    drafter: str | None = None  # extension: override the server's drafter
+    k: int | None = None  # extension: override the server's draft length
+
+
+class CompletionRequest(_Request):
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def create_app(
+    engine: Engine, model_name: str, drafter: str | None = "ngram", k: int = 4, draft: str | None = None
+) -> FastAPI:
+    app = FastAPI(title="specdecode", version="0.1.0")
+    lock = threading.Lock()  # one KV cache: requests are served one at a time
+
+    def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return engine.stream(
+            prompt, drafter=req.drafter if req.drafter is not None else drafter, draft=draft, k=req.k or k,
+            max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+            min_p=req.min_p, seed=req.seed, stop=stops, chat=chat,
+        )
+
+    def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        try:
+            lock.acquire()
+            stream = start(req, prompt, chat)
+        except UserError as e:
+            lock.release()
+            return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, status_code=400)
+        if req.stream:
+            return StreamingResponse(_sse(stream, lock, rid, model_name, kind), media_type="text/event-stream")
+        try:
+            for _ in stream:
+                pass
+        finally:
+            lock.release()
+        assert stream.result is not None
+        return _body(stream.result, rid, model_name, kind, len(stream.prompt_ids))
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "specdecode"}]}
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest) -> Any:
+        return respond(req, req.prompt, chat=False, kind="text_completion")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatRequest) -> Any:
+        return respond(req, [m.model_dump() for m in req.messages], chat=True, kind="chat.completion")
+
+    return app
+
+
+def _body(result: Generation, rid: str, model: str, kind: str, prompt_tokens: int) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
+    if kind == "chat.completion":
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    return {
+        "id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
+                  "total_tokens": prompt_tokens + len(result.token_ids)},
+        "spec_stats": result.stats.to_dict(),
+    }
+
+
+def _sse(stream: TextStream, lock: threading.Lock, rid: str, model: str, kind: str) -> Iterator[str]:
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, extra: dict[str, Any] | None = None) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice["delta"] = {} if delta is None else {"content": delta}
+        else:
+            choice["text"] = delta or ""
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice], **(extra or {})}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        if chat:
+            yield f"data: {json.dumps({'id': rid, 'object': obj, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+        for delta in stream:
+            yield chunk(delta, None)
+        assert stream.result is not None
+        yield chunk(None, stream.result.finish_reason, {"spec_stats": stream.result.stats.to_dict()})
+        yield "data: [DONE]\n\n"
+    finally:
+        lock.release()

@@ -1,0 +1,390 @@
+"""Training data without a hub: the target teaches itself.
+
+Two sources, both labelled by the target (its features; its logits are `lm_head(feature)`):
+
+* **self-instruct**: the target writes requests (a few-shot list of requests seeded with
+  hand-written examples below, sampled at T=1), then answers each one greedily in its chat
+  template. A third kind of request asks it to complete a Python function whose signature
+  and docstring come from the standard library's own source.
+* **local text**: teacher-forced features over text that ships with this machine — Python
+  modules of the standard library and package documentation (METADATA / README files) in
+  site-packages.
+
+Data is written in shards (safetensors) as it is produced, so an interrupted build resumes
+where it stopped and a partial data set is usable.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from specdecode.errors import UserError
+from specdecode.models.loading import LoadedModel
+from specdecode.train.teacher import BatchTeacher, Generated
+
+DATA_VERSION = 1
+
+# Hand-written seed requests (written for this project; not taken from any benchmark).
+SEED_REQUESTS = [
+    "Write a short poem about the first snow of winter.",
+    "Give me three tips for keeping a small vegetable garden healthy.",
+    "Explain how a refrigerator keeps food cold.",
+    "What are the main differences between a lake and a pond?",
+    "Write a friendly email inviting my neighbours to a street picnic.",
+    "Summarize the plot of a story about a lost dog finding its way home.",
+    "How can I improve my focus when studying for exams?",
+    "Describe the water cycle for a ten-year-old.",
+    "Write a product description for a reusable water bottle.",
+    "What should I pack for a three-day hiking trip?",
+    "Explain the difference between weather and climate.",
+    "Give me a simple recipe for vegetable soup.",
+    "Write a short motivational speech for a school sports team.",
+    "Why do leaves change color in autumn?",
+    "List five ways to save energy at home.",
+    "Pretend you are a tour guide in an old castle and welcome the visitors.",
+    "Explain what a budget is and how to make one.",
+    "Write a haiku about the ocean at night.",
+    "What are the benefits of learning a second language?",
+    "Compare trains and airplanes for travelling between two nearby cities.",
+    "If a shirt costs 20 dollars and is on sale for 15 percent off, what is the price?",
+    "A farmer has 12 cows and buys 7 more, then sells 5. How many cows are left?",
+    "Explain why the sky looks blue during the day.",
+    "Write a short dialogue between a customer and a baker.",
+    "How does a bill become a law in a typical democracy?",
+    "Give me a weekly plan for starting to run regularly.",
+    "What is photosynthesis and why is it important?",
+    "Write a thank-you note to a teacher.",
+    "Describe a busy market in a few vivid sentences.",
+    "What are some good habits for a healthy sleep schedule?",
+    "Explain what inflation means with an everyday example.",
+    "Tell a short story about a robot who learns to paint.",
+    "What were the main causes of the industrial revolution?",
+    "How do vaccines help the immune system?",
+    "Suggest a name and a slogan for a new coffee shop.",
+    "Extract the names of the cities from this sentence: I flew from Lisbon to Oslo and then took a train to Bergen.",
+    "Rewrite this sentence to sound more formal: hey, can you send me the file asap?",
+    "What is the difference between a virus and a bacterium?",
+    "Explain how compound interest works.",
+    "Give me a list of fun indoor activities for a rainy day.",
+]
+
+SEED_CODE_REQUESTS = [
+    "Write a Python function that returns the largest even number in a list, or None if there is none.",
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+    "Write a Python function that counts how many times each word appears in a text.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Write a Python function that converts a temperature from Celsius to Fahrenheit.",
+    "Explain what a Python dictionary is and show a small example.",
+    "Write a Python class for a simple bank account with deposit and withdraw methods.",
+    "Write a Python function that removes duplicate items from a list while keeping their order.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Write a Python function that reads a CSV file and returns the rows as dictionaries.",
+    "How do I reverse a list in Python? Show two ways.",
+    "Write a Python function that flattens a nested list of integers.",
+    "Write a Python function that returns the sum of the digits of a positive integer.",
+    "Write a JavaScript function that capitalizes the first letter of every word in a sentence.",
+    "Write a Python function that checks whether two strings are anagrams.",
+    "Explain the difference between a list and a tuple in Python.",
+    "Write a SQL query that finds the ten customers with the most orders.",
+    "Write a Python function that returns all prime numbers below n.",
+]
+
+
+@dataclass
+class Sequence_:
+    tokens: torch.Tensor  # [L] int64
+    features: torch.Tensor  # [L, H] bf16; the last row is unused (no feature for the last token)
+    loss_start: int  # first position whose feature predicts a target-written token
+
+
+class DataSet:
+    """All shards of a data directory in memory: flat tokens/features plus sequence offsets."""
+
+    def __init__(self, tokens: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor, loss_start: torch.Tensor, meta: dict):
+        self.tokens = tokens  # [N] int64
+        self.features = features  # [N, H] bf16
+        self.offsets = offsets  # [S+1]
+        self.loss_start = loss_start  # [S]
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.loss_start)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def sequence(self, i: int) -> Sequence_:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Sequence_(self.tokens[a:b], self.features[a:b], int(self.loss_start[i]))
+
+    def next_token_counts(self, ids: list[int], vocab_size: int) -> torch.Tensor:
+        """How often each token is the target's next token on trained positions of `ids`."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for i in ids:
+            s = self.sequence(i)
+            counts += torch.bincount(s.tokens[s.loss_start + 1 :], minlength=vocab_size)
+        return counts
+
+    def split(self, every: int = 20) -> tuple[list[int], list[int]]:
+        """(train, held-out) sequence indices: every `every`-th sequence is held out, so the
+        held-out set stays the same when more shards are appended."""
+        val = list(range(0, len(self), every)) if len(self) > 1 else []
+        held = set(val)
+        return [i for i in range(len(self)) if i not in held], val
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence_], meta: dict | None = None) -> "DataSet":
+        offsets = torch.tensor([0] + [len(s.tokens) for s in seqs]).cumsum(0)
+        return cls(torch.cat([s.tokens for s in seqs]).long(), torch.cat([s.features for s in seqs]).to(torch.bfloat16),
+                   offsets, torch.tensor([s.loss_start for s in seqs]), meta or {})
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "DataSet":
+        data_dir = Path(data_dir)
+        meta_path = data_dir / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{data_dir} holds no training data (no meta.json): build it with `specdecode train data`")
+        meta = json.loads(meta_path.read_text())
+        shards = sorted(data_dir.glob("shard_*.safetensors"))
+        if not shards:
+            raise UserError(f"{data_dir} holds no shards yet: build data with `specdecode train data`")
+        toks, feats, offs, starts = [], [], [0], []
+        for path in shards:
+            sd = load_file(str(path))
+            base = offs[-1]
+            toks.append(sd["tokens"].long())
+            feats.append(sd["features"])
+            offs.extend((sd["offsets"][1:] + base).tolist())
+            starts.append(sd["loss_start"].long())
+        return cls(torch.cat(toks), torch.cat(feats), torch.tensor(offs), torch.cat(starts), meta)
+
+
+def save_shard(path: Path, seqs: list[Sequence_]) -> None:
+    offsets = [0]
+    for s in seqs:
+        offsets.append(offsets[-1] + len(s.tokens))
+    save_file(
+        {
+            "tokens": torch.cat([s.tokens for s in seqs]).to(torch.int32),
+            "features": torch.cat([s.features for s in seqs]).to(torch.bfloat16).contiguous(),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "loss_start": torch.tensor([s.loss_start for s in seqs], dtype=torch.int64),
+        },
+        str(path),
+    )
+
+
+def _from_generated(g: Generated) -> Sequence_:
+    tokens = torch.tensor(g.tokens)
+    feats = torch.zeros(len(g.tokens), g.features.shape[1], dtype=torch.bfloat16)
+    feats[: g.features.shape[0]] = g.features.to(torch.bfloat16)
+    return Sequence_(tokens, feats, g.prompt_len - 1)
+
+
+# ---------------------------------------------------------------------------- local text
+def local_text_files(limit_bytes: int = 30_000_000) -> list[Path]:
+    """Python stdlib modules and package docs found on this machine (deterministic order)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    files = sorted(p for p in stdlib.glob("*.py"))
+    files += sorted(p for p in stdlib.glob("*/*.py") if "test" not in p.parts[-2] and "idlelib" not in str(p))
+    docs = sorted(purelib.glob("*.dist-info/METADATA")) + sorted(purelib.glob("*/README*"))
+    chosen, total = [], 0
+    for p in files + docs:
+        try:
+            size = p.stat().st_size
+        except OSError:
+            continue
+        if 500 < size < 400_000:
+            chosen.append(p)
+            total += size
+        if total > limit_bytes:
+            break
+    return chosen
+
+
+def code_completion_requests(max_items: int = 3000) -> list[str]:
+    """'Complete this function' requests built from stdlib functions that have docstrings."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 40 or len(doc) > 600:
+                continue
+            args = ast.unparse(node.args)
+            header = f"def {node.name}({args}):\n    \"\"\"{doc}\n    \"\"\"\n"
+            out.append(f"Complete the following Python function:\n\n```python\n{header}```")
+            if len(out) >= max_items:
+                return out
+    return out
+
+
+# ---------------------------------------------------------------------------- the builder
+class DataBuilder:
+    def __init__(self, loaded: LoadedModel, out_dir: Path, seed: int = 0, batch: int = 48, max_new_tokens: int = 320):
+        self.loaded = loaded
+        self.tok = loaded.tokenizer
+        self.out = out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.seed = seed
+        self.batch = batch
+        self.max_new = max_new_tokens
+        self.teacher = BatchTeacher(loaded.config, loaded.state_dict)
+        self.meta = self._load_meta()
+        vocab = loaded.config.vocab_size
+        self._newline_ids = {t for t in range(vocab) if "\n" in self.tok.decode([t])}  # a request ends at a newline
+        self._completions: list[str] | None = None
+
+    def _load_meta(self) -> dict:
+        path = self.out / "meta.json"
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            if meta.get("target") != self.loaded.source:
+                raise UserError(f"{self.out} holds data for another target ({meta.get('target')}): pick another --data")
+            return meta
+        return {
+            "version": DATA_VERSION, "target": self.loaded.source, "seed": self.seed, "shards": 0,
+            "text_tokens": 0, "text_files_done": 0, "self_instruct_tokens": 0, "self_instruct_sequences": 0,
+            "rounds": 0, "seconds": 0.0,
+        }
+
+    def _save_meta(self) -> None:
+        (self.out / "meta.json").write_text(json.dumps(self.meta, indent=1))
+
+    def _write(self, seqs: list[Sequence_]) -> None:
+        save_shard(self.out / f"shard_{self.meta['shards']:05d}.safetensors", seqs)
+        self.meta["shards"] += 1
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.meta["text_tokens"] + self.meta["self_instruct_tokens"])
+
+    def build(self, tokens_goal: int, text_tokens_goal: int, minutes: float, log=print) -> None:
+        deadline = time.monotonic() + minutes * 60
+        start = time.monotonic()
+        try:
+            if self.meta["text_tokens"] < text_tokens_goal:
+                self._local_text(text_tokens_goal, deadline, log)
+            while self.total_tokens < tokens_goal and time.monotonic() < deadline:
+                self._self_instruct_round(log)
+        finally:
+            self.meta["seconds"] += time.monotonic() - start
+            self._save_meta()
+
+    def _local_text(self, goal: int, deadline: float, log, chunk: int = 256, per_batch: int = 8) -> None:
+        files = local_text_files()
+        pending: list[int] = []
+        seqs: list[Sequence_] = []
+        i = self.meta["text_files_done"]
+        while i < len(files) and self.meta["text_tokens"] < goal and time.monotonic() < deadline:
+            try:
+                text = files[i].read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            i += 1
+            pending.extend(self.tok.encode(text, add_special_tokens=False))
+            n_chunks = len(pending) // chunk
+            if n_chunks >= per_batch or (i == len(files) and n_chunks):
+                n_chunks = min(n_chunks, per_batch)
+                batch = torch.tensor(pending[: n_chunks * chunk]).view(n_chunks, chunk)
+                pending = []  # drop the file tail: chunks never straddle a batch boundary
+                feats = self.teacher.features(batch)
+                for row in range(n_chunks):
+                    seqs.append(Sequence_(batch[row], feats[row].to(torch.bfloat16).clone(), 0))
+                self.meta["text_tokens"] += n_chunks * chunk
+                self.meta["text_files_done"] = i
+                if len(seqs) >= 64:
+                    self._write(seqs)
+                    seqs = []
+                    self._save_meta()
+                    log(f"text: {self.meta['text_tokens']} tokens from {i} files")
+        if seqs:
+            self._write(seqs)
+        self.meta["text_files_done"] = i
+        self._save_meta()
+
+    def _requests(self, rng: random.Random, gen: torch.Generator, log) -> list[str]:
+        """Half of a batch: requests the target writes from a few-shot list; a quarter code
+        requests written the same way; a quarter stdlib 'complete this function' requests."""
+        n = self.batch
+        n_code_complete = n // 4
+        n_write = n - n_code_complete
+        prompts = []
+        for j in range(n_write):
+            pool = SEED_CODE_REQUESTS if j % 3 == 2 else SEED_REQUESTS
+            shots = rng.sample(pool, 4)
+            text = "Here are some requests that people sent to a helpful AI assistant.\n\n"
+            text += "".join(f"{i + 1}. {s}\n" for i, s in enumerate(shots)) + "5."
+            prompts.append(self.tok.encode(text))
+        stop = self._newline_ids | set(self.tok.eos_token_ids)
+        outs = self.teacher.generate(prompts, 60, stop, temperature=1.0, generator=gen, top_p=0.95)
+        requests = []
+        for o in outs:
+            text = self.tok.decode(o.tokens[o.prompt_len :], skip_special_tokens=True).strip()
+            if 15 <= len(text) <= 400 and any(c.isalpha() for c in text) and text[-1] in ".?!:)":
+                requests.append(text)
+        if self._completions is None:
+            self._completions = code_completion_requests()
+            random.Random(self.seed).shuffle(self._completions)
+        pool = self._completions
+        start = self.meta["rounds"] * n_code_complete
+        requests += [pool[(start + j) % len(pool)] for j in range(n_code_complete)] if pool else []
+        return requests
+
+    def _self_instruct_round(self, log) -> None:
+        r = self.meta["rounds"]
+        rng = random.Random(self.seed * 1_000_003 + r)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
+        t0 = time.monotonic()
+        requests = self._requests(rng, gen, log)
+        chats = [self.tok.apply_chat_template([{"role": "user", "content": q}]) for q in requests]
+        chats = [c for c in chats if len(c) <= 400]
+        outs = self.teacher.generate(chats, self.max_new, set(self.tok.eos_token_ids))
+        seqs = [_from_generated(o) for o in outs]
+        self._write(seqs)
+        n_tok = sum(len(s.tokens) for s in seqs)
+        self.meta["rounds"] += 1
+        self.meta["self_instruct_tokens"] += n_tok
+        self.meta["self_instruct_sequences"] += len(seqs)
+        self._save_meta()
+        log(
+            f"self-instruct round {r}: {len(seqs)} answers, {n_tok} tokens in {time.monotonic() - t0:.0f}s "
+            f"(total {self.total_tokens}); e.g. {requests[0][:70]!r}"
+        )
+
+
+# ---------------------------------------------------------------------------- small targets
+def sequences_from_model(model, prompts: list[list[int]], max_new_tokens: int) -> list[Sequence_]:  # type: ignore[no-untyped-def]
+    """Greedy answers and features from the native model, one prompt at a time (for tests
+    and tiny targets; the batched teacher is the fast path for real ones)."""
+    seqs = []
+    for prompt in prompts:
+        cache = model.new_cache(len(prompt) + max_new_tokens + 1)
+        tokens = list(prompt)
+        logits = model.forward(torch.tensor(tokens), cache, num_logits=1).logits
+        for _ in range(max_new_tokens - 1):
+            tokens.append(int(logits[0].argmax()))
+            logits = model.forward(torch.tensor(tokens[-1:]), cache, num_logits=1).logits
+        tokens.append(int(logits[0].argmax()))
+        out = model.forward(torch.tensor(tokens), model.new_cache(len(tokens)), return_hidden=True)
+        feats = out.hidden.to(torch.bfloat16).clone()
+        feats[-1] = 0  # no feature for the last token (as in generated data)
+        seqs.append(Sequence_(torch.tensor(tokens), feats, len(prompt) - 1))
+    return seqs

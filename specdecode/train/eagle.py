@@ -1,0 +1,175 @@
+"""Training the EAGLE head on the target's own features.
+
+Loss per position i (features f, tokens t, W the target's head rows of the draft vocabulary):
+    SmoothL1(g_{i+1}, f_{i+1}) + w_cls * CE(softmax(W f_{i+1}), softmax(W g_{i+1}))
+where g_{i+1} = head(f_i, emb(t_{i+1})) (EAGLE). With `unroll` > 1 the head is also trained
+the way it drafts: pass s feeds back pass s-1's predicted feature, and its attention sees
+real keys only up to where the draft chain started plus the keys of its own earlier draft
+steps — exactly what the draft KV cache holds at drafting time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdecode.drafters.eagle import EagleConfig, EagleHead, save_eagle
+from specdecode.drafters.trained import rope_tables
+from specdecode.models.llama import LlamaModel
+from specdecode.train.data import DataSet
+from specdecode.train.loop import Batch, brief, make_batch
+
+
+def chain_mask(t: int, s: int) -> torch.Tensor:
+    """Attention mask [T, s*T] of pass s (1-based) over keys [pass 1 | pass 2 | ... | pass s].
+
+    Row j drafts its s-th token of a chain that started at real position j-(s-1): it sees
+    pass-1 (real) keys at positions <= j-(s-1) and pass r's key at position j-(s-r).
+    """
+    rows = torch.arange(t)[:, None]
+    cols = torch.arange(t)[None, :]
+    parts = [cols <= rows - (s - 1)]
+    for r in range(2, s + 1):
+        parts.append(cols == rows - (s - r))
+    mask = torch.cat(parts, dim=1)
+    mask[:, (s - 1) * t :] |= torch.eye(t, dtype=torch.bool)  # every row sees itself (no empty rows)
+    return mask
+
+
+class EagleTask:
+    name = "eagle"
+
+    def __init__(
+        self,
+        target: LlamaModel,
+        ds: DataSet,
+        val_ids: list[int],
+        vocab_ids: torch.Tensor | None,
+        unroll: int = 2,
+        noise: float = 0.1,
+        w_cls: float = 0.5,
+        init_layer: int | None = None,
+        seed: int = 0,
+        eval_unroll: int = 5,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.target = target
+        self.ds = ds
+        self.val_ids = val_ids
+        self.vocab_ids = vocab_ids
+        self.unroll, self.noise, self.w_cls, self.eval_unroll = unroll, noise, w_cls, eval_unroll
+        self.module = EagleHead(EagleConfig.for_target(target))
+        if init_layer is not None:
+            own = {k.removeprefix(f"layers.{init_layer}."): v for k, v in _target_state(target).items()
+                   if k.startswith(f"layers.{init_layer}.")}
+            self.module.layer.load_state_dict(own)
+        self.embed = target.embed_tokens.weight.detach().float()
+        full = target.lm_head.weight.detach().float()
+        self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()  # [Vd, H]
+        self.w_full = full
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    # -- forward over a batch, `passes` draft steps -------------------------------------
+    def _passes(self, batch: Batch, passes: int, noise: float) -> list[torch.Tensor]:
+        """Predicted features of each pass: list of [B, T-1, H]; row i predicts f_{i+1}."""
+        head = self.module
+        feats = batch.features[:, :-1]  # f_i
+        if noise > 0:
+            u = torch.rand(feats.shape, generator=self.generator) * 2 - 1
+            feats = feats + noise * u
+        emb = F.embedding(batch.tokens[:, 1:], self.embed)  # emb(t_{i+1})
+        t = feats.shape[1]
+        cos, sin = rope_tables(torch.arange(t), head.config.head_dim, head.config.rope_theta, torch.float32)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        inp = feats
+        for s in range(1, passes + 1):
+            x = head.inputs(inp, emb)
+            b = x.shape[0]
+            if keys:
+                extra_k, extra_v = torch.cat(keys, 2), torch.cat(values, 2)
+            else:
+                extra_k = x.new_zeros(b, head.config.num_kv_heads, 0, head.config.head_dim)
+                extra_v = extra_k
+            out, k, v = head.layer.forward_kv(x, cos, sin, extra_k, extra_v, chain_mask(t, s))
+            keys.append(k)
+            values.append(v)
+            outs.append(out)
+            # Next pass: row j reads the feature this pass predicted at row j-1.
+            inp = torch.cat((out.new_zeros(b, 1, out.shape[2]), out[:, :-1].detach()), dim=1)
+        return outs
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = self._passes(batch, self.unroll, self.noise)
+            target_f = batch.features[:, 1:]  # f_{i+1}
+            mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]  # [B, T-1]
+            with torch.no_grad():
+                p = torch.softmax(F.linear(target_f[mask], self.w_draft).float(), -1)
+        total = torch.zeros(())
+        parts: dict[str, float] = {}
+        for s, g in enumerate(outs, start=1):
+            m = mask.clone()
+            m[:, : s - 1] = False  # a chain needs s-1 earlier rows
+            sel = m[mask]  # rows of p that this pass scores
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logq = torch.log_softmax(F.linear(g[m], self.w_draft).float(), -1)
+            reg = F.smooth_l1_loss(g[m].float(), target_f[m])
+            cls = -(p[sel] * logq).sum(-1).mean()
+            total = total + 0.8 ** (s - 1) * (reg + self.w_cls * cls)
+            parts[f"reg{s}"], parts[f"ce{s}"] = float(reg.detach()), float(cls.detach())
+        return total, parts
+
+    @torch.no_grad()
+    def evaluate(self, max_len: int = 512) -> dict[str, float]:
+        """Greedy acceptance on held-out sequences, teacher-forced: pass s at row j is right
+        when its argmax is the target's next token. tau_est = 1 + mean leading run of rights
+        over a chain of `eval_unroll` drafts (what chain drafting with k = eval_unroll gets
+        when the data is the target's greedy output)."""
+        self.module.eval()
+        hits = [0] * self.eval_unroll
+        counts = [0] * self.eval_unroll
+        run_sum, chains = 0.0, 0
+        for i in range(0, len(self.val_ids), 8):
+            batch = make_batch(self.ds, self.val_ids[i : i + 8], max_len)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = self._passes(batch, self.eval_unroll, 0.0)
+            mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]
+            truth = F.linear(batch.features[:, 1:], self.w_full).argmax(-1)  # target's argmax after f_{i+1}
+            right = []
+            for s, g in enumerate(outs):
+                guess = F.linear(g.float(), self.w_draft).argmax(-1)
+                if self.vocab_ids is not None:
+                    guess = self.vocab_ids[guess]
+                right.append(guess == truth)  # [B, T-1]
+            t = mask.shape[1]
+            for s in range(self.eval_unroll):
+                m = mask.clone()
+                m[:, :s] = False
+                hits[s] += int((right[s] & m).sum())
+                counts[s] += int(m.sum())
+            # chains starting at real row r: pass s+1 at row r+s
+            n = t - self.eval_unroll + 1
+            if n > 0:
+                alive = mask[:, :n].clone()
+                start_ok = alive.clone()
+                run = torch.zeros_like(alive, dtype=torch.float32)
+                for s in range(self.eval_unroll):
+                    alive &= right[s][:, s : s + n] & mask[:, s : s + n]
+                    run += alive.float()
+                run_sum += float(run[start_ok].sum())
+                chains += int(start_ok.sum())
+        out = {f"acc_{s + 1}": hits[s] / max(1, counts[s]) for s in range(self.eval_unroll)}
+        out["tau_est"] = 1.0 + run_sum / max(1, chains)
+        return out
+
+    def export(self, out: Path, summary: dict) -> None:
+        save_eagle(out, self.module, self.target, self.vocab_ids,
+                   {"unroll": self.unroll, "train": brief(summary)})
+
+
+def _target_state(target: LlamaModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in target.state_dict().items()}

@@ -1,0 +1,57 @@
+"""A quick acceptance check of a trained drafter on prompts it was not trained on.
+
+The prompts are written for this project (not from any benchmark, not in the training
+data); bench on MT-Bench / HumanEval is the real measure. Greedy, chain drafting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+HELD_OUT_PROMPTS = [
+    "Explain how the gears on a bicycle make it easier to ride up a hill.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are some tips for writing a good cover letter?",
+    "Describe how the ancient Romans brought water into their cities.",
+    "Write a Python function that returns the median of a list of numbers.",
+    "Write a Python function that converts a Roman numeral string to an integer.",
+    'Complete the following Python function:\n\n```python\ndef count_vowels(text: str) -> int:\n    """Return how many vowels (a, e, i, o, u) the text contains, ignoring case."""\n```',
+    "How does a hash table find a value quickly?",
+    "Give me a packing list for a weekend camping trip in the mountains.",
+    "Write a Python class for a stack with push, pop and peek methods.",
+]
+
+
+def measure_tau(
+    engine,  # type: ignore[no-untyped-def]
+    drafter,  # type: ignore[no-untyped-def]
+    ks: Sequence[int],
+    prompts: Sequence[str] = HELD_OUT_PROMPTS,
+    max_new_tokens: int = 128,
+    log: Callable[[str], None] = print,
+) -> dict[int, dict[str, float]]:
+    """Mean accepted length (and draft/verify seconds) per k over all prompts, greedy."""
+    from specdecode.metrics import SpecStats
+
+    results: dict[int, dict[str, float]] = {}
+    for k in ks:
+        total = SpecStats()
+        for prompt in prompts:
+            s = engine.generate(prompt, drafter=drafter, k=k, max_new_tokens=max_new_tokens).stats
+            total.verify_steps += s.verify_steps
+            total.accepted += s.accepted
+            total.drafted += s.drafted
+            total.new_tokens += s.new_tokens
+            total.draft_seconds += s.draft_seconds
+            total.verify_seconds += s.verify_seconds
+        results[k] = {
+            "tau": round(total.mean_accepted_length, 3),
+            "acceptance_rate": round(total.acceptance_rate, 3),
+            "tokens": total.new_tokens,
+            "draft_s_per_step": round(total.draft_seconds / max(1, total.verify_steps), 4),
+            "verify_s_per_step": round(total.verify_seconds / max(1, total.verify_steps), 4),
+        }
+        log(f"k={k}: tau {results[k]['tau']:.3f} (acceptance {results[k]['acceptance_rate']:.1%}, "
+            f"{total.new_tokens} tokens, draft {results[k]['draft_s_per_step'] * 1e3:.1f} ms/step, "
+            f"verify {results[k]['verify_s_per_step'] * 1e3:.1f} ms/step)")
+    return results

@@ -1,0 +1,61 @@
+"""The OpenAI-compatible server, in process, over a tiny model with the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import random_model, tiny_config
+from specdecode.engine import Engine
+from specdecode.models.loading import embedded_model_path
+from specdecode.server.app import create_app
+from specdecode.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    tokenizer = Tokenizer.from_gguf(embedded_model_path())
+    model = random_model(tiny_config(vocab=tokenizer.vocab_size, max_position_embeddings=512), seed=3)
+    return Engine(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def client(engine) -> TestClient:
+    return TestClient(create_app(engine, "tiny", drafter="layerskip:2", k=3))
+
+
+def test_models(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_chat_completion_matches_the_engine(client, engine):
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    expected = engine.generate([{"role": "user", "content": "Hello there"}], max_new_tokens=12)
+    assert out["choices"][0]["message"]["content"] == expected.text
+    assert out["usage"]["completion_tokens"] == len(expected.token_ids)
+    assert out["spec_stats"]["drafted"] > 0
+
+
+def test_streamed_completion_concatenates_to_the_whole(client):
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "drafter": "ngram", "k": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop") and "spec_stats" in chunks[-1]
+
+
+def test_bad_request_is_a_400_with_a_message(client):
+    r = client.post("/v1/completions", json={"prompt": "hi", "top_p": 1.5})
+    assert r.status_code == 400 and "top-p" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "drafter": "bogus"})
+    assert r.status_code == 400 and "unknown drafter" in r.json()["error"]["message"]
+    # the server still works after errors (the lock was released)
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200

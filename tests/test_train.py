@@ -1,0 +1,169 @@
+"""Training on a tiny target, in seconds: the batched teacher reproduces the native model,
+training lowers the loss and raises acceptance, runs resume from checkpoints, and the
+unrolled training passes compute exactly what drafting computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from specdecode.config import GenerationConfig
+from specdecode.decoding import decode
+from specdecode.drafters.eagle import EagleDrafter
+from specdecode.drafters.factory import build_drafter
+from specdecode.drafters.medusa import MedusaDrafter
+from specdecode.metrics import SpecStats
+from specdecode.train.data import DataSet, code_completion_requests, local_text_files, sequences_from_model
+from specdecode.train.distill import DistillTask
+from specdecode.train.eagle import EagleTask, chain_mask
+from specdecode.train.loop import Sampler, TrainConfig, make_batch, train
+from specdecode.train.medusa import MedusaTask
+from specdecode.train.teacher import BatchTeacher
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A smooth tiny target (scale 1, 2 layers) and its greedy answers to 24 random prompts."""
+    target = random_model(tiny_config(layers=2), seed=0, scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (6,), generator=g).tolist() for _ in range(24)]
+    ds = DataSet.from_sequences(sequences_from_model(target, prompts, 40))
+    return target, prompts, ds
+
+
+def tau(target, prompts, drafter, k=4):
+    stats = SpecStats()
+    for p in prompts:
+        for _ in decode(target, target.new_cache(64), p, GenerationConfig(max_new_tokens=40, ignore_eos=True), drafter, k, stats=stats):
+            pass
+    return stats.mean_accepted_length
+
+
+def fit(task, ds, tmp_path, steps, lr, restart=True):
+    cfg = TrainConfig(minutes=5, max_steps=steps, lr=lr, warmup_steps=10)
+    return train(task, Sampler(list(range(len(ds))), 8, 0), ds, cfg, tmp_path, restart, log=lambda m: None,
+                 progress_bar=False)
+
+
+def _loss_drop(summary_path):
+    import json
+
+    hist = json.loads(summary_path.read_text())["history"]
+    first = sum(h[2] for h in hist[:10]) / 10
+    last = sum(h[2] for h in hist[-10:]) / 10
+    return first, last
+
+
+def test_batch_teacher_reproduces_the_native_model():
+    target = random_model(tiny_config(layers=2), seed=0, scale=1.0)
+    teacher = BatchTeacher(target.config, target.state_dict(), dtype=torch.float32)
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [40, 41, 90, 3]]  # different lengths: left padding
+    outs = teacher.generate(prompts, 12, stop_ids={17})
+    for p, o in zip(prompts, outs):
+        ref = sequences_from_model(target, [p], 12)[0]
+        n = len(o.tokens)
+        assert o.tokens == ref.tokens[:n].tolist()
+        assert n == len(ref.tokens) or o.tokens[-1] == 17  # stopped early only on a stop id
+        torch.testing.assert_close(o.features.float(), ref.features[: n - 1].float(), atol=2e-2, rtol=2e-2)
+        hidden = target.forward(torch.tensor(o.tokens), target.new_cache(64), return_hidden=True).hidden
+        torch.testing.assert_close(o.features, hidden[: n - 1], atol=1e-4, rtol=1e-4)
+    chunk = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.testing.assert_close(teacher.features(chunk)[0], target.forward(chunk[0], target.new_cache(64), return_hidden=True).hidden,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_unrolled_training_passes_equal_drafting(setup):
+    """Pass s of the training forward at row n+s-1 == the s-th drafting step after position n."""
+    target, _, ds = setup
+    task = EagleTask(target, ds, [0], None, unroll=3, noise=0.0)
+    batch = make_batch(ds, [0], 512)
+    outs = task._passes(batch, 3, 0.0)
+    head = task.module.eval()
+    cache = head.new_cache(64, torch.float32)
+    f, t = batch.features[0], batch.tokens[0]
+    emb = target.embed_tokens.weight.detach()
+    n = 20
+    with torch.no_grad():
+        h = head(f[:n].unsqueeze(0), emb[t[1 : n + 1]].unsqueeze(0), torch.arange(n), cache)[:, -1]
+        torch.testing.assert_close(h[0], outs[0][0, n - 1])
+        for s in (2, 3):
+            pos = n + s - 2
+            h = head(h.unsqueeze(0), emb[t[pos + 1 : pos + 2]].unsqueeze(0), torch.tensor([pos]), cache)[:, -1]
+            torch.testing.assert_close(h[0], outs[s - 1][0, pos], atol=1e-5, rtol=1e-5)
+    assert chain_mask(4, 2).tolist()[2] == [True, True, False, False, False, False, True, False]
+
+
+def test_eagle_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
+    target, prompts, ds = setup
+    task = EagleTask(target, ds, [0, 1], None, unroll=2, noise=0.0)
+    before = tau(target, prompts[:6], EagleDrafter(target, task.module))
+    summary = fit(task, ds, tmp_path, 100, 3e-3)
+    first, last = _loss_drop(tmp_path / "train_log.json")
+    assert last < 0.7 * first
+    trained = build_drafter(f"eagle:{tmp_path}", target)  # the exported folder
+    after = tau(target, prompts[:6], trained)
+    assert after > before + 0.4, (before, after)
+    assert summary["final_eval"]["tau_est"] > summary["evals"][0]["tau_est"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_medusa_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
+    target, prompts, ds = setup
+    task = MedusaTask(target, ds, [0, 1], None, num_heads=4)
+    before = tau(target, prompts[:6], MedusaDrafter(target, task.module))
+    fit(task, ds, tmp_path, 300, 1e-2)
+    first, last = _loss_drop(tmp_path / "train_log.json")
+    assert last < 0.9 * first
+    after = tau(target, prompts[:6], build_drafter(f"medusa:{tmp_path}", target))
+    assert after > before + 0.1, (before, after)
+
+
+def test_distill_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
+    target, prompts, ds = setup
+    task = DistillTask(target, ds, [0, 1], None, init_layers=[0])
+    fit(task, ds, tmp_path / "untrained", 0, 1e-3)
+    before = tau(target, prompts[:6], build_drafter(f"distill:{tmp_path / 'untrained'}", target))
+    fit(task, ds, tmp_path / "trained", 100, 3e-3)
+    first, last = _loss_drop(tmp_path / "trained" / "train_log.json")
+    assert last < 0.9 * first
+    after = tau(target, prompts[:6], build_drafter(f"distill:{tmp_path / 'trained'}", target))
+    assert after > before + 0.1, (before, after)
+
+
+def test_training_resumes_from_its_checkpoint(setup, tmp_path):
+    target, _, ds = setup
+    fit(MedusaTask(target, ds, [0], None, num_heads=2), ds, tmp_path, 5, 1e-3)
+    logs: list[str] = []
+    cfg = TrainConfig(minutes=5, max_steps=8, lr=1e-3, warmup_steps=10)
+    summary = train(MedusaTask(target, ds, [0], None, num_heads=2), Sampler(list(range(len(ds))), 8, 0), ds, cfg,
+                    tmp_path, log=logs.append, progress_bar=False)
+    assert any("resumed" in line and "step 5" in line for line in logs)
+    assert summary["steps"] == 8
+
+
+def test_frequency_vocabulary(setup):
+    from specdecode.train.commands import frequency_vocab
+
+    _, _, ds = setup
+    ids, coverage = frequency_vocab(ds, list(range(len(ds))), 97, 10)
+    counts = ds.next_token_counts(list(range(len(ds))), 97)
+    assert len(ids) == 10 and ids.tolist() == sorted(ids.tolist())
+    assert counts[ids].min() >= counts[[i for i in range(97) if i not in set(ids.tolist())]].max()
+    assert coverage == pytest.approx(float(counts[ids].sum() / counts.sum()))
+    assert frequency_vocab(ds, [0], 97, 0) == (None, 1.0)
+
+
+def test_local_data_sources_exist():
+    assert len(local_text_files(limit_bytes=100_000)) > 3
+    requests = code_completion_requests(max_items=3)
+    assert len(requests) == 3 and all("def " in r for r in requests)
+
+
+def test_cli_train_arguments():
+    from specdecode.cli import build_parser
+
+    args = build_parser().parse_args(["train", "eagle", "--out", "x", "--minutes", "2", "--vocab", "0"])
+    assert (args.kind, args.minutes, args.vocab, args.unroll) == ("eagle", 2.0, 0, 2)
+    args = build_parser().parse_args(["train", "distill", "--out", "x", "--layers", "0,29"])
+    assert args.layers == "0,29"
