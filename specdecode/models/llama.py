@@ -345,18 +345,17 @@ def _step(
     for w, li in zip(layers, layer_ids):
         h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
         qkv = w.qkv(h)  # [T, (H + 2 Hkv) * D]
-        q, k, v = qkv.split((n_heads * d, n_kv * d, n_kv * d), dim=-1)
-        q = q.view(t, n_heads, d)
-        k = k.view(t, n_kv, d)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        ck, cv = cache_k[li, 0], cache_v[li, 0]  # [Hkv, max_length, D]
-        ck[:, past:end] = k.transpose(0, 1)
-        cv[:, past:end] = v.view(t, n_kv, d).transpose(0, 1)
+        qk = qkv[:, : (n_heads + n_kv) * d].view(t, n_heads + n_kv, d)
+        qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k heads at once
+        v = qkv[:, (n_heads + n_kv) * d :].view(t, n_kv, d)
+        ck, cv = cache_k[li], cache_v[li]  # [1, Hkv, max_length, D]
+        ck[0, :, past:end] = qk[:, n_heads:].transpose(0, 1)
+        cv[0, :, past:end] = v.transpose(0, 1)
         # GQA without repeating K/V: the `group` query heads of one KV head become extra
-        # query rows of that head ([Hkv, group*T, D]; HF's head h uses KV head h // group).
-        qg = q.view(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * t, d)
-        out = F.scaled_dot_product_attention(qg, ck[:, :end], cv[:, :end], attn_mask=mask)  # [Hkv, group*T, D]
+        # query rows of that head ([1, Hkv, group*T, D]; HF's head h uses KV head h // group).
+        # 4-D inputs: the CPU flash kernel takes them (3-D ones fall back to the math path).
+        qg = qk[:, :n_heads].reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * t, d)
+        out = F.scaled_dot_product_attention(qg, ck[:, :, :end], cv[:, :, :end], attn_mask=mask)
         out = out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
         x = x + w.o(out)
         h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-len", type=int, default=512, help="tokens per sequence, longer ones are cut (default 512)")
         p.add_argument("--vocab", type=int, default=16384,
                        help="draft head over the N most frequent target tokens (0 = the whole vocabulary)")
+        p.add_argument("--draft-vocab", type=int, default=None,
+                       help="vocabulary the exported drafter drafts over (default: same as --vocab; 0 = whole)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
         p.set_defaults(func=cmd_train, kind=kind)
@@ -167,20 +169,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("trained drafters support llama-layout targets only (no qkv bias, no sliding window)")
     ds = DataSet.load(data_dir)
     train_ids, val_ids = ds.split()
-    vocab_ids, coverage = frequency_vocab(ds, train_ids, loaded.config.vocab_size, args.vocab)
-    held_out = held_out_coverage(ds, val_ids, loaded.config.vocab_size, vocab_ids)
-    _log(f"data: {len(ds)} sequences, {ds.num_tokens} tokens from {data_dir}; draft vocabulary "
-         f"{len(vocab_ids) if vocab_ids is not None else 'full'} covers {coverage:.2%} of the training data's "
-         f"target tokens, {held_out:.2%} of held-out ones")
-    task = _task(args, target, ds, val_ids, vocab_ids)
+    # Held-out numbers are measured on the target's answers (what bench measures), not on text.
+    answers = [i for i in val_ids if int(ds.loss_start[i]) > 0] or val_ids
+    vocab = loaded.config.vocab_size
+    vocab_ids, coverage = frequency_vocab(ds, train_ids, vocab, args.vocab)
+    draft_ids = vocab_ids
+    if args.draft_vocab is not None and args.draft_vocab != args.vocab:
+        draft_ids, _ = frequency_vocab(ds, train_ids, vocab, args.draft_vocab)
+    held_out = held_out_coverage(ds, answers, vocab, draft_ids)
+    _log(f"data: {len(ds)} sequences, {ds.num_tokens} tokens from {data_dir}; loss vocabulary "
+         f"{len(vocab_ids) if vocab_ids is not None else 'whole'}, drafting vocabulary "
+         f"{len(draft_ids) if draft_ids is not None else 'whole'} (covers {held_out:.2%} of held-out answer tokens)")
+    task = _task(args, target, ds, answers, vocab_ids)
+    task.export_vocab_ids = draft_ids
     cfg = TrainConfig(minutes=args.minutes, lr=args.lr or _default_lr(args.kind), batch_seqs=args.batch,
                       max_len=args.max_len, seed=args.seed, max_steps=args.max_steps)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text("specdecode " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
-    extra = {"draft_vocab": None if vocab_ids is None else len(vocab_ids), "vocab_coverage_train": round(coverage, 5),
-             "vocab_coverage_held_out": round(held_out, 5)}
+    with (out / "command.txt").open("a") as fh:  # every command run on this folder, in order
+        fh.write("specdecode " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+    extra = {"loss_vocab": None if vocab_ids is None else len(vocab_ids),
+             "draft_vocab": None if draft_ids is None else len(draft_ids),
+             "vocab_coverage_train": round(coverage, 5), "vocab_coverage_held_out": round(held_out, 5)}
     lengths = [int(ds.offsets[i + 1] - ds.offsets[i]) for i in train_ids]
-    train(task, Sampler(train_ids, args.batch, args.seed, lengths), ds, cfg, out, args.restart, _log, not args.no_progress, extra)
+    sampler = Sampler(train_ids, args.batch, args.seed, lengths)
+    train(task, sampler, ds, cfg, out, args.restart, _log, not args.no_progress, extra)
     return 0
 
 

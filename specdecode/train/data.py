@@ -278,17 +278,13 @@ class DataBuilder:
 
     def build(self, tokens_goal: int, text_tokens_goal: int, minutes: float, log=print) -> None:
         deadline = time.monotonic() + minutes * 60
-        start = time.monotonic()
-        try:
-            if self.meta["text_tokens"] < text_tokens_goal:
-                self._local_text(text_tokens_goal, deadline, log)
-            while self.total_tokens < tokens_goal and time.monotonic() < deadline:
-                self._self_instruct_round(log)
-        finally:
-            self.meta["seconds"] += time.monotonic() - start
-            self._save_meta()
+        if self.meta["text_tokens"] < text_tokens_goal:
+            self._local_text(text_tokens_goal, deadline, log)
+        while self.total_tokens < tokens_goal and time.monotonic() < deadline:
+            self._self_instruct_round(log)
 
     def _local_text(self, goal: int, deadline: float, log, chunk: int = 256, per_batch: int = 8) -> None:
+        t0 = time.monotonic()
         files = local_text_files()
         pending: list[int] = []
         seqs: list[Sequence_] = []
@@ -318,6 +314,7 @@ class DataBuilder:
         if seqs:
             self._write(seqs)
         self.meta["text_files_done"] = i
+        self.meta["seconds"] += time.monotonic() - t0
         self._save_meta()
 
     def _requests(self, rng: random.Random, gen: torch.Generator, log) -> list[str]:
@@ -363,6 +360,7 @@ class DataBuilder:
         self.meta["rounds"] += 1
         self.meta["self_instruct_tokens"] += n_tok
         self.meta["self_instruct_sequences"] += len(seqs)
+        self.meta["seconds"] += time.monotonic() - t0
         self._save_meta()
         log(
             f"self-instruct round {r}: {len(seqs)} answers, {n_tok} tokens in {time.monotonic() - t0:.0f}s "

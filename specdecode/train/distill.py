@@ -57,6 +57,9 @@ class DistillTask:
         torch.manual_seed(seed)
         self.target, self.ds, self.val_ids, self.vocab_ids, self.eval_k = target, ds, val_ids, vocab_ids, eval_k
         self.init_layers = init_layers
+        # The drafting vocabulary written at export; the command may pick another size than
+        # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
+        self.export_vocab_ids = vocab_ids
         self.module = Student(target, init_layers)
         self.embed = target.embed_tokens.weight.detach().float()
         full = target.lm_head.weight.detach().float()
@@ -105,5 +108,5 @@ class DistillTask:
         return {"acc_1": hits / max(1, total), "tau_est": 1.0 + run_sum / max(1, chains)}
 
     def export(self, out: Path, summary: dict) -> None:
-        save_distill(out, self.module.native_state(), len(self.module.layers), self.target, self.vocab_ids,
+        save_distill(out, self.module.native_state(), len(self.module.layers), self.target, self.export_vocab_ids,
                      {"init_layers": self.init_layers, "train": brief(summary)})

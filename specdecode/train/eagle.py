@@ -60,6 +60,9 @@ class EagleTask:
         self.val_ids = val_ids
         self.vocab_ids = vocab_ids
         self.unroll, self.noise, self.w_cls, self.eval_unroll = unroll, noise, w_cls, eval_unroll
+        # The drafting vocabulary written at export; the command may pick another size than
+        # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
+        self.export_vocab_ids = vocab_ids
         self.module = EagleHead(EagleConfig.for_target(target))
         if init_layer is not None:
             own = {k.removeprefix(f"layers.{init_layer}."): v for k, v in _target_state(target).items()
@@ -167,7 +170,7 @@ class EagleTask:
         return out
 
     def export(self, out: Path, summary: dict) -> None:
-        save_eagle(out, self.module, self.target, self.vocab_ids,
+        save_eagle(out, self.module, self.target, self.export_vocab_ids,
                    {"unroll": self.unroll, "train": brief(summary)})
 
 

@@ -31,7 +31,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     checkpoint_minutes: float = 2.0
-    eval_minutes: float = 4.0
+    eval_minutes: float = 6.0
     seed: int = 0
     max_steps: int | None = None  # stop after this many steps even if time remains
 

@@ -22,6 +22,9 @@ class MedusaTask:
                  num_heads: int = 4, num_layers: int = 1, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.target, self.ds, self.val_ids, self.vocab_ids = target, ds, val_ids, vocab_ids
+        # The drafting vocabulary written at export; the command may pick another size than
+        # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
+        self.export_vocab_ids = vocab_ids
         self.module = MedusaHeads(MedusaConfig(target.config.hidden_size, num_heads, num_layers))
         full = target.lm_head.weight.detach().float()
         self.w_full = full
@@ -86,5 +89,5 @@ class MedusaTask:
         return out_d
 
     def export(self, out: Path, summary: dict) -> None:
-        save_medusa(out, self.module, self.target, self.vocab_ids,
+        save_medusa(out, self.module, self.target, self.export_vocab_ids,
                     {"train": brief(summary)})
