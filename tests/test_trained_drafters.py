@@ -37,7 +37,10 @@ def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.
 
 
 def eagle(target, vocab=None, seed=0):
-    return EagleDrafter(target, _randomise(EagleHead(EagleConfig.for_target(target)), seed), vocab)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # default init is random too: same seed, same head
+        head = EagleHead(EagleConfig.for_target(target))
+    return EagleDrafter(target, _randomise(head, seed), vocab)
 
 
 def medusa(target, vocab=None, seed=0, heads=4):

@@ -8,7 +8,9 @@ columns, and every speedup is a ratio of two runs on the same prompt minutes apa
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,9 +246,13 @@ def rich_progress(total: int, enabled: bool = True) -> Iterator[Progress]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
     from rich.progress import TimeElapsedColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file: one plain line per prompt instead of a live bar
+        yield _plain_progress(total)
+        return
     columns = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"))
-    with RichProgress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with RichProgress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=total)
 
         def update(text: str) -> None:
@@ -256,3 +262,19 @@ def rich_progress(total: int, enabled: bool = True) -> Iterator[Progress]:
                 bar.advance(task)
 
         yield update
+
+
+def _plain_progress(total: int) -> Progress:
+    start, done, current = time.perf_counter(), [0], [""]
+
+    def update(text: str) -> None:
+        if text:
+            current[0] = text.split(" · ")[0]
+            return
+        done[0] += 1
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done[0] * (total - done[0])
+        print(f"bench: {done[0]}/{total} prompts ({current[0]}) elapsed {elapsed:.0f}s, ETA {eta:.0f}s",
+              file=sys.stderr, flush=True)
+
+    return update

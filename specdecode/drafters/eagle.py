@@ -23,6 +23,7 @@ from specdecode.drafters.base import Draft
 from specdecode.drafters.trained import (
     Block,
     DraftHead,
+    RMSNorm,
     TargetFeatures,
     check_target,
     load_folder,
@@ -59,11 +60,15 @@ class EagleHead(nn.Module):
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
+        # Features (rms ~2 on SmolLM2) and embeddings (rms ~0.1) differ in scale by >10x:
+        # normalise each before mixing, so the token is not drowned at the start of training.
+        self.feature_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
 
     def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat((features, embeddings), dim=-1))
+        return self.fc(torch.cat((self.feature_norm(features), self.embed_norm(embeddings)), dim=-1))
 
     def forward(
         self,

@@ -226,41 +226,41 @@ class TargetFeatures:
 
     `observe(hidden)` appends rows the decoding loop computed anyway; `upto(tokens)` makes
     sure rows exist for every token but the newest, running the target itself on any gap.
+    Rows live in one preallocated buffer, so a long generation copies nothing.
     """
 
     def __init__(self, target: LlamaModel, max_length: int | None) -> None:
         self.target = target
-        self.max_length = max_length
-        self.rows: list[torch.Tensor] = []  # chunks of [n_i, H]
+        self.max_length = max_length or target.config.max_position_embeddings
+        self.buf = torch.empty(0, target.config.hidden_size, dtype=target.dtype)  # [max_length, H] once used
         self.count = 0
         self._cache: KVCache | None = None  # the fallback's own target cache (lazy)
-        self.fallback_tokens = 0  # tokens the fallback had to run the target on (cost report)
+        self.fallback_tokens = 0  # tokens the fallback ran the target on (its extra cost)
 
     def reset(self) -> None:
-        self.rows, self.count = [], 0
+        self.count = 0
         if self._cache is not None:
             self._cache.reset()
 
     def observe(self, hidden: torch.Tensor) -> None:
-        self.rows.append(hidden)
-        self.count += hidden.shape[0]
+        """hidden [n, H]: the features of the next n committed positions."""
+        if self.buf.shape[0] < self.max_length:
+            self.buf = torch.empty(self.max_length, hidden.shape[1], dtype=hidden.dtype)
+        n = hidden.shape[0]
+        self.buf[self.count : self.count + n] = hidden
+        self.count += n
 
     def upto(self, tokens: list[int]) -> torch.Tensor:
-        """All rows [len(tokens) - 1, H]: the features of every committed token but the newest."""
+        """Rows [len(tokens) - 1, H]: the features of every committed token but the newest."""
         need = len(tokens) - 1
         if self.count < need:
             if self._cache is None:
                 self._cache = self.target.new_cache(self.max_length)
-            if self._cache.length != self.count:  # rows came from the loop: our cache lags
+            if self._cache.length != self.count:  # rows came from the loop and then stopped: redo
                 self._cache.reset()
-                gap = tokens[:need]
-                out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
-                self.rows, self.count = [out.hidden], need
-            else:
-                gap = tokens[self.count : need]
-                out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
-                self.observe(out.hidden)
+                self.count = 0
+            gap = tokens[self.count : need]
+            out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
+            self.observe(out.hidden)
             self.fallback_tokens += len(gap)
-        if len(self.rows) > 1:
-            self.rows = [torch.cat(self.rows)]
-        return self.rows[0][:need] if self.rows else torch.empty(0)
+        return self.buf[:need]

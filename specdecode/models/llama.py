@@ -28,7 +28,7 @@ from torch import nn
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
-from specdecode.models.quant import QUANT_MODES, LinearOp, make_linear
+from specdecode.models.quant import QUANT_MODES, LinearStack, linear_stack
 
 # What the tied/untied output head becomes in each quantized mode. The head is the largest
 # matmul of a small-vocabulary-heavy model (SmolLM2: 49152 x 576, a fifth of all weights);
@@ -91,37 +91,66 @@ class DecoderLayer(nn.Module):
 
 
 @dataclass(frozen=True)
-class FusedLayer:
-    """Runtime weights of one decoder layer: 4 matmuls instead of 7."""
+class Runtime:
+    """What a forward computes with: every projection stacked over layers (see quant.py),
+    q/k/v fused into one matmul and gate/up into another (4 matmuls a layer instead of 7)."""
 
-    input_norm: torch.Tensor  # [hidden]
-    qkv: LinearOp  # hidden -> (heads + 2 kv_heads) * head_dim
-    o: LinearOp  # heads * head_dim -> hidden
-    post_norm: torch.Tensor  # [hidden]
-    gate_up: LinearOp  # hidden -> 2 * intermediate
-    down: LinearOp  # intermediate -> hidden
+    embed: torch.Tensor  # [V, hidden]
+    input_norm: torch.Tensor  # [layers, hidden]
+    qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim
+    o: LinearStack  # heads * head_dim -> hidden
+    post_norm: torch.Tensor  # [layers, hidden]
+    gate_up: LinearStack  # hidden -> 2 * intermediate
+    down: LinearStack  # intermediate -> hidden
+    final_norm: torch.Tensor  # [hidden]
+    head: LinearStack  # one "layer": hidden -> vocab
+
+    @classmethod
+    def build(cls, model: "LlamaModel", quant: str | None) -> "Runtime":
+        layers = list(model.layers)
+        attn = [layer.self_attn for layer in layers]
+        mlp = [layer.mlp for layer in layers]
+        with torch.no_grad():
+            qkv_bias = None
+            if attn[0].q_proj.bias is not None:
+                qkv_bias = [torch.cat((a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)) for a in attn]
+            head_quant = None if quant is None else HEAD_QUANT[quant]
+            return cls(
+                embed=model.embed_tokens.weight.detach(),
+                input_norm=torch.stack([layer.input_layernorm.weight.detach() for layer in layers]),
+                qkv=linear_stack([torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)) for a in attn], qkv_bias, quant),
+                o=linear_stack([a.o_proj.weight for a in attn], None, quant),
+                post_norm=torch.stack([layer.post_attention_layernorm.weight.detach() for layer in layers]),
+                gate_up=linear_stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for m in mlp], None, quant),
+                down=linear_stack([m.down_proj.weight for m in mlp], None, quant),
+                final_norm=model.norm.weight.detach(),
+                head=linear_stack([model.lm_head.weight], None, head_quant),
+            )
 
 
-class _RuntimeWeights:
-    """Fused/quantized weights keyed by (quant mode, layer index or -1 for the head).
+class _RuntimeCache:
+    """Runtimes by quantization mode, shared by a model and all its views.
 
-    Shared by a model and all its views. Each entry remembers the (version, storage) of the
-    parameters it was built from and is rebuilt when they change.
+    Built on first use. Dropped when parameters are converted (`.to()`), reloaded or
+    replaced on the model, and rebuilt when any parameter was edited in place (the sum of
+    their version counters changed): a stale copy of the weights is never used.
     """
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str | None, int], tuple[tuple[tuple[int, int], ...], object]] = {}
+        self.params: list[torch.Tensor] = []
+        self.runtimes: dict[str | None, tuple[int, Runtime]] = {}
 
-    @staticmethod
-    def stamp(params: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
-        return tuple((p._version, p.data_ptr()) for p in params)
+    def clear(self) -> None:
+        self.params, self.runtimes = [], {}
 
-    def get(self, key: tuple[str | None, int], params: Sequence[torch.Tensor], build: Callable[[], object]) -> object:
-        stamp = self.stamp(params)
-        hit = self.entries.get(key)
+    def get(self, model: "LlamaModel", quant: str | None) -> Runtime:
+        if not self.params:
+            self.params = list(model.parameters())
+        stamp = sum([p._version for p in self.params])
+        hit = self.runtimes.get(quant)
         if hit is None or hit[0] != stamp:
-            hit = (stamp, build())
-            self.entries[key] = hit
+            hit = (stamp, Runtime.build(model, quant))
+            self.runtimes[quant] = hit
         return hit[1]
 
 
@@ -143,7 +172,7 @@ class LlamaModel(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._runtime = _RuntimeWeights()
+        self._runtimes = _RuntimeCache()
         self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- construction -------------------------------------------------------------------
@@ -181,7 +210,7 @@ class LlamaModel(nn.Module):
         view._rope_cache = None
         view.layer_ids = tuple(layer_ids)
         view.quant = quant
-        view._runtime = self._runtime
+        view._runtimes = self._runtimes
         view._compiled = None
         return view.eval()
 
@@ -197,7 +226,8 @@ class LlamaModel(nn.Module):
         return self._view(self.layer_ids, mode)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        self._compiled = None  # .to()/.float() change dtypes: compiled code would be stale
+        if "_runtimes" in self.__dict__:
+            self._runtimes.clear()  # .to()/.float() replace every parameter
         return super()._apply(fn, recurse)
 
     @property
@@ -217,46 +247,35 @@ class LlamaModel(nn.Module):
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_length or c.max_position_embeddings, self.dtype)
 
     # -- runtime weights ----------------------------------------------------------------
-    def _fused_layer(self, i: int) -> FusedLayer:
-        layer = self.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
-        params = [p for p in layer.parameters()]
-        quant = self.quant
+    def runtime(self) -> Runtime:
+        """The fused (and, for a quantized view, quantized) weights the forward uses."""
+        return self._runtimes.get(self, self.quant)
 
-        def build() -> FusedLayer:
-            with torch.no_grad():
-                qkv_w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
-                qkv_b = None
-                if attn.q_proj.bias is not None:
-                    qkv_b = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)).detach()
-                gate_up_w = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
-                return FusedLayer(
-                    input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=make_linear(qkv_w.detach(), qkv_b, quant),
-                    o=make_linear(attn.o_proj.weight.detach(), None, quant),
-                    post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=make_linear(gate_up_w.detach(), None, quant),
-                    down=make_linear(mlp.down_proj.weight.detach(), None, quant),
-                )
+    def refresh(self) -> None:
+        """Forget the runtime weights (they are rebuilt from the parameters on next use)."""
+        self._runtimes.clear()
 
-        return self._runtime.get((quant, i), params, build)  # type: ignore[return-value]
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, (nn.Module, nn.Parameter)) and "_runtimes" in self.__dict__:
+            self._runtimes.clear()  # e.g. a draft model's lm_head swapped for a smaller one
+        super().__setattr__(name, value)
 
-    def _head(self) -> LinearOp:
-        w = self.lm_head.weight
-        mode = None if self.quant is None else HEAD_QUANT[self.quant]
-        return self._runtime.get((mode, -1), [w], lambda: make_linear(w.detach(), None, mode))  # type: ignore[return-value]
-
-    def runtime_weights(self) -> tuple[tuple[FusedLayer, ...], LinearOp]:
-        """Fused/quantized weights of the layers this model runs, and of its head."""
-        return tuple(self._fused_layer(i) for i in self.layer_ids), self._head()
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._runtimes.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # -- compilation --------------------------------------------------------------------
     def compile(self, **options: object) -> "LlamaModel":
         """Run steps of up to MAX_COMPILED_TOKENS tokens through torch.compile (inductor).
 
-        Shapes are marked dynamic, so one graph serves every cache length and draft length
-        (plus one specialised for a single token). Falls back to eager if compilation fails.
+        Shapes are dynamic, so one graph serves every cache length and draft length (plus
+        one specialised for a single token); longer steps (prefill) stay eager.
         """
+        import torch._dynamo
+
+        # Each model view (target, layer-skip or quantized draft) x {T=1, T>1} x {mask or
+        # not} is one cache entry of the shared `_step`: allow more than the default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(_step, dynamic=True, fullgraph=True, **options)  # type: ignore[arg-type]
         return self
 
@@ -305,15 +324,29 @@ class LlamaModel(nn.Module):
             raise ValueError(f"sequence of {past + t} tokens exceeds the cache of {cache.max_length}")
         cos, sin = self._rope(positions, past, t)
         mask = self._mask(t, past, attn_mask, positions)
-        layers, head = self.runtime_weights()
         n_out = t if num_logits is None else min(num_logits, t)
         step = self._compiled if (self._compiled is not None and t <= MAX_COMPILED_TOKENS) else _step
-        logits, hidden = step(
-            tokens, cos, sin, mask, cache.k, cache.v, past, n_out,
-            self.embed_tokens.weight, layers, self.layer_ids, self.norm.weight, head, self.config,
-        )
+        logits, hidden = step(tokens, cos, sin, mask, cache.k, cache.v, past, n_out, self.runtime(), self.layer_ids, self.config)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+
+def _attention(
+    q: torch.Tensor,  # [1, Hkv, Q, D]
+    k: torch.Tensor,  # [1, Hkv, S, D]
+    v: torch.Tensor,  # [1, Hkv, S, D]
+    mask: torch.Tensor | None,  # [Q, S] bool
+) -> torch.Tensor:
+    """Softmax attention. Eager: PyTorch's fused CPU kernel. Compiled: written out, so that
+    inductor fuses it into a couple of loops (for a few query rows that beats calling the
+    SDPA kernel, ~50 vs ~85 us a layer at 200 cached tokens), in fp32."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * q.shape[-1] ** -0.5  # [1, Hkv, Q, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = scores.softmax(-1)
+    return (p[..., None] * v[:, :, None, :, :].float()).sum(-2).to(q.dtype)
 
 
 def _step(
@@ -325,15 +358,12 @@ def _step(
     cache_v: torch.Tensor,
     past: int,  # valid cache slots before these tokens
     n_out: int,  # logits for the last n_out positions
-    embed: torch.Tensor,  # [V, hidden]
-    layers: tuple[FusedLayer, ...],
+    w: Runtime,
     layer_ids: tuple[int, ...],
-    final_norm: torch.Tensor,  # [hidden]
-    head: LinearOp,
     cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over T new tokens: the whole model as one function of plain tensors, so
-    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden])."""
+    """One forward over T new tokens: the whole model as one function of a few tensors, so
+    torch.compile takes it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden])."""
     t = tokens.shape[0]
     n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = n_heads // n_kv
@@ -341,35 +371,31 @@ def _step(
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     if mask is not None and group > 1:
         mask = mask.repeat(group, 1)  # [group*T, S], matching the grouped query rows below
-    x = embed[tokens]  # [T, hidden]
-    for w, li in zip(layers, layer_ids):
-        h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        qkv = w.qkv(h)  # [T, (H + 2 Hkv) * D]
+    x = w.embed[tokens]  # [T, hidden]
+    zero = torch.zeros((), dtype=torch.long)
+    heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
+    slots = torch.arange(past, end)[None, :]  # [1, T]
+    for li in layer_ids:
+        h = _rms_norm(x, w.input_norm[li], cfg.rms_norm_eps)
+        qkv = w.qkv(h, li)  # [T, (H + 2 Hkv) * D]
         qk = qkv[:, : (n_heads + n_kv) * d].view(t, n_heads + n_kv, d)
         qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k heads at once
         v = qkv[:, (n_heads + n_kv) * d :].view(t, n_kv, d)
-        ck, cv = cache_k[li], cache_v[li]  # [1, Hkv, max_length, D]
-        ck[0, :, past:end] = qk[:, n_heads:].transpose(0, 1)
-        cv[0, :, past:end] = v.transpose(0, 1)
+        # Write this step's keys/values into the whole cache tensor with index_put_ (not
+        # through a view) so that torch.compile updates the cache in place, no copy.
+        layer = torch.full((), li, dtype=torch.long)
+        cache_k.index_put_((layer, zero, heads, slots), qk[:, n_heads:].transpose(0, 1))
+        cache_v.index_put_((layer, zero, heads, slots), v.transpose(0, 1))
         # GQA without repeating K/V: the `group` query heads of one KV head become extra
         # query rows of that head ([1, Hkv, group*T, D]; HF's head h uses KV head h // group).
         # 4-D inputs: the CPU flash kernel takes them (3-D ones fall back to the math path).
         qg = qk[:, :n_heads].reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * t, d)
-        out = F.scaled_dot_product_attention(qg, ck[:, :, :end], cv[:, :, :end], attn_mask=mask)
+        out = _attention(qg, cache_k[li, :, :, :end], cache_v[li, :, :, :end], mask)  # [1, Hkv, group*T, D]
         out = out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
-        x = x + w.o(out)
-        h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-        gate, up = w.gate_up(h).chunk(2, dim=-1)
-        x = x + w.down(F.silu(gate) * up)
+        x = x + w.o(out, li)
+        h = _rms_norm(x, w.post_norm[li], cfg.rms_norm_eps)
+        gate, up = w.gate_up(h, li).chunk(2, dim=-1)
+        x = x + w.down(F.silu(gate) * up, li)
     x = x[t - n_out :]
-    h = _rms_norm(x, final_norm, cfg.rms_norm_eps)
-    return head(h).float(), h
-
-
-def default_threads() -> int:
-    """Physical cores available to this process (decode is memory-bound: more threads than
-    cores only add synchronisation)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    h = _rms_norm(x, w.final_norm, cfg.rms_norm_eps)
+    return w.head(h, 0).float(), h

@@ -1,126 +1,162 @@
-"""Weight-only quantized linear layers for CPU decoding.
+"""Weight-only quantized matmuls for CPU decoding.
 
 Decoding one token reads every weight once and does little arithmetic with it, so on a CPU
 its speed is set by the bytes of weights read per token: fp32 4, bf16 2, int8 ~1, int4
-~0.6. These layers keep weights in int8 or 4-bit and call PyTorch's weight-only kernels,
-which dequantize on the fly inside the matmul:
+~0.6. The matmuls here keep weights in int8 or 4-bit and call PyTorch's weight-only
+kernels, which dequantize on the fly:
 
 - int8: one symmetric scale per output row (`aten._weight_int8pack_mm`).
 - int4: asymmetric, one scale and one offset per group of 32 inputs, the layout of GGUF
   Q4_1 blocks (`aten._weight_int4pack_mm_for_cpu`). Requantizing weights that came from a
-  Q4_1 file recovers the same 4-bit codes, so an int4 model computes (up to float
-  round-off) the model in the file.
+  Q4_1 file recovers the same 4-bit codes (each group's min and max are kept exactly).
+
+Those kernels have fast paths for bf16 activations only (fp32 ones run a scalar loop ~20x
+slower), so the engine pairs them with bf16 activations; fp32 works, for tests.
 
 A quantized model is a model of its own: speculative decoding keeps *its* distribution
-exactly, it does not promise to match the float model it came from.
+exactly, not the float model's it came from.
 
-Activations stay in the model's float dtype (fp32 or bf16); scales are stored in it too.
+All matmuls come as a `LinearStack`: the same projection of every layer stacked in one
+tensor and called with a layer index. One tensor per projection instead of one per layer
+keeps a compiled decode step's inputs (and guards) few.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from specdecode.errors import UserError
 
 QUANT_MODES = ("int8", "int4")
 INT4_GROUP = 32  # GGUF Q4_0/Q4_1/Q8_0 block size
 _INT4_N_MULTIPLE = 16  # the CPU int4 packing works on blocks of 16 output rows
 
 
-class LinearOp(Protocol):
-    """y = x @ W.T (+ b) for x [T, in] -> [T, out]; what the model's matmuls call."""
-
-    out_features: int
-    in_features: int
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-class FloatLinear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight.contiguous()  # [out, in]
-        self.bias = bias
-        self.out_features, self.in_features = weight.shape
-        self.nbytes = weight.numel() * weight.element_size()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8Linear:
-    """Per-output-channel symmetric int8: W ~= q * scale[:, None], q in [-127, 127]."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        scale = w.abs().amax(dim=1) / 127.0  # [out]
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # [out, in]
-        self.scale = scale.to(weight.dtype)  # [out], the activation dtype (the kernel's rule)
-        self.bias = bias
-        self.nbytes = self.qweight.numel() + self.scale.numel() * self.scale.element_size()
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale.float()[:, None]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
-        return y if self.bias is None else y + self.bias
-
-
-class Int4Linear:
-    """Group-wise asymmetric 4-bit (GGUF Q4_1 style): W ~= (q - 8) * scale + zero per group of
-    `group` inputs, q in [0, 15]; scale = (max - min) / 15 and zero = min + 8 * scale, so the
-    group's min and max are represented exactly."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = INT4_GROUP) -> None:
-        if not int4_compatible(weight.shape, group):
-            raise ValueError(f"int4 needs out % {_INT4_N_MULTIPLE} == 0 and in % {group} == 0, got {tuple(weight.shape)}")
-        w = weight.detach().float()
-        n, k = w.shape
-        self.out_features, self.in_features, self.group = n, k, group
-        wg = w.view(n, k // group, group)
-        lo, hi = wg.amin(-1), wg.amax(-1)  # [n, k/group]
-        scale = (hi - lo) / 15.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round((wg - lo[..., None]) / safe[..., None]).clamp_(0, 15)
-        q = torch.where(scale[..., None] > 0, q, torch.zeros_like(q)).to(torch.int32).view(n, k)
-        zero = lo + 8.0 * scale
-        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [n, k/2] uint8, packed
-        # [k/group, n, 2]: (scale, zero) per group and output row, in the activation dtype.
-        self.scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(weight.dtype)
-        self.bias = bias
-        self.nbytes = self.qweight.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size()
-
-    def dequantize(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group, self.scales_zeros).t().float()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_zeros)
-        return y if self.bias is None else y + self.bias
-
-
-def int4_compatible(shape: torch.Size | tuple[int, ...], group: int = INT4_GROUP) -> bool:
+def int4_compatible(shape: Sequence[int], group: int = INT4_GROUP) -> bool:
     n, k = shape
     return n % _INT4_N_MULTIPLE == 0 and k % group == 0
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str | None) -> LinearOp:
-    """The matmul for `weight` [out, in] in `mode` (None = float).
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] int8 in [-127, 127], scale [N] fp32) with w ~= q * scale[:, None]."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
-    A shape the int4 kernel cannot take (e.g. a vocabulary that is not a multiple of 16)
-    falls back to int8, so every model can be quantized; the fallback is part of what
-    "the int4 model" means and is deterministic.
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] int32 in [0, 15], scale [N, K/g], zero [N, K/g]) fp32, with
+    w ~= (q - 8) * scale + zero per group of g inputs: scale = (max - min) / 15 and
+    zero = min + 8 * scale (the kernel's convention), so min and max are exact."""
+    w = w.detach().float()
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 15.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((wg - lo[..., None]) / safe[..., None]).clamp_(0, 15)
+    q = torch.where(scale[..., None] > 0, q, torch.zeros_like(q))
+    return q.to(torch.int32).view(n, k), scale, lo + 8.0 * scale
+
+
+class LinearStack:
+    """y = x @ W[i].T (+ b[i]) for the i-th of L same-shaped matrices W [L, N, K]."""
+
+    mode: str | None
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:  # x [T, K] -> [T, N]
+        raise NotImplementedError
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        """W[i] [N, K] as fp32, as the kernel sees it (for tests)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+
+class FloatStack(LinearStack):
+    mode = None
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> None:
+        self.weight = torch.stack([w.detach() for w in weights])  # [L, N, K]
+        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])  # [L, N]
+        _, self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return F.linear(x, self.weight[i], None if self.bias is None else self.bias[i])
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        return self.weight[i].float()
+
+
+class Int8Stack(LinearStack):
+    """Per-output-row symmetric int8; scales in the activation dtype (the kernel's rule)."""
+
+    mode = "int8"
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> None:
+        dtype = weights[0].dtype
+        parts = [quantize_int8(w) for w in weights]
+        self.qweight = torch.stack([q for q, _ in parts])  # [L, N, K] int8
+        self.scale = torch.stack([s for _, s in parts]).to(dtype)  # [L, N]
+        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])
+        _, self.out_features, self.in_features = self.qweight.shape
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight[i], self.scale[i])
+        return y if self.bias is None else y + self.bias[i]
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        return self.qweight[i].float() * self.scale[i].float()[:, None]
+
+
+class Int4Stack(LinearStack):
+    """Group-wise asymmetric 4-bit (GGUF Q4_1 style), packed for the CPU int4 kernel."""
+
+    mode = "int4"
+
+    def __init__(
+        self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, group: int = INT4_GROUP
+    ) -> None:
+        dtype = weights[0].dtype
+        self.group = group
+        packed, scales_zeros = [], []
+        for w in weights:
+            q, scale, zero = quantize_int4(w, group)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # [N, K/2] uint8
+            scales_zeros.append(torch.stack((scale.t(), zero.t()), dim=-1))  # [K/g, N, 2]
+        self.qweight = torch.stack(packed)  # [L, N, K/2]
+        self.scales_zeros = torch.stack(scales_zeros).to(dtype).contiguous()  # [L, K/g, N, 2]
+        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])
+        self.out_features, self.in_features = weights[0].shape
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight[i], self.group, self.scales_zeros[i])
+        return y if self.bias is None else y + self.bias[i]
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        return self(eye, i).t().float() if self.bias is None else (self(eye, i) - self.bias[i]).t().float()
+
+
+def linear_stack(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, mode: str | None
+) -> LinearStack:
+    """Stack `weights` (each [N, K]) as float (mode None), int8 or int4 matmuls.
+
+    A shape the int4 kernel cannot take (N not a multiple of 16, K not of 32) falls back to
+    int8, so any model can be quantized; the fallback is part of what "int4" means for it.
     """
     if mode is None:
-        return FloatLinear(weight, bias)
-    if mode == "int4" and int4_compatible(weight.shape):
-        return Int4Linear(weight, bias)
-    if mode in ("int4", "int8"):
-        return Int8Linear(weight, bias)
-    raise UserError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")
+        return FloatStack(weights, biases)
+    if mode == "int4" and int4_compatible(weights[0].shape):
+        return Int4Stack(weights, biases)
+    if mode in QUANT_MODES:
+        return Int8Stack(weights, biases)
+    raise ValueError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")
