@@ -106,7 +106,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["llamacpp", "ar:int4", "ngram:int4:4", "ar:fp32"])
     ap.add_argument("--sets", nargs="+", default=["humaneval", "mtbench"])
-    ap.add_argument("--limit", type=int, default=2, help="prompts per category (MT-Bench has 8 categories)")
+    ap.add_argument("--limit", type=int, default=1, help="MT-Bench prompts per category (8 categories)")
+    ap.add_argument("--humaneval", type=int, default=8, help="HumanEval prompts")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -134,7 +135,7 @@ def main() -> int:
 
     prompts = []
     for name in args.sets:
-        for p in load_prompts(name, limit=args.limit):
+        for p in load_prompts(name, limit=args.humaneval if name == "humaneval" else args.limit):
             prompts.append((name, p.id, tokenizer.apply_chat_template(list(p.messages))))
     # Warm-up (and compile) on one short request per method, not timed.
     for m in methods:

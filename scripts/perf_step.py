@@ -1,7 +1,7 @@
 """Time (and optionally profile) one decode step of the embedded model per weight format.
 
     .venv/bin/python scripts/perf_step.py                      # fp32 bf16 int8 int4, eager
-    .venv/bin/python scripts/perf_step.py --formats int4 --compile
+    .venv/bin/python scripts/perf_step.py --formats int4 int4+c   # eager vs compiled
     .venv/bin/python scripts/perf_step.py --formats fp32 --profile  # op table of one step
 
 Formats are timed interleaved (round-robin), so machine load hits them alike; the table
@@ -19,14 +19,17 @@ import torch
 from specdecode.models.llama import LlamaModel
 from specdecode.models.loading import load_model_source
 
-FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
-           "int4": (torch.float32, "int4"), "bf16-int4": (torch.bfloat16, "int4"), "bf16-int8": (torch.bfloat16, "int8")}
+# What `--dtype` names: int8/int4 weights run with bf16 activations (the kernels' fast path).
+FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
+           "int4": (torch.bfloat16, "int4"), "fp32-int8": (torch.float32, "int8"), "fp32-int4": (torch.float32, "int4")}
 
 
 def build(loaded, name: str, compile_: bool) -> LlamaModel:
-    dtype, quant = FORMATS[name]
+    """name: a FORMATS key, with '+c' appended for a compiled model (e.g. int4+c)."""
+    compiled = compile_ or name.endswith("+c")
+    dtype, quant = FORMATS[name.removesuffix("+c")]
     model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, dtype, quant)
-    return model.compile() if compile_ else model
+    return model.compile() if compiled else model
 
 
 def step_seconds(model: LlamaModel, cache, past: int, t: int, reps: int) -> float:
@@ -40,7 +43,7 @@ def step_seconds(model: LlamaModel, cache, past: int, t: int, reps: int) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"], choices=list(FORMATS))
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"], help=f"{', '.join(FORMATS)}; append +c to compile one")
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 5], help="T values (new tokens per step)")
     ap.add_argument("--past", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7)

@@ -25,7 +25,10 @@ def _integer(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the target")
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+        help="target weights: fp32, bf16, or weight-only int8/int4 (computing in bf16; fastest on CPU)",
+    )
     p.add_argument("--max-context", type=_integer, default=None, help="KV cache length in tokens (default 4096)")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -31,7 +32,10 @@ from specdecode.models.loading import load_model_source
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# --dtype -> compute (activation) dtype. int8/int4 are weight-only quantized native models
+# computing in bf16 (PyTorch's int8/int4 CPU kernels are fast for bf16 activations only).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+QUANTIZED = ("int8", "int4")
 DEFAULT_MAX_CONTEXT = 4096
 
 Prompt = str | Sequence[dict[str, str]]  # raw text, or chat messages [{"role", "content"}]
@@ -55,14 +59,23 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_llama(path: str | None, dtype: str = "fp32") -> tuple[LlamaModel, Tokenizer]:
+    """dtype: fp32 | bf16 | int8 | int4. SPECDECODE_COMPILE=1 runs decode/verify steps
+    through torch.compile (faster steps after a one-off compile of minutes)."""
+    compute = parse_dtype(dtype)
     loaded = load_model_source(path)
-    return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, parse_dtype(dtype)), loaded.tokenizer
+    quant = dtype if dtype in QUANTIZED else None
+    model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant)
+    if os.environ.get("SPECDECODE_COMPILE") == "1":
+        model.compile()
+    return model, loaded.tokenizer
 
 
 def load_target(path: str | None, dtype: str = "fp32") -> tuple[CausalLM, Tokenizer]:
     """The native model for llama/qwen2/mistral; any other HF folder runs through transformers."""
     model_type = _hf_model_type(path)
     if model_type is not None and model_type not in NATIVE_ARCHS:
+        if dtype in QUANTIZED:
+            raise UserError(f"--dtype {dtype} needs the native model (llama/qwen2/mistral); {path} is '{model_type}'")
         return HFCausalLM.load(str(path), parse_dtype(dtype)), Tokenizer.from_folder(str(path))
     return load_llama(path, dtype)
 
@@ -102,7 +115,8 @@ class Engine:
             if spec.startswith("model"):
                 if draft is None:
                     raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
-                draft_model, draft_tok = load_target(draft, _dtype_name(self.model.dtype))
+                fmt = getattr(self.model, "weight_format", None) or _dtype_name(self.model.dtype)
+                draft_model, draft_tok = load_target(draft, fmt)
                 self._check_same_vocab(draft_tok, draft)
             self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context)
         return self._drafters[key]

@@ -98,6 +98,7 @@ def test_summary_figures_by_hand():
     assert f.forwards_per_token == pytest.approx(10 / 22)
     assert f.draft_share == pytest.approx(0.2)
     assert f.cost_ratio == pytest.approx(0.2)  # 0.02 s / 0.1 s
+    assert f.verify_cost_ratio == pytest.approx(1.6)  # 0.64 s / 4 steps = 0.16 s per verify forward
     assert f.theoretical_speedup == pytest.approx((1 - 0.75 ** 3) / (0.25 * 1.4))
     ar = summarize(rows)[AR]["all"]
     assert ar.speedup == 1.0 and ar.theoretical_speedup is None and ar.tau == 1.0
@@ -273,7 +274,7 @@ def test_bench_end_to_end(hf_folders, prompt_file, tmp_path, capsys):
     for png in ("speedup_vs_k", "tau_vs_k", "acceptance_by_position", "theory_vs_measured", "speedup_by_category"):
         assert (out / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
-    assert "| method | tok/s | speedup | theory |" in report and "`hf-assisted k=2`" in report
+    assert "| method | tok/s | speedup | theory | τ | accept | α | fwd/tok | draft share | c | v | = AR |" in report and "`hf-assisted k=2`" in report
     assert "![speedup_vs_k](speedup_vs_k.png)" in report and "specdecode bench --target" in report
 
 
@@ -293,6 +294,7 @@ def test_bench_sampling_run(hf_folders, prompt_file, tmp_path, capsys):
     (["--drafters", "ngram,warp"], "unknown method 'warp'"),
     (["--k", "0,2"], "--k values must be >= 1"),
     (["--k", "two"], "draft lengths separated by commas"),
+    (["--drafters", "ngram,model"], "need(s) a draft model: pass --draft"),
 ])
 def test_bench_bad_input_is_one_line(argv, message, capsys):
     assert main(["bench", *argv, "--no-progress"]) == 2

@@ -79,7 +79,7 @@ def test_greedy_audit_fails_on_broken_verifier(tiny_target, tiny_draft, monkeypa
 
 # -- sampling -------------------------------------------------------------------------------
 SMALL_V = 4
-DRAWS = 400
+DRAWS = 300
 
 
 @pytest.fixture(scope="module")

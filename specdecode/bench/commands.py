@@ -17,7 +17,8 @@ from pathlib import Path
 from specdecode.cli import add_decoding_args, add_model_args
 from specdecode.errors import UserError
 
-QUICK = dict(limit=1, max_new_tokens=64, ks="4", drafters="ngram,layerskip,hf,hf-lookup,llamacpp,llamacpp-lookup")
+DEFAULTS = dict(limit=None, max_new_tokens=128, k="4", drafters="ngram,layerskip")
+QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,hf,hf-lookup,llamacpp,llamacpp-lookup")
 FULL_K = "1,2,3,4,6,8,10,15"
 
 
@@ -46,18 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_model_args(bench)
     _add_prompt_args(bench)
-    bench.add_argument("--drafters", default="ngram,layerskip",
+    bench.add_argument("--drafters", default=None,
                        help="comma list of ours (ngram[:a-b], layerskip[:N], model) and peers "
-                       "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup); our AR baseline always runs")
+                       "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup); our AR baseline always runs "
+                       "(default ngram,layerskip)")
     bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder)")
-    bench.add_argument("--k", default="4", help=f"draft lengths to sweep, e.g. {FULL_K} (default 4)")
+    bench.add_argument("--k", default=None, help=f"draft lengths to sweep, e.g. {FULL_K} (default 4)")
     _add_sampling_args(bench)
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="runs per prompt and method")
     bench.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     bench.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
     bench.add_argument("--quick", action="store_true",
-                       help="a fixed small run (1 prompt per category, 64 tokens, k=4, all methods): minutes on 2 cores")
+                       help="a fixed small run: 1 prompt per category, 64 new tokens, k=4, drafters "
+                       f"{QUICK['drafters']} (flags given explicitly still win)")
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.set_defaults(func=cmd_bench)
@@ -105,17 +108,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specdecode.bench.runner import BenchConfig, Lab, parse_ks, parse_methods, rich_progress, run_bench
     from specdecode.config import SamplingParams
 
-    if args.quick:
-        args.limit = args.limit or QUICK["limit"]
-        args.max_new_tokens = QUICK["max_new_tokens"] if args.max_new_tokens == 128 else args.max_new_tokens
-        args.k = QUICK["ks"] if args.k == "4" else args.k
-        args.drafters = QUICK["drafters"] if args.drafters == "ngram,layerskip" else args.drafters
+    for name, default in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     threads = args.threads or 2
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     config = BenchConfig(
         drafters=parse_methods(args.drafters), ks=parse_ks(args.k), max_new_tokens=args.max_new_tokens,
         sampling=sampling, repeats=args.repeats, ignore_eos=args.ignore_eos, chat=not args.no_chat, threads=threads,
     )
+    needs_draft = [d for d in config.drafters if d.split(":")[0] == "model" or d == "hf-assisted"]
+    if needs_draft and args.draft is None:
+        raise UserError(f"{', '.join(needs_draft)} need(s) a draft model: pass --draft PATH (GGUF file or HF folder)")
     prompts = load_prompts(args.prompt_set, args.prompts, args.limit)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +136,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         lab.close()
     summary = report.summarize(measurements)
-    notes += _standard_notes(methods, config)
+    notes += _standard_notes(methods, args.dtype)
+    busy = _busy_note(load_avg, _load_average(), threads)
+    if busy:
+        notes.append(busy)
     meta = {
         "command": command_line(args),
         "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
@@ -186,12 +193,14 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _standard_notes(methods: list, config: object) -> list[str]:  # type: ignore[type-arg]
+def _standard_notes(methods: list, dtype: str) -> list[str]:  # type: ignore[type-arg]
     notes = []
     families = {m.family for m in methods}
     if "llama.cpp" in families:
         notes.append("llama.cpp runs the GGUF file's own (quantized) weights with its kernels; ours and "
                      "transformers run the same weights dequantized to the chosen dtype.")
+    if "transformers" in families and dtype in ("int8", "int4"):
+        notes.append(f"transformers has no weight-only {dtype} path here: its columns run bf16 weights.")
     if "transformers" in families:
         notes.append("hf-assisted uses a constant num_assistant_tokens = k and assistant_confidence_threshold = 0; "
                      "hf-lookup uses transformers' default max_matching_ngram_size (2).")
@@ -199,6 +208,19 @@ def _standard_notes(methods: list, config: object) -> list[str]:  # type: ignore
         notes.append("ngram's theory column assumes a k-token draft every step; steps where lookup finds no "
                      "match draft nothing, so its measured speedup can fall short of the theory.")
     return notes
+
+
+def _busy_note(start: str | None, end: str | None, threads: int) -> str | None:
+    """A warning when other processes competed for the CPU: timings then measure the scheduler too."""
+    if start is None or end is None:
+        return None
+    one_minute = max(float(start.split()[0]), float(end.split()[0]))
+    cores = os.cpu_count() or 1
+    if one_minute <= max(1.0, cores - threads) + 0.5:
+        return None
+    return (f"the machine was busy (1-minute load average up to {one_minute:.1f} on {cores} cores, at start / end "
+            f"{start.split()[0]} / {end.split()[0]}): absolute speeds are depressed and ratios noisy; "
+            "rerun on a quiet machine for final numbers")
 
 
 def report_time() -> str:

@@ -91,17 +91,24 @@ def plot_theory_vs_measured(summary: Summary, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     hi = 1.0
-    for drafter, fs in _by_drafter(summary).items():
+    colors = plt.get_cmap("tab10").colors
+    for n, (drafter, fs) in enumerate(_by_drafter(summary).items()):
+        color = colors[n % len(colors)]
+        per_cat = [(f.theoretical_speedup, f.speedup) for m in fs for c, f in summary[m.method].items()
+                   if c != ALL and f.theoretical_speedup and f.speedup]
+        if per_cat:  # one faint dot per category, the big dot is all prompts
+            ax.scatter([p[0] for p in per_cat], [p[1] for p in per_cat], s=12, alpha=0.35, color=color)
+            hi = max(hi, *(p[0] for p in per_cat), *(p[1] for p in per_cat))
         pts = [(f.theoretical_speedup, f.speedup, f.k) for f in fs if f.theoretical_speedup and f.speedup]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=drafter)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=drafter, color=color)
             for x, y, k in pts:
                 ax.annotate(f"k={k}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             hi = max(hi, *(p[0] for p in pts), *(p[1] for p in pts))
     ax.plot([0, hi * 1.1], [0, hi * 1.1], color="gray", linestyle="--", linewidth=1, label="measured = theory")
     ax.set_xlabel("theoretical speedup (α, k, c measured)")
     ax.set_ylabel("measured speedup vs ar")
-    ax.set_title("Theory (Leviathan et al.) vs measurement")
+    ax.set_title("Theory (Leviathan et al.) vs measurement\n(big dots: all prompts; small: per category)", fontsize=10)
     ax.set_xlim(0, hi * 1.1)
     ax.set_ylim(0, hi * 1.1)
     ax.grid(alpha=0.3)

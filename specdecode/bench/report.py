@@ -17,6 +17,8 @@ Definitions (every figure is recomputable from the raw rows in results.json):
   its forwards on the same prompt (same run). Median over prompts.
 - theory: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), the expected speedup (Leviathan et
   al., 2023, eq. 1 and theorem 3.8) of a drafter with these alpha, k, c.
+- v: time of one verify forward (k+1 tokens) / time of one AR forward (1 token). The formula
+  takes v = 1; on a CPU a wider forward costs more, one reason measured < theory.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Figures:
     forwards_per_token: float | None
     draft_share: float | None  # draft time / (draft + verify time)
     cost_ratio: float | None  # c
+    verify_cost_ratio: float | None  # v
     theoretical_speedup: float | None
     identical_to_ar: float | None  # greedy: share of prompts with the AR loop's exact tokens
     new_tokens: int = 0
@@ -101,7 +104,7 @@ def ar_forward_seconds(ar: Measurement) -> float | None:
 
 def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measurement], category: str) -> Figures:
     first = rows[0]
-    speedups, costs = [], []
+    speedups, costs, verify_costs = [], [], []
     for r in rows:
         ar = ar_rows.get((r.prompt_id, r.repeat))
         if ar is not None and tokens_per_second(ar) > 0:
@@ -109,6 +112,8 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         t_fwd = ar_forward_seconds(ar) if ar is not None else None
         if r.drafted and r.draft_seconds is not None and t_fwd:
             costs.append(r.draft_seconds / r.drafted / t_fwd)
+        if r.k is not None and r.verify_steps and r.verify_seconds is not None and t_fwd:
+            verify_costs.append(r.verify_seconds / r.verify_steps / t_fwd)
     new_tokens = sum(r.new_tokens for r in rows)
     forwards = _sum(rows, "target_forwards")
     drafted, accepted = _sum(rows, "drafted"), _sum(rows, "accepted")
@@ -143,7 +148,8 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         acceptance_rate=(accepted / drafted) if drafted else None, alpha=alpha,
         per_position_acceptance=per_position,
         forwards_per_token=(forwards / new_tokens) if forwards is not None and new_tokens else None,
-        draft_share=share if first.k is not None else None, cost_ratio=c, theoretical_speedup=theory,
+        draft_share=share if first.k is not None else None, cost_ratio=c, verify_cost_ratio=_median(verify_costs),
+        theoretical_speedup=theory,
         identical_to_ar=(sum(matches) / len(matches)) if matches else None,
         new_tokens=new_tokens, per_prompt_speedup=speedups,
     )
@@ -218,14 +224,15 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-MAIN_HEADER = ("method", "tok/s", "speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "= AR")
+MAIN_HEADER = ("method", "tok/s", "speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "v", "= AR")
 
 
 def main_row(f: Figures) -> list[str]:
     return [
         f"`{f.method}`", _fmt(f.tokens_per_second, ".1f"), _fmt(f.speedup, ".2f", "×"),
         _fmt(f.theoretical_speedup, ".2f", "×"), _fmt(f.tau), _pct(f.acceptance_rate), _fmt(f.alpha),
-        _fmt(f.forwards_per_token), _pct(f.draft_share), _fmt(f.cost_ratio, ".3f"), _pct(f.identical_to_ar),
+        _fmt(f.forwards_per_token), _pct(f.draft_share), _fmt(f.cost_ratio, ".3f"), _fmt(f.verify_cost_ratio),
+        _pct(f.identical_to_ar),
     ]
 
 
@@ -338,6 +345,8 @@ DEFINITIONS = """\
 - **fwd/tok**: target forwards (prefill included) per new token.
 - **draft share**: drafting time / (drafting + verification time).
 - **c**: time of one draft token / time of one target forward (our `ar` loop's, same prompt, same run).
+- **v**: time of one verify forward (k+1 tokens) / time of one `ar` forward (1 token); the formula assumes
+  v = 1 (verification as cheap as one decoding step), so v > 1 is one reason measured < theory.
 - **= AR**: greedy only — share of prompts whose tokens equal the `ar` loop's exactly.
 - Per-position acceptance: accepted / drafted at each draft position (SpecStats)."""
 

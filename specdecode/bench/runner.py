@@ -26,9 +26,8 @@ from specdecode.bench.peers import (
 from specdecode.bench.prompts import Prompt
 from specdecode.config import SamplingParams
 from specdecode.drafters.factory import DRAFTERS, parse_spec
-from specdecode.engine import DTYPES, Engine, parse_dtype
+from specdecode.engine import DTYPES, Engine
 from specdecode.errors import UserError
-from specdecode.models.llama import LlamaModel
 from specdecode.models.loading import LoadedModel, embedded_model_path, load_model_source, save_hf_folder
 
 OUR_DRAFTERS = tuple(d for d in DRAFTERS if d != "none")
@@ -80,8 +79,8 @@ class Lab:
 
     def __init__(self, engine: Engine, target: str | None = None, loaded: LoadedModel | None = None,
                  dtype: str = "fp32", draft: str | None = None) -> None:
-        """engine: our target; target: its path (None = embedded GGUF); loaded: its weights when
-        they came from a GGUF (transformers then gets them through save_hf_folder)."""
+        """engine: our target; target: its path (None = embedded GGUF); loaded: its weights, if at
+        hand, for transformers (a GGUF is otherwise read again when a transformers peer needs it)."""
         self.engine, self.target_path, self.loaded, self.dtype, self.draft_path = engine, target, loaded, dtype, draft
         self._tmp = tempfile.TemporaryDirectory(prefix="specdecode-bench-")
         self._hf: dict[str, Any] = {}
@@ -90,12 +89,8 @@ class Lab:
     @classmethod
     def load(cls, target: str | None, dtype: str = "fp32", draft: str | None = None,
              max_context: int | None = None) -> "Lab":
-        parse_dtype(dtype)
-        if target is not None and Path(target).is_dir():  # HF folder: any architecture Engine supports
-            return cls(Engine.load(target, dtype, max_context), target, None, dtype, draft)
-        loaded = load_model_source(target)
-        model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, DTYPES[dtype])
-        return cls(Engine(model, loaded.tokenizer, max_context), target, loaded, dtype, draft)
+        """Our target exactly as `specdecode generate` loads it (any dtype, any architecture)."""
+        return cls(Engine.load(target, dtype, max_context), target, None, dtype, draft)
 
     def close(self) -> None:
         self._tmp.cleanup()

@@ -1,4 +1,4 @@
-"""Builds a drafter from its command-line name: none, ngram, layerskip, model, eagle, medusa, distill."""
+"""Builds a drafter from its command-line name: none, ngram, layerskip, model, quantized, eagle, medusa, distill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "layerskip", "model", "eagle", "medusa", "distill")
+DRAFTERS = ("none", "ngram", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
 TRAINED = ("eagle", "medusa", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
@@ -49,6 +49,10 @@ def build_drafter(
         if draft_model is None:
             raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
         return DraftModelDrafter(draft_model, target.config.vocab_size, "model", max_length)
+    if name == "quantized":
+        from specdecode.drafters.quantized import quantized_drafter
+
+        return quantized_drafter(target, arg, max_length)
     if name in TRAINED:
         return _trained(name, arg, target, max_length)
     raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")

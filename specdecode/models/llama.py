@@ -3,21 +3,21 @@
 Parameter names follow Hugging Face's (minus the `model.` prefix) so that checkpoints load
 without a mapping table; `state_dict()` round-trips in that layout.
 
-Compute does not run through those per-projection modules. Decoding a token on a CPU costs
-the bytes of weights read plus ~5-10 us of framework overhead per op, so the forward runs
-on *runtime weights* derived from the parameters: q/k/v fused into one matmul, gate/up into
-one, each matmul float or weight-only quantized (see quant.py). They are built lazily per
-(layer, quantization) and rebuilt when a parameter changes (its version or storage), so
-editing or reloading weights cannot leave a stale copy behind.
+Compute does not run through those per-projection modules. On a CPU a decode step costs the
+bytes of weights it reads plus a few microseconds of framework overhead per op (a 30-layer
+model runs ~700 ops a token), so the forward runs on a `Runtime` derived from the
+parameters once: every projection stacked over layers, q/k/v fused into one matmul and
+gate/up into another, RMSNorm weights folded into the matmul after them, q/k rows ordered
+for complex-number RoPE, and each matmul float or weight-only int8/int4 (quant.py).
 
-`quantized("int4")` and `with_layers(...)` return views that share the parameters (and
-each other's runtime weights): a quantized target, an int4 draft of a float target, or a
-layer-skip draft are all the same code.
+`quantized("int4")` and `with_layers(...)` return views sharing the parameters and the
+runtimes: a quantized target, an int4 draft of a float target and a layer-skip draft are
+the same code. `compile()` runs decode/verify steps through torch.compile (optional: it
+saves ~10-15% a step for minutes of compilation).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,13 +30,15 @@ from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
 from specdecode.models.quant import QUANT_MODES, LinearStack, linear_stack
 
-# What the tied/untied output head becomes in each quantized mode. The head is the largest
-# matmul of a small-vocabulary-heavy model (SmolLM2: 49152 x 576, a fifth of all weights);
-# GGUF files keep it at 8 bits (Q8_0) for quality, and so do we.
+# What the (tied or untied) output head becomes in each quantized mode. It is the largest
+# matmul of a small model with a big vocabulary (SmolLM2: 49152 x 576, a fifth of all
+# weights). GGUF files keep it at 8 bits (Q8_0) for quality; so do we.
 HEAD_QUANT = {"int8": "int8", "int4": "int8"}
 # Steps with at most this many new tokens run through the compiled step (when compiled);
 # longer ones (prefill) run eagerly, where per-op overhead is amortised over many tokens.
 MAX_COMPILED_TOKENS = 16
+# Verification steps of at most this many tokens attend row by row (see `_step`).
+MAX_ROWWISE_TOKENS = 16
 
 
 class RMSNorm(nn.Module):
@@ -46,23 +48,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        return self.weight * _normalize(x, self.eps)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32 even for bf16 weights, as HF does, so bf16 stays close to fp32.
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x), computed in fp32 even for bf16 inputs (as HF does), returned in x's dtype.
+    RMSNorm without its weight: the runtime folds the weight into the next matmul."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Parameter container (HF names); the math lives in LlamaModel._step."""
+    """Parameter container (HF names); the math is in `_step`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -90,46 +87,58 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
 
+def _interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from HF's halves (x1 = dims [0, D/2), x2 = [D/2, D)) to pairs
+    (x1_0, x2_0, x1_1, x2_1, ...), so RoPE is one complex multiply. q and k get the same
+    order, so their dot products (attention scores) are unchanged."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """What a forward computes with: every projection stacked over layers (see quant.py),
-    q/k/v fused into one matmul and gate/up into another (4 matmuls a layer instead of 7)."""
+    """The weights a forward computes with (see the module docstring)."""
 
     embed: torch.Tensor  # [V, hidden]
-    input_norm: torch.Tensor  # [layers, hidden]
-    qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim
+    qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim, input RMSNorm folded in
     o: LinearStack  # heads * head_dim -> hidden
-    post_norm: torch.Tensor  # [layers, hidden]
-    gate_up: LinearStack  # hidden -> 2 * intermediate
+    gate_up: LinearStack  # hidden -> 2 * intermediate, post-attention RMSNorm folded in
     down: LinearStack  # intermediate -> hidden
-    final_norm: torch.Tensor  # [hidden]
+    final_norm: torch.Tensor  # [hidden] (kept apart: `hidden` outputs are final-norm states)
     head: LinearStack  # one "layer": hidden -> vocab
 
     @classmethod
-    def build(cls, model: "LlamaModel", quant: str | None) -> "Runtime":
+    def build(cls, model: "LlamaModel", quant: str | None, dtype: torch.dtype) -> "Runtime":
+        cfg = model.config
         layers = list(model.layers)
-        attn = [layer.self_attn for layer in layers]
-        mlp = [layer.mlp for layer in layers]
         with torch.no_grad():
-            qkv_bias = None
-            if attn[0].q_proj.bias is not None:
-                qkv_bias = [torch.cat((a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)) for a in attn]
+            qkv_w, qkv_b, gate_up_w = [], [], []
+            for layer in layers:
+                a, m = layer.self_attn, layer.mlp
+                norm_in = layer.input_layernorm.weight.float()
+                q = _interleave_rope_rows(a.q_proj.weight.float(), cfg.num_heads)
+                k = _interleave_rope_rows(a.k_proj.weight.float(), cfg.num_kv_heads)
+                qkv_w.append(torch.cat((q, k, a.v_proj.weight.float())) * norm_in)
+                if a.q_proj.bias is not None:
+                    qb = _interleave_rope_rows(a.q_proj.bias.float(), cfg.num_heads)
+                    kb = _interleave_rope_rows(a.k_proj.bias.float(), cfg.num_kv_heads)
+                    qkv_b.append(torch.cat((qb, kb, a.v_proj.bias.float())))
+                norm_post = layer.post_attention_layernorm.weight.float()
+                gate_up_w.append(torch.cat((m.gate_proj.weight, m.up_proj.weight)).float() * norm_post)
             head_quant = None if quant is None else HEAD_QUANT[quant]
             return cls(
-                embed=model.embed_tokens.weight.detach(),
-                input_norm=torch.stack([layer.input_layernorm.weight.detach() for layer in layers]),
-                qkv=linear_stack([torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)) for a in attn], qkv_bias, quant),
-                o=linear_stack([a.o_proj.weight for a in attn], None, quant),
-                post_norm=torch.stack([layer.post_attention_layernorm.weight.detach() for layer in layers]),
-                gate_up=linear_stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for m in mlp], None, quant),
-                down=linear_stack([m.down_proj.weight for m in mlp], None, quant),
-                final_norm=model.norm.weight.detach(),
-                head=linear_stack([model.lm_head.weight], None, head_quant),
+                embed=model.embed_tokens.weight.detach().to(dtype),
+                qkv=linear_stack(qkv_w, qkv_b or None, quant, dtype),
+                o=linear_stack([layer.self_attn.o_proj.weight for layer in layers], None, quant, dtype),
+                gate_up=linear_stack(gate_up_w, None, quant, dtype),
+                down=linear_stack([layer.mlp.down_proj.weight for layer in layers], None, quant, dtype),
+                final_norm=model.norm.weight.detach().to(dtype),
+                head=linear_stack([model.lm_head.weight], None, head_quant, dtype),
             )
 
 
 class _RuntimeCache:
-    """Runtimes by quantization mode, shared by a model and all its views.
+    """Runtimes by (quantization mode, compute dtype), shared by a model and all its views.
 
     Built on first use. Dropped when parameters are converted (`.to()`), reloaded or
     replaced on the model, and rebuilt when any parameter was edited in place (the sum of
@@ -138,19 +147,19 @@ class _RuntimeCache:
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
-        self.runtimes: dict[str | None, tuple[int, Runtime]] = {}
+        self.runtimes: dict[tuple[str | None, torch.dtype], tuple[int, Runtime]] = {}
 
     def clear(self) -> None:
         self.params, self.runtimes = [], {}
 
-    def get(self, model: "LlamaModel", quant: str | None) -> Runtime:
+    def get(self, model: "LlamaModel", quant: str | None, dtype: torch.dtype) -> Runtime:
         if not self.params:
             self.params = list(model.parameters())
         stamp = sum([p._version for p in self.params])
-        hit = self.runtimes.get(quant)
+        hit = self.runtimes.get((quant, dtype))
         if hit is None or hit[0] != stamp:
-            hit = (stamp, Runtime.build(model, quant))
-            self.runtimes[quant] = hit
+            hit = (stamp, Runtime.build(model, quant, dtype))
+            self.runtimes[(quant, dtype)] = hit
         return hit[1]
 
 
@@ -169,9 +178,8 @@ class LlamaModel(nn.Module):
         # Which layers run: all for a normal model; a prefix/subset for layer-skip drafts.
         self.layer_ids: tuple[int, ...] = tuple(range(cfg.num_layers)) if layer_ids is None else tuple(layer_ids)
         self.quant: str | None = None  # None = float matmuls; "int8" / "int4" weight-only
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compute_dtype: torch.dtype | None = None  # activations/KV cache; None = the parameters'
+        self._rope_cache: torch.Tensor | None = None  # [positions, head_dim / 2] complex64
         self._runtimes = _RuntimeCache()
         self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -184,7 +192,8 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         quant: str | None = None,
     ) -> "LlamaModel":
-        """quant: None, "int8" or "int4" weight-only matmuls (activations stay in `dtype`)."""
+        """dtype: of the parameters and activations; quant: None, or "int8" / "int4"
+        weight-only matmuls (computing in `dtype`: pass bf16, the kernels' fast path)."""
         with torch.device("meta"):
             model = cls(cfg)
         sd = dict(state_dict)
@@ -196,48 +205,45 @@ class LlamaModel(nn.Module):
             raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-        model.inv_freq = inv_freq.float()
         model = model.to(dtype).eval()
-        return model if quant is None else model.quantized(quant)
+        return model if quant is None else model.quantized(quant, dtype)
 
-    def _view(self, layer_ids: Sequence[int], quant: str | None) -> "LlamaModel":
+    def _view(self, layer_ids: Sequence[int], quant: str | None, compute_dtype: torch.dtype | None) -> "LlamaModel":
         view = LlamaModel.__new__(LlamaModel)
         nn.Module.__init__(view)
         view.config = self.config
         view.embed_tokens, view.layers, view.norm, view.lm_head = self.embed_tokens, self.layers, self.norm, self.lm_head
-        view.inv_freq = self.inv_freq
-        view._rope_cache = None
         view.layer_ids = tuple(layer_ids)
         view.quant = quant
+        view.compute_dtype = compute_dtype
+        view._rope_cache = None
         view._runtimes = self._runtimes
         view._compiled = None
+        if self._compiled is not None:
+            view.compile()
         return view.eval()
 
     def with_layers(self, layer_ids: Sequence[int]) -> "LlamaModel":
         """A view of this model that runs only `layer_ids` (weights shared, not copied)."""
-        return self._view(layer_ids, self.quant)
+        return self._view(layer_ids, self.quant, self.compute_dtype)
 
-    def quantized(self, mode: str | None) -> "LlamaModel":
+    def quantized(self, mode: str | None, dtype: torch.dtype | None = torch.bfloat16) -> "LlamaModel":
         """A view of this model whose matmuls use weight-only `mode` ("int8"/"int4"; None =
-        float). The parameters are shared; the quantized weights are built on first use."""
+        float) and compute in `dtype` (None = the parameters' dtype). The parameters are
+        shared; the quantized weights are built on first use. bf16 by default: PyTorch's
+        int8/int4 CPU kernels are ~20x slower with fp32 activations."""
         if mode is not None and mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")
-        return self._view(self.layer_ids, mode)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        if "_runtimes" in self.__dict__:
-            self._runtimes.clear()  # .to()/.float() replace every parameter
-        return super()._apply(fn, recurse)
+        return self._view(self.layer_ids, mode, dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation (and KV cache) dtype; quantized models keep a float one."""
-        return self.embed_tokens.weight.dtype
+        """The activation (and KV cache) dtype."""
+        return self.compute_dtype or self.embed_tokens.weight.dtype
 
     @property
     def weight_format(self) -> str:
-        """'fp32' | 'bf16' | 'int8' | 'int4': what `--dtype` names this model."""
+        """'fp32' | 'bf16' | 'int8' | 'int4': what `--dtype` calls this model."""
         if self.quant is not None:
             return self.quant
         return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
@@ -249,7 +255,7 @@ class LlamaModel(nn.Module):
     # -- runtime weights ----------------------------------------------------------------
     def runtime(self) -> Runtime:
         """The fused (and, for a quantized view, quantized) weights the forward uses."""
-        return self._runtimes.get(self, self.quant)
+        return self._runtimes.get(self, self.quant, self.dtype)
 
     def refresh(self) -> None:
         """Forget the runtime weights (they are rebuilt from the parameters on next use)."""
@@ -263,6 +269,11 @@ class LlamaModel(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._runtimes.clear()
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        if "_runtimes" in self.__dict__:
+            self._runtimes.clear()  # .to()/.float() replace every parameter
+        return super()._apply(fn, recurse)
 
     # -- compilation --------------------------------------------------------------------
     def compile(self, **options: object) -> "LlamaModel":
@@ -280,17 +291,18 @@ class LlamaModel(nn.Module):
         return self
 
     # -- forward ------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor | None, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor | None, start: int, t: int) -> torch.Tensor:
+        """exp(i * position * inv_freq) for the T new tokens: [T, head_dim / 2] complex64."""
         need = start + t if positions is None else int(positions.max()) + 1
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < need or self._rope_cache[0].dtype != self.dtype:
-            size = max(need, self.config.max_position_embeddings)
-            freqs = torch.outer(torch.arange(size, dtype=torch.float32), self.inv_freq.float())
-            emb = torch.cat((freqs, freqs), dim=-1)  # [size, head_dim]
-            self._rope_cache = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
-        cos, sin = self._rope_cache
+        if self._rope_cache is None or self._rope_cache.shape[0] < need:
+            cfg = self.config
+            size = max(need, cfg.max_position_embeddings)
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+            angles = torch.outer(torch.arange(size, dtype=torch.float64), inv_freq)
+            self._rope_cache = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
         if positions is None:
-            return cos[start : start + t], sin[start : start + t]
-        return cos[positions], sin[positions]
+            return self._rope_cache[start : start + t]
+        return self._rope_cache[positions]
 
     def _mask(
         self, t: int, past: int, attn_mask: torch.Tensor | None, positions: torch.Tensor | None
@@ -322,11 +334,17 @@ class LlamaModel(nn.Module):
         past = cache.length
         if past + t > cache.max_length:
             raise ValueError(f"sequence of {past + t} tokens exceeds the cache of {cache.max_length}")
-        cos, sin = self._rope(positions, past, t)
-        mask = self._mask(t, past, attn_mask, positions)
+        rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
-        step = self._compiled if (self._compiled is not None and t <= MAX_COMPILED_TOKENS) else _step
-        logits, hidden = step(tokens, cos, sin, mask, cache.k, cache.v, past, n_out, self.runtime(), self.layer_ids, self.config)
+        compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
+        if 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and not compiled:
+            # Each new token attends exactly as it would alone: same kernel call, same key
+            # count, same mask as in autoregressive decoding.
+            mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
+        else:
+            mask = self._mask(t, past, attn_mask, positions)
+        step = self._compiled if compiled else _step
+        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, self.runtime(), self.layer_ids, self.config)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -349,11 +367,29 @@ def _attention(
     return (p[..., None] * v[:, :, None, :, :].float()).sum(-2).to(q.dtype)
 
 
+def _attend(
+    q: torch.Tensor,  # [T, heads, D]
+    cache_k: torch.Tensor,  # [1, Hkv, max_length, D]
+    cache_v: torch.Tensor,
+    end: int,  # attend to slots [0, end)
+    mask: torch.Tensor | None,  # [group*T, end] bool
+    group: int,
+) -> torch.Tensor:  # [T, heads * D]
+    """GQA without repeating K/V: the `group` query heads of one KV head become extra query
+    rows of that head ([1, Hkv, group*T, D]; HF's head h uses KV head h // group). 4-D
+    inputs: the CPU flash kernel takes them (3-D ones fall back to the math path)."""
+    t, n_heads, d = q.shape
+    n_kv = n_heads // group
+    qg = q.reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * t, d)
+    out = _attention(qg, cache_k[:, :, :end], cache_v[:, :, :end], mask)  # [1, Hkv, group*T, D]
+    return out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
+
+
 def _step(
     tokens: torch.Tensor,  # [T]
-    cos: torch.Tensor,  # [T, head_dim]
-    sin: torch.Tensor,  # [T, head_dim]
-    mask: torch.Tensor | None,  # [T, past+T] bool, True = may attend; None = everything
+    rope: torch.Tensor,  # [T, head_dim / 2] complex64
+    mask: torch.Tensor | list[torch.Tensor | None] | None,  # [T, past+T] bool, True = may attend;
+    # None = everything; a list (one [1, past+i+1] mask or None per token) = row by row
     cache_k: torch.Tensor,  # [layers, 1, kv_heads, max_length, head_dim], written in place
     cache_v: torch.Tensor,
     past: int,  # valid cache slots before these tokens
@@ -363,39 +399,56 @@ def _step(
     cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over T new tokens: the whole model as one function of a few tensors, so
-    torch.compile takes it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden])."""
+    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden]).
+
+    Batch invariance: the matmul kernels (bf16, int8, int4) compute each row alike however
+    many rows a call has, but the fused attention kernel does not (its blocking depends on
+    the query and key counts). In bf16 a one-ulp difference flips near-tied argmaxes, so a
+    verification step whose attention differed from decoding its tokens one by one would
+    break "speculative == autoregressive, token for token". With a list of masks, each new
+    token therefore attends in its own call, shaped exactly as an autoregressive step.
+    """
+    compiling = torch.compiler.is_compiling()
     t = tokens.shape[0]
     n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = n_heads // n_kv
     end = past + t
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    if mask is not None and group > 1:
-        mask = mask.repeat(group, 1)  # [group*T, S], matching the grouped query rows below
+    eps = cfg.rms_norm_eps
+    rope = rope[:, None, :]  # broadcast over heads
+    rowwise = isinstance(mask, list)
+    if group > 1:  # [group*T, S], matching the grouped query rows in `_attend`
+        if isinstance(mask, torch.Tensor):
+            mask = mask.repeat(group, 1)
+        elif rowwise:
+            mask = [None if m is None else m.repeat(group, 1) for m in mask]
     x = w.embed[tokens]  # [T, hidden]
-    zero = torch.zeros((), dtype=torch.long)
-    heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
-    slots = torch.arange(past, end)[None, :]  # [1, T]
+    dtype = x.dtype
+    if compiling:
+        zero = torch.zeros((), dtype=torch.long)
+        heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
+        slots = torch.arange(past, end)[None, :]  # [1, T]
     for li in layer_ids:
-        h = _rms_norm(x, w.input_norm[li], cfg.rms_norm_eps)
-        qkv = w.qkv(h, li)  # [T, (H + 2 Hkv) * D]
-        qk = qkv[:, : (n_heads + n_kv) * d].view(t, n_heads + n_kv, d)
-        qk = qk * cos + rotate_half(qk) * sin  # RoPE on q and k heads at once
-        v = qkv[:, (n_heads + n_kv) * d :].view(t, n_kv, d)
-        # Write this step's keys/values into the whole cache tensor with index_put_ (not
-        # through a view) so that torch.compile updates the cache in place, no copy.
-        layer = torch.full((), li, dtype=torch.long)
-        cache_k.index_put_((layer, zero, heads, slots), qk[:, n_heads:].transpose(0, 1))
-        cache_v.index_put_((layer, zero, heads, slots), v.transpose(0, 1))
-        # GQA without repeating K/V: the `group` query heads of one KV head become extra
-        # query rows of that head ([1, Hkv, group*T, D]; HF's head h uses KV head h // group).
-        # 4-D inputs: the CPU flash kernel takes them (3-D ones fall back to the math path).
-        qg = qk[:, :n_heads].reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(1, n_kv, group * t, d)
-        out = _attention(qg, cache_k[li, :, :, :end], cache_v[li, :, :, :end], mask)  # [1, Hkv, group*T, D]
-        out = out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
+        qkv = w.qkv(_normalize(x, eps), li)  # [T, (H + 2 Hkv) * D]
+        # RoPE on q and k heads at once, as a complex multiply (rows are in pair order).
+        qk = torch.view_as_complex(qkv[:, : (n_heads + n_kv) * d].float().view(t, n_heads + n_kv, d // 2, 2))
+        qk = torch.view_as_real(qk * rope).view(t, n_heads + n_kv, d).to(dtype)
+        k = qk[:, n_heads:].transpose(0, 1)  # [Hkv, T, D]
+        v = qkv[:, (n_heads + n_kv) * d :].view(t, n_kv, d).transpose(0, 1)
+        if compiling:
+            # index_put_ on the whole cache (not through a view): inductor updates it in place.
+            layer = torch.full((), li, dtype=torch.long)
+            cache_k.index_put_((layer, zero, heads, slots), k)
+            cache_v.index_put_((layer, zero, heads, slots), v)
+        else:
+            cache_k[li, 0, :, past:end] = k
+            cache_v[li, 0, :, past:end] = v
+        if rowwise:
+            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
+            out = torch.cat(rows)
+        else:
+            out = _attend(qk[:, :n_heads], cache_k[li], cache_v[li], end, mask, group)
         x = x + w.o(out, li)
-        h = _rms_norm(x, w.post_norm[li], cfg.rms_norm_eps)
-        gate, up = w.gate_up(h, li).chunk(2, dim=-1)
+        gate, up = w.gate_up(_normalize(x, eps), li).chunk(2, dim=-1)
         x = x + w.down(F.silu(gate) * up, li)
-    x = x[t - n_out :]
-    h = _rms_norm(x, w.final_norm, cfg.rms_norm_eps)
+    h = w.final_norm * _normalize(x[t - n_out :], eps)
     return w.head(h, 0).float(), h

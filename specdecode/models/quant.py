@@ -18,7 +18,8 @@ exactly, not the float model's it came from.
 
 All matmuls come as a `LinearStack`: the same projection of every layer stacked in one
 tensor and called with a layer index. One tensor per projection instead of one per layer
-keeps a compiled decode step's inputs (and guards) few.
+keeps a compiled decode step's inputs (and guards) few; eagerly, per-layer views made once
+spare an indexing op per call.
 """
 
 from __future__ import annotations
@@ -71,25 +72,34 @@ class LinearStack:
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:  # x [T, K] -> [T, N]
         raise NotImplementedError
 
+    @staticmethod
+    def _per_layer(*stacked: torch.Tensor | None) -> list[tuple[torch.Tensor | None, ...]]:
+        n = next(t for t in stacked if t is not None).shape[0]
+        return [tuple(None if t is None else t[i] for t in stacked) for i in range(n)]
+
     def dequantize(self, i: int) -> torch.Tensor:
         """W[i] [N, K] as fp32, as the kernel sees it (for tests)."""
         raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
+        """Bytes of weights (and scales) one call reads for one layer, times layers."""
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
 
 class FloatStack(LinearStack):
     mode = None
 
-    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> None:
-        self.weight = torch.stack([w.detach() for w in weights])  # [L, N, K]
-        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])  # [L, N]
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
+        self.weight = torch.stack([w.detach() for w in weights]).to(dtype)  # [L, N, K]
+        self.bias = _stack_bias(biases, dtype)  # [L, N]
         _, self.out_features, self.in_features = self.weight.shape
+        self.layers = self._per_layer(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return F.linear(x, self.weight[i], None if self.bias is None else self.bias[i])
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight[i], None if self.bias is None else self.bias[i])
+        return F.linear(x, *self.layers[i])
 
     def dequantize(self, i: int) -> torch.Tensor:
         return self.weight[i].float()
@@ -100,17 +110,21 @@ class Int8Stack(LinearStack):
 
     mode = "int8"
 
-    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> None:
-        dtype = weights[0].dtype
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         parts = [quantize_int8(w) for w in weights]
         self.qweight = torch.stack([q for q, _ in parts])  # [L, N, K] int8
         self.scale = torch.stack([s for _, s in parts]).to(dtype)  # [L, N]
-        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])
+        self.bias = _stack_bias(biases, dtype)
         _, self.out_features, self.in_features = self.qweight.shape
+        self.layers = self._per_layer(self.qweight, self.scale, self.bias)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight[i], self.scale[i])
-        return y if self.bias is None else y + self.bias[i]
+        if torch.compiler.is_compiling():
+            q, s, b = self.qweight[i], self.scale[i], None if self.bias is None else self.bias[i]
+        else:
+            q, s, b = self.layers[i]
+        y = torch.ops.aten._weight_int8pack_mm(x, q, s)
+        return y if b is None else y + b
 
     def dequantize(self, i: int) -> torch.Tensor:
         return self.qweight[i].float() * self.scale[i].float()[:, None]
@@ -122,9 +136,12 @@ class Int4Stack(LinearStack):
     mode = "int4"
 
     def __init__(
-        self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, group: int = INT4_GROUP
+        self,
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor] | None,
+        dtype: torch.dtype,
+        group: int = INT4_GROUP,
     ) -> None:
-        dtype = weights[0].dtype
         self.group = group
         packed, scales_zeros = [], []
         for w in weights:
@@ -133,30 +150,44 @@ class Int4Stack(LinearStack):
             scales_zeros.append(torch.stack((scale.t(), zero.t()), dim=-1))  # [K/g, N, 2]
         self.qweight = torch.stack(packed)  # [L, N, K/2]
         self.scales_zeros = torch.stack(scales_zeros).to(dtype).contiguous()  # [L, K/g, N, 2]
-        self.bias = None if biases is None else torch.stack([b.detach() for b in biases])
+        self.bias = _stack_bias(biases, dtype)
         self.out_features, self.in_features = weights[0].shape
+        self.layers = self._per_layer(self.qweight, self.scales_zeros, self.bias)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight[i], self.group, self.scales_zeros[i])
-        return y if self.bias is None else y + self.bias[i]
+        if torch.compiler.is_compiling():
+            q, sz, b = self.qweight[i], self.scales_zeros[i], None if self.bias is None else self.bias[i]
+        else:
+            q, sz, b = self.layers[i]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, self.group, sz)
+        return y if b is None else y + b
 
     def dequantize(self, i: int) -> torch.Tensor:
         eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
         return self(eye, i).t().float() if self.bias is None else (self(eye, i) - self.bias[i]).t().float()
 
 
+def _stack_bias(biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if biases is None else torch.stack([b.detach() for b in biases]).to(dtype)
+
+
 def linear_stack(
-    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, mode: str | None
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor] | None,
+    mode: str | None,
+    dtype: torch.dtype,
 ) -> LinearStack:
-    """Stack `weights` (each [N, K]) as float (mode None), int8 or int4 matmuls.
+    """Stack `weights` (each [N, K]) as float (mode None), int8 or int4 matmuls taking
+    activations of `dtype` (weights are quantized from their own values, then scales and
+    float weights are cast to `dtype`).
 
     A shape the int4 kernel cannot take (N not a multiple of 16, K not of 32) falls back to
     int8, so any model can be quantized; the fallback is part of what "int4" means for it.
     """
     if mode is None:
-        return FloatStack(weights, biases)
+        return FloatStack(weights, biases, dtype)
     if mode == "int4" and int4_compatible(weights[0].shape):
-        return Int4Stack(weights, biases)
+        return Int4Stack(weights, biases, dtype)
     if mode in QUANT_MODES:
-        return Int8Stack(weights, biases)
+        return Int8Stack(weights, biases, dtype)
     raise ValueError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_DATA_TOKENS = 400_000
+DEFAULT_DATA_TOKENS = 200_000
 DEFAULT_TEXT_TOKENS = 60_000
 
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
         p.add_argument("--max-len", type=int, default=512, help="tokens per sequence, longer ones are cut (default 512)")
-        p.add_argument("--vocab", type=int, default=16384,
+        p.add_argument("--vocab", type=int, default=8192,
                        help="draft head over the N most frequent target tokens (0 = the whole vocabulary)")
         p.add_argument("--draft-vocab", type=int, default=None,
                        help="vocabulary the exported drafter drafts over (default: same as --vocab; 0 = whole)")
