@@ -46,3 +46,14 @@ def tiny_target() -> LlamaModel:
 def tiny_draft() -> LlamaModel:
     """Same vocabulary, fewer layers, different weights: agrees sometimes, not always."""
     return random_model(tiny_config(layers=1), seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules whose commands set their own thread count (`--threads`): tiny models gain
+    nothing from a second thread, and on a shared 2-core machine a second thread spinning at
+    every op's barrier makes runs 10-100x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import specdecode.decoding as decoding
 from conftest import random_model, tiny_config
-from specdecode.bench.check import FAIL, PASS, TIES, g_test, greedy_audit, sampling_audit
+from specdecode.bench.check import FAIL, PASS, TIES, g_test, greedy_audit, is_near_tie, sampling_audit
 from specdecode.cli import main
 from specdecode.config import SamplingParams
 from specdecode.drafters.draft_model import DraftModelDrafter
@@ -19,6 +20,9 @@ from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
 from specdecode.sampling import sample
 from specdecode.verify import VerifyResult, greedy_verify, rejection_sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
@@ -72,7 +76,7 @@ def test_greedy_audit_fails_on_broken_verifier(tiny_target, tiny_draft, monkeypa
     assert audit.verdict == FAIL and audit.identity_rate < 1.0
     for m in audit.mismatches:
         assert m.ar_token != m.spec_token and m.position >= 1  # token 0 comes from the prefill
-        assert m.logit_gap > audit.tie_tolerance and not m.near_tie  # the target clearly preferred AR's token
+        assert m.logit_gap > 0.1 and not m.near_tie  # the target clearly preferred AR's token
     # The same divergences read as near-ties under a (silly) huge tolerance: the verdict names them.
     assert greedy_audit(tiny_target, PROMPTS, drafter, 3, 24, tie_tolerance=1e9).verdict == TIES
 
@@ -121,7 +125,7 @@ def test_sampling_audit_passes_on_real_verifier(small_pair):
     audit = _sampling_audit(small_pair, draws=DRAWS)
     assert audit.verdict == PASS, audit.to_dict()
     assert len(audit.tests) == 3 and audit.threshold == pytest.approx(1e-3 / 3)
-    assert all(t.draws == DRAWS and 0 <= t.tv_distance < 0.1 for t in audit.tests)
+    assert all(t.draws == DRAWS and 0 <= t.tv_distance < 0.1 and 0 < t.tv_noise < 0.1 for t in audit.tests)
 
 
 @pytest.mark.parametrize("broken", [broken_no_residual, broken_bonus])
@@ -130,6 +134,13 @@ def test_sampling_audit_fails_on_broken_verifier(small_pair, broken, monkeypatch
     audit = _sampling_audit(small_pair, draws=DRAWS)
     assert audit.verdict == FAIL, audit.to_dict()
     assert audit.tests[0].p_value > audit.threshold  # the prefill token is untouched by speculation
+    worst = min(audit.tests, key=lambda t: t.p_value)
+    assert worst.tv_distance > 2 * worst.tv_noise  # the distortion stands well above the noise
+
+
+def test_near_tie_is_relative_to_the_logits():
+    assert is_near_tie(20.0, 19.5, 2.0**-5) and not is_near_tie(20.0, 19.0, 2.0**-5)  # 0.625 allowed at 20
+    assert is_near_tie(0.3, 0.2995, 1e-3) and not is_near_tie(0.3, 0.29, 1e-3)  # floor of 1 for small logits
 
 
 def test_g_test_by_hand():
@@ -152,7 +163,8 @@ def test_sampling_audit_rejects_greedy(small_pair):
 # -- CLI --------------------------------------------------------------------------------------
 def test_check_cli_greedy_json_and_sampling_text(hf_folders, prompt_file, capsys):
     target, _ = hf_folders
-    base = ["check", "--target", str(target), "--prompts", str(prompt_file), "--drafter", "ngram", "--k", "2"]
+    base = ["check", "--target", str(target), "--prompts", str(prompt_file), "--drafter", "ngram", "--k", "2",
+            "--threads", "1"]
     assert main([*base, "--max-new-tokens", "8", "--json"]) == 0
     greedy = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert greedy["mode"] == "greedy" and greedy["verdict"] == PASS and greedy["identity_rate"] == 1.0
@@ -160,3 +172,25 @@ def test_check_cli_greedy_json_and_sampling_text(hf_folders, prompt_file, capsys
     assert main([*base, "--temperature", "0.9", "--draws", "60", "--positions", "2"]) == 0
     text = capsys.readouterr().out
     assert "VERDICT sampling: PASS" in text and "position 2: p = " in text
+
+
+def test_check_cli_exit_code_fails_on_broken_verifier(hf_folders, prompt_file, monkeypatch, capsys):
+    monkeypatch.setattr(decoding, "greedy_verify", accept_first_draft)
+    target, draft = hf_folders
+    argv = ["check", "--target", str(target), "--draft", str(draft), "--drafter", "model", "--k", "3",
+            "--prompts", str(prompt_file), "--max-new-tokens", "12", "--threads", "1", "--json"]
+    assert main(argv) == 1  # usable as a CI gate
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["verdict"] == FAIL and out["mismatches"] and "logit_gap" in out["mismatches"][0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--drafter", "none"], "check compares a drafter"),
+    (["--k", "0"], "--k (draft length) must be >= 1"),
+    (["--alpha", "2"], "--alpha must be in (0, 1)"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_check_bad_input_is_one_line(argv, message, capsys):
+    assert main(["check", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

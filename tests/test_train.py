@@ -167,3 +167,24 @@ def test_cli_train_arguments():
     assert (args.kind, args.minutes, args.vocab, args.unroll) == ("eagle", 2.0, 0, 2)
     args = build_parser().parse_args(["train", "distill", "--out", "x", "--layers", "0,29"])
     assert args.layers == "0,29"
+
+
+def test_draft_cost_ratio_runs_for_every_trained_drafter(setup):
+    from types import SimpleNamespace
+
+    from specdecode.drafters.distill import build_draft_model
+    from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.drafters.eagle import EagleConfig, EagleHead
+    from specdecode.drafters.medusa import MedusaConfig, MedusaHeads
+    from specdecode.train.distill import Student
+    from specdecode.train.heldout import draft_cost_ratio
+
+    target, _, _ = setup
+    engine = SimpleNamespace(model=target)
+    drafters = [
+        EagleDrafter(target, EagleHead(EagleConfig.for_target(target))),
+        MedusaDrafter(target, MedusaHeads(MedusaConfig(target.config.hidden_size))),
+        DraftModelDrafter(build_draft_model(target, Student(target, [0]).native_state(), 1, None), 97),
+    ]
+    for d in drafters:
+        assert 0.0 < draft_cost_ratio(engine, d, steps=3) < 100.0

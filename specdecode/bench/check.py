@@ -2,8 +2,9 @@
 
 - Greedy: speculative output must equal autoregressive output token for token. For each
   mismatch the target's own logits at the first diverging position are recomputed with one
-  plain forward; a tiny gap between the two competing tokens is a numerical near-tie
-  (batched vs one-token forwards round differently, notably in bf16), a large gap is a bug.
+  plain forward; a gap between the two competing tokens within the float precision of the
+  logits is a numerical near-tie (batched and one-token forwards round differently, notably
+  in bf16, where logits near 20 are 0.125 apart), a larger gap is a bug.
 - Sampling: many short continuations with and without speculation; per position a G-test
   (log-likelihood chi-square test of homogeneity) compares the two token distributions,
   with the total-variation distance beside it. Autoregressive decoding is the oracle.
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from specdecode.config import GenerationConfig, SamplingParams
@@ -25,7 +27,9 @@ from specdecode.models.base import CausalLM
 from specdecode.sampling import make_generator
 
 PASS, FAIL, TIES = "PASS", "FAIL", "PASS (near-ties only)"
-DEFAULT_TIE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.125}
+# Near-tie threshold relative to the larger |logit| of the two tokens: float error scales with
+# magnitude. bf16: 8 units in the last place (2^-8 each); fp32: far above its 2^-23 rounding.
+DEFAULT_TIE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0**-5}
 
 NamedPrompt = tuple[str, list[int]]  # (id, prompt token ids)
 
@@ -37,15 +41,20 @@ class Mismatch:
     position: int  # 0-based index among the generated tokens
     ar_token: int
     spec_token: int
-    logit_gap: float  # target logit of ar_token minus spec_token, one plain forward
+    ar_logit: float  # target logits of both tokens there, from one plain forward
+    spec_logit: float
     near_tie: bool
+
+    @property
+    def logit_gap(self) -> float:
+        return self.ar_logit - self.spec_logit
 
 
 @dataclass
 class GreedyAudit:
     prompts: int
     identical: int
-    tie_tolerance: float
+    tie_tolerance: float  # relative to the larger |logit| of the two competing tokens
     new_tokens: int
     mismatches: list[Mismatch] = field(default_factory=list)
 
@@ -60,8 +69,10 @@ class GreedyAudit:
         return TIES if all(m.near_tie for m in self.mismatches) else FAIL
 
     def to_dict(self) -> dict[str, object]:
-        return {"mode": "greedy", "verdict": self.verdict, "identity_rate": round(self.identity_rate, 6),
-                **asdict(self)}
+        out = {"mode": "greedy", "verdict": self.verdict, "identity_rate": round(self.identity_rate, 6), **asdict(self)}
+        for m, d in zip(self.mismatches, out["mismatches"]):  # type: ignore[arg-type]
+            d["logit_gap"] = m.logit_gap
+        return out
 
 
 def generate_ids(
@@ -72,10 +83,14 @@ def generate_ids(
     return [t for step in decode(model, cache, prompt, config, drafter, k, eos_ids, generator) for t in step]
 
 
-def logit_gap(model: CausalLM, ids: list[int], a: int, b: int) -> float:
-    """Target logit of a minus that of b after `ids`, from one plain (non-speculative) forward."""
+def token_logits(model: CausalLM, ids: list[int], tokens: Sequence[int]) -> list[float]:
+    """The target's logits of `tokens` after `ids`, from one plain (non-speculative) forward."""
     logits = model.forward(torch.tensor(ids), model.new_cache(len(ids)), num_logits=1).logits[0]
-    return float(logits[a] - logits[b])
+    return [float(logits[t]) for t in tokens]
+
+
+def is_near_tie(a: float, b: float, tolerance: float) -> bool:
+    return abs(a - b) <= tolerance * max(abs(a), abs(b), 1.0)
 
 
 def greedy_audit(
@@ -88,7 +103,7 @@ def greedy_audit(
     tie_tolerance: float | None = None,
     on_prompt: Callable[[str, Mismatch | None], None] | None = None,
 ) -> GreedyAudit:
-    tol = DEFAULT_TIE_TOLERANCE.get(_dtype(model), 1e-3) if tie_tolerance is None else tie_tolerance
+    tol = DEFAULT_TIE_TOLERANCE.get(_dtype(model), 1e-4) if tie_tolerance is None else tie_tolerance
     config = GenerationConfig(max_new_tokens, sampling=SamplingParams())
     audit = GreedyAudit(prompts=len(prompts), identical=0, tie_tolerance=tol, new_tokens=0)
     for pid, ids in prompts:
@@ -103,8 +118,8 @@ def greedy_audit(
             # One side stopped (EOS) where the other went on: EOS is the competing token.
             a = ar[pos] if pos < len(ar) else (eos_ids[0] if eos_ids else -1)
             b = spec[pos] if pos < len(spec) else (eos_ids[0] if eos_ids else -1)
-            gap = logit_gap(model, ids + ar[:pos], a, b) if a >= 0 and b >= 0 else float("inf")
-            mismatch = Mismatch(pid, pos, a, b, gap, abs(gap) <= tol)
+            la, lb = token_logits(model, ids + ar[:pos], (a, b)) if a >= 0 and b >= 0 else (float("inf"), 0.0)
+            mismatch = Mismatch(pid, pos, a, b, la, lb, is_near_tie(la, lb, tol))
             audit.mismatches.append(mismatch)
         if on_prompt:
             on_prompt(pid, mismatch)
@@ -121,6 +136,7 @@ class PositionTest:
     g_statistic: float
     dof: int
     tv_distance: float
+    tv_noise: float  # mean TV between random splits of the pooled draws: TV expected from noise alone
     distinct_tokens: int
 
 
@@ -167,7 +183,7 @@ def g_test(a: Sequence[int], b: Sequence[int], min_expected: float = 5.0) -> tup
     if not na or not nb:
         raise ValueError("both samples need draws")
     tokens = sorted(set(ca) | set(cb))
-    tv = 0.5 * sum(abs(ca[t] / na - cb[t] / nb) for t in tokens)
+    tv = total_variation(a, b)
     share_a = na / (na + nb)
     big, pooled = [], [0, 0]
     for t in tokens:
@@ -181,9 +197,29 @@ def g_test(a: Sequence[int], b: Sequence[int], min_expected: float = 5.0) -> tup
         big.append(pooled)
     if len(big) < 2:
         return 1.0, 0.0, 0, tv
-    table = torch.tensor(big, dtype=torch.float64).T.numpy()  # [2, cells]
+    table = np.array(big, dtype=np.float64).T  # [2, cells]
     stat, p, dof, _ = chi2_contingency(table, correction=False, lambda_="log-likelihood")
     return float(p), float(stat), int(dof), tv
+
+
+def tv_noise_floor(a: Sequence[int], b: Sequence[int], splits: int = 20, seed: int = 0) -> float:
+    """Mean total variation between random re-splits of a + b into samples of the same sizes.
+
+    Two finite samples from one distribution differ too (a lot, over many rare tokens); this
+    is the TV that sampling noise alone produces, to read tv_distance against.
+    """
+    pooled = torch.tensor(list(a) + list(b))
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(splits):
+        perm = pooled[torch.randperm(len(pooled), generator=g)].tolist()
+        total += total_variation(perm[: len(a)], perm[len(a):])
+    return total / splits
+
+
+def total_variation(a: Sequence[int], b: Sequence[int]) -> float:
+    ca, cb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(ca[t] / len(a) - cb[t] / len(b)) for t in set(ca) | set(cb))
 
 
 def sampling_audit(
@@ -222,9 +258,10 @@ def sampling_audit(
             if on_draw:
                 on_draw()
         for pos in range(positions):
-            p, stat, dof, tv = g_test([s[pos] for s in ar], [s[pos] for s in spec])
-            distinct = len({s[pos] for s in ar} | {s[pos] for s in spec})
-            audit.tests.append(PositionTest(pid, pos + 1, draws, p, stat, dof, tv, distinct))
+            a, b = [s[pos] for s in ar], [s[pos] for s in spec]
+            p, stat, dof, tv = g_test(a, b)
+            audit.tests.append(PositionTest(pid, pos + 1, draws, p, stat, dof, tv, tv_noise_floor(a, b),
+                                            len(set(a) | set(b))))
     return audit
 
 

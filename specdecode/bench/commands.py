@@ -12,7 +12,9 @@ import os
 import platform
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from specdecode.cli import add_decoding_args, add_model_args
 from specdecode.errors import UserError
@@ -57,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="runs per prompt and method")
     bench.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    bench.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
+    bench.add_argument("--out", default=None, help="output directory (default ./bench-out)")
+    bench.add_argument("--from-results", default=None, metavar="FILE",
+                       help="measure nothing: rebuild report.md, the plots and the summary from a results.json "
+                       "(into --out, default the file's folder)")
     bench.add_argument("--quick", action="store_true",
                        help="a fixed small run: 1 prompt per category, 64 new tokens, k=4, drafters "
                        f"{QUICK['drafters']} (flags given explicitly still win)")
@@ -78,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check.add_argument("--sampling-prompts", type=_positive_int, default=1, help="sampling: how many prompts to test")
     check.add_argument("--alpha", type=float, default=1e-3, help="sampling: family-wise significance level")
     check.add_argument("--tie-tol", type=float, default=None,
-                       help="greedy: |logit gap| counted as a numerical near-tie (default 1e-3 fp32, 0.125 bf16)")
+                       help="greedy: a logit gap within TOL x |logit| is a numerical near-tie "
+                       "(default 1e-4 fp32, 2^-5 = 8 bf16 ulps for bf16)")
     check.add_argument("--json", action="store_true", help="print one JSON object with the verdicts as the last line")
     check.set_defaults(func=cmd_check, max_new_tokens=64)
 
@@ -103,11 +109,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from specdecode.bench import plots, report
     from specdecode.bench.prompts import load_prompts
     from specdecode.bench.runner import BenchConfig, Lab, parse_ks, parse_methods, rich_progress, run_bench
     from specdecode.config import SamplingParams
 
+    if args.from_results:
+        return _rerender(Path(args.from_results), Path(args.out) if args.out else None, not args.no_plots)
+    args.out = args.out or "bench-out"
     for name, default in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -135,7 +143,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             measurements = run_bench(lab.engine, prompts, methods, config, progress)
     finally:
         lab.close()
-    summary = report.summarize(measurements)
     notes += _standard_notes(methods, args.dtype)
     busy = _busy_note(load_avg, _load_average(), threads)
     if busy:
@@ -155,14 +162,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "prompts": [p.to_dict() for p in prompts],
         "notes": notes,
     }
+    _write_outputs(measurements, meta, out_dir, not args.no_plots)
+    return 0
+
+
+def _write_outputs(measurements: list, meta: dict[str, object], out_dir: Path, with_plots: bool) -> None:  # type: ignore[type-arg]
+    """results.json, plots, report.md; then the table, the notes and the JSON summary on stdout."""
+    from specdecode.bench import plots, report
+
+    summary = report.summarize(measurements)
+    notes = [str(n) for n in meta.get("notes", [])]  # type: ignore[attr-defined]
+    out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(out_dir / "results.json", report.results_document(measurements, summary, meta))
-    png = [] if args.no_plots else plots.write_plots(summary, out_dir)
+    png = plots.write_plots(summary, out_dir) if with_plots else []
     (out_dir / "report.md").write_text(
         report.render_markdown(summary, meta, notes, [str(p) for p in png]), encoding="utf-8")
     print(report.main_table(summary))
     for note in notes:
         print(f"note: {note}")
-    print(json.dumps(report.compact_summary(summary, out_dir, len(prompts)), separators=(",", ":")))
+    print(json.dumps(report.compact_summary(summary, out_dir, int(meta.get("num_prompts", 0))),  # type: ignore[arg-type]
+                     separators=(",", ":")))
+
+
+def _rerender(path: Path, out_dir: Path | None, with_plots: bool) -> int:
+    from specdecode.bench.methods import Measurement
+    from specdecode.bench.report import SCHEMA
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a specdecode bench results.json (schema {SCHEMA})")
+    try:
+        measurements = [Measurement(**row) for row in doc["measurements"]]
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path} has malformed measurements: {exc}") from None
+    meta = {k: v for k, v in doc.items() if k not in ("schema", "summary", "measurements")}
+    _write_outputs(measurements, meta, out_dir or path.parent, with_plots)
     return 0
 
 
@@ -201,9 +238,12 @@ def _standard_notes(methods: list, dtype: str) -> list[str]:  # type: ignore[typ
                      "transformers run the same weights dequantized to the chosen dtype.")
     if "transformers" in families and dtype in ("int8", "int4"):
         notes.append(f"transformers has no weight-only {dtype} path here: its columns run bf16 weights.")
-    if "transformers" in families:
-        notes.append("hf-assisted uses a constant num_assistant_tokens = k and assistant_confidence_threshold = 0; "
-                     "hf-lookup uses transformers' default max_matching_ngram_size (2).")
+    drafters = {m.drafter for m in methods}
+    if "hf-assisted" in drafters:
+        notes.append("hf-assisted uses a constant num_assistant_tokens = k and assistant_confidence_threshold = 0.")
+    if "hf-lookup" in drafters:
+        notes.append("hf-lookup uses transformers' default max_matching_ngram_size (2); our ngram matches 1 to 3 "
+                     "tokens, llamacpp-lookup 1 to 2.")
     if any(m.drafter.startswith("ngram") for m in methods):
         notes.append("ngram's theory column assumes a k-token draft every step; steps where lookup finds no "
                      "match draft nothing, so its measured speedup can fall short of the theory.")
@@ -270,7 +310,6 @@ def _cpu_name() -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from specdecode.bench.check import greedy_audit, sampling_audit
     from specdecode.bench.prompts import load_prompts
     from specdecode.bench.runner import prompt_ids
     from specdecode.config import SamplingParams
@@ -278,47 +317,63 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.drafter == "none":
         raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model")
+    if args.k < 1:
+        raise UserError(f"--k (draft length) must be >= 1, got {args.k}")
+    if not 0.0 < args.alpha < 1.0:
+        raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.threads is None:
         torch.set_num_threads(2)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     limit = args.limit or (None if args.prompts else 1)
     prompts = load_prompts(args.prompt_set, args.prompts, limit)
     engine = Engine.load(args.target, args.dtype, args.max_context)
-    drafter = engine.drafter(args.drafter, args.draft)
-    assert drafter is not None
     named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
-    tok = engine.tokenizer
-    say = (lambda text: None) if args.json else print
-    header = f"check: drafter {args.drafter}, k={args.k}, dtype {args.dtype}"
+    say: Callable[[str], None] = (lambda text: None) if args.json else print
+    say(f"check: drafter {args.drafter}, k={args.k}, dtype {args.dtype}, " + (
+        f"greedy, {len(named)} prompts x {args.max_new_tokens} tokens" if sampling.greedy else
+        f"T={args.temperature} top-p={args.top_p} top-k={args.top_k} min-p={args.min_p}, "
+        f"{min(len(named), args.sampling_prompts)} prompt(s) x {args.draws} draws x {args.positions} positions per side"))
     if sampling.greedy:
-        say(f"{header}, greedy, {len(named)} prompts x {args.max_new_tokens} tokens")
-
-        def on_prompt(pid: str, m: object) -> None:
-            if m is None:
-                say(f"  ok    {pid}")
-            else:
-                kind = "near-tie" if m.near_tie else "MISMATCH"  # type: ignore[attr-defined]
-                say(f"  {kind:8s} {pid}: first diverges at token {m.position}: AR {tok.decode([m.ar_token])!r} "  # type: ignore[attr-defined]
-                    f"vs spec {tok.decode([m.spec_token])!r}, logit gap {m.logit_gap:.3g}")  # type: ignore[attr-defined]
-
-        audit = greedy_audit(engine.model, named, drafter, args.k, args.max_new_tokens, tok.eos_token_ids,
-                             args.tie_tol, on_prompt)
-        say(f"VERDICT greedy: {audit.verdict} — {audit.identical}/{audit.prompts} identical "
-            f"({audit.identity_rate:.1%}), tie tolerance {audit.tie_tolerance:g}")
-        result = audit.to_dict()
+        result = _check_greedy(args, engine, named, say)
     else:
-        named = named[: args.sampling_prompts]
-        say(f"{header}, T={args.temperature} top-p={args.top_p} top-k={args.top_k} min-p={args.min_p}, "
-            f"{len(named)} prompt(s) x {args.draws} draws x {args.positions} positions per side")
-        saudit = sampling_audit(engine.model, named, drafter, args.k, sampling, args.draws, args.positions,
-                                args.alpha, args.seed or 0)
-        for t in saudit.tests:
-            say(f"  {t.prompt_id} position {t.position}: p = {t.p_value:.3g}, G = {t.g_statistic:.1f} "
-                f"(dof {t.dof}), TV = {t.tv_distance:.3f}, {t.distinct_tokens} distinct tokens")
-        say(f"VERDICT sampling: {saudit.verdict} — min p {saudit.min_p_value:.3g} vs threshold "
-            f"{saudit.threshold:.2g} (alpha {args.alpha} / {len(saudit.tests)} tests), max TV {saudit.max_tv_distance:.3f}")
-        result = saudit.to_dict()
+        result = _check_sampling(args, engine, named[: args.sampling_prompts], sampling, say)
     result.update(drafter=args.drafter, k=args.k, dtype=args.dtype, target=args.target)
     if args.json:
         print(json.dumps(result, separators=(",", ":"), default=str))
     return 0 if result["verdict"] != "FAIL" else 1
+
+
+def _check_greedy(args: argparse.Namespace, engine: Any, named: list, say: Callable[[str], None]) -> dict[str, object]:  # type: ignore[type-arg]
+    from specdecode.bench.check import Mismatch, greedy_audit
+
+    tok = engine.tokenizer
+
+    def on_prompt(pid: str, m: Mismatch | None) -> None:
+        if m is None:
+            say(f"  ok       {pid}")
+            return
+        say(f"  {'near-tie' if m.near_tie else 'MISMATCH'} {pid}: first diverges at token {m.position}: "
+            f"AR {tok.decode([m.ar_token])!r} (logit {m.ar_logit:.4g}) vs spec {tok.decode([m.spec_token])!r} "
+            f"(logit {m.spec_logit:.4g}), gap {m.logit_gap:.3g}")
+
+    drafter = engine.drafter(args.drafter, args.draft)
+    audit = greedy_audit(engine.model, named, drafter, args.k, args.max_new_tokens, tok.eos_token_ids,
+                         args.tie_tol, on_prompt)
+    say(f"VERDICT greedy: {audit.verdict} — {audit.identical}/{audit.prompts} identical "
+        f"({audit.identity_rate:.1%}); near-tie = gap within {audit.tie_tolerance:.3g} x |logit|")
+    return audit.to_dict()
+
+
+def _check_sampling(args: argparse.Namespace, engine: Any, named: list, sampling: Any,  # type: ignore[type-arg]
+                    say: Callable[[str], None]) -> dict[str, object]:
+    from specdecode.bench.check import sampling_audit
+
+    drafter = engine.drafter(args.drafter, args.draft)
+    audit = sampling_audit(engine.model, named, drafter, args.k, sampling, args.draws, args.positions,
+                           args.alpha, args.seed or 0)
+    for t in audit.tests:
+        say(f"  {t.prompt_id} position {t.position}: p = {t.p_value:.3g}, G = {t.g_statistic:.1f} (dof {t.dof}), "
+            f"TV = {t.tv_distance:.3f} (noise alone: {t.tv_noise:.3f}), {t.distinct_tokens} distinct tokens")
+    say(f"VERDICT sampling: {audit.verdict} — min p {audit.min_p_value:.3g} vs threshold {audit.threshold:.2g} "
+        f"(alpha {args.alpha} / {len(audit.tests)} tests), max TV {audit.max_tv_distance:.3f}")
+    return audit.to_dict()

@@ -38,19 +38,27 @@ def _baselines(summary: Summary) -> list[Figures]:
 def _vs_k(summary: Summary, attr: str, ylabel: str, title: str, path: Path, baselines: bool) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for drafter, fs in _by_drafter(summary).items():
+    colors = plt.get_cmap("tab10").colors
+    ks: set[int] = set()
+    for n, (drafter, fs) in enumerate(_by_drafter(summary).items()):
         pts = [(f.k, getattr(f, attr)) for f in fs if getattr(f, attr) is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=drafter)
-    if baselines:
-        for f in _baselines(summary):
+            ks.update(int(p[0]) for p in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=drafter, color=colors[n % 10])
+    if baselines:  # methods without a draft: horizontal lines, dark colors distinct from the drafters'
+        dark = plt.get_cmap("Dark2").colors
+        for n, f in enumerate(f for f in _baselines(summary) if f.method != AR):
             value = getattr(f, attr)
             if value is not None:
-                ax.axhline(value, linestyle=":", linewidth=1.2, label=f"{f.method} (no k)", color="gray" if f.method == AR else None)
+                ax.axhline(value, linestyle=":", linewidth=1.5, label=f"{f.method} (no draft)", color=dark[n % 8])
     if attr == "speedup":
-        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(1.0, color="black", linewidth=0.8, label=f"{AR} (baseline)")
     ax.set_xlabel("k (draft length)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ks:
+        ax.set_xticks(sorted(ks))
+        if len(ks) == 1:
+            k = next(iter(ks))
+            ax.set_xlim(k - 1, k + 1)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -75,6 +83,7 @@ def plot_acceptance_by_position(summary: Summary, path: Path) -> Path:
         ax.set_title(drafter)
         ax.set_xlabel("draft position")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0.5)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

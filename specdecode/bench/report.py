@@ -190,9 +190,8 @@ def results_document(
 def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, prompts: int) -> dict[str, object]:
     """The one-line JSON the command prints last: enough to compare runs at a glance."""
     overall = {m: cats[ALL] for m, cats in summary.items()}
-    spec = [f for f in overall.values() if f.k is not None and f.speedup is not None]
-    best = max(spec, key=lambda f: f.speedup or 0.0) if spec else None
-    identical = [f.identical_to_ar for f in overall.values() if f.identical_to_ar is not None]
+    others = [f for m, f in overall.items() if m != AR and f.speedup is not None]
+    best = max(others, key=lambda f: f.speedup or 0.0) if others else None
     return {
         "out": str(out_dir),
         "prompts": prompts,
@@ -201,7 +200,7 @@ def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, promp
         "speedup": {m: _round(f.speedup) for m, f in overall.items()},
         "tau": {m: _round(f.tau) for m, f in overall.items() if f.tau is not None},
         "best": None if best is None else {"method": best.method, "speedup": _round(best.speedup)},
-        "identical_to_ar": _round(min(identical)) if identical else None,
+        "identical_to_ar": {m: _round(f.identical_to_ar) for m, f in overall.items() if f.identical_to_ar is not None},
     }
 
 
@@ -278,7 +277,8 @@ def render_markdown(
         "",
         f"Command: `{meta.get('command', '')}`",
         "",
-        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}), draft: `{meta.get('draft')}`",
+        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}), draft: "
+        + (f"`{meta['draft']}`" if meta.get("draft") else "–"),
         f"- prompts: {meta.get('num_prompts')} ({', '.join(meta.get('categories', []))}), "  # type: ignore[arg-type]
         f"max new tokens {cfg.get('max_new_tokens')}, repeats {cfg.get('repeats')}, "
         f"temperature {cfg.get('temperature')}, threads {cfg.get('threads')}",

@@ -106,8 +106,10 @@ class EagleDrafter:
     ) -> None:
         self.name = name
         self.target = target
-        self.head = head.to(target.dtype).eval()
-        self.draft_head = DraftHead(target.lm_head.weight.detach(), vocab_ids)
+        dtype = target.dtype  # the activations' dtype (a quantized target computes in bf16)
+        self.head = head.to(dtype).eval()
+        self.embed = target.embed_tokens.weight.detach().to(dtype)  # no copy when dtypes agree
+        self.draft_head = DraftHead(target.lm_head.weight.detach().to(dtype), vocab_ids)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
         self.cache = head.new_cache(self.max_length, target.dtype)
@@ -147,11 +149,10 @@ class EagleDrafter:
             self.cache.reset()
             self.cached = 0
         self.cache.rollback(self.cached)
-        embed = self.target.embed_tokens
         start = self.cached
         # Catch up with real features: rows start..n-1 read (f_i, emb(t_{i+1})).
         f_in = feats[start:n].unsqueeze(0)
-        e_in = embed(torch.tensor(tokens[start + 1 : n + 1])).unsqueeze(0)
+        e_in = self.embed[tokens[start + 1 : n + 1]].unsqueeze(0)
         h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
         self.cached = n
         drafted: list[int] = []
@@ -167,7 +168,7 @@ class EagleDrafter:
             drafted.append(token)
             if step + 1 < k:
                 pos = torch.tensor([n + step])
-                h = self.head(h.unsqueeze(0), embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
+                h = self.head(h.unsqueeze(0), self.embed[[token]].unsqueeze(0), pos, self.cache)[:, -1]
         return Draft(drafted, torch.stack(probs) if probs else None)
 
 

@@ -70,7 +70,7 @@ class MedusaDrafter:
         self.name = name
         self.target = target
         self.heads = heads.to(target.dtype).eval()
-        self.draft_head = DraftHead(target.lm_head.weight.detach(), vocab_ids)
+        self.draft_head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
 

@@ -7,8 +7,10 @@ Compute does not run through those per-projection modules. On a CPU a decode ste
 bytes of weights it reads plus a few microseconds of framework overhead per op (a 30-layer
 model runs ~700 ops a token), so the forward runs on a `Runtime` derived from the
 parameters once: every projection stacked over layers, q/k/v fused into one matmul and
-gate/up into another, RMSNorm weights folded into the matmul after them, q/k rows ordered
-for complex-number RoPE, and each matmul float or weight-only int8/int4 (quant.py).
+gate/up into another, q/k rows ordered for complex-number RoPE, and each matmul float or
+weight-only int8/int4 (quant.py). (RMSNorm weights are not folded into the next matmul: that
+would save an op but move GGUF Q4_1 weights off their 4-bit grid, so int4 would no longer
+reproduce them.)
 
 `quantized("int4")` and `with_layers(...)` return views sharing the parameters and the
 runtimes: a quantized target, an int4 draft of a float target and a layer-skip draft are
@@ -48,14 +50,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * _normalize(x, self.eps)
+        return _rms_norm(x, self.weight, self.eps)
 
 
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x), computed in fp32 even for bf16 inputs (as HF does), returned in x's dtype.
-    RMSNorm without its weight: the runtime folds the weight into the next matmul."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 even for bf16 inputs, as HF does, so bf16 stays close to fp32.
+    # (sum + in-place scalar ops: fewer dispatches than pow/mean/add/rsqrt, same values.)
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    inv_rms = xf.square().sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+    return weight * (xf * inv_rms).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -100,11 +103,13 @@ class Runtime:
     """The weights a forward computes with (see the module docstring)."""
 
     embed: torch.Tensor  # [V, hidden]
-    qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim, input RMSNorm folded in
+    input_norm: list[torch.Tensor]  # per layer [hidden], fp32 (norms run on the fp32 residual)
+    qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim
     o: LinearStack  # heads * head_dim -> hidden
-    gate_up: LinearStack  # hidden -> 2 * intermediate, post-attention RMSNorm folded in
+    post_norm: list[torch.Tensor]  # per layer [hidden], fp32
+    gate_up: LinearStack  # hidden -> 2 * intermediate
     down: LinearStack  # intermediate -> hidden
-    final_norm: torch.Tensor  # [hidden] (kept apart: `hidden` outputs are final-norm states)
+    final_norm: torch.Tensor  # [hidden], fp32
     head: LinearStack  # one "layer": hidden -> vocab
 
     @classmethod
@@ -115,24 +120,24 @@ class Runtime:
             qkv_w, qkv_b, gate_up_w = [], [], []
             for layer in layers:
                 a, m = layer.self_attn, layer.mlp
-                norm_in = layer.input_layernorm.weight.float()
-                q = _interleave_rope_rows(a.q_proj.weight.float(), cfg.num_heads)
-                k = _interleave_rope_rows(a.k_proj.weight.float(), cfg.num_kv_heads)
-                qkv_w.append(torch.cat((q, k, a.v_proj.weight.float())) * norm_in)
+                q = _interleave_rope_rows(a.q_proj.weight, cfg.num_heads)
+                k = _interleave_rope_rows(a.k_proj.weight, cfg.num_kv_heads)
+                qkv_w.append(torch.cat((q, k, a.v_proj.weight)))
                 if a.q_proj.bias is not None:
-                    qb = _interleave_rope_rows(a.q_proj.bias.float(), cfg.num_heads)
-                    kb = _interleave_rope_rows(a.k_proj.bias.float(), cfg.num_kv_heads)
-                    qkv_b.append(torch.cat((qb, kb, a.v_proj.bias.float())))
-                norm_post = layer.post_attention_layernorm.weight.float()
-                gate_up_w.append(torch.cat((m.gate_proj.weight, m.up_proj.weight)).float() * norm_post)
+                    qb = _interleave_rope_rows(a.q_proj.bias, cfg.num_heads)
+                    kb = _interleave_rope_rows(a.k_proj.bias, cfg.num_kv_heads)
+                    qkv_b.append(torch.cat((qb, kb, a.v_proj.bias)))
+                gate_up_w.append(torch.cat((m.gate_proj.weight, m.up_proj.weight)))
             head_quant = None if quant is None else HEAD_QUANT[quant]
             return cls(
                 embed=model.embed_tokens.weight.detach().to(dtype),
+                input_norm=[layer.input_layernorm.weight.detach().float() for layer in layers],
                 qkv=linear_stack(qkv_w, qkv_b or None, quant, dtype),
                 o=linear_stack([layer.self_attn.o_proj.weight for layer in layers], None, quant, dtype),
+                post_norm=[layer.post_attention_layernorm.weight.detach().float() for layer in layers],
                 gate_up=linear_stack(gate_up_w, None, quant, dtype),
                 down=linear_stack([layer.mlp.down_proj.weight for layer in layers], None, quant, dtype),
-                final_norm=model.norm.weight.detach().to(dtype),
+                final_norm=model.norm.weight.detach().float(),
                 head=linear_stack([model.lm_head.weight], None, head_quant, dtype),
             )
 
@@ -242,6 +247,13 @@ class LlamaModel(nn.Module):
         return self.compute_dtype or self.embed_tokens.weight.dtype
 
     @property
+    def _rowwise(self) -> bool:
+        """Attend row by row in verification steps (see `_step`)? It buys bitwise batch
+        invariance for int8/int4 models and removes one source of round-off differences in
+        fp32; bf16 float matmuls (oneDNN) are not row-invariant anyway, so not there."""
+        return self.quant is not None or self.dtype == torch.float32
+
+    @property
     def weight_format(self) -> str:
         """'fp32' | 'bf16' | 'int8' | 'int4': what `--dtype` calls this model."""
         if self.quant is not None:
@@ -337,7 +349,7 @@ class LlamaModel(nn.Module):
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
         compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
-        if 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and not compiled:
+        if 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and not compiled and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
             mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
@@ -401,12 +413,17 @@ def _step(
     """One forward over T new tokens: the whole model as one function of a few tensors, so
     torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden]).
 
-    Batch invariance: the matmul kernels (bf16, int8, int4) compute each row alike however
-    many rows a call has, but the fused attention kernel does not (its blocking depends on
-    the query and key counts). In bf16 a one-ulp difference flips near-tied argmaxes, so a
+    Batch invariance: PyTorch's int8/int4 weight-only kernels compute each row alike however
+    many rows a call has (tests/test_perf_paths.py checks it), but the fused attention kernel
+    does not (its blocking depends on the query and key counts). With bf16 activations a
+    one-ulp difference flips near-tied argmaxes (bf16 logits have 8 mantissa bits), so a
     verification step whose attention differed from decoding its tokens one by one would
     break "speculative == autoregressive, token for token". With a list of masks, each new
-    token therefore attends in its own call, shaped exactly as an autoregressive step.
+    token therefore attends in its own call, shaped exactly as an autoregressive step: an
+    int8/int4 model then scores a k+1-token block bitwise as k+1 single steps. (fp32 MKL and
+    bf16 oneDNN matmuls are not row-invariant; fp32's differences are ~1e-6, far below logit
+    gaps, bf16's are not: greedy identity holds for fp32, int8 and int4 models, not
+    guaranteed for bf16 float ones.)
     """
     compiling = torch.compiler.is_compiling()
     t = tokens.shape[0]
@@ -421,14 +438,17 @@ def _step(
             mask = mask.repeat(group, 1)
         elif rowwise:
             mask = [None if m is None else m.repeat(group, 1) for m in mask]
-    x = w.embed[tokens]  # [T, hidden]
-    dtype = x.dtype
+    dtype = w.embed.dtype
+    # The residual stream stays fp32 (also for bf16/int8/int4 models): RMSNorm reads it
+    # without a conversion, and sums of many layers' outputs keep their precision.
+    x = F.embedding(tokens, w.embed).float()  # [T, hidden]
+    hidden = x.shape[-1]
     if compiling:
         zero = torch.zeros((), dtype=torch.long)
         heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
         slots = torch.arange(past, end)[None, :]  # [1, T]
     for li in layer_ids:
-        qkv = w.qkv(_normalize(x, eps), li)  # [T, (H + 2 Hkv) * D]
+        qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
         # RoPE on q and k heads at once, as a complex multiply (rows are in pair order).
         qk = torch.view_as_complex(qkv[:, : (n_heads + n_kv) * d].float().view(t, n_heads + n_kv, d // 2, 2))
         qk = torch.view_as_real(qk * rope).view(t, n_heads + n_kv, d).to(dtype)
@@ -448,7 +468,7 @@ def _step(
         else:
             out = _attend(qk[:, :n_heads], cache_k[li], cache_v[li], end, mask, group)
         x = x + w.o(out, li)
-        gate, up = w.gate_up(_normalize(x, eps), li).chunk(2, dim=-1)
+        gate, up = w.gate_up(F.rms_norm(x, (hidden,), w.post_norm[li], eps).to(dtype), li).chunk(2, dim=-1)
         x = x + w.down(F.silu(gate) * up, li)
-    h = w.final_norm * _normalize(x[t - n_out :], eps)
+    h = F.rms_norm(x[t - n_out :], (hidden,), w.final_norm, eps).to(dtype)
     return w.head(h, 0).float(), h

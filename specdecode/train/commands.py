@@ -71,6 +71,7 @@ def _register_tau(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=None, help="use only the first N held-out prompts")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cost", action="store_true", help="also measure c = draft step time / target step time")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=cmd_tau)
 
@@ -103,9 +104,16 @@ def cmd_tau(args: argparse.Namespace) -> int:
         drafter = loader(engine.model, path, engine.max_context, full_vocab=True)
     prompts = HELD_OUT_PROMPTS[: args.prompts] if args.prompts else HELD_OUT_PROMPTS
     _log(f"{args.drafter}{' (full vocabulary)' if args.full_vocab else ''} on {len(prompts)} held-out prompts, greedy")
-    results = measure_tau(engine, drafter, ks, prompts, args.max_new_tokens, _log)
+    report: dict = {"drafter": args.drafter, "full_vocab": args.full_vocab, "prompts": len(prompts),
+                    "max_new_tokens": args.max_new_tokens}
+    if args.cost:
+        from specdecode.train.heldout import draft_cost_ratio
+
+        report["c"] = round(draft_cost_ratio(engine, engine.drafter(drafter)), 4)
+        _log(f"c = draft step / target step = {report['c']:.3f}")
+    report["results"] = measure_tau(engine, drafter, ks, prompts, args.max_new_tokens, _log)
     if args.json:
-        Path(args.json).write_text(json.dumps({"drafter": args.drafter, "full_vocab": args.full_vocab, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -55,3 +55,58 @@ def measure_tau(
             f"{total.new_tokens} tokens, draft {results[k]['draft_s_per_step'] * 1e3:.1f} ms/step, "
             f"verify {results[k]['verify_s_per_step'] * 1e3:.1f} ms/step)")
     return results
+
+
+def draft_cost_ratio(engine, drafter, steps: int = 40) -> float:  # type: ignore[no-untyped-def]
+    """c: seconds of one draft step / seconds of one target decode step (1 token, warm cache),
+    measured interleaved in one process so machine load affects both alike. A draft step is
+    one token for a draft model or EAGLE, and one whole propose (all heads) for Medusa. The
+    target hidden states EAGLE/Medusa read are not counted (the loop computes them anyway)."""
+    import time
+
+    import torch
+
+    from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.drafters.eagle import EagleDrafter
+    from specdecode.drafters.medusa import MedusaDrafter
+
+    target = engine.model
+    context = torch.randint(0, target.config.vocab_size, (200,))
+    t_cache = target.new_cache(512)
+    target.forward(context, t_cache, num_logits=1)
+    if isinstance(drafter, DraftModelDrafter):
+        d_cache = drafter.model.new_cache(512)
+        drafter.model.forward(context, d_cache, num_logits=1)
+
+        def step(tok: torch.Tensor) -> None:
+            drafter.model.forward(tok, d_cache, num_logits=1)
+    elif isinstance(drafter, EagleDrafter):
+        feats = target.forward(context, target.new_cache(512), return_hidden=True).hidden
+        h_cache = drafter.head.new_cache(512, target.dtype)
+        emb = drafter.embed
+        drafter.head(feats[:-1].unsqueeze(0), emb[context[1:]].unsqueeze(0), torch.arange(199), h_cache)
+
+        def step(tok: torch.Tensor) -> None:
+            pos = torch.tensor([h_cache.length])
+            h = drafter.head(feats[-1:].unsqueeze(0), emb[tok].unsqueeze(0), pos, h_cache)[:, -1]
+            drafter.draft_head.logits(h).argmax(-1)
+            h_cache.rollback(h_cache.length - 1)
+    elif isinstance(drafter, MedusaDrafter):
+        feat = target.forward(context, target.new_cache(512), return_hidden=True).hidden[-1]
+
+        def step(tok: torch.Tensor) -> None:  # one propose: every head at once
+            drafter.draft_head.logits(drafter.heads(feat)).argmax(-1)
+    else:
+        raise ValueError(f"no cost model for {type(drafter).__name__}")
+    t_target = t_draft = 0.0
+    with torch.inference_mode():
+        for _ in range(steps):
+            tok = torch.randint(0, target.config.vocab_size, (1,))
+            a = time.perf_counter()
+            target.forward(tok, t_cache, num_logits=1)
+            t_cache.rollback(t_cache.length - 1)
+            b = time.perf_counter()
+            step(tok)
+            t_draft += time.perf_counter() - b
+            t_target += b - a
+    return t_draft / t_target
