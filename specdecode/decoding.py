@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from specdecode.config import GenerationConfig
-from specdecode.drafters.base import Draft, Drafter
+from specdecode.drafters.base import Draft, Drafter, wants_hidden
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
@@ -54,7 +54,9 @@ def decode(
     start = time.perf_counter()
     try:
         cache.reset()
-        logits = target.forward(torch.tensor(prompt_ids), cache, num_logits=1).logits  # [1, V]
+        feed_hidden = wants_hidden(drafter)
+        out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden)
+        logits = out.logits  # [1, V]
         first = int(select_tokens(logits, sampling, generator)[0])
         stats.target_forwards += 1
         stats.prefill_seconds = time.perf_counter() - start
@@ -64,6 +66,8 @@ def decode(
         yield [first]
         if drafter is not None:
             drafter.begin(list(prompt_ids))
+            if feed_hidden:
+                drafter.observe_hidden(out.hidden)  # type: ignore[attr-defined]
         tokens = list(prompt_ids) + [first]
         while stats.new_tokens < max_new:
             budget = min(k, max_new - stats.new_tokens - 1)
@@ -75,7 +79,8 @@ def decode(
                     draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
-            logits = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache).logits  # [1+d, V]
+            out = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache, return_hidden=feed_hidden)
+            logits = out.logits  # [1+d, V]
             if sampling.greedy:
                 result = greedy_verify(draft.tokens, logits)
             else:
@@ -86,6 +91,8 @@ def decode(
             stats.record(len(draft.tokens), result.num_accepted)
             if drafter is not None:
                 drafter.observe(draft, result)
+                if feed_hidden:  # the fed newest token's and the accepted drafts' features
+                    drafter.observe_hidden(out.hidden[: result.num_accepted + 1])  # type: ignore[attr-defined,index]
             new = result.new_tokens(draft.tokens)
             for i, tok in enumerate(new):
                 if tok in stop_ids:

@@ -90,33 +90,8 @@ def test_distilled_copy_of_the_target_always_agrees(tiny_target):
     assert stats.mean_accepted_length == 5.0
 
 
-class HiddenFeeding:
-    """Plays the patched decoding loop: hands the drafter the target's hidden states of the
-    committed tokens (prompt at begin, then 1 + accepted per step) via observe_hidden."""
-
-    def __init__(self, inner, target):
-        self.inner, self.target, self.name = inner, target, inner.name
-        self.tokens: list[int] = []
-
-    def _hidden(self, tokens):
-        return self.target.forward(torch.tensor(tokens), self.target.new_cache(64), return_hidden=True).hidden
-
-    def begin(self, prompt_ids):
-        self.inner.begin(prompt_ids)
-        self.inner.observe_hidden(self._hidden(prompt_ids))
-
-    def propose(self, tokens, k, sampling, generator):
-        self.tokens = list(tokens)
-        return self.inner.propose(tokens, k, sampling, generator)
-
-    def observe(self, draft, result):
-        self.inner.observe(draft, result)
-        seq = self.tokens + draft.tokens[: result.num_accepted]
-        self.inner.observe_hidden(self._hidden(seq)[len(self.tokens) - 1 :])
-
-
 class NoHidden:
-    """Hides `needs_hidden`, so no loop feeds hidden states: the drafter computes them itself."""
+    """Hides `observe_hidden`, so the loop feeds no hidden states: the drafter computes them itself."""
 
     def __init__(self, inner):
         self.inner, self.name = inner, inner.name
@@ -136,7 +111,7 @@ def test_hidden_from_the_loop_gives_the_same_drafts(tiny_target, kind):
     own, fed = MAKERS[kind](tiny_target), MAKERS[kind](tiny_target)
     s_own, s_fed = SpecStats(), SpecStats()
     a = run(tiny_target, PROMPTS[0], NoHidden(own), 3, stats=s_own)
-    b = run(tiny_target, PROMPTS[0], HiddenFeeding(fed, tiny_target), 3, stats=s_fed)
+    b = run(tiny_target, PROMPTS[0], fed, 3, stats=s_fed)  # the decoding loop feeds `fed`
     assert a == b == run(tiny_target, PROMPTS[0])
     assert s_own.accepted_at == s_fed.accepted_at
     assert own.features.fallback_tokens > 0 and fed.features.fallback_tokens == 0

@@ -31,3 +31,10 @@ class Drafter(Protocol):
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         """The target kept `result.num_accepted` of the draft (for adaptive drafters)."""
+
+
+def wants_hidden(drafter: Drafter | None) -> bool:
+    """Drafters that read the target's features (EAGLE, Medusa) define
+    `observe_hidden(hidden [n, H])`: the decoding loop then hands over the final-norm hidden
+    states of every committed position, which its forwards compute anyway."""
+    return drafter is not None and callable(getattr(drafter, "observe_hidden", None))

@@ -94,5 +94,5 @@ class HFCausalLM:
             logits_to_keep=num_logits or 0,
             output_hidden_states=return_hidden,
         )
-        hidden = out.hidden_states[-1][0, -(num_logits or tokens.shape[0]) :] if return_hidden else None
+        hidden = out.hidden_states[-1][0] if return_hidden else None  # every new token's
         return ModelOutput(logits=out.logits[0].float(), hidden=hidden)

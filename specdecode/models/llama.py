@@ -356,7 +356,8 @@ class LlamaModel(nn.Module):
         else:
             mask = self._mask(t, past, attn_mask, positions)
         step = self._compiled if compiled else _step
-        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, self.runtime(), self.layer_ids, self.config)
+        n_hidden = t if return_hidden else n_out  # hidden states: every new token's, when asked
+        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, self.runtime(), self.layer_ids, self.config)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -406,12 +407,13 @@ def _step(
     cache_v: torch.Tensor,
     past: int,  # valid cache slots before these tokens
     n_out: int,  # logits for the last n_out positions
+    n_hidden: int,  # hidden states for the last n_hidden positions (>= n_out)
     w: Runtime,
     layer_ids: tuple[int, ...],
     cfg: ModelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over T new tokens: the whole model as one function of a few tensors, so
-    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_out, hidden]).
+    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_hidden, hidden]).
 
     Batch invariance: PyTorch's int8/int4 weight-only kernels compute each row alike however
     many rows a call has (tests/test_perf_paths.py checks it), but the fused attention kernel
@@ -470,5 +472,5 @@ def _step(
         x = x + w.o(out, li)
         gate, up = w.gate_up(F.rms_norm(x, (hidden,), w.post_norm[li], eps).to(dtype), li).chunk(2, dim=-1)
         x = x + w.down(F.silu(gate) * up, li)
-    h = F.rms_norm(x[t - n_out :], (hidden,), w.final_norm, eps).to(dtype)
-    return w.head(h, 0).float(), h
+    h = F.rms_norm(x[t - n_hidden :], (hidden,), w.final_norm, eps).to(dtype)
+    return w.head(h[n_hidden - n_out :], 0).float(), h
