@@ -102,7 +102,21 @@ class Engine:
     def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None) -> "Engine":
         """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct."""
         model, tokenizer = load_target(target, dtype)
-        return cls(model, tokenizer, max_context)
+        engine = cls(model, tokenizer, max_context)
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """One short prefill and one decode step on the engine's cache (reset before every
+        request): the first forward of a process pays one-off kernel set-up (oneDNN
+        primitives, weight packing) of ~0.5 s, which belongs to loading, not to a request."""
+        n = min(16, self.cache.max_length - 1)
+        if n < 1:
+            return
+        self.cache.reset()
+        self.model.forward(torch.zeros(n, dtype=torch.long), self.cache, num_logits=1)
+        self.model.forward(torch.zeros(1, dtype=torch.long), self.cache, num_logits=1)
+        self.cache.reset()
 
     # -- pieces ------------------------------------------------------------------------
     def drafter(self, spec: str | Drafter | None, draft: str | None = None) -> Drafter | None:

@@ -313,3 +313,17 @@ def test_bench_bad_input_is_one_line(argv, message, capsys):
     assert main(["bench", *argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_bench_wrapper_keeps_the_hidden_state_hook(tiny_target):
+    """The bench's per-method wrapper must not hide `observe_hidden`, or EAGLE/Medusa would
+    silently rerun the target for their features and be measured far too slow."""
+    from specdecode.bench.methods import _StepRecorder
+    from specdecode.drafters.base import wants_hidden
+    from specdecode.drafters.factory import build_drafter
+    from specdecode.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
+
+    head = EagleHead(EagleConfig.for_target(tiny_target))
+    wrapped = _StepRecorder(EagleDrafter(tiny_target, head))
+    assert wants_hidden(wrapped)
+    assert not wants_hidden(_StepRecorder(build_drafter("ngram", tiny_target)))

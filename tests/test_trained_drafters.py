@@ -18,6 +18,7 @@ from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, save_eagle
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, save_medusa
+from specdecode.drafters.trained import DraftHead
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
 from specdecode.sampling import make_generator
@@ -184,7 +185,7 @@ def test_sampling_matches_target_distribution(small_target, kind):
     drafter = {"eagle": lambda: eagle(small_target, seed=5), "medusa": lambda: medusa(small_target, seed=5),
                "distill-subset": lambda: distill(small_target, sub, (0,))}[kind]()
     if hasattr(drafter, "draft_head"):  # a peaked head makes rejections (the residual path) common
-        drafter.draft_head.weight = drafter.draft_head.weight * 3
+        drafter.draft_head = DraftHead(small_target.lm_head.weight.detach() * 3, drafter.draft_head.ids)
     draws = 2000
     prompt = [1, 2]
     cfg = GenerationConfig(max_new_tokens=4, ignore_eos=True, sampling=sampling)

@@ -96,6 +96,11 @@ class _StepRecorder:
         self.name = inner.name
         self.rejections = 0
 
+    def __getattr__(self, name: str) -> object:
+        # Optional hooks of the drafter (observe_hidden: EAGLE/Medusa read the target's
+        # hidden states from the loop) stay visible through the wrapper.
+        return getattr(self.inner, name)
+
     def begin(self, prompt_ids: list[int]) -> None:
         self.rejections = 0
         self.inner.begin(prompt_ids)

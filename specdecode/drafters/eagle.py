@@ -26,7 +26,9 @@ from specdecode.drafters.trained import (
     RMSNorm,
     TargetFeatures,
     check_target,
+    draft_quant,
     load_folder,
+    quantize_linears,
     resolve_folder,
     rope_tables,
 )
@@ -90,11 +92,9 @@ class EagleHead(nn.Module):
 
 
 class EagleDrafter:
-    """Chain drafting with an EAGLE head. `needs_hidden`: the loop may pass the target's
-    hidden states of committed tokens through `observe_hidden`; without them the drafter
+    """Chain drafting with an EAGLE head. The decoding loop passes the target's hidden states
+    of committed tokens through `observe_hidden`; without them (another loop) the drafter
     computes them itself (TargetFeatures)."""
-
-    needs_hidden = True
 
     def __init__(
         self,
@@ -107,9 +107,10 @@ class EagleDrafter:
         self.name = name
         self.target = target
         dtype = target.dtype  # the activations' dtype (a quantized target computes in bf16)
-        self.head = head.to(dtype).eval()
+        quant = draft_quant(target)
+        self.head = quantize_linears(head, quant, dtype).eval()
         self.embed = target.embed_tokens.weight.detach().to(dtype)  # no copy when dtypes agree
-        self.draft_head = DraftHead(target.lm_head.weight.detach().to(dtype), vocab_ids)
+        self.draft_head = DraftHead(target.lm_head.weight.detach().to(dtype), vocab_ids, quant)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
         self.cache = head.new_cache(self.max_length, target.dtype)

@@ -19,7 +19,15 @@ from torch import nn
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
-from specdecode.drafters.trained import DraftHead, TargetFeatures, check_target, load_folder, resolve_folder
+from specdecode.drafters.trained import (
+    DraftHead,
+    TargetFeatures,
+    check_target,
+    draft_quant,
+    load_folder,
+    quantize_linears,
+    resolve_folder,
+)
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
 from specdecode.verify import VerifyResult
@@ -57,8 +65,6 @@ class MedusaHeads(nn.Module):
 
 
 class MedusaDrafter:
-    needs_hidden = True
-
     def __init__(
         self,
         target: LlamaModel,
@@ -69,8 +75,9 @@ class MedusaDrafter:
     ) -> None:
         self.name = name
         self.target = target
-        self.heads = heads.to(target.dtype).eval()
-        self.draft_head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids)
+        quant = draft_quant(target)
+        self.heads = quantize_linears(heads, quant, target.dtype).eval()
+        self.draft_head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids, quant)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
 

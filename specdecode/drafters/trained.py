@@ -26,6 +26,7 @@ from torch import nn
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
+from specdecode.models.quant import linear_stack
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 WEIGHTS_FILE = "drafter.safetensors"
@@ -195,18 +196,55 @@ class Block(nn.Module):
         return k, v
 
 
+# ---------------------------------------------------------------------------- quantized drafting
+def draft_quant(target: LlamaModel) -> str | None:
+    """Weight format of a trained drafter's matmuls for `target`: int8 when the target itself
+    is quantized (its activations are bf16, where float matmuls of one row are ~3x slower per
+    weight than the int8 kernel on a CPU), else float. Drafts change, exactness does not: the
+    verifier checks whatever is proposed, and q is computed by the same quantized head."""
+    return "int8" if getattr(target, "quant", None) is not None else None
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) through a quant.py matmul: float (quant None), int8 or int4 weight-only."""
+
+    def __init__(self, weight: torch.Tensor, quant: str | None, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = weight.detach()
+        self.stack = linear_stack([w if quant is None else w.float()], None if bias is None else [bias.detach()], quant, dtype)
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(x.reshape(-1, x.shape[-1]), 0).view(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -> nn.Module:
+    """Cast `module` to `dtype` for inference, its nn.Linear layers as `quant` matmuls."""
+    module = module.to(dtype)
+    if quant is None:
+        return module
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, QuantLinear(child.weight.float(), quant, dtype, child.bias))
+        else:
+            quantize_linears(child, quant, dtype)
+    return module
+
+
 # ---------------------------------------------------------------------------- vocabulary
 class DraftHead:
-    """The target's LM head, whole or restricted to `vocab_ids` (frequency-ranked subset)."""
+    """The target's LM head, whole or restricted to `vocab_ids` (frequency-ranked subset);
+    `quant` ("int8"/"int4") runs it as a weight-only quantized matmul (see `draft_quant`)."""
 
-    def __init__(self, lm_head_weight: torch.Tensor, vocab_ids: torch.Tensor | None) -> None:
+    def __init__(self, lm_head_weight: torch.Tensor, vocab_ids: torch.Tensor | None, quant: str | None = None) -> None:
         self.vocab_size = lm_head_weight.shape[0]
         self.ids = vocab_ids
-        self.weight = lm_head_weight if vocab_ids is None else lm_head_weight[vocab_ids].contiguous()
+        weight = lm_head_weight if vocab_ids is None else lm_head_weight[vocab_ids].contiguous()
+        self.linear = QuantLinear(weight, quant, lm_head_weight.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., V_draft] float32 (V_draft = len(vocab_ids) or V)."""
-        return F.linear(h, self.weight).float()
+        return self.linear(h).float()
 
     def to_full(self, logits: torch.Tensor) -> torch.Tensor:
         """Subset logits [N, Vd] -> full-vocabulary logits [N, V], -inf outside the subset."""
