@@ -34,7 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | layerskip[:N] | model (default ngram)")
+    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | layerskip[:N] | model | quantized[:int4|int8] | eagle[:DIR] | medusa[:DIR] | distill[:DIR] (default ngram)")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
     p.add_argument("--k", type=_integer, default=4, help="draft length (tokens proposed per step)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -141,8 +141,8 @@ def test_subset_drafts_stay_in_the_subset(tiny_target):
 # -- save / load through the factory ----------------------------------------------------------
 def test_folders_round_trip_through_the_factory(tiny_target, tmp_path):
     e, m = eagle(tiny_target, SUBSET), medusa(tiny_target)
-    save_eagle(tmp_path / "e", e.head, tiny_target, SUBSET, {})
-    save_medusa(tmp_path / "m", m.heads, tiny_target, None, {})
+    save_eagle(tmp_path / "e", e.module, tiny_target, SUBSET, {})
+    save_medusa(tmp_path / "m", m.module, tiny_target, None, {})
     student = Student(tiny_target, [0, 1])
     save_distill(tmp_path / "d", student.native_state(), 2, tiny_target, SUBSET, {})
     for spec, ref in ((f"eagle:{tmp_path / 'e'}", e), (f"medusa:{tmp_path / 'm'}", m),
@@ -159,7 +159,7 @@ def test_folders_round_trip_through_the_factory(tiny_target, tmp_path):
 
 def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
     other = random_model(tiny_config(), seed=99)
-    save_medusa(tmp_path / "m", medusa(other).heads, other, None, {})
+    save_medusa(tmp_path / "m", medusa(other).module, other, None, {})
     with pytest.raises(UserError, match="different target"):
         build_drafter(f"medusa:{tmp_path / 'm'}", tiny_target)
     with pytest.raises(UserError, match="not a eagle drafter folder"):

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_args(bench)
     _add_prompt_args(bench)
     bench.add_argument("--drafters", default=None,
-                       help="comma list of ours (ngram[:a-b], layerskip[:N], model) and peers "
+                       help="comma list of ours (ngram[:a-b], layerskip[:N], model, quantized, eagle, medusa, distill) and peers "
                        "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup); our AR baseline always runs "
                        "(default ngram,layerskip)")
     bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder)")
@@ -316,7 +316,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from specdecode.engine import Engine
 
     if args.drafter == "none":
-        raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model")
+        raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model|quantized|eagle|medusa|distill")
     if args.k < 1:
         raise UserError(f"--k (draft length) must be >= 1, got {args.k}")
     if not 0.0 < args.alpha < 1.0:

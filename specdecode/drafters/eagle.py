@@ -108,7 +108,8 @@ class EagleDrafter:
         self.target = target
         dtype = target.dtype  # the activations' dtype (a quantized target computes in bf16)
         quant = draft_quant(target)
-        self.head = quantize_linears(head, quant, dtype).eval()
+        self.module = head  # as trained / loaded (what save_eagle writes)
+        self.head = quantize_linears(head, quant, dtype).eval()  # the copy that drafts
         self.embed = target.embed_tokens.weight.detach().to(dtype)  # no copy when dtypes agree
         self.draft_head = DraftHead(target.lm_head.weight.detach().to(dtype), vocab_ids, quant)
         self.max_length = max_length or target.config.max_position_embeddings

@@ -76,7 +76,8 @@ class MedusaDrafter:
         self.name = name
         self.target = target
         quant = draft_quant(target)
-        self.heads = quantize_linears(heads, quant, target.dtype).eval()
+        self.module = heads  # as trained / loaded (what save_medusa writes)
+        self.heads = quantize_linears(heads, quant, target.dtype).eval()  # the copy that drafts
         self.draft_head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids, quant)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, quant: str | None, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        w = weight.detach()
-        self.stack = linear_stack([w if quant is None else w.float()], None if bias is None else [bias.detach()], quant, dtype)
+        w = weight.detach().float()
+        self.stack = linear_stack([w], None if bias is None else [bias.detach()], quant, dtype)
         self.out_features = w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,16 +220,20 @@ class QuantLinear(nn.Module):
 
 
 def quantize_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -> nn.Module:
-    """Cast `module` to `dtype` for inference, its nn.Linear layers as `quant` matmuls."""
-    module = module.to(dtype)
-    if quant is None:
-        return module
+    """Cast `module` to `dtype` for inference, its nn.Linear layers as `quant` matmuls (float
+    ones pre-packed for oneDNN, see quant.PackedFloatStack). `module` itself is left as it is
+    (it may still be trained or saved); the inference copy is returned."""
+    module = copy.deepcopy(module).to(dtype)
+    _swap_linears(module, quant, dtype)
+    return module
+
+
+def _swap_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, QuantLinear(child.weight.float(), quant, dtype, child.bias))
         else:
-            quantize_linears(child, quant, dtype)
-    return module
+            _swap_linears(child, quant, dtype)
 
 
 # ---------------------------------------------------------------------------- vocabulary

@@ -112,6 +112,42 @@ class FloatStack(LinearStack):
         return self.weight[i].float()
 
 
+class PackedFloatStack(LinearStack):
+    """fp32 / bf16 matmuls through oneDNN, each weight pre-packed once into its blocked layout.
+
+    MKL's fp32 GEMM (behind F.linear) streams a decode step's weights at ~15-20 GB/s on this
+    class of CPU and pays almost the full price again for every extra row; oneDNN with packed
+    weights reads them ~1.5x faster and scores k+1 verification rows for barely more than one
+    (measured on 2 cores, 30 layers + head: fp32 1 row 29 -> 22 ms, 5 rows 54 -> 25 ms; bf16
+    1 row 13.2 -> 9.2 ms, 5 rows 13.6 -> 9.4 ms). Same arithmetic as the dtype's (no reduced
+    precision for fp32), a different summation order.
+    """
+
+    mode = None
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), 1) for w in weights]
+        self.bias = _stack_bias(biases, dtype)  # [L, N]
+        self.out_features, self.in_features = weights[0].shape
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(weights))]
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[i], self.biases[i], "none", [], "")
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        y = self(torch.eye(self.in_features, dtype=self.packed[i].dtype), i)  # rows of W^T, exactly
+        return (y if self.bias is None else y - self.bias[i]).t().float()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.packed) + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def packed_linear_available() -> bool:
+    """oneDNN (mkldnn) in this torch build, with its packed-weight linear op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class Int8Stack(LinearStack):
     """Per-output-row symmetric int8; scales in the activation dtype (the kernel's rule)."""
 
@@ -192,6 +228,8 @@ def linear_stack(
     int8, so any model can be quantized; the fallback is part of what "int4" means for it.
     """
     if mode is None:
+        if dtype in (torch.float32, torch.bfloat16) and packed_linear_available():
+            return PackedFloatStack(weights, biases, dtype)
         return FloatStack(weights, biases, dtype)
     if mode == "int4" and int4_compatible(weights[0].shape):
         return Int4Stack(weights, biases, dtype)
