@@ -31,7 +31,7 @@ from specdecode.models.loading import load_model_source
 FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
            "int4": (torch.bfloat16, "int4"), "fp32-int8": (torch.float32, "int8"), "fp32-int4": (torch.float32, "int4")}
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
-              "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu")
+              "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu", "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 
 
