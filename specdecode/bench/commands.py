@@ -20,7 +20,7 @@ from specdecode.cli import add_decoding_args, add_model_args
 from specdecode.errors import UserError
 
 DEFAULTS = dict(limit=None, max_new_tokens=128, k="4", drafters="ngram,layerskip")
-QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,hf,hf-lookup,llamacpp,llamacpp-lookup")
+QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,quantized,eagle,hf,hf-lookup,llamacpp,llamacpp-lookup")
 FULL_K = "1,2,3,4,6,8,10,15"
 
 
