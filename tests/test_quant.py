@@ -13,7 +13,15 @@ from specdecode.decoding import decode
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
-from specdecode.models.quant import Int4Stack, Int8Stack, linear_stack, quantize_int4
+from specdecode.models.quant import (
+    FloatStack,
+    Int4Stack,
+    Int8Stack,
+    PackedFloatStack,
+    linear_stack,
+    packed_linear_available,
+    quantize_int4,
+)
 from specdecode.sampling import logits_to_probs, make_generator
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [1, 2, 3, 1, 2, 3, 1, 2], [40, 41, 90, 3, 3, 17, 60, 61, 62, 40, 41], [11]]
@@ -40,6 +48,25 @@ def test_kernel_computes_the_dequantized_matmul(stack):
         # and the dequantized weights are close to the originals (4 bits: ~1/30 of a range)
         err = (s.dequantize(i) - w[i]).abs().max() / w[i].abs().max()
         assert err < (0.1 if stack is Int4Stack else 0.01)
+
+
+@pytest.mark.skipif(not packed_linear_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_float_matmul_is_the_plain_matmul(dtype, tol):
+    """Float weights run through oneDNN pre-packed (the fp32/bf16 fast path): same products as
+    F.linear up to summation order, exact weights back out, bias added, any row count."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(48, 64, generator=g) for _ in range(3)]
+    bs = [torch.randn(48, generator=g) for _ in range(3)]
+    packed = linear_stack(ws, bs, None, dtype)
+    assert isinstance(packed, PackedFloatStack)
+    plain = FloatStack(ws, bs, dtype)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, 64, generator=g).to(dtype)
+        for i in range(3):
+            torch.testing.assert_close(packed(x, i).float(), plain(x, i).float(), atol=tol * 8, rtol=tol)
+    for i in range(3):
+        assert torch.equal(packed.dequantize(i), ws[i].to(dtype).float())
 
 
 def test_int4_is_lossless_on_q4_1_weights():

@@ -135,8 +135,9 @@ class PackedFloatStack(LinearStack):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed[i], self.biases[i], "none", [], "")
 
     def dequantize(self, i: int) -> torch.Tensor:
-        y = self(torch.eye(self.in_features, dtype=self.packed[i].dtype), i)  # rows of W^T, exactly
-        return (y if self.bias is None else y - self.bias[i]).t().float()
+        eye = torch.eye(self.in_features, dtype=self.packed[i].dtype)
+        y = torch.ops.mkldnn._linear_pointwise(eye, self.packed[i], None, "none", [], "")  # W^T, exactly
+        return y.t().float()
 
     @property
     def nbytes(self) -> int:
@@ -229,7 +230,10 @@ def linear_stack(
     """
     if mode is None:
         if dtype in (torch.float32, torch.bfloat16) and packed_linear_available():
-            return PackedFloatStack(weights, biases, dtype)
+            try:
+                return PackedFloatStack(weights, biases, dtype)
+            except RuntimeError:  # a oneDNN build without this op/dtype for this CPU: plain matmuls
+                pass
         return FloatStack(weights, biases, dtype)
     if mode == "int4" and int4_compatible(weights[0].shape):
         return Int4Stack(weights, biases, dtype)
