@@ -182,9 +182,12 @@ def load_llamacpp(gguf: Path, drafter: str, threads: int, n_ctx: int, seed: int 
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=4) if drafter == "llamacpp-lookup" else None
+    # logits_all=True with a draft model: llama-cpp-python 0.3.x turns it on internally for
+    # speculation but sizes its score buffer from the argument (n_batch = 512 rows), so a
+    # lookup run crashes once prompt + output pass 512 tokens unless it is passed explicitly.
     return Llama(
         model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, draft_model=draft,
-        seed=seed if seed is not None else 0, verbose=False,
+        logits_all=draft is not None, seed=seed if seed is not None else 0, verbose=False,
     )
 
 
