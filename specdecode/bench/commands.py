@@ -256,7 +256,9 @@ def _busy_note(start: str | None, end: str | None, threads: int) -> str | None:
         return None
     one_minute = max(float(start.split()[0]), float(end.split()[0]))
     cores = os.cpu_count() or 1
-    if one_minute <= max(1.0, cores - threads) + 0.5:
+    # The 1-minute load at the end covers the run's last minute, in which the run itself kept
+    # `threads` CPUs busy: only load beyond that (about one more busy CPU) means competition.
+    if float(end.split()[0]) - threads <= 1.0:
         return None
     return (f"the machine was busy (1-minute load average up to {one_minute:.1f} on {cores} cores, at start / end "
             f"{start.split()[0]} / {end.split()[0]}): absolute speeds are depressed and ratios noisy; "
