@@ -231,7 +231,7 @@ def quantize_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -
 def _swap_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, QuantLinear(child.weight.float(), quant, dtype, child.bias))
+            setattr(module, name, QuantLinear(child.weight, quant, dtype, child.bias))
         else:
             _swap_linears(child, quant, dtype)
 
