@@ -22,13 +22,11 @@ from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
 from specdecode.drafters.trained import (
     Block,
-    DraftHead,
     RMSNorm,
     TargetFeatures,
     check_target,
-    draft_quant,
+    drafting_parts,
     load_folder,
-    quantize_linears,
     resolve_folder,
     rope_tables,
 )
@@ -106,12 +104,10 @@ class EagleDrafter:
     ) -> None:
         self.name = name
         self.target = target
-        dtype = target.dtype  # the activations' dtype (a quantized target computes in bf16)
-        quant = draft_quant(target)
         self.module = head  # as trained / loaded (what save_eagle writes)
-        self.head = quantize_linears(head, quant, dtype).eval()  # the copy that drafts
-        self.embed = target.embed_tokens.weight.detach().to(dtype)  # no copy when dtypes agree
-        self.draft_head = DraftHead(target.lm_head.weight.detach().to(dtype), vocab_ids, quant)
+        self.head, self.draft_head = drafting_parts(target, head, vocab_ids)  # what drafts
+        # the activations' dtype (a quantized target computes in bf16); no copy when dtypes agree
+        self.embed = target.embed_tokens.weight.detach().to(target.dtype)
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
         self.cache = head.new_cache(self.max_length, target.dtype)

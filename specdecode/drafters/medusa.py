@@ -19,15 +19,7 @@ from torch import nn
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
-from specdecode.drafters.trained import (
-    DraftHead,
-    TargetFeatures,
-    check_target,
-    draft_quant,
-    load_folder,
-    quantize_linears,
-    resolve_folder,
-)
+from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
 from specdecode.verify import VerifyResult
@@ -75,10 +67,8 @@ class MedusaDrafter:
     ) -> None:
         self.name = name
         self.target = target
-        quant = draft_quant(target)
         self.module = heads  # as trained / loaded (what save_medusa writes)
-        self.heads = quantize_linears(heads, quant, target.dtype).eval()  # the copy that drafts
-        self.draft_head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids, quant)
+        self.heads, self.draft_head = drafting_parts(target, heads, vocab_ids)  # what drafts
         self.max_length = max_length or target.config.max_position_embeddings
         self.features = TargetFeatures(target, self.max_length)
 

@@ -236,6 +236,15 @@ def _swap_linears(module: nn.Module, quant: str | None, dtype: torch.dtype) -> N
             _swap_linears(child, quant, dtype)
 
 
+def drafting_parts(target: LlamaModel, module: nn.Module, vocab_ids: torch.Tensor | None) -> tuple[nn.Module, "DraftHead"]:
+    """What a trained EAGLE/Medusa module drafts with for `target`: its inference copy (see
+    `quantize_linears`) and the draft head, in the target's activation dtype, with int8
+    matmuls under a quantized target (`draft_quant`)."""
+    quant = draft_quant(target)
+    head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids, quant)
+    return quantize_linears(module, quant, target.dtype).eval(), head
+
+
 # ---------------------------------------------------------------------------- vocabulary
 class DraftHead:
     """The target's LM head, whole or restricted to `vocab_ids` (frequency-ranked subset);
