@@ -31,6 +31,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-context", type=_integer, default=None, help="KV cache length in tokens (default 4096)")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode/verify steps: ~15%% faster steps (int4, 2 cores) after a "
+                        "one-off compile of minutes per step length (cached on disk by torch)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +63,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-    engine = Engine.load(args.target, args.dtype, args.max_context)
+    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
+    if args.compile:
+        engine.warm_up(args.k + 1)  # compile verification steps now, not inside the timed request
     stream = engine.stream(
         prompt, drafter=args.drafter, draft=args.draft, k=args.k, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,

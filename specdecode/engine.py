@@ -58,26 +58,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_llama(path: str | None, dtype: str = "fp32") -> tuple[LlamaModel, Tokenizer]:
-    """dtype: fp32 | bf16 | int8 | int4. SPECDECODE_COMPILE=1 runs decode/verify steps
-    through torch.compile (faster steps after a one-off compile of minutes)."""
+def load_llama(path: str | None, dtype: str = "fp32", compile: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """dtype: fp32 | bf16 | int8 | int4. compile (or SPECDECODE_COMPILE=1): decode and
+    verification steps run through torch.compile (`LlamaModel.compile`)."""
     compute = parse_dtype(dtype)
     loaded = load_model_source(path)
     quant = dtype if dtype in QUANTIZED else None
     model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant)
-    if os.environ.get("SPECDECODE_COMPILE") == "1":
+    if compile or os.environ.get("SPECDECODE_COMPILE") == "1":
         model.compile()
     return model, loaded.tokenizer
 
 
-def load_target(path: str | None, dtype: str = "fp32") -> tuple[CausalLM, Tokenizer]:
+def load_target(path: str | None, dtype: str = "fp32", compile: bool = False) -> tuple[CausalLM, Tokenizer]:
     """The native model for llama/qwen2/mistral; any other HF folder runs through transformers."""
     model_type = _hf_model_type(path)
     if model_type is not None and model_type not in NATIVE_ARCHS:
         if dtype in QUANTIZED:
             raise UserError(f"--dtype {dtype} needs the native model (llama/qwen2/mistral); {path} is '{model_type}'")
+        if compile:
+            raise UserError(f"--compile needs the native model (llama/qwen2/mistral); {path} is '{model_type}'")
         return HFCausalLM.load(str(path), parse_dtype(dtype)), Tokenizer.from_folder(str(path))
-    return load_llama(path, dtype)
+    return load_llama(path, dtype, compile)
 
 
 def _hf_model_type(path: str | None) -> str | None:
@@ -99,23 +101,30 @@ class Engine:
         self._drafters: dict[tuple[str, str | None], Drafter | None] = {}
 
     @classmethod
-    def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None) -> "Engine":
-        """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct."""
-        model, tokenizer = load_target(target, dtype)
+    def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None,
+             compile: bool = False) -> "Engine":
+        """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct.
+        compile: torch.compile the decode and verification steps (each new step length
+        compiles once, minutes on a CPU; see `LlamaModel.compile`)."""
+        model, tokenizer = load_target(target, dtype, compile)
         engine = cls(model, tokenizer, max_context)
         engine.warm_up()
         return engine
 
-    def warm_up(self) -> None:
-        """One short prefill and one decode step on the engine's cache (reset before every
-        request): the first forward of a process pays one-off kernel set-up (oneDNN
-        primitives, weight packing) of ~0.5 s, which belongs to loading, not to a request."""
-        n = min(16, self.cache.max_length - 1)
+    def warm_up(self, step_tokens: int = 1) -> None:
+        """One short prefill, then steps of 1..step_tokens tokens, on the engine's cache
+        (reset before every request): the first forward of a process pays one-off kernel
+        set-up (oneDNN primitives, weight packing) of ~0.5 s, and a compiled model compiles
+        each step length on first use (minutes): that belongs to loading, not to a request.
+        Pass k+1 to cover verification steps of k drafts. 32 prompt tokens: long enough to
+        take (and build) a quantized model's float prefill path."""
+        n = min(32, self.cache.max_length - 1 - step_tokens * (step_tokens + 1) // 2)
         if n < 1:
             return
         self.cache.reset()
         self.model.forward(torch.zeros(n, dtype=torch.long), self.cache, num_logits=1)
-        self.model.forward(torch.zeros(1, dtype=torch.long), self.cache, num_logits=1)
+        for t in range(1, step_tokens + 1):
+            self.model.forward(torch.zeros(t, dtype=torch.long), self.cache)
         self.cache.reset()
 
     # -- pieces ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,7 +136,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    lab = Lab.load(args.target, args.dtype, args.draft, args.max_context)
+    lab = Lab.load(args.target, args.dtype, args.draft, args.max_context, args.compile)
+    if args.compile:
+        print(f"compiling steps of 1..{max(config.ks) + 1} tokens (torch.compile; cached on disk by torch)", file=sys.stderr)
+        lab.engine.warm_up(max(config.ks) + 1)
     notes: list[str] = []
     try:
         methods = lab.build_methods(config, notes)
@@ -151,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
         "draft": args.draft,
-        "config": {**config.to_dict(), "dtype": args.dtype, "temperature": args.temperature,
+        "config": {**config.to_dict(), "dtype": args.dtype, "compile": args.compile, "temperature": args.temperature,
                    "prompt_set": args.prompts or args.prompt_set, "limit": args.limit, "quick": args.quick},
         "environment": environment(load_avg),
         "started": started,
@@ -223,6 +227,8 @@ def command_line(args: argparse.Namespace) -> str:
                   "--min-p", str(args.min_p), "--seed", str(args.seed)]
     if args.repeats != 1:
         parts += ["--repeats", str(args.repeats)]
+    if args.compile:
+        parts += ["--compile"]
     for flag in ("ignore_eos", "no_chat"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
@@ -328,7 +334,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     limit = args.limit or (None if args.prompts else 1)
     prompts = load_prompts(args.prompt_set, args.prompts, limit)
-    engine = Engine.load(args.target, args.dtype, args.max_context)
+    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
     say: Callable[[str], None] = (lambda text: None) if args.json else print
     say(f"check: drafter {args.drafter}, k={args.k}, dtype {args.dtype}, " + (

@@ -277,7 +277,8 @@ def render_markdown(
         "",
         f"Command: `{meta.get('command', '')}`",
         "",
-        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}), draft: "
+        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}"
+        + (", steps through torch.compile" if cfg.get("compile") else "") + "), draft: "
         + (f"`{meta['draft']}`" if meta.get("draft") else "–"),
         f"- prompts: {meta.get('num_prompts')} ({', '.join(meta.get('categories', []))}), "  # type: ignore[arg-type]
         f"max new tokens {cfg.get('max_new_tokens')}, repeats {cfg.get('repeats')}, "

@@ -58,7 +58,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
         if name in PEER_METHODS or parse_spec(name)[0] in OUR_DRAFTERS or name == "none":
             continue
         raise UserError(
-            f"unknown method '{name}' in --drafters: ours are {', '.join(OUR_DRAFTERS)} (e.g. ngram:1-3, "
+            f"unknown method '{name}' in --drafters: ours are {', '.join(OUR_DRAFTERS)} (e.g. ngram:2-5, "
             f"layerskip:8), peers are {', '.join(PEER_METHODS)}"
         )
     return names
@@ -88,9 +88,9 @@ class Lab:
 
     @classmethod
     def load(cls, target: str | None, dtype: str = "fp32", draft: str | None = None,
-             max_context: int | None = None) -> "Lab":
+             max_context: int | None = None, compile: bool = False) -> "Lab":
         """Our target exactly as `specdecode generate` loads it (any dtype, any architecture)."""
-        return cls(Engine.load(target, dtype, max_context), target, None, dtype, draft)
+        return cls(Engine.load(target, dtype, max_context, compile), target, None, dtype, draft)
 
     def close(self) -> None:
         self._tmp.cleanup()

@@ -26,8 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
 
-    engine = Engine.load(args.target, args.dtype, args.max_context)
+    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     engine.drafter(args.drafter, args.draft)  # fail fast on a bad drafter, before listening
+    if args.compile:
+        engine.warm_up(args.k + 1)  # compile verification steps before serving
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
