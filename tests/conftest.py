@@ -37,6 +37,20 @@ def random_model(cfg: ModelConfig, seed: int, scale: float = 2.0) -> LlamaModel:
     return model.eval()
 
 
+def assert_block_scores_as_single_steps(model: LlamaModel, prefix: list[int], new: list[int]) -> None:
+    """Scoring `new` in one forward after `prefix` gives bitwise the logits (and cache) of
+    feeding its tokens one at a time: what "speculative == autoregressive" rests on."""
+    one = model.new_cache(128)
+    model.forward(torch.tensor(prefix), one)
+    steps = torch.cat([model.forward(torch.tensor([tok]), one).logits for tok in new])
+    block = model.new_cache(128)
+    model.forward(torch.tensor(prefix), block)
+    verify = model.forward(torch.tensor(new), block).logits
+    assert torch.equal(verify, steps)
+    n = block.length
+    assert torch.equal(block.k[:, :, :, :n], one.k[:, :, :, :n]) and torch.equal(block.v[:, :, :, :n], one.v[:, :, :, :n])
+
+
 @pytest.fixture(scope="session")
 def tiny_target() -> LlamaModel:
     return random_model(tiny_config(), seed=0)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
+from specdecode.bench import report
 from specdecode.bench.methods import AR, Measurement, Request
 from specdecode.bench.peers import LlamaCppMethod
 from specdecode.bench.prompts import (
@@ -114,6 +115,24 @@ def test_peer_tau_from_forward_counts():
     f = summarize(rows)["hf-lookup k=3"]["all"]
     assert f.tau == pytest.approx(8 / 4) and f.speedup == pytest.approx(2.0)
     assert f.acceptance_rate is None and f.alpha is None and f.theoretical_speedup is None
+
+
+def test_ratios_to_llamacpp_by_prompt_set_by_hand():
+    rows = [
+        _row(AR, "w1", 1.0, 10, category="writing"), _row("llamacpp", "w1", 2.0, 10, category="writing"),
+        _row("ngram k=1", "w1", 0.5, 10, category="writing"),
+        _row(AR, "m1", 1.0, 10, category="math"), _row("llamacpp", "m1", 1.0, 10, category="math"),
+        _row("ngram k=1", "m1", 0.8, 10, category="math"),
+        _row(AR, "h1", 1.0, 10, category="humaneval"), _row("llamacpp", "h1", 4.0, 10, category="humaneval"),
+        _row("ngram k=1", "h1", 2.0, 10, category="humaneval"),
+    ]
+    ratios = report.peer_ratios(rows)
+    assert ratios[AR] == pytest.approx({"MT-Bench": (2.0 + 1.0) / 2, "HumanEval": 4.0, "all": 2.0})
+    assert ratios["ngram k=1"] == pytest.approx({"MT-Bench": (4.0 + 1.25) / 2, "HumanEval": 2.0, "all": 2.0})
+    assert "llamacpp" not in ratios
+    table = report.peer_table(ratios)
+    assert table.splitlines()[0] == "| method | MT-Bench | HumanEval | all |" and "2.62×" in table
+    assert report.peer_ratios([r for r in rows if r.method != "llamacpp"]) == {}
 
 
 # -- prompt sets ----------------------------------------------------------------------------------

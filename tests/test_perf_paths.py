@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from conftest import assert_block_scores_as_single_steps, random_model, tiny_config
 from specdecode.models.llama import MAX_ROWWISE_TOKENS
 
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)
@@ -27,18 +27,7 @@ def base():
 @pytest.mark.parametrize("t", [2, 4, 9])
 def test_verification_rows_equal_autoregressive_steps_bitwise_in_bf16(base, mode, t):
     """(Not for bf16 float models: oneDNN's bf16 matmul is not row-invariant.)"""
-    model = base.quantized(mode, torch.bfloat16)
-    prefix = list(range(3, 40))
-    new = list(range(50, 50 + t))
-    one = model.new_cache(128)
-    model.forward(torch.tensor(prefix), one)
-    steps = torch.cat([model.forward(torch.tensor([tok]), one).logits for tok in new])
-    block = model.new_cache(128)
-    model.forward(torch.tensor(prefix), block)
-    verify = model.forward(torch.tensor(new), block).logits
-    assert torch.equal(verify, steps)
-    n = block.length
-    assert torch.equal(block.k[:, :, :, :n], one.k[:, :, :, :n]) and torch.equal(block.v[:, :, :, :n], one.v[:, :, :, :n])
+    assert_block_scores_as_single_steps(base.quantized(mode, torch.bfloat16), list(range(3, 40)), list(range(50, 50 + t)))
 
 
 def test_sliding_window_rows_attend_as_single_steps():

@@ -179,9 +179,13 @@ def _write_outputs(measurements: list, meta: dict[str, object], out_dir: Path, w
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(out_dir / "results.json", report.results_document(measurements, summary, meta))
     png = plots.write_plots(summary, out_dir) if with_plots else []
+    ratios = report.peer_ratios(measurements)
     (out_dir / "report.md").write_text(
-        report.render_markdown(summary, meta, notes, [str(p) for p in png]), encoding="utf-8")
+        report.render_markdown(summary, meta, notes, [str(p) for p in png], ratios), encoding="utf-8")
     print(report.main_table(summary))
+    if ratios:
+        print(f"\nratio to {report.PEER} (median of per-prompt tok/s ratios):")
+        print(report.peer_table(ratios))
     for note in notes:
         print(f"note: {note}")
     print(json.dumps(report.compact_summary(summary, out_dir, int(meta.get("num_prompts", 0))),  # type: ignore[arg-type]

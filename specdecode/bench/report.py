@@ -19,6 +19,9 @@ Definitions (every figure is recomputable from the raw rows in results.json):
   al., 2023, eq. 1 and theorem 3.8) of a drafter with these alpha, k, c.
 - v: time of one verify forward (k+1 tokens) / time of one AR forward (1 token). The formula
   takes v = 1; on a CPU a wider forward costs more, one reason measured < theory.
+- ratio to a peer (when llama.cpp ran): per prompt, tokens/s of the method / tokens/s of
+  `llamacpp` on the same prompt in the same run; the median per prompt set (MT-Bench = its 8
+  categories, HumanEval) and over all prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from specdecode.bench.methods import AR, Measurement
+from specdecode.bench.prompts import MTBENCH_CATEGORIES
 
 __all__ = ["AR", "ALL", "Figures", "summarize", "theoretical_speedup"]
 
@@ -204,6 +208,36 @@ def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, promp
     }
 
 
+PEER = "llamacpp"
+
+
+def _prompt_set(category: str) -> str:
+    return "MT-Bench" if category in MTBENCH_CATEGORIES else "HumanEval" if category == "humaneval" else category
+
+
+def peer_ratios(measurements: Sequence[Measurement], peer: str = PEER) -> dict[str, dict[str, float]]:
+    """{method: {prompt set or ALL: median over prompts of tok/s(method) / tok/s(peer)}};
+    empty when the peer did not run."""
+    base = {(r.prompt_id, r.repeat): tokens_per_second(r) for r in measurements if r.method == peer}
+    if not base:
+        return {}
+    ratios: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in measurements:
+        b = base.get((r.prompt_id, r.repeat))
+        if r.method == peer or not b:
+            continue
+        ratio = tokens_per_second(r) / b
+        ratios[r.method][_prompt_set(r.category)].append(ratio)
+        ratios[r.method][ALL].append(ratio)
+    return {m: {s: statistics.median(v) for s, v in sets.items()} for m, sets in ratios.items()}
+
+
+def peer_table(ratios: dict[str, dict[str, float]], peer: str = PEER) -> str:
+    sets = list(dict.fromkeys(s for sets in ratios.values() for s in sets if s != ALL)) + [ALL]
+    rows = [[f"`{m}`", *(_fmt(r.get(s), ".2f", "×") for s in sets)] for m, r in ratios.items()]
+    return _table(["method", *sets], rows)
+
+
 def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -268,6 +302,7 @@ def render_markdown(
     meta: dict[str, object],
     notes: Sequence[str],
     plots: Sequence[str],
+    ratios_to_peer: dict[str, dict[str, float]] | None = None,
 ) -> str:
     cfg = meta.get("config", {})
     env = meta.get("environment", {})
@@ -295,6 +330,15 @@ def render_markdown(
         "",
         main_table(summary),
         "",
+    ]
+    if ratios_to_peer:
+        lines += [
+            f"## Ratio to `{PEER}` (median of per-prompt tok/s ratios, same prompts, same run)",
+            "",
+            peer_table(ratios_to_peer),
+            "",
+        ]
+    lines += [
         "## Speedup vs `ar` by category (median of per-prompt ratios)",
         "",
         category_table(summary, "speedup", ".2f", "×"),
