@@ -232,7 +232,7 @@ def peer_ratios(measurements: Sequence[Measurement], peer: str = PEER) -> dict[s
     return {m: {s: statistics.median(v) for s, v in sets.items()} for m, sets in ratios.items()}
 
 
-def peer_table(ratios: dict[str, dict[str, float]], peer: str = PEER) -> str:
+def peer_table(ratios: dict[str, dict[str, float]]) -> str:
     sets = list(dict.fromkeys(s for sets in ratios.values() for s in sets if s != ALL)) + [ALL]
     rows = [[f"`{m}`", *(_fmt(r.get(s), ".2f", "×") for s in sets)] for m, r in ratios.items()]
     return _table(["method", *sets], rows)
