@@ -66,7 +66,10 @@ def load_llama(path: str | None, dtype: str = "fp32", compile: bool = False) -> 
     quant = dtype if dtype in QUANTIZED else None
     model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant)
     if compile or os.environ.get("SPECDECODE_COMPILE") == "1":
-        model.compile()
+        try:
+            model.compile()
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
     return model, loaded.tokenizer
 
 

@@ -7,16 +7,19 @@ step lengths."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import assert_block_scores_as_single_steps, random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
 from specdecode.drafters.ngram import NgramDrafter
+from specdecode.models.llama import cpp_compiler_available
 
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128, layers=2)
 
 
+@pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
 def test_compiled_int4_verification_equals_compiled_single_steps_bitwise():
     model = random_model(tiny_config("llama", **QCFG), seed=40).quantized("int4", torch.bfloat16).compile()
     assert_block_scores_as_single_steps(model, list(range(3, 30)), [50, 51])
@@ -27,3 +30,13 @@ def test_compiled_int4_verification_equals_compiled_single_steps_bitwise():
     ar = [t for step in decode(model, model.new_cache(128), prompt, config) for t in step]
     spec = [t for step in decode(model, model.new_cache(128), prompt, config, NgramDrafter(1, 3), k=1) for t in step]
     assert spec == ar
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch):
+    from specdecode.engine import load_llama
+    from specdecode.errors import UserError
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        load_llama(None, "int4", compile=True)

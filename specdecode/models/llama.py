@@ -324,6 +324,9 @@ class LlamaModel(nn.Module):
         """
         import torch._dynamo
 
+        if not cpp_compiler_available():
+            raise RuntimeError("torch.compile on a CPU needs a C++ compiler and none was found (g++ or $CXX): "
+                               "install one (e.g. apt install g++) or run without --compile")
         # Each model view (target, layer-skip or quantized draft) x {T=1, T>1} x {mask or
         # not} is one cache entry of the shared `_step`: allow more than the default 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -392,6 +395,14 @@ class LlamaModel(nn.Module):
         logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, runtime, self.layer_ids, self.config)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+
+def cpp_compiler_available() -> bool:
+    """Inductor (torch.compile's CPU backend) builds C++ kernels: g++, or the one in $CXX."""
+    import os
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++") if c)
 
 
 def _attention(
