@@ -30,12 +30,12 @@ def build_drafter(
     if name == "none":
         return None
     if name == "ngram":
-        lo, hi = (NgramDrafter().min_n, NgramDrafter().max_n)
-        if arg:
-            try:
-                lo, hi = (int(x) for x in arg.split("-"))
-            except ValueError:
-                raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
+        if not arg:
+            return NgramDrafter()  # its default sizes
+        try:
+            lo, hi = (int(x) for x in arg.split("-"))
+        except ValueError:
+            raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
         return NgramDrafter(lo, hi)
     if name == "layerskip":
         if not isinstance(target, LlamaModel):
