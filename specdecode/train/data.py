@@ -75,6 +75,35 @@ SEED_REQUESTS = [
     "What is the difference between a virus and a bacterium?",
     "Explain how compound interest works.",
     "Give me a list of fun indoor activities for a rainy day.",
+    "Write a blog post about a weekend trip to a small mountain village.",
+    "Draft a polite message asking my landlord to fix a leaking tap.",
+    "Write a persuasive paragraph on why cities should plant more trees.",
+    "Compose a limerick about a cat who loves to sleep in the sun.",
+    "Imagine you are a pirate captain and describe your ship to a new sailor.",
+    "You are a detective. Explain to your assistant how you solved the case of the missing necklace.",
+    "Act as a nutritionist and suggest a balanced breakfast for a busy student.",
+    "Pretend to be a medieval blacksmith talking about a typical working day.",
+    "If all roses are flowers and some flowers fade quickly, can we say that some roses fade quickly? Explain.",
+    "Tom is older than Anna, and Anna is older than Ben. Who is the youngest? Explain your reasoning.",
+    "A train leaves at 3 pm and travels 180 km at 60 km per hour. When does it arrive?",
+    "Solve for x: 3x + 7 = 22. Show the steps.",
+    "What is the area of a circle with a radius of 4 centimetres?",
+    "A box has 5 red and 3 blue balls. What is the probability of drawing a blue ball?",
+    "Find the sum of the first ten positive even numbers.",
+    "From the text below, list every date that is mentioned: The shop opened on 4 May 2010, moved on 12 June 2015 and closed on 1 March 2020.",
+    "Turn this list into a table with columns name and age: Maria 34, John 28, Aiko 41.",
+    "Summarize the following paragraph in one sentence: The town council met on Monday to discuss the new park, which will include a playground, a pond and a community garden.",
+    "Explain how an electric motor turns electricity into motion.",
+    "What is the difference between mass and weight?",
+    "How do plate tectonics cause earthquakes?",
+    "Explain what DNA is and what it does in a cell.",
+    "Why does ice float on water?",
+    "Describe the main ideas of the Renaissance in Europe.",
+    "What role did the printing press play in spreading knowledge?",
+    "Explain the idea of supply and demand with a simple example.",
+    "Discuss the pros and cons of working from home.",
+    "What can we learn from reading classic novels today?",
+    "Describe the causes and effects of the fall of the Roman Empire.",
 ]
 
 SEED_CODE_REQUESTS = [
@@ -96,6 +125,18 @@ SEED_CODE_REQUESTS = [
     "Explain the difference between a list and a tuple in Python.",
     "Write a SQL query that finds the ten customers with the most orders.",
     "Write a Python function that returns all prime numbers below n.",
+    "Write a Python function that returns the longest common prefix of a list of strings.",
+    "Write a Python function that checks whether the brackets in a string are balanced.",
+    "Write a Python function that rotates a list to the right by k positions.",
+    "Write a Python function that returns the second largest number in a list.",
+    "Write a Python function that converts a decimal number to its binary representation as a string.",
+    "Write a Python function that computes the greatest common divisor of two integers.",
+    "Write a Python function that groups a list of words by their first letter.",
+    "Write a Python function that returns the indices of two numbers in a list that add up to a target.",
+    "Explain what a generator is in Python and give an example.",
+    "Write a Python function that counts the vowels and consonants in a string.",
+    "Write a C function that reverses a string in place.",
+    "Write a Python function that returns True if a year is a leap year.",
 ]
 
 
@@ -213,24 +254,45 @@ def local_text_files(limit_bytes: int = 30_000_000) -> list[Path]:
     return chosen
 
 
-def code_completion_requests(max_items: int = 3000) -> list[str]:
-    """'Complete this function' requests built from stdlib functions that have docstrings."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    out: list[str] = []
-    for path in sorted(stdlib.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+def _function_headers(path: Path, min_doc: int = 40, max_doc: int = 600) -> list[str]:
+    """'def name(args):' plus an indented docstring for each public function and method of a
+    module that has a docstring of a reasonable size (the shape of a 'complete this' prompt)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError, RecursionError):
+        return []
+    nodes = list(tree.body)
+    nodes += [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
+    out = []
+    for node in nodes:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
             continue
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or len(doc) < 40 or len(doc) > 600:
-                continue
-            args = ast.unparse(node.args)
-            header = f"def {node.name}({args}):\n    \"\"\"{doc}\n    \"\"\"\n"
-            out.append(f"Complete the following Python function:\n\n```python\n{header}```")
+        doc = ast.get_docstring(node)
+        if not doc or not min_doc <= len(doc) <= max_doc:
+            continue
+        args = ast.unparse(node.args)
+        returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
+        body = "\n".join(("    " + line) if line else "" for line in doc.splitlines())
+        out.append(f'def {node.name}({args}){returns}:\n    """{body.lstrip()}\n    """\n')
+    return out
+
+
+def code_completion_requests(max_items: int = 20_000) -> list[str]:
+    """'Complete this function' requests built from the signatures and docstrings of Python
+    functions on this machine (standard library, then installed packages), worded as the
+    bench words its code prompts (`bench.prompts.HUMANEVAL_INSTRUCTION`: only the wording,
+    no benchmark data)."""
+    from specdecode.bench.prompts import HUMANEVAL_INSTRUCTION
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    files = sorted(stdlib.glob("*.py"))
+    files += sorted(p for p in stdlib.glob("*/*.py") if "test" not in str(p.parent) and "idlelib" not in str(p))
+    files += sorted(p for p in purelib.glob("*/*.py") if "test" not in p.name)
+    out: list[str] = []
+    for path in files:
+        for header in _function_headers(path):
+            out.append(HUMANEVAL_INSTRUCTION.format(code=header))
             if len(out) >= max_items:
                 return out
     return out
@@ -318,10 +380,11 @@ class DataBuilder:
         self._save_meta()
 
     def _requests(self, rng: random.Random, gen: torch.Generator, log) -> list[str]:
-        """Half of a batch: requests the target writes from a few-shot list; a quarter code
-        requests written the same way; a quarter stdlib 'complete this function' requests."""
+        """Half of a batch: requests the target writes from a few-shot list (a third of them
+        code requests); the other half 'complete this function' requests from local sources
+        (code is two thirds of the bench's prompts)."""
         n = self.batch
-        n_code_complete = n // 4
+        n_code_complete = n // 2
         n_write = n - n_code_complete
         prompts = []
         for j in range(n_write):
