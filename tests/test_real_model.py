@@ -44,7 +44,7 @@ def small_draft(engine) -> DraftModelDrafter:
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
-@pytest.mark.parametrize("spec", ["ngram", "layerskip", "model"])
+@pytest.mark.parametrize("spec", ["ngram", "layerskip", "model", "eagle", "medusa", "distill"])
 def test_greedy_identity_on_embedded_model(engine, autoregressive, small_draft, spec, k):
     drafter = small_draft if spec == "model" else spec
     prompts = PROMPTS if k == 4 else PROMPTS[:1]
@@ -52,6 +52,14 @@ def test_greedy_identity_on_embedded_model(engine, autoregressive, small_draft, 
         out = engine.generate(prompt, drafter=drafter, k=k, max_new_tokens=NEW)
         assert out.token_ids == expected
         assert out.stats.target_forwards <= NEW
+
+
+@pytest.mark.parametrize("spec", ["eagle", "medusa", "distill"])
+def test_shipped_trained_drafters_predict_the_embedded_target(engine, spec):
+    """The shipped heads load for the embedded target and do predict it: a head loaded
+    wrongly (or an untrained one) accepts next to nothing."""
+    stats = engine.generate(PROMPTS[0], drafter=spec, k=4, max_new_tokens=64).stats
+    assert stats.mean_accepted_length > 1.3, stats.summary_line()
 
 
 def test_stream_deltas_and_stop_string(engine):
