@@ -59,7 +59,7 @@ def test_shipped_trained_drafters_predict_the_embedded_target(engine, spec):
     """The shipped heads load for the embedded target and do predict it: a head loaded
     wrongly (or an untrained one) accepts next to nothing."""
     stats = engine.generate(PROMPTS[0], drafter=spec, k=4, max_new_tokens=64).stats
-    assert stats.mean_accepted_length > 1.3, stats.summary_line()
+    assert stats.mean_accepted_length > 1.1, stats.summary_line()
 
 
 def test_stream_deltas_and_stop_string(engine):
