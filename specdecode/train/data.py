@@ -233,12 +233,18 @@ def _from_generated(g: Generated) -> Sequence_:
 
 
 # ---------------------------------------------------------------------------- local text
+def stdlib_sources() -> list[Path]:
+    """The standard library's modules, top level then one package level down, without tests
+    and IDLE (deterministic order: the data builder's text and code requests both read it)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py"))
+    return files + sorted(p for p in stdlib.glob("*/*.py") if "test" not in p.parts[-2] and "idlelib" not in str(p))
+
+
 def local_text_files(limit_bytes: int = 30_000_000) -> list[Path]:
     """Python stdlib modules and package docs found on this machine (deterministic order)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     purelib = Path(sysconfig.get_paths()["purelib"])
-    files = sorted(p for p in stdlib.glob("*.py"))
-    files += sorted(p for p in stdlib.glob("*/*.py") if "test" not in p.parts[-2] and "idlelib" not in str(p))
+    files = stdlib_sources()
     docs = sorted(purelib.glob("*.dist-info/METADATA")) + sorted(purelib.glob("*/README*"))
     chosen, total = [], 0
     for p in files + docs:
@@ -284,11 +290,8 @@ def code_completion_requests(max_items: int = 20_000) -> list[str]:
     no benchmark data)."""
     from specdecode.bench.prompts import HUMANEVAL_INSTRUCTION
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     purelib = Path(sysconfig.get_paths()["purelib"])
-    files = sorted(stdlib.glob("*.py"))
-    files += sorted(p for p in stdlib.glob("*/*.py") if "test" not in str(p.parent) and "idlelib" not in str(p))
-    files += sorted(p for p in purelib.glob("*/*.py") if "test" not in p.name)
+    files = stdlib_sources() + sorted(p for p in purelib.glob("*/*.py") if "test" not in p.name)
     out: list[str] = []
     for path in files:
         for header in _function_headers(path):
