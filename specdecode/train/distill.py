@@ -14,7 +14,7 @@ from specdecode.drafters.distill import save_distill
 from specdecode.drafters.trained import Block, RMSNorm, rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, make_batch
+from specdecode.train.loop import Batch, brief, held_out_batches
 
 
 class Student(nn.Module):
@@ -65,6 +65,7 @@ class DistillTask:
         full = target.lm_head.weight.detach().float()
         self.w_full = full
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()
+        self._held_out: list | None = None
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         rows = batch.has_feature
@@ -83,14 +84,14 @@ class DistillTask:
         self.module.eval()
         hits = total = 0
         run_sum, chains = 0.0, 0
-        for i in range(0, len(self.val_ids), 8):
-            batch = make_batch(self.ds, self.val_ids[i : i + 8], max_len)
+        if self._held_out is None:
+            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
+        for batch, truth in self._held_out:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 h = self.module(batch.tokens, self.embed)
             guess = F.linear(h.float(), self.w_draft).argmax(-1)
             if self.vocab_ids is not None:
                 guess = self.vocab_ids[guess]
-            truth = F.linear(batch.features, self.w_full).argmax(-1)
             valid = batch.has_feature & batch.trained
             right = (guess == truth) & valid
             hits += int(right.sum())

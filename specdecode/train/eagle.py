@@ -19,7 +19,7 @@ from specdecode.drafters.eagle import EagleConfig, EagleHead, save_eagle
 from specdecode.drafters.trained import rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, make_batch
+from specdecode.train.loop import Batch, brief, held_out_batches
 
 
 def chain_mask(t: int, s: int) -> torch.Tensor:
@@ -73,6 +73,7 @@ class EagleTask:
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()  # [Vd, H]
         self.w_full = full
         self.generator = torch.Generator().manual_seed(seed + 1)
+        self._held_out: list | None = None
 
     # -- forward over a batch, `passes` draft steps -------------------------------------
     def _passes(self, batch: Batch, passes: int, noise: float) -> list[torch.Tensor]:
@@ -136,12 +137,13 @@ class EagleTask:
         hits = [0] * self.eval_unroll
         counts = [0] * self.eval_unroll
         run_sum, chains = 0.0, 0
-        for i in range(0, len(self.val_ids), 8):
-            batch = make_batch(self.ds, self.val_ids[i : i + 8], max_len)
+        if self._held_out is None:
+            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
+        for batch, truth_all in self._held_out:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outs = self._passes(batch, self.eval_unroll, 0.0)
             mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]
-            truth = F.linear(batch.features[:, 1:], self.w_full).argmax(-1)  # target's argmax after f_{i+1}
+            truth = truth_all[:, 1:]  # target's argmax after f_{i+1}
             right = []
             for s, g in enumerate(outs):
                 guess = F.linear(g.float(), self.w_draft).argmax(-1)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from specdecode.train.data import DataSet
@@ -71,6 +72,20 @@ def make_batch(ds: DataSet, ids: list[int], max_len: int) -> Batch:
         has[r, :last] = True
         trained[r, s.loss_start : last] = True
     return Batch(tokens, feats, has, trained)
+
+
+def held_out_batches(ds: DataSet, ids: list[int], w_full: torch.Tensor, max_len: int = 512,
+                     per_batch: int = 8) -> list[tuple[Batch, torch.Tensor]]:
+    """Held-out batches, each with the target's greedy next token after every position
+    ([B, T]: argmax of the full head on the stored feature). Built once per task: the full
+    head costs more than a drafter's own evaluation pass."""
+    out = []
+    for i in range(0, len(ids), per_batch):
+        batch = make_batch(ds, ids[i : i + per_batch], max_len)
+        with torch.no_grad():
+            truth = torch.stack([F.linear(row, w_full).argmax(-1) for row in batch.features])
+        out.append((batch, truth))
+    return out
 
 
 class Sampler:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from specdecode.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, make_batch
+from specdecode.train.loop import Batch, brief, held_out_batches
 
 
 class MedusaTask:
@@ -29,6 +29,7 @@ class MedusaTask:
         full = target.lm_head.weight.detach().float()
         self.w_full = full
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()
+        self._held_out: list | None = None
 
     def _rows(self, batch: Batch, j: int) -> torch.Tensor:
         """[B, T] bool: rows i where head j has a label f_{i+j} on a trained position."""
@@ -62,12 +63,12 @@ class MedusaTask:
         m = self.module.config.num_heads
         hits, counts = [0] * m, [0] * m
         run_sum, chains = 0.0, 0
-        for i in range(0, len(self.val_ids), 8):
-            batch = make_batch(self.ds, self.val_ids[i : i + 8], max_len)
+        if self._held_out is None:
+            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
+        for batch, truth in self._held_out:  # truth [B, T]: the token after f_i
             t = batch.tokens.shape[1]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = self.module(batch.features)
-            truth = F.linear(batch.features, self.w_full).argmax(-1)  # [B, T]: token after f_i
             start = batch.has_feature & batch.trained
             alive = start.clone()
             run = torch.zeros(alive.shape)
