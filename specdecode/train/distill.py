@@ -14,7 +14,7 @@ from specdecode.drafters.distill import save_distill
 from specdecode.drafters.trained import Block, RMSNorm, rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, held_out_batches
+from specdecode.train.loop import Batch, HeldOut, brief
 
 
 class Student(nn.Module):
@@ -65,7 +65,7 @@ class DistillTask:
         full = target.lm_head.weight.detach().float()
         self.w_full = full
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()
-        self._held_out: list | None = None
+        self.held_out = HeldOut(ds, val_ids, self.w_full)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         rows = batch.has_feature
@@ -78,15 +78,13 @@ class DistillTask:
         return ce, {"ce": float(ce.detach())}
 
     @torch.no_grad()
-    def evaluate(self, max_len: int = 512) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """acc: the draft's argmax equals the target's; tau_est: 1 + mean leading run of
         agreements over eval_k consecutive positions on the target's own (greedy) answers."""
         self.module.eval()
         hits = total = 0
         run_sum, chains = 0.0, 0
-        if self._held_out is None:
-            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
-        for batch, truth in self._held_out:
+        for batch, truth in self.held_out:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 h = self.module(batch.tokens, self.embed)
             guess = F.linear(h.float(), self.w_draft).argmax(-1)

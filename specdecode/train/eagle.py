@@ -19,7 +19,7 @@ from specdecode.drafters.eagle import EagleConfig, EagleHead, save_eagle
 from specdecode.drafters.trained import rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, held_out_batches
+from specdecode.train.loop import Batch, HeldOut, brief
 
 
 def chain_mask(t: int, s: int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class EagleTask:
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()  # [Vd, H]
         self.w_full = full
         self.generator = torch.Generator().manual_seed(seed + 1)
-        self._held_out: list | None = None
+        self.held_out = HeldOut(ds, val_ids, self.w_full)
 
     # -- forward over a batch, `passes` draft steps -------------------------------------
     def _passes(self, batch: Batch, passes: int, noise: float) -> list[torch.Tensor]:
@@ -128,7 +128,7 @@ class EagleTask:
         return total, parts
 
     @torch.no_grad()
-    def evaluate(self, max_len: int = 512) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Greedy acceptance on held-out sequences, teacher-forced: pass s at row j is right
         when its argmax is the target's next token. tau_est = 1 + mean leading run of rights
         over a chain of `eval_unroll` drafts (what chain drafting with k = eval_unroll gets
@@ -137,9 +137,7 @@ class EagleTask:
         hits = [0] * self.eval_unroll
         counts = [0] * self.eval_unroll
         run_sum, chains = 0.0, 0
-        if self._held_out is None:
-            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
-        for batch, truth_all in self._held_out:
+        for batch, truth_all in self.held_out:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outs = self._passes(batch, self.eval_unroll, 0.0)
             mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,18 +74,24 @@ def make_batch(ds: DataSet, ids: list[int], max_len: int) -> Batch:
     return Batch(tokens, feats, has, trained)
 
 
-def held_out_batches(ds: DataSet, ids: list[int], w_full: torch.Tensor, max_len: int = 512,
-                     per_batch: int = 8) -> list[tuple[Batch, torch.Tensor]]:
+class HeldOut:
     """Held-out batches, each with the target's greedy next token after every position
-    ([B, T]: argmax of the full head on the stored feature). Built once per task: the full
-    head costs more than a drafter's own evaluation pass."""
-    out = []
-    for i in range(0, len(ids), per_batch):
-        batch = make_batch(ds, ids[i : i + per_batch], max_len)
-        with torch.no_grad():
-            truth = torch.stack([F.linear(row, w_full).argmax(-1) for row in batch.features])
-        out.append((batch, truth))
-    return out
+    ([B, T]: argmax of the full head on the stored feature). Built on the first evaluation
+    and kept: the full head costs more than a drafter's own evaluation pass."""
+
+    def __init__(self, ds: DataSet, ids: list[int], w_full: torch.Tensor, max_len: int = 512, per_batch: int = 8) -> None:
+        self.ds, self.ids, self.w_full, self.max_len, self.per_batch = ds, ids, w_full, max_len, per_batch
+        self._batches: list[tuple[Batch, torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[tuple[Batch, torch.Tensor]]:
+        if self._batches is None:
+            self._batches = []
+            for i in range(0, len(self.ids), self.per_batch):
+                batch = make_batch(self.ds, self.ids[i : i + self.per_batch], self.max_len)
+                with torch.no_grad():
+                    truth = torch.stack([F.linear(row, self.w_full).argmax(-1) for row in batch.features])
+                self._batches.append((batch, truth))
+        return iter(self._batches)
 
 
 class Sampler:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from specdecode.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
-from specdecode.train.loop import Batch, brief, held_out_batches
+from specdecode.train.loop import Batch, HeldOut, brief
 
 
 class MedusaTask:
@@ -29,7 +29,7 @@ class MedusaTask:
         full = target.lm_head.weight.detach().float()
         self.w_full = full
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()
-        self._held_out: list | None = None
+        self.held_out = HeldOut(ds, val_ids, self.w_full)
 
     def _rows(self, batch: Batch, j: int) -> torch.Tensor:
         """[B, T] bool: rows i where head j has a label f_{i+j} on a trained position."""
@@ -57,15 +57,13 @@ class MedusaTask:
         return total, parts
 
     @torch.no_grad()
-    def evaluate(self, max_len: int = 512) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """tau_est: 1 + mean number of leading heads whose argmax is the target's token."""
         self.module.eval()
         m = self.module.config.num_heads
         hits, counts = [0] * m, [0] * m
         run_sum, chains = 0.0, 0
-        if self._held_out is None:
-            self._held_out = held_out_batches(self.ds, self.val_ids, self.w_full, max_len)
-        for batch, truth in self._held_out:  # truth [B, T]: the token after f_i
+        for batch, truth in self.held_out:  # truth [B, T]: the token after f_i
             t = batch.tokens.shape[1]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = self.module(batch.features)
