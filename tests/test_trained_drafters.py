@@ -91,6 +91,23 @@ def test_distilled_copy_of_the_target_always_agrees(tiny_target):
     assert stats.mean_accepted_length == 5.0
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_distilled_draft_runs_in_a_quantized_targets_format(fmt):
+    """With an int8/int4 target the draft's matmuls are int8/int4 too (its step costs what the
+    same layers of the target cost): a copy of all layers is then the very same quantized
+    model, so every draft passes (a bf16 copy would not match an int4 target this closely)."""
+    cfg = tiny_config(hidden_size=64, intermediate_size=128, num_heads=4, head_dim=16, vocab=96)
+    target = random_model(cfg, seed=3).to(torch.bfloat16).quantized(fmt)  # bf16 weights: the copy's own
+    drafter = distill(target, layers=tuple(range(cfg.num_layers)))
+    assert drafter.model.weight_format == fmt
+    stats = SpecStats()
+    out = run(target, PROMPTS[0], drafter, 4, max_new=21, stats=stats)
+    assert out == run(target, PROMPTS[0], max_new=21)
+    assert stats.mean_accepted_length == 5.0
+    subset = distill(target, torch.arange(0, 96, 2), layers=(0, 1))
+    assert subset.model.model.weight_format == fmt
+
+
 class NoHidden:
     """Hides `observe_hidden`, so the loop feeds no hidden states: the drafter computes them itself."""
 

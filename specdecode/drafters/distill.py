@@ -60,18 +60,21 @@ def build_draft_model(
     target: LlamaModel, layers: dict[str, torch.Tensor], num_layers: int, vocab_ids: torch.Tensor | None
 ) -> LlamaModel | SubsetHeadLM:
     """The draft model from its own tensors (layers.*, norm.weight) plus the target's
-    embedding and head (shared, not copied)."""
+    embedding and head (shared, not copied). It runs in the target's weight format: with
+    an int8/int4 target its matmuls are int8/int4 too (the head as the target's head), so
+    a draft step costs what the same layers of the target cost."""
     cfg = draft_config(target.config, num_layers)
     sd = {k: v.to(target.dtype) for k, v in layers.items()}
     sd["embed_tokens.weight"] = target.embed_tokens.weight.detach()
     sd["lm_head.weight"] = target.lm_head.weight.detach()
     model = LlamaModel.from_state_dict(cfg, sd, target.dtype)
-    if vocab_ids is None:
-        return model
-    head = nn.Linear(cfg.hidden_size, len(vocab_ids), bias=False)
-    head.weight = nn.Parameter(target.lm_head.weight.detach()[vocab_ids].clone(), requires_grad=False)
-    model.lm_head = head.to(target.dtype)
-    return SubsetHeadLM(model, vocab_ids, cfg.vocab_size)
+    if vocab_ids is not None:
+        head = nn.Linear(cfg.hidden_size, len(vocab_ids), bias=False)
+        head.weight = nn.Parameter(target.lm_head.weight.detach()[vocab_ids].clone(), requires_grad=False)
+        model.lm_head = head.to(target.dtype)
+    if target.quant is not None:
+        model = model.quantized(target.quant, target.dtype)
+    return model if vocab_ids is None else SubsetHeadLM(model, vocab_ids, cfg.vocab_size)
 
 
 def load_distill(target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> DraftModelDrafter:
