@@ -175,7 +175,7 @@ def exact_distributions(target, prompt, sampling):
     return joint23, marg4
 
 
-def loop_pvalues(target, draft, sampling, draws=20_000, k=2):
+def loop_pvalues(target, draft, sampling, draws=8_000, k=2):
     prompt = [1, 2]
     cfg = GenerationConfig(max_new_tokens=4, ignore_eos=True, sampling=sampling)
     drafter = DraftModelDrafter(draft, SMALL_V, max_length=16)
