@@ -378,6 +378,9 @@ class DataBuilder:
                     log(f"text: {self.meta['text_tokens']} tokens from {i} files")
         if seqs:
             self._write(seqs)
+        if i == len(files) and self.meta["text_tokens"] < goal:
+            log(f"text: every local file is used ({len(files)} files, {self.meta['text_tokens']} tokens, "
+                f"at most {per_batch * chunk} from each), short of the --text-tokens goal {goal}")
         self.meta["text_files_done"] = i
         self.meta["seconds"] += time.monotonic() - t0
         self._save_meta()
