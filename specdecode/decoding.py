@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from specdecode.config import GenerationConfig
-from specdecode.drafters.base import Draft, Drafter, wants_hidden
+from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
@@ -55,7 +55,8 @@ def decode(
     try:
         cache.reset()
         feed_hidden = wants_hidden(drafter)
-        out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden)
+        layers = hidden_layers(drafter) if feed_hidden else None
+        out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
         logits = out.logits  # [1, V]
         first = int(select_tokens(logits, sampling, generator)[0])
         stats.target_forwards += 1
@@ -79,7 +80,8 @@ def decode(
                     draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
-            out = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache, return_hidden=feed_hidden)
+            out = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache, return_hidden=feed_hidden,
+                                 hidden_layers=layers)
             logits = out.logits  # [1+d, V]
             if sampling.greedy:
                 result = greedy_verify(draft.tokens, logits)

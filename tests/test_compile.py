@@ -31,6 +31,19 @@ def test_compiled_int4_verification_equals_compiled_single_steps_bitwise():
     spec = [t for step in decode(model, model.new_cache(128), prompt, config, NgramDrafter(1, 3), k=1) for t in step]
     assert spec == ar
 
+    # The EAGLE-3 features (layer inputs) of a compiled 2-token step are the eager step's (bf16
+    # rounding apart: compiled and eager kernels are not bitwise alike, blocks and steps are).
+    def taps(m):
+        cache = m.new_cache(32)
+        m.forward(torch.tensor(prompt), cache, num_logits=1)
+        return m.forward(torch.tensor([9, 10]), cache, return_hidden=True, hidden_layers=(1, 0)).hidden
+
+    eager = random_model(tiny_config("llama", **QCFG), seed=40).quantized("int4", torch.bfloat16)
+    got, want = taps(model), taps(eager)
+    assert got.shape == (2, 2 * QCFG["hidden_size"])
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+    assert torch.equal(got[:, QCFG["hidden_size"]:], eager.embed_tokens.weight[[9, 10]].to(got.dtype))  # layer 0's input
+
 
 def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch):
     from specdecode.engine import load_llama

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
-from specdecode.config import GenerationConfig
+from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
 from specdecode.drafters.eagle import EagleDrafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.medusa import MedusaDrafter
+from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
 from specdecode.train.data import DataSet, code_completion_requests, local_text_files, sequences_from_model
 from specdecode.train.distill import DistillTask
@@ -71,6 +73,40 @@ def test_batch_teacher_reproduces_the_native_model():
     chunk = torch.tensor([[3, 4, 5, 6, 7, 8]])
     torch.testing.assert_close(teacher.features(chunk)[0], target.forward(chunk[0], target.new_cache(64), return_hidden=True).hidden,
                                atol=1e-4, rtol=1e-4)
+    # EAGLE-3 features: the inputs of layers 0 (the embeddings) and 1, native and teacher alike
+    taps = target.forward(chunk[0], target.new_cache(64), return_hidden=True, hidden_layers=(1, 0)).hidden
+    assert taps.shape == (6, 2 * target.config.hidden_size)
+    torch.testing.assert_close(taps[:, 32:], target.embed_tokens.weight[chunk[0]])
+    torch.testing.assert_close(teacher.taps(chunk, (1, 0))[0], taps, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def setup3(setup):
+    """The same answers with EAGLE-3 features (the inputs of both layers)."""
+    target, prompts, _ = setup
+    seqs = sequences_from_model(target, prompts, 40, tap_layers=(0, 1))
+    return target, prompts, DataSet.from_sequences(seqs, {"tap_layers": [0, 1]})
+
+
+def test_taps_are_added_to_a_data_folder(setup3, tmp_path):
+    """`train taps` on a saved data folder gives the features sequences_from_model computed."""
+    import json
+
+    from specdecode.train.data import add_taps, save_shard
+
+    target, _, ds3 = setup3
+    seqs = [ds3.sequence(i) for i in range(len(ds3))]
+    save_shard(tmp_path / "shard_00000.safetensors", seqs[:10])
+    save_shard(tmp_path / "shard_00001.safetensors", seqs[10:])
+    (tmp_path / "meta.json").write_text(json.dumps({"version": 1}))
+    assert DataSet.load(tmp_path).taps is None and not DataSet.has_taps(tmp_path)
+    teacher = BatchTeacher(target.config, target.state_dict(), dtype=torch.float32)
+    add_taps(tmp_path, teacher, (0, 1), log=lambda m: None, per_batch=3)  # batches of unequal lengths
+    loaded = DataSet.load(tmp_path)
+    assert DataSet.has_taps(tmp_path) and loaded.tap_layers == (0, 1)
+    torch.testing.assert_close(loaded.taps.float(), ds3.taps.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(UserError, match="already has EAGLE-3 features of layers"):
+        add_taps(tmp_path, teacher, (1,), log=lambda m: None)
 
 
 def test_unrolled_training_passes_equal_drafting(setup):
@@ -92,6 +128,53 @@ def test_unrolled_training_passes_equal_drafting(setup):
             h = head(h.unsqueeze(0), emb[t[pos + 1 : pos + 2]].unsqueeze(0), torch.tensor([pos]), cache)[:, -1]
             torch.testing.assert_close(h[0], outs[s - 1][0, pos], atol=1e-5, rtol=1e-5)
     assert chain_mask(4, 2).tolist()[2] == [True, True, False, False, False, False, True, False]
+
+
+def test_unrolled_eagle3_passes_equal_drafting(setup3):
+    """The same for EAGLE-3: fused layer inputs at real rows, the head's own outputs fed back."""
+    target, _, ds = setup3
+    task = EagleTask(target, ds, [0], None, unroll=3, noise=0.0, fused=True)
+    batch = make_batch(ds, [0], 512)
+    outs = task._passes(batch, 3, 0.0)
+    drafter = EagleDrafter(target, task.module.eval())
+    n = 20
+    tokens = batch.tokens[0, : n + 1].tolist()
+    drafter.begin(tokens)
+    draft = drafter.propose(tokens, 3, SamplingParams(), torch.Generator())
+    with torch.no_grad():  # the drafter's first token is the head's argmax after the real prefix
+        assert draft.tokens[0] == int(F.linear(task.module.to_head(outs[0][0, n - 1]), target.lm_head.weight).argmax())
+    head = task.module
+    cache = head.new_cache(64, torch.float32)
+    emb = target.embed_tokens.weight.detach()
+    t = batch.tokens[0]
+    with torch.no_grad():
+        f = head.fuse_taps(batch.taps[0, :n])
+        h = head(f.unsqueeze(0), emb[t[1 : n + 1]].unsqueeze(0), torch.arange(n), cache)[:, -1]
+        torch.testing.assert_close(h[0], outs[0][0, n - 1])
+        for s in (2, 3):
+            pos = n + s - 2
+            h = head(h.unsqueeze(0), emb[t[pos + 1 : pos + 2]].unsqueeze(0), torch.tensor([pos]), cache)[:, -1]
+            torch.testing.assert_close(h[0], outs[s - 1][0, pos], atol=1e-5, rtol=1e-5)
+
+
+def test_eagle3_training_lowers_loss_and_raises_acceptance(setup3, tmp_path):
+    target, prompts, ds = setup3
+    task = EagleTask(target, ds, [0, 1], None, unroll=2, noise=0.0, fused=True)
+    before = tau(target, prompts[:6], EagleDrafter(target, task.module))
+    summary = fit(task, ds, tmp_path, 100, 3e-3)
+    first, last = _loss_drop(tmp_path / "train_log.json")
+    assert last < 0.7 * first
+    trained = build_drafter(f"eagle:{tmp_path}", target)
+    assert trained.hidden_layers == (0, 1)
+    after = tau(target, prompts[:6], trained)
+    assert after > before + 0.4, (before, after)
+    assert summary["final_eval"]["tau_est"] > summary["evals"][0]["tau_est"]
+    with pytest.raises(UserError, match="run `specdecode train taps"):
+        EagleTask(target, setup_plain(target, prompts), [0], None, fused=True)
+
+
+def setup_plain(target, prompts):
+    return DataSet.from_sequences(sequences_from_model(target, prompts[:2], 10))
 
 
 def test_eagle_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
@@ -142,6 +225,31 @@ def test_training_resumes_from_its_checkpoint(setup, tmp_path):
     assert summary["steps"] == 8
 
 
+def test_training_also_evaluates_on_fresh_answers(setup3, tmp_path):
+    """The second evaluation set: the target's own answers to prompts outside the data,
+    stopping at an end-of-sequence token."""
+    from specdecode.train.heldout import fresh_answers
+    from specdecode.train.loop import HeldOut
+
+    target, prompts, ds = setup3
+
+    class Chat:  # the two methods fresh_answers uses
+        eos_token_ids = (int(ds.tokens[20]),)
+
+        def apply_chat_template(self, messages):
+            return [3 + len(messages[0]["content"]) % 50, 4, 5]
+
+    fresh_ds = fresh_answers(target, Chat(), 30, (0, 1), prompts=["a question", "another one", "a third one"])
+    assert len(fresh_ds) == 3 and fresh_ds.taps is not None
+    assert all(len(fresh_ds.sequence(i).tokens) <= 3 + 30 for i in range(3))
+    task = EagleTask(target, ds, [0, 1], None, unroll=2, noise=0.0, fused=True)
+    summary = train(task, Sampler(list(range(len(ds))), 8, 0), ds, TrainConfig(minutes=5, max_steps=3), tmp_path,
+                    log=lambda m: None, progress_bar=False,
+                    fresh=HeldOut(fresh_ds, [0, 1, 2], target.lm_head.weight.detach()))
+    ev = summary["final_eval"]
+    assert {"acc_1", "tau_est", "fresh_acc_1", "fresh_tau_est"} <= set(ev) and ev["fresh_tau_est"] >= 1.0
+
+
 def test_frequency_vocabulary(setup):
     from specdecode.train.commands import frequency_vocab
 
@@ -167,6 +275,17 @@ def test_cli_train_arguments():
     assert (args.kind, args.minutes, args.vocab, args.unroll) == ("eagle", 2.0, 0, 2)
     args = build_parser().parse_args(["train", "distill", "--out", "x", "--layers", "0,29"])
     assert args.layers == "0,29"
+    args = build_parser().parse_args(["train", "eagle", "--out", "x", "--eagle3", "--no-fresh-eval"])
+    assert (args.eagle3, args.w_reg, args.no_fresh_eval) == (True, None, True)
+    args = build_parser().parse_args(["train", "taps", "--data", "d", "--layers", "1,2"])
+    assert args.func.__name__ == "cmd_taps"
+    from specdecode.train.commands import parse_tap_layers
+    from specdecode.train.data import default_tap_layers
+
+    assert parse_tap_layers("1,2", 30) == (1, 2) and parse_tap_layers(None, 30) == (2, 15, 27) == default_tap_layers(30)
+    assert default_tap_layers(2) == (0, 1)
+    with pytest.raises(UserError, match="--layers takes target layer numbers"):
+        parse_tap_layers("low,mid", 30)
 
 
 def test_draft_cost_ratio_runs_for_every_trained_drafter(setup):
@@ -183,6 +302,7 @@ def test_draft_cost_ratio_runs_for_every_trained_drafter(setup):
     engine = SimpleNamespace(model=target)
     drafters = [
         EagleDrafter(target, EagleHead(EagleConfig.for_target(target))),
+        EagleDrafter(target, EagleHead(EagleConfig.for_target(target, tap_layers=(0, 1)))),
         MedusaDrafter(target, MedusaHeads(MedusaConfig(target.config.hidden_size))),
         DraftModelDrafter(build_draft_model(target, Student(target, [0]).native_state(), 1, None), 97),
     ]

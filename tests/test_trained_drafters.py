@@ -37,11 +37,15 @@ def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.
     return module
 
 
-def eagle(target, vocab=None, seed=0):
+def eagle(target, vocab=None, seed=0, taps=()):
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # default init is random too: same seed, same head
-        head = EagleHead(EagleConfig.for_target(target))
+        head = EagleHead(EagleConfig.for_target(target, tap_layers=taps))
     return EagleDrafter(target, _randomise(head, seed), vocab)
+
+
+def eagle3(target, vocab=None, seed=0):
+    return eagle(target, vocab, seed, taps=(0, 1, target.config.num_layers - 1))
 
 
 def medusa(target, vocab=None, seed=0, heads=4):
@@ -55,7 +59,7 @@ def distill(target, vocab=None, layers=(0, 2)):
 
 
 MAKERS = {
-    "eagle": eagle, "eagle-subset": lambda t: eagle(t, SUBSET),
+    "eagle": eagle, "eagle-subset": lambda t: eagle(t, SUBSET), "eagle3": eagle3, "eagle3-subset": lambda t: eagle3(t, SUBSET),
     "medusa": medusa, "medusa-subset": lambda t: medusa(t, SUBSET),
     "distill": distill, "distill-subset": lambda t: distill(t, SUBSET),
 }
@@ -124,7 +128,7 @@ class NoHidden:
         self.inner.observe(draft, result)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
 def test_hidden_from_the_loop_gives_the_same_drafts(tiny_target, kind):
     own, fed = MAKERS[kind](tiny_target), MAKERS[kind](tiny_target)
     s_own, s_fed = SpecStats(), SpecStats()
@@ -157,12 +161,14 @@ def test_subset_drafts_stay_in_the_subset(tiny_target):
 
 # -- save / load through the factory ----------------------------------------------------------
 def test_folders_round_trip_through_the_factory(tiny_target, tmp_path):
-    e, m = eagle(tiny_target, SUBSET), medusa(tiny_target)
+    e, m, e3 = eagle(tiny_target, SUBSET), medusa(tiny_target), eagle3(tiny_target)
     save_eagle(tmp_path / "e", e.module, tiny_target, SUBSET, {})
+    save_eagle(tmp_path / "e3", e3.module, tiny_target, None, {})
     save_medusa(tmp_path / "m", m.module, tiny_target, None, {})
     student = Student(tiny_target, [0, 1])
     save_distill(tmp_path / "d", student.native_state(), 2, tiny_target, SUBSET, {})
-    for spec, ref in ((f"eagle:{tmp_path / 'e'}", e), (f"medusa:{tmp_path / 'm'}", m),
+    assert build_drafter(f"eagle:{tmp_path / 'e3'}", tiny_target).hidden_layers == e3.hidden_layers
+    for spec, ref in ((f"eagle:{tmp_path / 'e'}", e), (f"eagle:{tmp_path / 'e3'}", e3), (f"medusa:{tmp_path / 'm'}", m),
                       (f"distill:{tmp_path / 'd'}", distill(tiny_target, SUBSET, (0, 1)))):
         loaded = build_drafter(spec, tiny_target, max_length=64)
         for prompt in PROMPTS:
@@ -194,12 +200,13 @@ def small_target():
     return random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa", "distill-subset"])
 def test_sampling_matches_target_distribution(small_target, kind):
     """T=1: joint law of tokens 2-3 and law of token 4 vs exact enumeration (k=2)."""
     sampling = SamplingParams(temperature=1.0)
     sub = torch.tensor([0, 2, 3, 5, 6])
-    drafter = {"eagle": lambda: eagle(small_target, seed=5), "medusa": lambda: medusa(small_target, seed=5),
+    drafter = {"eagle": lambda: eagle(small_target, seed=5), "eagle3": lambda: eagle3(small_target, seed=5),
+               "medusa": lambda: medusa(small_target, seed=5),
                "distill-subset": lambda: distill(small_target, sub, (0,))}[kind]()
     if hasattr(drafter, "draft_head"):  # a peaked head makes rejections (the residual path) common
         drafter.draft_head = DraftHead(small_target.lm_head.weight.detach() * 3, drafter.draft_head.ids)
@@ -222,7 +229,7 @@ def test_sampling_matches_target_distribution(small_target, kind):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-@pytest.mark.parametrize("kind", ["eagle-subset", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle-subset", "eagle3-subset", "medusa", "distill-subset"])
 def test_drafters_follow_a_bf16_or_quantized_target(tiny_target, fmt, kind):
     """The drafters compute in the target's activation dtype (bf16 for quantized targets).
     Greedy identity is promised in fp32 only (see test_exactness), so this checks decoding runs

@@ -38,3 +38,9 @@ def wants_hidden(drafter: Drafter | None) -> bool:
     `observe_hidden(hidden [n, H])`: the decoding loop then hands over the final-norm hidden
     states of every committed position, which its forwards compute anyway."""
     return drafter is not None and callable(getattr(drafter, "observe_hidden", None))
+
+
+def hidden_layers(drafter: Drafter | None) -> tuple[int, ...] | None:
+    """An EAGLE-3 drafter reads other features than the final-norm states: the inputs of a few
+    target layers (`drafter.hidden_layers`); None means the final-norm states."""
+    return getattr(drafter, "hidden_layers", None) or None

@@ -45,8 +45,9 @@ class SubsetHeadLM:
         attn_mask: torch.Tensor | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | None = None,
     ) -> ModelOutput:
-        out = self.model.forward(tokens, cache, positions, attn_mask, num_logits, return_hidden)
+        out = self.model.forward(tokens, cache, positions, attn_mask, num_logits, return_hidden, hidden_layers)
         full = out.logits.new_full((out.logits.shape[0], self.config.vocab_size), float("-inf"))
         full[:, self.ids] = out.logits
         return ModelOutput(full, out.hidden)

@@ -5,6 +5,12 @@ the next feature f_{i+1}; the target's own LM head (or a frequency-ranked subset
 turns a predicted feature into the draft distribution. Drafting k tokens is k steps of the
 head, each feeding back its predicted feature and drafted token (Li et al., 2024).
 
+EAGLE-3 (`tap_layers` set; Li et al., 2025): the feature of a committed position is a fused
+mix of the target's low, middle and high layers (the residual streams entering
+`tap_layers`), the head's output is not asked to equal any target feature (it is trained
+on the token distribution alone, through its own final norm and the target's LM head), and
+a draft step feeds back the head's own output in place of the fused feature.
+
 Exactness does not depend on the head: verification is the same as for any drafter, and in
 sampling mode each draft token is drawn from q = logits_to_probs(head logits), the warping
 the target's p gets.
@@ -45,16 +51,24 @@ class EagleConfig:
     head_dim: int
     rope_theta: float
     rms_norm_eps: float
+    tap_layers: tuple[int, ...] = ()  # EAGLE-3: target layers whose inputs are fused; () = EAGLE-1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tap_layers", tuple(self.tap_layers))  # JSON gives a list
 
     @classmethod
-    def for_target(cls, target: LlamaModel, intermediate_size: int | None = None) -> "EagleConfig":
+    def for_target(cls, target: LlamaModel, intermediate_size: int | None = None,
+                   tap_layers: tuple[int, ...] = ()) -> "EagleConfig":
         c = target.config
         return cls(c.hidden_size, intermediate_size or c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                   c.rope_theta, c.rms_norm_eps)
+                   c.rope_theta, c.rms_norm_eps, tuple(tap_layers))
 
 
 class EagleHead(nn.Module):
-    """fc(feature ⊕ token embedding) -> one decoder layer -> predicted next feature."""
+    """fc(feature ⊕ token embedding) -> one decoder layer -> predicted next feature.
+
+    EAGLE-3 adds `fuse` (the low/mid/high layer inputs, each normalised, -> one feature) and
+    `out_norm` (the head's own final norm before the LM head)."""
 
     def __init__(self, cfg: EagleConfig) -> None:
         super().__init__()
@@ -66,6 +80,24 @@ class EagleHead(nn.Module):
         self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.tap_layers:
+            # residual streams grow with depth: normalise each layer's input before mixing
+            self.tap_norms = nn.ModuleList(RMSNorm(h, cfg.rms_norm_eps) for _ in cfg.tap_layers)
+            self.fuse = nn.Linear(len(cfg.tap_layers) * h, h, bias=False)
+            self.out_norm = RMSNorm(h, cfg.rms_norm_eps)
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.config.tap_layers)
+
+    def fuse_taps(self, taps: torch.Tensor) -> torch.Tensor:
+        """[..., n_taps * H] target layer inputs -> [..., H] the feature the head reads (EAGLE-3)."""
+        parts = taps.chunk(len(self.config.tap_layers), dim=-1)
+        return self.fuse(torch.cat([norm(p) for norm, p in zip(self.tap_norms, parts)], dim=-1))
+
+    def to_head(self, out: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads from a head output: EAGLE-3's own final norm, else the output itself."""
+        return self.out_norm(out) if self.fused else out
 
     def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat((self.feature_norm(features), self.embed_norm(embeddings)), dim=-1))
@@ -109,7 +141,8 @@ class EagleDrafter:
         # the activations' dtype (a quantized target computes in bf16); no copy when dtypes agree
         self.embed = target.embed_tokens.weight.detach().to(target.dtype)
         self.max_length = max_length or target.config.max_position_embeddings
-        self.features = TargetFeatures(target, self.max_length)
+        self.hidden_layers = head.config.tap_layers or None  # what the decoding loop hands over
+        self.features = TargetFeatures(target, self.max_length, self.hidden_layers)
         self.cache = head.new_cache(self.max_length, target.dtype)
         self.cached = 0  # head cache entries built from real target features (positions 0..cached-1)
 
@@ -142,7 +175,7 @@ class EagleDrafter:
         k = min(k, self.max_length - len(tokens))
         if k <= 0 or n < 1:
             return Draft([])
-        feats = self.features.upto(tokens)  # [n, H] f_0..f_{n-1}
+        feats = self.features.upto(tokens)  # [n, H] f_0..f_{n-1} (EAGLE-3: [n, n_taps * H] layer inputs)
         if self.cached > n - 1:  # cannot happen within one request; be safe across misuse
             self.cache.reset()
             self.cached = 0
@@ -150,13 +183,15 @@ class EagleDrafter:
         start = self.cached
         # Catch up with real features: rows start..n-1 read (f_i, emb(t_{i+1})).
         f_in = feats[start:n].unsqueeze(0)
+        if self.head.fused:
+            f_in = self.head.fuse_taps(f_in)
         e_in = self.embed[tokens[start + 1 : n + 1]].unsqueeze(0)
         h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
         self.cached = n
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for step in range(k):
-            logits = self.draft_head.logits(h)  # [1, Vd]
+            logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
             if sampling.greedy:
                 token = self.draft_head.token(int(logits[0].argmax()))
             else:

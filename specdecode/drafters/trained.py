@@ -274,17 +274,20 @@ class DraftHead:
 
 # ---------------------------------------------------------------------------- features
 class TargetFeatures:
-    """Final-norm target hidden states of the committed tokens of one request.
+    """Target hidden states of the committed tokens of one request (final-norm, or the inputs
+    of a few layers for EAGLE-3).
 
     `observe(hidden)` appends rows the decoding loop computed anyway; `upto(tokens)` makes
     sure rows exist for every token but the newest, running the target itself on any gap.
     Rows live in one preallocated buffer, so a long generation copies nothing.
     """
 
-    def __init__(self, target: LlamaModel, max_length: int | None) -> None:
+    def __init__(self, target: LlamaModel, max_length: int | None, layers: tuple[int, ...] | None = None) -> None:
         self.target = target
         self.max_length = max_length or target.config.max_position_embeddings
-        self.buf = torch.empty(0, target.config.hidden_size, dtype=target.dtype)  # [max_length, H] once used
+        self.layers = layers  # None: final-norm states; else the inputs of these layers (EAGLE-3)
+        width = target.config.hidden_size * (len(layers) if layers else 1)
+        self.buf = torch.empty(0, width, dtype=target.dtype)  # [max_length, width] once used
         self.count = 0
         self._cache: KVCache | None = None  # the fallback's own target cache (lazy)
         self.fallback_tokens = 0  # tokens the fallback ran the target on (its extra cost)
@@ -312,7 +315,8 @@ class TargetFeatures:
                 self._cache.reset()
                 self.count = 0
             gap = tokens[self.count : need]
-            out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True)
+            out = self.target.forward(torch.tensor(gap), self._cache, num_logits=len(gap), return_hidden=True,
+                                      hidden_layers=self.layers)
             self.observe(out.hidden)
             self.fallback_tokens += len(gap)
         return self.buf[:need]

@@ -14,7 +14,9 @@ from specdecode.kv_cache import KVCache
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [T_out, vocab] float32, T_out = num_logits or T
-    hidden: torch.Tensor | None = None  # [T, hidden] final-norm hidden states, if asked
+    # [T, hidden] final-norm hidden states, if asked; with hidden_layers, the residual
+    # streams entering those layers, concatenated: [T, len(hidden_layers) * hidden]
+    hidden: torch.Tensor | None = None
 
 
 class CausalLM(Protocol):
@@ -30,6 +32,7 @@ class CausalLM(Protocol):
         attn_mask: torch.Tensor | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | None = None,
     ) -> ModelOutput:
         """Run `tokens` [T] after the cache's `length` valid slots and append them.
 
@@ -37,5 +40,7 @@ class CausalLM(Protocol):
         attn_mask: [T, T] bool, True where new token i may see new token j (default causal);
         every new token sees all earlier cached slots.
         num_logits: compute logits only for the last n positions (None = all).
+        hidden_layers: with return_hidden, return the inputs of these layers instead of the
+        final-norm states (EAGLE-3's low / mid / high features).
         """
         ...

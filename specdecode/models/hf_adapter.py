@@ -84,6 +84,7 @@ class HFCausalLM:
         attn_mask: torch.Tensor | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | None = None,
     ) -> ModelOutput:
         if attn_mask is not None or positions is not None:
             raise UserError("tree attention needs the native model (llama/qwen2/mistral); this architecture runs through transformers")
@@ -95,4 +96,6 @@ class HFCausalLM:
             output_hidden_states=return_hidden,
         )
         hidden = out.hidden_states[-1][0] if return_hidden else None  # every new token's
+        if return_hidden and hidden_layers:  # hidden_states[l] is the input of layer l
+            hidden = torch.cat([out.hidden_states[l][0] for l in hidden_layers], dim=-1)
         return ModelOutput(logits=out.logits[0].float(), hidden=hidden)

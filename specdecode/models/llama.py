@@ -372,9 +372,13 @@ class LlamaModel(nn.Module):
         attn_mask: torch.Tensor | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] | None = None,
     ) -> ModelOutput:
         t = tokens.shape[0]
         past = cache.length
+        taps = tuple(hidden_layers) if return_hidden and hidden_layers else ()
+        if any(l not in self.layer_ids for l in taps):
+            raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
         if past + t > cache.max_length:
             raise ValueError(f"sequence of {past + t} tokens exceeds the cache of {cache.max_length}")
         rope = self._rope(positions, past, t)
@@ -392,7 +396,8 @@ class LlamaModel(nn.Module):
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         if compiled:  # inductor generates no code for complex numbers: cos/sin pairs instead
             rope = torch.view_as_real(rope)
-        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, runtime, self.layer_ids, self.config)
+        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, runtime, self.layer_ids,
+                              self.config, taps)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -454,9 +459,12 @@ def _step(
     w: Runtime,
     layer_ids: tuple[int, ...],
     cfg: ModelConfig,
+    taps: tuple[int, ...] = (),  # hidden = the residual streams entering these layers, concatenated
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over T new tokens: the whole model as one function of a few tensors, so
-    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_hidden, hidden]).
+    torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_hidden, hidden]):
+    the final-norm hidden states, or with `taps` the inputs of those layers ([n_hidden, len(taps) * hidden],
+    what an EAGLE-3 head reads).
 
     Batch invariance: PyTorch's int8/int4 weight-only kernels compute each row alike however
     many rows a call has (tests/test_perf_paths.py checks it), but the fused attention kernel
@@ -492,7 +500,10 @@ def _step(
         zero = torch.zeros((), dtype=torch.long)
         heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
         slots = torch.arange(past, end)[None, :]  # [1, T]
+    tapped: dict[int, torch.Tensor] = {}
     for li in layer_ids:
+        if li in taps:
+            tapped[li] = x[t - n_hidden :].to(dtype)
         qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
         # RoPE on q and k heads at once, as a complex multiply (rows are in pair order).
         pairs = qkv[:, : (n_heads + n_kv) * d].float().view(t, n_heads + n_kv, d // 2, 2)
@@ -520,4 +531,7 @@ def _step(
         gate, up = w.gate_up(F.rms_norm(x, (hidden,), w.post_norm[li], eps).to(dtype), li).chunk(2, dim=-1)
         x = x + w.down(F.silu(gate) * up, li)
     h = F.rms_norm(x[t - n_hidden :], (hidden,), w.final_norm, eps).to(dtype)
-    return w.head(h[n_hidden - n_out :], 0).float(), h
+    logits = w.head(h[n_hidden - n_out :], 0).float()
+    if taps:
+        return logits, torch.cat([tapped[li] for li in taps], dim=-1)
+    return logits, h

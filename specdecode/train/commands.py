@@ -25,6 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _data_args(data)
     data.set_defaults(func=cmd_data)
 
+    taps = kinds.add_parser("taps", help="add EAGLE-3 features (the target's low/mid/high layer inputs) to a data folder")
+    taps.add_argument("--target", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    taps.add_argument("--data", required=True, help="data folder built by `specdecode train data`")
+    taps.add_argument("--layers", default=None, help="layers whose inputs to store (default: 2, L/2, L-3)")
+    taps.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    taps.set_defaults(func=cmd_taps)
+
     for kind, help_text in (
         ("eagle", "EAGLE head: one decoder layer over (target feature + token embedding)"),
         ("medusa", "Medusa heads on the target's last hidden state"),
@@ -48,12 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="vocabulary the exported drafter drafts over (default: same as --vocab; 0 = whole)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+        p.add_argument("--no-fresh-eval", action="store_true",
+                       help="skip the second evaluation on the target's answers to the `train tau` prompts "
+                            "(about a minute of generation at the start)")
         p.set_defaults(func=cmd_train, kind=kind)
         if kind == "eagle":
             p.add_argument("--unroll", type=int, default=2, help="draft steps trained per position (default 2)")
             p.add_argument("--noise", type=float, default=0.1, help="uniform noise on input features (default 0.1)")
             p.add_argument("--w-cls", type=float, default=0.5, help="weight of the distribution loss (default 0.5)")
             p.add_argument("--init-layer", type=int, default=None, help="initialise the layer from this target layer")
+            p.add_argument("--eagle3", action="store_true",
+                           help="EAGLE-3: fuse the target's low/mid/high layer inputs, token loss only unless --w-reg "
+                                "(adds them to the data first if it has none, see `train taps`)")
+            p.add_argument("--w-reg", type=float, default=None,
+                           help="weight of the feature-regression loss (default 1; 0 with --eagle3)")
         elif kind == "medusa":
             p.add_argument("--heads", type=int, default=4)
             p.add_argument("--layers", type=int, default=1, help="residual blocks per head")
@@ -153,6 +168,35 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_tap_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
+    from specdecode.errors import UserError
+    from specdecode.train.data import default_tap_layers
+
+    if text is None:
+        return default_tap_layers(num_layers)
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--layers takes target layer numbers like 2,15,27, got '{text}'") from None
+
+
+def cmd_taps(args: argparse.Namespace) -> int:
+    import torch
+
+    from specdecode.models.loading import load_model_source
+    from specdecode.train.data import add_taps
+    from specdecode.train.teacher import BatchTeacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model_source(args.target)
+    data_dir = Path(args.data)
+    layers = parse_tap_layers(args.layers, loaded.config.num_layers)
+    add_taps(data_dir, BatchTeacher(loaded.config, loaded.state_dict), layers, _log)
+    _log(f"EAGLE-3 features of layers {list(layers)} in {data_dir}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -172,6 +216,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if builder.total_tokens < args.data_tokens:
             builder.build(args.data_tokens, args.text_tokens, args.data_minutes, _log)
         del builder
+    if getattr(args, "eagle3", False) and not DataSet.has_taps(data_dir):
+        from specdecode.train.data import add_taps, default_tap_layers
+        from specdecode.train.teacher import BatchTeacher
+
+        _log(f"adding EAGLE-3 features to {data_dir} (teacher-forced; about 8 minutes per million tokens on 2 cores)")
+        add_taps(data_dir, BatchTeacher(loaded.config, loaded.state_dict), default_tap_layers(loaded.config.num_layers), _log)
     target = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32)
     if loaded.config.attention_bias or loaded.config.sliding_window is not None:
         raise UserError("trained drafters support llama-layout targets only (no qkv bias, no sliding window)")
@@ -200,7 +250,19 @@ def cmd_train(args: argparse.Namespace) -> int:
              "vocab_coverage_train": round(coverage, 5), "vocab_coverage_held_out": round(held_out, 5)}
     lengths = [int(ds.offsets[i + 1] - ds.offsets[i]) for i in train_ids]
     sampler = Sampler(train_ids, args.batch, args.seed, lengths)
-    train(task, sampler, ds, cfg, out, args.restart, _log, not args.no_progress, extra)
+    fresh = None
+    if not args.no_fresh_eval:
+        import time
+
+        from specdecode.train.heldout import fresh_answers
+        from specdecode.train.loop import HeldOut
+
+        t0 = time.monotonic()
+        fresh_ds = fresh_answers(target, loaded.tokenizer, tap_layers=ds.tap_layers if getattr(args, "eagle3", False) else ())
+        fresh = HeldOut(fresh_ds, list(range(len(fresh_ds))), target.lm_head.weight.detach().float())
+        _log(f"fresh evaluation: the target's greedy answers to the {len(fresh_ds)} `train tau` prompts "
+             f"({time.monotonic() - t0:.0f} s; reported as fresh_*)")
+    train(task, sampler, ds, cfg, out, args.restart, _log, not args.no_progress, extra, fresh)
     return 0
 
 
@@ -217,7 +279,8 @@ def _task(args, target, ds, val_ids, vocab_ids):  # type: ignore[no-untyped-def]
     if args.kind == "eagle":
         from specdecode.train.eagle import EagleTask
 
-        return EagleTask(target, ds, val_ids, vocab_ids, args.unroll, args.noise, args.w_cls, args.init_layer, args.seed)
+        return EagleTask(target, ds, val_ids, vocab_ids, args.unroll, args.noise, args.w_cls, args.init_layer, args.seed,
+                         fused=args.eagle3, w_reg=args.w_reg)
     if args.kind == "medusa":
         from specdecode.train.medusa import MedusaTask
 

@@ -145,17 +145,24 @@ class Sequence_:
     tokens: torch.Tensor  # [L] int64
     features: torch.Tensor  # [L, H] bf16; the last row is unused (no feature for the last token)
     loss_start: int  # first position whose feature predicts a target-written token
+    taps: torch.Tensor | None = None  # [L, n_taps * H] bf16: residual streams entering the tap layers
 
 
 class DataSet:
-    """All shards of a data directory in memory: flat tokens/features plus sequence offsets."""
+    """All shards of a data directory in memory: flat tokens/features plus sequence offsets,
+    and, once `add_taps` has run, the EAGLE-3 features (residual streams entering a few layers)."""
 
-    def __init__(self, tokens: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor, loss_start: torch.Tensor, meta: dict):
+    def __init__(self, tokens: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor, loss_start: torch.Tensor,
+                 meta: dict, taps: torch.Tensor | None = None):
         self.tokens = tokens  # [N] int64
         self.features = features  # [N, H] bf16
         self.offsets = offsets  # [S+1]
         self.loss_start = loss_start  # [S]
         self.meta = meta
+        self.taps = taps  # [N, len(tap_layers) * H] bf16, or None
+        self.tap_layers: tuple[int, ...] = tuple(meta.get("tap_layers", ())) if taps is not None else ()
+        if taps is not None and not self.tap_layers:
+            raise ValueError("EAGLE-3 features without their layers: give meta['tap_layers']")
 
     def __len__(self) -> int:
         return len(self.loss_start)
@@ -166,7 +173,8 @@ class DataSet:
 
     def sequence(self, i: int) -> Sequence_:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return Sequence_(self.tokens[a:b], self.features[a:b], int(self.loss_start[i]))
+        return Sequence_(self.tokens[a:b], self.features[a:b], int(self.loss_start[i]),
+                         None if self.taps is None else self.taps[a:b])
 
     def next_token_counts(self, ids: list[int], vocab_size: int) -> torch.Tensor:
         """How often each token is the target's next token on trained positions of `ids`."""
@@ -186,8 +194,11 @@ class DataSet:
     @classmethod
     def from_sequences(cls, seqs: list[Sequence_], meta: dict | None = None) -> "DataSet":
         offsets = torch.tensor([0] + [len(s.tokens) for s in seqs]).cumsum(0)
+        taps = None
+        if seqs and all(s.taps is not None for s in seqs):
+            taps = torch.cat([s.taps for s in seqs]).to(torch.bfloat16)  # type: ignore[misc]
         return cls(torch.cat([s.tokens for s in seqs]).long(), torch.cat([s.features for s in seqs]).to(torch.bfloat16),
-                   offsets, torch.tensor([s.loss_start for s in seqs]), meta or {})
+                   offsets, torch.tensor([s.loss_start for s in seqs]), meta or {}, taps)
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "DataSet":
@@ -199,15 +210,88 @@ class DataSet:
         shards = sorted(data_dir.glob("shard_*.safetensors"))
         if not shards:
             raise UserError(f"{data_dir} holds no shards yet: build data with `specdecode train data`")
-        toks, feats, offs, starts = [], [], [0], []
-        for path in shards:
+        toks, feats, offs, starts, taps = [], [], [0], [], []
+        tap_paths = [tap_path(p) for p in shards]
+        with_taps = bool(meta.get("tap_layers")) and all(p.is_file() for p in tap_paths)
+        for path, tpath in zip(shards, tap_paths):
             sd = load_file(str(path))
             base = offs[-1]
             toks.append(sd["tokens"].long())
             feats.append(sd["features"])
             offs.extend((sd["offsets"][1:] + base).tolist())
             starts.append(sd["loss_start"].long())
-        return cls(torch.cat(toks), torch.cat(feats), torch.tensor(offs), torch.cat(starts), meta)
+            if with_taps:
+                taps.append(load_file(str(tpath))["taps"])
+        return cls(torch.cat(toks), torch.cat(feats), torch.tensor(offs), torch.cat(starts), meta,
+                   torch.cat(taps) if with_taps else None)
+
+    @staticmethod
+    def has_taps(data_dir: str | Path) -> bool:
+        """Whether every shard of a data folder has its EAGLE-3 features (without loading it)."""
+        data_dir = Path(data_dir)
+        meta_path = data_dir / "meta.json"
+        shards = sorted(data_dir.glob("shard_*.safetensors"))
+        return (meta_path.is_file() and bool(json.loads(meta_path.read_text()).get("tap_layers")) and bool(shards)
+                and all(tap_path(p).is_file() for p in shards))
+
+
+def tap_path(shard: Path) -> Path:
+    """The EAGLE-3 features of a shard live beside it: shard_00012 -> taps_00012."""
+    return shard.with_name(shard.name.replace("shard_", "taps_", 1))
+
+
+def default_tap_layers(num_layers: int) -> tuple[int, ...]:
+    """Low, middle and high layers whose inputs EAGLE-3 fuses (the choice vLLM and SGLang make:
+    2, L/2, L-3), without repeats on very shallow models."""
+    picks = (2, num_layers // 2, num_layers - 3)
+    return tuple(sorted({min(max(0, p), num_layers - 1) for p in picks}))
+
+
+def add_taps(data_dir: Path, teacher: BatchTeacher, layers: tuple[int, ...], log=print, per_batch: int = 8) -> None:
+    """Teacher-force the target over every stored sequence and write, beside each shard, the
+    residual streams entering `layers` (what an EAGLE-3 head reads). The tokens are the
+    target's own answers, so this re-derives what the target computed while writing them.
+    Resumable: shards whose taps file exists are skipped (their layers must match)."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{data_dir} holds no training data (no meta.json): build it with `specdecode train data`")
+    meta = json.loads(meta_path.read_text())
+    have = tuple(meta.get("tap_layers", ()))
+    shards = sorted(data_dir.glob("shard_*.safetensors"))
+    if not shards:
+        raise UserError(f"{data_dir} holds no shards yet: build data with `specdecode train data`")
+    if have and have != tuple(layers) and any(tap_path(p).is_file() for p in shards):
+        raise UserError(f"{data_dir} already has EAGLE-3 features of layers {list(have)}, not {list(layers)}: "
+                        f"delete its taps_*.safetensors files to extract other layers")
+    n_layers = teacher.config.num_layers
+    if not layers or any(not 0 <= l < n_layers for l in layers):
+        raise UserError(f"tap layers must be target layers 0..{n_layers - 1}, got {list(layers)}")
+    meta["tap_layers"] = list(layers)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    t0, done = time.monotonic(), 0
+    for path in shards:
+        out = tap_path(path)
+        if out.is_file():
+            continue
+        sd = load_file(str(path))
+        tokens, offsets = sd["tokens"].long(), sd["offsets"]
+        lengths = (offsets[1:] - offsets[:-1]).tolist()
+        taps = torch.zeros(tokens.shape[0], len(layers) * teacher.config.hidden_size, dtype=torch.bfloat16)
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # similar lengths together: little padding
+        for j in range(0, len(order), per_batch):
+            rows = order[j : j + per_batch]
+            width = max(lengths[i] for i in rows)
+            batch = torch.zeros(len(rows), width, dtype=torch.long)  # right padding: causal rows never see it
+            for r, i in enumerate(rows):
+                batch[r, : lengths[i]] = tokens[int(offsets[i]) : int(offsets[i + 1])]
+            out_rows = teacher.taps(batch, tuple(layers))
+            for r, i in enumerate(rows):
+                taps[int(offsets[i]) : int(offsets[i + 1])] = out_rows[r, : lengths[i]].to(torch.bfloat16)
+        tmp = out.with_suffix(".tmp")
+        save_file({"taps": taps.contiguous()}, str(tmp))
+        tmp.rename(out)  # a shard's taps appear whole or not at all
+        done += tokens.shape[0]
+        log(f"taps: {path.name} ({tokens.shape[0]} tokens; {done / (time.monotonic() - t0):.0f} tok/s)")
 
 
 def save_shard(path: Path, seqs: list[Sequence_]) -> None:
@@ -438,9 +522,11 @@ class DataBuilder:
 
 
 # ---------------------------------------------------------------------------- small targets
-def sequences_from_model(model, prompts: list[list[int]], max_new_tokens: int) -> list[Sequence_]:  # type: ignore[no-untyped-def]
-    """Greedy answers and features from the native model, one prompt at a time (for tests
-    and tiny targets; the batched teacher is the fast path for real ones)."""
+def sequences_from_model(model, prompts: list[list[int]], max_new_tokens: int,  # type: ignore[no-untyped-def]
+                         tap_layers: tuple[int, ...] = (), stop_ids: frozenset[int] = frozenset()) -> list[Sequence_]:
+    """Greedy answers and features (and with `tap_layers` the EAGLE-3 layer inputs) from the
+    native model, one prompt at a time (for tests and tiny targets; the batched teacher is the
+    fast path for real ones)."""
     seqs = []
     for prompt in prompts:
         cache = model.new_cache(len(prompt) + max_new_tokens + 1)
@@ -448,10 +534,17 @@ def sequences_from_model(model, prompts: list[list[int]], max_new_tokens: int) -
         logits = model.forward(torch.tensor(tokens), cache, num_logits=1).logits
         for _ in range(max_new_tokens - 1):
             tokens.append(int(logits[0].argmax()))
+            if tokens[-1] in stop_ids:
+                break
             logits = model.forward(torch.tensor(tokens[-1:]), cache, num_logits=1).logits
-        tokens.append(int(logits[0].argmax()))
+        else:
+            tokens.append(int(logits[0].argmax()))
         out = model.forward(torch.tensor(tokens), model.new_cache(len(tokens)), return_hidden=True)
         feats = out.hidden.to(torch.bfloat16).clone()
         feats[-1] = 0  # no feature for the last token (as in generated data)
-        seqs.append(Sequence_(torch.tensor(tokens), feats, len(prompt) - 1))
+        taps = None
+        if tap_layers:
+            taps = model.forward(torch.tensor(tokens), model.new_cache(len(tokens)), return_hidden=True,
+                                 hidden_layers=tap_layers).hidden.to(torch.bfloat16).clone()
+        seqs.append(Sequence_(torch.tensor(tokens), feats, len(prompt) - 1, taps))
     return seqs

@@ -78,13 +78,13 @@ class DistillTask:
         return ce, {"ce": float(ce.detach())}
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, held_out: HeldOut | None = None) -> dict[str, float]:
         """acc: the draft's argmax equals the target's; tau_est: 1 + mean leading run of
         agreements over eval_k consecutive positions on the target's own (greedy) answers."""
         self.module.eval()
         hits = total = 0
         run_sum, chains = 0.0, 0
-        for batch, truth in self.held_out:
+        for batch, truth in (self.held_out if held_out is None else held_out):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 h = self.module(batch.tokens, self.embed)
             guess = F.linear(h.float(), self.w_draft).argmax(-1)

@@ -6,6 +6,13 @@ where g_{i+1} = head(f_i, emb(t_{i+1})) (EAGLE). With `unroll` > 1 the head is a
 the way it drafts: pass s feeds back pass s-1's predicted feature, and its attention sees
 real keys only up to where the draft chain started plus the keys of its own earlier draft
 steps — exactly what the draft KV cache holds at drafting time.
+
+EAGLE-3 (data with taps, `fused=True`): f_i is replaced by fuse(the target's layer inputs at
+i), and the distribution term reads the head's own final norm: CE(softmax(W f_{i+1}),
+softmax(W norm(g_{i+1}))). By default (`w_reg` 0, as in the paper) that is the whole loss and
+the gradient flows through the fed-back outputs of earlier passes (nothing asks an output to
+look like a target feature, so what the next pass needs from it is learned); `w_reg` > 0 adds
+SmoothL1(norm(g_{i+1}), f_{i+1}) and detaches the fed-back outputs, as EAGLE-1 does.
 """
 
 from __future__ import annotations
@@ -53,8 +60,15 @@ class EagleTask:
         init_layer: int | None = None,
         seed: int = 0,
         eval_unroll: int = 5,
+        fused: bool = False,
+        w_reg: float | None = None,
     ) -> None:
         torch.manual_seed(seed)
+        if fused and ds.taps is None:
+            from specdecode.errors import UserError
+
+            raise UserError("EAGLE-3 training needs the target's layer inputs in the data: "
+                            "run `specdecode train taps --data DIR` on this data folder first")
         self.target = target
         self.ds = ds
         self.val_ids = val_ids
@@ -63,7 +77,12 @@ class EagleTask:
         # The drafting vocabulary written at export; the command may pick another size than
         # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
         self.export_vocab_ids = vocab_ids
-        self.module = EagleHead(EagleConfig.for_target(target))
+        self.fused = fused
+        self.w_reg = (0.0 if fused else 1.0) if w_reg is None else w_reg
+        self.detach_fed = self.w_reg > 0  # outputs pulled towards features are fed back as given
+        self.module = EagleHead(EagleConfig.for_target(target, tap_layers=ds.tap_layers if fused else ()))
+        if fused:  # start from the target's own final norm
+            self.module.out_norm.weight.data.copy_(target.norm.weight.detach().float())
         if init_layer is not None:
             own = {k.removeprefix(f"layers.{init_layer}."): v for k, v in _target_state(target).items()
                    if k.startswith(f"layers.{init_layer}.")}
@@ -80,7 +99,9 @@ class EagleTask:
         """Predicted features of each pass: list of [B, T-1, H]; row i predicts f_{i+1}."""
         head = self.module
         feats = batch.features[:, :-1]  # f_i
-        if noise > 0:
+        if self.fused:
+            feats = head.fuse_taps(batch.taps[:, :-1])  # type: ignore[index]
+        elif noise > 0:
             u = torch.rand(feats.shape, generator=self.generator) * 2 - 1
             feats = feats + noise * u
         emb = F.embedding(batch.tokens[:, 1:], self.embed)  # emb(t_{i+1})
@@ -103,7 +124,8 @@ class EagleTask:
             values.append(v)
             outs.append(out)
             # Next pass: row j reads the feature this pass predicted at row j-1.
-            inp = torch.cat((out.new_zeros(b, 1, out.shape[2]), out[:, :-1].detach()), dim=1)
+            fed = out[:, :-1].detach() if self.detach_fed else out[:, :-1]
+            inp = torch.cat((out.new_zeros(b, 1, out.shape[2]), fed), dim=1)
         return outs
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -120,15 +142,20 @@ class EagleTask:
             m[:, : s - 1] = False  # a chain needs s-1 earlier rows
             sel = m[mask]  # rows of p that this pass scores
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logq = torch.log_softmax(F.linear(g[m], self.w_draft).float(), -1)
-            reg = F.smooth_l1_loss(g[m].float(), target_f[m])
+                out = self.module.to_head(g[m])
+                logq = torch.log_softmax(F.linear(out, self.w_draft).float(), -1)
             cls = -(p[sel] * logq).sum(-1).mean()
-            total = total + 0.8 ** (s - 1) * (reg + self.w_cls * cls)
-            parts[f"reg{s}"], parts[f"ce{s}"] = float(reg.detach()), float(cls.detach())
+            step_loss = cls if self.fused and self.w_reg == 0 else self.w_cls * cls
+            if self.w_reg > 0:
+                reg = F.smooth_l1_loss(out.float(), target_f[m])
+                step_loss = step_loss + self.w_reg * reg
+                parts[f"reg{s}"] = float(reg.detach())
+            total = total + 0.8 ** (s - 1) * step_loss
+            parts[f"ce{s}"] = float(cls.detach())
         return total, parts
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, held_out: HeldOut | None = None) -> dict[str, float]:
         """Greedy acceptance on held-out sequences, teacher-forced: pass s at row j is right
         when its argmax is the target's next token. tau_est = 1 + mean leading run of rights
         over a chain of `eval_unroll` drafts (what chain drafting with k = eval_unroll gets
@@ -137,14 +164,14 @@ class EagleTask:
         hits = [0] * self.eval_unroll
         counts = [0] * self.eval_unroll
         run_sum, chains = 0.0, 0
-        for batch, truth_all in self.held_out:
+        for batch, truth_all in (self.held_out if held_out is None else held_out):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outs = self._passes(batch, self.eval_unroll, 0.0)
             mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]
             truth = truth_all[:, 1:]  # target's argmax after f_{i+1}
             right = []
             for s, g in enumerate(outs):
-                guess = F.linear(g.float(), self.w_draft).argmax(-1)
+                guess = F.linear(self.module.to_head(g).float(), self.w_draft).argmax(-1)
                 if self.vocab_ids is not None:
                     guess = self.vocab_ids[guess]
                 right.append(guess == truth)  # [B, T-1]

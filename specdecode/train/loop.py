@@ -43,7 +43,9 @@ class Task(Protocol):
 
     def loss(self, batch: "Batch") -> tuple[torch.Tensor, dict[str, float]]: ...
 
-    def evaluate(self) -> dict[str, float]: ...
+    def evaluate(self, held_out: "HeldOut | None" = None) -> dict[str, float]:
+        """Acceptance figures on `held_out` (default: the task's own held-out split)."""
+        ...
 
     def export(self, out: Path, summary: dict) -> None: ...
 
@@ -54,6 +56,7 @@ class Batch:
     features: torch.Tensor  # [B, T, H] float32 target features (0 where missing)
     has_feature: torch.Tensor  # [B, T] bool: a real target feature at this position
     trained: torch.Tensor  # [B, T] bool: the position's *next* token was written by the target (or text)
+    taps: torch.Tensor | None = None  # [B, T, n_taps * H] float32 EAGLE-3 layer inputs, when the data has them
 
 
 def make_batch(ds: DataSet, ids: list[int], max_len: int) -> Batch:
@@ -64,14 +67,17 @@ def make_batch(ds: DataSet, ids: list[int], max_len: int) -> Batch:
     feats = torch.zeros(b, t, h)
     has = torch.zeros(b, t, dtype=torch.bool)
     trained = torch.zeros(b, t, dtype=torch.bool)
+    taps = torch.zeros(b, t, ds.taps.shape[1]) if ds.taps is not None else None
     for r, s in enumerate(seqs):
         n = min(t, len(s.tokens))
         tokens[r, :n] = s.tokens[:n]
         feats[r, :n] = s.features[:n].float()
+        if taps is not None:
+            taps[r, :n] = s.taps[:n].float()  # type: ignore[index]
         last = min(n, len(s.tokens) - 1)  # the sequence's last token has no feature
         has[r, :last] = True
         trained[r, s.loss_start : last] = True
-    return Batch(tokens, feats, has, trained)
+    return Batch(tokens, feats, has, trained, taps)
 
 
 class HeldOut:
@@ -128,8 +134,12 @@ def train(
     log: Callable[[str], None] = print,
     progress_bar: bool = True,
     extra: dict | None = None,
+    fresh: HeldOut | None = None,
 ) -> dict:
-    """Train until the budget is spent; returns the summary written to out/train_log.json."""
+    """Train until the budget is spent; returns the summary written to out/train_log.json.
+
+    `fresh`: a second evaluation set (the target's answers to prompts outside the data),
+    reported as fresh_* beside the held-out split's figures."""
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in task.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -154,7 +164,7 @@ def train(
     bar = _Progress(budget, progress_bar)
     try:
         if not state["evals"]:
-            state["evals"].append({"step": 0, **task.evaluate()})
+            state["evals"].append({"step": 0, **_evaluate(task, fresh)})
             log(f"step 0: held-out {_fmt(state['evals'][-1])}")
         while state["seconds"] < budget and (cfg.max_steps is None or state["step"] < cfg.max_steps):
             t0 = time.monotonic()
@@ -176,7 +186,7 @@ def train(
             bar.update(state["seconds"], f"step {state['step']} loss {ema:.4f}")
             now = time.monotonic()
             if now - last_eval > cfg.eval_minutes * 60:
-                state["evals"].append({"step": state["step"], **task.evaluate()})
+                state["evals"].append({"step": state["step"], **_evaluate(task, fresh)})
                 log(f"step {state['step']} ({state['seconds'] / 60:.1f} min): loss {ema:.4f} "
                     f"{_fmt(parts)} | held-out {_fmt(state['evals'][-1])}")
                 last_eval = time.monotonic()
@@ -187,7 +197,7 @@ def train(
         bar.close()
         save()
     if state["evals"][-1]["step"] != state["step"]:
-        state["evals"].append({"step": state["step"], **task.evaluate()})
+        state["evals"].append({"step": state["step"], **_evaluate(task, fresh)})
     save()
     summary = {
         "task": task.name, "steps": state["step"], "minutes": round(state["seconds"] / 60, 2),
@@ -200,6 +210,13 @@ def train(
     plot_curve(state["history"], state["evals"], out / "loss.png", task.name)
     log(f"done: {state['step']} steps in {summary['minutes']} min; held-out {_fmt(summary['final_eval'])}; wrote {out}")
     return summary
+
+
+def _evaluate(task: Task, fresh: HeldOut | None) -> dict[str, float]:
+    out = task.evaluate()
+    if fresh is not None:
+        out.update({f"fresh_{k}": v for k, v in task.evaluate(fresh).items()})
+    return out
 
 
 def brief(summary: dict) -> dict:
@@ -266,7 +283,10 @@ def plot_curve(history: list, evals: list[dict], path: Path, title: str) -> None
     if key:
         ax2 = ax.twinx()
         ax2.plot([e["step"] for e in evals], [e[key] for e in evals], "o-", color="tab:orange", label=f"held-out {key}")
-        ax2.set_ylabel(f"held-out {key}")
+        if f"fresh_{key}" in evals[-1]:
+            ax2.plot([e["step"] for e in evals], [e[f"fresh_{key}"] for e in evals], "s--", color="tab:green",
+                     label=f"fresh prompts {key}")
+        ax2.set_ylabel(key)
         ax2.legend(loc="upper right")
     if history:
         ax.legend(loc="upper left")

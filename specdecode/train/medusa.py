@@ -57,13 +57,13 @@ class MedusaTask:
         return total, parts
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, held_out: HeldOut | None = None) -> dict[str, float]:
         """tau_est: 1 + mean number of leading heads whose argmax is the target's token."""
         self.module.eval()
         m = self.module.config.num_heads
         hits, counts = [0] * m, [0] * m
         run_sum, chains = 0.0, 0
-        for batch, truth in self.held_out:  # truth [B, T]: the token after f_i
+        for batch, truth in (self.held_out if held_out is None else held_out):  # truth [B, T]: the token after f_i
             t = batch.tokens.shape[1]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = self.module(batch.features)

@@ -61,6 +61,26 @@ class BatchTeacher:
         return self.model.model(input_ids=chunks, use_cache=False).last_hidden_state
 
     @torch.inference_mode()
+    def taps(self, chunks: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+        """Teacher-forced residual streams entering each of `layers` (EAGLE-3's low / mid /
+        high features): [B, T] -> [B, T, len(layers) * H], in `layers` order."""
+        got: dict[int, torch.Tensor] = {}
+
+        def grab(index: int):  # type: ignore[no-untyped-def]
+            def hook(module, args, kwargs):  # type: ignore[no-untyped-def]
+                got[index] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        decoder = self.model.model.layers
+        handles = [decoder[l].register_forward_pre_hook(grab(l), with_kwargs=True) for l in layers]
+        try:
+            self.model.model(input_ids=chunks, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat([got[l] for l in layers], dim=-1)
+
+    @torch.inference_mode()
     def generate(
         self,
         prompts: list[list[int]],
