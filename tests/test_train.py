@@ -102,8 +102,9 @@ def test_taps_are_added_to_a_data_folder(setup3, tmp_path):
     assert DataSet.load(tmp_path).taps is None and not DataSet.has_taps(tmp_path)
     teacher = BatchTeacher(target.config, target.state_dict(), dtype=torch.float32)
     add_taps(tmp_path, teacher, (0, 1), log=lambda m: None, per_batch=3)  # batches of unequal lengths
-    loaded = DataSet.load(tmp_path)
+    loaded = DataSet.load(tmp_path, with_taps=True)
     assert DataSet.has_taps(tmp_path) and loaded.tap_layers == (0, 1)
+    assert DataSet.load(tmp_path).taps is None  # other drafters do not pay for them
     torch.testing.assert_close(loaded.taps.float(), ds3.taps.float(), atol=2e-2, rtol=2e-2)
     with pytest.raises(UserError, match="already has EAGLE-3 features of layers"):
         add_taps(tmp_path, teacher, (1,), log=lambda m: None)

@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     target = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32)
     if loaded.config.attention_bias or loaded.config.sliding_window is not None:
         raise UserError("trained drafters support llama-layout targets only (no qkv bias, no sliding window)")
-    ds = DataSet.load(data_dir)
+    ds = DataSet.load(data_dir, with_taps=getattr(args, "eagle3", False))
     train_ids, val_ids = ds.split()
     # Held-out numbers are measured on the target's answers (what bench measures), not on text.
     answers = [i for i in val_ids if int(ds.loss_start[i]) > 0] or val_ids
