@@ -77,7 +77,6 @@ class EagleTask:
         # The drafting vocabulary written at export; the command may pick another size than
         # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
         self.export_vocab_ids = vocab_ids
-        self.fused = fused
         self.w_reg = (0.0 if fused else 1.0) if w_reg is None else w_reg
         self.detach_fed = self.w_reg > 0  # outputs pulled towards features are fed back as given
         self.module = EagleHead(EagleConfig.for_target(target, tap_layers=ds.tap_layers if fused else ()))
@@ -93,6 +92,10 @@ class EagleTask:
         self.w_full = full
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.held_out = HeldOut(ds, val_ids, self.w_full)
+
+    @property
+    def fused(self) -> bool:
+        return self.module.fused
 
     # -- forward over a batch, `passes` draft steps -------------------------------------
     def _passes(self, batch: Batch, passes: int, noise: float) -> list[torch.Tensor]:

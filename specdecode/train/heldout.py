@@ -94,11 +94,11 @@ def draft_cost_ratio(engine, drafter, steps: int = 40) -> float:  # type: ignore
         def step(tok: torch.Tensor) -> None:
             drafter.model.forward(tok, d_cache, num_logits=1)
     elif isinstance(drafter, EagleDrafter):
-        feats = target.forward(context, target.new_cache(512), return_hidden=True).hidden
-        if drafter.head.fused:  # EAGLE-3: the fused layer inputs of the context (fusing is prefill work)
-            taps = target.forward(context, target.new_cache(512), return_hidden=True,
-                                  hidden_layers=drafter.hidden_layers).hidden
-            feats = drafter.head.fuse_taps(taps)
+        # EAGLE-3 reads the layer inputs of the context, fused (fusing is prefill work)
+        feats = target.forward(context, target.new_cache(512), return_hidden=True,
+                               hidden_layers=drafter.hidden_layers).hidden
+        if drafter.head.fused:
+            feats = drafter.head.fuse_taps(feats)
         h_cache = drafter.head.new_cache(512, target.dtype)
         emb = drafter.embed
         drafter.head(feats[:-1].unsqueeze(0), emb[context[1:]].unsqueeze(0), torch.arange(199), h_cache)
