@@ -275,7 +275,8 @@ def test_cli_train_arguments():
     args = build_parser().parse_args(["train", "eagle", "--out", "x", "--minutes", "2", "--vocab", "0"])
     assert (args.kind, args.minutes, args.vocab, args.unroll) == ("eagle", 2.0, 0, 2)
     args = build_parser().parse_args(["train", "distill", "--out", "x", "--layers", "0,29"])
-    assert args.layers == "0,29"
+    assert (args.layers, args.store) == ("0,29", "bf16")
+    assert build_parser().parse_args(["train", "medusa", "--out", "x", "--store", "int8"]).store == "int8"
     args = build_parser().parse_args(["train", "eagle", "--out", "x", "--eagle3", "--no-fresh-eval"])
     assert (args.eagle3, args.w_reg, args.no_fresh_eval) == (True, None, True)
     args = build_parser().parse_args(["train", "taps", "--data", "d", "--layers", "1,2"])

@@ -18,7 +18,7 @@ from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, save_eagle
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, save_medusa
-from specdecode.drafters.trained import DraftHead
+from specdecode.drafters.trained import WEIGHTS_FILE, DraftHead, load_folder, store_int8
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
 from specdecode.sampling import make_generator
@@ -178,6 +178,35 @@ def test_folders_round_trip_through_the_factory(tiny_target, tmp_path):
             assert run(tiny_target, prompt, loaded, 3, stats=stats) == run(tiny_target, prompt)
             assert stats.drafted > 0
         del ref
+
+
+def test_int8_stored_folders_load_close_and_stay_exact(tiny_target, tmp_path):
+    e, m = eagle(tiny_target, SUBSET), medusa(tiny_target)
+    save_eagle(tmp_path / "e", e.module, tiny_target, SUBSET, {})
+    save_medusa(tmp_path / "m", m.module, tiny_target, None, {})
+    save_distill(tmp_path / "d", Student(tiny_target, [0, 1]).native_state(), 2, tiny_target, SUBSET, {})
+    for kind in ("eagle", "medusa", "distill"):
+        folder = tmp_path / kind[0]
+        _, before = load_folder(folder, kind)
+        size = (folder / WEIGHTS_FILE).stat().st_size
+        assert store_int8(folder, min_numel=256) < 0.7 * size
+        config, after = load_folder(folder, kind)
+        assert config["storage"] == "int8" and after.keys() == before.keys()
+        quantized = 0
+        for name, t in before.items():
+            assert after[name].dtype == t.dtype and after[name].shape == t.shape
+            if t.is_floating_point() and t.dim() == 2 and t.numel() >= 256:
+                quantized += 1  # rounding error at most half a step of the row's scale (+ bf16 rounding)
+                step = t.float().abs().amax(1, keepdim=True) / 127
+                assert ((after[name].float() - t.float()).abs() <= 0.5 * step + 0.01 * t.float().abs() + 1e-6).all()
+            else:
+                assert torch.equal(after[name], t)
+        assert quantized > 0
+        loaded = build_drafter(f"{kind}:{folder}", tiny_target, max_length=64)
+        for prompt in PROMPTS:
+            stats = SpecStats()
+            assert run(tiny_target, prompt, loaded, 3, stats=stats) == run(tiny_target, prompt)
+            assert stats.drafted > 0
 
 
 def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):

@@ -1,7 +1,8 @@
 """What the trained drafters (EAGLE, Medusa, distilled draft model) share.
 
 * a drafter folder: `config.json` (kind, shapes, which target it was trained on) plus
-  `drafter.safetensors`; the shipped ones live in specdecode/assets/drafters/<kind>/;
+  `drafter.safetensors` (bf16, or int8 matrices with per-row scales: `store_int8`); the
+  shipped ones live in specdecode/assets/drafters/<kind>/;
 * a Llama decoder block that trains (autograd, batches) and drafts (KV cache), with the
   native model's parameter names and math, so a trained block also loads into LlamaModel;
 * an optional vocabulary subset for the draft head (the target's head rows of the most
@@ -32,6 +33,7 @@ from specdecode.models.quant import linear_stack
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 WEIGHTS_FILE = "drafter.safetensors"
 CONFIG_FILE = "config.json"
+INT8_SCALE = ".int8_scale"  # beside an int8-stored matrix: its per-row scales
 
 
 # ---------------------------------------------------------------------------- folders
@@ -52,7 +54,33 @@ def load_folder(path: Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.
     config = json.loads((path / CONFIG_FILE).read_text())
     if config.get("kind") != kind:
         raise UserError(f"{path} holds a '{config.get('kind')}' drafter, not '{kind}': use --drafter {config.get('kind')}:{path}")
-    return config, load_file(str(path / WEIGHTS_FILE))
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    for name in [n for n in tensors if n.endswith(INT8_SCALE)]:  # int8 storage (see store_int8)
+        scale = tensors.pop(name)
+        base = name.removesuffix(INT8_SCALE)
+        tensors[base] = (tensors[base].float() * scale[:, None]).to(torch.bfloat16)
+    return config, tensors
+
+
+def store_int8(path: Path, min_numel: int = 1 << 16) -> int:
+    """Rewrite a drafter folder's matrices in int8, one symmetric scale per row (half of
+    bf16's bytes; vectors, norms and small tensors stay as they are); `load_folder` turns them
+    back into bf16. Drafts only move by the rounding, and verification keeps decoding exact
+    whatever the drafter's weights are. Returns the new file size in bytes."""
+    from specdecode.models.quant import quantize_int8
+
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dim() == 2 and t.numel() >= min_numel and not name.endswith(INT8_SCALE):
+            out[name], out[name + INT8_SCALE] = quantize_int8(t)
+        else:
+            out[name] = t
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path / WEIGHTS_FILE))
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["storage"] = "int8"
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    return (path / WEIGHTS_FILE).stat().st_size
 
 
 def save_folder(path: Path, kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="draft head over the N most frequent target tokens (0 = the whole vocabulary)")
         p.add_argument("--draft-vocab", type=int, default=None,
                        help="vocabulary the exported drafter drafts over (default: same as --vocab; 0 = whole)")
+        p.add_argument("--store", choices=("bf16", "int8"), default="bf16",
+                       help="weights file format: bf16, or int8 matrices with per-row scales (half the size)")
         p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
         p.add_argument("--no-fresh-eval", action="store_true",
@@ -263,6 +265,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _log(f"fresh evaluation: the target's greedy answers to the {len(fresh_ds)} `train tau` prompts "
              f"({time.monotonic() - t0:.0f} s; reported as fresh_*)")
     train(task, sampler, ds, cfg, out, args.restart, _log, not args.no_progress, extra, fresh)
+    if args.store == "int8":
+        from specdecode.drafters.trained import store_int8
+
+        _log(f"stored the matrices in int8: {store_int8(out) / 1e6:.1f} MB")
     return 0
 
 
