@@ -69,17 +69,14 @@ def store_int8(path: Path, min_numel: int = 1 << 16) -> int:
     whatever the drafter's weights are. Returns the new file size in bytes."""
     from specdecode.models.quant import quantize_int8
 
-    tensors = load_file(str(path / WEIGHTS_FILE))
     out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.dim() == 2 and t.numel() >= min_numel and not name.endswith(INT8_SCALE):
+    for name, t in load_file(str(path / WEIGHTS_FILE)).items():  # int8 codes and 1-D scales are left alone
+        if t.is_floating_point() and t.dim() == 2 and t.numel() >= min_numel:
             out[name], out[name + INT8_SCALE] = quantize_int8(t)
         else:
             out[name] = t
-    save_file({k: v.contiguous() for k, v in out.items()}, str(path / WEIGHTS_FILE))
     config = json.loads((path / CONFIG_FILE).read_text())
-    config["storage"] = "int8"
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    save_folder(path, config.pop("kind"), {**config, "storage": "int8"}, out)
     return (path / WEIGHTS_FILE).stat().st_size
 
 
