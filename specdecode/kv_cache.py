@@ -1,12 +1,23 @@
-"""A preallocated key/value cache for one sequence.
+"""A key/value cache for one sequence that grows on demand up to `max_length`.
 
 Rollback is setting `length`: slots past it are garbage that the next forward overwrites
 (the gpt-fast idea), so rejecting draft tokens costs nothing.
+
+Storage starts small (INITIAL_SLOTS, or the first request's need) and grows geometrically
+(x2, capped at `max_length`) by reallocating k/v and copying what they hold, so a model
+loaded with --max-context 4096 (or 32k) pays for the tokens it actually sees, not for the
+whole context up front: an 8B model's full fp32 cache at 4096 tokens is 1 GiB. Doubling
+keeps the copying amortised O(1) per token. `k` and `v` are replaced on growth, so callers
+must read `cache.k` / `cache.v` after `ensure` (the model's forward does), never keep them.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Slots a growing cache starts with: a chat turn's prompt and answer usually fit, so most
+# requests never reallocate, and it is small even for large models (8B fp32: 64 MiB).
+INITIAL_SLOTS = 256
 
 
 class KVCache:
@@ -20,15 +31,55 @@ class KVCache:
         max_length: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        initial_length: int | None = None,
     ) -> None:
-        shape = (num_layers, 1, num_kv_heads, max_length, head_dim)
-        # [layers, batch=1, kv_heads, max_length, head_dim]
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        """max_length: the limit in tokens. initial_length: slots allocated now (default
+        min(INITIAL_SLOTS, max_length); pass max_length to preallocate everything)."""
+        if max_length < 1:
+            raise ValueError(f"a KV cache needs room for at least one token, got max_length {max_length}")
         self.max_length = max_length
         self.length = 0
+        slots = min(max_length, INITIAL_SLOTS if initial_length is None else max(1, initial_length))
+        # [layers, batch=1, kv_heads, slots, head_dim]
+        self._shape = (num_layers, 1, num_kv_heads, head_dim)
+        self.k = torch.zeros(self._full_shape(slots), dtype=dtype, device=device)
+        self.v = torch.zeros(self._full_shape(slots), dtype=dtype, device=device)
+
+    def _full_shape(self, slots: int) -> tuple[int, ...]:
+        layers, batch, heads, dim = self._shape
+        return (layers, batch, heads, slots, dim)
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated now (<= max_length)."""
+        return int(self.k.shape[3])
+
+    def nbytes(self) -> int:
+        """Bytes the allocated keys and values take."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    def ensure(self, n: int) -> None:
+        """Make room for n tokens (slots [0, n)); ValueError past `max_length`.
+
+        Grows to max(n, 2 x capacity), capped at max_length. Everything allocated is copied,
+        not just [0, length): a layer may already have written slots past `length` in the
+        current forward (the length advances after all layers).
+        """
+        if n > self.max_length:
+            raise ValueError(f"sequence of {n} tokens exceeds the cache of {self.max_length}")
+        old = self.capacity
+        if n <= old:
+            return
+        slots = min(self.max_length, max(n, 2 * old))
+        for name in ("k", "v"):
+            current: torch.Tensor = getattr(self, name)
+            grown = torch.zeros(self._full_shape(slots), dtype=current.dtype, device=current.device)
+            grown[:, :, :, :old] = current
+            setattr(self, name, grown)
+            del current  # the old tensor is freed before the second one is allocated
 
     def reset(self) -> None:
+        """Empty the cache; its storage is kept (the next request likely needs as much)."""
         self.length = 0
 
     def rollback(self, length: int) -> None:
@@ -44,6 +95,7 @@ class KVCache:
         once after all layers).
         """
         start, end = self.length, self.length + k.shape[2]
+        self.ensure(end)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

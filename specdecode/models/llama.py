@@ -273,8 +273,13 @@ class LlamaModel(nn.Module):
         return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
 
     def new_cache(self, max_length: int | None = None) -> KVCache:
+        """A cache that grows on demand up to max_length (default: the model's context).
+        A compiled model's cache is allocated in full at once: compiled steps take the cache
+        tensors as inputs, and a new size could cost a recompile (minutes) mid-request."""
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_length or c.max_position_embeddings, self.dtype)
+        limit = max_length or c.max_position_embeddings
+        initial = limit if self._compiled is not None else None
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, limit, self.dtype, initial_length=initial)
 
     # -- runtime weights ----------------------------------------------------------------
     def runtime(self) -> Runtime:
@@ -379,8 +384,7 @@ class LlamaModel(nn.Module):
         taps = tuple(hidden_layers) if return_hidden and hidden_layers else ()
         if any(l not in self.layer_ids for l in taps):
             raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
-        if past + t > cache.max_length:
-            raise ValueError(f"sequence of {past + t} tokens exceeds the cache of {cache.max_length}")
+        cache.ensure(past + t)  # grows the cache (new k/v tensors) or raises past its max_length
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
         compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
