@@ -28,8 +28,11 @@ from specdecode.models.llama import LlamaModel
 from specdecode.models.loading import load_model_source
 
 # What `--dtype` names: int8/int4 weights run with bf16 activations (the kernels' fast path).
-FORMATS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
-           "int4": (torch.bfloat16, "int4"), "fp32-int8": (torch.float32, "int8"), "fp32-int4": (torch.float32, "int4")}
+# (activation dtype, quantization, matmul kernel: None = the best this machine has, see specdecode.kernels)
+FORMATS = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, None),
+           "int8": (torch.bfloat16, "int8", None), "int4": (torch.bfloat16, "int4", None),
+           "int8-aten": (torch.bfloat16, "int8", "aten"), "int4-aten": (torch.bfloat16, "int4", "aten"),
+           "fp32-int8": (torch.float32, "int8", None), "fp32-int4": (torch.float32, "int4", None)}
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu", "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
@@ -42,8 +45,10 @@ def build(loaded, name: str, baseline: str | None):  # type: ignore[no-untyped-d
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         return module.LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32)
-    dtype, quant = FORMATS[name.removesuffix("+c")]
-    model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, dtype, quant)
+    dtype, quant, kernel = FORMATS[name.removesuffix("+c")]
+    model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, dtype)
+    if quant is not None:
+        model = model.quantized(quant, dtype, kernel)
     return model.compile() if name.endswith("+c") else model
 
 
@@ -101,7 +106,7 @@ def main() -> None:
         models[name].forward(torch.arange(args.past), caches[name])  # prefill + build runtime weights
         for t in args.tokens:  # warm up (and compile) every shape
             step_seconds(models[name], caches[name], args.past, t, 2)
-        print(f"{name}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{name}: ready in {time.perf_counter() - t0:.1f} s (kernel {models[name].kernel})", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f}, threads={args.threads}, past={args.past}")
     if args.profile:
         for name in args.formats:

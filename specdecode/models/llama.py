@@ -116,8 +116,13 @@ class Runtime:
     final_norm: torch.Tensor  # [hidden], fp32
     head: LinearStack  # one "layer": hidden -> vocab
 
+    @property
+    def kernel(self) -> str:
+        """Which matmul code the layers run (specdecode.kernels; 'onednn' for packed float)."""
+        return self.qkv.kernel
+
     @classmethod
-    def build(cls, model: "LlamaModel", quant: str | None, dtype: torch.dtype) -> "Runtime":
+    def build(cls, model: "LlamaModel", quant: str | None, dtype: torch.dtype, kernel: str | None = None) -> "Runtime":
         cfg = model.config
         layers = list(model.layers)
         with torch.no_grad():
@@ -136,13 +141,13 @@ class Runtime:
             return cls(
                 embed=model.embed_tokens.weight.detach().to(dtype),
                 input_norm=[layer.input_layernorm.weight.detach().float() for layer in layers],
-                qkv=linear_stack(qkv_w, qkv_b or None, quant, dtype),
-                o=linear_stack([layer.self_attn.o_proj.weight for layer in layers], None, quant, dtype),
+                qkv=linear_stack(qkv_w, qkv_b or None, quant, dtype, kernel),
+                o=linear_stack([layer.self_attn.o_proj.weight for layer in layers], None, quant, dtype, kernel),
                 post_norm=[layer.post_attention_layernorm.weight.detach().float() for layer in layers],
-                gate_up=linear_stack(gate_up_w, None, quant, dtype),
-                down=linear_stack([layer.mlp.down_proj.weight for layer in layers], None, quant, dtype),
+                gate_up=linear_stack(gate_up_w, None, quant, dtype, kernel),
+                down=linear_stack([layer.mlp.down_proj.weight for layer in layers], None, quant, dtype, kernel),
                 final_norm=model.norm.weight.detach().float(),
-                head=linear_stack([model.lm_head.weight], None, head_quant, dtype),
+                head=linear_stack([model.lm_head.weight], None, head_quant, dtype, kernel),
             )
 
 
@@ -156,20 +161,21 @@ class _RuntimeCache:
 
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
-        self.runtimes: dict[tuple[str | None, torch.dtype], tuple[int, Runtime]] = {}
+        self.runtimes: dict[tuple[str | None, torch.dtype, str | None], tuple[int, Runtime]] = {}
 
     def clear(self) -> None:
         self.params, self.runtimes = [], {}
 
-    def get(self, model: "LlamaModel", quant: str | None, dtype: torch.dtype) -> Runtime:
-        return self._get(model, (quant, dtype), lambda: Runtime.build(model, quant, dtype))
+    def get(self, model: "LlamaModel", quant: str | None, dtype: torch.dtype, kernel: str | None = None) -> Runtime:
+        return self._get(model, (quant, dtype, kernel), lambda: Runtime.build(model, quant, dtype, kernel))
 
-    def get_prefill(self, model: "LlamaModel", quant: str, dtype: torch.dtype) -> Runtime:
+    def get_prefill(self, model: "LlamaModel", quant: str, dtype: torch.dtype, kernel: str | None = None) -> Runtime:
         """Float layers (dtype) with the quantized model's own output head."""
-        return self._get(model, (f"{quant}+float-prefill", dtype), lambda: dataclasses.replace(
-            self.get(model, None, dtype), head=self.get(model, quant, dtype).head))
+        return self._get(model, (f"{quant}+float-prefill", dtype, kernel), lambda: dataclasses.replace(
+            self.get(model, None, dtype), head=self.get(model, quant, dtype, kernel).head))
 
-    def _get(self, model: "LlamaModel", key: tuple[str | None, torch.dtype], build: Callable[[], Runtime]) -> Runtime:
+    def _get(self, model: "LlamaModel", key: tuple[str | None, torch.dtype, str | None],
+             build: Callable[[], Runtime]) -> Runtime:
         if not self.params:
             self.params = list(model.parameters())
         stamp = sum([p._version for p in self.params])
@@ -196,6 +202,7 @@ class LlamaModel(nn.Module):
         self.layer_ids: tuple[int, ...] = tuple(range(cfg.num_layers)) if layer_ids is None else tuple(layer_ids)
         self.quant: str | None = None  # None = float matmuls; "int8" / "int4" weight-only
         self.compute_dtype: torch.dtype | None = None  # activations/KV cache; None = the parameters'
+        self.kernel_choice: str | None = None  # matmul code for int8/int4 (None = best available)
         self._rope_cache: torch.Tensor | None = None  # [positions, head_dim / 2] complex64
         self._runtimes = _RuntimeCache()
         self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -225,7 +232,8 @@ class LlamaModel(nn.Module):
         model = model.to(dtype).eval()
         return model if quant is None else model.quantized(quant, dtype)
 
-    def _view(self, layer_ids: Sequence[int], quant: str | None, compute_dtype: torch.dtype | None) -> "LlamaModel":
+    def _view(self, layer_ids: Sequence[int], quant: str | None, compute_dtype: torch.dtype | None,
+              kernel: str | None = None) -> "LlamaModel":
         view = LlamaModel.__new__(LlamaModel)
         nn.Module.__init__(view)
         view.config = self.config
@@ -233,6 +241,7 @@ class LlamaModel(nn.Module):
         view.layer_ids = tuple(layer_ids)
         view.quant = quant
         view.compute_dtype = compute_dtype
+        view.kernel_choice = kernel
         view._rope_cache = None
         view._runtimes = self._runtimes
         view._compiled = None
@@ -242,16 +251,18 @@ class LlamaModel(nn.Module):
 
     def with_layers(self, layer_ids: Sequence[int]) -> "LlamaModel":
         """A view of this model that runs only `layer_ids` (weights shared, not copied)."""
-        return self._view(layer_ids, self.quant, self.compute_dtype)
+        return self._view(layer_ids, self.quant, self.compute_dtype, self.kernel_choice)
 
-    def quantized(self, mode: str | None, dtype: torch.dtype | None = torch.bfloat16) -> "LlamaModel":
+    def quantized(self, mode: str | None, dtype: torch.dtype | None = torch.bfloat16,
+                  kernel: str | None = None) -> "LlamaModel":
         """A view of this model whose matmuls use weight-only `mode` ("int8"/"int4"; None =
         float) and compute in `dtype` (None = the parameters' dtype). The parameters are
         shared; the quantized weights are built on first use. bf16 by default: PyTorch's
-        int8/int4 CPU kernels are ~20x slower with fp32 activations."""
+        int8/int4 CPU kernels are ~20x slower with fp32 activations. kernel: None = the best
+        this machine has (specdecode.kernels.active()), or 'aten' / 'avx512-bf16'."""
         if mode is not None and mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization '{mode}': choose one of {', '.join(QUANT_MODES)}")
-        return self._view(self.layer_ids, mode, dtype)
+        return self._view(self.layer_ids, mode, dtype, kernel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,6 +275,18 @@ class LlamaModel(nn.Module):
         invariance for int8/int4 models and removes one source of round-off differences in
         fp32; bf16 float matmuls (oneDNN) are not row-invariant anyway, so not there."""
         return self.quant is not None or self.dtype == torch.float32
+
+    def _attends_in_kernel(self, runtime: Runtime) -> bool:
+        """Attend through our row-by-row kernel? For int8/int4 models whose matmuls run on our
+        kernels (specdecode.kernels; bf16 activations): one call per layer instead of one per
+        new token, and each row computed alike however many rows a step has (batch invariance)."""
+        d = self.config.head_dim
+        return self.quant is not None and d % 16 == 0 and d <= 256 and runtime.kernel == "avx512-bf16"
+
+    @property
+    def kernel(self) -> str:
+        """Which matmul code this model's layers run: 'avx512-bf16' (ours), 'aten', 'onednn'."""
+        return self.runtime().kernel
 
     @property
     def weight_format(self) -> str:
@@ -284,7 +307,7 @@ class LlamaModel(nn.Module):
     # -- runtime weights ----------------------------------------------------------------
     def runtime(self) -> Runtime:
         """The fused (and, for a quantized view, quantized) weights the forward uses."""
-        return self._runtimes.get(self, self.quant, self.dtype)
+        return self._runtimes.get(self, self.quant, self.dtype, self.kernel_choice)
 
     def _prefill_runtime(self) -> Runtime:
         """What a quantized model's prefill computes with: its layers as float matmuls
@@ -297,7 +320,7 @@ class LlamaModel(nn.Module):
         autoregressive and speculative decoding alike, so both still decode the same tokens;
         every later step (each draft block, each single token) runs the quantized kernels.
         """
-        return self._runtimes.get_prefill(self, self.quant, self.dtype)  # type: ignore[arg-type]
+        return self._runtimes.get_prefill(self, self.quant, self.dtype, self.kernel_choice)  # type: ignore[arg-type]
 
     def refresh(self) -> None:
         """Forget the runtime weights (they are rebuilt from the parameters on next use)."""
@@ -388,7 +411,14 @@ class LlamaModel(nn.Module):
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
         compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
-        if 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
+        float_prefill = self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
+        runtime = self._prefill_runtime() if float_prefill else self.runtime()
+        window = self.config.sliding_window
+        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None
+                      and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
+        if row_kernel:
+            mask = None  # every new token attends to the cache and the tokens before it, in our kernel
+        elif 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
             mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
@@ -396,12 +426,10 @@ class LlamaModel(nn.Module):
             mask = self._mask(t, past, attn_mask, positions)
         step = self._compiled if compiled else _step
         n_hidden = t if return_hidden else n_out  # hidden states: every new token's, when asked
-        float_prefill = self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
-        runtime = self._prefill_runtime() if float_prefill else self.runtime()
         if compiled:  # inductor generates no code for complex numbers: cos/sin pairs instead
             rope = torch.view_as_real(rope)
         logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, runtime, self.layer_ids,
-                              self.config, taps)
+                              self.config, taps, row_kernel)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -464,6 +492,7 @@ def _step(
     layer_ids: tuple[int, ...],
     cfg: ModelConfig,
     taps: tuple[int, ...] = (),  # hidden = the residual streams entering these layers, concatenated
+    row_kernel: bool = False,  # causal attention through specdecode::attend_rows (mask must be None)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over T new tokens: the whole model as one function of a few tensors, so
     torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_hidden, hidden]):
@@ -526,7 +555,9 @@ def _step(
         else:
             cache_k[li, 0, :, past:end] = k
             cache_v[li, 0, :, past:end] = v
-        if rowwise:
+        if row_kernel:
+            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past)
+        elif rowwise:
             rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)
         else:

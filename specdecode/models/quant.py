@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from specdecode import kernels
+
 QUANT_MODES = ("int8", "int4")
 INT4_GROUP = 32  # GGUF Q4_0/Q4_1/Q8_0 block size
 _INT4_N_MULTIPLE = 16  # the CPU int4 packing works on blocks of 16 output rows
@@ -66,6 +68,7 @@ class LinearStack:
     """y = x @ W[i].T (+ b[i]) for the i-th of L same-shaped matrices W [L, N, K]."""
 
     mode: str | None
+    kernel: str = "aten"  # which matmul code runs (see specdecode.kernels)
     out_features: int
     in_features: int
 
@@ -124,6 +127,7 @@ class PackedFloatStack(LinearStack):
     """
 
     mode = None
+    kernel = "onednn"
 
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype).contiguous(), 1) for w in weights]
@@ -211,6 +215,160 @@ class Int4Stack(LinearStack):
         return self(eye, i).t().float() if self.bias is None else (self(eye, i) - self.bias[i]).t().float()
 
 
+def quantize_q4_1(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] uint8 in [0, 15], d [N, K/g] f16, m [N, K/g] f16) with
+    w ~= d * q + m per group of g inputs, as GGUF's Q4_1: d = (max - min) / 15, m = min,
+    both stored as f16 and the codes computed against the stored values. Weights that came
+    from a Q4_1 file give back their codes and scales."""
+    w = w.detach().float()
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    d = ((hi - lo) / 15.0).half()
+    m = lo.half()
+    df = d.float()
+    safe = torch.where(df > 0, df, torch.ones_like(df))
+    q = torch.round((wg - m.float()[..., None]) / safe[..., None]).clamp_(0, 15)
+    q = torch.where(df[..., None] > 0, q, torch.zeros_like(q))
+    return q.to(torch.uint8).view(n, k), d, m
+
+
+def quantize_q8_0(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] int8 in [-127, 127], d [N, K/g] f16), w ~= d * q per group (GGUF Q8_0)."""
+    w = w.detach().float()
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    d = (wg.abs().amax(-1) / 127.0).half()
+    df = d.float()
+    safe = torch.where(df > 0, df, torch.ones_like(df))
+    q = torch.round(wg / safe[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8).view(n, k), d
+
+
+# -- our kernels' tiled layout (specdecode/kernels/qmatmul.cpp says why it is this shape) --------
+_TILE = 16
+
+
+def tile_int4(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (0..15) -> packed uint8 [N/16, G, 8, 32]: low nibbles hold input pair 2p of
+    a tile's 16 outputs, high nibbles pair 2p+1 (lane l = output l/2, input parity l%2)."""
+    n, k = q.shape
+    lanes = q.to(torch.uint8).view(n // _TILE, _TILE, k // INT4_GROUP, 8, 2, 2).permute(0, 2, 3, 4, 1, 5)
+    lanes = lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 2, 2 * _TILE)
+    return (lanes[..., 0, :] | (lanes[..., 1, :] << 4)).contiguous()
+
+
+def untile_int4(packed: torch.Tensor) -> torch.Tensor:
+    tiles, g = packed.shape[:2]
+    lanes = torch.stack((packed & 15, packed >> 4), dim=3).view(tiles, g, 8, 2, _TILE, 2)
+    return lanes.permute(0, 4, 1, 2, 3, 5).reshape(tiles * _TILE, g * INT4_GROUP)
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] int8 -> [N/16, G, 16, 32]: input pair kp of a tile's 16 outputs per row of 32."""
+    n, k = q.shape
+    lanes = q.view(n // _TILE, _TILE, k // INT4_GROUP, 16, 2).permute(0, 2, 3, 1, 4)
+    return lanes.reshape(n // _TILE, k // INT4_GROUP, 16, 2 * _TILE).contiguous()
+
+
+def untile_int8(packed: torch.Tensor) -> torch.Tensor:
+    tiles, g = packed.shape[:2]
+    return packed.view(tiles, g, 16, _TILE, 2).permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+
+
+def tile_scales(s: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [N/16, G, 16]: a tile's 16 outputs side by side (one vector load)."""
+    n, g = s.shape
+    return s.view(n // _TILE, _TILE, g).transpose(1, 2).contiguous()
+
+
+def untile_scales(s: torch.Tensor) -> torch.Tensor:
+    tiles, g, _ = s.shape
+    return s.transpose(1, 2).reshape(tiles * _TILE, g)
+
+
+def tiled_compatible(shape: Sequence[int]) -> bool:
+    n, k = shape
+    return n % _TILE == 0 and k % INT4_GROUP == 0
+
+
+class TiledInt4Stack(LinearStack):
+    """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our AVX512-BF16
+    kernel (`specdecode::int4_linear`): cost nearly flat in rows, each row computed alike."""
+
+    mode = "int4"
+    kernel = "avx512-bf16"
+
+    def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
+        kernels.require()
+        self.packed = [tile_int4(q) for q in codes]
+        self.d = [tile_scales(x.half()) for x in d]
+        self.m = [tile_scales(x.half()) for x in m]
+        self.bias = _stack_bias(biases, dtype)
+        self.out_features, self.in_features = codes[0].shape
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+
+    @classmethod
+    def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                   dtype: torch.dtype) -> "TiledInt4Stack":
+        parts = [quantize_q4_1(w) for w in weights]
+        return cls([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], biases, dtype)
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        y = torch.ops.specdecode.int4_linear(x, self.packed[i], self.d[i], self.m[i])
+        b = self.biases[i]
+        return y if b is None else y + b
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        q = untile_int4(self.packed[i]).float().view(self.out_features, -1, INT4_GROUP)
+        d, m = untile_scales(self.d[i]).float(), untile_scales(self.m[i]).float()
+        return (q * d[..., None] + m[..., None]).view(self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.d, self.m, [self.bias])
+
+
+class TiledInt8Stack(LinearStack):
+    """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through `specdecode::int8_linear`."""
+
+    mode = "int8"
+    kernel = "avx512-bf16"
+
+    def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
+        kernels.require()
+        self.packed = [tile_int8(q) for q in codes]
+        self.d = [tile_scales(x.half()) for x in d]
+        self.bias = _stack_bias(biases, dtype)
+        self.out_features, self.in_features = codes[0].shape
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+
+    @classmethod
+    def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                   dtype: torch.dtype) -> "TiledInt8Stack":
+        parts = [quantize_q8_0(w) for w in weights]
+        return cls([p[0] for p in parts], [p[1] for p in parts], biases, dtype)
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        y = torch.ops.specdecode.int8_linear(x, self.packed[i], self.d[i])
+        b = self.biases[i]
+        return y if b is None else y + b
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        q = untile_int8(self.packed[i]).float().view(self.out_features, -1, INT4_GROUP)
+        return (q * untile_scales(self.d[i]).float()[..., None]).view(self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.d, [self.bias])
+
+
+def _nbytes(*lists: Sequence[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for ts in lists for t in ts if t is not None)
+
+
 def _stack_bias(biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if biases is None else torch.stack([b.detach() for b in biases]).to(dtype)
 
@@ -220,6 +378,7 @@ def linear_stack(
     biases: Sequence[torch.Tensor] | None,
     mode: str | None,
     dtype: torch.dtype,
+    kernel: str | None = None,
 ) -> LinearStack:
     """Stack `weights` (each [N, K]) as float (mode None), int8 or int4 matmuls taking
     activations of `dtype` (weights are quantized from their own values, then scales and
@@ -227,7 +386,14 @@ def linear_stack(
 
     A shape the int4 kernel cannot take (N not a multiple of 16, K not of 32) falls back to
     int8, so any model can be quantized; the fallback is part of what "int4" means for it.
+
+    kernel (int8/int4 with bf16 activations): None = the best this process has
+    (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' = ours (GGUF Q4_1 / Q8_0
+    layouts: per block of 32, d * q + m and d * q). Shapes our kernels cannot take (N not a
+    multiple of 16, K not of 32) and fp32 activations run on ATen's.
     """
+    if kernel not in (None, *kernels.KERNELS):
+        raise ValueError(f"unknown kernel '{kernel}': choose one of {', '.join(kernels.KERNELS)}")
     if mode is None:
         if dtype in (torch.float32, torch.bfloat16) and packed_linear_available():
             try:
@@ -235,6 +401,12 @@ def linear_stack(
             except RuntimeError:  # a oneDNN build without this op/dtype for this CPU: plain matmuls
                 pass
         return FloatStack(weights, biases, dtype)
+    ours = kernel == "avx512-bf16" or (kernel is None and mode in QUANT_MODES and kernels.active() == "avx512-bf16")
+    if ours and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
+        if mode == "int4":
+            return TiledInt4Stack.from_float(weights, biases, dtype)
+        if mode == "int8":
+            return TiledInt8Stack.from_float(weights, biases, dtype)
     if mode == "int4" and int4_compatible(weights[0].shape):
         return Int4Stack(weights, biases, dtype)
     if mode in QUANT_MODES:

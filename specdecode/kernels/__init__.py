@@ -1,0 +1,138 @@
+"""specdecode's own CPU kernels (C++, `qmatmul.cpp`): which one runs, built once, loaded lazily.
+
+Two matmul paths exist for int4/int8 weights, chosen once per process by CPU features:
+
+- ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
+  later, AMD Zen 4 and later). A weight tile is unpacked once and reused by every row, so
+  verifying k+1 tokens costs little more than one; attention runs row by row in one call.
+- ``aten``: PyTorch's weight-only kernels (`_weight_int4pack_mm_for_cpu`,
+  `_weight_int8pack_mm`) and attention one row per call; any CPU. Also what fp32-activation
+  quantized models use.
+
+`SPECDECODE_KERNEL=auto|avx512-bf16|aten` (or `--kernel`) forces one; forcing a path this CPU
+or install lacks is an error that names the fix. The library is compiled by
+`scripts/setup.sh` (`python -m specdecode.kernels.build`) into a folder keyed by the source's
+hash and torch's version; if it is missing at run time it is built then (about a minute).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from specdecode.errors import UserError
+
+KERNELS = ("avx512-bf16", "aten")
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+_NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
+_FIX = "set SPECDECODE_KERNEL=aten (or --kernel aten), or run on a CPU with AVX512-BF16"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_supports_avx512_bf16() -> bool:
+    return sys.platform.startswith("linux") and set(_NEEDED_FLAGS) <= cpu_flags()
+
+
+def build_dir() -> Path:
+    """Where the compiled library lives: keyed by source hash and torch version, so an edit or
+    a torch upgrade builds a fresh one."""
+    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
+    return root / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{key}"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile qmatmul.cpp against this torch (needs g++ and ninja); returns the library path."""
+    from torch.utils import cpp_extension
+
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name="specdecode_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+                       extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=verbose)
+    return folder / "specdecode_kernels.so"
+
+
+@functools.cache
+def load_error() -> str | None:
+    """Load the library into torch.ops.specdecode; None if it works, else why not."""
+    if not cpu_supports_avx512_bf16():
+        return "this CPU lacks AVX512-BF16"
+    lib = build_dir() / "specdecode_kernels.so"
+    try:
+        if not lib.is_file():
+            print("specdecode: building the CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+            lib = build()
+        torch.ops.load_library(str(lib))
+    except Exception as e:  # no compiler, no ninja, a broken build: the ATen path still works
+        return f"the kernel library could not be built or loaded ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
+    _register_fakes()
+    return None
+
+
+def require() -> None:
+    """Load the library or raise RuntimeError saying why it cannot be (for code that builds
+    our kernels' weight layouts directly)."""
+    error = load_error()
+    if error is not None:
+        raise RuntimeError(f"specdecode kernels unavailable: {error}")
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shapes of our ops for torch.compile (it traces with fake tensors); once per process."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    def linear_fake(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], d.shape[0] * 16))
+
+    torch.library.register_fake("specdecode::int4_linear")(linear_fake)
+    torch.library.register_fake("specdecode::int8_linear")(linear_fake)
+
+    @torch.library.register_fake("specdecode::attend_rows")
+    def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
+def requested() -> str:
+    value = os.environ.get("SPECDECODE_KERNEL", "auto").strip() or "auto"
+    if value not in ("auto", *KERNELS):
+        raise UserError(f"unknown kernel '{value}' (SPECDECODE_KERNEL / --kernel): choose auto, {', '.join(KERNELS)}")
+    return value
+
+
+def active() -> str:
+    """The matmul path int4/int8 models with bf16 activations use in this process."""
+    want = requested()
+    if want == "aten":
+        return "aten"
+    why_not = load_error()
+    if why_not is None:
+        return "avx512-bf16"
+    if want == "avx512-bf16":
+        raise UserError(f"kernel avx512-bf16 was asked for but {why_not}: {_FIX}")
+    return "aten"
+
+
+def unavailable_reason() -> str | None:
+    """Why our kernels are not used here (None when they are)."""
+    return None if active() == "avx512-bf16" else (load_error() or "SPECDECODE_KERNEL=aten")

@@ -1,0 +1,320 @@
+// specdecode CPU kernels: weight-only int4 / int8 matmuls whose cost is flat in the number of
+// rows, and row-by-row causal attention, both batch invariant (a row's result does not depend
+// on how many rows a call has).
+//
+// Why: a verification step scores T = k+1 rows. PyTorch's weight-only CPU kernels dequantize
+// the whole weight again for every block of 4 rows, so T=5 costs ~2x T=1. Here a tile of
+// 16 outputs x 2 inputs is unpacked ONCE into bf16 and multiplied with every row (AVX512-BF16
+// `vdpbf16ps`: bf16 x bf16 products are exact in fp32, sums in fp32), so extra rows cost one
+// dot-product instruction each.
+//
+// Weight layout (built in specdecode/models/quant.py), for N outputs, K inputs, groups of 32
+// inputs (GGUF's block size), G = K / 32:
+//   int4: packed uint8 [N/16, G, 8, 32]: for output tile j, group g, pair-of-pairs p, byte b:
+//         the low nibble is lane b of input pair 2p, the high nibble lane b of pair 2p+1,
+//         where lane l of pair kp is (output 16j + l/2, input 32g + 2kp + l%2).
+//         w = d * q + m with q in [0, 15] (GGUF Q4_1; Q4_0 is m = -8 d).
+//   int8: packed int8 [N/16, G, 16, 32]: byte l of pair kp is lane l as above. w = d * q (Q8_0).
+//   d, m: float16 [N/16, G, 16] (the 16 outputs of a tile side by side).
+// y[t, n] = sum_g d[n,g] * (sum_{i in g} q[n,i] x[t,i]) + m[n,g] * (sum_{i in g} x[t,i]),
+// in this order for every row, whatever T is.
+//
+// Every kernel function carries its own target attribute, so the library loads on any x86-64
+// CPU; Python calls these ops only where /proc/cpuinfo lists avx512_bf16 (specdecode/kernels).
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#define SD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+
+namespace {
+
+constexpr int kGroup = 32;
+constexpr int kTile = 16;
+
+SD_TARGET inline __m512 bcast_pair(const at::BFloat16* p) {
+  // Two adjacent bf16 values (one input pair) broadcast to all 16 lanes.
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_castsi512_ps(_mm512_set1_epi32(v));
+}
+
+SD_TARGET inline __m512 dot_pair(__m512 acc, __m512i w, __m512 x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+
+// Sum of each row's inputs per group (fp32, fixed order): the int4 offset term m * sum(x).
+SD_TARGET void group_sums(const at::BFloat16* x, int64_t K, float* out) {
+  const __m512i shift = _mm512_set1_epi32(16);
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m512i raw = _mm512_loadu_si512(x + g * kGroup);  // 32 bf16
+    __m512 lo = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), shift));
+    __m512 hi = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), shift));
+    out[g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  }
+}
+
+// bf16 bit patterns of 0..15 (vpermw table for unpacking int4 codes).
+SD_TARGET inline __m512i int4_table() {
+  alignas(64) static const uint16_t table[32] = {
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120,
+      0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm512_load_si512(table);
+}
+
+// R rows x TILES output tiles (16 outputs each) over all groups. Each (row, output) is computed
+// by the same instructions in the same order whatever R and TILES are (they only decide how many
+// independent dot-product chains run side by side), so results are batch invariant. The
+// per-group totals live in `tot` (L1) so that the registers hold R * TILES accumulators.
+template <int R, int TILES, bool INT4>
+SD_TARGET void tile_rows(const uint8_t* wt, int64_t tile_bytes,  // first tile's codes; bytes per tile
+                         const at::Half* dt, const at::Half* mt,   // first tile's [G, 16] scales / offsets
+                         const at::BFloat16* x, int64_t ldx,       // rows [R, K]
+                         const float* sx,                          // [R, G] group sums (int4)
+                         int64_t G, at::BFloat16* y, int64_t ldy) {
+  alignas(64) float tot[R * TILES][kTile];
+  for (int i = 0; i < R * TILES; ++i) _mm512_store_ps(tot[i], _mm512_setzero_ps());
+  const __m512i table = int4_table();
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[TILES][R];
+    for (int u = 0; u < TILES; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
+    const at::BFloat16* xg = x + g * kGroup;
+    if constexpr (INT4) {
+      for (int p = 0; p < 8; ++p) {
+        for (int u = 0; u < TILES; ++u) {
+          __m256i raw = _mm256_loadu_si256((const __m256i*)(wt + u * tile_bytes + g * (kGroup * kTile / 2) + p * 32));
+          __m512i w0 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(raw, low4)), table);
+          __m512i w1 = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4)), table);
+          for (int r = 0; r < R; ++r) {
+            acc[u][r] = dot_pair(acc[u][r], w0, bcast_pair(xg + r * ldx + 4 * p));
+            acc[u][r] = dot_pair(acc[u][r], w1, bcast_pair(xg + r * ldx + 4 * p + 2));
+          }
+        }
+      }
+    } else {
+      for (int kp = 0; kp < 16; ++kp) {
+        for (int u = 0; u < TILES; ++u) {
+          const int8_t* wk = (const int8_t*)wt + u * tile_bytes + g * (kGroup * kTile) + kp * 32;
+          __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)wk)));
+          __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wk + 16))));
+          __m512i w = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // lanes 0-15 from a, 16-31 from b (exact: |q| <= 128)
+          for (int r = 0; r < R; ++r) acc[u][r] = dot_pair(acc[u][r], w, bcast_pair(xg + r * ldx + 2 * kp));
+        }
+      }
+    }
+    for (int u = 0; u < TILES; ++u) {
+      const int64_t so = u * G * kTile + g * kTile;
+      __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
+      if constexpr (INT4) {
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + so)));
+        for (int r = 0; r < R; ++r) {
+          __m512 t = _mm512_fmadd_ps(acc[u][r], d, _mm512_load_ps(tot[u * R + r]));
+          _mm512_store_ps(tot[u * R + r], _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * G + g]), t));
+        }
+      } else {
+        for (int r = 0; r < R; ++r)
+          _mm512_store_ps(tot[u * R + r], _mm512_fmadd_ps(acc[u][r], d, _mm512_load_ps(tot[u * R + r])));
+      }
+    }
+  }
+  for (int u = 0; u < TILES; ++u)
+    for (int r = 0; r < R; ++r)
+      _mm256_storeu_si256((__m256i*)(y + r * ldy + u * kTile), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tot[u * R + r])));
+}
+
+// How many tiles run side by side for R rows: enough independent chains to hide the
+// dot-product latency, few enough to keep R * TILES accumulators in 32 registers.
+constexpr int tiles_for(int R) { return R <= 2 ? 4 : R <= 8 ? 2 : 1; }
+
+using TileFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const at::BFloat16*, int64_t,
+                        const float*, int64_t, at::BFloat16*, int64_t);
+
+template <bool INT4, int... Rs>
+struct Kernels {
+  static constexpr TileFn wide[] = {tile_rows<Rs, tiles_for(Rs), INT4>...};
+  static constexpr TileFn narrow[] = {tile_rows<Rs, 1, INT4>...};
+};
+
+template <bool INT4>
+using RowKernels = Kernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+constexpr int kMaxRows = 16;
+
+template <bool INT4>
+at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
+  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / (INT4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  if (INT4) TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (T == 0) return y;
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const auto* wp = (const uint8_t*)packed.data_ptr();
+  const at::Tensor dc = d.contiguous();
+  const at::Tensor mc = INT4 ? m.contiguous() : m;
+  const auto* dp = dc.data_ptr<at::Half>();
+  const at::Half* mp = INT4 ? mc.data_ptr<at::Half>() : nullptr;
+  std::vector<float> sx(INT4 ? T * G : 0);
+  if (INT4)
+    for (int64_t t = 0; t < T; ++t) group_sums(xp + t * K, K, sx.data() + t * G);
+  const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
+  // Rows in balanced chunks of at most 16 (T = 17 -> 9 + 8), each chunk over all tiles.
+  const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    int64_t t0 = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int rows = (int)((T - t0) / (chunks - c));
+      const int wide = rows <= 2 ? 4 : rows <= 8 ? 2 : 1;
+      int64_t j = begin;
+      auto run = [&](TileFn fn, int64_t tile) {
+        fn(wp + tile * tile_bytes, tile_bytes, dp + tile * G * kTile, INT4 ? mp + tile * G * kTile : nullptr,
+           xp + t0 * K, K, INT4 ? sx.data() + t0 * G : nullptr, G, yp + t0 * N + tile * kTile, N);
+      };
+      for (; j + wide <= end; j += wide) run(RowKernels<INT4>::wide[rows - 1], j);
+      for (; j < end; ++j) run(RowKernels<INT4>::narrow[rows - 1], j);
+      t0 += rows;
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  return qlinear<true>(x, packed, d, m);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d) {
+  return qlinear<false>(x, packed, d, d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention, one query row at a time: row t (of T new tokens after `past` cached ones)
+// attends to cache slots [0, past + t + 1). Scores are bf16 x bf16 dot products summed in fp32,
+// softmax in fp32 (exp below), output sum in fp32: the same arithmetic for a row whatever T is.
+
+SD_TARGET inline __m512 exp512(__m512 x) {
+  // exp(x) for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5],
+  // 2^f by a degree-6 polynomial (rel. error ~2e-7); x below -87 gives 0.
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 t = _mm512_mul_ps(x, log2e);
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+SD_TARGET inline __m512 bf16x16_to_ps(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+SD_TARGET inline __m512i load_bf16x32(const at::BFloat16* p, int64_t left) {
+  return left >= 32 ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)p));
+}
+
+// One query row of one head over S keys (D = head_dim, a multiple of 16).
+SD_TARGET void attend_one(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t S, int64_t D,
+                          int64_t ld, float scale, float* scores, at::BFloat16* out) {
+  // q as 32-element bf16 chunks; an odd 16 at the end is zero-extended (and so are its keys).
+  const int64_t chunks = (D + 31) / 32;
+  __m512i qv[8];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = load_bf16x32(q + 32 * c, D - 32 * c);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < S; ++j) {
+    const at::BFloat16* kj = k + j * ld;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) acc = dot_pair(acc, qv[c], _mm512_castsi512_ps(load_bf16x32(kj + 32 * c, D - 32 * c)));
+    const float s = _mm512_reduce_add_ps(acc) * scale;
+    scores[j] = s;
+    mx = s > mx ? s : mx;
+  }
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= S; j += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmx));
+    _mm512_storeu_ps(scores + j, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (j < S) {
+    const __mmask16 tail = (__mmask16)((1u << (S - j)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), vmx));
+    e = _mm512_maskz_mov_ps(tail, e);
+    _mm512_mask_storeu_ps(scores + j, tail, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+  __m512 o[16];
+  const int64_t ov = D / 16;
+  for (int64_t c = 0; c < ov; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const __m512 p = _mm512_set1_ps(scores[s]);
+    const at::BFloat16* vs = v + s * ld;
+    for (int64_t c = 0; c < ov; ++c) o[c] = _mm512_fmadd_ps(p, bf16x16_to_ps(vs + 16 * c), o[c]);
+  }
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t c = 0; c < ov; ++c)
+    _mm256_storeu_si256((__m256i*)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], vinv)));
+}
+
+// q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
+// layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16.
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "specdecode attend_rows: q [T, H, D], k/v [Hkv, L, D]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "specdecode attend_rows: bf16 only");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && H % Hkv == 0, "specdecode attend_rows: head_dim must be a multiple of 16 (<= 256)");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == D &&
+                  v.stride(1) == D && k.stride(0) == v.stride(0),
+              "specdecode attend_rows: unexpected strides");
+  TORCH_CHECK(past + T <= k.size(1), "specdecode attend_rows: cache too short");
+  const int64_t group = H / Hkv;
+  at::Tensor out = at::empty({T, H * D}, q.options());
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  const auto* kp = k.data_ptr<at::BFloat16>();
+  const auto* vp = v.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t qs = q.stride(0), hs = k.stride(0);
+  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(past + T + 16);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / H, h = i % H, kv = h / group;
+      attend_one(qp + t * qs + h * D, kp + kv * hs, vp + kv * hs, past + t + 1, D, D, scale, scores.data(),
+                 op + t * H * D + h * D);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(specdecode, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor d) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor k, Tensor v, int past) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("attend_rows", &attend_rows);
+}

@@ -1,0 +1,142 @@
+"""Our CPU kernels (specdecode/kernels, AVX512-BF16): they compute what the GGUF-layout weights
+say, every row alike however many rows a call has (bitwise), attention as the softmax formula,
+and a quantized model on them scores a verification block bitwise as single steps. Where the
+CPU lacks AVX512-BF16 these tests skip and the ATen path's tests (test_quant, test_perf_paths)
+still run; forcing our kernels there is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_block_scores_as_single_steps, random_model, tiny_config
+from specdecode import kernels
+from specdecode.errors import UserError
+from specdecode.models.quant import (
+    Int4Stack,
+    TiledInt4Stack,
+    TiledInt8Stack,
+    linear_stack,
+    quantize_q4_1,
+    quantize_q8_0,
+    tile_int4,
+    tile_int8,
+    untile_int4,
+    untile_int8,
+)
+
+ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+KERNEL_PATHS = ["aten"] + (["avx512-bf16"] if kernels.load_error() is None else [])
+
+
+def test_tiling_round_trips():
+    g = torch.Generator().manual_seed(0)
+    q4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
+    q8 = torch.randint(-127, 128, (48, 96), generator=g).to(torch.int8)
+    assert torch.equal(untile_int4(tile_int4(q4)), q4)
+    assert torch.equal(untile_int8(tile_int8(q8)), q8)
+    assert tile_int4(q4).numel() == q4.numel() // 2  # two codes a byte, as in the GGUF file
+
+
+def test_q4_1_and_q8_0_weights_give_back_their_codes():
+    """Weights on a GGUF grid (f16 scales, codes using their block's full range) come back exactly."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (32, 128), generator=g, dtype=torch.uint8)
+    q[:, ::32], q[:, 1::32] = 0, 15
+    d = (torch.rand(32, 4, generator=g) * 0.1 + 0.01).half()
+    m = torch.randn(32, 4, generator=g).half()
+    w = (q.float().view(32, 4, 32) * d.float()[..., None] + m.float()[..., None]).view(32, 128)
+    codes, d2, m2 = quantize_q4_1(w)
+    assert torch.equal(codes, q) and torch.equal(d2, d) and torch.equal(m2, m)
+    q8 = torch.randint(-127, 128, (32, 128), generator=g).to(torch.int8)
+    q8[:, ::32] = 127
+    w8 = (q8.float().view(32, 4, 32) * d.float()[..., None]).view(32, 128)
+    codes8, d8 = quantize_q8_0(w8)
+    assert torch.equal(codes8, q8) and torch.equal(d8, d)
+
+
+@ours
+@pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
+def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack):
+    g = torch.Generator().manual_seed(2)
+    w = [torch.randn(80, 160, generator=g) * 0.05 for _ in range(2)]
+    b = [torch.randn(80, generator=g) for _ in range(2)]
+    s = stack.from_float(w, b, torch.bfloat16)
+    assert s.kernel == "avx512-bf16"
+    x = torch.randn(40, 160, generator=g).bfloat16()
+    for i in range(2):
+        dq = s.dequantize(i)
+        assert (dq - w[i]).abs().max() < (0.02 if stack is TiledInt4Stack else 0.002)
+        y = s(x, i)
+        ref = x.float() @ dq.T + b[i].bfloat16().float()
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-2)  # bf16 output rounding
+        # Batch invariance: any number of rows (1..40, crossing the 16-row chunks and the
+        # tile grouping for few rows) gives bitwise each row's result alone.
+        singles = torch.cat([s(x[t : t + 1], i) for t in range(40)])
+        for rows in (1, 2, 3, 5, 8, 9, 16, 17, 33, 40):
+            assert torch.equal(s(x[:rows], i), singles[:rows]), rows
+
+
+@ours
+def test_kernel_catches_a_wrong_row_order():
+    """The invariance check above can fail: rows swapped in x give different outputs."""
+    g = torch.Generator().manual_seed(3)
+    s = TiledInt4Stack.from_float([torch.randn(32, 64, generator=g)], None, torch.bfloat16)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    assert not torch.equal(s(x, 0), s(x.flip(0), 0))
+
+
+@ours
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
+    g = torch.Generator().manual_seed(4)
+    T, H, Hkv, past, L = 6, 6, 2, 29, 64
+    q = torch.randn(T, H + 2 * Hkv, head_dim, generator=g).bfloat16()[:, :H]  # a view, as in the model
+    k = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
+    v = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
+    out = torch.ops.specdecode.attend_rows(q, k, v, past)
+    group = H // Hkv
+    for t in range(T):
+        S = past + t + 1
+        qq = q[t].float().view(Hkv, group, head_dim)
+        p = (torch.einsum("hgd,hsd->hgs", qq, k[:, :S].float()) / head_dim**0.5).softmax(-1)
+        ref = torch.einsum("hgs,hsd->hgd", p, v[:, :S].float()).reshape(-1)
+        torch.testing.assert_close(out[t].float(), ref, atol=2e-2, rtol=2e-2)
+        assert torch.equal(torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, past + t)[0], out[t])
+
+
+QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab=128)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PATHS)
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_every_kernel_path_scores_a_block_as_single_steps(kernel, mode, head_dim):
+    base = random_model(tiny_config("qwen2", head_dim=head_dim, **QCFG), seed=5)  # qwen2: q/k/v biases too
+    model = base.quantized(mode, torch.bfloat16, kernel)
+    assert model.kernel == kernel
+    for t in (2, 5, 9, 16):
+        assert_block_scores_as_single_steps(model, list(range(3, 40)), list(range(50, 50 + t)))
+
+
+def test_aten_path_is_kept_for_fp32_activations_and_odd_shapes():
+    w = [torch.randn(96, 64)]
+    assert isinstance(linear_stack(w, None, "int4", torch.float32), Int4Stack)
+    assert linear_stack(w, None, "int4", torch.bfloat16, "aten").kernel == "aten"
+    assert linear_stack([torch.randn(97, 64)], None, "int8", torch.bfloat16).kernel == "aten"  # 97 % 16
+
+
+def test_forcing_a_kernel_this_cpu_lacks_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SPECDECODE_KERNEL", "avx512-bf16")
+    monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: False)
+    kernels.load_error.cache_clear()
+    try:
+        with pytest.raises(UserError, match="SPECDECODE_KERNEL=aten"):
+            kernels.active()
+        monkeypatch.setenv("SPECDECODE_KERNEL", "auto")
+        assert kernels.active() == "aten"
+        monkeypatch.setenv("SPECDECODE_KERNEL", "fastest")
+        with pytest.raises(UserError, match="choose auto"):
+            kernels.active()
+    finally:
+        kernels.load_error.cache_clear()
