@@ -26,10 +26,13 @@ def _integer(text: str) -> int:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
-        help="target weights: fp32, bf16, or weight-only int8/int4 (computing in bf16; fastest on CPU)",
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+        help="target weights: auto (default: the file's own precision: Q4_*/Q5_* GGUF -> int4, Q8_0/Q6_K -> int8, "
+             "F16/BF16 -> bf16, F32 -> fp32; HF folders by torch_dtype), fp32, bf16, or weight-only int8/int4 "
+             "(computing in bf16; fastest on CPU)",
     )
-    p.add_argument("--max-context", type=_integer, default=None, help="KV cache length in tokens (default 4096)")
+    p.add_argument("--max-context", type=_integer, default=None,
+                   help="longest context in tokens (default 4096); the KV cache grows on demand up to it")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode/verify steps: ~15%% faster steps (int4, 2 cores) after a "
@@ -71,6 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         stop=args.stop, chat=not args.no_chat,
     )
+    if engine.load_report is not None:  # after the checks above: an error stays the only stderr line
+        name = args.target or "the embedded SmolLM2-135M-Instruct"
+        print(f"specdecode: {engine.load_report.line(name)}", file=sys.stderr, flush=True)
     for delta in stream:
         if not args.json:
             sys.stdout.write(delta)

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
+
+from specdecode import memory
 
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
@@ -28,7 +31,7 @@ from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
-from specdecode.models.loading import load_model_source
+from specdecode.models.loading import inspect_model, load_model_source
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -36,6 +39,10 @@ NATIVE_ARCHS = ("llama", "qwen2", "mistral")
 # computing in bf16 (PyTorch's int8/int4 CPU kernels are fast for bf16 activations only).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 QUANTIZED = ("int8", "int4")
+# `--dtype auto` (the default): the runtime format follows the file (GGUF tensor types or
+# config.json torch_dtype; see `specdecode.models.loading.inspect_model`).
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *DTYPES)
 DEFAULT_MAX_CONTEXT = 4096
 
 Prompt = str | Sequence[dict[str, str]]  # raw text, or chat messages [{"role", "content"}]
@@ -54,13 +61,35 @@ class Generation:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype '{name}': choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[name]
 
 
-def load_llama(path: str | None, dtype: str = "fp32", compile: bool = False) -> tuple[LlamaModel, Tokenizer]:
-    """dtype: fp32 | bf16 | int8 | int4. compile (or SPECDECODE_COMPILE=1): decode and
+def resolve_dtype(path: str | None, dtype: str = AUTO) -> tuple[str, str]:
+    """(runtime format, why) for a model source: `auto` reads the file's tensor types (GGUF)
+    or torch_dtype (HF folder) without loading a weight; any other name is taken as given."""
+    if dtype == AUTO:
+        info = inspect_model(path)
+        return info.weight_format, info.format_reason
+    parse_dtype(dtype)
+    return dtype, f"--dtype {dtype}"
+
+
+def check_memory(path: str | None, weight_format: str, max_context: int | None) -> memory.MemoryEstimate:
+    """Refuse (UserError with the estimate and the fix) a load that would not fit in the
+    memory available now: weights as today's loader holds them at its peak, plus the KV
+    cache at max_context (default: DEFAULT_MAX_CONTEXT, capped at the model's context)."""
+    info = inspect_model(path)
+    context = min(max_context or DEFAULT_MAX_CONTEXT, info.max_position_embeddings or DEFAULT_MAX_CONTEXT)
+    est = memory.estimate(info.weights, weight_format, info.num_layers, info.num_kv_heads, info.head_dim, context)
+    memory.check_fits(est, Path(info.source).name)
+    return est
+
+
+def load_llama(path: str | None, dtype: str = AUTO, compile: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """dtype: auto | fp32 | bf16 | int8 | int4. compile (or SPECDECODE_COMPILE=1): decode and
     verification steps run through torch.compile (`LlamaModel.compile`)."""
+    dtype = resolve_dtype(path, dtype)[0]
     compute = parse_dtype(dtype)
     loaded = load_model_source(path)
     quant = dtype if dtype in QUANTIZED else None
@@ -73,9 +102,12 @@ def load_llama(path: str | None, dtype: str = "fp32", compile: bool = False) -> 
     return model, loaded.tokenizer
 
 
-def load_target(path: str | None, dtype: str = "fp32", compile: bool = False) -> tuple[CausalLM, Tokenizer]:
-    """The native model for llama/qwen2/mistral; any other HF folder runs through transformers."""
+def load_target(path: str | None, dtype: str = AUTO, compile: bool = False) -> tuple[CausalLM, Tokenizer]:
+    """The native model for llama/qwen2/mistral; any other HF folder runs through transformers
+    (auto: its config.json torch_dtype, fp32 or bf16)."""
     model_type = _hf_model_type(path)
+    if dtype == AUTO:
+        dtype = resolve_dtype(path, dtype)[0]
     if model_type is not None and model_type not in NATIVE_ARCHS:
         if dtype in QUANTIZED:
             raise UserError(f"--dtype {dtype} needs the native model (llama/qwen2/mistral); {path} is '{model_type}'")
@@ -102,17 +134,36 @@ class Engine:
         self.max_context = min(max_context or DEFAULT_MAX_CONTEXT, model.config.max_position_embeddings)
         self.cache = model.new_cache(self.max_context)
         self._drafters: dict[tuple[str, str | None], Drafter | None] = {}
+        self.load_report: memory.LoadReport | None = None  # set by Engine.load
 
     @classmethod
-    def load(cls, target: str | None = None, dtype: str = "fp32", max_context: int | None = None,
+    def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
              compile: bool = False) -> "Engine":
         """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct.
+        dtype: auto (the file's own precision: Q4_* -> int4, Q8_0 -> int8, F16 -> bf16, ...),
+        fp32, bf16, int8 or int4. A load that would not fit in available memory is refused
+        before it starts (UserError with the estimate and the fix).
         compile: torch.compile the decode and verification steps (each new step length
-        compiles once, minutes on a CPU; see `LlamaModel.compile`)."""
-        model, tokenizer = load_target(target, dtype, compile)
+        compiles once, minutes on a CPU; see `LlamaModel.compile`).
+        `load_report` records the format chosen, the seconds (warm-up included: quantized
+        weights are built on first use) and resident memory after loading."""
+        if max_context is not None and max_context < 1:
+            raise UserError(f"--max-context must be >= 1 token, got {max_context}")
+        weight_format, reason = resolve_dtype(target, dtype)
+        check_memory(target, weight_format, max_context)
+        start = time.perf_counter()
+        model, tokenizer = load_target(target, weight_format, compile)
         engine = cls(model, tokenizer, max_context)
         engine.warm_up()
+        engine.load_report = memory.LoadReport(
+            engine.weight_format, reason, time.perf_counter() - start, memory.current_rss_bytes(),
+            memory.peak_rss_bytes())
         return engine
+
+    @property
+    def weight_format(self) -> str:
+        """fp32 | bf16 | int8 | int4: what the target computes with."""
+        return getattr(self.model, "weight_format", None) or _dtype_name(self.model.dtype)
 
     def warm_up(self, step_tokens: int = 1) -> None:
         """One short prefill, then steps of 1..step_tokens tokens, on the engine's cache
@@ -141,7 +192,8 @@ class Engine:
             if spec.startswith("model"):
                 if draft is None:
                     raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
-                fmt = getattr(self.model, "weight_format", None) or _dtype_name(self.model.dtype)
+                fmt = self.weight_format
+                check_memory(draft, fmt, self.max_context)
                 draft_model, draft_tok = load_target(draft, fmt)
                 self._check_same_vocab(draft_tok, draft)
             self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context)
@@ -241,6 +293,7 @@ class TextStream:
                 finish = "stop"
         if len(text) > emitted:
             yield text[emitted:]
+        self.stats.record_memory(engine.weight_format, engine.load_report)
         self.result = Generation(text, token_ids, self.stats, finish)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specdecode.memory import LoadReport
 
 
 @dataclass
@@ -18,6 +22,21 @@ class SpecStats:
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
     wall_seconds: float = 0.0
+    # What the target runs in and what loading it cost (None: unknown, e.g. an Engine built
+    # by hand); peak_rss_bytes is the process's peak at the end of this request.
+    weight_format: str | None = None
+    load_seconds: float | None = None
+    rss_after_load_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+
+    def record_memory(self, weight_format: str | None, load: "LoadReport | None") -> None:
+        """Fill the format and memory fields: the engine's load report and the peak so far."""
+        from specdecode.memory import peak_rss_bytes
+
+        self.weight_format = weight_format
+        if load is not None:
+            self.load_seconds, self.rss_after_load_bytes = load.load_seconds, load.rss_after_load_bytes
+        self.peak_rss_bytes = peak_rss_bytes()
 
     def record(self, num_drafted: int, num_accepted: int) -> None:
         self.verify_steps += 1
@@ -63,6 +82,10 @@ class SpecStats:
             "prefill_seconds": round(self.prefill_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "weight_format": self.weight_format,
+            "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
+            "rss_after_load_bytes": self.rss_after_load_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
         }
 
     def summary_line(self) -> str:

@@ -24,7 +24,7 @@ def engine():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a real 135M model does use both cores
-    yield Engine.load(max_context=512)
+    yield Engine.load(dtype="fp32", max_context=512)  # the fp32 target: greedy identity in fp32
     torch.set_num_threads(threads)
 
 

@@ -145,18 +145,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods = lab.build_methods(config, notes)
         with rich_progress(len(prompts) * config.repeats, enabled=not args.no_progress) as progress:
             measurements = run_bench(lab.engine, prompts, methods, config, progress)
+        memory = lab.memory_report()
     finally:
         lab.close()
-    notes += _standard_notes(methods, args.dtype)
+    weight_format = lab.engine.weight_format
+    notes += _standard_notes(methods, weight_format)
     busy = _busy_note(load_avg, _load_average(), threads)
     if busy:
         notes.append(busy)
     meta = {
         "command": command_line(args),
-        "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)",
         "draft": args.draft,
-        "config": {**config.to_dict(), "dtype": args.dtype, "compile": args.compile, "temperature": args.temperature,
-                   "prompt_set": args.prompts or args.prompt_set, "limit": args.limit, "quick": args.quick},
+        "config": {**config.to_dict(), "dtype": args.dtype, "weight_format": weight_format, "compile": args.compile,
+                   "temperature": args.temperature, "prompt_set": args.prompts or args.prompt_set,
+                   "limit": args.limit, "quick": args.quick},
+        "memory": memory,
         "environment": environment(load_avg),
         "started": started,
         "elapsed_seconds": round(time.perf_counter() - t0, 1),
@@ -341,7 +345,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
     say: Callable[[str], None] = (lambda text: None) if args.json else print
-    say(f"check: drafter {args.drafter}, k={args.k}, dtype {args.dtype}, " + (
+    say(f"check: drafter {args.drafter}, k={args.k}, dtype {engine.weight_format}, " + (
         f"greedy, {len(named)} prompts x {args.max_new_tokens} tokens" if sampling.greedy else
         f"T={args.temperature} top-p={args.top_p} top-k={args.top_k} min-p={args.min_p}, "
         f"{min(len(named), args.sampling_prompts)} prompt(s) x {args.draws} draws x {args.positions} positions per side"))
@@ -349,7 +353,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         result = _check_greedy(args, engine, named, say)
     else:
         result = _check_sampling(args, engine, named[: args.sampling_prompts], sampling, say)
-    result.update(drafter=args.drafter, k=args.k, dtype=args.dtype, target=args.target)
+    result.update(drafter=args.drafter, k=args.k, dtype=engine.weight_format, target=args.target)
     if args.json:
         print(json.dumps(result, separators=(",", ":"), default=str))
     return 0 if result["verdict"] != "FAIL" else 1

@@ -297,6 +297,33 @@ def position_table(summary: dict[str, dict[str, Figures]]) -> str:
     return _table(["method", *[str(i + 1) for i in range(width)]], rows)
 
 
+def _format_text(cfg: dict[str, object]) -> str:
+    """'int4' or 'int4, from --dtype auto' (runs before --dtype auto existed were fp32 by default)."""
+    dtype = str(cfg.get("dtype", "fp32"))
+    fmt = cfg.get("weight_format")
+    return f"{fmt}, from --dtype auto" if dtype == "auto" and fmt else dtype
+
+
+def _memory_lines(memory: object) -> list[str]:
+    """One bullet with what loading cost (our target; each llama.cpp load), if recorded."""
+    if not isinstance(memory, dict):
+        return []
+
+    def gib(n: object) -> str:
+        return f"{n / 2**30:.2f} GiB" if isinstance(n, (int, float)) else "?"
+
+    text = (f"- memory: our target loaded in {memory.get('load_seconds', '?')} s, resident after load "
+            f"{gib(memory.get('rss_after_load_bytes'))}, peak by the end of the run {gib(memory.get('peak_rss_bytes_end'))}")
+    if memory.get("gguf_file_bytes"):
+        text += f" (GGUF file {gib(memory.get('gguf_file_bytes'))})"
+    llamacpp = memory.get("llamacpp")
+    if isinstance(llamacpp, dict):
+        for mode, m in llamacpp.items():
+            if isinstance(m, dict):
+                text += f"; `{mode}` loaded in {m.get('load_seconds')} s, adding {gib(m.get('rss_added_bytes'))} resident"
+    return [text]
+
+
 def render_markdown(
     summary: dict[str, dict[str, Figures]],
     meta: dict[str, object],
@@ -312,9 +339,10 @@ def render_markdown(
         "",
         f"Command: `{meta.get('command', '')}`",
         "",
-        f"- target: `{meta.get('target')}` ({cfg.get('dtype', 'fp32')}"
+        f"- target: `{meta.get('target')}` ({_format_text(cfg)}"
         + (", steps through torch.compile" if cfg.get("compile") else "") + "), draft: "
         + (f"`{meta['draft']}`" if meta.get("draft") else "–"),
+        *_memory_lines(meta.get("memory")),
         f"- prompts: {meta.get('num_prompts')} ({', '.join(meta.get('categories', []))}), "  # type: ignore[arg-type]
         f"max new tokens {cfg.get('max_new_tokens')}, repeats {cfg.get('repeats')}, "
         f"temperature {cfg.get('temperature')}, threads {cfg.get('threads')}",

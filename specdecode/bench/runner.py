@@ -28,6 +28,7 @@ from specdecode.config import SamplingParams
 from specdecode.drafters.factory import DRAFTERS, parse_spec
 from specdecode.engine import DTYPES, Engine
 from specdecode.errors import UserError
+from specdecode.memory import current_rss_bytes, peak_rss_bytes
 from specdecode.models.loading import LoadedModel, embedded_model_path, load_model_source, save_hf_folder
 
 OUR_DRAFTERS = tuple(d for d in DRAFTERS if d != "none")
@@ -85,12 +86,16 @@ class Lab:
         self._tmp = tempfile.TemporaryDirectory(prefix="specdecode-bench-")
         self._hf: dict[str, Any] = {}
         self._llamacpp: dict[str, Any] = {}
+        # Per llama.cpp mode: seconds to load and resident memory it added (same process).
+        self.llamacpp_memory: dict[str, dict[str, float | int | None]] = {}
 
     @classmethod
-    def load(cls, target: str | None, dtype: str = "fp32", draft: str | None = None,
+    def load(cls, target: str | None, dtype: str = "auto", draft: str | None = None,
              max_context: int | None = None, compile: bool = False) -> "Lab":
-        """Our target exactly as `specdecode generate` loads it (any dtype, any architecture)."""
-        return cls(Engine.load(target, dtype, max_context, compile), target, None, dtype, draft)
+        """Our target exactly as `specdecode generate` loads it (any dtype, any architecture);
+        the peers get the format it resolved to (`auto` -> the file's)."""
+        engine = Engine.load(target, dtype, max_context, compile)
+        return cls(engine, target, None, engine.weight_format, draft)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -120,8 +125,27 @@ class Lab:
         if drafter not in self._llamacpp:
             gguf = self.gguf_path()
             assert gguf is not None
+            rss, start = current_rss_bytes(), time.perf_counter()
             self._llamacpp[drafter] = load_llamacpp(gguf, drafter, threads, self.engine.max_context, seed)
+            after = current_rss_bytes()
+            self.llamacpp_memory[drafter] = {
+                "load_seconds": round(time.perf_counter() - start, 3),
+                "rss_added_bytes": None if rss is None or after is None else after - rss,
+            }
         return self._llamacpp[drafter]
+
+    def memory_report(self) -> dict[str, object]:
+        """Bench metadata: our load (format, seconds, resident after load), the process's peak
+        and resident memory now (after every method ran), and what each llama.cpp load added."""
+        report: dict[str, object] = dict(self.engine.load_report.to_dict()) if self.engine.load_report else {
+            "weight_format": self.engine.weight_format}
+        report["peak_rss_bytes_end"] = peak_rss_bytes()
+        report["rss_end_bytes"] = current_rss_bytes()
+        gguf = self.gguf_path()
+        report["gguf_file_bytes"] = gguf.stat().st_size if gguf is not None else None
+        if self.llamacpp_memory:
+            report["llamacpp"] = dict(self.llamacpp_memory)
+        return report
 
     # -- columns -------------------------------------------------------------------------
     def build_methods(self, config: BenchConfig, notes: list[str]) -> list[Method]:

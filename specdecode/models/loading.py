@@ -70,20 +70,8 @@ def embedded_model_path() -> Path:
 
 def load_model_source(path: str | os.PathLike[str] | None) -> LoadedModel:
     """Load the embedded model (None), a .gguf file, or an HF folder with config.json."""
-    if path is None:
-        return load_gguf(embedded_model_path())
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"model file not found: {p}")
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return load_hf_folder(p)
-        ggufs = sorted(p.glob("*.gguf"))
-        hint = f"; to load {ggufs[0].name}, pass the file itself" if ggufs else ""
-        raise UserError(f"{p} is a folder without config.json, so it is not an HF model folder{hint}")
-    if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
-        return load_gguf(p)
-    raise UserError(f"{p} is neither a .gguf file nor an HF model folder (with config.json)")
+    kind, p = model_source_path(path)
+    return load_gguf(p) if kind == "gguf" else load_hf_folder(p)
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -544,3 +532,154 @@ def _check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], 
         problems.append(f"wrong shape {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
     if problems:
         raise UserError(f"weights of {source} do not match its config: {'; '.join(problems)}")
+
+
+# ---------------------------------------------------------------------------- inspection
+# GGUF tensor type of a model's big matrices -> the runtime format `--dtype auto` picks: the
+# one closest to the file's own precision (4-5 bit types -> int4; Q8_0 and the 6-bit Q6_K ->
+# int8; 16-bit floats -> bf16; F32 -> fp32). Types below 4 bits (Q2_K, Q3_K, IQ*) become int4,
+# the smallest format there is.
+GGUF_TYPE_FORMATS = {
+    "F32": "fp32", "F64": "fp32", "F16": "bf16", "BF16": "bf16",
+    "Q8_0": "int8", "Q8_1": "int8", "Q8_K": "int8", "Q6_K": "int8",
+    "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int4", "Q5_1": "int4", "Q5_K": "int4",
+}
+# config.json torch_dtype -> runtime format (float16 runs as bf16: the CPU kernels' fast path).
+HF_DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}
+
+
+@dataclass(frozen=True)
+class ModelFileInfo:
+    """What a model file says about itself without loading a weight: enough to pick the
+    runtime format (`--dtype auto`) and to estimate the memory a load needs."""
+
+    source: str
+    kind: str  # "gguf" | "hf"
+    arch: str | None
+    weights: int  # parameters, from the tensor infos / safetensors headers
+    file_bytes: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    matrix_type: str  # GGUF: the majority type of the layers' 2-D weights (e.g. "Q4_K"); HF: torch_dtype
+    weight_format: str  # what `--dtype auto` picks
+
+    @property
+    def format_reason(self) -> str:
+        return f"auto: {self.matrix_type} weights" if self.kind == "gguf" else f"auto: torch_dtype {self.matrix_type}"
+
+
+def model_source_path(path: str | os.PathLike[str] | None) -> tuple[str, Path]:
+    """('gguf' | 'hf', path) of a model source, with load_model_source's errors for bad ones."""
+    if path is None:
+        return "gguf", embedded_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model file not found: {p}")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf", p
+        ggufs = sorted(p.glob("*.gguf"))
+        hint = f"; to load {ggufs[0].name}, pass the file itself" if ggufs else ""
+        raise UserError(f"{p} is a folder without config.json, so it is not an HF model folder{hint}")
+    if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
+        return "gguf", p
+    raise UserError(f"{p} is neither a .gguf file nor an HF model folder (with config.json)")
+
+
+def inspect_model(path: str | os.PathLike[str] | None) -> ModelFileInfo:
+    """Read a GGUF's metadata and tensor infos (memory-mapped, no tensor data touched, no
+    dequantization) or an HF folder's config.json and safetensors headers.
+
+    Raises UserError for sources load_model_source would refuse to open (missing, corrupt).
+    """
+    kind, p = model_source_path(path)
+    return _inspect_gguf(p) if kind == "gguf" else _inspect_hf(p)
+
+
+def _inspect_gguf(path: Path) -> ModelFileInfo:
+    from collections import Counter
+
+    reader = _open_gguf(path)
+    f = _GGUFFields(reader, path)
+    arch = str(f.get("general.architecture") or "")
+
+    def number(key: str, default: int = 0) -> int:
+        value = f.get(f"{arch}.{key}", default)
+        if isinstance(value, list):  # per-layer values (e.g. KV heads): the largest bounds the cache
+            value = max(value) if value else default
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return default
+
+    hidden, heads = number("embedding_length"), number("attention.head_count")
+    by_type: Counter[str] = Counter()
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            by_type[t.tensor_type.name] += int(t.n_elements)
+    matrix_type = by_type.most_common(1)[0][0] if by_type else "F32"
+    return ModelFileInfo(
+        source=str(path), kind="gguf", arch=arch or None,
+        weights=sum(int(t.n_elements) for t in reader.tensors),
+        file_bytes=path.stat().st_size,
+        num_layers=number("block_count"),
+        num_kv_heads=number("attention.head_count_kv", heads),
+        head_dim=number("attention.key_length", hidden // heads if heads else 0),
+        max_position_embeddings=number("context_length", 2048),
+        matrix_type=matrix_type,
+        weight_format=GGUF_TYPE_FORMATS.get(matrix_type, "int4"),
+    )
+
+
+def _safetensors_weights(file: Path) -> int:
+    """Parameters in one safetensors file, from its JSON header alone (8-byte length + JSON)."""
+    import struct
+
+    try:
+        with file.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise UserError(f"{file} is not a valid safetensors file: {exc}") from None
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__" and isinstance(info, dict):
+            n = 1
+            for d in info.get("shape", ()):
+                n *= int(d)
+            total += n
+    return total
+
+
+def _inspect_hf(folder: Path) -> ModelFileInfo:
+    cfg_path = folder / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {cfg_path}: {exc}") from None
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+
+    def first(*keys: str, default: int = 0) -> int:
+        for key in keys:
+            value = text.get(key, raw.get(key))
+            if isinstance(value, (int, float)) and value:
+                return int(value)
+        return default
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head")
+    files = sorted(folder.glob("*.safetensors"))
+    torch_dtype = str(raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or "float32")
+    return ModelFileInfo(
+        source=str(folder), kind="hf", arch=raw.get("model_type"),
+        weights=sum(_safetensors_weights(file) for file in files),
+        file_bytes=sum(file.stat().st_size for file in files),
+        num_layers=first("num_hidden_layers", "n_layer"),
+        num_kv_heads=first("num_key_value_heads", "num_attention_heads", "n_head"),
+        head_dim=first("head_dim", default=hidden // heads if heads else 0),
+        max_position_embeddings=first("max_position_embeddings", "n_positions", default=2048),
+        matrix_type=torch_dtype,
+        weight_format=HF_DTYPE_FORMATS.get(torch_dtype, "fp32"),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -28,6 +29,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     engine.drafter(args.drafter, args.draft)  # fail fast on a bad drafter, before listening
+    if engine.load_report is not None:
+        print(f"specdecode: {engine.load_report.line(args.target or 'the embedded SmolLM2-135M-Instruct')}",
+              file=sys.stderr, flush=True)
     if args.compile:
         engine.warm_up(args.k + 1)  # compile verification steps before serving
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")

@@ -109,7 +109,7 @@ def cmd_tau(args: argparse.Namespace) -> int:
         ks = [int(x) for x in args.k.split(",")]
     except ValueError:
         raise UserError(f"--k takes draft lengths like 1,2,4, got '{args.k}'") from None
-    engine = Engine.load(args.target)
+    engine = Engine.load(args.target, "fp32")  # tau is measured on the fp32 target (docs/training.md)
     name, path = parse_spec(args.drafter)
     drafter = args.drafter
     if name in TRAINED and args.full_vocab:
