@@ -164,3 +164,26 @@ def test_max_context_below_one_is_a_user_error(tiny_files):
 def test_bad_dtype_name_in_python_api():
     with pytest.raises(UserError, match="choose one of auto, fp32"):
         Engine.load(None, "fp16")
+
+
+def test_header_reader_agrees_with_the_gguf_package():
+    """inspect_model reads GGUF headers itself (GGUFReader builds ~100k token arrays: seconds)."""
+    import gguf
+
+    from specdecode.models.loading import embedded_model_path, read_gguf_header
+
+    path = embedded_model_path()
+    metadata, tensors = read_gguf_header(path)
+    reader = gguf.GGUFReader(str(path))
+    assert [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type)) for t in reader.tensors] == tensors
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        expected = field.contents()
+        got = metadata[key]
+        if isinstance(expected, list) and len(expected) > 64:
+            assert got == len(expected), key  # long arrays: their length only
+        elif isinstance(expected, float):
+            assert got == pytest.approx(expected), key
+        else:
+            assert got == expected, key

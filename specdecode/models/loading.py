@@ -598,15 +598,97 @@ def inspect_model(path: str | os.PathLike[str] | None) -> ModelFileInfo:
     return _inspect_gguf(p) if kind == "gguf" else _inspect_hf(p)
 
 
+# GGUF metadata value types: struct format of the scalars; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
+    """(metadata, tensor infos) of a GGUF v2/v3 file, read straight from its header.
+
+    Faster than gguf.GGUFReader for this purpose (which builds an array for every one of a
+    tokenizer's ~100k strings: ~1-2 s): arrays longer than 64 items are skipped and kept as
+    their length only. Tensor infos are (name, dims innermost-first, GGML type number).
+    UserError naming the file for anything that is not a readable GGUF header.
+    """
+    import mmap
+    import struct
+
+    def fail(why: str) -> UserError:
+        return UserError(f"{path} is not a valid GGUF file (it may be truncated or corrupt): {why}")
+
+    try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = 0
+
+            def take(fmt: str) -> Any:
+                nonlocal pos
+                value = struct.unpack_from(fmt, mm, pos)[0]
+                pos += struct.calcsize(fmt)
+                return value
+
+            def string() -> str:
+                nonlocal pos
+                n = take("<Q")
+                if pos + n > len(mm):
+                    raise fail("a string runs past the end of the file")
+                text = bytes(mm[pos : pos + n]).decode("utf-8", errors="replace")
+                pos += n
+                return text
+
+            def value(vtype: int) -> Any:
+                nonlocal pos
+                if vtype in _GGUF_SCALARS:
+                    return take(_GGUF_SCALARS[vtype])
+                if vtype == 8:
+                    return string()
+                if vtype != 9:
+                    raise fail(f"unknown metadata value type {vtype}")
+                item, count = take("<I"), take("<Q")
+                if count <= 64:
+                    return [value(item) for _ in range(count)]
+                if item in _GGUF_SCALARS:
+                    pos += struct.calcsize(_GGUF_SCALARS[item]) * count
+                else:
+                    for _ in range(count):
+                        value(item)
+                return count
+
+            if take("<4s") != _GGUF_MAGIC:
+                raise fail("no GGUF magic")
+            version = take("<I")
+            if version not in (2, 3):
+                raise fail(f"GGUF version {version} (2 or 3 expected)")
+            n_tensors, n_kv = take("<Q"), take("<Q")
+            metadata: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = string()
+                metadata[key] = value(take("<I"))
+            tensors = []
+            for _ in range(n_tensors):
+                name = string()
+                dims = tuple(take("<Q") for _ in range(take("<I")))
+                tensors.append((name, dims, take("<I")))
+                take("<Q")  # data offset
+            return metadata, tensors
+    except UserError:
+        raise
+    except PermissionError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except (OSError, ValueError, struct.error, OverflowError) as exc:
+        raise fail(str(exc) or type(exc).__name__) from None
+
+
 def _inspect_gguf(path: Path) -> ModelFileInfo:
+    import math
     from collections import Counter
 
-    reader = _open_gguf(path)
-    f = _GGUFFields(reader, path)
-    arch = str(f.get("general.architecture") or "")
+    import gguf
+
+    metadata, tensors = read_gguf_header(path)
+    arch = str(metadata.get("general.architecture") or "")
 
     def number(key: str, default: int = 0) -> int:
-        value = f.get(f"{arch}.{key}", default)
+        value = metadata.get(f"{arch}.{key}", default)
         if isinstance(value, list):  # per-layer values (e.g. KV heads): the largest bounds the cache
             value = max(value) if value else default
         try:
@@ -614,15 +696,21 @@ def _inspect_gguf(path: Path) -> ModelFileInfo:
         except (TypeError, ValueError):
             return default
 
+    def type_name(number: int) -> str:
+        try:
+            return gguf.GGMLQuantizationType(number).name
+        except ValueError:
+            return f"type {number}"
+
     hidden, heads = number("embedding_length"), number("attention.head_count")
     by_type: Counter[str] = Counter()
-    for t in reader.tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
-            by_type[t.tensor_type.name] += int(t.n_elements)
+    for name, dims, kind in tensors:
+        if name.startswith("blk.") and len(dims) == 2:
+            by_type[type_name(kind)] += math.prod(dims)
     matrix_type = by_type.most_common(1)[0][0] if by_type else "F32"
     return ModelFileInfo(
         source=str(path), kind="gguf", arch=arch or None,
-        weights=sum(int(t.n_elements) for t in reader.tensors),
+        weights=sum(math.prod(dims) for _, dims, _ in tensors),
         file_bytes=path.stat().st_size,
         num_layers=number("block_count"),
         num_kv_heads=number("attention.head_count_kv", heads),
