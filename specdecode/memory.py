@@ -24,14 +24,14 @@ GIB = 1024**3
 RUNTIME_BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 # Bytes per weight today's loader holds at its peak and keeps after loading (warm-up
 # included), per runtime format: measured with `specdecode generate --json` on synthetic
-# qwen2-0.5B- and 1.5B-shaped Q4_0 files (docs/memory.md), rounded up. Loading goes through
+# qwen2-0.5B/1.5B- and llama3-1B-shaped files (docs/memory.md), rounded up. Loading goes through
 # a float32 state dict (4 bytes/weight) while the runtime copy is built, and bf16/int8/int4
 # models keep bf16 parameters (int8/int4 also a float copy for prefill) beside their runtime
 # matrices. Small models pay more per weight (their embedding, which has more copies, is a
-# larger share), so figures from 0.5-1.5B are on the safe side for 7-8B. Issue 18 parts 1-2
+# larger share), so figures from 0.5-1.5B models are on the safe side for 7-8B ones. Issue 18 parts 1-2
 # (tensor-by-tensor loading, no float copies) lower them: re-measure and update with the loader.
-LOADER_PEAK_BYTES_PER_WEIGHT = {"fp32": 10.5, "bf16": 6.5, "int8": 10.5, "int4": 8.75}
-LOADER_STEADY_BYTES_PER_WEIGHT = {"fp32": 9.0, "bf16": 6.5, "int8": 7.5, "int4": 6.0}
+LOADER_PEAK_BYTES_PER_WEIGHT = {"fp32": 10.5, "bf16": 6.5, "int8": 10.5, "int4": 10.0}
+LOADER_STEADY_BYTES_PER_WEIGHT = {"fp32": 9.0, "bf16": 6.5, "int8": 7.5, "int4": 6.5}
 # Python, torch, transformers and a tokenizer before any weight (a 152k vocabulary included).
 BASE_PROCESS_BYTES = int(0.45 * GIB)
 # Leave this share of MemAvailable free: page cache the GGUF pages need, allocator slack.
