@@ -153,10 +153,8 @@ class MemoryEstimate:
         return self.peak_bytes + self.kv_cache_bytes
 
     def as_format(self, weight_format: str) -> "MemoryEstimate":
+        """The same model and context in another format (to suggest one that fits)."""
         return replace(self, weight_format=weight_format)
-
-    def with_context(self, max_context: int) -> "MemoryEstimate":
-        return replace(self, max_context=max_context)
 
 
 def estimate(weights: int, weight_format: str, num_layers: int, num_kv_heads: int, head_dim: int,

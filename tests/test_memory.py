@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from specdecode import memory
 from specdecode.cli import main
@@ -187,3 +188,44 @@ def test_header_reader_agrees_with_the_gguf_package():
             assert got == pytest.approx(expected), key
         else:
             assert got == expected, key
+
+
+def test_auto_keeps_non_native_hf_models_in_their_float_dtype(tmp_path):
+    """An architecture outside the native family runs through transformers in its own dtype."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from specdecode.engine import load_target
+    from specdecode.models.hf_adapter import HFCausalLM
+    from specdecode.models.loading import load_model_source
+
+    cfg = GPT2Config(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=4)
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(folder)
+    load_model_source(None).tokenizer.hf.save_pretrained(folder)
+    info = inspect_model(folder)
+    assert (info.weight_format, info.num_layers, info.head_dim) == ("bf16", 2, 8)
+    model, _ = load_target(str(folder))
+    assert isinstance(model, HFCausalLM) and model.dtype == torch.bfloat16
+
+
+def test_bench_memory_report_records_our_load_and_llamacpps(tiny_files, monkeypatch):
+    import specdecode.bench.runner as runner
+
+    held = []
+
+    def fake_llamacpp(gguf, drafter, threads, n_ctx, seed):
+        held.append(torch.ones(64 * 2**20 // 4))  # 64 MiB resident, as a loaded model would be
+        return object()
+
+    monkeypatch.setattr(runner, "load_llamacpp", fake_llamacpp)
+    lab = runner.Lab.load(str(tiny_files["Q4_0"]), max_context=64)
+    try:
+        lab.llamacpp("llamacpp", 1, 0)
+        report = lab.memory_report()
+    finally:
+        lab.close()
+    assert report["weight_format"] == "int4" and report["format_reason"] == "auto: Q4_0 weights"
+    assert report["gguf_file_bytes"] == tiny_files["Q4_0"].stat().st_size
+    assert report["peak_rss_bytes_end"] >= report["rss_after_load_bytes"] > 0
+    assert report["llamacpp"]["llamacpp"]["rss_added_bytes"] >= 32 * 2**20
+    assert lab.dtype == "int4"  # transformers peers get the resolved format, not "auto"
