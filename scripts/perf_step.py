@@ -32,6 +32,8 @@ from specdecode.models.loading import load_model_source
 FORMATS = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, None),
            "int8": (torch.bfloat16, "int8", None), "int4": (torch.bfloat16, "int4", None),
            "int8-aten": (torch.bfloat16, "int8", "aten"), "int4-aten": (torch.bfloat16, "int4", "aten"),
+           "int8-bf16": (torch.bfloat16, "int8", "avx512-bf16"), "int4-bf16": (torch.bfloat16, "int4", "avx512-bf16"),
+           "int8-vnni": (torch.bfloat16, "int8", "avx512-vnni"), "int4-vnni": (torch.bfloat16, "int4", "avx512-vnni"),
            "fp32-int8": (torch.float32, "int8", None), "fp32-int4": (torch.float32, "int4", None)}
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu", "mkldnn::_linear_pointwise")

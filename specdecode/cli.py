@@ -34,6 +34,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=_integer, default=None,
                    help="longest context in tokens (default 4096); the KV cache grows on demand up to it")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--kernel", default=None, choices=["auto", "avx512-vnni", "avx512-bf16", "aten"],
+                   help="int4/int8 matmul code (default auto: avx512-vnni where the CPU has AVX512-VNNI and "
+                        "AVX512-BF16, else aten; same as SPECDECODE_KERNEL; see docs/perf.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode/verify steps: ~15%% faster steps (int4, 2 cores) after a "
                         "one-off compile of minutes per step length (cached on disk by torch)")
@@ -42,7 +45,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | layerskip[:N] | model | quantized[:int4|int8] | eagle[:DIR] | medusa[:DIR] | distill[:DIR] (default ngram)")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
-    p.add_argument("--k", type=_integer, default=4, help="draft length (tokens proposed per step)")
+    p.add_argument("--k", default=None,
+                   help="draft length: auto (default: each step the k that maximises expected tokens per second "
+                        "from the target's measured step costs), heuristic (+2 after a full accept, -1 otherwise), "
+                        "or a fixed number"),
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=_integer, default=0)
@@ -53,6 +59,26 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
 
 
+def resolve_k(text: str | None, drafter: str | None) -> int | str:
+    """--k as given (None = auto), checked: a number >= 1, 'auto' or 'heuristic'."""
+    from specdecode.cost_model import parse_k
+
+    if text is None:
+        return "auto"
+    k = parse_k(text)
+    if k == "auto" and drafter in (None, "none"):
+        raise UserError("--k auto chooses how many tokens to draft, but --drafter none drafts nothing: "
+                        "drop --k or pick a drafter (e.g. --drafter ngram)")
+    return k
+
+
+def max_draft(k: int | str) -> int:
+    """The longest draft a --k value can ask for (auto and heuristic: the cost table's k_max)."""
+    from specdecode.cost_model import DEFAULT_K_MAX
+
+    return k if isinstance(k, int) else DEFAULT_K_MAX
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from specdecode.config import SamplingParams
     from specdecode.engine import Engine
@@ -61,14 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Validate everything cheap before spending seconds on loading the model.
     if not prompt.strip():
         raise UserError("the prompt is empty: give some text to continue")
-    if args.k < 1:
-        raise UserError(f"--k (draft length) must be >= 1, got {args.k}")
+    args.k = resolve_k(args.k, args.drafter)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     if args.compile:
-        engine.warm_up(args.k + 1)  # compile verification steps now, not inside the timed request
+        engine.warm_up(max_draft(args.k) + 1)  # compile verification steps now, not inside the timed request
     stream = engine.stream(
         prompt, drafter=args.drafter, draft=args.draft, k=args.k, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
@@ -109,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if getattr(args, "kernel", None):
+            import os
+
+            os.environ["SPECDECODE_KERNEL"] = args.kernel
         if getattr(args, "threads", None):
             import torch
 

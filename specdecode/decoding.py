@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from specdecode.config import GenerationConfig
+from specdecode.cost_model import KPolicy, costs_for, make_policy
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
@@ -27,7 +28,7 @@ def decode(
     prompt_ids: list[int],
     config: GenerationConfig,
     drafter: Drafter | None = None,
-    k: int = 4,
+    k: "int | str | KPolicy" = 4,
     eos_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stats: SpecStats | None = None,
@@ -36,11 +37,16 @@ def decode(
 
     The caller may stop iterating at any time (stop strings); `stats` is complete then too.
     EOS ends the generation and is not yielded.
+
+    k: tokens to draft each step (a number), 'auto' (the k that maximises expected tokens per
+    second from the target's measured step costs, see cost_model.py), 'heuristic', or a
+    KPolicy object (which then learns from this request).
     """
     if not prompt_ids:
         raise UserError("the prompt is empty: give some text to continue")
-    if k < 1 and drafter is not None:
+    if isinstance(k, int) and k < 1 and drafter is not None:
         raise UserError(f"k (draft length) must be >= 1, got {k}")
+    policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
     room = cache.max_length - len(prompt_ids)
     if room < 1:
         raise UserError(
@@ -49,6 +55,8 @@ def decode(
     sampling = config.sampling
     generator = generator if generator is not None else make_generator(sampling.seed)
     stats = stats if stats is not None else SpecStats()
+    if policy is not None:
+        stats.k_policy = policy.name
     stop_ids = set() if config.ignore_eos else set(eos_ids)
     max_new = min(config.max_new_tokens, room)
     start = time.perf_counter()
@@ -71,7 +79,7 @@ def decode(
                 drafter.observe_hidden(out.hidden)  # type: ignore[attr-defined]
         tokens = list(prompt_ids) + [first]
         while stats.new_tokens < max_new:
-            budget = min(k, max_new - stats.new_tokens - 1)
+            budget = 0 if policy is None else policy.choose(max_new - stats.new_tokens - 1)
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
@@ -90,8 +98,9 @@ def decode(
             cache.rollback(committed + 1 + result.num_accepted)
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            stats.record(len(draft.tokens), result.num_accepted)
-            if drafter is not None:
+            stats.record(len(draft.tokens), result.num_accepted, None if policy is None else budget)
+            if drafter is not None and policy is not None:
+                policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
                 if feed_hidden:  # the fed newest token's and the accepted drafts' features
                     drafter.observe_hidden(out.hidden[: result.num_accepted + 1])  # type: ignore[attr-defined,index]

@@ -23,6 +23,7 @@ import torch
 from specdecode import memory
 
 from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.cost_model import CostTable, cached_verify_costs, parse_k, remember_costs
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
@@ -31,7 +32,7 @@ from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
-from specdecode.models.loading import inspect_model, load_model_source
+from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -135,6 +136,8 @@ class Engine:
         self.cache = model.new_cache(self.max_context)
         self._drafters: dict[tuple[str, str | None], Drafter | None] = {}
         self.load_report: memory.LoadReport | None = None  # set by Engine.load
+        self.source: str | None = None  # the target's file or folder (None: embedded or built by hand)
+        self._costs: CostTable | None = None
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -154,6 +157,7 @@ class Engine:
         start = time.perf_counter()
         model, tokenizer = load_target(target, weight_format, compile)
         engine = cls(model, tokenizer, max_context)
+        engine.source = None if target is None else str(target)
         engine.warm_up()
         engine.load_report = memory.LoadReport(
             engine.weight_format, reason, time.perf_counter() - start, memory.current_rss_bytes(),
@@ -224,7 +228,7 @@ class Engine:
         *,
         drafter: str | Drafter | None = None,
         draft: str | None = None,
-        k: int = 4,
+        k: int | str = "auto",
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -235,9 +239,12 @@ class Engine:
         chat: bool = True,
         ignore_eos: bool = False,
     ) -> "TextStream":
-        """Text deltas as they are decoded; the finished Generation is `.result` afterwards."""
-        if k < 1:
-            raise UserError(f"k (draft length) must be >= 1, got {k}")
+        """Text deltas as they are decoded; the finished Generation is `.result` afterwards.
+
+        k: draft length: 'auto' (each step the k that maximises expected tokens per second,
+        from this machine's measured step costs of the target: cost_model.py), 'heuristic',
+        or a fixed number."""
+        k = parse_k(str(k))
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         config = GenerationConfig(max_new_tokens, tuple(stop), ignore_eos, sampling)
         prompt_ids = self.encode_prompt(prompt, chat)
@@ -246,7 +253,19 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_context}: "
                 "shorten the prompt or raise --max-context"
             )
-        return TextStream(self, prompt_ids, config, self.drafter(drafter, draft), k)
+        chosen = self.drafter(drafter, draft)
+        if k == "auto" and chosen is not None:
+            self.cost_table()
+        return TextStream(self, prompt_ids, config, chosen, k)
+
+    def cost_table(self) -> CostTable:
+        """The target's verification costs on this machine (T = 1..9 new tokens), measured once
+        and remembered per model file (cost_model.cached_verify_costs); k='auto' uses them."""
+        if self._costs is None:
+            source = self.source if self.source is not None else str(embedded_model_path())
+            self._costs = cached_verify_costs(self.model, source)
+            remember_costs(self.model, self._costs)
+        return self._costs
 
     def generate(self, prompt: Prompt, **kwargs: object) -> Generation:
         stream = self.stream(prompt, **kwargs)  # type: ignore[arg-type]
@@ -259,9 +278,10 @@ class Engine:
 class TextStream:
     """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None, k: int):
+    def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
+                 k: int | str):
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
-        self.stats = SpecStats()
+        self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:

@@ -18,6 +18,9 @@ class SpecStats:
     accepted: int = 0
     drafted_at: list[int] = field(default_factory=list)  # per draft position: times drafted
     accepted_at: list[int] = field(default_factory=list)  # per draft position: times accepted
+    k_chosen: dict[int, int] = field(default_factory=dict)  # draft length asked for -> verify steps
+    k_policy: str | None = None  # "fixed k=4", "auto", "heuristic"
+    kernel: str | None = None  # the target's matmul code (specdecode.kernels)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
@@ -38,7 +41,9 @@ class SpecStats:
             self.load_seconds, self.rss_after_load_bytes = load.load_seconds, load.rss_after_load_bytes
         self.peak_rss_bytes = peak_rss_bytes()
 
-    def record(self, num_drafted: int, num_accepted: int) -> None:
+    def record(self, num_drafted: int, num_accepted: int, asked: int | None = None) -> None:
+        if asked is not None:
+            self.k_chosen[asked] = self.k_chosen.get(asked, 0) + 1
         self.verify_steps += 1
         self.target_forwards += 1
         self.drafted += num_drafted
@@ -77,6 +82,9 @@ class SpecStats:
             "acceptance_rate": round(self.acceptance_rate, 6),
             "mean_accepted_length": round(self.mean_accepted_length, 6),
             "per_position_acceptance": [round(x, 6) for x in self.per_position_acceptance],
+            "k_policy": self.k_policy,
+            "k_histogram": {str(k): n for k, n in sorted(self.k_chosen.items())},
+            "kernel": self.kernel,
             "draft_seconds": round(self.draft_seconds, 6),
             "verify_seconds": round(self.verify_seconds, 6),
             "prefill_seconds": round(self.prefill_seconds, 6),

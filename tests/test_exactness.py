@@ -52,7 +52,7 @@ def pair(request):
     return target, draft
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto", "heuristic"])
 @pytest.mark.parametrize("spec", ["model", "ngram", "ngram:2-4", "layerskip:1", "layerskip:3"])
 def test_greedy_spec_equals_autoregressive(pair, spec, k):
     target, draft = pair

@@ -17,16 +17,21 @@ from specdecode.models.quant import (
     TiledInt4Stack,
     TiledInt8Stack,
     linear_stack,
+    quad_int4,
+    quad_int8,
     quantize_q4_1,
     quantize_q8_0,
     tile_int4,
     tile_int8,
+    unquad_int4,
+    unquad_int8,
     untile_int4,
     untile_int8,
 )
 
 ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
-KERNEL_PATHS = ["aten"] + (["avx512-bf16"] if kernels.load_error() is None else [])
+OURS_HERE = [k for k in kernels.OURS if kernels.available(k) is None]
+KERNEL_PATHS = ["aten", *OURS_HERE]
 
 
 def test_tiling_round_trips():
@@ -35,7 +40,9 @@ def test_tiling_round_trips():
     q8 = torch.randint(-127, 128, (48, 96), generator=g).to(torch.int8)
     assert torch.equal(untile_int4(tile_int4(q4)), q4)
     assert torch.equal(untile_int8(tile_int8(q8)), q8)
-    assert tile_int4(q4).numel() == q4.numel() // 2  # two codes a byte, as in the GGUF file
+    assert torch.equal(unquad_int4(quad_int4(q4)), q4)
+    assert torch.equal(unquad_int8(quad_int8(q8)), q8)
+    assert tile_int4(q4).numel() == quad_int4(q4).numel() == q4.numel() // 2  # two codes a byte, as in GGUF
 
 
 def test_q4_1_and_q8_0_weights_give_back_their_codes():
@@ -56,20 +63,22 @@ def test_q4_1_and_q8_0_weights_give_back_their_codes():
 
 
 @ours
+@pytest.mark.parametrize("kernel", OURS_HERE)
 @pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
-def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack):
+def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack, kernel):
     g = torch.Generator().manual_seed(2)
     w = [torch.randn(80, 160, generator=g) * 0.05 for _ in range(2)]
     b = [torch.randn(80, generator=g) for _ in range(2)]
-    s = stack.from_float(w, b, torch.bfloat16)
-    assert s.kernel == "avx512-bf16"
+    s = stack.from_float(w, b, torch.bfloat16, kernel)
+    assert s.kernel == kernel
     x = torch.randn(40, 160, generator=g).bfloat16()
     for i in range(2):
         dq = s.dequantize(i)
         assert (dq - w[i]).abs().max() < (0.02 if stack is TiledInt4Stack else 0.002)
         y = s(x, i)
         ref = x.float() @ dq.T + b[i].bfloat16().float()
-        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-2)  # bf16 output rounding
+        # bf16 output rounding (and for VNNI, int8 activations: 1/254 of each block's largest)
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=2e-2 if kernel == "avx512-bf16" else 6e-2)
         # Batch invariance: any number of rows (1..40, crossing the 16-row chunks and the
         # tile grouping for few rows) gives bitwise each row's result alone.
         singles = torch.cat([s(x[t : t + 1], i) for t in range(40)])
@@ -78,10 +87,11 @@ def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack):
 
 
 @ours
-def test_kernel_catches_a_wrong_row_order():
+@pytest.mark.parametrize("kernel", OURS_HERE)
+def test_kernel_catches_a_wrong_row_order(kernel):
     """The invariance check above can fail: rows swapped in x give different outputs."""
     g = torch.Generator().manual_seed(3)
-    s = TiledInt4Stack.from_float([torch.randn(32, 64, generator=g)], None, torch.bfloat16)
+    s = TiledInt4Stack.from_float([torch.randn(32, 64, generator=g)], None, torch.bfloat16, kernel)
     x = torch.randn(2, 64, generator=g).bfloat16()
     assert not torch.equal(s(x, 0), s(x.flip(0), 0))
 
@@ -132,6 +142,9 @@ def test_forcing_a_kernel_this_cpu_lacks_is_a_clear_error(monkeypatch):
     kernels.load_error.cache_clear()
     try:
         with pytest.raises(UserError, match="SPECDECODE_KERNEL=aten"):
+            kernels.active()
+        monkeypatch.setenv("SPECDECODE_KERNEL", "avx512-vnni")
+        with pytest.raises(UserError, match="lacks AVX512-BF16"):
             kernels.active()
         monkeypatch.setenv("SPECDECODE_KERNEL", "auto")
         assert kernels.active() == "aten"

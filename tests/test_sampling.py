@@ -16,6 +16,7 @@ from scipy.stats import chisquare
 import specdecode.decoding as decoding
 from conftest import random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.cost_model import HeuristicK
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.sampling import logits_to_probs, make_generator, sample
 from specdecode.verify import VerifyResult, greedy_verify, rejection_sample
@@ -206,3 +207,23 @@ def test_loop_test_catches_a_broken_verifier(small_pair, broken, monkeypatch):
     # k=1: the bonus token is t3 whenever the single draft is accepted (about half the time)
     p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=5_000, k=1)
     assert min(p23, p4) < ALPHA, (p23, p4)
+
+
+class _RecordingHeuristicK(HeuristicK):
+    def __init__(self) -> None:
+        super().__init__(start=1, k_max=3)
+        self.seen: set[int] = set()
+
+    def choose(self, budget: int) -> int:
+        k = super().choose(budget)
+        self.seen.add(k)
+        return k
+
+
+def test_speculative_loop_with_adaptive_k_matches_target_distribution(small_pair):
+    """k chosen each step from earlier outcomes (one schedule shared by every draw, so k
+    varies within and across requests) keeps the target's distribution."""
+    policy = _RecordingHeuristicK()
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=5_000, k=policy)
+    assert {1, 2} <= policy.seen  # (4 new tokens: after the first, at most 2 drafts fit)
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)

@@ -138,8 +138,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     lab = Lab.load(args.target, args.dtype, args.draft, args.max_context, args.compile)
     if args.compile:
-        print(f"compiling steps of 1..{max(config.ks) + 1} tokens (torch.compile; cached on disk by torch)", file=sys.stderr)
-        lab.engine.warm_up(max(config.ks) + 1)
+        print(f"compiling steps of 1..{config.longest_draft + 1} tokens (torch.compile; cached on disk by torch)",
+              file=sys.stderr)
+        lab.engine.warm_up(config.longest_draft + 1)
     notes: list[str] = []
     try:
         methods = lab.build_methods(config, notes)
@@ -167,6 +168,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "num_prompts": len(prompts),
         "categories": list(dict.fromkeys(p.category for p in prompts)),
         "methods": [{"label": m.label, "family": m.family, "drafter": m.drafter, "k": m.k} for m in methods],
+        "kernel": getattr(lab.engine.model, "kernel", None),
+        # v(T) = step(T) / step(1), T = 1..9, as `--k auto` saw them (None: no auto run)
+        "verify_cost_table": None if "auto" not in config.ks else lab.engine.cost_table().ratios(),
         "prompts": [p.to_dict() for p in prompts],
         "notes": notes,
     }

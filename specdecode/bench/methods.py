@@ -49,6 +49,7 @@ class Outcome:
     verify_seconds: float | None = None
     prefill_seconds: float | None = None
     draft_forwards: int | None = None  # forwards of a separate draft model (transformers assisted)
+    k_chosen: dict[str, int] | None = None  # draft length asked for -> verify steps (ours)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Measurement(Outcome):
     method: str = ""
     family: str = ""
     drafter: str = ""
-    k: int | None = None
+    k: int | str | None = None
     prompt_id: str = ""
     category: str = ""
     repeat: int = 0
@@ -75,12 +76,12 @@ class Method(Protocol):
     label: str  # unique column name, e.g. "ngram k=4"
     family: str  # "specdecode" | "transformers" | "llama.cpp"
     drafter: str  # e.g. "none", "ngram", "layerskip:7", "hf-lookup", "llamacpp"
-    k: int | None  # draft length; None for autoregressive methods
+    k: int | str | None  # draft length ("auto": chosen each step); None for autoregressive methods
 
     def run(self, request: Request) -> Outcome: ...
 
 
-def method_label(drafter: str, k: int | None) -> str:
+def method_label(drafter: str, k: int | str | None) -> str:
     return AR if drafter == "none" else (drafter if k is None else f"{drafter} k={k}")
 
 
@@ -119,11 +120,13 @@ class SpecdecodeMethod:
 
     family = "specdecode"
 
-    def __init__(self, engine: Engine, drafter: str, k: int | None, draft: str | None = None) -> None:
+    def __init__(self, engine: Engine, drafter: str, k: int | str | None, draft: str | None = None) -> None:
         self.engine = engine
         self.drafter = drafter
         self.k = None if drafter == "none" else k
         self.label = method_label(drafter, self.k)
+        if self.k == "auto":
+            engine.cost_table()  # measured (or read back) now, not inside a timed request
         built = engine.drafter(drafter, draft)
         self._recorder = _StepRecorder(built) if built is not None else None
 
@@ -132,8 +135,8 @@ class SpecdecodeMethod:
         config = GenerationConfig(request.max_new_tokens, (), request.ignore_eos, request.sampling)
         stats = SpecStats()
         start = time.perf_counter()
-        steps = decode(engine.model, engine.cache, request.prompt_ids, config, self._recorder, self.k or 1,
-                       request.eos_ids, stats=stats)
+        steps = decode(engine.model, engine.cache, request.prompt_ids, config, self._recorder,
+                       1 if self.k is None else self.k, request.eos_ids, stats=stats)
         tokens = [t for step in steps for t in step]
         wall = time.perf_counter() - start
         return Outcome(
@@ -142,5 +145,5 @@ class SpecdecodeMethod:
             rejections=self._recorder.rejections if self._recorder else 0,
             drafted_at=list(stats.drafted_at), accepted_at=list(stats.accepted_at),
             draft_seconds=stats.draft_seconds, verify_seconds=stats.verify_seconds,
-            prefill_seconds=stats.prefill_seconds,
+            prefill_seconds=stats.prefill_seconds, k_chosen={str(k): n for k, n in sorted(stats.k_chosen.items())},
         )

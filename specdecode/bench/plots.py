@@ -26,7 +26,7 @@ def _by_drafter(summary: Summary) -> dict[str, list[Figures]]:
     groups: dict[str, list[Figures]] = defaultdict(list)
     for cats in summary.values():
         f = cats[ALL]
-        if f.k is not None:
+        if isinstance(f.k, int):  # (auto / heuristic rows have no place on a k axis)
             groups[f.drafter].append(f)
     return {d: sorted(fs, key=lambda f: f.k or 0) for d, fs in groups.items()}
 

@@ -66,7 +66,7 @@ class Figures:
     method: str
     family: str
     drafter: str
-    k: int | None
+    k: int | str | None  # a fixed draft length, "auto" / "heuristic", None for AR and peers without k
     category: str
     prompts: int
     tokens_per_second: float
@@ -142,7 +142,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
     share = draft_s / (draft_s + verify_s) if draft_s is not None and verify_s and draft_s + verify_s > 0 else None
     c = _median(costs)
     theory = None
-    if first.k is not None and alpha is not None and c is not None:
+    if isinstance(first.k, int) and alpha is not None and c is not None:
         theory = theoretical_speedup(alpha, first.k, c)
     matches = [r.matches_ar for r in rows if r.matches_ar is not None]
     return Figures(

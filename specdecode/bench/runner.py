@@ -37,7 +37,7 @@ OUR_DRAFTERS = tuple(d for d in DRAFTERS if d != "none")
 @dataclass(frozen=True)
 class BenchConfig:
     drafters: tuple[str, ...] = ("ngram", "layerskip")
-    ks: tuple[int, ...] = (4,)
+    ks: tuple[int | str, ...] = (4,)
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
     repeats: int = 1
@@ -45,6 +45,17 @@ class BenchConfig:
     chat: bool = True
     threads: int = 2
     warmup: bool = True
+
+    @property
+    def fixed_ks(self) -> tuple[int, ...]:
+        """The numeric ks: peers (llama.cpp, transformers) take a fixed draft length only."""
+        return tuple(k for k in self.ks if isinstance(k, int))
+
+    @property
+    def longest_draft(self) -> int:
+        from specdecode.cost_model import DEFAULT_K_MAX
+
+        return max(k if isinstance(k, int) else DEFAULT_K_MAX for k in self.ks)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -65,12 +76,19 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--k takes draft lengths separated by commas, e.g. 1,2,4,8; got '{text}'") from None
-    if not ks or min(ks) < 1:
+def parse_ks(text: str) -> tuple[int | str, ...]:
+    """--k for the bench: draft lengths and/or 'auto' / 'heuristic', separated by commas."""
+    ks: list[int | str] = []
+    for part in (x.strip() for x in text.split(",")):
+        if part in ("auto", "heuristic"):
+            ks.append(part)
+            continue
+        try:
+            ks.append(int(part))
+        except ValueError:
+            raise UserError(f"--k takes draft lengths separated by commas (numbers, auto or heuristic), "
+                            f"e.g. 1,2,4,auto; got '{text}'") from None
+    if not ks or min((k for k in ks if isinstance(k, int)), default=1) < 1:
         raise UserError(f"--k values must be >= 1, got '{text}'")
     return tuple(dict.fromkeys(ks))
 
@@ -162,12 +180,12 @@ class Lab:
                     _note(notes, f"{name} skipped: llama.cpp needs a GGUF target, got {self.target_path}")
                     continue
                 llm = self.llamacpp(name, config.threads, config.sampling.seed)
-                ks: Sequence[int | None] = [None] if name == "llamacpp" else config.ks
+                ks: Sequence[int | str | None] = [None] if name == "llamacpp" else config.fixed_ks
                 methods += [LlamaCppMethod(llm, name, k) for k in ks]
             elif name in HF_METHODS:
                 model = self.hf_model("target")
                 assistant = self.hf_model("draft") if name == "hf-assisted" else None
-                ks = [None] if name == "hf" else config.ks
+                ks = [None] if name == "hf" else config.fixed_ks
                 methods += [HFMethod(model, name, k, assistant) for k in ks]
             else:
                 methods += [SpecdecodeMethod(self.engine, name, k, self.draft_path) for k in config.ks]

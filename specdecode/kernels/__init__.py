@@ -27,7 +27,9 @@ import torch
 
 from specdecode.errors import UserError
 
-KERNELS = ("avx512-bf16", "aten")
+KERNELS = ("avx512-vnni", "avx512-bf16", "aten")
+OURS = ("avx512-vnni", "avx512-bf16")
+PREFERENCE = ("avx512-vnni", "avx512-bf16", "aten")  # what `auto` picks, first that runs
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
 _FIX = "set SPECDECODE_KERNEL=aten (or --kernel aten), or run on a CPU with AVX512-BF16"
@@ -85,12 +87,22 @@ def load_error() -> str | None:
     return None
 
 
-def require() -> None:
-    """Load the library or raise RuntimeError saying why it cannot be (for code that builds
-    our kernels' weight layouts directly)."""
+def available(kernel: str) -> str | None:
+    """None if `kernel` can run here, else why not."""
+    if kernel == "aten":
+        return None
     error = load_error()
+    if error is None and kernel == "avx512-vnni" and not {"avx512_vnni"} <= cpu_flags():
+        error = "this CPU lacks AVX512-VNNI"
+    return error
+
+
+def require(kernel: str = "avx512-bf16") -> None:
+    """Load the library or raise RuntimeError saying why `kernel` cannot run (for code that
+    builds our kernels' weight layouts directly)."""
+    error = available(kernel)
     if error is not None:
-        raise RuntimeError(f"specdecode kernels unavailable: {error}")
+        raise RuntimeError(f"specdecode kernel {kernel} unavailable: {error}")
 
 
 _fakes_registered = False
@@ -105,8 +117,8 @@ def _register_fakes() -> None:
     def linear_fake(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], d.shape[0] * 16))
 
-    torch.library.register_fake("specdecode::int4_linear")(linear_fake)
-    torch.library.register_fake("specdecode::int8_linear")(linear_fake)
+    for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni"):
+        torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")
     def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
@@ -121,18 +133,17 @@ def requested() -> str:
 
 
 def active() -> str:
-    """The matmul path int4/int8 models with bf16 activations use in this process."""
+    """The matmul path int4/int8 models with bf16 activations use in this process: the one
+    asked for, or the first of PREFERENCE that runs here."""
     want = requested()
-    if want == "aten":
-        return "aten"
-    why_not = load_error()
-    if why_not is None:
-        return "avx512-bf16"
-    if want == "avx512-bf16":
-        raise UserError(f"kernel avx512-bf16 was asked for but {why_not}: {_FIX}")
-    return "aten"
+    if want != "auto":
+        why_not = available(want)
+        if why_not is not None:
+            raise UserError(f"kernel {want} was asked for but {why_not}: {_FIX}")
+        return want
+    return next(k for k in PREFERENCE if available(k) is None)
 
 
 def unavailable_reason() -> str | None:
-    """Why our kernels are not used here (None when they are)."""
-    return None if active() == "avx512-bf16" else (load_error() or "SPECDECODE_KERNEL=aten")
+    """Why none of our kernels is used here (None when one is)."""
+    return None if active() in OURS else (load_error() or "SPECDECODE_KERNEL=aten")

@@ -190,6 +190,169 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::T
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same weights with int8 activations (llama.cpp's arithmetic: each row's inputs quantized
+// per block of 32 to int8 with an fp32 scale dx = max|x| / 127), integer dot products through
+// AVX512-VNNI `vpdpbusd` (64 multiply-adds an instruction, twice bf16's): per group the sum is
+// an exact int32, then y += dx * (d * S + m * sum(xq)). Each row's quantization and sums depend
+// on that row alone, so this too is batch invariant.
+//
+// Layouts ("quads": 16 outputs x 4 inputs = 64 codes, code of output i, input 4qd + j at byte
+// 4i + j):
+//   int4: uint8 [N/16, G, 8, 32]: quad qd's bytes 0-31 in the low nibbles, 32-63 in the high.
+//   int8: int8 [N/16, G, 8, 64] and wsum int16 [N/16, G, 16] (each output's code sum per group,
+//         for the +128 that makes the activations unsigned).
+
+#define SD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+struct QuantRows {
+  std::vector<int8_t> q;   // [T, K]
+  std::vector<float> dx;   // [T, G]
+  std::vector<int32_t> sq;  // [T, G] sum of the row's codes per group
+};
+
+SD_VNNI QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
+  const int64_t G = K / kGroup;
+  QuantRows out{std::vector<int8_t>(T * K), std::vector<float>(T * G), std::vector<int32_t>(T * G)};
+  const __m512i shift = _mm512_set1_epi32(16);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t i = 0; i < T * G; ++i) {
+    __m512i raw = _mm512_loadu_si512(x + i * kGroup);
+    __m512 lo = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), shift));
+    __m512 hi = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), shift));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, absmask), _mm512_and_ps(hi, absmask)));
+    const float d = amax / 127.0f;
+    const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
+    __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));  // round to nearest even
+    __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    _mm_storeu_si128((__m128i*)(out.q.data() + i * kGroup), _mm512_cvtsepi32_epi8(qlo));
+    _mm_storeu_si128((__m128i*)(out.q.data() + i * kGroup + 16), _mm512_cvtsepi32_epi8(qhi));
+    out.dx[i] = d;
+    out.sq[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  }
+  return out;
+}
+
+SD_VNNI inline __m512i bcast_quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+template <int R, int TILES, bool INT4>
+SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt,
+                            const int16_t* ws, const int8_t* xq, int64_t ldx, const float* dx, const int32_t* sq,
+                            int64_t G, at::BFloat16* y, int64_t ldy) {
+  alignas(64) float tot[R * TILES][kTile];
+  for (int i = 0; i < R * TILES; ++i) _mm512_store_ps(tot[i], _mm512_setzero_ps());
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[TILES][R];
+    for (int u = 0; u < TILES; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
+    const int8_t* xg = xq + g * kGroup;
+    for (int qd = 0; qd < 8; ++qd) {
+      for (int u = 0; u < TILES; ++u) {
+        if constexpr (INT4) {
+          __m256i raw = _mm256_loadu_si256((const __m256i*)(wt + u * tile_bytes + g * 256 + qd * 32));
+          __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, low4)),
+                                         _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), 1);
+          for (int r = 0; r < R; ++r) acc[u][r] = _mm512_dpbusd_epi32(acc[u][r], w, bcast_quad(xg + r * ldx + 4 * qd));
+        } else {
+          __m512i w = _mm512_loadu_si512(wt + u * tile_bytes + g * 512 + qd * 64);
+          for (int r = 0; r < R; ++r)
+            acc[u][r] = _mm512_dpbusd_epi32(acc[u][r], _mm512_xor_si512(bcast_quad(xg + r * ldx + 4 * qd), flip), w);
+        }
+      }
+    }
+    for (int u = 0; u < TILES; ++u) {
+      const int64_t so = u * G * kTile + g * kTile;
+      __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
+      if constexpr (INT4) {
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + so)));
+        for (int r = 0; r < R; ++r) {
+          __m512 t = _mm512_fmadd_ps(m, _mm512_set1_ps((float)sq[r * G + g]), _mm512_mul_ps(d, _mm512_cvtepi32_ps(acc[u][r])));
+          _mm512_store_ps(tot[u * R + r], _mm512_fmadd_ps(t, _mm512_set1_ps(dx[r * G + g]), _mm512_load_ps(tot[u * R + r])));
+        }
+      } else {
+        __m512i corr = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(ws + so))), 7);
+        for (int r = 0; r < R; ++r) {
+          __m512 t = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u][r], corr)));
+          _mm512_store_ps(tot[u * R + r], _mm512_fmadd_ps(t, _mm512_set1_ps(dx[r * G + g]), _mm512_load_ps(tot[u * R + r])));
+        }
+      }
+    }
+  }
+  for (int u = 0; u < TILES; ++u)
+    for (int r = 0; r < R; ++r) {
+      // fp32 -> bf16, round to nearest even (written out: this target has no avx512bf16)
+      __m512i b = _mm512_castps_si512(_mm512_load_ps(tot[u * R + r]));
+      __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)));
+      __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(b, rounding), 16);
+      _mm256_storeu_si256((__m256i*)(y + r * ldy + u * kTile), _mm512_cvtepi32_epi16(bits));
+    }
+}
+
+using VnniFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int16_t*, const int8_t*, int64_t,
+                        const float*, const int32_t*, int64_t, at::BFloat16*, int64_t);
+
+template <bool INT4, int... Rs>
+struct VnniKernels {
+  static constexpr VnniFn wide[] = {tile_rows_vnni<Rs, tiles_for(Rs), INT4>...};
+  static constexpr VnniFn narrow[] = {tile_rows_vnni<Rs, 1, INT4>...};
+};
+
+template <bool INT4>
+using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+
+template <bool INT4>
+at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
+  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / (INT4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  TORCH_CHECK(aux.sizes() == d.sizes() && aux.scalar_type() == (INT4 ? at::kHalf : at::kShort), "specdecode qlinear: m / wsum must match d");
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (T == 0) return y;
+  const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const auto* wp = (const uint8_t*)packed.data_ptr();
+  const at::Tensor dc = d.contiguous(), ac = aux.contiguous();
+  const auto* dp = dc.data_ptr<at::Half>();
+  const at::Half* mp = INT4 ? ac.data_ptr<at::Half>() : nullptr;
+  const int16_t* sp = INT4 ? nullptr : ac.data_ptr<int16_t>();
+  const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
+  const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    int64_t t0 = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int rows = (int)((T - t0) / (chunks - c));
+      const int wide = rows <= 2 ? 4 : rows <= 8 ? 2 : 1;
+      auto run = [&](VnniFn fn, int64_t tile) {
+        const int64_t so = tile * G * kTile;
+        fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, INT4 ? nullptr : sp + so,
+           xr.q.data() + t0 * K, K, xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, yp + t0 * N + tile * kTile, N);
+      };
+      int64_t j = begin;
+      for (; j + wide <= end; j += wide) run(VnniRowKernels<INT4>::wide[rows - 1], j);
+      for (; j < end; ++j) run(VnniRowKernels<INT4>::narrow[rows - 1], j);
+      t0 += rows;
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  return qlinear_vnni<true>(x, packed, d, m);
+}
+
+at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {
+  return qlinear_vnni<false>(x, packed, d, wsum);
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   return qlinear<true>(x, packed, d, m);
 }
@@ -310,11 +473,15 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 TORCH_LIBRARY(specdecode, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor d) -> Tensor");
+  m.def("int4_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
+  m.def("int8_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, int past) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear_vnni", &int4_linear_vnni);
+  m.impl("int8_linear_vnni", &int8_linear_vnni);
   m.impl("attend_rows", &attend_rows);
 }

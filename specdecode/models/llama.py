@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
@@ -281,7 +282,7 @@ class LlamaModel(nn.Module):
         kernels (specdecode.kernels; bf16 activations): one call per layer instead of one per
         new token, and each row computed alike however many rows a step has (batch invariance)."""
         d = self.config.head_dim
-        return self.quant is not None and d % 16 == 0 and d <= 256 and runtime.kernel == "avx512-bf16"
+        return self.quant is not None and d % 16 == 0 and d <= 256 and runtime.kernel in kernels.OURS
 
     @property
     def kernel(self) -> str:
@@ -414,7 +415,9 @@ class LlamaModel(nn.Module):
         float_prefill = self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         window = self.config.sliding_window
-        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None
+        # (Compiled steps attend in the graph: our op's cache length would be a new constant
+        # there every step, so inductor would recompile each time.)
+        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and not compiled
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
             mask = None  # every new token attends to the cache and the tokens before it, in our kernel

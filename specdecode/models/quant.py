@@ -276,6 +276,33 @@ def untile_int8(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(tiles, g, 16, _TILE, 2).permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
 
 
+def quad_int4(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (0..15) -> uint8 [N/16, G, 8, 32] for the VNNI kernel: quad qd holds a tile's
+    16 outputs x 4 inputs (byte 4i + j); its bytes 0-31 in the low nibbles, 32-63 in the high."""
+    n, k = q.shape
+    lanes = q.to(torch.uint8).view(n // _TILE, _TILE, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
+    lanes = lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 4 * _TILE)
+    return (lanes[..., :32] | (lanes[..., 32:] << 4)).contiguous()
+
+
+def unquad_int4(packed: torch.Tensor) -> torch.Tensor:
+    tiles, g = packed.shape[:2]
+    lanes = torch.cat((packed & 15, packed >> 4), dim=-1).view(tiles, g, 8, _TILE, 4)
+    return lanes.permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+
+
+def quad_int8(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] int8 -> [N/16, G, 8, 64]: quad qd = a tile's 16 outputs x 4 inputs (byte 4i + j)."""
+    n, k = q.shape
+    lanes = q.view(n // _TILE, _TILE, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
+    return lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 4 * _TILE).contiguous()
+
+
+def unquad_int8(packed: torch.Tensor) -> torch.Tensor:
+    tiles, g = packed.shape[:2]
+    return packed.view(tiles, g, 8, _TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+
+
 def tile_scales(s: torch.Tensor) -> torch.Tensor:
     """[N, G] -> [N/16, G, 16]: a tile's 16 outputs side by side (one vector load)."""
     n, g = s.shape
@@ -293,16 +320,20 @@ def tiled_compatible(shape: Sequence[int]) -> bool:
 
 
 class TiledInt4Stack(LinearStack):
-    """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our AVX512-BF16
-    kernel (`specdecode::int4_linear`): cost nearly flat in rows, each row computed alike."""
+    """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
+    nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
+    products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
+    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`)."""
 
     mode = "int4"
-    kernel = "avx512-bf16"
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
-                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
-        kernels.require()
-        self.packed = [tile_int4(q) for q in codes]
+                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
+        kernels.require(kernel)
+        self.kernel = kernel
+        self.vnni = kernel == "avx512-vnni"
+        self.op = torch.ops.specdecode.int4_linear_vnni if self.vnni else torch.ops.specdecode.int4_linear
+        self.packed = [(quad_int4 if self.vnni else tile_int4)(q) for q in codes]
         self.d = [tile_scales(x.half()) for x in d]
         self.m = [tile_scales(x.half()) for x in m]
         self.bias = _stack_bias(biases, dtype)
@@ -311,17 +342,20 @@ class TiledInt4Stack(LinearStack):
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
-                   dtype: torch.dtype) -> "TiledInt4Stack":
+                   dtype: torch.dtype, kernel: str = "avx512-bf16") -> "TiledInt4Stack":
         parts = [quantize_q4_1(w) for w in weights]
-        return cls([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], biases, dtype)
+        return cls([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], biases, dtype, kernel)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        y = torch.ops.specdecode.int4_linear(x, self.packed[i], self.d[i], self.m[i])
+        y = self.op(x, self.packed[i], self.d[i], self.m[i])
         b = self.biases[i]
         return y if b is None else y + b
 
+    def codes(self, i: int) -> torch.Tensor:
+        return (unquad_int4 if self.vnni else untile_int4)(self.packed[i])
+
     def dequantize(self, i: int) -> torch.Tensor:
-        q = untile_int4(self.packed[i]).float().view(self.out_features, -1, INT4_GROUP)
+        q = self.codes(i).float().view(self.out_features, -1, INT4_GROUP)
         d, m = untile_scales(self.d[i]).float(), untile_scales(self.m[i]).float()
         return (q * d[..., None] + m[..., None]).view(self.out_features, self.in_features)
 
@@ -331,38 +365,49 @@ class TiledInt4Stack(LinearStack):
 
 
 class TiledInt8Stack(LinearStack):
-    """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through `specdecode::int8_linear`."""
+    """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through our kernels (`int8_linear`,
+    bf16 activations; `int8_linear_vnni`, int8 activations, with each output's code sums)."""
 
     mode = "int8"
-    kernel = "avx512-bf16"
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
-                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
-        kernels.require()
-        self.packed = [tile_int8(q) for q in codes]
+                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
+        kernels.require(kernel)
+        self.kernel = kernel
+        self.vnni = kernel == "avx512-vnni"
+        self.op = torch.ops.specdecode.int8_linear_vnni if self.vnni else torch.ops.specdecode.int8_linear
+        self.packed = [(quad_int8 if self.vnni else tile_int8)(q) for q in codes]
         self.d = [tile_scales(x.half()) for x in d]
+        n = codes[0].shape[0]
+        self.wsum = [tile_scales(q.view(n, -1, INT4_GROUP).sum(-1, dtype=torch.int16)) for q in codes] if self.vnni else []
         self.bias = _stack_bias(biases, dtype)
         self.out_features, self.in_features = codes[0].shape
         self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
-                   dtype: torch.dtype) -> "TiledInt8Stack":
+                   dtype: torch.dtype, kernel: str = "avx512-bf16") -> "TiledInt8Stack":
         parts = [quantize_q8_0(w) for w in weights]
-        return cls([p[0] for p in parts], [p[1] for p in parts], biases, dtype)
+        return cls([p[0] for p in parts], [p[1] for p in parts], biases, dtype, kernel)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        y = torch.ops.specdecode.int8_linear(x, self.packed[i], self.d[i])
+        if self.vnni:
+            y = self.op(x, self.packed[i], self.d[i], self.wsum[i])
+        else:
+            y = self.op(x, self.packed[i], self.d[i])
         b = self.biases[i]
         return y if b is None else y + b
 
+    def codes(self, i: int) -> torch.Tensor:
+        return (unquad_int8 if self.vnni else untile_int8)(self.packed[i])
+
     def dequantize(self, i: int) -> torch.Tensor:
-        q = untile_int8(self.packed[i]).float().view(self.out_features, -1, INT4_GROUP)
+        q = self.codes(i).float().view(self.out_features, -1, INT4_GROUP)
         return (q * untile_scales(self.d[i]).float()[..., None]).view(self.out_features, self.in_features)
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.packed, self.d, [self.bias])
+        return _nbytes(self.packed, self.d, self.wsum, [self.bias])
 
 
 def _nbytes(*lists: Sequence[torch.Tensor | None]) -> int:
@@ -388,9 +433,10 @@ def linear_stack(
     int8, so any model can be quantized; the fallback is part of what "int4" means for it.
 
     kernel (int8/int4 with bf16 activations): None = the best this process has
-    (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' = ours (GGUF Q4_1 / Q8_0
-    layouts: per block of 32, d * q + m and d * q). Shapes our kernels cannot take (N not a
-    multiple of 16, K not of 32) and fp32 activations run on ATen's.
+    (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' / 'avx512-vnni' = ours
+    (GGUF Q4_1 / Q8_0 layouts: per block of 32, d * q + m and d * q; see TiledInt4Stack).
+    Shapes our kernels cannot take (N not a multiple of 16, K not of 32) and fp32 activations
+    run on ATen's.
     """
     if kernel not in (None, *kernels.KERNELS):
         raise ValueError(f"unknown kernel '{kernel}': choose one of {', '.join(kernels.KERNELS)}")
@@ -401,12 +447,13 @@ def linear_stack(
             except RuntimeError:  # a oneDNN build without this op/dtype for this CPU: plain matmuls
                 pass
         return FloatStack(weights, biases, dtype)
-    ours = kernel == "avx512-bf16" or (kernel is None and mode in QUANT_MODES and kernels.active() == "avx512-bf16")
-    if ours and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
+    if kernel is None and mode in QUANT_MODES:
+        kernel = kernels.active()
+    if kernel in kernels.OURS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
         if mode == "int4":
-            return TiledInt4Stack.from_float(weights, biases, dtype)
+            return TiledInt4Stack.from_float(weights, biases, dtype, kernel)
         if mode == "int8":
-            return TiledInt8Stack.from_float(weights, biases, dtype)
+            return TiledInt8Stack.from_float(weights, biases, dtype, kernel)
     if mode == "int4" and int4_compatible(weights[0].shape):
         return Int4Stack(weights, biases, dtype)
     if mode in QUANT_MODES:

@@ -30,7 +30,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     drafter: str | None = None  # extension: override the server's drafter
-    k: int | None = None  # extension: override the server's draft length
+    k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic")
 
 
 class CompletionRequest(_Request):
@@ -47,7 +47,7 @@ class ChatRequest(_Request):
 
 
 def create_app(
-    engine: Engine, model_name: str, drafter: str | None = "ngram", k: int = 4, draft: str | None = None
+    engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None
 ) -> FastAPI:
     app = FastAPI(title="specdecode", version="0.1.0")
     lock = threading.Lock()  # one KV cache: requests are served one at a time
@@ -55,7 +55,7 @@ def create_app(
     def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return engine.stream(
-            prompt, drafter=req.drafter if req.drafter is not None else drafter, draft=draft, k=req.k or k,
+            prompt, drafter=req.drafter if req.drafter is not None else drafter, draft=draft, k=k if req.k is None else req.k,
             max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
             min_p=req.min_p, seed=req.seed, stop=stops, chat=chat,
         )

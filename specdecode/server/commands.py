@@ -14,7 +14,8 @@ def register(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--drafter", default="ngram", help="default drafter (requests may override with 'drafter')")
     p.add_argument("--draft", default=None, help="draft model for --drafter model")
-    p.add_argument("--k", type=int, default=4, help="default draft length (requests may override with 'k')")
+    p.add_argument("--k", default=None, help="default draft length: auto (default), heuristic or a number "
+                                            "(requests may override with 'k')")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -27,13 +28,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
 
+    from specdecode.cli import max_draft, resolve_k
+
+    args.k = resolve_k(args.k, args.drafter)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     engine.drafter(args.drafter, args.draft)  # fail fast on a bad drafter, before listening
     if engine.load_report is not None:
         print(f"specdecode: {engine.load_report.line(args.target or 'the embedded SmolLM2-135M-Instruct')}",
               file=sys.stderr, flush=True)
     if args.compile:
-        engine.warm_up(args.k + 1)  # compile verification steps before serving
+        engine.warm_up(max_draft(args.k) + 1)  # compile verification steps before serving
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

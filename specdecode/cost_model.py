@@ -1,0 +1,278 @@
+"""How many tokens to draft each step: from the target's measured step costs and the
+acceptance seen so far.
+
+Speculation pays when the tokens a step gains outweigh what the step costs. With a chain
+draft of k tokens whose position i is accepted (given the ones before it were) with
+probability a_i, a step yields E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens (the
+bonus or recovered token included) and costs draft(k) + verify(k + 1) seconds, where
+verify(T) is one target forward of T new tokens. `AutoK` picks the k in 0..k_max that
+maximises E(k) / cost(k) every step (Leviathan et al. 2023, section 3.3, with measured
+costs instead of a constant ratio); k = 0 is a plain autoregressive step, for drafts that do
+not pay. Every step stays exact whatever k is chosen: k depends only on the past.
+
+The alternatives the bench sets beside it: `FixedK` (k every step) and `HeuristicK`
+(transformers' "heuristic" schedule: +2 after a fully accepted draft, -1 otherwise).
+
+verify(T) comes from `measure_verify_costs` (a few hundred forwards, well under a second on
+the embedded model), cached per model file and machine by `cached_verify_costs`. The
+drafter's cost is learnt online from the loop's own timing of `propose` (seconds per drafted
+token, an exponential average), so drafters carry no timing code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from specdecode.errors import UserError
+
+DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1..9 tokens)
+PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """verify[t - 1]: seconds of one target forward of t new tokens (t = 1..len(verify))."""
+
+    verify: tuple[float, ...]
+
+    @property
+    def k_max(self) -> int:
+        return len(self.verify) - 1
+
+    def ratios(self) -> list[float]:
+        """v(T) = step(T) / step(1), T = 1..: what a verification costs in single steps."""
+        return [v / self.verify[0] for v in self.verify]
+
+
+class KPolicy(Protocol):
+    """What the decoding loop asks each step, and tells after it."""
+
+    name: str
+
+    def choose(self, budget: int) -> int:
+        """Tokens to draft now (0..budget; budget = what the length limit still allows)."""
+        ...
+
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+        """The step asked for `asked` tokens, the drafter proposed `drafted`, `accepted` stayed."""
+        ...
+
+
+class FixedK:
+    def __init__(self, k: int) -> None:
+        if k < 1:
+            raise UserError(f"k (draft length) must be >= 1, got {k}")
+        self.k, self.name = k, f"fixed k={k}"
+
+    def choose(self, budget: int) -> int:
+        return min(self.k, budget)
+
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+        pass
+
+
+class HeuristicK:
+    """transformers' `num_assistant_tokens_schedule="heuristic"`: +2 after a draft accepted
+    whole, -1 (not below 1) otherwise."""
+
+    def __init__(self, start: int = 4, k_max: int = 32) -> None:
+        self.k, self.k_max, self.name = start, k_max, "heuristic"
+
+    def choose(self, budget: int) -> int:
+        return min(self.k, budget)
+
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+        if drafted == 0:
+            return
+        self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, self.k - 1)
+
+
+class AutoK:
+    """Maximise expected tokens per second each step (see the module docstring).
+
+    Acceptance per position is estimated from what this request has seen, with older steps
+    fading (weight x `decay` per observation) so that a change of topic is followed within
+    a few dozen steps; a position not yet observed takes the estimate of the one before it
+    (prior weight 1), the first position a prior of 0.5. Positions the drafter did not
+    propose (an n-gram drafter without a match) are not counted as rejections: they cost
+    nothing to verify.
+    """
+
+    name = "auto"
+
+    def __init__(self, costs: CostTable, k_max: int | None = None, decay: float = 0.95) -> None:
+        self.costs = costs
+        self.k_max = min(costs.k_max, k_max if k_max is not None else costs.k_max)
+        if self.k_max < 1:
+            raise UserError("the cost table has no verification steps (measure at least T = 1..2)")
+        self.decay = decay
+        self.reached = [0.0] * self.k_max  # (faded) times position i was verified
+        self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
+        self.seconds_per_draft_token: float | None = None
+        self.idle_steps = 0
+
+    def acceptance(self) -> list[float]:
+        """Estimated a_i, i = 1..k_max."""
+        out, prior = [], 0.5
+        for reached, accepted in zip(self.reached, self.accepted):
+            a = (accepted + prior) / (reached + 1.0)
+            out.append(a)
+            prior = a
+        return out
+
+    def expected_rate(self, k: int) -> float:
+        """E(k) / cost(k): tokens per second of a step drafting k tokens."""
+        gain, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            gain += run
+        draft = (self.seconds_per_draft_token or 0.0) * k
+        return gain / (draft + self.costs.verify[k])
+
+    def choose(self, budget: int) -> int:
+        top = min(self.k_max, budget)
+        if top < 1:
+            return 0
+        k = max(range(top + 1), key=self.expected_rate)
+        if k == 0:
+            self.idle_steps += 1
+            if self.idle_steps >= PROBE_EVERY:  # look again: acceptance may have changed
+                self.idle_steps = 0
+                return 1
+        else:
+            self.idle_steps = 0
+        return k
+
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+        if asked == 0:
+            return
+        per_token = draft_seconds / asked
+        old = self.seconds_per_draft_token
+        self.seconds_per_draft_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        if drafted == 0:
+            return
+        self.reached = [r * self.decay for r in self.reached]
+        self.accepted = [a * self.decay for a in self.accepted]
+        for i in range(min(drafted, accepted + 1, self.k_max)):  # verified: all before it accepted
+            self.reached[i] += 1.0
+            if i < accepted:
+                self.accepted[i] += 1.0
+
+
+def make_policy(k: "int | str | KPolicy", costs: CostTable | None = None, k_max: int | None = None) -> KPolicy:
+    """k: a number (fixed), 'auto' (needs costs), 'heuristic', or a policy object."""
+    if isinstance(k, str):
+        if k == "auto":
+            if costs is None:
+                raise ValueError("k='auto' needs the target's cost table (measure_verify_costs)")
+            return AutoK(costs, k_max)
+        if k == "heuristic":
+            return HeuristicK()
+        try:
+            return FixedK(int(k))
+        except ValueError:
+            raise UserError(f"--k must be a number >= 1, 'auto' or 'heuristic', got '{k}'") from None
+    if isinstance(k, int):
+        return FixedK(k)
+    return k
+
+
+def parse_k(text: str) -> int | str:
+    """A --k value: 'auto', 'heuristic' or an integer >= 1 (one-line error otherwise)."""
+    if text in ("auto", "heuristic"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--k must be a number >= 1, 'auto' or 'heuristic', got '{text}'") from None
+    if value < 1:
+        raise UserError(f"--k (draft length) must be >= 1 (or 'auto'), got {value}")
+    return value
+
+
+# -- measuring --------------------------------------------------------------------------------
+@torch.inference_mode()
+def measure_verify_costs(model: torch.nn.Module, max_tokens: int = DEFAULT_K_MAX + 1, past: int = 128,
+                         rounds: int = 5) -> CostTable:
+    """Median seconds of a forward of T = 1..max_tokens new tokens after `past` cached ones,
+    the T values interleaved round by round so that machine noise hits them alike."""
+    cache = model.new_cache(past + max_tokens + 1)  # type: ignore[operator]
+    vocab = model.config.vocab_size  # type: ignore[union-attr]
+    model(torch.arange(past) % vocab, cache, num_logits=1)
+    times: dict[int, list[float]] = {t: [] for t in range(1, max_tokens + 1)}
+    for r in range(rounds + 1):
+        for t in times:
+            cache.rollback(past)
+            start = time.perf_counter()
+            model(torch.arange(t) % vocab, cache)
+            if r > 0:  # round 0 warms every shape up
+                times[t].append(time.perf_counter() - start)
+    return CostTable(tuple(statistics.median(times[t]) for t in sorted(times)))
+
+
+_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, CostTable]" = weakref.WeakKeyDictionary()
+
+
+def costs_for(model: torch.nn.Module) -> CostTable:
+    """The model's cost table: the one set by `remember_costs` (the engine's, read from disk),
+    else measured now, once per model object."""
+    if model not in _MEASURED:
+        _MEASURED[model] = measure_verify_costs(model)
+    return _MEASURED[model]
+
+
+def remember_costs(model: torch.nn.Module, table: CostTable) -> None:
+    _MEASURED[model] = table
+
+
+def cost_cache_key(**parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: int = DEFAULT_K_MAX + 1) -> CostTable:
+    """measure_verify_costs, remembered on disk per model file and machine (file, size, mtime,
+    weight format, kernel, CPU, threads, torch): a second start reads it back."""
+    stat = None
+    try:
+        stat = os.stat(source) if source else None
+    except OSError:
+        pass
+    key = cost_cache_key(
+        source=source, size=stat and stat.st_size, mtime=stat and stat.st_mtime,
+        format=getattr(model, "weight_format", None), kernel=getattr(model, "kernel", None),
+        layers=getattr(model, "layer_ids", None), cpu=_cpu_name(), threads=torch.get_num_threads(),
+        torch=torch.__version__, max_tokens=max_tokens)
+    root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode")) / "costs"
+    path = root / f"{key}.json"
+    try:
+        return CostTable(tuple(json.loads(path.read_text())["verify"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    table = measure_verify_costs(model, max_tokens)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"verify": list(table.verify), "source": source}))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return table
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,122 @@
+"""The k schedules: `AutoK` picks the k a brute-force sweep says is best for known acceptance
+and costs, stops drafting when drafts do not pay (and looks again), follows the loop's
+timing of the drafter; `HeuristicK` is transformers' rule; adaptive k keeps exactness."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.cost_model import (
+    PROBE_EVERY,
+    AutoK,
+    CostTable,
+    HeuristicK,
+    measure_verify_costs,
+    parse_k,
+)
+from specdecode.decoding import decode
+from specdecode.drafters.factory import build_drafter
+from specdecode.errors import UserError
+from specdecode.metrics import SpecStats
+
+FLAT = CostTable(tuple(1.0 + 0.02 * t for t in range(9)))  # verification nearly free
+STEEP = CostTable(tuple(1.0 + 0.5 * t for t in range(9)))  # each row half a step
+ATEN = CostTable((1.0, 1.1, 1.2, 1.3, 2.2, 2.3, 2.4, 2.5, 3.4))  # blocks of 4 rows, as ATen's int4
+PROFILES = {"high": [0.9] * 8, "low": [0.3] * 8, "falling": [0.9, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.1]}
+
+
+def true_rate(alpha: list[float], costs: CostTable, k: int, draft_cost: float) -> float:
+    gain, run = 1.0, 1.0
+    for a in alpha[:k]:
+        run *= a
+        gain += run
+    return gain / (draft_cost * k + costs.verify[k])
+
+
+@pytest.mark.parametrize("costs", [FLAT, STEEP, ATEN], ids=["flat", "steep", "aten"])
+@pytest.mark.parametrize("profile", list(PROFILES))
+@pytest.mark.parametrize("draft_cost", [0.0, 0.15])
+def test_auto_k_picks_what_a_brute_force_sweep_says(costs, profile, draft_cost):
+    alpha = PROFILES[profile]
+    rates = [true_rate(alpha, costs, k, draft_cost) for k in range(9)]
+    policy = AutoK(costs, decay=1.0)  # no fading: estimates converge to the truth
+    rng = random.Random(0)
+    for _ in range(4000):  # simulated steps drafting 8 tokens, accepted position by position
+        accepted = 0
+        while accepted < 8 and rng.random() < alpha[accepted]:
+            accepted += 1
+        policy.observe(8, 8, accepted, draft_cost * 8)
+    k = policy.choose(8)
+    # the sweep's best, or one within 3% of it (the estimates are from 4000 samples)
+    assert rates[k] >= 0.97 * max(rates), (k, [round(r, 3) for r in rates])
+
+
+def test_auto_k_stops_drafting_what_does_not_pay_and_looks_again():
+    policy = AutoK(STEEP)
+    for _ in range(50):
+        policy.observe(4, 4, 0, 0.0)  # never accepted
+    ks = [policy.choose(8) for _ in range(PROBE_EVERY)]
+    assert ks[:-1] == [0] * (PROBE_EVERY - 1) and ks[-1] == 1
+    for _ in range(30):
+        policy.observe(1, 1, 1, 0.0)  # the topic changed: drafts pass again
+    assert policy.choose(8) >= 2
+    assert policy.choose(1) <= 1 and policy.choose(0) == 0  # never past what the length allows
+
+
+def test_auto_k_counts_a_slow_drafter():
+    cheap, slow = AutoK(FLAT), AutoK(FLAT)
+    rng = random.Random(1)
+    for _ in range(300):
+        accepted = 0
+        while accepted < 8 and rng.random() < 0.8:
+            accepted += 1
+        cheap.observe(8, 8, accepted, 0.0)
+        slow.observe(8, 8, accepted, 8 * 0.3)  # 0.3 target steps per drafted token
+    assert slow.choose(8) < cheap.choose(8)
+
+
+def test_heuristic_schedule_by_hand():
+    h = HeuristicK(start=4)
+    h.observe(4, 4, 4, 0.0)
+    assert h.choose(100) == 6
+    h.observe(6, 6, 2, 0.0)
+    assert h.choose(100) == 5 and h.choose(3) == 3
+    for _ in range(10):
+        h.observe(1, 1, 0, 0.0)
+    assert h.choose(100) == 1
+
+
+@pytest.mark.parametrize("text, want", [("auto", "auto"), ("heuristic", "heuristic"), ("3", 3)])
+def test_parse_k(text, want):
+    assert parse_k(text) == want
+
+
+@pytest.mark.parametrize("text, words", [("0", "must be >= 1"), ("-2", "must be >= 1"), ("fast", "auto")])
+def test_bad_k_is_a_user_error(text, words):
+    with pytest.raises(UserError, match=words):
+        parse_k(text)
+
+
+def test_measured_costs_grow_with_rows():
+    model = random_model(tiny_config("llama", layers=2), seed=1)
+    table = measure_verify_costs(model, max_tokens=4, rounds=2)
+    assert len(table.verify) == 4 and all(v > 0 for v in table.verify) and table.ratios()[0] == 1.0
+
+
+def test_auto_and_fixed_k_give_the_same_greedy_text_and_report_k():
+    target = random_model(tiny_config("llama"), seed=10)
+    drafter = build_drafter("layerskip:2", target)
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8]
+    runs = {}
+    for k in (4, "auto", "heuristic"):
+        stats = SpecStats()
+        runs[k] = [t for step in decode(target, target.new_cache(), prompt, cfg, drafter, k, stats=stats) for t in step]
+        assert sum(stats.k_chosen.values()) == stats.verify_steps and stats.k_policy is not None
+    ar = [t for step in decode(target, target.new_cache(), prompt, cfg) for t in step]
+    assert runs[4] == runs["auto"] == runs["heuristic"] == ar
