@@ -104,7 +104,7 @@ def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
     q = torch.randn(T, H + 2 * Hkv, head_dim, generator=g).bfloat16()[:, :H]  # a view, as in the model
     k = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
     v = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
-    out = torch.ops.specdecode.attend_rows(q, k, v, past)
+    out = torch.ops.specdecode.attend_rows(q, k, v, torch.tensor(past))
     group = H // Hkv
     for t in range(T):
         S = past + t + 1
@@ -112,7 +112,7 @@ def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
         p = (torch.einsum("hgd,hsd->hgs", qq, k[:, :S].float()) / head_dim**0.5).softmax(-1)
         ref = torch.einsum("hgs,hsd->hgd", p, v[:, :S].float()).reshape(-1)
         torch.testing.assert_close(out[t].float(), ref, atol=2e-2, rtol=2e-2)
-        assert torch.equal(torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, past + t)[0], out[t])
+        assert torch.equal(torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, torch.tensor(past + t))[0], out[t])
 
 
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab=128)

@@ -121,7 +121,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")
-    def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 

@@ -438,8 +438,11 @@ SD_TARGET void attend_one(const at::BFloat16* q, const at::BFloat16* k, const at
 }
 
 // q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
-// layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16.
-at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past) {
+// layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16. `past` comes as a
+// 0-d int64 tensor: a plain int would be a constant in a torch.compile graph (one graph each step).
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& past_t) {
+  TORCH_CHECK(past_t.numel() == 1 && past_t.scalar_type() == at::kLong, "specdecode attend_rows: past must be a 0-d int64 tensor");
+  const int64_t past = past_t.item<int64_t>();
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "specdecode attend_rows: q [T, H, D], k/v [Hkv, L, D]");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "specdecode attend_rows: bf16 only");
@@ -475,7 +478,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int8_linear(Tensor x, Tensor packed, Tensor d) -> Tensor");
   m.def("int4_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
-  m.def("attend_rows(Tensor q, Tensor k, Tensor v, int past) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {

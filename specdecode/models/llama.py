@@ -415,9 +415,7 @@ class LlamaModel(nn.Module):
         float_prefill = self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         window = self.config.sliding_window
-        # (Compiled steps attend in the graph: our op's cache length would be a new constant
-        # there every step, so inductor would recompile each time.)
-        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and not compiled
+        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
             mask = None  # every new token attends to the cache and the tokens before it, in our kernel
@@ -522,6 +520,7 @@ def _step(
     eps = cfg.rms_norm_eps
     rope = rope[:, None, :]  # broadcast over heads
     rowwise = isinstance(mask, list)
+    past_t = torch.full((), past, dtype=torch.long) if row_kernel else None  # (a tensor: see attend_rows)
     if group > 1:  # [group*T, S], matching the grouped query rows in `_attend`
         if isinstance(mask, torch.Tensor):
             mask = mask.repeat(group, 1)
@@ -559,7 +558,7 @@ def _step(
             cache_k[li, 0, :, past:end] = k
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
-            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past)
+            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t)
         elif rowwise:
             rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)
