@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 import weakref
@@ -35,6 +34,7 @@ from typing import Protocol
 import torch
 
 from specdecode.errors import UserError
+from specdecode.kernels import cpu_name
 
 DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1..9 tokens)
 PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
@@ -251,7 +251,7 @@ def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: 
     key = cost_cache_key(
         source=source, size=stat and stat.st_size, mtime=stat and stat.st_mtime,
         format=getattr(model, "weight_format", None), kernel=getattr(model, "kernel", None),
-        layers=getattr(model, "layer_ids", None), cpu=_cpu_name(), threads=torch.get_num_threads(),
+        layers=getattr(model, "layer_ids", None), cpu=cpu_name(), threads=torch.get_num_threads(),
         torch=torch.__version__, max_tokens=max_tokens)
     root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode")) / "costs"
     path = root / f"{key}.json"
@@ -267,12 +267,3 @@ def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: 
         pass  # a read-only home: measure again next time
     return table
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

@@ -299,6 +299,8 @@ def environment(load_average: str | None) -> dict[str, object]:
 
     import torch
 
+    from specdecode.kernels import cpu_name
+
     def version(dist: str) -> str | None:
         try:
             return md.version(dist)
@@ -310,20 +312,10 @@ def environment(load_average: str | None) -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "llama_cpp_python": version("llama_cpp_python") or version("llama-cpp-python"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average": load_average,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------- check

@@ -319,7 +319,25 @@ def tiled_compatible(shape: Sequence[int]) -> bool:
     return n % _TILE == 0 and k % INT4_GROUP == 0
 
 
-class TiledInt4Stack(LinearStack):
+class _TiledStack(LinearStack):
+    """What our kernels' stacks share: the kernel chosen, per-block f16 scales, the bias."""
+
+    def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str) -> None:
+        kernels.require(kernel)
+        self.kernel = kernel
+        self.vnni = kernel == "avx512-vnni"
+        self.d = [tile_scales(x.half()) for x in d]
+        self.bias = _stack_bias(biases, dtype)
+        self.out_features, self.in_features = codes[0].shape
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+
+    def _add_bias(self, y: torch.Tensor, i: int) -> torch.Tensor:
+        b = self.biases[i]
+        return y if b is None else y + b
+
+
+class TiledInt4Stack(_TiledStack):
     """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
     nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
     products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
@@ -329,16 +347,10 @@ class TiledInt4Stack(LinearStack):
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
-        kernels.require(kernel)
-        self.kernel = kernel
-        self.vnni = kernel == "avx512-vnni"
+        super().__init__(codes, d, biases, dtype, kernel)
         self.op = torch.ops.specdecode.int4_linear_vnni if self.vnni else torch.ops.specdecode.int4_linear
         self.packed = [(quad_int4 if self.vnni else tile_int4)(q) for q in codes]
-        self.d = [tile_scales(x.half()) for x in d]
         self.m = [tile_scales(x.half()) for x in m]
-        self.bias = _stack_bias(biases, dtype)
-        self.out_features, self.in_features = codes[0].shape
-        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -347,9 +359,7 @@ class TiledInt4Stack(LinearStack):
         return cls([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], biases, dtype, kernel)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        y = self.op(x, self.packed[i], self.d[i], self.m[i])
-        b = self.biases[i]
-        return y if b is None else y + b
+        return self._add_bias(self.op(x, self.packed[i], self.d[i], self.m[i]), i)
 
     def codes(self, i: int) -> torch.Tensor:
         return (unquad_int4 if self.vnni else untile_int4)(self.packed[i])
@@ -364,7 +374,7 @@ class TiledInt4Stack(LinearStack):
         return _nbytes(self.packed, self.d, self.m, [self.bias])
 
 
-class TiledInt8Stack(LinearStack):
+class TiledInt8Stack(_TiledStack):
     """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through our kernels (`int8_linear`,
     bf16 activations; `int8_linear_vnni`, int8 activations, with each output's code sums)."""
 
@@ -372,17 +382,10 @@ class TiledInt8Stack(LinearStack):
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
-        kernels.require(kernel)
-        self.kernel = kernel
-        self.vnni = kernel == "avx512-vnni"
-        self.op = torch.ops.specdecode.int8_linear_vnni if self.vnni else torch.ops.specdecode.int8_linear
+        super().__init__(codes, d, biases, dtype, kernel)
         self.packed = [(quad_int8 if self.vnni else tile_int8)(q) for q in codes]
-        self.d = [tile_scales(x.half()) for x in d]
-        n = codes[0].shape[0]
+        n = self.out_features
         self.wsum = [tile_scales(q.view(n, -1, INT4_GROUP).sum(-1, dtype=torch.int16)) for q in codes] if self.vnni else []
-        self.bias = _stack_bias(biases, dtype)
-        self.out_features, self.in_features = codes[0].shape
-        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -392,11 +395,10 @@ class TiledInt8Stack(LinearStack):
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if self.vnni:
-            y = self.op(x, self.packed[i], self.d[i], self.wsum[i])
+            y = torch.ops.specdecode.int8_linear_vnni(x, self.packed[i], self.d[i], self.wsum[i])
         else:
-            y = self.op(x, self.packed[i], self.d[i])
-        b = self.biases[i]
-        return y if b is None else y + b
+            y = torch.ops.specdecode.int8_linear(x, self.packed[i], self.d[i])
+        return self._add_bias(y, i)
 
     def codes(self, i: int) -> torch.Tensor:
         return (unquad_int8 if self.vnni else untile_int8)(self.packed[i])
