@@ -107,6 +107,11 @@ class AutoK:
     (prior weight 1), the first position a prior of 0.5. Positions the drafter did not
     propose (an n-gram drafter without a match) are not counted as rejections: they cost
     nothing to verify.
+
+    The drafter's cost is a + b k seconds (a: what a call costs whatever k, e.g. a draft
+    model catching up on the tokens accepted last step; b: each drafted token), fitted by
+    least squares with the same fading. The first call after steps without drafting is left
+    out of the fit: it also catches up on those steps, which a drafting step never does.
     """
 
     name = "auto"
@@ -119,8 +124,9 @@ class AutoK:
         self.decay = decay
         self.reached = [0.0] * self.k_max  # (faded) times position i was verified
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
-        self.seconds_per_draft_token: float | None = None
+        self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
         self.idle_steps = 0
+        self.after_idle = False
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
@@ -137,8 +143,19 @@ class AutoK:
         for a in self.acceptance()[:k]:
             run *= a
             gain += run
-        draft = (self.seconds_per_draft_token or 0.0) * k
-        return gain / (draft + self.costs.verify[k])
+        return gain / (self.draft_seconds(k) + self.costs.verify[k])
+
+    def draft_seconds(self, k: int) -> float:
+        """a + b k from the fit (0 for k = 0, and before any observation)."""
+        n, sk, skk, ss, sks = self.fit
+        if k == 0 or n == 0:
+            return 0.0
+        det = n * skk - sk * sk
+        if det <= 1e-9 * n * n:  # one k value seen so far: all of it per token
+            return ss / sk * k if sk > 0 else 0.0
+        b = max(0.0, (n * sks - sk * ss) / det)
+        a = max(0.0, (ss - b * sk) / n)
+        return a + b * k
 
     def choose(self, budget: int) -> int:
         top = min(self.k_max, budget)
@@ -149,17 +166,21 @@ class AutoK:
             self.idle_steps += 1
             if self.idle_steps >= PROBE_EVERY:  # look again: acceptance may have changed
                 self.idle_steps = 0
+                self.after_idle = True
                 return 1
-        else:
+        elif self.idle_steps:
             self.idle_steps = 0
+            self.after_idle = True
         return k
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:
             return
-        per_token = draft_seconds / asked
-        old = self.seconds_per_draft_token
-        self.seconds_per_draft_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        if self.after_idle:
+            self.after_idle = False
+        else:
+            faded = [x * self.decay for x in self.fit]
+            self.fit = [a + b for a, b in zip(faded, (1.0, asked, asked * asked, draft_seconds, asked * draft_seconds))]
         if drafted == 0:
             return
         self.reached = [r * self.decay for r in self.reached]

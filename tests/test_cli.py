@@ -37,6 +37,8 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> No
     [
         (["generate", "", "--drafter", "none"], ["prompt is empty"]),
         (["generate", "hi", "--k", "0"], ["--k", ">= 1"]),
+        (["generate", "hi", "--k", "fast"], ["--k", "auto"]),
+        (["generate", "hi", "--k", "auto", "--drafter", "none"], ["--k auto", "--drafter none"]),
         (["generate", "hi", "--temperature", "-1"], ["temperature"]),
         (["generate", "hi", "--top-p", "0"], ["top-p"]),
         (["generate", "hi", "--top-p", "1.5"], ["top-p"]),

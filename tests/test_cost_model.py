@@ -120,3 +120,24 @@ def test_auto_and_fixed_k_give_the_same_greedy_text_and_report_k():
         assert sum(stats.k_chosen.values()) == stats.verify_steps and stats.k_policy is not None
     ar = [t for step in decode(target, target.new_cache(), prompt, cfg) for t in step]
     assert runs[4] == runs["auto"] == runs["heuristic"] == ar
+
+
+def test_draft_cost_is_fitted_as_a_per_call_part_plus_a_per_token_part():
+    policy = AutoK(FLAT, decay=1.0)
+    for k in (1, 2, 3, 2, 1, 3):
+        policy.observe(k, k, 0, 0.3 + 0.05 * k)
+    assert policy.draft_seconds(0) == 0.0
+    assert abs(policy.draft_seconds(2) - 0.4) < 1e-9 and abs(policy.draft_seconds(8) - 0.7) < 1e-9
+
+
+def test_the_call_after_idle_steps_is_not_charged_as_drafting_cost():
+    """A draft model catches up on every token of the idle steps in its next call: charging
+    that to k would keep k at 0 for ever (what a distilled draft did on the bench)."""
+    policy = AutoK(STEEP)
+    for _ in range(50):
+        policy.observe(2, 2, 0, 0.01)  # drafts fail: k drops to 0
+    ks = [policy.choose(8) for _ in range(PROBE_EVERY)]
+    assert ks[-1] == 1  # the probe
+    before = policy.draft_seconds(1)
+    policy.observe(1, 1, 1, 5.0)  # slow: it caught up on 8 steps
+    assert policy.draft_seconds(1) == before
