@@ -32,7 +32,8 @@ from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
-from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source
+from specdecode.models.direct import direct_loading_supported, load_gguf_direct
+from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source, model_source_path
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -92,15 +93,22 @@ def load_llama(path: str | None, dtype: str = AUTO, compile: bool = False) -> tu
     verification steps run through torch.compile (`LlamaModel.compile`)."""
     dtype = resolve_dtype(path, dtype)[0]
     compute = parse_dtype(dtype)
-    loaded = load_model_source(path)
     quant = dtype if dtype in QUANTIZED else None
-    model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant)
+    model: LlamaModel | None = None
+    if direct_loading_supported(quant) and model_source_path(path)[0] == "gguf":
+        # GGUF blocks straight into our kernels' stacks: no float copy of any matrix.
+        direct = load_gguf_direct(model_source_path(path)[1], quant)  # type: ignore[arg-type]
+        if direct is not None:
+            model, tokenizer = direct
+    if model is None:
+        loaded = load_model_source(path)
+        model, tokenizer = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant), loaded.tokenizer
     if compile or os.environ.get("SPECDECODE_COMPILE") == "1":
         try:
             model.compile()
         except RuntimeError as e:
             raise UserError(str(e)) from None
-    return model, loaded.tokenizer
+    return model, tokenizer
 
 
 def load_target(path: str | None, dtype: str = AUTO, compile: bool = False) -> tuple[CausalLM, Tokenizer]:

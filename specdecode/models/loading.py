@@ -96,6 +96,15 @@ _GGUF_GLOBAL_NAMES = {
 
 def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
     """Dequantize every tensor of a llama/qwen2/mistral GGUF file to float32."""
+    reader, config, tokenizer, path = open_gguf_model(path)
+    state_dict = _gguf_state_dict(reader, config, path)
+    _check_state_dict(config, state_dict, str(path))
+    return LoadedModel(config, state_dict, tokenizer, str(path))
+
+
+def open_gguf_model(path: str | os.PathLike[str]) -> tuple[Any, ModelConfig, Tokenizer, Path]:
+    """(memory-mapped reader, config with eos ids, tokenizer, path) of a supported GGUF file,
+    no tensor data read: shared by the float loader and the direct one (direct.py)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
@@ -114,15 +123,13 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
             "specdecode's native model does not implement; use a model with plain RoPE"
         )
     config = _gguf_config(reader, fields, path, arch, names)
-    state_dict = _gguf_state_dict(reader, config, path)
-    _check_state_dict(config, state_dict, str(path))
     extra_eos = [fields.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
     tokenizer = Tokenizer.from_gguf(path, [int(i) for i in extra_eos if i is not None])
     eos: list[int] = []
     for tid in (fields.get("tokenizer.ggml.eos_token_id"), *tokenizer.eos_token_ids):
         if tid is not None and int(tid) not in eos:
             eos.append(int(tid))
-    return LoadedModel(replace(config, eos_token_ids=tuple(eos)), state_dict, tokenizer, str(path))
+    return reader, replace(config, eos_token_ids=tuple(eos)), tokenizer, path
 
 
 def _has_gguf_magic(path: Path) -> bool:

@@ -24,7 +24,7 @@ spare an indexing op per call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -329,16 +329,42 @@ class TiledInt4Stack(LinearStack):
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
+        self._start(kernel)
+        for layer in zip(codes, d, m):
+            self._add(*layer)
+        self._finish(biases, dtype)
+
+    @classmethod
+    def from_layers(cls, layers: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    biases: Sequence[torch.Tensor] | None, dtype: torch.dtype,
+                    kernel: str = "avx512-bf16") -> "TiledInt4Stack":
+        """From (codes, d, m) per layer, packed as each arrives: a loader that yields one
+        layer at a time never holds more than one layer's unpacked codes (1 byte a weight)."""
+        self = cls.__new__(cls)
+        self._start(kernel)
+        for layer in layers:
+            self._add(*layer)
+        self._finish(biases, dtype)
+        return self
+
+    def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
         self.vnni = kernel == "avx512-vnni"
         self.op = torch.ops.specdecode.int4_linear_vnni if self.vnni else torch.ops.specdecode.int4_linear
-        self.packed = [(quad_int4 if self.vnni else tile_int4)(q) for q in codes]
-        self.d = [tile_scales(x.half()) for x in d]
-        self.m = [tile_scales(x.half()) for x in m]
+        self.packed: list[torch.Tensor] = []
+        self.d: list[torch.Tensor] = []
+        self.m: list[torch.Tensor] = []
+
+    def _add(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> None:
+        self.packed.append((quad_int4 if self.vnni else tile_int4)(q))
+        self.d.append(tile_scales(d.half()))
+        self.m.append(tile_scales(m.half()))
+        self.out_features, self.in_features = q.shape
+
+    def _finish(self, biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         self.bias = _stack_bias(biases, dtype)
-        self.out_features, self.in_features = codes[0].shape
-        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(self.packed))]
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -372,17 +398,42 @@ class TiledInt8Stack(LinearStack):
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
+        self._start(kernel)
+        for layer in zip(codes, d):
+            self._add(*layer)
+        self._finish(biases, dtype)
+
+    @classmethod
+    def from_layers(cls, layers: Iterable[tuple[torch.Tensor, torch.Tensor]], biases: Sequence[torch.Tensor] | None,
+                    dtype: torch.dtype, kernel: str = "avx512-bf16") -> "TiledInt8Stack":
+        """From (codes, d) per layer, packed as each arrives (see TiledInt4Stack.from_layers)."""
+        self = cls.__new__(cls)
+        self._start(kernel)
+        for layer in layers:
+            self._add(*layer)
+        self._finish(biases, dtype)
+        return self
+
+    def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
         self.vnni = kernel == "avx512-vnni"
         self.op = torch.ops.specdecode.int8_linear_vnni if self.vnni else torch.ops.specdecode.int8_linear
-        self.packed = [(quad_int8 if self.vnni else tile_int8)(q) for q in codes]
-        self.d = [tile_scales(x.half()) for x in d]
-        n = codes[0].shape[0]
-        self.wsum = [tile_scales(q.view(n, -1, INT4_GROUP).sum(-1, dtype=torch.int16)) for q in codes] if self.vnni else []
+        self.packed: list[torch.Tensor] = []
+        self.d: list[torch.Tensor] = []
+        self.wsum: list[torch.Tensor] = []
+
+    def _add(self, q: torch.Tensor, d: torch.Tensor) -> None:
+        n = q.shape[0]
+        self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
+        self.d.append(tile_scales(d.half()))
+        if self.vnni:
+            self.wsum.append(tile_scales(q.view(n, -1, INT4_GROUP).sum(-1, dtype=torch.int16)))
+        self.out_features, self.in_features = q.shape
+
+    def _finish(self, biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         self.bias = _stack_bias(biases, dtype)
-        self.out_features, self.in_features = codes[0].shape
-        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(self.packed))]
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
