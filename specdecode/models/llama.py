@@ -44,7 +44,10 @@ MAX_COMPILED_TOKENS = 16
 # Verification steps of at most this many tokens attend row by row (see `_step`).
 MAX_ROWWISE_TOKENS = 16
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
-# its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`).
+# its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
+# except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
+# prefills on its quantized runtime: our kernels reuse each unpacked weight tile for every row,
+# so a 200-token prefill costs no more than oneDNN's packed bf16 matmuls (docs/memory.md).
 MIN_FLOAT_PREFILL_TOKENS = MAX_ROWWISE_TOKENS
 
 
