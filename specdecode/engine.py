@@ -79,11 +79,14 @@ def resolve_dtype(path: str | None, dtype: str = AUTO) -> tuple[str, str]:
 
 def check_memory(path: str | None, weight_format: str, max_context: int | None) -> memory.MemoryEstimate:
     """Refuse (UserError with the estimate and the fix) a load that would not fit in the
-    memory available now: weights as today's loader holds them at its peak, plus the KV
-    cache at max_context (default: DEFAULT_MAX_CONTEXT, capped at the model's context)."""
+    memory available now: weights as the loader that will run holds them at its peak (the
+    direct loader's figures for int4/int8 GGUFs on our kernels, the float loader's otherwise),
+    plus the KV cache at max_context (default: DEFAULT_MAX_CONTEXT, capped at the model's context)."""
     info = inspect_model(path)
     context = min(max_context or DEFAULT_MAX_CONTEXT, info.max_position_embeddings or DEFAULT_MAX_CONTEXT)
-    est = memory.estimate(info.weights, weight_format, info.num_layers, info.num_kv_heads, info.head_dim, context)
+    direct = info.kind == "gguf" and direct_loading_supported(weight_format if weight_format in QUANTIZED else None)
+    est = memory.estimate(info.weights, weight_format, info.num_layers, info.num_kv_heads, info.head_dim, context,
+                          direct)
     memory.check_fits(est, Path(info.source).name)
     return est
 

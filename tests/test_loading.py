@@ -473,11 +473,15 @@ def _requantized(w: torch.Tensor, quant: str) -> torch.Tensor:
 @needs_our_kernels
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_gguf_direct(arch: str, quant: str, tmp_path: Path) -> None:
+def test_tiny_gguf_direct(arch: str, quant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tensor type of a tiny GGUF into the int4/int8 runtime without a float model:
     the file's own codes where its type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8,
-    exactly), any other type requantized from its floats one tensor at a time; q/k rows in
-    the float path's order (llama files are permuted, qwen2's are not; qwen2 has biases)."""
+    exactly), any other type requantized from its floats a few rows at a time (chunks of 100
+    weights here); q/k rows in the float path's order (llama files are permuted, qwen2's are
+    not; qwen2 has biases)."""
+    import specdecode.models.direct as direct_module
+
+    monkeypatch.setattr(direct_module, "_CHUNK_WEIGHTS", 100)
     config = replace(_tiny(arch), vocab_size=272, bos_token_id=256, eos_token_ids=(258,))
     path = tmp_path / f"{arch}.gguf"
     expected = _write_tiny_gguf(path, config, _random_state_dict(config, seed=3))

@@ -57,6 +57,8 @@ from specdecode.tokenizer import Tokenizer
 
 # Bytes of one block of 32 weights, by GGML type name.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# Weights dequantized to float32 at once when requantizing a big tensor (16 Mi: 64 MiB).
+_CHUNK_WEIGHTS = 1 << 24
 # Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
 DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
 
@@ -137,12 +139,15 @@ class _Tensors:
                 return _interleave_rope_rows(x, heads) if interleave else x
         return x
 
-    def float(self, name: str, interleave: bool = True) -> torch.Tensor:
-        """The tensor dequantized to float32 (one tensor), rows in runtime order (or HF's)."""
+    def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
         import gguf
 
         tensor = self.by_name[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
         raw = self._raw(name)
+        if len(shape) == 2:
+            raw = raw.reshape(shape[0], -1)[lo:hi]
         try:
             w = gguf.quants.dequantize(raw, tensor.tensor_type)
         except NotImplementedError:
@@ -152,10 +157,26 @@ class _Tensors:
             ) from None
         except Exception as exc:
             raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
-        w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(
-            tuple(int(d) for d in reversed(tensor.shape))).copy())
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(hi - lo, *shape[1:]).copy())
+
+    def _chunks(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges of at most ~_CHUNK_WEIGHTS weights: a large tensor (a 150k-token
+        embedding) is never float32 as a whole. q/k (row-permuted, small) come in one piece."""
+        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        if len(shape) == 1 or any(f".{p}." in name for p in ("q_proj", "k_proj")):
+            return [(0, shape[0])]
+        step = max(1, _CHUNK_WEIGHTS // shape[1])
+        return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
+
+    def float(self, name: str, interleave: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor dequantized to `dtype` (a chunk of rows at a time), rows in runtime
+        order (or HF's)."""
+        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        out = torch.empty(shape, dtype=dtype)
+        for lo, hi in self._chunks(name):
+            out[lo:hi] = self._dequantize(name, lo, hi)
         self._release(name)
-        return self._rows(w, name, interleave).contiguous()
+        return self._rows(out, name, interleave).contiguous()
 
     def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
         """int4: (codes uint8 [N, K] 0..15, d f16 [N, K/32], m f16 [N, K/32]), w = d*q + m;
@@ -163,9 +184,13 @@ class _Tensors:
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
         kind = self.type_name(name)
         native = kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
-        if not native:
-            w = self.float(name)
-            return quantize_q4_1(w) if mode == "int4" else quantize_q8_0(w)
+        if not native:  # requantized a chunk of rows at a time (quantization is per row group)
+            parts = []
+            for lo, hi in self._chunks(name):
+                w = self._rows(self._dequantize(name, lo, hi), name)
+                parts.append(quantize_q4_1(w) if mode == "int4" else quantize_q8_0(w))
+            self._release(name)
+            return tuple(torch.cat(xs) for xs in zip(*parts))
         tensor = self.by_name[name]
         n, k = (int(d) for d in reversed(tensor.shape))
         raw = self._raw(name)
@@ -226,7 +251,7 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
             yield tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
 
     def small(name: str, interleave: bool = True) -> torch.Tensor:
-        return files.float(name, interleave).to(dtype)
+        return files.float(name, interleave, dtype)
 
     biases = None
     if config.attention_bias:  # the runtime's fused biases (q/k rows in RoPE pair order)
