@@ -32,7 +32,8 @@ from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
-from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source
+from specdecode.models.direct import direct_loading_supported, load_gguf_direct
+from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source, model_source_path
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -78,11 +79,14 @@ def resolve_dtype(path: str | None, dtype: str = AUTO) -> tuple[str, str]:
 
 def check_memory(path: str | None, weight_format: str, max_context: int | None) -> memory.MemoryEstimate:
     """Refuse (UserError with the estimate and the fix) a load that would not fit in the
-    memory available now: weights as today's loader holds them at its peak, plus the KV
-    cache at max_context (default: DEFAULT_MAX_CONTEXT, capped at the model's context)."""
+    memory available now: weights as the loader that will run holds them at its peak (the
+    direct loader's figures for int4/int8 GGUFs on our kernels, the float loader's otherwise),
+    plus the KV cache at max_context (default: DEFAULT_MAX_CONTEXT, capped at the model's context)."""
     info = inspect_model(path)
     context = min(max_context or DEFAULT_MAX_CONTEXT, info.max_position_embeddings or DEFAULT_MAX_CONTEXT)
-    est = memory.estimate(info.weights, weight_format, info.num_layers, info.num_kv_heads, info.head_dim, context)
+    direct = info.kind == "gguf" and direct_loading_supported(weight_format if weight_format in QUANTIZED else None)
+    est = memory.estimate(info.weights, weight_format, info.num_layers, info.num_kv_heads, info.head_dim, context,
+                          direct)
     memory.check_fits(est, Path(info.source).name)
     return est
 
@@ -92,15 +96,22 @@ def load_llama(path: str | None, dtype: str = AUTO, compile: bool = False) -> tu
     verification steps run through torch.compile (`LlamaModel.compile`)."""
     dtype = resolve_dtype(path, dtype)[0]
     compute = parse_dtype(dtype)
-    loaded = load_model_source(path)
     quant = dtype if dtype in QUANTIZED else None
-    model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant)
+    model: LlamaModel | None = None
+    if direct_loading_supported(quant) and model_source_path(path)[0] == "gguf":
+        # GGUF blocks straight into our kernels' stacks: no float copy of any matrix.
+        direct = load_gguf_direct(model_source_path(path)[1], quant)  # type: ignore[arg-type]
+        if direct is not None:
+            model, tokenizer = direct
+    if model is None:
+        loaded = load_model_source(path)
+        model, tokenizer = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, compute, quant), loaded.tokenizer
     if compile or os.environ.get("SPECDECODE_COMPILE") == "1":
         try:
             model.compile()
         except RuntimeError as e:
             raise UserError(str(e)) from None
-    return model, loaded.tokenizer
+    return model, tokenizer
 
 
 def load_target(path: str | None, dtype: str = AUTO, compile: bool = False) -> tuple[CausalLM, Tokenizer]:

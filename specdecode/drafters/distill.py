@@ -67,11 +67,13 @@ def build_draft_model(
     cfg = draft_config(target.config, num_layers)
     sd = {k: v.to(target.dtype) for k, v in layers.items()}
     sd["embed_tokens.weight"] = target.embed_tokens.weight.detach()
-    sd["lm_head.weight"] = target.lm_head.weight.detach()
+    # (output_weight: a directly loaded target's untied head exists only in its runtime)
+    head_weight = target.output_weight()
+    sd["lm_head.weight"] = head_weight
     model = LlamaModel.from_state_dict(cfg, sd, target.dtype)
     if vocab_ids is not None:
         head = nn.Linear(cfg.hidden_size, len(vocab_ids), bias=False)
-        head.weight = nn.Parameter(target.lm_head.weight.detach()[vocab_ids].clone(), requires_grad=False)
+        head.weight = nn.Parameter(head_weight[vocab_ids].clone(), requires_grad=False)
         model.lm_head = head.to(target.dtype)
     if target.quant is not None:
         model = model.quantized(target.quant, target.dtype)

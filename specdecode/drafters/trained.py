@@ -266,7 +266,7 @@ def drafting_parts(target: LlamaModel, module: nn.Module, vocab_ids: torch.Tenso
     `quantize_linears`) and the draft head, in the target's activation dtype, with int8
     matmuls under a quantized target (`draft_quant`)."""
     quant = draft_quant(target)
-    head = DraftHead(target.lm_head.weight.detach().to(target.dtype), vocab_ids, quant)
+    head = DraftHead(target.output_weight(), vocab_ids, quant)  # (a directly loaded target: from its runtime)
     return quantize_linears(module, quant, target.dtype).eval(), head
 
 

@@ -44,7 +44,10 @@ MAX_COMPILED_TOKENS = 16
 # Verification steps of at most this many tokens attend row by row (see `_step`).
 MAX_ROWWISE_TOKENS = 16
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
-# its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`).
+# its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
+# except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
+# prefills on its quantized runtime: our kernels reuse each unpacked weight tile for every row,
+# so a 200-token prefill costs no more than oneDNN's packed bf16 matmuls (docs/memory.md).
 MIN_FLOAT_PREFILL_TOKENS = MAX_ROWWISE_TOKENS
 
 
@@ -163,9 +166,17 @@ class _RuntimeCache:
     def __init__(self) -> None:
         self.params: list[torch.Tensor] = []
         self.runtimes: dict[tuple[str | None, torch.dtype, str | None], tuple[int, Runtime]] = {}
+        # Runtimes built by a loader straight from a file (models/direct.py): the only copy of
+        # the weights there is, so never dropped; no other runtime can be built for that model.
+        self.pinned: dict[tuple[str | None, torch.dtype, str | None], Runtime] = {}
 
     def clear(self) -> None:
         self.params, self.runtimes = [], {}
+
+    @property
+    def has_float_weights(self) -> bool:
+        """False for a directly loaded model: its matrices exist only in the pinned runtime."""
+        return not self.pinned
 
     def get(self, model: "LlamaModel", quant: str | None, dtype: torch.dtype, kernel: str | None = None) -> Runtime:
         return self._get(model, (quant, dtype, kernel), lambda: Runtime.build(model, quant, dtype, kernel))
@@ -177,6 +188,17 @@ class _RuntimeCache:
 
     def _get(self, model: "LlamaModel", key: tuple[str | None, torch.dtype, str | None],
              build: Callable[[], Runtime]) -> Runtime:
+        if key in self.pinned:
+            return self.pinned[key]
+        if self.pinned:
+            from specdecode.errors import UserError
+
+            quant, dtype, _ = key
+            fmt, have = quant or {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype)), next(iter(self.pinned))[0]
+            raise UserError(
+                f"this model was loaded straight from its GGUF into {have} (no float copy of its weights), so it "
+                f"cannot also run as {fmt.replace('+float-prefill', ' with float prefill')}: set SPECDECODE_FLOAT_LOAD=1 "
+                "to load it through float weights (several times the memory), or pick another drafter / --dtype")
         if not self.params:
             self.params = list(model.parameters())
         stamp = sum([p._version for p in self.params])
@@ -327,6 +349,34 @@ class LlamaModel(nn.Module):
         """Forget the runtime weights (they are rebuilt from the parameters on next use)."""
         self._runtimes.clear()
 
+    def pin_runtime(self, quant: str | None, dtype: torch.dtype, runtime: Runtime) -> None:
+        """Use `runtime` for (quant, dtype) for good: a loader built it straight from a file
+        and the matching matrices are not parameters (models/direct.py). Views share it."""
+        for kernel in (None, runtime.kernel):
+            self._runtimes.pinned[(quant, dtype, kernel)] = runtime
+
+    @property
+    def has_float_weights(self) -> bool:
+        """Whether the layers' matrices exist as float parameters (False: loaded directly)."""
+        return self._runtimes.has_float_weights
+
+    def output_weight(self) -> torch.Tensor:
+        """The output head [vocab, hidden] in the activation dtype, for drafters that read it
+        (EAGLE/Medusa/distill heads): the parameter, or for a directly loaded model whose head
+        exists only quantized, its dequantized runtime copy (int8: within Q8_0's rounding)."""
+        w = self.lm_head.weight
+        if not w.is_meta:
+            return w.detach().to(self.dtype)
+        return self.runtime().head.dequantize(0).to(self.dtype)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self._runtimes.has_float_weights:
+            from specdecode.errors import UserError
+
+            raise UserError("this model was loaded straight from its GGUF into quantized weights and has no float "
+                            "state dict; set SPECDECODE_FLOAT_LOAD=1 to load it through float weights")
+        return super().state_dict(*args, **kwargs)
+
     def __setattr__(self, name: str, value: object) -> None:
         if isinstance(value, (nn.Module, nn.Parameter)) and "_runtimes" in self.__dict__:
             self._runtimes.clear()  # e.g. a draft model's lm_head swapped for a smaller one
@@ -412,7 +462,8 @@ class LlamaModel(nn.Module):
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
         compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
-        float_prefill = self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
+        float_prefill = (self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
+                         and self._runtimes.has_float_weights)
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         window = self.config.sliding_window
         row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None

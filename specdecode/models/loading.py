@@ -96,6 +96,15 @@ _GGUF_GLOBAL_NAMES = {
 
 def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
     """Dequantize every tensor of a llama/qwen2/mistral GGUF file to float32."""
+    reader, config, tokenizer, path = open_gguf_model(path)
+    state_dict = _gguf_state_dict(reader, config, path)
+    _check_state_dict(config, state_dict, str(path))
+    return LoadedModel(config, state_dict, tokenizer, str(path))
+
+
+def open_gguf_model(path: str | os.PathLike[str]) -> tuple[Any, ModelConfig, Tokenizer, Path]:
+    """(memory-mapped reader, config with eos ids, tokenizer, path) of a supported GGUF file,
+    no tensor data read: shared by the float loader and the direct one (direct.py)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
@@ -114,15 +123,13 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
             "specdecode's native model does not implement; use a model with plain RoPE"
         )
     config = _gguf_config(reader, fields, path, arch, names)
-    state_dict = _gguf_state_dict(reader, config, path)
-    _check_state_dict(config, state_dict, str(path))
     extra_eos = [fields.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
     tokenizer = Tokenizer.from_gguf(path, [int(i) for i in extra_eos if i is not None])
     eos: list[int] = []
     for tid in (fields.get("tokenizer.ggml.eos_token_id"), *tokenizer.eos_token_ids):
         if tid is not None and int(tid) not in eos:
             eos.append(int(tid))
-    return LoadedModel(replace(config, eos_token_ids=tuple(eos)), state_dict, tokenizer, str(path))
+    return reader, replace(config, eos_token_ids=tuple(eos)), tokenizer, path
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -142,9 +149,28 @@ def _open_gguf(path: Path) -> Any:
     except PermissionError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     except Exception as exc:  # ValueError, struct/numpy errors on truncation, ...
+        short = _truncated_tensor(path)
+        if short is not None:
+            raise UserError(short) from None
         raise UserError(
             f"{path} is not a valid GGUF file (it may be truncated or corrupt): {exc}"
         ) from None
+
+
+def _truncated_tensor(path: Path) -> str | None:
+    """Why a GGUF whose header reads fine fails to open, when a tensor's data runs past the
+    end of the file (an interrupted download or copy): the message names file and tensor."""
+    extents: list[tuple[str, int, int]] = []
+    try:
+        read_gguf_header(path, extents)
+        size = path.stat().st_size
+    except (UserError, OSError, ValueError, KeyError):
+        return None
+    for name, start, nbytes in extents:
+        if start + nbytes > size:
+            return (f"{path} is truncated: tensor {name} needs bytes {start}..{start + nbytes} but the file "
+                    f"has {size} (an incomplete download or copy?); get the file again")
+    return None
 
 
 class _GGUFFields:
@@ -602,13 +628,15 @@ def inspect_model(path: str | os.PathLike[str] | None) -> ModelFileInfo:
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
+def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = None,
+                     ) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
     """(metadata, tensor infos) of a GGUF v2/v3 file, read straight from its header.
 
     Faster than gguf.GGUFReader for this purpose (which builds an array for every one of a
     tokenizer's ~100k strings: ~1-2 s): arrays longer than 64 items are skipped and kept as
     their length only. Tensor infos are (name, dims innermost-first, GGML type number).
-    UserError naming the file for anything that is not a readable GGUF header.
+    UserError naming the file for anything that is not a readable GGUF header. `extents`, when
+    given, receives (name, first byte, byte count) of every tensor's data in the file.
     """
     import mmap
     import struct
@@ -663,12 +691,23 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[
             for _ in range(n_kv):
                 key = string()
                 metadata[key] = value(take("<I"))
-            tensors = []
+            tensors, offsets = [], []
             for _ in range(n_tensors):
                 name = string()
                 dims = tuple(take("<Q") for _ in range(take("<I")))
                 tensors.append((name, dims, take("<I")))
-                take("<Q")  # data offset
+                offsets.append(take("<Q"))  # data offset, from the aligned end of the header
+            if extents is not None:
+                import gguf
+
+                align = int(metadata.get("general.alignment", 32) or 32)
+                start = (pos + align - 1) // align * align
+                for (name, dims, kind), offset in zip(tensors, offsets):
+                    block, size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(kind), (1, 0))
+                    count = 1
+                    for d in dims:
+                        count *= d
+                    extents.append((name, start + offset, count // block * size))
             return metadata, tensors
     except UserError:
         raise

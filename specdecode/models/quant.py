@@ -24,7 +24,7 @@ spare an indexing op per call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -320,17 +320,41 @@ def tiled_compatible(shape: Sequence[int]) -> bool:
 
 
 class _TiledStack(LinearStack):
-    """What our kernels' stacks share: the kernel chosen, per-block f16 scales, the bias."""
+    """What our kernels' stacks share: the kernel chosen, per-block f16 scales, the bias, and
+    building layer by layer (`from_layers`: a loader that yields one layer at a time never
+    holds more than one layer's unpacked codes, 1 byte a weight)."""
 
-    def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
-                 biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str) -> None:
+    def __init__(self, *per_layer: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                 dtype: torch.dtype, kernel: str) -> None:
+        self._start(kernel)
+        for layer in zip(*per_layer):
+            self._add(*layer)
+        self._finish(biases, dtype)
+
+    @classmethod
+    def from_layers(cls, layers: Iterable[tuple[torch.Tensor, ...]], biases: Sequence[torch.Tensor] | None,
+                    dtype: torch.dtype, kernel: str = "avx512-bf16") -> "_TiledStack":
+        self = cls.__new__(cls)
+        self._start(kernel)
+        for layer in layers:
+            self._add(*layer)
+        self._finish(biases, dtype)
+        return self
+
+    def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
         self.vnni = kernel == "avx512-vnni"
-        self.d = [tile_scales(x.half()) for x in d]
+        self.packed: list[torch.Tensor] = []
+        self.d: list[torch.Tensor] = []
+
+    def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
+        self.d.append(tile_scales(d.half()))
+        self.out_features, self.in_features = q.shape
+
+    def _finish(self, biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         self.bias = _stack_bias(biases, dtype)
-        self.out_features, self.in_features = codes[0].shape
-        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(codes))]
+        self.biases = [None if self.bias is None else self.bias[i] for i in range(len(self.packed))]
 
     def _add_bias(self, y: torch.Tensor, i: int) -> torch.Tensor:
         b = self.biases[i]
@@ -341,16 +365,24 @@ class TiledInt4Stack(_TiledStack):
     """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
     nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
     products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
-    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`)."""
+    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`). Layers come as
+    (codes [N, K] uint8 0..15, d [N, K/32], m [N, K/32])."""
 
     mode = "int4"
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor], m: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
-        super().__init__(codes, d, biases, dtype, kernel)
+        super().__init__(codes, d, m, biases=biases, dtype=dtype, kernel=kernel)
+
+    def _start(self, kernel: str) -> None:
+        super()._start(kernel)
         self.op = torch.ops.specdecode.int4_linear_vnni if self.vnni else torch.ops.specdecode.int4_linear
-        self.packed = [(quad_int4 if self.vnni else tile_int4)(q) for q in codes]
-        self.m = [tile_scales(x.half()) for x in m]
+        self.m: list[torch.Tensor] = []
+
+    def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
+        super()._add(q, d)
+        self.packed.append((quad_int4 if self.vnni else tile_int4)(q))
+        self.m.append(tile_scales(rest[0].half()))
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -376,16 +408,24 @@ class TiledInt4Stack(_TiledStack):
 
 class TiledInt8Stack(_TiledStack):
     """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through our kernels (`int8_linear`,
-    bf16 activations; `int8_linear_vnni`, int8 activations, with each output's code sums)."""
+    bf16 activations; `int8_linear_vnni`, int8 activations, with each output's code sums).
+    Layers come as (codes [N, K] int8, d [N, K/32])."""
 
     mode = "int8"
 
     def __init__(self, codes: Sequence[torch.Tensor], d: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, dtype: torch.dtype, kernel: str = "avx512-bf16") -> None:
-        super().__init__(codes, d, biases, dtype, kernel)
-        self.packed = [(quad_int8 if self.vnni else tile_int8)(q) for q in codes]
-        n = self.out_features
-        self.wsum = [tile_scales(q.view(n, -1, INT4_GROUP).sum(-1, dtype=torch.int16)) for q in codes] if self.vnni else []
+        super().__init__(codes, d, biases=biases, dtype=dtype, kernel=kernel)
+
+    def _start(self, kernel: str) -> None:
+        super()._start(kernel)
+        self.wsum: list[torch.Tensor] = []
+
+    def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
+        super()._add(q, d)
+        self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
+        if self.vnni:
+            self.wsum.append(tile_scales(q.view(q.shape[0], -1, INT4_GROUP).sum(-1, dtype=torch.int16)))
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,

@@ -1,0 +1,295 @@
+"""GGUF straight into the int4/int8 runtime (issue 18): no float32 state dict, no float copies.
+
+Why: the float loader (loading.load_gguf) dequantizes every tensor to float32, converts the
+parameters to bf16, then quantizes them again into our kernels' stacks, so a Q4 file costs
+~10x its size in resident memory. Our kernels take GGUF's own block formats (Q4_1: w = d*q + m,
+Q4_0: m = -8d, Q8_0: w = d*q per block of 32, d and m f16), so the blocks of a memory-mapped
+file become codes and scales with numpy views, layer by layer, and are packed at once:
+
+- Q4_0/Q4_1 -> int4 and Q8_0 -> int8 keep the file's codes exactly (no float round trip);
+- any other type (k-quants, F16, F32, or Q4 -> int8, Q8_0 -> int4) is dequantized ONE tensor at
+  a time and requantized (quant.quantize_q4_1 / quantize_q8_0);
+- q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
+  files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
+  scales alike (rows are independent, so this is exact);
+- the embedding is kept as bf16 (what the forward gathers from), the output head as int8
+  (llama.HEAD_QUANT), norms and biases as small bf16 parameters; the layers' matrices exist
+  only in the runtime stacks (their nn.Parameters stay on the meta device).
+
+Only for native llama/qwen2/mistral GGUFs whose every matrix our kernels can take (rows a
+multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'aten'`);
+`direct_loading_supported` says so, and the engine falls back to the float loader otherwise.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from specdecode import kernels
+from specdecode.config import ModelConfig
+from specdecode.errors import UserError
+from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
+from specdecode.models.loading import (
+    SUPPORTED_ARCHS,
+    _native_name,
+    _unpermute_rope_rows,
+    expected_shapes,
+    open_gguf_model,
+)
+from specdecode.models.quant import (
+    INT4_GROUP,
+    LinearStack,
+    TiledInt4Stack,
+    TiledInt8Stack,
+    quantize_q4_1,
+    quantize_q8_0,
+    tiled_compatible,
+)
+from specdecode.tokenizer import Tokenizer
+
+# Bytes of one block of 32 weights, by GGML type name.
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# Weights dequantized to float32 at once when requantizing a big tensor (16 Mi: 64 MiB).
+_CHUNK_WEIGHTS = 1 << 24
+# Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
+DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
+
+
+def direct_loading_supported(quant: str | None, kernel: str | None = None) -> bool:
+    """Direct loading needs an int8/int4 target whose matmuls run on our kernels."""
+    if quant not in ("int4", "int8") or os.environ.get(DISABLE_ENV) == "1":
+        return False
+    return (kernel or kernels.active()) in kernels.OURS
+
+
+class _Tensors:
+    """The GGUF's tensors by native name, read one at a time, with errors naming file and tensor.
+
+    After a tensor is converted its pages are dropped from this process (madvise DONTNEED on
+    the read-only map): the page cache keeps them, but they no longer count in our resident
+    set, so the peak holds the runtime stacks plus about one tensor of the file.
+    """
+
+    def __init__(self, reader: Any, config: ModelConfig, path: Path) -> None:
+        self.path = path
+        self.config = config
+        self.permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
+        self.by_name: dict[str, Any] = {}
+        for tensor in reader.tensors:
+            name = _native_name(tensor.name)
+            if name is None:
+                raise UserError(
+                    f"{path} contains tensor '{tensor.name}', a part specdecode's native "
+                    f"{'/'.join(SUPPORTED_ARCHS)} model does not have (e.g. mixture-of-experts "
+                    "or q/k norms); this model variant is not supported"
+                )
+            self.by_name[name] = tensor
+        expected = expected_shapes(config)
+        missing = sorted(set(expected) - set(self.by_name))
+        if missing:
+            raise UserError(f"weights of {path} do not match its config: missing {', '.join(missing[:3])}")
+        for name, shape in expected.items():
+            got = tuple(int(d) for d in reversed(self.by_name[name].shape))
+            if got != shape:
+                raise UserError(f"weights of {path} do not match its config: wrong shape {name} {got} != {shape}")
+        self._mmap: mmap.mmap | None = getattr(reader.data, "_mmap", None)
+
+    def type_name(self, name: str) -> str:
+        return self.by_name[name].tensor_type.name
+
+    def _raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes (or values, for float types), checked against its size."""
+        tensor = self.by_name[name]
+        try:
+            data = tensor.data
+            if data.nbytes != int(tensor.n_bytes):
+                raise ValueError(f"{data.nbytes} bytes where {int(tensor.n_bytes)} are expected")
+            return data
+        except Exception as exc:
+            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
+
+    def _release(self, name: str) -> None:
+        """Drop the tensor's pages from our resident set (see the class docstring)."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        tensor = self.by_name[name]
+        page = mmap.PAGESIZE
+        start = int(tensor.data_offset) // page * page
+        end = min(len(self._mmap), int(tensor.data_offset) + int(tensor.n_bytes))
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
+    def _rows(self, x: torch.Tensor, name: str, interleave: bool = True) -> torch.Tensor:
+        """The float path's row order for q/k: GGUF -> HF (llama-arch files) -> RoPE pairs
+        (the runtime's order; interleave=False stops at HF's, the parameters' order)."""
+        for proj, heads in (("q_proj", self.config.num_heads), ("k_proj", self.config.num_kv_heads)):
+            if f".{proj}." in name:
+                if self.permuted:
+                    x = _unpermute_rope_rows(x, heads)  # type: ignore[arg-type]
+                return _interleave_rope_rows(x, heads) if interleave else x
+        return x
+
+    def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
+        import gguf
+
+        tensor = self.by_name[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        raw = self._raw(name)
+        if len(shape) == 2:
+            raw = raw.reshape(shape[0], -1)[lo:hi]
+        try:
+            w = gguf.quants.dequantize(raw, tensor.tensor_type)
+        except NotImplementedError:
+            raise UserError(
+                f"{self.path}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            ) from None
+        except Exception as exc:
+            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(hi - lo, *shape[1:]).copy())
+
+    def _chunks(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges of at most ~_CHUNK_WEIGHTS weights: a large tensor (a 150k-token
+        embedding) is never float32 as a whole. q/k (row-permuted, small) come in one piece."""
+        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        if len(shape) == 1 or any(f".{p}." in name for p in ("q_proj", "k_proj")):
+            return [(0, shape[0])]
+        step = max(1, _CHUNK_WEIGHTS // shape[1])
+        return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
+
+    def float(self, name: str, interleave: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor dequantized to `dtype` (a chunk of rows at a time), rows in runtime
+        order (or HF's)."""
+        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        out = torch.empty(shape, dtype=dtype)
+        for lo, hi in self._chunks(name):
+            out[lo:hi] = self._dequantize(name, lo, hi)
+        self._release(name)
+        return self._rows(out, name, interleave).contiguous()
+
+    def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
+        """int4: (codes uint8 [N, K] 0..15, d f16 [N, K/32], m f16 [N, K/32]), w = d*q + m;
+        int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
+        type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
+        kind = self.type_name(name)
+        native = kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
+        if not native:  # requantized a chunk of rows at a time (quantization is per row group)
+            parts = []
+            for lo, hi in self._chunks(name):
+                w = self._rows(self._dequantize(name, lo, hi), name)
+                parts.append(quantize_q4_1(w) if mode == "int4" else quantize_q8_0(w))
+            self._release(name)
+            return tuple(torch.cat(xs) for xs in zip(*parts))
+        tensor = self.by_name[name]
+        n, k = (int(d) for d in reversed(tensor.shape))
+        raw = self._raw(name)
+        try:
+            b = np.asarray(raw).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
+        except ValueError as exc:
+            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
+        d = torch.from_numpy(np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy())
+        if kind == "Q8_0":
+            codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k).copy())
+            self._release(name)
+            return self._rows(codes, name).contiguous(), self._rows(d, name).contiguous()
+        if kind == "Q4_1":
+            m = torch.from_numpy(np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].copy())
+            qs = b[..., 4:]
+        else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
+            m = d * -8
+            qs = b[..., 2:]
+        # Low nibble of byte j = element j, high nibble = element j + 16.
+        codes = torch.from_numpy(np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k))
+        self._release(name)
+        return tuple(self._rows(x, name).contiguous() for x in (codes, d, m))
+
+
+def _matrix_names(config: ModelConfig) -> list[str]:
+    names = ["embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        names += [p + s + ".weight" for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    return names
+
+
+def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[LlamaModel, Tokenizer] | None:
+    """A LlamaModel (quantized view `quant`) whose runtime was built from the file's blocks, or
+    None when a matrix has a shape our kernels cannot take (then load through floats).
+    Call only when `direct_loading_supported(quant, kernel)`."""
+    if quant not in HEAD_QUANT:
+        raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
+    kernel = kernel or kernels.active()
+    reader, config, tokenizer, path = open_gguf_model(path)
+    files = _Tensors(reader, config, path)
+    if any(not tiled_compatible(tuple(int(d) for d in reversed(files.by_name[n].shape))) for n in _matrix_names(config)):
+        return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
+    model = _build(files, config, quant, kernel, dtype)
+    del files, reader  # unmaps the file
+    return model, tokenizer
+
+
+def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype: torch.dtype) -> LlamaModel:
+    layers = range(config.num_layers)
+    stack = TiledInt4Stack if quant == "int4" else TiledInt8Stack
+
+    def fused(names: tuple[str, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+        for i in layers:
+            parts = [files.blocks(f"layers.{i}.{n}.weight", quant) for n in names]
+            yield tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+
+    def small(name: str, interleave: bool = True) -> torch.Tensor:
+        return files.float(name, interleave, dtype)
+
+    biases = None
+    if config.attention_bias:  # the runtime's fused biases (q/k rows in RoPE pair order)
+        biases = [torch.cat([small(f"layers.{i}.self_attn.{p}_proj.bias") for p in "qkv"]) for i in layers]
+    qkv = stack.from_layers(fused(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), biases, dtype, kernel)
+    o = stack.from_layers(fused(("self_attn.o_proj",)), None, dtype, kernel)
+    gate_up = stack.from_layers(fused(("mlp.gate_proj", "mlp.up_proj")), None, dtype, kernel)
+    down = stack.from_layers(fused(("mlp.down_proj",)), None, dtype, kernel)
+    embed = small("embed_tokens.weight")
+    head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    head: LinearStack = TiledInt8Stack.from_layers([files.blocks(head_name, HEAD_QUANT[quant])], None, dtype, kernel)
+
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    params: dict[str, torch.Tensor] = {"embed_tokens.weight": embed, "norm.weight": small("norm.weight")}
+    for i in layers:
+        p = f"layers.{i}."
+        params[p + "input_layernorm.weight"] = small(p + "input_layernorm.weight")
+        params[p + "post_attention_layernorm.weight"] = small(p + "post_attention_layernorm.weight")
+    if biases is not None:  # the parameters in HF row order (small: a copy is cheap)
+        for i in layers:
+            for proj in "qkv":
+                name = f"layers.{i}.self_attn.{proj}_proj.bias"
+                params[name] = small(name, interleave=False)
+    for name, value in params.items():
+        module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    runtime = Runtime(
+        embed=embed,
+        input_norm=[model.layers[i].input_layernorm.weight.detach().float() for i in layers],
+        qkv=qkv, o=o,
+        post_norm=[model.layers[i].post_attention_layernorm.weight.detach().float() for i in layers],
+        gate_up=gate_up, down=down,
+        final_norm=model.norm.weight.detach().float(),
+        head=head,
+    )
+    model.eval()
+    model.pin_runtime(quant, dtype, runtime)
+    return model.quantized(quant, dtype)
