@@ -214,7 +214,13 @@ def test_bench_memory_report_records_our_load_and_llamacpps(tiny_files, monkeypa
     held = []
 
     def fake_llamacpp(gguf, drafter, threads, n_ctx, seed):
-        held.append(torch.ones(64 * 2**20 // 4))  # 64 MiB resident, as a loaded model would be
+        # 64 MiB of fresh pages, written (resident), as a loaded model would be: an anonymous
+        # mapping, not the heap, which may hold freed memory from earlier tests in this worker
+        import mmap
+
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\1" * (64 * 2**20))
+        held.append(block)
         return object()
 
     monkeypatch.setattr(runner, "load_llamacpp", fake_llamacpp)

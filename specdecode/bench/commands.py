@@ -329,8 +329,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.drafter == "none":
         raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model|quantized|eagle|medusa|distill")
-    if args.k < 1:
-        raise UserError(f"--k (draft length) must be >= 1, got {args.k}")
+    from specdecode.cost_model import parse_k
+
+    args.k = 4 if args.k is None else parse_k(args.k)  # the audit's draft length (default 4; auto works too)
     if not 0.0 < args.alpha < 1.0:
         raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.threads is None:
