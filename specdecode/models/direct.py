@@ -38,10 +38,9 @@ from specdecode.config import ModelConfig
 from specdecode.errors import UserError
 from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
 from specdecode.models.loading import (
-    SUPPORTED_ARCHS,
-    _native_name,
     _unpermute_rope_rows,
     expected_shapes,
+    native_tensors,
     open_gguf_model,
 )
 from specdecode.models.quant import (
@@ -82,16 +81,7 @@ class _Tensors:
         self.path = path
         self.config = config
         self.permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
-        self.by_name: dict[str, Any] = {}
-        for tensor in reader.tensors:
-            name = _native_name(tensor.name)
-            if name is None:
-                raise UserError(
-                    f"{path} contains tensor '{tensor.name}', a part specdecode's native "
-                    f"{'/'.join(SUPPORTED_ARCHS)} model does not have (e.g. mixture-of-experts "
-                    "or q/k norms); this model variant is not supported"
-                )
-            self.by_name[name] = tensor
+        self.by_name: dict[str, Any] = dict(native_tensors(reader, path))
         expected = expected_shapes(config)
         missing = sorted(set(expected) - set(self.by_name))
         if missing:

@@ -260,12 +260,10 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_state_dict(reader: Any, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
-    """Dequantize all tensors (in parallel threads: numpy releases the GIL) and rename them."""
-    import gguf
-
-    permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
-    jobs: list[tuple[str, Any]] = []
+def native_tensors(reader: Any, path: Path) -> list[tuple[str, Any]]:
+    """(native name, GGUF tensor) for every tensor of the file; a tensor the native model has no
+    place for (mixture-of-experts, q/k norms) is a one-line UserError naming it."""
+    out = []
     for tensor in reader.tensors:
         name = _native_name(tensor.name)
         if name is None:
@@ -274,7 +272,16 @@ def _gguf_state_dict(reader: Any, config: ModelConfig, path: Path) -> dict[str, 
                 f"{'/'.join(SUPPORTED_ARCHS)} model does not have (e.g. mixture-of-experts "
                 "or q/k norms); this model variant is not supported"
             )
-        jobs.append((name, tensor))
+        out.append((name, tensor))
+    return out
+
+
+def _gguf_state_dict(reader: Any, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """Dequantize all tensors (in parallel threads: numpy releases the GIL) and rename them."""
+    import gguf
+
+    permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
+    jobs = native_tensors(reader, path)
 
     def convert(job: tuple[str, Any]) -> tuple[str, torch.Tensor]:
         name, tensor = job
