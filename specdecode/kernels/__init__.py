@@ -154,8 +154,3 @@ def active() -> str:
             raise UserError(f"kernel {want} was asked for but {why_not}: {_FIX}")
         return want
     return next(k for k in PREFERENCE if available(k) is None)
-
-
-def unavailable_reason() -> str | None:
-    """Why none of our kernels is used here (None when one is)."""
-    return None if active() in OURS else (load_error() or "SPECDECODE_KERNEL=aten")

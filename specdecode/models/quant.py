@@ -249,58 +249,60 @@ def quantize_q8_0(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 _TILE = 16
 
 
+def _lanes(q: torch.Tensor, width: int) -> torch.Tensor:
+    """codes [N, K] -> [N/16, G, 32/width, 16*width]: per group of 32 inputs, 32/width registers,
+    each holding a tile's 16 outputs x `width` consecutive inputs (lane l = output l // width,
+    input l % width): width 2 for the BF16 kernel's pairs, 4 for the VNNI kernel's quads."""
+    n, k = q.shape
+    lanes = q.view(n // _TILE, _TILE, k // INT4_GROUP, INT4_GROUP // width, width).permute(0, 2, 3, 1, 4)
+    return lanes.reshape(n // _TILE, k // INT4_GROUP, INT4_GROUP // width, _TILE * width)
+
+
+def _unlanes(lanes: torch.Tensor, width: int) -> torch.Tensor:
+    tiles, g = lanes.shape[:2]
+    return lanes.reshape(tiles, g, INT4_GROUP // width, _TILE, width).permute(0, 3, 1, 2, 4).reshape(
+        tiles * _TILE, g * INT4_GROUP)
+
+
 def tile_int4(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] (0..15) -> packed uint8 [N/16, G, 8, 32]: low nibbles hold input pair 2p of
     a tile's 16 outputs, high nibbles pair 2p+1 (lane l = output l/2, input parity l%2)."""
-    n, k = q.shape
-    lanes = q.to(torch.uint8).view(n // _TILE, _TILE, k // INT4_GROUP, 8, 2, 2).permute(0, 2, 3, 4, 1, 5)
-    lanes = lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 2, 2 * _TILE)
-    return (lanes[..., 0, :] | (lanes[..., 1, :] << 4)).contiguous()
+    pairs = _lanes(q.to(torch.uint8), 2)
+    pairs = pairs.reshape(*pairs.shape[:2], 8, 2, 2 * _TILE)
+    return (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).contiguous()
 
 
 def untile_int4(packed: torch.Tensor) -> torch.Tensor:
-    tiles, g = packed.shape[:2]
-    lanes = torch.stack((packed & 15, packed >> 4), dim=3).view(tiles, g, 8, 2, _TILE, 2)
-    return lanes.permute(0, 4, 1, 2, 3, 5).reshape(tiles * _TILE, g * INT4_GROUP)
+    return _unlanes(torch.stack((packed & 15, packed >> 4), dim=3), 2)
 
 
 def tile_int8(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] int8 -> [N/16, G, 16, 32]: input pair kp of a tile's 16 outputs per row of 32."""
-    n, k = q.shape
-    lanes = q.view(n // _TILE, _TILE, k // INT4_GROUP, 16, 2).permute(0, 2, 3, 1, 4)
-    return lanes.reshape(n // _TILE, k // INT4_GROUP, 16, 2 * _TILE).contiguous()
+    return _lanes(q, 2).contiguous()
 
 
 def untile_int8(packed: torch.Tensor) -> torch.Tensor:
-    tiles, g = packed.shape[:2]
-    return packed.view(tiles, g, 16, _TILE, 2).permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+    return _unlanes(packed, 2)
 
 
 def quad_int4(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] (0..15) -> uint8 [N/16, G, 8, 32] for the VNNI kernel: quad qd holds a tile's
     16 outputs x 4 inputs (byte 4i + j); its bytes 0-31 in the low nibbles, 32-63 in the high."""
-    n, k = q.shape
-    lanes = q.to(torch.uint8).view(n // _TILE, _TILE, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
-    lanes = lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 4 * _TILE)
-    return (lanes[..., :32] | (lanes[..., 32:] << 4)).contiguous()
+    quads = _lanes(q.to(torch.uint8), 4)
+    return (quads[..., :32] | (quads[..., 32:] << 4)).contiguous()
 
 
 def unquad_int4(packed: torch.Tensor) -> torch.Tensor:
-    tiles, g = packed.shape[:2]
-    lanes = torch.cat((packed & 15, packed >> 4), dim=-1).view(tiles, g, 8, _TILE, 4)
-    return lanes.permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+    return _unlanes(torch.cat((packed & 15, packed >> 4), dim=-1), 4)
 
 
 def quad_int8(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] int8 -> [N/16, G, 8, 64]: quad qd = a tile's 16 outputs x 4 inputs (byte 4i + j)."""
-    n, k = q.shape
-    lanes = q.view(n // _TILE, _TILE, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
-    return lanes.reshape(n // _TILE, k // INT4_GROUP, 8, 4 * _TILE).contiguous()
+    return _lanes(q, 4).contiguous()
 
 
 def unquad_int8(packed: torch.Tensor) -> torch.Tensor:
-    tiles, g = packed.shape[:2]
-    return packed.view(tiles, g, 8, _TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles * _TILE, g * INT4_GROUP)
+    return _unlanes(packed, 4)
 
 
 def tile_scales(s: torch.Tensor) -> torch.Tensor:
