@@ -15,8 +15,12 @@ The alternatives the bench sets beside it: `FixedK` (k every step) and `Heuristi
 
 verify(T) comes from `measure_verify_costs` (a few hundred forwards, well under a second on
 the embedded model), cached per model file and machine by `cached_verify_costs`. The
-drafter's cost is learnt online from the loop's own timing of `propose` (seconds per drafted
-token, an exponential average), so drafters carry no timing code.
+drafter's cost is learnt online from the loop's own timing of `propose` (a + b k, fitted as
+the request goes), so drafters carry no timing code.
+
+A seeded sampling request must give the same text every time, so its k may not follow the
+clock: it takes the drafter's cost from a `DraftCost` measured once per drafter and machine
+and kept on disk (`cached_draft_cost`), and its choices then depend on the tokens alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -53,6 +58,24 @@ class CostTable:
     def ratios(self) -> list[float]:
         """v(T) = step(T) / step(1), T = 1..: what a verification costs in single steps."""
         return [v / self.verify[0] for v in self.verify]
+
+
+@dataclass(frozen=True)
+class DraftCost:
+    """A drafter's seconds per call drafting k tokens: a + b k (measured, see the engine's
+    `draft_cost`)."""
+
+    a: float
+    b: float
+
+    def seconds(self, k: int) -> float:
+        return 0.0 if k == 0 else self.a + self.b * k
+
+    @classmethod
+    def from_two(cls, k1: int, s1: float, k2: int, s2: float) -> "DraftCost":
+        """The line through two measured (k, seconds per call) points, clamped at >= 0."""
+        b = max(0.0, (s2 - s1) / (k2 - k1))
+        return cls(max(0.0, s1 - b * k1), b)
 
 
 class KPolicy(Protocol):
@@ -116,8 +139,12 @@ class AutoK:
 
     name = "auto"
 
-    def __init__(self, costs: CostTable, k_max: int | None = None, decay: float = 0.95) -> None:
+    def __init__(self, costs: CostTable, k_max: int | None = None, decay: float = 0.95,
+                 draft_cost: DraftCost | None = None) -> None:
+        """draft_cost: a fixed drafter cost instead of the online fit (seeded requests: the
+        choices then depend on the tokens only)."""
         self.costs = costs
+        self.fixed_draft_cost = draft_cost
         self.k_max = min(costs.k_max, k_max if k_max is not None else costs.k_max)
         if self.k_max < 1:
             raise UserError("the cost table has no verification steps (measure at least T = 1..2)")
@@ -147,6 +174,8 @@ class AutoK:
 
     def draft_seconds(self, k: int) -> float:
         """a + b k from the fit (0 for k = 0, and before any observation)."""
+        if self.fixed_draft_cost is not None:
+            return self.fixed_draft_cost.seconds(k)
         n, sk, skk, ss, sks = self.fit
         if k == 0 or n == 0:
             return 0.0
@@ -261,30 +290,56 @@ def cost_cache_key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: int = DEFAULT_K_MAX + 1) -> CostTable:
-    """measure_verify_costs, remembered on disk per model file and machine (file, size, mtime,
-    weight format, kernel, CPU, threads, torch): a second start reads it back."""
+def _machine_key(model: torch.nn.Module, source: str | None, **more: object) -> str:
+    """What a measured cost depends on: the model file (size, mtime) and its shape (a model
+    built by hand may be named after a file it is not), weight format, kernel, CPU, threads,
+    torch, and `more`."""
     stat = None
     try:
         stat = os.stat(source) if source else None
     except OSError:
         pass
-    key = cost_cache_key(
+    return cost_cache_key(
         source=source, size=stat and stat.st_size, mtime=stat and stat.st_mtime,
-        format=getattr(model, "weight_format", None), kernel=getattr(model, "kernel", None),
+        shape=repr(getattr(model, "config", None)), format=getattr(model, "weight_format", None), kernel=getattr(model, "kernel", None),
         layers=getattr(model, "layer_ids", None), cpu=cpu_name(), threads=torch.get_num_threads(),
-        torch=torch.__version__, max_tokens=max_tokens)
+        torch=torch.__version__, **more)
+
+
+def _on_disk(key: str, field: str, measure: "Callable[[], list[float]]", source: str | None) -> list[float]:
+    """measure(), remembered in ~/.cache/specdecode/costs/<key>.json (or $SPECDECODE_CACHE)."""
     root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode")) / "costs"
     path = root / f"{key}.json"
     try:
-        return CostTable(tuple(json.loads(path.read_text())["verify"]))
+        return [float(x) for x in json.loads(path.read_text())[field]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    table = measure_verify_costs(model, max_tokens)
+    values = measure()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"verify": list(table.verify), "source": source}))
+        path.write_text(json.dumps({field: values, "source": source}))
     except OSError:
         pass  # a read-only home: measure again next time
-    return table
+    return values
+
+
+def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: int = DEFAULT_K_MAX + 1) -> CostTable:
+    """measure_verify_costs, remembered on disk per model file and machine (file, size, mtime,
+    weight format, kernel, CPU, threads, torch): a second start reads it back."""
+    key = _machine_key(model, source, max_tokens=max_tokens)
+    return CostTable(tuple(_on_disk(key, "verify", lambda: list(measure_verify_costs(model, max_tokens).verify), source)))
+
+
+def cached_draft_cost(model: torch.nn.Module, source: str | None, drafter: str,
+                      measure: "Callable[[], DraftCost]") -> DraftCost:
+    """A drafter's measured cost on this target and machine, remembered on disk like the
+    verification costs (drafter: its spec, e.g. 'model:/path/draft.gguf')."""
+    key = _machine_key(model, source, drafter=drafter)
+
+    def measured() -> list[float]:
+        cost = measure()
+        return [cost.a, cost.b]
+
+    a, b = _on_disk(key, "draft", measured, source)
+    return DraftCost(a, b)
 

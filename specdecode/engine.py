@@ -23,7 +23,10 @@ import torch
 from specdecode import memory
 
 from specdecode.config import GenerationConfig, SamplingParams
-from specdecode.cost_model import CostTable, cached_verify_costs, parse_k, remember_costs
+from specdecode.cost_model import (
+    DEFAULT_K_MAX, AutoK, CostTable, DraftCost, KPolicy, cached_draft_cost, cached_verify_costs, parse_k,
+    remember_costs,
+)
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
@@ -37,6 +40,8 @@ from specdecode.models.loading import embedded_model_path, inspect_model, load_m
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
+# what a drafter's cost is measured on (Engine.draft_cost): ordinary prose, any drafter's input
+CALIBRATION_TEXT = "Explain in a few paragraphs how a bicycle stays upright while it moves, and why it falls when it stops."
 # --dtype -> compute (activation) dtype. int8/int4 are weight-only quantized native models
 # computing in bf16 (PyTorch's int8/int4 CPU kernels are fast for bf16 activations only).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
@@ -149,6 +154,7 @@ class Engine:
         self.load_report: memory.LoadReport | None = None  # set by Engine.load
         self.source: str | None = None  # the target's file or folder (None: embedded or built by hand)
         self._costs: CostTable | None = None
+        self._draft_costs: dict[object, DraftCost] = {}
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -265,9 +271,13 @@ class Engine:
                 "shorten the prompt or raise --max-context"
             )
         chosen = self.drafter(drafter, draft)
+        policy: int | str | KPolicy = k
         if k == "auto" and chosen is not None:
-            self.cost_table()
-        return TextStream(self, prompt_ids, config, chosen, k)
+            costs = self.cost_table()
+            if seed is not None and not sampling.greedy:  # same seed, same text: k may not follow the clock
+                spec = (drafter, draft) if isinstance(drafter, str) else chosen
+                policy = AutoK(costs, draft_cost=self.draft_cost(spec, chosen))
+        return TextStream(self, prompt_ids, config, chosen, policy)
 
     def cost_table(self) -> CostTable:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
@@ -277,6 +287,32 @@ class Engine:
             self._costs = cached_verify_costs(self.model, source)
             remember_costs(self.model, self._costs)
         return self._costs
+
+    def draft_cost(self, spec: object, drafter: Drafter) -> DraftCost:
+        """The drafter's seconds per call as a + b k, measured once (two short greedy runs on a
+        fixed text, k = 1 and k = 8) and remembered per drafter spec, on disk for named ones."""
+        if spec not in self._draft_costs:
+            measure = lambda: self._measure_draft_cost(drafter)  # noqa: E731
+            if isinstance(spec, tuple):
+                source = self.source if self.source is not None else str(embedded_model_path())
+                self._draft_costs[spec] = cached_draft_cost(self.model, source, json.dumps(spec), measure)
+            else:
+                self._draft_costs[spec] = measure()
+        return self._draft_costs[spec]
+
+    def _measure_draft_cost(self, drafter: Drafter) -> DraftCost:
+        prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": CALIBRATION_TEXT}])
+        room = self.max_context - len(prompt) - 1
+        if room < 2:
+            return DraftCost(0.0, 0.0)  # a context too short to measure in: drafts taken as free
+        per_call = {}
+        for k, new in ((1, 8), (1, 48), (DEFAULT_K_MAX, 48)):  # the first run warms the drafter up
+            stats = SpecStats()
+            config = GenerationConfig(min(new, room), (), True, SamplingParams())
+            for _ in decode(self.model, self.cache, prompt, config, drafter, k, stats=stats):
+                pass
+            per_call[k] = stats.draft_seconds / max(1, stats.verify_steps)
+        return DraftCost.from_two(1, per_call[1], DEFAULT_K_MAX, per_call[DEFAULT_K_MAX])
 
     def generate(self, prompt: Prompt, **kwargs: object) -> Generation:
         stream = self.stream(prompt, **kwargs)  # type: ignore[arg-type]
@@ -290,7 +326,7 @@ class TextStream:
     """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
-                 k: int | str):
+                 k: int | str | KPolicy):
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
         self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None

@@ -21,8 +21,11 @@ from specdecode.cost_model import (
 )
 from specdecode.decoding import decode
 from specdecode.drafters.factory import build_drafter
+from specdecode.engine import Engine
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
+from specdecode.models.loading import embedded_model_path
+from specdecode.tokenizer import Tokenizer
 
 FLAT = CostTable(tuple(1.0 + 0.02 * t for t in range(9)))  # verification nearly free
 STEEP = CostTable(tuple(1.0 + 0.5 * t for t in range(9)))  # each row half a step
@@ -141,3 +144,24 @@ def test_the_call_after_idle_steps_is_not_charged_as_drafting_cost():
     before = policy.draft_seconds(1)
     policy.observe(1, 1, 1, 5.0)  # slow: it caught up on 8 steps
     assert policy.draft_seconds(1) == before
+
+
+def test_a_seeded_sampled_request_with_k_auto_gives_the_same_text_whatever_the_clock(monkeypatch, tmp_path):
+    """k auto follows measured time; with a seed it must not (same seed, same text): the
+    drafter's cost is measured once and kept, so a clock that jumps around changes nothing."""
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path))
+    tokenizer = Tokenizer.from_gguf(embedded_model_path())
+    model = random_model(tiny_config(vocab=tokenizer.vocab_size, max_position_embeddings=512), seed=3, scale=1.0)
+    engine = Engine(model, tokenizer)
+    jitter = random.Random(0)
+    now = [0.0]
+
+    def jumpy() -> float:  # each reading 0-20 ms after the last: drafting looks cheap or dear at random
+        now[0] += jitter.uniform(0.0, 0.02)
+        return now[0]
+
+    monkeypatch.setattr("specdecode.decoding.time.perf_counter", jumpy)
+    runs = [engine.generate("Count to ten.", drafter="layerskip:2", temperature=1.0, seed=7, max_new_tokens=48,
+                            ignore_eos=True) for _ in range(3)]
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
+    assert runs[0].stats.k_policy == "auto" and len(runs[0].token_ids) == 48
