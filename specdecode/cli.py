@@ -48,7 +48,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default=None,
                    help="draft length: auto (default: each step the k that maximises expected tokens per second "
                         "from the target's measured step costs), heuristic (+2 after a full accept, -1 otherwise), "
-                        "or a fixed number"),
+                        "confidence[:T] (up to 8, stop after a draft token below probability T, default 0.4; "
+                        "model-type drafters), or a fixed number"),
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=_integer, default=0)
@@ -60,7 +61,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_k(text: str | None, drafter: str | None) -> int | str:
-    """--k as given (None = auto), checked: a number >= 1, 'auto' or 'heuristic'."""
+    """--k as given (None = auto), checked: a number >= 1, 'auto', 'heuristic' or 'confidence[:T]'."""
     from specdecode.cost_model import parse_k
 
     if text is None:
@@ -73,7 +74,7 @@ def resolve_k(text: str | None, drafter: str | None) -> int | str:
 
 
 def max_draft(k: int | str) -> int:
-    """The longest draft a --k value can ask for (auto and heuristic: the cost table's k_max)."""
+    """The longest draft a --k value can ask for (auto, heuristic, confidence: the cost table's k_max)."""
     from specdecode.cost_model import DEFAULT_K_MAX
 
     return k if isinstance(k, int) else DEFAULT_K_MAX

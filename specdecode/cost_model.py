@@ -10,8 +10,10 @@ maximises E(k) / cost(k) every step (Leviathan et al. 2023, section 3.3, with me
 costs instead of a constant ratio); k = 0 is a plain autoregressive step, for drafts that do
 not pay. Every step stays exact whatever k is chosen: k depends only on the past.
 
-The alternatives the bench sets beside it: `FixedK` (k every step) and `HeuristicK`
-(transformers' "heuristic" schedule: +2 after a fully accepted draft, -1 otherwise).
+The alternatives the bench sets beside it: `FixedK` (k every step), `HeuristicK`
+(transformers' "heuristic" schedule: +2 after a fully accepted draft, -1 otherwise) and
+`ConfidenceK` (transformers' `assistant_confidence_threshold`: draft up to k_max tokens, stop
+after the first whose draft probability is below t; drafters that score their drafts only).
 
 verify(T) comes from `measure_verify_costs` (a few hundred forwards, well under a second on
 the embedded model), cached per model file and machine by `cached_verify_costs`. The
@@ -119,6 +121,25 @@ class HeuristicK:
         if drafted == 0:
             return
         self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, self.k - 1)
+
+
+CONFIDENCE_DEFAULT = 0.4  # transformers' default assistant_confidence_threshold
+
+
+class ConfidenceK:
+    """Ask for up to k_max tokens every step; the drafter stops after the first token whose
+    draft probability is below `stop_below` (the decoding loop passes it to `propose`)."""
+
+    def __init__(self, threshold: float = CONFIDENCE_DEFAULT, k_max: int = 8) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise UserError(f"--k confidence:T needs 0 < T < 1 (a draft probability), got {threshold}")
+        self.stop_below, self.k_max, self.name = threshold, k_max, f"confidence:{threshold:g}"
+
+    def choose(self, budget: int) -> int:
+        return min(self.k_max, budget)
+
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+        pass
 
 
 class AutoK:
@@ -229,23 +250,37 @@ def make_policy(k: "int | str | KPolicy", costs: CostTable | None = None, k_max:
             return AutoK(costs, k_max)
         if k == "heuristic":
             return HeuristicK()
+        if k.startswith("confidence"):
+            return ConfidenceK(_threshold(k), DEFAULT_K_MAX if k_max is None else k_max)
         try:
             return FixedK(int(k))
         except ValueError:
-            raise UserError(f"--k must be a number >= 1, 'auto' or 'heuristic', got '{k}'") from None
+            raise UserError(f"--k must be a number >= 1, 'auto', 'heuristic' or 'confidence[:T]', got '{k}'") from None
     if isinstance(k, int):
         return FixedK(k)
     return k
 
 
+def _threshold(text: str) -> float:
+    """'confidence' -> 0.4, 'confidence:0.3' -> 0.3."""
+    _, _, value = text.partition(":")
+    try:
+        return float(value) if value else CONFIDENCE_DEFAULT
+    except ValueError:
+        raise UserError(f"--k confidence:T needs a probability T, e.g. confidence:0.4; got '{text}'") from None
+
+
 def parse_k(text: str) -> int | str:
-    """A --k value: 'auto', 'heuristic' or an integer >= 1 (one-line error otherwise)."""
+    """A --k value: 'auto', 'heuristic', 'confidence[:T]' (normalised to 'confidence:T') or an
+    integer >= 1 (one-line error otherwise)."""
     if text in ("auto", "heuristic"):
         return text
+    if text.startswith("confidence"):
+        return ConfidenceK(_threshold(text)).name
     try:
         value = int(text)
     except ValueError:
-        raise UserError(f"--k must be a number >= 1, 'auto' or 'heuristic', got '{text}'") from None
+        raise UserError(f"--k must be a number >= 1, 'auto', 'heuristic' or 'confidence[:T]', got '{text}'") from None
     if value < 1:
         raise UserError(f"--k (draft length) must be >= 1 (or 'auto'), got {value}")
     return value

@@ -39,14 +39,20 @@ def decode(
     EOS ends the generation and is not yielded.
 
     k: tokens to draft each step (a number), 'auto' (the k that maximises expected tokens per
-    second from the target's measured step costs, see cost_model.py), 'heuristic', or a
-    KPolicy object (which then learns from this request).
+    second from the target's measured step costs, see cost_model.py), 'heuristic',
+    'confidence:T' (drafters that score their drafts stop after a token below probability T),
+    or a KPolicy object (which then learns from this request).
     """
     if not prompt_ids:
         raise UserError("the prompt is empty: give some text to continue")
     if isinstance(k, int) and k < 1 and drafter is not None:
         raise UserError(f"k (draft length) must be >= 1, got {k}")
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
+    stop_below = getattr(policy, "stop_below", 0.0)
+    if stop_below and not getattr(drafter, "scores_drafts", False):
+        raise UserError(f"--k confidence stops drafts by the drafter's own probabilities, which "
+                        f"'{getattr(drafter, 'name', drafter)}' does not have: use a model drafter "
+                        "(model, layerskip, quantized, distill, eagle, medusa) or another --k")
     room = cache.max_length - len(prompt_ids)
     if room < 1:
         raise UserError(
@@ -83,7 +89,10 @@ def decode(
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
-                draft = drafter.propose(tokens, budget, sampling, generator)
+                if stop_below:
+                    draft = drafter.propose(tokens, budget, sampling, generator, stop_below=stop_below)  # type: ignore[call-arg]
+                else:
+                    draft = drafter.propose(tokens, budget, sampling, generator)
                 if len(draft.tokens) > budget:
                     draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
             t1 = time.perf_counter()

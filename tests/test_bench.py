@@ -312,19 +312,22 @@ def test_bench_end_to_end(hf_folders, prompt_file, tmp_path, capsys):
 
 def test_bench_sampling_run(hf_folders, prompt_file, tmp_path, capsys):
     target, _ = hf_folders
-    rc = main(["bench", "--target", str(target), "--prompts", str(prompt_file), "--drafters", "ngram,hf",
-               "--k", "2", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3", "--limit", "1",
+    rc = main(["bench", "--target", str(target), "--prompts", str(prompt_file), "--drafters", "ngram,layerskip:1,hf",
+               "--k", "2,confidence:0.5", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3", "--limit", "1",
                "--no-progress", "--no-plots", "--threads", "1", "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["sampling"]["temperature"] == 0.8
+    labels = [m["label"] for m in doc["methods"]]
+    assert "layerskip:1 k=confidence:0.5" in labels and "ngram k=confidence:0.5" not in labels
+    assert any("ngram k=confidence:0.5 skipped" in note for note in doc["notes"])
     assert all(r["matches_ar"] is None for r in doc["measurements"])  # identity means nothing when sampling
     assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--drafters", "ngram,warp"], "unknown method 'warp'"),
-    (["--k", "0,2"], "--k values must be >= 1"),
+    (["--k", "0,2"], "numbers >= 1"),
     (["--k", "two"], "draft lengths separated by commas"),
     (["--drafters", "ngram,model"], "need(s) a draft model: pass --draft"),
 ])

@@ -94,12 +94,14 @@ def test_heuristic_schedule_by_hand():
     assert h.choose(100) == 1
 
 
-@pytest.mark.parametrize("text, want", [("auto", "auto"), ("heuristic", "heuristic"), ("3", 3)])
+@pytest.mark.parametrize("text, want", [("auto", "auto"), ("heuristic", "heuristic"), ("3", 3),
+                                        ("confidence", "confidence:0.4"), ("confidence:0.25", "confidence:0.25")])
 def test_parse_k(text, want):
     assert parse_k(text) == want
 
 
-@pytest.mark.parametrize("text, words", [("0", "must be >= 1"), ("-2", "must be >= 1"), ("fast", "auto")])
+@pytest.mark.parametrize("text, words", [("0", "must be >= 1"), ("-2", "must be >= 1"), ("fast", "auto"),
+                                         ("confidence:1.5", "0 < T < 1"), ("confidence:x", "a probability")])
 def test_bad_k_is_a_user_error(text, words):
     with pytest.raises(UserError, match=words):
         parse_k(text)
@@ -117,12 +119,32 @@ def test_auto_and_fixed_k_give_the_same_greedy_text_and_report_k():
     cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
     prompt = [5, 6, 7, 8, 5, 6, 7, 8]
     runs = {}
-    for k in (4, "auto", "heuristic"):
+    for k in (4, "auto", "heuristic", "confidence:0.5"):
         stats = SpecStats()
         runs[k] = [t for step in decode(target, target.new_cache(), prompt, cfg, drafter, k, stats=stats) for t in step]
         assert sum(stats.k_chosen.values()) == stats.verify_steps and stats.k_policy is not None
     ar = [t for step in decode(target, target.new_cache(), prompt, cfg) for t in step]
-    assert runs[4] == runs["auto"] == runs["heuristic"] == ar
+    assert runs[4] == runs["auto"] == runs["heuristic"] == runs["confidence:0.5"] == ar
+
+
+def test_a_confidence_threshold_cuts_drafts_after_an_unsure_token():
+    target = random_model(tiny_config("llama"), seed=10)
+    drafter = build_drafter("layerskip:2", target)
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    per_step = {}
+    for t in (0.01, 0.9999):
+        stats = SpecStats()
+        for _ in decode(target, target.new_cache(), [5, 6, 7, 8], cfg, drafter, f"confidence:{t}", stats=stats):
+            pass
+        per_step[t] = stats.drafted / stats.verify_steps
+    assert per_step[0.01] > 6 and per_step[0.9999] < 2  # (k_max 8; the budget cuts the last steps)
+
+
+def test_confidence_needs_a_drafter_that_scores_its_drafts():
+    target = random_model(tiny_config("llama"), seed=10)
+    with pytest.raises(UserError, match="model drafter"):
+        list(decode(target, target.new_cache(), [5, 6, 7], GenerationConfig(max_new_tokens=8),
+                    build_drafter("ngram", target), "confidence"))
 
 
 def test_draft_cost_is_fitted_as_a_per_call_part_plus_a_per_token_part():

@@ -52,10 +52,12 @@ def pair(request):
     return target, draft
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto", "heuristic"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto", "heuristic", "confidence:0.4"])
 @pytest.mark.parametrize("spec", ["model", "ngram", "ngram:2-4", "layerskip:1", "layerskip:3"])
 def test_greedy_spec_equals_autoregressive(pair, spec, k):
     target, draft = pair
+    if str(k).startswith("confidence") and spec.startswith("ngram"):
+        pytest.skip("n-grams have no draft probabilities (test_cost_model checks the error)")
     drafter = build_drafter(spec, target, draft)
     for prompt in PROMPTS:
         assert run(target, prompt, drafter, k) == run(target, prompt)

@@ -176,10 +176,10 @@ def exact_distributions(target, prompt, sampling):
     return joint23, marg4
 
 
-def loop_pvalues(target, draft, sampling, draws=8_000, k=2):
+def loop_pvalues(target, draft, sampling, draws=8_000, k=2, drafter_class=DraftModelDrafter):
     prompt = [1, 2]
     cfg = GenerationConfig(max_new_tokens=4, ignore_eos=True, sampling=sampling)
-    drafter = DraftModelDrafter(draft, SMALL_V, max_length=16)
+    drafter = drafter_class(draft, SMALL_V, max_length=16)
     cache = target.new_cache(16)
     g = make_generator(1234)
     c23 = torch.zeros(SMALL_V, SMALL_V)
@@ -226,4 +226,23 @@ def test_speculative_loop_with_adaptive_k_matches_target_distribution(small_pair
     policy = _RecordingHeuristicK()
     p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=5_000, k=policy)
     assert {1, 2} <= policy.seen  # (4 new tokens: after the first, at most 2 drafts fit)
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+
+
+class _LengthRecorder(DraftModelDrafter):
+    lengths: set[int] = set()
+
+    def propose(self, tokens, k, sampling, generator, stop_below=0.0):
+        draft = super().propose(tokens, k, sampling, generator, stop_below=stop_below)
+        self.lengths.add(len(draft.tokens))
+        return draft
+
+
+def test_speculative_loop_with_a_confidence_stop_matches_target_distribution(small_pair):
+    """--k confidence: a draft ends after a token drawn with q(x) below T, so where it stops
+    depends on the drafted token itself; the output must still be exactly the target's."""
+    _LengthRecorder.lengths = set()  # (one drafter per call of loop_pvalues: a class-wide record)
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=5_000, k=f"confidence:{1.0 / SMALL_V:.4f}",
+                           drafter_class=_LengthRecorder)
+    assert {1, 2} <= _LengthRecorder.lengths  # stopped early, and not
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)

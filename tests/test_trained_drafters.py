@@ -77,7 +77,7 @@ def target(request):
     return random_model(tiny_config(request.param, **extra), seed=10)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, "auto"])
+@pytest.mark.parametrize("k", [1, 2, 4, "auto", "confidence:0.3"])
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_greedy_equals_autoregressive(target, kind, k):
     drafter = MAKERS[kind](target)

@@ -106,8 +106,9 @@ class _StepRecorder:
         self.rejections = 0
         self.inner.begin(prompt_ids)
 
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
-        return self.inner.propose(tokens, k, sampling, generator)
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                **options: float) -> Draft:
+        return self.inner.propose(tokens, k, sampling, generator, **options)  # (stop_below: --k confidence)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         if result.num_accepted < len(draft.tokens):

@@ -77,19 +77,17 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 
 def parse_ks(text: str) -> tuple[int | str, ...]:
-    """--k for the bench: draft lengths and/or 'auto' / 'heuristic', separated by commas."""
+    """--k for the bench: draft lengths and/or 'auto' / 'heuristic' / 'confidence[:T]',
+    separated by commas."""
+    from specdecode.cost_model import parse_k
+
     ks: list[int | str] = []
     for part in (x.strip() for x in text.split(",")):
-        if part in ("auto", "heuristic"):
-            ks.append(part)
-            continue
         try:
-            ks.append(int(part))
-        except ValueError:
-            raise UserError(f"--k takes draft lengths separated by commas (numbers, auto or heuristic), "
-                            f"e.g. 1,2,4,auto; got '{text}'") from None
-    if not ks or min((k for k in ks if isinstance(k, int)), default=1) < 1:
-        raise UserError(f"--k values must be >= 1, got '{text}'")
+            ks.append(parse_k(part))
+        except UserError:
+            raise UserError(f"--k takes draft lengths separated by commas (numbers >= 1, auto, heuristic or "
+                            f"confidence[:T]), e.g. 1,2,4,auto; got '{text}'") from None
     return tuple(dict.fromkeys(ks))
 
 
@@ -188,7 +186,12 @@ class Lab:
                 ks = [None] if name == "hf" else config.fixed_ks
                 methods += [HFMethod(model, name, k, assistant) for k in ks]
             else:
-                methods += [SpecdecodeMethod(self.engine, name, k, self.draft_path) for k in config.ks]
+                for k in config.ks:
+                    if str(k).startswith("confidence") and name != "none" and not getattr(
+                            self.engine.drafter(name, self.draft_path), "scores_drafts", False):
+                        _note(notes, f"{name} k={k} skipped: {name} has no draft probabilities to stop on")
+                        continue
+                    methods.append(SpecdecodeMethod(self.engine, name, k, self.draft_path))
         labels = [m.label for m in methods]
         if len(set(labels)) != len(labels):
             raise UserError(f"--drafters lists a method twice: {', '.join(labels)}")

@@ -33,6 +33,19 @@ class Drafter(Protocol):
         """The target kept `result.num_accepted` of the draft (for adaptive drafters)."""
 
 
+# Drafters that score their drafts set `scores_drafts = True` and take a keyword argument
+# `propose(..., stop_below=t)`: stop after the first drafted token whose draft probability
+# (`draft_probability`) is below t (`--k confidence:t`, transformers' assistant_confidence_threshold).
+
+
+def draft_probability(logits: torch.Tensor, token: int, q: torch.Tensor | None) -> float:
+    """How sure the drafter was of the token it drafted (--k confidence): q[token] when it
+    sampled from q, else the top probability of its logits (greedy: the token is the argmax)."""
+    if q is not None:
+        return float(q[token])
+    return float(torch.softmax(logits.float(), -1).max())
+
+
 def wants_hidden(drafter: Drafter | None) -> bool:
     """Drafters that read the target's features (EAGLE, Medusa) define
     `observe_hidden(hidden [n, H])`: the decoding loop then hands over the final-norm hidden

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft
+from specdecode.drafters.base import Draft, draft_probability
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.sampling import logits_to_probs, sample
@@ -17,6 +17,7 @@ from specdecode.verify import VerifyResult
 
 
 class DraftModelDrafter:
+    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model", max_length: int | None = None) -> None:
         if model.config.vocab_size != target_vocab_size:
             raise UserError(
@@ -45,7 +46,9 @@ class DraftModelDrafter:
         del self.cached_ids[common:]
         return tokens[common:]
 
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
+        """stop_below: stop after a token drawn with probability below it (--k confidence)."""
         k = min(k, self.cache.max_length - len(tokens))
         if k <= 0:
             return Draft([])
@@ -63,6 +66,8 @@ class DraftModelDrafter:
                 probs.append(q[0])
             drafted.append(token)
             feed = [token]
+            if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
+                break
         return Draft(drafted, torch.stack(probs) if probs else None)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:

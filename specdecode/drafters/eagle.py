@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft
+from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.trained import (
     Block,
     RMSNorm,
@@ -122,6 +122,7 @@ class EagleHead(nn.Module):
 
 
 class EagleDrafter:
+    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
     """Chain drafting with an EAGLE head. The decoding loop passes the target's hidden states
     of committed tokens through `observe_hidden`; without them (another loop) the drafter
     computes them itself (TargetFeatures)."""
@@ -170,7 +171,8 @@ class EagleDrafter:
         pass
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
         n = len(tokens) - 1  # the newest token t_n has no feature yet
         k = min(k, self.max_length - len(tokens))
         if k <= 0 or n < 1:
@@ -199,6 +201,8 @@ class EagleDrafter:
                 token = int(sample(q, generator)[0])
                 probs.append(q[0])
             drafted.append(token)
+            if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
+                break
             if step + 1 < k:
                 pos = torch.tensor([n + step])
                 h = self.head(h.unsqueeze(0), self.embed[[token]].unsqueeze(0), pos, self.cache)[:, -1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft
+from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
@@ -57,6 +57,7 @@ class MedusaHeads(nn.Module):
 
 
 class MedusaDrafter:
+    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
     def __init__(
         self,
         target: LlamaModel,
@@ -93,7 +94,8 @@ class MedusaDrafter:
         pass
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
         k = min(k, self.heads.config.num_heads, self.max_length - len(tokens))
         if k <= 0 or len(tokens) < 2:
             return Draft([])
@@ -101,9 +103,15 @@ class MedusaDrafter:
         feats = self.heads(last)[:k]  # [k, H]
         logits = self.draft_head.logits(feats)  # [k, Vd]
         if sampling.greedy:
-            return Draft([self.draft_head.token(int(i)) for i in logits.argmax(-1)])
-        q = logits_to_probs(self.draft_head.to_full(logits), sampling)  # [k, V]
-        return Draft(sample(q, generator).tolist(), q)
+            draft = Draft([self.draft_head.token(int(i)) for i in logits.argmax(-1)])
+        else:
+            q = logits_to_probs(self.draft_head.to_full(logits), sampling)  # [k, V]
+            draft = Draft(sample(q, generator).tolist(), q)
+        if stop_below:  # the heads ran together; keep up to the first unsure one
+            for i, token in enumerate(draft.tokens):
+                if draft_probability(logits[i], token, None if draft.probs is None else draft.probs[i]) < stop_below:
+                    return Draft(draft.tokens[: i + 1], None if draft.probs is None else draft.probs[: i + 1])
+        return draft
 
 
 def save_medusa(path: Path, heads: MedusaHeads, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:

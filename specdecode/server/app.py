@@ -30,7 +30,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     drafter: str | None = None  # extension: override the server's drafter
-    k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic")
+    k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic", "confidence:T")
 
 
 class CompletionRequest(_Request):

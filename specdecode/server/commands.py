@@ -14,7 +14,7 @@ def register(sub: Any) -> None:
     add_model_args(p)
     p.add_argument("--drafter", default="ngram", help="default drafter (requests may override with 'drafter')")
     p.add_argument("--draft", default=None, help="draft model for --drafter model")
-    p.add_argument("--k", default=None, help="default draft length: auto (default), heuristic or a number "
+    p.add_argument("--k", default=None, help="default draft length: auto (default), heuristic, confidence[:T] or a number "
                                             "(requests may override with 'k')")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
