@@ -115,6 +115,41 @@ def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
         assert torch.equal(torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, torch.tensor(past + t))[0], out[t])
 
 
+@ours
+def test_glue_ops_compute_the_formulas_row_by_row():
+    """rms_norm, rope_attend (RoPE + cache write + attention) and silu_mul: what the ATen ops
+    compute (up to bf16 rounding), and a row's result does not depend on the other rows."""
+    g = torch.Generator().manual_seed(7)
+    ops = torch.ops.specdecode
+    x, w = torch.randn(5, 96, generator=g) * 3, torch.rand(96, generator=g) + 0.5
+    y = ops.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(y.float(), torch.nn.functional.rms_norm(x, (96,), w, 1e-5), atol=2e-2, rtol=1e-2)
+    assert torch.equal(ops.rms_norm(x[2:3], w, 1e-5)[0], y[2])
+
+    gu = (torch.randn(4, 2 * 48, generator=g) * 4).bfloat16()
+    z = ops.silu_mul(gu)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(z, torch.nn.functional.silu(gate) * up)  # (bitwise, as measured on 65k values)
+    assert torch.equal(ops.silu_mul(gu[1:2])[0], z[1])
+
+    T, H, Hkv, D, past, L, layers = 3, 4, 2, 32, 7, 16, 2
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).bfloat16()
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    rope = torch.stack((angles.cos(), angles.sin()), -1)  # [T, D/2, 2]
+    ck, cv = (torch.randn(layers, 1, Hkv, L, D, generator=g).bfloat16() for _ in range(2))
+    ck2, cv2 = ck.clone(), cv.clone()
+    out = ops.rope_attend(qkv, rope, ck, cv, 1, past, H)
+    pairs = torch.view_as_complex(qkv[:, : (H + Hkv) * D].float().view(T, H + Hkv, D // 2, 2).contiguous())
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None]).view(T, H + Hkv, D).bfloat16()
+    assert torch.equal(ck[1, 0, :, past : past + T], rotated[:, H:].transpose(0, 1))
+    assert torch.equal(cv[1, 0, :, past : past + T], qkv[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1))
+    assert torch.equal(ck[0], ck2[0]) and torch.equal(ck[1, 0, :, :past], ck2[1, 0, :, :past])  # nothing else moved
+    ref = torch.ops.specdecode.attend_rows(rotated[:, :H], ck[1, 0], cv[1, 0], torch.tensor(past))
+    assert torch.equal(out, ref)
+    one = ops.rope_attend(qkv[:1], rope[:1], ck2, cv2, 1, past, H)  # the first row alone
+    assert torch.equal(one[0], out[0])
+
+
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab=128)
 
 

@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -437,6 +438,21 @@ SD_TARGET void attend_one(const at::BFloat16* q, const at::BFloat16* k, const at
     _mm256_storeu_si256((__m256i*)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], vinv)));
 }
 
+// Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
+// bf16, head stride hs, slots [0, past + t + 1)); out [T, H * D] bf16.
+void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
+                  const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(past + T + 16);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / H, h = i % H, kv = h / group;
+      attend_one(qp + t * qs + h * D, kp + kv * hs, vp + kv * hs, past + t + 1, D, D, scale, scores.data(),
+                 op + t * H * D + h * D);
+    }
+  });
+}
+
 // q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
 // layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16. `past` comes as a
 // 0-d int64 tensor: a plain int would be a constant in a torch.compile graph (one graph each step).
@@ -452,23 +468,117 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                   v.stride(1) == D && k.stride(0) == v.stride(0),
               "specdecode attend_rows: unexpected strides");
   TORCH_CHECK(past + T <= k.size(1), "specdecode attend_rows: cache too short");
-  const int64_t group = H / Hkv;
   at::Tensor out = at::empty({T, H * D}, q.options());
-  const auto* qp = q.data_ptr<at::BFloat16>();
-  const auto* kp = k.data_ptr<at::BFloat16>();
-  const auto* vp = v.data_ptr<at::BFloat16>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  const float scale = 1.0f / std::sqrt((float)D);
-  const int64_t qs = q.stride(0), hs = k.stride(0);
-  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(past + T + 16);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / H, h = i % H, kv = h / group;
-      attend_one(qp + t * qs + h * D, kp + kv * hs, vp + kv * hs, past + t + 1, D, D, scale, scores.data(),
-                 op + t * H * D + h * D);
-    }
-  });
+  attend_block(q.data_ptr<at::BFloat16>(), q.stride(0), T, H, D, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
+               k.stride(0), past, H / Hkv, out.data_ptr<at::BFloat16>());
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The glue between a step's matmuls, one call each instead of a dozen small ATen ops (a decode
+// step of the 30-layer embedded model ran ~4,000 of them, a quarter of its time). Each row is
+// computed on its own in a fixed order: batch invariant like the matmuls. Eager path only (no
+// fakes: torch.compile keeps the ATen ops, which it fuses itself).
+
+SD_TARGET inline void store_bf16x16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
+}
+
+// y[t] = bf16(x[t] * rsqrt(mean(x[t]^2) + eps) * w): x the fp32 residual stream [T, H], w [H].
+SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "specdecode rms_norm: x must be [T, H] fp32");
+  const at::Tensor x = x_in.contiguous(), w = w_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.numel() == H && H % 16 == 0, "specdecode rms_norm: weight [H], H a multiple of 16");
+  at::Tensor y = at::empty({T, H}, x.options().dtype(at::kBFloat16));
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = xp + t * H;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __m512 v = _mm512_loadu_ps(r + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const __m512 s = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)H + (float)eps));
+    for (int64_t i = 0; i < H; i += 16)
+      store_bf16x16(yp + t * H + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r + i), s), _mm512_loadu_ps(wp + i)));
+  }
+  return y;
+}
+
+// One layer's attention for T new tokens after `past` cached ones: rotate the q and k heads of
+// qkv [T, (H + 2 Hkv) D] bf16 (RoPE on pairs (2j, 2j+1): the q/k rows are stored in pair order;
+// rope [T, D/2, 2] fp32 cos/sin; each product in fp32, rounded to bf16), write k and v into the
+// cache (cache_k/v [layers, 1, Hkv, L, D] bf16) at slots past..past+T-1, then attend row by row
+// as attend_rows. Returns [T, H * D] bf16.
+SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
+                                 at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads) {
+  const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16, "specdecode rope_attend: qkv must be [T, n] bf16");
+  TORCH_CHECK(cache_k.dim() == 5 && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kBFloat16 &&
+                  cache_v.scalar_type() == at::kBFloat16 && cache_k.strides() == cache_v.strides(),
+              "specdecode rope_attend: caches must be [layers, 1, Hkv, L, D] bf16 alike");
+  const int64_t T = qkv.size(0), Hkv = cache_k.size(2), L = cache_k.size(3), D = cache_k.size(4), H = n_heads;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && D % 16 == 0 && D <= 256 && H % Hkv == 0,
+              "specdecode rope_attend: qkv has ", qkv.size(1), " columns, expected (H + 2 Hkv) * D");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == T * D, "specdecode rope_attend: rope must be [T, D/2, 2] fp32");
+  TORCH_CHECK(cache_k.stride(4) == 1 && cache_k.stride(3) == D && layer >= 0 && layer < cache_k.size(0) && past + T <= L,
+              "specdecode rope_attend: bad cache layout, layer or length");
+  const int64_t hs = cache_k.stride(2), ls = cache_k.stride(0), width = qkv.size(1);
+  at::Tensor q = at::empty({T, H, D}, qkv.options());
+  const auto* src = qkv.data_ptr<at::BFloat16>();
+  const float* cs = rope.data_ptr<float>();
+  auto* qp = q.data_ptr<at::BFloat16>();
+  auto* kl = cache_k.data_ptr<at::BFloat16>() + layer * ls;
+  auto* vl = cache_v.data_ptr<at::BFloat16>() + layer * ls;
+  for (int64_t t = 0; t < T; ++t) {
+    const at::BFloat16* row = src + t * width;
+    const float* r = cs + t * D;  // (cos, sin) of pair j at r[2j], r[2j+1]
+    for (int64_t h = 0; h < H + Hkv; ++h) {
+      const at::BFloat16* x = row + h * D;
+      at::BFloat16* y = h < H ? qp + (t * H + h) * D : kl + (h - H) * hs + (past + t) * D;
+      for (int64_t j = 0; j < D / 2; ++j) {
+        const float a = x[2 * j], b = x[2 * j + 1], c = r[2 * j], s = r[2 * j + 1];
+        y[2 * j] = at::BFloat16(a * c - b * s);
+        y[2 * j + 1] = at::BFloat16(a * s + b * c);
+      }
+    }
+    for (int64_t h = 0; h < Hkv; ++h)
+      std::memcpy(vl + h * hs + (past + t) * D, row + (H + Hkv + h) * D, D * sizeof(at::BFloat16));
+  }
+  at::Tensor out = at::empty({T, H * D}, qkv.options());
+  attend_block(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+// gate_up [T, 2F] bf16 = [gate | up] -> bf16(bf16(silu(gate)) * up), what F.silu(gate) * up
+// gives in bf16 (silu in fp32 with a sigmoid from exp(-|g|) <= 1, rounded, then the product).
+SD_TARGET at::Tensor silu_mul(const at::Tensor& gate_up_in) {
+  const at::Tensor gu = gate_up_in.contiguous();
+  TORCH_CHECK(gu.dim() == 2 && gu.scalar_type() == at::kBFloat16 && gu.size(1) % 32 == 0,
+              "specdecode silu_mul: gate_up must be [T, 2F] bf16, F a multiple of 16");
+  const int64_t T = gu.size(0), F = gu.size(1) / 2;
+  at::Tensor y = at::empty({T, F}, gu.options());
+  const auto* src = gu.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < F; i += 16) {
+      const __m512 g = bf16x16_to_ps(src + t * 2 * F + i);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_and_ps(g, absmask)));  // exp(-|g|)
+      const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+      const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 sig = _mm512_mask_mul_ps(inv, neg, e, inv);  // g < 0: e / (1 + e)
+      const __m512 silu = _mm512_mul_ps(g, sig);
+      // round silu to bf16 (as F.silu's bf16 output) before the product
+      const __m512 silu16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(silu)), 16));
+      store_bf16x16(yp + t * F + i, _mm512_mul_ps(silu16, bf16x16_to_ps(src + t * 2 * F + F + i)));
+    }
+  }
+  return y;
 }
 
 }  // namespace
@@ -479,6 +589,9 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int4_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
@@ -487,4 +600,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("int4_linear_vnni", &int4_linear_vnni);
   m.impl("int8_linear_vnni", &int8_linear_vnni);
   m.impl("attend_rows", &attend_rows);
+  m.impl("rms_norm", &rms_norm_bf16);
+  m.impl("rope_attend", &rope_attend);
+  m.impl("silu_mul", &silu_mul);
 }

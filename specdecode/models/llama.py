@@ -486,6 +486,12 @@ class LlamaModel(nn.Module):
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
 
+def _glue_fits(cfg: ModelConfig) -> bool:
+    """Shapes the glue kernels take (specdecode/kernels/qmatmul.cpp: rms_norm, rope_attend,
+    silu_mul): hidden and intermediate sizes in multiples of 16."""
+    return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
+
+
 def cpp_compiler_available() -> bool:
     """Inductor (torch.compile's CPU backend) builds C++ kernels: g++, or the one in $CXX."""
     import os
@@ -587,9 +593,17 @@ def _step(
         heads = torch.arange(n_kv)[:, None]  # [Hkv, 1]
         slots = torch.arange(past, end)[None, :]  # [1, T]
     tapped: dict[int, torch.Tensor] = {}
+    glue = row_kernel and not compiling and _glue_fits(cfg)  # our kernels' norm/RoPE/SiLU: one op each
+    rope_pairs = torch.view_as_real(rope[:, 0]) if glue else None  # [T, D/2, 2] cos, sin
     for li in layer_ids:
         if li in taps:
             tapped[li] = x[t - n_hidden :].to(dtype)
+        if glue:
+            ops = torch.ops.specdecode
+            qkv = w.qkv(ops.rms_norm(x, w.input_norm[li], eps), li)
+            x.add_(w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads), li))
+            x.add_(w.down(ops.silu_mul(w.gate_up(ops.rms_norm(x, w.post_norm[li], eps), li)), li))
+            continue
         qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
         # RoPE on q and k heads at once, as a complex multiply (rows are in pair order).
         pairs = qkv[:, : (n_heads + n_kv) * d].float().view(t, n_heads + n_kv, d // 2, 2)
