@@ -177,7 +177,7 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::T
     int64_t t0 = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       const int rows = (int)((T - t0) / (chunks - c));
-      const int wide = rows <= 2 ? 4 : rows <= 8 ? 2 : 1;
+      const int wide = tiles_for(rows);
       int64_t j = begin;
       auto run = [&](TileFn fn, int64_t tile) {
         fn(wp + tile * tile_bytes, tile_bytes, dp + tile * G * kTile, INT4 ? mp + tile * G * kTile : nullptr,
@@ -253,6 +253,7 @@ SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Hal
     for (int u = 0; u < TILES; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
     const int8_t* xg = xq + g * kGroup;
+#pragma GCC unroll 8  // (rolled, GCC copied every accumulator twice an iteration: -25% at T=9)
     for (int qd = 0; qd < 8; ++qd) {
       for (int u = 0; u < TILES; ++u) {
         if constexpr (INT4) {
@@ -331,7 +332,7 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
     int64_t t0 = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       const int rows = (int)((T - t0) / (chunks - c));
-      const int wide = rows <= 2 ? 4 : rows <= 8 ? 2 : 1;
+      const int wide = tiles_for(rows);
       auto run = [&](VnniFn fn, int64_t tile) {
         const int64_t so = tile * G * kTile;
         fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, INT4 ? nullptr : sp + so,
