@@ -160,8 +160,9 @@ def test_every_kernel_path_scores_a_block_as_single_steps(kernel, mode, head_dim
     base = random_model(tiny_config("qwen2", head_dim=head_dim, **QCFG), seed=5)  # qwen2: q/k/v biases too
     model = base.quantized(mode, torch.bfloat16, kernel)
     assert model.kernel == kernel
-    for t in (2, 5, 9, 16):
-        assert_block_scores_as_single_steps(model, list(range(3, 40)), list(range(50, 50 + t)))
+    for t in (2, 5, 9, 16, 24, 40):  # (past 16 rows: our kernels only; ATen's blocks are exact up to 16)
+        if t <= 16 or kernel != "aten":
+            assert_block_scores_as_single_steps(model, list(range(3, 40)), list(range(50, 50 + t)))
 
 
 def test_aten_path_is_kept_for_fp32_activations_and_odd_shapes():

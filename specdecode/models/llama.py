@@ -41,7 +41,8 @@ HEAD_QUANT = {"int8": "int8", "int4": "int8"}
 # Steps with at most this many new tokens run through the compiled step (when compiled);
 # longer ones (prefill) run eagerly, where per-op overhead is amortised over many tokens.
 MAX_COMPILED_TOKENS = 16
-# Verification steps of at most this many tokens attend row by row (see `_step`).
+# Verification steps of at most this many tokens attend row by row (see `_step`); on our
+# kernels' row attention (`specdecode::attend_rows`), every step after a cached prefix does.
 MAX_ROWWISE_TOKENS = 16
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
 # its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
@@ -466,7 +467,9 @@ class LlamaModel(nn.Module):
                          and self._runtimes.has_float_weights)
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         window = self.config.sliding_window
-        row_kernel = (t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None
+        # Our row kernel attends any block after a cached prefix (a verification of any length:
+        # bitwise the rows of single steps); a long prefill into an empty cache takes SDPA.
+        row_kernel = ((t <= MAX_ROWWISE_TOKENS or past > 0) and attn_mask is None and positions is None
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
             mask = None  # every new token attends to the cache and the tokens before it, in our kernel
