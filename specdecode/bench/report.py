@@ -81,6 +81,7 @@ class Figures:
     verify_cost_ratio: float | None  # v
     theoretical_speedup: float | None
     identical_to_ar: float | None  # greedy: share of prompts with the AR loop's exact tokens
+    identical_to_llamacpp: float | None = None  # greedy, llama.cpp columns: share with `llamacpp`'s tokens
     new_tokens: int = 0
     per_prompt_speedup: list[float] = field(default_factory=list)
 
@@ -145,6 +146,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
     if isinstance(first.k, int) and alpha is not None and c is not None:
         theory = theoretical_speedup(alpha, first.k, c)
     matches = [r.matches_ar for r in rows if r.matches_ar is not None]
+    peer_matches = [r.matches_llamacpp for r in rows if r.matches_llamacpp is not None]
     return Figures(
         method=first.method, family=first.family, drafter=first.drafter, k=first.k, category=category,
         prompts=len(rows), tokens_per_second=_median(tokens_per_second(r) for r in rows) or 0.0,
@@ -155,6 +157,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         draft_share=share if first.k is not None else None, cost_ratio=c, verify_cost_ratio=_median(verify_costs),
         theoretical_speedup=theory,
         identical_to_ar=(sum(matches) / len(matches)) if matches else None,
+        identical_to_llamacpp=(sum(peer_matches) / len(peer_matches)) if peer_matches else None,
         new_tokens=new_tokens, per_prompt_speedup=speedups,
     )
 
@@ -230,6 +233,17 @@ def peer_ratios(measurements: Sequence[Measurement], peer: str = PEER) -> dict[s
         ratios[r.method][_prompt_set(r.category)].append(ratio)
         ratios[r.method][ALL].append(ratio)
     return {m: {s: statistics.median(v) for s, v in sets.items()} for m, sets in ratios.items()}
+
+
+def llamacpp_identity_table(summary: dict[str, dict[str, Figures]]) -> str | None:
+    """Greedy: how often each llama.cpp column gave `llamacpp`'s own tokens (None: nothing to show)."""
+    rows = [[f"`{m}`", _pct(c[ALL].identical_to_llamacpp)] for m, c in summary.items()
+            if c[ALL].identical_to_llamacpp is not None and m != PEER]
+    return _table(["method", f"= `{PEER}`"], rows) if rows else None
+
+
+def failed_table(failed: dict[str, str]) -> str:
+    return _table(["method", "failed"], ([f"`{m}`", reason] for m, reason in failed.items()))
 
 
 def peer_table(ratios: dict[str, dict[str, float]]) -> str:
@@ -359,6 +373,17 @@ def render_markdown(
         main_table(summary),
         "",
     ]
+    failed = meta.get("failed")
+    if isinstance(failed, dict) and failed:
+        lines += [
+            "## Failed methods (dropped from the run at that point; other methods went on)",
+            "",
+            failed_table(failed),
+            "",
+        ]
+    identity = llamacpp_identity_table(summary)
+    if identity:
+        lines += [f"## llama.cpp columns: greedy identity with `{PEER}` (same prompts, same run)", "", identity, ""]
     if ratios_to_peer:
         lines += [
             f"## Ratio to `{PEER}` (median of per-prompt tok/s ratios, same prompts, same run)",
