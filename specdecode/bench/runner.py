@@ -210,7 +210,6 @@ class Lab:
             raise UserError(f"--drafters lists a method twice: {', '.join(labels)}")
         return methods
 
-
     def _llamacpp_skip_reason(self, name: str, config: BenchConfig) -> str | None:
         unavailable = importlib.import_module(self.llamacpp_worker).unavailable_reason()
         if unavailable:
