@@ -12,6 +12,7 @@ import io
 import json
 import tarfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from conftest import random_model, tiny_config
 from specdecode.bench import report
 from specdecode.bench.methods import AR, Measurement, Request
-from specdecode.bench.peers import LlamaCppMethod
+from specdecode.bench.llamacpp_worker import HighLevelServer
 from specdecode.bench.prompts import (
     DataFile, fetch_data_file, humaneval_prompts, load_prompts, mtbench_prompts, read_member, user_prompts,
 )
@@ -249,12 +250,13 @@ class FakeLlama:
 
 def test_llamacpp_method_counts_forwards_and_stops(monkeypatch):
     llm = FakeLlama([[5], [6, 7], [2, 9]])
-    method = LlamaCppMethod(llm, "llamacpp", None)
-    out = method.run(Request([1, 2, 3], 10, SamplingParams(), eos_ids=(2,)))
-    assert out.token_ids == [5, 6, 7] and out.target_forwards == 3 and llm.resets == 1
+    server = HighLevelServer(llm, "llamacpp")
+    out = server.run(asdict(Request([1, 2, 3], 10, SamplingParams(), eos_ids=(2,))), None)
+    assert out["token_ids"] == [5, 6, 7] and out["target_forwards"] == 3 and llm.resets == 1
     assert "eval" not in vars(llm)  # the counting wrapper is removed again
-    out = method.run(Request([1], 2, SamplingParams(), eos_ids=(2,)))
-    assert out.token_ids == [5, 6] and out.target_forwards == 2
+    assert 0 <= out["prefill_seconds"] <= out["wall_seconds"]
+    out = server.run(asdict(Request([1], 2, SamplingParams(), eos_ids=(2,))), None)
+    assert out["token_ids"] == [5, 6] and out["target_forwards"] == 2
 
 
 # -- the whole pipeline -------------------------------------------------------------------------------

@@ -211,19 +211,8 @@ def test_auto_keeps_non_native_hf_models_in_their_float_dtype(tmp_path):
 def test_bench_memory_report_records_our_load_and_llamacpps(tiny_files, monkeypatch):
     import specdecode.bench.runner as runner
 
-    held = []
-
-    def fake_llamacpp(gguf, drafter, threads, n_ctx, seed):
-        # 64 MiB of fresh pages, written (resident), as a loaded model would be: an anonymous
-        # mapping, not the heap, which may hold freed memory from earlier tests in this worker
-        import mmap
-
-        block = mmap.mmap(-1, 64 * 2**20)
-        block.write(b"\1" * (64 * 2**20))
-        held.append(block)
-        return object()
-
-    monkeypatch.setattr(runner, "load_llamacpp", fake_llamacpp)
+    # The fake worker's load writes 64 MiB of fresh pages in its child, as a loaded model would.
+    monkeypatch.setattr(runner.Lab, "llamacpp_worker", "peer_worker_fake")
     lab = runner.Lab.load(str(tiny_files["Q4_0"]), max_context=64)
     try:
         lab.llamacpp("llamacpp", 1, 0)
@@ -233,7 +222,8 @@ def test_bench_memory_report_records_our_load_and_llamacpps(tiny_files, monkeypa
     assert report["weight_format"] == "int4" and report["format_reason"] == "auto: Q4_0 weights"
     assert report["gguf_file_bytes"] == tiny_files["Q4_0"].stat().st_size
     assert report["peak_rss_bytes_end"] >= report["rss_after_load_bytes"] > 0
-    assert report["llamacpp"]["llamacpp"]["rss_added_bytes"] >= 32 * 2**20
+    llamacpp = report["llamacpp"]["llamacpp"]
+    assert llamacpp["process"] == "child" and llamacpp["rss_bytes"] >= llamacpp["rss_added_bytes"] >= 32 * 2**20
     assert lab.dtype == "int4"  # transformers peers get the resolved format, not "auto"
 
 

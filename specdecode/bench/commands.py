@@ -21,7 +21,7 @@ from specdecode.cli import add_decoding_args, add_model_args
 from specdecode.errors import UserError
 
 DEFAULTS = dict(limit=None, max_new_tokens=128, k="4", drafters="ngram,layerskip")
-QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,quantized,eagle,hf,hf-lookup,llamacpp,llamacpp-lookup")
+QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,quantized,eagle,hf,hf-lookup,llamacpp,llamacpp-lookup,llamacpp-lowlevel")
 FULL_K = "1,2,3,4,6,8,10,15"
 
 
@@ -52,9 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _add_prompt_args(bench)
     bench.add_argument("--drafters", default=None,
                        help="comma list of ours (ngram[:a-b], layerskip[:N], model, quantized, eagle, medusa, distill) and peers "
-                       "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup); our AR baseline always runs "
+                       "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup, llamacpp-lowlevel, llamacpp-draft; "
+                       "llama.cpp ones run in a child process each); our AR baseline always runs "
                        "(default ngram,layerskip)")
-    bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder)")
+    bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder) and 'llamacpp-draft' (GGUF)")
     bench.add_argument("--k", default=None, help=f"draft lengths to sweep, e.g. {FULL_K} (default 4)")
     _add_sampling_args(bench)
     bench.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128")
@@ -126,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         drafters=parse_methods(args.drafters), ks=parse_ks(args.k), max_new_tokens=args.max_new_tokens,
         sampling=sampling, repeats=args.repeats, ignore_eos=args.ignore_eos, chat=not args.no_chat, threads=threads,
     )
-    needs_draft = [d for d in config.drafters if d.split(":")[0] == "model" or d == "hf-assisted"]
+    needs_draft = [d for d in config.drafters if d.split(":")[0] == "model" or d in ("hf-assisted", "llamacpp-draft")]
     if needs_draft and args.draft is None:
         raise UserError(f"{', '.join(needs_draft)} need(s) a draft model: pass --draft PATH (GGUF file or HF folder)")
     prompts = load_prompts(args.prompt_set, args.prompts, args.limit)
@@ -142,14 +143,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         lab.engine.warm_up(config.longest_draft + 1)
     notes: list[str] = []
+    failed: dict[str, str] = {}  # method label -> why its peer process failed
     try:
-        methods = lab.build_methods(config, notes)
+        methods = lab.build_methods(config, notes, failed)
         with rich_progress(len(prompts) * config.repeats, enabled=not args.no_progress) as progress:
-            measurements = run_bench(lab.engine, prompts, methods, config, progress)
+            measurements = run_bench(lab.engine, prompts, methods, config, progress, failed)
         memory = lab.memory_report()
     finally:
         lab.close()
     weight_format = lab.engine.weight_format
+    notes += [f"{label} FAILED: {reason}" for label, reason in failed.items()]
     notes += _standard_notes(methods, weight_format)
     busy = _busy_note(load_avg, _load_average(), threads)
     if busy:
@@ -168,6 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "num_prompts": len(prompts),
         "categories": list(dict.fromkeys(p.category for p in prompts)),
         "methods": [{"label": m.label, "family": m.family, "drafter": m.drafter, "k": m.k} for m in methods],
+        "failed": failed,
         "kernel": getattr(lab.engine.model, "kernel", None),
         # v(T) = step(T) / step(1), T = 1..9, as `--k auto` saw them (None: no auto run)
         "verify_cost_table": None if "auto" not in config.ks else lab.engine.cost_table().ratios(),

@@ -67,6 +67,7 @@ class Measurement(Outcome):
     prompt_tokens: int = 0
     new_tokens: int = 0
     matches_ar: bool | None = None  # greedy only: same tokens as our AR baseline
+    matches_llamacpp: bool | None = None  # greedy, llama.cpp columns: same tokens as llama.cpp's AR (`llamacpp`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -5,34 +5,34 @@
   (`hf-assisted`, `assistant_model=`, a constant k of `num_assistant_tokens`).
   The model is built from the very state dict specdecode loaded (saved with
   save_hf_folder), so both run the same fp32 (or bf16) weights.
-- llama.cpp through llama-cpp-python, when installed: `llamacpp` (autoregressive) and
-  `llamacpp-lookup` (LlamaPromptLookupDecoding, k = num_pred_tokens). It runs the GGUF
-  file itself, i.e. its quantized weights with llama.cpp's own kernels.
+- llama.cpp through llama-cpp-python, when installed: `llamacpp` (autoregressive),
+  `llamacpp-lookup` (LlamaPromptLookupDecoding, k = num_pred_tokens), `llamacpp-lowlevel`
+  (greedy on the low-level API) and `llamacpp-draft` (speculative with the --draft GGUF).
+  It runs the GGUF file itself, i.e. its quantized weights with llama.cpp's own kernels, in a
+  child process per mode (llamacpp_worker.py), so that a crash there fails that peer only.
 
-Target forwards are counted with a forward pre-hook (transformers) or by wrapping
-`Llama.eval` (llama.cpp), so "forwards per token" is comparable across all columns.
+Target forwards are counted with a forward pre-hook (transformers), by wrapping `Llama.eval`
+or in the low-level loops (llama.cpp), so "forwards per token" is comparable across all columns.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from specdecode.bench import llamacpp_worker
 from specdecode.bench.methods import Outcome, Request
+from specdecode.bench.peer_process import PeerProcess
 from specdecode.errors import UserError
 
 HF_METHODS = ("hf", "hf-lookup", "hf-assisted")
-LLAMACPP_METHODS = ("llamacpp", "llamacpp-lookup")
+LLAMACPP_METHODS = llamacpp_worker.MODES
+LLAMACPP_WITH_K = ("llamacpp-lookup", "llamacpp-draft")  # a column per k; the others run once
 PEER_METHODS = HF_METHODS + LLAMACPP_METHODS
-LLAMACPP_INSTALL = "pip install llama-cpp-python==0.3.36 (compiles llama.cpp: 10+ minutes)"
-
-
-def llamacpp_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 class _Counter:
@@ -128,67 +128,27 @@ class HFMethod:
 
 
 class LlamaCppMethod:
-    """llama.cpp (via llama-cpp-python) on the GGUF file: autoregressive or prompt lookup."""
+    """A llama.cpp column, served by a child process (peer_process.py) running llamacpp_worker.
+
+    Several columns of one mode (llamacpp-lookup and llamacpp-draft at each k) share a child.
+    The child times the generation itself; a crash there raises PeerFailed from `run`.
+    """
 
     family = "llama.cpp"
 
-    def __init__(self, llm: Any, drafter: str, k: int | None) -> None:
+    def __init__(self, process: PeerProcess, drafter: str, k: int | None) -> None:
         if drafter not in LLAMACPP_METHODS:
             raise UserError(f"unknown llama.cpp method '{drafter}': choose one of {', '.join(LLAMACPP_METHODS)}")
-        self.llm, self.drafter = llm, drafter
-        self.k = None if drafter == "llamacpp" else k
-        self.label = drafter if self.k is None else f"{drafter} k={self.k}"
+        self.process, self.drafter = process, drafter
+        self.k = k if drafter in LLAMACPP_WITH_K else None
+        self.label = self.label_for(drafter, self.k)
+
+    @staticmethod
+    def label_for(drafter: str, k: int | str | None) -> str:
+        return drafter if k is None or drafter not in LLAMACPP_WITH_K else f"{drafter} k={k}"
 
     def run(self, request: Request) -> Outcome:
-        llm = self.llm
-        if self.drafter == "llamacpp-lookup":
-            llm.draft_model.num_pred_tokens = self.k  # one Llama per mode, shared across k
-        s = request.sampling
-        counter = _Counter()
-        inner_eval = llm.eval
-
-        def counting_eval(tokens: Any) -> None:
-            counter()
-            inner_eval(tokens)
-
-        llm.eval = counting_eval  # instance attribute: generate() calls self.eval per forward
-        if s.seed is not None:
-            llm.set_seed(s.seed)
-        stop = set() if request.ignore_eos else set(request.eos_ids)
-        tokens: list[int] = []
-        try:
-            llm.reset()  # no prompt-prefix reuse from the previous request: prefill every time
-            start = time.perf_counter()
-            gen = llm.generate(
-                request.prompt_ids, temp=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                repeat_penalty=1.0, reset=True,
-            )
-            for tok in gen:
-                if tok in stop:
-                    break
-                tokens.append(int(tok))
-                if len(tokens) >= request.max_new_tokens:
-                    break
-            gen.close()
-            wall = time.perf_counter() - start
-        finally:
-            del llm.eval  # back to the class method
-        return Outcome(tokens, wall, target_forwards=counter.n)
-
-
-def load_llamacpp(gguf: Path, drafter: str, threads: int, n_ctx: int, seed: int | None) -> Any:
-    """A Llama instance for one mode (prompt lookup needs logits for every position)."""
-    from llama_cpp import Llama
-    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-    draft = LlamaPromptLookupDecoding(num_pred_tokens=4) if drafter == "llamacpp-lookup" else None
-    # logits_all=True with a draft model: llama-cpp-python 0.3.x turns it on internally for
-    # speculation but sizes its score buffer from the argument (n_batch = 512 rows), so a
-    # lookup run crashes once prompt + output pass 512 tokens unless it is passed explicitly.
-    return Llama(
-        model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, draft_model=draft,
-        logits_all=draft is not None, seed=seed if seed is not None else 0, verbose=False,
-    )
+        return Outcome(**self.process.run(asdict(request), self.k))
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> list[int]:

@@ -14,7 +14,8 @@ Definitions (every figure is recomputable from the raw rows in results.json):
   rate above underestimates alpha for k > 1.
 - c: time of one draft token / time of one target forward; the draft token's time is the
   method's draft time / drafted tokens, the forward's time is our AR loop's decode time /
-  its forwards on the same prompt (same run). Median over prompts.
+  its forwards on the same prompt (same run); for llama.cpp columns, llama.cpp's own decode
+  forward (`llamacpp-lowlevel`'s), so c and v compare like with like. Median over prompts.
 - theory: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), the expected speedup (Leviathan et
   al., 2023, eq. 1 and theorem 3.8) of a drafter with these alpha, k, c.
 - v: time of one verify forward (k+1 tokens) / time of one AR forward (1 token). The formula
@@ -81,6 +82,7 @@ class Figures:
     verify_cost_ratio: float | None  # v
     theoretical_speedup: float | None
     identical_to_ar: float | None  # greedy: share of prompts with the AR loop's exact tokens
+    identical_to_llamacpp: float | None = None  # greedy, llama.cpp columns: share with `llamacpp`'s tokens
     new_tokens: int = 0
     per_prompt_speedup: list[float] = field(default_factory=list)
 
@@ -106,14 +108,21 @@ def ar_forward_seconds(ar: Measurement) -> float | None:
     return None
 
 
-def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measurement], category: str) -> Figures:
+LLAMACPP_FORWARD = "llamacpp-lowlevel"  # llama.cpp's own one-token forward: the unit of c and v for its columns
+
+
+def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measurement], category: str,
+             llamacpp_rows: dict[tuple[str, int], Measurement] | None = None) -> Figures:
     first = rows[0]
     speedups, costs, verify_costs = [], [], []
     for r in rows:
         ar = ar_rows.get((r.prompt_id, r.repeat))
         if ar is not None and tokens_per_second(ar) > 0:
             speedups.append(tokens_per_second(r) / tokens_per_second(ar))
-        t_fwd = ar_forward_seconds(ar) if ar is not None else None
+        unit = ar
+        if r.family == "llama.cpp":  # a llama.cpp draft's c and v count in llama.cpp's own forwards
+            unit = (llamacpp_rows or {}).get((r.prompt_id, r.repeat))
+        t_fwd = ar_forward_seconds(unit) if unit is not None else None
         if r.drafted and r.draft_seconds is not None and t_fwd:
             costs.append(r.draft_seconds / r.drafted / t_fwd)
         if r.k is not None and r.verify_steps and r.verify_seconds is not None and t_fwd:
@@ -145,6 +154,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
     if isinstance(first.k, int) and alpha is not None and c is not None:
         theory = theoretical_speedup(alpha, first.k, c)
     matches = [r.matches_ar for r in rows if r.matches_ar is not None]
+    peer_matches = [r.matches_llamacpp for r in rows if r.matches_llamacpp is not None]
     return Figures(
         method=first.method, family=first.family, drafter=first.drafter, k=first.k, category=category,
         prompts=len(rows), tokens_per_second=_median(tokens_per_second(r) for r in rows) or 0.0,
@@ -155,6 +165,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         draft_share=share if first.k is not None else None, cost_ratio=c, verify_cost_ratio=_median(verify_costs),
         theoretical_speedup=theory,
         identical_to_ar=(sum(matches) / len(matches)) if matches else None,
+        identical_to_llamacpp=(sum(peer_matches) / len(peer_matches)) if peer_matches else None,
         new_tokens=new_tokens, per_prompt_speedup=speedups,
     )
 
@@ -162,6 +173,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
 def summarize(measurements: Sequence[Measurement]) -> dict[str, dict[str, Figures]]:
     """{method: {category: Figures}}, categories in first-seen order, then ALL."""
     ar_rows = {(r.prompt_id, r.repeat): r for r in measurements if r.method == AR}
+    llamacpp_rows = {(r.prompt_id, r.repeat): r for r in measurements if r.method == LLAMACPP_FORWARD}
     by_method: dict[str, list[Measurement]] = defaultdict(list)
     for r in measurements:
         by_method[r.method].append(r)
@@ -172,8 +184,8 @@ def summarize(measurements: Sequence[Measurement]) -> dict[str, dict[str, Figure
         for cat in categories:
             sub = [r for r in rows if r.category == cat]
             if sub:
-                out[method][cat] = _figures(sub, ar_rows, cat)
-        out[method][ALL] = _figures(rows, ar_rows, ALL)
+                out[method][cat] = _figures(sub, ar_rows, cat, llamacpp_rows)
+        out[method][ALL] = _figures(rows, ar_rows, ALL, llamacpp_rows)
     return out
 
 
@@ -230,6 +242,17 @@ def peer_ratios(measurements: Sequence[Measurement], peer: str = PEER) -> dict[s
         ratios[r.method][_prompt_set(r.category)].append(ratio)
         ratios[r.method][ALL].append(ratio)
     return {m: {s: statistics.median(v) for s, v in sets.items()} for m, sets in ratios.items()}
+
+
+def llamacpp_identity_table(summary: dict[str, dict[str, Figures]]) -> str | None:
+    """Greedy: how often each llama.cpp column gave `llamacpp`'s own tokens (None: nothing to show)."""
+    rows = [[f"`{m}`", _pct(c[ALL].identical_to_llamacpp)] for m, c in summary.items()
+            if c[ALL].identical_to_llamacpp is not None and m != PEER]
+    return _table(["method", f"= `{PEER}`"], rows) if rows else None
+
+
+def failed_table(failed: dict[str, str]) -> str:
+    return _table(["method", "failed"], ([f"`{m}`", reason] for m, reason in failed.items()))
 
 
 def peer_table(ratios: dict[str, dict[str, float]]) -> str:
@@ -359,6 +382,17 @@ def render_markdown(
         main_table(summary),
         "",
     ]
+    failed = meta.get("failed")
+    if isinstance(failed, dict) and failed:
+        lines += [
+            "## Failed methods (dropped from the run at that point; other methods went on)",
+            "",
+            failed_table(failed),
+            "",
+        ]
+    identity = llamacpp_identity_table(summary)
+    if identity:
+        lines += [f"## llama.cpp columns: greedy identity with `{PEER}` (same prompts, same run)", "", identity, ""]
     if ratios_to_peer:
         lines += [
             f"## Ratio to `{PEER}` (median of per-prompt tok/s ratios, same prompts, same run)",
@@ -417,8 +451,10 @@ DEFINITIONS = """\
   — each step tests draft tokens only up to the first rejection, so accepted / drafted understates α for k > 1.
 - **fwd/tok**: target forwards (prefill included) per new token.
 - **draft share**: drafting time / (drafting + verification time).
-- **c**: time of one draft token / time of one target forward (our `ar` loop's, same prompt, same run).
-- **v**: time of one verify forward (k+1 tokens) / time of one `ar` forward (1 token); the formula assumes
+- **c**: time of one draft token / time of one target forward (our `ar` loop's, same prompt, same run;
+  for llama.cpp columns `llamacpp-lowlevel`'s decode forward, when it ran).
+- **v**: time of one verify forward (k+1 tokens) / time of one `ar` forward (1 token; llama.cpp columns:
+  one `llamacpp-lowlevel` forward); the formula assumes
   v = 1 (verification as cheap as one decoding step), so v > 1 is one reason measured < theory.
 - **= AR**: greedy only — share of prompts whose tokens equal the `ar` loop's exactly.
 - Per-position acceptance: accepted / drafted at each draft position (SpecStats)."""

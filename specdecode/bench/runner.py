@@ -8,6 +8,7 @@ columns, and every speedup is a ratio of two runs on the same prompt minutes apa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import tempfile
 import time
@@ -19,11 +20,13 @@ from typing import Any
 import torch
 
 from specdecode.bench.methods import AR, Measurement, Method, Request, SpecdecodeMethod
+from specdecode.bench.llamacpp_worker import CRASH_HINT, GREEDY_ONLY
+from specdecode.bench.peer_process import PeerFailed, PeerProcess
 from specdecode.bench.peers import (
-    HF_METHODS, LLAMACPP_INSTALL, LLAMACPP_METHODS, PEER_METHODS, HFMethod, LlamaCppMethod, llamacpp_available,
-    load_hf_model, load_llamacpp,
+    HF_METHODS, LLAMACPP_METHODS, LLAMACPP_WITH_K, PEER_METHODS, HFMethod, LlamaCppMethod, load_hf_model,
 )
 from specdecode.bench.prompts import Prompt
+from specdecode.bench.report import PEER as LLAMACPP_AR  # the other llama.cpp columns' identity reference
 from specdecode.config import SamplingParams
 from specdecode.drafters.factory import DRAFTERS, parse_spec
 from specdecode.engine import DTYPES, Engine
@@ -94,6 +97,8 @@ def parse_ks(text: str) -> tuple[int | str, ...]:
 class Lab:
     """The target loaded once, plus every peer model built from it, owned for one bench run."""
 
+    llamacpp_worker = "specdecode.bench.llamacpp_worker"  # the module llama.cpp children serve (tests: a fake)
+
     def __init__(self, engine: Engine, target: str | None = None, loaded: LoadedModel | None = None,
                  dtype: str = "fp32", draft: str | None = None) -> None:
         """engine: our target; target: its path (None = embedded GGUF); loaded: its weights, if at
@@ -101,8 +106,8 @@ class Lab:
         self.engine, self.target_path, self.loaded, self.dtype, self.draft_path = engine, target, loaded, dtype, draft
         self._tmp = tempfile.TemporaryDirectory(prefix="specdecode-bench-")
         self._hf: dict[str, Any] = {}
-        self._llamacpp: dict[str, Any] = {}
-        # Per llama.cpp mode: seconds to load and resident memory it added (same process).
+        self._llamacpp: dict[str, PeerProcess] = {}
+        # Per llama.cpp mode: seconds to load and resident memory it added (in its child process).
         self.llamacpp_memory: dict[str, dict[str, float | int | None]] = {}
 
     @classmethod
@@ -114,6 +119,8 @@ class Lab:
         return cls(engine, target, None, engine.weight_format, draft)
 
     def close(self) -> None:
+        for process in self._llamacpp.values():
+            process.close()
         self._tmp.cleanup()
 
     # -- peers ---------------------------------------------------------------------------
@@ -131,24 +138,27 @@ class Lab:
             self._hf[which] = load_hf_model(folder, DTYPES[self.dtype])
         return self._hf[which]
 
-    def gguf_path(self) -> Path | None:
-        if self.target_path is None:
+    def gguf_path(self, which: str = "target") -> Path | None:
+        """The target's (or --draft's) GGUF file; None when it is not one."""
+        if which == "target" and self.target_path is None:
             return embedded_model_path()
-        p = Path(self.target_path)
-        return p if p.is_file() and p.suffix.lower() == ".gguf" else None
+        source = self.target_path if which == "target" else self.draft_path
+        p = Path(source) if source is not None else None
+        return p if p is not None and p.is_file() and p.suffix.lower() == ".gguf" else None
 
-    def llamacpp(self, drafter: str, threads: int, seed: int | None) -> Any:
+    def llamacpp(self, drafter: str, threads: int, seed: int | None) -> PeerProcess:
+        """The child process serving one llama.cpp mode, started (GGUF loaded) on first use;
+        raises PeerFailed if it cannot load. Its load figures are the child's own."""
         if drafter not in self._llamacpp:
-            gguf = self.gguf_path()
-            assert gguf is not None
-            rss, start = current_rss_bytes(), time.perf_counter()
-            self._llamacpp[drafter] = load_llamacpp(gguf, drafter, threads, self.engine.max_context, seed)
-            after = current_rss_bytes()
-            self.llamacpp_memory[drafter] = {
-                "load_seconds": round(time.perf_counter() - start, 3),
-                "rss_added_bytes": None if rss is None or after is None else after - rss,
-            }
-        return self._llamacpp[drafter]
+            draft = self.gguf_path("draft")
+            options = dict(mode=drafter, gguf=str(self.gguf_path()), threads=threads, n_ctx=self.engine.max_context,
+                           seed=seed, draft=None if draft is None else str(draft))
+            process = self._llamacpp[drafter] = PeerProcess(self.llamacpp_worker, options, CRASH_HINT)
+            self.llamacpp_memory[drafter] = {**process.start(), "process": "child"}
+        process = self._llamacpp[drafter]
+        if process.failure is not None:
+            raise process.failure
+        return process
 
     def memory_report(self) -> dict[str, object]:
         """Bench metadata: our load (format, seconds, resident after load), the process's peak
@@ -164,22 +174,28 @@ class Lab:
         return report
 
     # -- columns -------------------------------------------------------------------------
-    def build_methods(self, config: BenchConfig, notes: list[str]) -> list[Method]:
-        """Our AR baseline first, then each drafter at each k; peers without k appear once."""
+    def build_methods(self, config: BenchConfig, notes: list[str],
+                      failures: dict[str, str] | None = None) -> list[Method]:
+        """Our AR baseline first, then each drafter at each k; peers without k appear once.
+        A llama.cpp peer that cannot load is left out and its reason put in `failures`."""
         methods: list[Method] = [SpecdecodeMethod(self.engine, "none", None)]
         for name in config.drafters:
             if name == "none":
                 continue
             if name in LLAMACPP_METHODS:
-                if not llamacpp_available():
-                    _note(notes, f"{name} skipped: llama-cpp-python is not installed ({LLAMACPP_INSTALL})")
+                ks: Sequence[int | str | None] = config.fixed_ks if name in LLAMACPP_WITH_K else [None]
+                skipped = self._llamacpp_skip_reason(name, config)
+                if skipped:
+                    _note(notes, f"{name} skipped: {skipped}")
                     continue
-                if self.gguf_path() is None:
-                    _note(notes, f"{name} skipped: llama.cpp needs a GGUF target, got {self.target_path}")
+                try:
+                    process = self.llamacpp(name, config.threads, config.sampling.seed)
+                except PeerFailed as failed:
+                    reason = failed.reason("llama.cpp", "while loading")
+                    for k in ks:
+                        _record(failures, LlamaCppMethod.label_for(name, k), reason)
                     continue
-                llm = self.llamacpp(name, config.threads, config.sampling.seed)
-                ks: Sequence[int | str | None] = [None] if name == "llamacpp" else config.fixed_ks
-                methods += [LlamaCppMethod(llm, name, k) for k in ks]
+                methods += [LlamaCppMethod(process, name, k) for k in ks]
             elif name in HF_METHODS:
                 model = self.hf_model("target")
                 assistant = self.hf_model("draft") if name == "hf-assisted" else None
@@ -196,6 +212,23 @@ class Lab:
         if len(set(labels)) != len(labels):
             raise UserError(f"--drafters lists a method twice: {', '.join(labels)}")
         return methods
+
+    def _llamacpp_skip_reason(self, name: str, config: BenchConfig) -> str | None:
+        unavailable = importlib.import_module(self.llamacpp_worker).unavailable_reason()
+        if unavailable:
+            return unavailable
+        if self.gguf_path() is None:
+            return f"llama.cpp needs a GGUF target, got {self.target_path}"
+        if name in GREEDY_ONLY and not config.sampling.greedy:
+            return "greedy only (use llamacpp or llamacpp-lookup to sample)"
+        if name == "llamacpp-draft" and self.gguf_path("draft") is None:
+            return f"llamacpp-draft needs a GGUF draft: pass --draft FILE.gguf (got {self.draft_path})"
+        return None
+
+
+def _record(failures: dict[str, str] | None, label: str, reason: str) -> None:
+    if failures is not None:
+        failures[label] = reason
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -226,12 +259,16 @@ def request_for(config: BenchConfig, ids: list[int], eos_ids: tuple[int, ...], i
     return Request(ids, config.max_new_tokens, s, eos_ids, config.ignore_eos)
 
 
-def warm_up(methods: Sequence[Method], engine: Engine, prompt: Prompt, config: BenchConfig) -> None:
+def warm_up(methods: Sequence[Method], engine: Engine, prompt: Prompt, config: BenchConfig,
+            failures: dict[str, str]) -> None:
     """One short untimed run per method: first-call costs (allocations, caches) stay out."""
     ids = prompt_ids(engine, prompt, config.chat)
     request = Request(ids, min(8, config.max_new_tokens), config.sampling, engine.tokenizer.eos_token_ids, True)
     for method in methods:
-        method.run(request)
+        try:
+            method.run(request)
+        except PeerFailed as failed:
+            failures[method.label] = failed.reason(method.family, f"while warming up on prompt {prompt.id}")
 
 
 def run_bench(
@@ -240,13 +277,18 @@ def run_bench(
     methods: Sequence[Method],
     config: BenchConfig,
     progress: Progress | None = None,
+    failures: dict[str, str] | None = None,
 ) -> list[Measurement]:
-    """Every method on every prompt (x repeats), interleaved; one Measurement per run."""
+    """Every method on every prompt (x repeats), interleaved; one Measurement per run.
+
+    A peer whose child process fails (crash, timeout) is dropped from then on, its reason put
+    in `failures` (label -> reason); its rows hold the prompts it finished before."""
     if not prompts:
         raise UserError("no prompts to benchmark")
+    failures = failures if failures is not None else {}
     torch.set_num_threads(config.threads)
     if config.warmup:
-        warm_up(methods, engine, prompts[0], config)
+        warm_up(methods, engine, prompts[0], config, failures)
     eos_ids = engine.tokenizer.eos_token_ids
     out: list[Measurement] = []
     turn = 0
@@ -256,9 +298,15 @@ def run_bench(
             request = request_for(config, ids, eos_ids, index, repeat)
             rows: list[Measurement] = []
             for order, method in enumerate(rotated(methods, turn)):
+                if method.label in failures:
+                    continue
                 if progress:
                     progress(f"{prompt.id} · {method.label}")
-                outcome = method.run(request)
+                try:
+                    outcome = method.run(request)
+                except PeerFailed as failed:
+                    failures[method.label] = failed.reason(method.family, f"while decoding prompt {prompt.id}")
+                    continue
                 rows.append(Measurement(
                     **asdict(outcome), method=method.label, family=method.family, drafter=method.drafter,
                     k=method.k, prompt_id=prompt.id, category=prompt.category, repeat=repeat, order=order,
@@ -267,8 +315,11 @@ def run_bench(
             turn += 1
             if config.sampling.greedy:
                 ar = next(r for r in rows if r.method == AR)
+                peer_ar = next((r for r in rows if r.method == LLAMACPP_AR), None)
                 for r in rows:
                     r.matches_ar = r.token_ids == ar.token_ids
+                    if peer_ar is not None and r.family == "llama.cpp":
+                        r.matches_llamacpp = r.token_ids == peer_ar.token_ids
             rows.sort(key=lambda r: [m.label for m in methods].index(r.method))
             out += rows
             if progress:
