@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,17 @@ def check_target(config: dict[str, Any], model: LlamaModel, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- rotary
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim] for integer positions [T] (the native model's convention)."""
+    """cos, sin [T, head_dim] for integer positions [T] (the native model's convention), read
+    from a table computed once (a drafting step asks for one position at a time)."""
+    need = int(positions.max()) + 1 if positions.numel() else 1
+    cos, sin = _rope_table(head_dim, theta, dtype, max(4096, 1 << (need - 1).bit_length()))
+    return cos[positions], sin[positions]
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(head_dim: int, theta: float, dtype: torch.dtype, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = positions.double()[:, None] * inv_freq[None, :]
+    freqs = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -191,6 +200,13 @@ class Block(nn.Module):
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         if cache is None:
             o = self.self_attn.attend(q, k, v, None, causal=True)
+        elif _row_attention(q, cache):  # drafting on our kernels: one call, no mask
+            b, _, t, _ = q.shape
+            past = cache.length
+            cache.write(layer, k, v)
+            rows = torch.ops.specdecode.attend_rows(q[0].transpose(0, 1).contiguous(), cache.k[layer, 0],
+                                                    cache.v[layer, 0], torch.tensor(past))
+            return self._rest(x, self.self_attn.o_proj(rows.view(b, t, -1)))
         else:
             t, past = x.shape[1], cache.length
             keys, values = cache.write(layer, k, v)
@@ -198,7 +214,11 @@ class Block(nn.Module):
             if t > 1:
                 mask = torch.cat((torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()), 1)
             o = self.self_attn.attend(q, keys, values, mask, causal=False)
-        x = x + self.self_attn.out(o)
+        return self._rest(x, self.self_attn.out(o))
+
+    def _rest(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual add and the MLP after attention."""
+        x = x + attended
         return x + self._mlp(self.post_attention_layernorm(x))
 
     def forward_kv(
@@ -220,6 +240,14 @@ class Block(nn.Module):
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         return k, v
+
+
+def _row_attention(q: torch.Tensor, cache: KVCache) -> bool:
+    """Attend through specdecode::attend_rows (bf16, one sequence, our kernels loaded)?"""
+    from specdecode import kernels
+
+    return (q.shape[0] == 1 and q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and kernels.load_error() is None)
 
 
 # ---------------------------------------------------------------------------- quantized drafting
