@@ -12,9 +12,10 @@ file become codes and scales with numpy views, layer by layer, and are packed at
 - q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
   files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
   scales alike (rows are independent, so this is exact);
-- the embedding is kept as bf16 (what the forward gathers from), the output head as int8
-  (llama.HEAD_QUANT), norms and biases as small bf16 parameters; the layers' matrices exist
-  only in the runtime stacks (their nn.Parameters stay on the meta device).
+- the embedding stays in the file's blocks (its bytes copied out of the map; the forward
+  dequantizes the rows it embeds, models/embedding.py), the output head becomes int8
+  (llama.HEAD_QUANT), norms and biases small bf16 parameters; the embedding and the layers'
+  matrices exist only in the runtime (their nn.Parameters stay on the meta device).
 
 Only for native llama/qwen2/mistral GGUFs whose every matrix our kernels can take (rows a
 multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'aten'`);
@@ -36,6 +37,7 @@ from torch import nn
 from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.models.embedding import BlockEmbedding
 from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
 from specdecode.models.loading import (
     _unpermute_rope_rows,
@@ -128,6 +130,16 @@ class _Tensors:
                     x = _unpermute_rope_rows(x, heads)  # type: ignore[arg-type]
                 return _interleave_rope_rows(x, heads) if interleave else x
         return x
+
+    def stored(self, name: str, dtype: torch.dtype) -> BlockEmbedding:
+        """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
+        dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
+        tensor = self.by_name[name]
+        n, k = (int(d) for d in reversed(tensor.shape))
+        raw = np.asarray(self._raw(name)).view(np.uint8).reshape(n, -1)
+        blocks = torch.from_numpy(raw.copy())
+        self._release(name)
+        return BlockEmbedding(blocks, int(tensor.tensor_type), k, dtype)
 
     def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
@@ -250,13 +262,13 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
     o = stack.from_layers(fused(("self_attn.o_proj",)), None, dtype, kernel)
     gate_up = stack.from_layers(fused(("mlp.gate_proj", "mlp.up_proj")), None, dtype, kernel)
     down = stack.from_layers(fused(("mlp.down_proj",)), None, dtype, kernel)
-    embed = small("embed_tokens.weight")
+    embed = files.stored("embed_tokens.weight", dtype)
     head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     head: LinearStack = TiledInt8Stack.from_layers([files.blocks(head_name, HEAD_QUANT[quant])], None, dtype, kernel)
 
     with torch.device("meta"):
         model = LlamaModel(config)
-    params: dict[str, torch.Tensor] = {"embed_tokens.weight": embed, "norm.weight": small("norm.weight")}
+    params: dict[str, torch.Tensor] = {"norm.weight": small("norm.weight")}
     for i in layers:
         p = f"layers.{i}."
         params[p + "input_layernorm.weight"] = small(p + "input_layernorm.weight")
