@@ -186,7 +186,7 @@ class EagleDrafter:
         f_in = feats[start:n].unsqueeze(0)
         if self.head.fused:
             f_in = self.head.fuse_taps(f_in)
-        e_in = self.embed(tokens[start + 1 : n + 1]).unsqueeze(0)
+        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
         h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
         self.cached = n
         drafted: list[int] = []

@@ -24,11 +24,9 @@ multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'at
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +36,7 @@ from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
 from specdecode.models.embedding import BlockEmbedding
+from specdecode.models.gguf_file import GGUFFile, GGUFTensor
 from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
 from specdecode.models.loading import (
     _unpermute_rope_rows,
@@ -74,52 +73,31 @@ def direct_loading_supported(quant: str | None, kernel: str | None = None) -> bo
 class _Tensors:
     """The GGUF's tensors by native name, read one at a time, with errors naming file and tensor.
 
-    After a tensor is converted its pages are dropped from this process (madvise DONTNEED on
-    the read-only map): the page cache keeps them, but they no longer count in our resident
-    set, so the peak holds the runtime stacks plus about one tensor of the file.
+    After a tensor is converted its pages are dropped from this process (GGUFFile.release):
+    the page cache keeps them, but they no longer count in our resident set, so the peak holds
+    the runtime stacks plus about one tensor of the file.
     """
 
-    def __init__(self, reader: Any, config: ModelConfig, path: Path) -> None:
+    def __init__(self, file: GGUFFile, config: ModelConfig, path: Path) -> None:
+        self.file = file
         self.path = path
         self.config = config
         self.permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
-        self.by_name: dict[str, Any] = dict(native_tensors(reader, path))
+        self.by_name: dict[str, GGUFTensor] = dict(native_tensors(file, path))
         expected = expected_shapes(config)
         missing = sorted(set(expected) - set(self.by_name))
         if missing:
             raise UserError(f"weights of {path} do not match its config: missing {', '.join(missing[:3])}")
         for name, shape in expected.items():
-            got = tuple(int(d) for d in reversed(self.by_name[name].shape))
+            got = self.by_name[name].shape
             if got != shape:
                 raise UserError(f"weights of {path} do not match its config: wrong shape {name} {got} != {shape}")
-        self._mmap: mmap.mmap | None = getattr(reader.data, "_mmap", None)
 
     def type_name(self, name: str) -> str:
         return self.by_name[name].tensor_type.name
 
-    def _raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes (or values, for float types), checked against its size."""
-        tensor = self.by_name[name]
-        try:
-            data = tensor.data
-            if data.nbytes != int(tensor.n_bytes):
-                raise ValueError(f"{data.nbytes} bytes where {int(tensor.n_bytes)} are expected")
-            return data
-        except Exception as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
-
     def _release(self, name: str) -> None:
-        """Drop the tensor's pages from our resident set (see the class docstring)."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        tensor = self.by_name[name]
-        page = mmap.PAGESIZE
-        start = int(tensor.data_offset) // page * page
-        end = min(len(self._mmap), int(tensor.data_offset) + int(tensor.n_bytes))
-        try:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            pass
+        self.file.release(self.by_name[name])
 
     def _rows(self, x: torch.Tensor, name: str, interleave: bool = True) -> torch.Tensor:
         """The float path's row order for q/k: GGUF -> HF (llama-arch files) -> RoPE pairs
@@ -135,36 +113,20 @@ class _Tensors:
         """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
         dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
         tensor = self.by_name[name]
-        n, k = (int(d) for d in reversed(tensor.shape))
-        raw = np.asarray(self._raw(name)).view(np.uint8).reshape(n, -1)
-        blocks = torch.from_numpy(raw.copy())
+        k = tensor.shape[1]
+        blocks = torch.from_numpy(self.file.data(tensor).copy())
         self._release(name)
         return BlockEmbedding(blocks, int(tensor.tensor_type), k, dtype)
 
     def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
-        import gguf
-
-        tensor = self.by_name[name]
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        raw = self._raw(name)
-        if len(shape) == 2:
-            raw = raw.reshape(shape[0], -1)[lo:hi]
-        try:
-            w = gguf.quants.dequantize(raw, tensor.tensor_type)
-        except NotImplementedError:
-            raise UserError(
-                f"{self.path}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, "
-                "which the gguf package cannot dequantize"
-            ) from None
-        except Exception as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(hi - lo, *shape[1:]).copy())
+        w = self.file.dequantize(self.by_name[name], lo, hi)
+        return torch.from_numpy(w if w.flags.writeable else w.copy())  # (F32: a view of the map)
 
     def _chunks(self, name: str) -> list[tuple[int, int]]:
         """Row ranges of at most ~_CHUNK_WEIGHTS weights: a large tensor (a 150k-token
         embedding) is never float32 as a whole. q/k (row-permuted, small) come in one piece."""
-        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        shape = self.by_name[name].shape
         if len(shape) == 1 or any(f".{p}." in name for p in ("q_proj", "k_proj")):
             return [(0, shape[0])]
         step = max(1, _CHUNK_WEIGHTS // shape[1])
@@ -173,7 +135,7 @@ class _Tensors:
     def float(self, name: str, interleave: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to `dtype` (a chunk of rows at a time), rows in runtime
         order (or HF's)."""
-        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        shape = self.by_name[name].shape
         out = torch.empty(shape, dtype=dtype)
         for lo, hi in self._chunks(name):
             out[lo:hi] = self._dequantize(name, lo, hi)
@@ -194,12 +156,8 @@ class _Tensors:
             self._release(name)
             return tuple(torch.cat(xs) for xs in zip(*parts))
         tensor = self.by_name[name]
-        n, k = (int(d) for d in reversed(tensor.shape))
-        raw = self._raw(name)
-        try:
-            b = np.asarray(raw).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
-        except ValueError as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
+        n, k = tensor.shape
+        b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
         d = torch.from_numpy(np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy())
         if kind == "Q8_0":
             codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k).copy())
@@ -234,12 +192,12 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
     if quant not in HEAD_QUANT:
         raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
     kernel = kernel or kernels.active()
-    reader, config, tokenizer, path = open_gguf_model(path)
-    files = _Tensors(reader, config, path)
-    if any(not tiled_compatible(tuple(int(d) for d in reversed(files.by_name[n].shape))) for n in _matrix_names(config)):
+    file, config, tokenizer, path = open_gguf_model(path)
+    files = _Tensors(file, config, path)
+    if any(not tiled_compatible(files.by_name[n].shape) for n in _matrix_names(config)):
         return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
     model = _build(files, config, quant, kernel, dtype)
-    del files, reader  # unmaps the file
+    del files, file  # unmaps the file
     return model, tokenizer
 
 
