@@ -35,6 +35,7 @@ from torch import nn
 from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.memory import return_free_heap
 from specdecode.models.embedding import BlockEmbedding
 from specdecode.models.gguf_file import GGUFFile, GGUFTensor
 from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
@@ -52,6 +53,7 @@ from specdecode.models.quant import (
     quantize_q4_1,
     quantize_q8_0,
     tiled_compatible,
+    to_nibbles,
 )
 from specdecode.tokenizer import Tokenizer
 
@@ -143,7 +145,8 @@ class _Tensors:
         return self._rows(out, name, interleave).contiguous()
 
     def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
-        """int4: (codes uint8 [N, K] 0..15, d f16 [N, K/32], m f16 [N, K/32]), w = d*q + m;
+        """int4: (GGUF Q4 nibble bytes uint8 [N, K/32, 16], d f16 [N, K/32], m f16 [N, K/32]),
+        w = d*q + m (the stack packs the nibbles without unpacking them, quant.pack_q4_nibbles);
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
         kind = self.type_name(name)
@@ -152,7 +155,11 @@ class _Tensors:
             parts = []
             for lo, hi in self._chunks(name):
                 w = self._rows(self._dequantize(name, lo, hi), name)
-                parts.append(quantize_q4_1(w) if mode == "int4" else quantize_q8_0(w))
+                if mode == "int4":
+                    q, d, m = quantize_q4_1(w)
+                    parts.append((to_nibbles(q), d, m))
+                else:
+                    parts.append(quantize_q8_0(w))
             self._release(name)
             return tuple(torch.cat(xs) for xs in zip(*parts))
         tensor = self.by_name[name]
@@ -169,10 +176,9 @@ class _Tensors:
         else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
             m = d * -8
             qs = b[..., 2:]
-        # Low nibble of byte j = element j, high nibble = element j + 16.
-        codes = torch.from_numpy(np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k))
+        nibbles = torch.from_numpy(np.ascontiguousarray(qs))  # copied out of the map
         self._release(name)
-        return tuple(self._rows(x, name).contiguous() for x in (codes, d, m))
+        return tuple(self._rows(x, name).contiguous() for x in (nibbles, d, m))
 
 
 def _matrix_names(config: ModelConfig) -> list[str]:
@@ -198,6 +204,7 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
         return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
     model = _build(files, config, quant, kernel, dtype)
     del files, file  # unmaps the file
+    return_free_heap()  # the load's temporary buffers, kept mapped by malloc otherwise
     return model, tokenizer
 
 
