@@ -216,7 +216,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not table.is_meta:  # (loaders build on the meta device: normal_ there imports torch._dynamo, ~4 s)
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

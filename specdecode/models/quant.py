@@ -238,10 +238,12 @@ def quantize_q8_0(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     w = w.detach().float()
     n, k = w.shape
     wg = w.view(n, k // group, group)
-    d = (wg.abs().amax(-1) / 127.0).half()
+    lo, hi = torch.aminmax(wg, dim=-1)  # max |w| without a copy of |w| (a load requantizes large heads)
+    d = (torch.maximum(hi, -lo) / 127.0).half()
     df = d.float()
     safe = torch.where(df > 0, df, torch.ones_like(df))
-    q = torch.round(wg / safe[..., None]).clamp_(-127, 127)
+    q = wg / safe[..., None]
+    q.round_().clamp_(-127, 127)
     return q.to(torch.int8).view(n, k), d
 
 
