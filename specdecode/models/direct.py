@@ -25,6 +25,8 @@ multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'at
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,8 +61,9 @@ from specdecode.tokenizer import Tokenizer
 
 # Bytes of one block of 32 weights, by GGML type name.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-# Weights dequantized to float32 at once when requantizing a big tensor (16 Mi: 64 MiB).
-_CHUNK_WEIGHTS = 1 << 24
+# Weights dequantized to float32 at once when requantizing a big tensor (4 Mi: 16 MiB; the
+# gguf package's dequantization holds several temporaries of that size, one chunk per thread).
+_CHUNK_WEIGHTS = 1 << 22
 # Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
 DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
 
@@ -80,8 +83,9 @@ class _Tensors:
     the runtime stacks plus about one tensor of the file.
     """
 
-    def __init__(self, file: GGUFFile, config: ModelConfig, path: Path) -> None:
+    def __init__(self, file: GGUFFile, config: ModelConfig, path: Path, threads: int = 1) -> None:
         self.file = file
+        self.threads = threads  # requantizing chunks in parallel (numpy and torch release the GIL)
         self.path = path
         self.config = config
         self.permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
@@ -98,8 +102,8 @@ class _Tensors:
     def type_name(self, name: str) -> str:
         return self.by_name[name].tensor_type.name
 
-    def _release(self, name: str) -> None:
-        self.file.release(self.by_name[name])
+    def _release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        self.file.release(self.by_name[name], lo, hi)
 
     def _rows(self, x: torch.Tensor, name: str, interleave: bool = True) -> torch.Tensor:
         """The float path's row order for q/k: GGUF -> HF (llama-arch files) -> RoPE pairs
@@ -115,23 +119,26 @@ class _Tensors:
         """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
         dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
         tensor = self.by_name[name]
-        k = tensor.shape[1]
-        blocks = torch.from_numpy(self.file.data(tensor).copy())
-        self._release(name)
-        return BlockEmbedding(blocks, int(tensor.tensor_type), k, dtype)
+        raw = self.file.data(tensor)
+        blocks = np.empty(raw.shape, dtype=np.uint8)
+        for lo, hi in self._chunks(name):  # its file pages dropped as we go
+            blocks[lo:hi] = raw[lo:hi]
+            self._release(name, lo, hi)
+        return BlockEmbedding(torch.from_numpy(blocks), int(tensor.tensor_type), tensor.shape[1], dtype)
 
     def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
         w = self.file.dequantize(self.by_name[name], lo, hi)
         return torch.from_numpy(w if w.flags.writeable else w.copy())  # (F32: a view of the map)
 
-    def _chunks(self, name: str) -> list[tuple[int, int]]:
-        """Row ranges of at most ~_CHUNK_WEIGHTS weights: a large tensor (a 150k-token
-        embedding) is never float32 as a whole. q/k (row-permuted, small) come in one piece."""
+    def _chunks(self, name: str, rows: int = 1) -> list[tuple[int, int]]:
+        """Row ranges of at most ~_CHUNK_WEIGHTS weights (a multiple of `rows` rows): a large
+        tensor (a 150k-token embedding) is never float32 as a whole. q/k (row-permuted, small)
+        come in one piece."""
         shape = self.by_name[name].shape
         if len(shape) == 1 or any(f".{p}." in name for p in ("q_proj", "k_proj")):
             return [(0, shape[0])]
-        step = max(1, _CHUNK_WEIGHTS // shape[1])
+        step = max(rows, _CHUNK_WEIGHTS // shape[1] // rows * rows)
         return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
     def float(self, name: str, interleave: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -144,24 +151,56 @@ class _Tensors:
         self._release(name)
         return self._rows(out, name, interleave).contiguous()
 
+    def native(self, name: str, mode: str) -> bool:
+        """Whether the tensor's blocks are the format's own (Q4_0/Q4_1 -> int4, Q8_0 -> int8)."""
+        kind = self.type_name(name)
+        return kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
+
+    def requantized(self, name: str, mode: str, rows: int = 1) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """(first row, the format's tuple for a chunk of rows) in order, each chunk a multiple of
+        `rows` rows, dequantized and requantized in `threads` threads (runtime row order)."""
+        def convert(span: tuple[int, int]) -> tuple[int, tuple[torch.Tensor, ...]]:
+            lo, hi = span
+            w = self._rows(self._dequantize(name, lo, hi), name)
+            if mode == "int4":
+                q, d, m = quantize_q4_1(w)
+                return lo, (to_nibbles(q), d, m)
+            return lo, quantize_q8_0(w)
+
+        chunks = self._chunks(name, rows)
+        workers = max(1, min(self.threads, len(chunks)))
+
+        def done(future: Future[tuple[int, tuple[torch.Tensor, ...]]]) -> tuple[int, tuple[torch.Tensor, ...]]:
+            lo, parts = future.result()
+            self._release(name, lo, lo + parts[0].shape[0])  # its file pages, as we go
+            return lo, parts
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future[tuple[int, tuple[torch.Tensor, ...]]]] = deque()
+            for span in chunks:
+                pending.append(pool.submit(convert, span))
+                if len(pending) > 2 * workers:  # at most ~2 chunks a worker in flight
+                    yield done(pending.popleft())
+            while pending:
+                yield done(pending.popleft())
+
     def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
         """int4: (GGUF Q4 nibble bytes uint8 [N, K/32, 16], d f16 [N, K/32], m f16 [N, K/32]),
         w = d*q + m (the stack packs the nibbles without unpacking them, quant.pack_q4_nibbles);
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
+        if not self.native(name, mode):  # requantized a chunk of rows at a time (quantization is per row group)
+            n, k = self.by_name[name].shape
+            g = k // INT4_GROUP
+            outs: tuple[torch.Tensor, ...] = (  # filled in place: no second copy of the codes
+                (torch.empty(n, g, 16, dtype=torch.uint8), torch.empty(n, g, dtype=torch.float16),
+                 torch.empty(n, g, dtype=torch.float16)) if mode == "int4"
+                else (torch.empty(n, k, dtype=torch.int8), torch.empty(n, g, dtype=torch.float16)))
+            for lo, parts in self.requantized(name, mode):
+                for out, part in zip(outs, parts):
+                    out[lo : lo + part.shape[0]] = part
+            return outs
         kind = self.type_name(name)
-        native = kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
-        if not native:  # requantized a chunk of rows at a time (quantization is per row group)
-            parts = []
-            for lo, hi in self._chunks(name):
-                w = self._rows(self._dequantize(name, lo, hi), name)
-                if mode == "int4":
-                    q, d, m = quantize_q4_1(w)
-                    parts.append((to_nibbles(q), d, m))
-                else:
-                    parts.append(quantize_q8_0(w))
-            self._release(name)
-            return tuple(torch.cat(xs) for xs in zip(*parts))
         tensor = self.by_name[name]
         n, k = tensor.shape
         b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
@@ -199,10 +238,18 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
         raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
     kernel = kernel or kernels.active()
     file, config, tokenizer, path = open_gguf_model(path)
-    files = _Tensors(file, config, path)
+    threads = torch.get_num_threads()
+    files = _Tensors(file, config, path, threads)
     if any(not tiled_compatible(files.by_name[n].shape) for n in _matrix_names(config)):
         return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
-    model = _build(files, config, quant, kernel, dtype)
+    # torch ops one thread each: a load runs thousands of small byte shuffles, and with the
+    # cores busy each multi-threaded op waited ~8 ms for its second thread (measured: the
+    # qwen2-1.5B load 23 s -> 7 s); large requantizations run in `threads` threads instead.
+    torch.set_num_threads(1)
+    try:
+        model = _build(files, config, quant, kernel, dtype)
+    finally:
+        torch.set_num_threads(threads)
     del files, file  # unmaps the file
     return_free_heap()  # the load's temporary buffers, kept mapped by malloc otherwise
     return model, tokenizer
@@ -229,7 +276,11 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
     down = stack.from_layers(fused(("mlp.down_proj",)), None, dtype, kernel)
     embed = files.stored("embed_tokens.weight", dtype)
     head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    head: LinearStack = TiledInt8Stack.from_layers([files.blocks(head_name, HEAD_QUANT[quant])], None, dtype, kernel)
+    head_quant, (vocab, hidden) = HEAD_QUANT[quant], files.by_name[head_name].shape
+    head: LinearStack = (
+        TiledInt8Stack.from_layers([files.blocks(head_name, head_quant)], None, dtype, kernel)
+        if files.native(head_name, head_quant) else  # packed a chunk of rows at a time
+        TiledInt8Stack.from_row_chunks(files.requantized(head_name, head_quant, rows=16), vocab, hidden, dtype, kernel))
 
     with torch.device("meta"):
         model = LlamaModel(config)

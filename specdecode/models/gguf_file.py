@@ -175,13 +175,15 @@ class GGUFFile:
             raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
         return np.asarray(w, dtype=np.float32).reshape(hi - lo, *shape[1:])
 
-    def release(self, tensor: GGUFTensor) -> None:
-        """Drop the tensor's pages from this process's resident set (the page cache keeps them)."""
+    def release(self, tensor: GGUFTensor, lo: int = 0, hi: int | None = None) -> None:
+        """Drop the pages of the tensor's rows [lo, hi) (all by default) from this process's
+        resident set (the page cache keeps them)."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
+        row = tensor.nbytes // tensor.shape[0]
         page = mmap.PAGESIZE
-        start = tensor.offset // page * page
-        end = min(len(self._map), tensor.offset + tensor.nbytes)
+        start = (tensor.offset + lo * row) // page * page
+        end = min(len(self._map), tensor.offset + (tensor.shape[0] if hi is None else hi) * row)
         try:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):

@@ -384,6 +384,36 @@ class _TiledStack(LinearStack):
         self._finish(biases, dtype)
         return self
 
+    @classmethod
+    def from_row_chunks(cls, chunks: Iterable[tuple[int, tuple[torch.Tensor, ...]]], n: int, k: int,
+                        dtype: torch.dtype, kernel: str = "avx512-bf16") -> "_TiledStack":
+        """One matrix [n, k] from chunks of rows (first row, a layer's tuple for those rows), each
+        a multiple of 16 rows, packed as they come: its unpacked codes (1 byte a weight) never
+        exist whole (a loader requantizing a 150k-row head holds one chunk of them)."""
+        self = cls.__new__(cls)
+        self._start(kernel)
+        names = [name for name in self._tile_lists() if name in vars(self)]
+        for lo, layer in chunks:
+            part = cls.__new__(cls)
+            part._start(kernel)
+            part._add(*layer)
+            for name in names:
+                piece = getattr(part, name)
+                if not piece:
+                    continue
+                whole = getattr(self, name)
+                if not whole:
+                    whole.append(torch.empty(n // _TILE, *piece[0].shape[1:], dtype=piece[0].dtype))
+                whole[0][lo // _TILE : lo // _TILE + piece[0].shape[0]] = piece[0]
+        self.out_features, self.in_features = n, k
+        self._finish(None, dtype)
+        return self
+
+    @staticmethod
+    def _tile_lists() -> tuple[str, ...]:
+        """The per-layer lists of tensors tiled along their first axis (16 rows a tile)."""
+        return ("packed", "d", "m", "wsum")
+
     def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
@@ -471,7 +501,7 @@ class TiledInt8Stack(_TiledStack):
         super()._add(q, d)
         self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
         if self.vnni:
-            self.wsum.append(tile_scales(q.view(q.shape[0], -1, INT4_GROUP).sum(-1, dtype=torch.int16)))
+            self.wsum.append(tile_scales(_block_sums(q)))
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -496,6 +526,16 @@ class TiledInt8Stack(_TiledStack):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.packed, self.d, self.wsum, [self.bias])
+
+
+def _block_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """int8 codes [N, K] -> int16 [N, K/32], each block's sum; a few thousand rows at a time
+    (sum(dtype=int16) first converts its whole input: +2 bytes a weight for a 150k-row head)."""
+    n, k = q.shape
+    out = torch.empty(n, k // INT4_GROUP, dtype=torch.int16)
+    for lo in range(0, n, rows):
+        out[lo : lo + rows] = q[lo : lo + rows].view(-1, k // INT4_GROUP, INT4_GROUP).sum(-1, dtype=torch.int16)
+    return out
 
 
 def _nbytes(*lists: Sequence[torch.Tensor | None]) -> int:
