@@ -223,13 +223,16 @@ def quantize_q4_1(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     w = w.detach().float()
     n, k = w.shape
     wg = w.view(n, k // group, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    lo, hi = torch.aminmax(wg, dim=-1)
     d = ((hi - lo) / 15.0).half()
     m = lo.half()
     df = d.float()
-    safe = torch.where(df > 0, df, torch.ones_like(df))
-    q = torch.round((wg - m.float()[..., None]) / safe[..., None]).clamp_(0, 15)
-    q = torch.where(df[..., None] > 0, q, torch.zeros_like(q))
+    positive = df > 0
+    safe = torch.where(positive, df, torch.ones_like(df))
+    q = wg - m.float()[..., None]  # (in place from here: a load requantizes every k-quant weight)
+    q.div_(safe[..., None]).round_().clamp_(0, 15)
+    if not bool(positive.all()):
+        q = torch.where(positive[..., None], q, torch.zeros_like(q))
     return q.to(torch.uint8).view(n, k), d, m
 
 
