@@ -119,6 +119,7 @@ class _Tensors:
         """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
         dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
         tensor = self.by_name[name]
+        self.file.dequantize(tensor, 0, 1)  # a type the gguf package cannot read: a UserError now, not mid-forward
         raw = self.file.data(tensor)
         blocks = np.empty(raw.shape, dtype=np.uint8)
         for lo, hi in self._chunks(name):  # its file pages dropped as we go
