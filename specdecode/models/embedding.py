@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+_Q8_0_BLOCK_BYTES = 34  # f16 d, 32 int8 codes
 # Rows dequantized at once when a whole table is asked for (`full`): 64 Mi weights at most.
 _FULL_CHUNK_WEIGHTS = 1 << 26
 
@@ -61,8 +62,12 @@ class BlockEmbedding:
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embeddings of `tokens` (any shape) -> [*tokens.shape, hidden]."""
-        raw = self.blocks.index_select(0, tokens.reshape(-1)).numpy()
-        return self._dequantize(raw).view(*tokens.shape, self.hidden_size)
+        raw = self.blocks.index_select(0, tokens.reshape(-1))
+        if self.ggml_type.name == "Q8_0":  # in torch: a few us instead of numpy's ~50 (same float32 products)
+            b = raw.view(raw.shape[0], -1, _Q8_0_BLOCK_BYTES)
+            w = b[..., :2].contiguous().view(torch.float16).float() * b[..., 2:].view(torch.int8).float()
+            return w.to(self.dtype).view(*tokens.shape, self.hidden_size)
+        return self._dequantize(raw.numpy()).view(*tokens.shape, self.hidden_size)
 
     def full(self) -> torch.Tensor:
         """The whole table in `dtype` (a new tensor: for drafters that copy the embedding)."""
