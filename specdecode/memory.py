@@ -33,13 +33,14 @@ RUNTIME_BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 +
 LOADER_PEAK_BYTES_PER_WEIGHT = {"fp32": 10.5, "bf16": 6.5, "int8": 10.5, "int4": 10.0}
 LOADER_STEADY_BYTES_PER_WEIGHT = {"fp32": 9.0, "bf16": 6.5, "int8": 7.5, "int4": 6.5}
 # The same for the direct loader (models/direct.py: a GGUF's blocks straight into our kernels'
-# int4/int8 stacks, no float copy; used when our kernels run): the runtime stacks, the bf16
-# embedding and about one tensor of the file at a time. int4 measured on the qwen2-1.5B-shaped
-# Q4_0 file (peak 1.81, after load 1.23 bytes per weight beyond the process base; docs/memory.md),
-# rounded up; int8 = int4 + the stacks' extra 0.5 byte (not measured). A model with a big
-# vocabulary pays more per weight (its bf16 embedding), so 1.5B figures are safe for 7-8B ones.
-DIRECT_PEAK_BYTES_PER_WEIGHT = {"int8": 2.5, "int4": 2.0}
-DIRECT_STEADY_BYTES_PER_WEIGHT = {"int8": 2.0, "int4": 1.5}
+# int4/int8 stacks, no float copy; used when our kernels run): the runtime stacks, the
+# embedding as the file's blocks and a few chunks of one tensor at a time. int4 measured on the
+# qwen2-1.5B-shaped Q4_0 file (peak 0.95, after load 0.78 bytes per weight beyond the process
+# base; the 8B-shaped Q4_K_M 0.75 / 0.66; docs/memory.md), rounded up; int8 = int4 + the
+# stacks' extra 0.5 byte (not measured). A model with a big vocabulary pays more per weight
+# (its int8 head), so 1.5B figures are safe for 7-8B ones.
+DIRECT_PEAK_BYTES_PER_WEIGHT = {"int8": 1.75, "int4": 1.25}
+DIRECT_STEADY_BYTES_PER_WEIGHT = {"int8": 1.5, "int4": 1.0}
 # Python, torch, transformers and a tokenizer before any weight (a 152k vocabulary included).
 BASE_PROCESS_BYTES = int(0.45 * GIB)
 # Leave this share of MemAvailable free: page cache the GGUF pages need, allocator slack.
@@ -77,6 +78,20 @@ def peak_rss_bytes() -> int | None:
     except (ImportError, OSError, ValueError):
         return None
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
+
+
+def return_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc malloc_trim): a load frees many
+    temporary buffers (dequantized chunks, unpacked codes) that glibc keeps mapped otherwise,
+    ~0.1-0.3 GiB of resident memory no tensor uses. A no-op where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_bytes() -> int | None:

@@ -17,6 +17,7 @@ from specdecode.models.quant import (
     TiledInt4Stack,
     TiledInt8Stack,
     linear_stack,
+    pack_q4_nibbles,
     quad_int4,
     quad_int8,
     quantize_q4_1,
@@ -27,6 +28,7 @@ from specdecode.models.quant import (
     unquad_int8,
     untile_int4,
     untile_int8,
+    to_nibbles,
 )
 
 ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
@@ -43,6 +45,17 @@ def test_tiling_round_trips():
     assert torch.equal(unquad_int4(quad_int4(q4)), q4)
     assert torch.equal(unquad_int8(quad_int8(q8)), q8)
     assert tile_int4(q4).numel() == quad_int4(q4).numel() == q4.numel() // 2  # two codes a byte, as in GGUF
+
+
+def test_gguf_nibbles_pack_straight_into_both_layouts():
+    """The direct loader packs a Q4 file's nibble bytes without unpacking them: the same bytes
+    as packing the codes (GGUF's order: byte j of a block holds element j low, j + 16 high)."""
+    g = torch.Generator().manual_seed(1)
+    q4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
+    nibbles = to_nibbles(q4)
+    assert nibbles.shape == (48, 3, 16) and torch.equal(nibbles[5, 1, 3], q4[5, 32 + 3] | (q4[5, 32 + 19] << 4))
+    assert torch.equal(pack_q4_nibbles(nibbles, vnni=True), quad_int4(q4))
+    assert torch.equal(pack_q4_nibbles(nibbles, vnni=False), tile_int4(q4))
 
 
 def test_q4_1_and_q8_0_weights_give_back_their_codes():

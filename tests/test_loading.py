@@ -454,6 +454,7 @@ from specdecode.models.direct import load_gguf_direct  # noqa: E402
 from specdecode.models.llama import LlamaModel, _interleave_rope_rows  # noqa: E402
 from specdecode.models.loading import read_gguf_header  # noqa: E402
 from specdecode.models.quant import quantize_q4_1, quantize_q8_0  # noqa: E402
+from specdecode.models.embedding import BlockEmbedding  # noqa: E402
 
 needs_our_kernels = pytest.mark.skipif(kernels.active() == "aten", reason="direct loading runs on our kernels")
 _GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -512,9 +513,16 @@ def test_tiny_gguf_direct(arch: str, quant: str, tmp_path: Path, monkeypatch: py
     head_type = types["token_embd.weight" if config.tie_word_embeddings else "output.weight"]
     torch.testing.assert_close(rt.head.dequantize(0), head if head_type == "Q8_0" else _requantized(head, "int8"),
                                rtol=0, atol=1e-6)
-    torch.testing.assert_close(rt.embed, expected["embed_tokens.weight"].bfloat16(), rtol=0, atol=0)
+    # The embedding stays in the file's blocks; its rows are the float path's, bit for bit.
+    embd_type = types["token_embd.weight"]
+    assert isinstance(rt.embed, BlockEmbedding) and rt.embed.ggml_type.name == embd_type
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[embd_type]]
+    assert rt.embed.nbytes == expected["embed_tokens.weight"].numel() // block * size
+    ids = torch.tensor([[3, 0], [271, 3]])
+    assert torch.equal(rt.embed.full(), expected["embed_tokens.weight"].bfloat16())
+    assert torch.equal(model.embed_rows(ids), expected["embed_tokens.weight"].bfloat16()[ids])
     torch.testing.assert_close(model.output_weight().float(), rt.head.dequantize(0).bfloat16().float()
-                               if not config.tie_word_embeddings else rt.embed.float(), rtol=0, atol=0)
+                               if not config.tie_word_embeddings else rt.embed.full().float(), rtol=0, atol=0)
     if config.attention_bias:  # parameters in HF order, the fused bias in RoPE pair order
         torch.testing.assert_close(model.layers[0].self_attn.q_proj.bias.float(),
                                    expected["layers.0.self_attn.q_proj.bias"].bfloat16().float())
@@ -552,7 +560,10 @@ def test_embedded_direct_same_as_float_path(embedded: LoadedModel) -> None:
     for field in ("qkv", "o", "gate_up", "down"):
         for i in (0, 17, 29):
             assert torch.equal(getattr(a, field).codes(i), getattr(b, field).codes(i)), (field, i)
-    assert torch.equal(a.head.codes(0), b.head.codes(0)) and torch.equal(a.embed, b.embed)
+    assert torch.equal(a.head.codes(0), b.head.codes(0)) and torch.equal(a.embed.full(), b.embed.full())
+    ids = torch.tensor([0, 5, 49151, 5])
+    assert torch.equal(direct.embed_rows(ids), reference.embed_rows(ids))
+    assert a.embed.nbytes < b.embed.nbytes * 0.6  # Q8_0 blocks (1.06 bytes a weight), not bf16's 2
     for prompt in ("Hello", "The capital of France is", "def fib(n):\n"):
         ids = torch.tensor(tok.encode(prompt))
         assert len(ids) <= 16

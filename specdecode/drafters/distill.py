@@ -66,8 +66,8 @@ def build_draft_model(
     a draft step costs what the same layers of the target cost."""
     cfg = draft_config(target.config, num_layers)
     sd = {k: v.to(target.dtype) for k, v in layers.items()}
-    sd["embed_tokens.weight"] = target.embed_tokens.weight.detach()
-    # (output_weight: a directly loaded target's untied head exists only in its runtime)
+    # (a directly loaded target's embedding and untied head exist only in its runtime)
+    sd["embed_tokens.weight"] = target.embedding_weight()
     head_weight = target.output_weight()
     sd["lm_head.weight"] = head_weight
     model = LlamaModel.from_state_dict(cfg, sd, target.dtype)

@@ -139,8 +139,9 @@ class EagleDrafter:
         self.target = target
         self.module = head  # as trained / loaded (what save_eagle writes)
         self.head, self.draft_head = drafting_parts(target, head, vocab_ids)  # what drafts
-        # the activations' dtype (a quantized target computes in bf16); no copy when dtypes agree
-        self.embed = target.embed_tokens.weight.detach().to(target.dtype)
+        # rows as the target embeds them, in its activation dtype (a quantized target computes in
+        # bf16; a directly loaded one dequantizes just these rows of its GGUF blocks)
+        self.embed = target.embed_rows
         self.max_length = max_length or target.config.max_position_embeddings
         self.hidden_layers = head.config.tap_layers or None  # what the decoding loop hands over
         self.features = TargetFeatures(target, self.max_length, self.hidden_layers)
@@ -187,7 +188,7 @@ class EagleDrafter:
         f_in = feats[start:n].unsqueeze(0)
         if self.head.fused:
             f_in = self.head.fuse_taps(f_in)
-        e_in = self.embed[tokens[start + 1 : n + 1]].unsqueeze(0)
+        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
         h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
         self.cached = n
         drafted: list[int] = []
@@ -205,7 +206,7 @@ class EagleDrafter:
                 break
             if step + 1 < k:
                 pos = torch.tensor([n + step])
-                h = self.head(h.unsqueeze(0), self.embed[[token]].unsqueeze(0), pos, self.cache)[:, -1]
+                h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
         return Draft(drafted, torch.stack(probs) if probs else None)
 
 

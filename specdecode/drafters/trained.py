@@ -90,7 +90,8 @@ def save_folder(path: Path, kind: str, config: dict[str, Any], tensors: dict[str
 def target_signature(model: LlamaModel) -> dict[str, Any]:
     """Enough of the target to tell whether a drafter was trained on it (dtype-tolerant)."""
     c = model.config
-    emb = model.embed_tokens.weight[:512].detach().double()
+    w = model.embed_tokens.weight  # (on the meta device for a directly loaded model: its runtime's rows)
+    emb = (w[:512] if not w.is_meta else model.embed_rows(torch.arange(min(512, c.vocab_size)))).detach().double()
     return {
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
         "embed_sum": round(float(emb.sum()), 4), "embed_abs_sum": round(float(emb.abs().sum()), 4),

@@ -12,9 +12,10 @@ file become codes and scales with numpy views, layer by layer, and are packed at
 - q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
   files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
   scales alike (rows are independent, so this is exact);
-- the embedding is kept as bf16 (what the forward gathers from), the output head as int8
-  (llama.HEAD_QUANT), norms and biases as small bf16 parameters; the layers' matrices exist
-  only in the runtime stacks (their nn.Parameters stay on the meta device).
+- the embedding stays in the file's blocks (its bytes copied out of the map; the forward
+  dequantizes the rows it embeds, models/embedding.py), the output head becomes int8
+  (llama.HEAD_QUANT), norms and biases small bf16 parameters; the embedding and the layers'
+  matrices exist only in the runtime (their nn.Parameters stay on the meta device).
 
 Only for native llama/qwen2/mistral GGUFs whose every matrix our kernels can take (rows a
 multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'aten'`);
@@ -23,11 +24,11 @@ multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'at
 
 from __future__ import annotations
 
-import mmap
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from torch import nn
 from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.memory import return_free_heap
+from specdecode.models.embedding import BlockEmbedding
+from specdecode.models.gguf_file import GGUFFile, GGUFTensor
 from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
 from specdecode.models.loading import (
     _unpermute_rope_rows,
@@ -51,13 +55,15 @@ from specdecode.models.quant import (
     quantize_q4_1,
     quantize_q8_0,
     tiled_compatible,
+    to_nibbles,
 )
 from specdecode.tokenizer import Tokenizer
 
 # Bytes of one block of 32 weights, by GGML type name.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-# Weights dequantized to float32 at once when requantizing a big tensor (16 Mi: 64 MiB).
-_CHUNK_WEIGHTS = 1 << 24
+# Weights dequantized to float32 at once when requantizing a big tensor (4 Mi: 16 MiB; the
+# gguf package's dequantization holds several temporaries of that size, one chunk per thread).
+_CHUNK_WEIGHTS = 1 << 22
 # Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
 DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
 
@@ -72,52 +78,32 @@ def direct_loading_supported(quant: str | None, kernel: str | None = None) -> bo
 class _Tensors:
     """The GGUF's tensors by native name, read one at a time, with errors naming file and tensor.
 
-    After a tensor is converted its pages are dropped from this process (madvise DONTNEED on
-    the read-only map): the page cache keeps them, but they no longer count in our resident
-    set, so the peak holds the runtime stacks plus about one tensor of the file.
+    After a tensor is converted its pages are dropped from this process (GGUFFile.release):
+    the page cache keeps them, but they no longer count in our resident set, so the peak holds
+    the runtime stacks plus about one tensor of the file.
     """
 
-    def __init__(self, reader: Any, config: ModelConfig, path: Path) -> None:
+    def __init__(self, file: GGUFFile, config: ModelConfig, path: Path, threads: int = 1) -> None:
+        self.file = file
+        self.threads = threads  # requantizing chunks in parallel (numpy and torch release the GIL)
         self.path = path
         self.config = config
         self.permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
-        self.by_name: dict[str, Any] = dict(native_tensors(reader, path))
+        self.by_name: dict[str, GGUFTensor] = dict(native_tensors(file, path))
         expected = expected_shapes(config)
         missing = sorted(set(expected) - set(self.by_name))
         if missing:
             raise UserError(f"weights of {path} do not match its config: missing {', '.join(missing[:3])}")
         for name, shape in expected.items():
-            got = tuple(int(d) for d in reversed(self.by_name[name].shape))
+            got = self.by_name[name].shape
             if got != shape:
                 raise UserError(f"weights of {path} do not match its config: wrong shape {name} {got} != {shape}")
-        self._mmap: mmap.mmap | None = getattr(reader.data, "_mmap", None)
 
     def type_name(self, name: str) -> str:
         return self.by_name[name].tensor_type.name
 
-    def _raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes (or values, for float types), checked against its size."""
-        tensor = self.by_name[name]
-        try:
-            data = tensor.data
-            if data.nbytes != int(tensor.n_bytes):
-                raise ValueError(f"{data.nbytes} bytes where {int(tensor.n_bytes)} are expected")
-            return data
-        except Exception as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
-
-    def _release(self, name: str) -> None:
-        """Drop the tensor's pages from our resident set (see the class docstring)."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        tensor = self.by_name[name]
-        page = mmap.PAGESIZE
-        start = int(tensor.data_offset) // page * page
-        end = min(len(self._mmap), int(tensor.data_offset) + int(tensor.n_bytes))
-        try:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            pass
+    def _release(self, name: str, lo: int = 0, hi: int | None = None) -> None:
+        self.file.release(self.by_name[name], lo, hi)
 
     def _rows(self, x: torch.Tensor, name: str, interleave: bool = True) -> torch.Tensor:
         """The float path's row order for q/k: GGUF -> HF (llama-arch files) -> RoPE pairs
@@ -129,65 +115,96 @@ class _Tensors:
                 return _interleave_rope_rows(x, heads) if interleave else x
         return x
 
+    def stored(self, name: str, dtype: torch.dtype) -> BlockEmbedding:
+        """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
+        dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
+        tensor = self.by_name[name]
+        self.file.dequantize(tensor, 0, 1)  # a type the gguf package cannot read: a UserError now, not mid-forward
+        raw = self.file.data(tensor)
+        blocks = np.empty(raw.shape, dtype=np.uint8)
+        for lo, hi in self._chunks(name):  # its file pages dropped as we go
+            blocks[lo:hi] = raw[lo:hi]
+            self._release(name, lo, hi)
+        return BlockEmbedding(torch.from_numpy(blocks), int(tensor.tensor_type), tensor.shape[1], dtype)
+
     def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
-        import gguf
+        w = self.file.dequantize(self.by_name[name], lo, hi)
+        return torch.from_numpy(w if w.flags.writeable else w.copy())  # (F32: a view of the map)
 
-        tensor = self.by_name[name]
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        raw = self._raw(name)
-        if len(shape) == 2:
-            raw = raw.reshape(shape[0], -1)[lo:hi]
-        try:
-            w = gguf.quants.dequantize(raw, tensor.tensor_type)
-        except NotImplementedError:
-            raise UserError(
-                f"{self.path}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, "
-                "which the gguf package cannot dequantize"
-            ) from None
-        except Exception as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(hi - lo, *shape[1:]).copy())
-
-    def _chunks(self, name: str) -> list[tuple[int, int]]:
-        """Row ranges of at most ~_CHUNK_WEIGHTS weights: a large tensor (a 150k-token
-        embedding) is never float32 as a whole. q/k (row-permuted, small) come in one piece."""
-        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+    def _chunks(self, name: str, rows: int = 1) -> list[tuple[int, int]]:
+        """Row ranges of at most ~_CHUNK_WEIGHTS weights (a multiple of `rows` rows): a large
+        tensor (a 150k-token embedding) is never float32 as a whole. q/k (row-permuted, small)
+        come in one piece."""
+        shape = self.by_name[name].shape
         if len(shape) == 1 or any(f".{p}." in name for p in ("q_proj", "k_proj")):
             return [(0, shape[0])]
-        step = max(1, _CHUNK_WEIGHTS // shape[1])
+        step = max(rows, _CHUNK_WEIGHTS // shape[1] // rows * rows)
         return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
     def float(self, name: str, interleave: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to `dtype` (a chunk of rows at a time), rows in runtime
         order (or HF's)."""
-        shape = tuple(int(d) for d in reversed(self.by_name[name].shape))
+        shape = self.by_name[name].shape
         out = torch.empty(shape, dtype=dtype)
         for lo, hi in self._chunks(name):
             out[lo:hi] = self._dequantize(name, lo, hi)
         self._release(name)
         return self._rows(out, name, interleave).contiguous()
 
+    def native(self, name: str, mode: str) -> bool:
+        """Whether the tensor's blocks are the format's own (Q4_0/Q4_1 -> int4, Q8_0 -> int8)."""
+        kind = self.type_name(name)
+        return kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
+
+    def requantized(self, name: str, mode: str, rows: int = 1) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """(first row, the format's tuple for a chunk of rows) in order, each chunk a multiple of
+        `rows` rows, dequantized and requantized in `threads` threads (runtime row order)."""
+        def convert(span: tuple[int, int]) -> tuple[int, tuple[torch.Tensor, ...]]:
+            lo, hi = span
+            w = self._rows(self._dequantize(name, lo, hi), name)
+            if mode == "int4":
+                q, d, m = quantize_q4_1(w)
+                return lo, (to_nibbles(q), d, m)
+            return lo, quantize_q8_0(w)
+
+        chunks = self._chunks(name, rows)
+        workers = max(1, min(self.threads, len(chunks)))
+
+        def done(future: Future[tuple[int, tuple[torch.Tensor, ...]]]) -> tuple[int, tuple[torch.Tensor, ...]]:
+            lo, parts = future.result()
+            self._release(name, lo, lo + parts[0].shape[0])  # its file pages, as we go
+            return lo, parts
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future[tuple[int, tuple[torch.Tensor, ...]]]] = deque()
+            for span in chunks:
+                pending.append(pool.submit(convert, span))
+                if len(pending) > 2 * workers:  # at most ~2 chunks a worker in flight
+                    yield done(pending.popleft())
+            while pending:
+                yield done(pending.popleft())
+
     def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
-        """int4: (codes uint8 [N, K] 0..15, d f16 [N, K/32], m f16 [N, K/32]), w = d*q + m;
+        """int4: (GGUF Q4 nibble bytes uint8 [N, K/32, 16], d f16 [N, K/32], m f16 [N, K/32]),
+        w = d*q + m (the stack packs the nibbles without unpacking them, quant.pack_q4_nibbles);
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
+        if not self.native(name, mode):  # requantized a chunk of rows at a time (quantization is per row group)
+            n, k = self.by_name[name].shape
+            g = k // INT4_GROUP
+            outs: tuple[torch.Tensor, ...] = (  # filled in place: no second copy of the codes
+                (torch.empty(n, g, 16, dtype=torch.uint8), torch.empty(n, g, dtype=torch.float16),
+                 torch.empty(n, g, dtype=torch.float16)) if mode == "int4"
+                else (torch.empty(n, k, dtype=torch.int8), torch.empty(n, g, dtype=torch.float16)))
+            for lo, parts in self.requantized(name, mode):
+                for out, part in zip(outs, parts):
+                    out[lo : lo + part.shape[0]] = part
+            return outs
         kind = self.type_name(name)
-        native = kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
-        if not native:  # requantized a chunk of rows at a time (quantization is per row group)
-            parts = []
-            for lo, hi in self._chunks(name):
-                w = self._rows(self._dequantize(name, lo, hi), name)
-                parts.append(quantize_q4_1(w) if mode == "int4" else quantize_q8_0(w))
-            self._release(name)
-            return tuple(torch.cat(xs) for xs in zip(*parts))
         tensor = self.by_name[name]
-        n, k = (int(d) for d in reversed(tensor.shape))
-        raw = self._raw(name)
-        try:
-            b = np.asarray(raw).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
-        except ValueError as exc:
-            raise UserError(f"{self.path}: tensor {tensor.name} is truncated or corrupt ({exc})") from None
+        n, k = tensor.shape
+        b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
         d = torch.from_numpy(np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy())
         if kind == "Q8_0":
             codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k).copy())
@@ -199,10 +216,9 @@ class _Tensors:
         else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
             m = d * -8
             qs = b[..., 2:]
-        # Low nibble of byte j = element j, high nibble = element j + 16.
-        codes = torch.from_numpy(np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n, k))
+        nibbles = torch.from_numpy(np.ascontiguousarray(qs))  # copied out of the map
         self._release(name)
-        return tuple(self._rows(x, name).contiguous() for x in (codes, d, m))
+        return tuple(self._rows(x, name).contiguous() for x in (nibbles, d, m))
 
 
 def _matrix_names(config: ModelConfig) -> list[str]:
@@ -222,12 +238,21 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
     if quant not in HEAD_QUANT:
         raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
     kernel = kernel or kernels.active()
-    reader, config, tokenizer, path = open_gguf_model(path)
-    files = _Tensors(reader, config, path)
-    if any(not tiled_compatible(tuple(int(d) for d in reversed(files.by_name[n].shape))) for n in _matrix_names(config)):
+    file, config, tokenizer, path = open_gguf_model(path)
+    threads = torch.get_num_threads()
+    files = _Tensors(file, config, path, threads)
+    if any(not tiled_compatible(files.by_name[n].shape) for n in _matrix_names(config)):
         return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
-    model = _build(files, config, quant, kernel, dtype)
-    del files, reader  # unmaps the file
+    # torch ops one thread each: a load runs thousands of small byte shuffles, and with the
+    # cores busy each multi-threaded op waited ~8 ms for its second thread (measured: the
+    # qwen2-1.5B load 23 s -> 7 s); large requantizations run in `threads` threads instead.
+    torch.set_num_threads(1)
+    try:
+        model = _build(files, config, quant, kernel, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    del files, file  # unmaps the file
+    return_free_heap()  # the load's temporary buffers, kept mapped by malloc otherwise
     return model, tokenizer
 
 
@@ -250,13 +275,17 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
     o = stack.from_layers(fused(("self_attn.o_proj",)), None, dtype, kernel)
     gate_up = stack.from_layers(fused(("mlp.gate_proj", "mlp.up_proj")), None, dtype, kernel)
     down = stack.from_layers(fused(("mlp.down_proj",)), None, dtype, kernel)
-    embed = small("embed_tokens.weight")
+    embed = files.stored("embed_tokens.weight", dtype)
     head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    head: LinearStack = TiledInt8Stack.from_layers([files.blocks(head_name, HEAD_QUANT[quant])], None, dtype, kernel)
+    head_quant, (vocab, hidden) = HEAD_QUANT[quant], files.by_name[head_name].shape
+    head: LinearStack = (
+        TiledInt8Stack.from_layers([files.blocks(head_name, head_quant)], None, dtype, kernel)
+        if files.native(head_name, head_quant) else  # packed a chunk of rows at a time
+        TiledInt8Stack.from_row_chunks(files.requantized(head_name, head_quant, rows=16), vocab, hidden, dtype, kernel))
 
     with torch.device("meta"):
         model = LlamaModel(config)
-    params: dict[str, torch.Tensor] = {"embed_tokens.weight": embed, "norm.weight": small("norm.weight")}
+    params: dict[str, torch.Tensor] = {"norm.weight": small("norm.weight")}
     for i in layers:
         p = f"layers.{i}."
         params[p + "input_layernorm.weight"] = small(p + "input_layernorm.weight")

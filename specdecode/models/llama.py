@@ -32,6 +32,7 @@ from specdecode import kernels
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
+from specdecode.models.embedding import DenseEmbedding, Embedding
 from specdecode.models.quant import QUANT_MODES, LinearStack, linear_stack
 
 # What the (tied or untied) output head becomes in each quantized mode. It is the largest
@@ -111,7 +112,7 @@ def _interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Runtime:
     """The weights a forward computes with (see the module docstring)."""
 
-    embed: torch.Tensor  # [V, hidden]
+    embed: Embedding  # [V, hidden] rows in the activation dtype (a table, or a GGUF's blocks)
     input_norm: list[torch.Tensor]  # per layer [hidden], fp32 (norms run on the fp32 residual)
     qkv: LinearStack  # hidden -> (heads + 2 kv_heads) * head_dim
     o: LinearStack  # heads * head_dim -> hidden
@@ -144,7 +145,7 @@ class Runtime:
                 gate_up_w.append(torch.cat((m.gate_proj.weight, m.up_proj.weight)))
             head_quant = None if quant is None else HEAD_QUANT[quant]
             return cls(
-                embed=model.embed_tokens.weight.detach().to(dtype),
+                embed=DenseEmbedding(model.embed_tokens.weight.detach().to(dtype)),
                 input_norm=[layer.input_layernorm.weight.detach().float() for layer in layers],
                 qkv=linear_stack(qkv_w, qkv_b or None, quant, dtype, kernel),
                 o=linear_stack([layer.self_attn.o_proj.weight for layer in layers], None, quant, dtype, kernel),
@@ -216,7 +217,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not table.is_meta:  # (loaders build on the meta device: normal_ there imports torch._dynamo, ~4 s)
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -368,7 +372,21 @@ class LlamaModel(nn.Module):
         w = self.lm_head.weight
         if not w.is_meta:
             return w.detach().to(self.dtype)
+        if self.config.tie_word_embeddings:  # the file's embedding, exactly
+            return self.embedding_weight()
         return self.runtime().head.dequantize(0).to(self.dtype)
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embeddings of `tokens` [*shape] -> [*shape, hidden] in the activation dtype, as
+        the forward embeds them (EAGLE heads read them; a directly loaded model dequantizes
+        just these rows of its GGUF blocks, models/embedding.py)."""
+        return self.runtime().embed.rows(tokens)
+
+    def embedding_weight(self) -> torch.Tensor:
+        """The whole embedding [vocab, hidden]: the parameter, or for a directly loaded model
+        (whose embedding stays in the file's blocks) a new dequantized table in the activation dtype."""
+        w = self.embed_tokens.weight
+        return w.detach() if not w.is_meta else self.runtime().embed.full()
 
     def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not self._runtimes.has_float_weights:
@@ -483,8 +501,8 @@ class LlamaModel(nn.Module):
         n_hidden = t if return_hidden else n_out  # hidden states: every new token's, when asked
         if compiled:  # inductor generates no code for complex numbers: cos/sin pairs instead
             rope = torch.view_as_real(rope)
-        logits, hidden = step(tokens, rope, mask, cache.k, cache.v, past, n_out, n_hidden, runtime, self.layer_ids,
-                              self.config, taps, row_kernel)
+        logits, hidden = step(runtime.embed.rows(tokens), rope, mask, cache.k, cache.v, past, n_out, n_hidden,
+                              runtime, self.layer_ids, self.config, taps, row_kernel)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -540,7 +558,7 @@ def _attend(
 
 
 def _step(
-    tokens: torch.Tensor,  # [T]
+    embedded: torch.Tensor,  # [T, hidden] the new tokens' embeddings, in the activation dtype
     rope: torch.Tensor,  # [T, head_dim / 2] complex64 (eager) or its view_as_real [T, head_dim / 2, 2] (compiled)
     mask: torch.Tensor | list[torch.Tensor | None] | None,  # [T, past+T] bool, True = may attend;
     # None = everything; a list (one [1, past+i+1] mask or None per token) = row by row
@@ -573,7 +591,7 @@ def _step(
     guaranteed for bf16 float ones.)
     """
     compiling = torch.compiler.is_compiling()
-    t = tokens.shape[0]
+    t = embedded.shape[0]
     n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = n_heads // n_kv
     end = past + t
@@ -586,10 +604,10 @@ def _step(
             mask = mask.repeat(group, 1)
         elif rowwise:
             mask = [None if m is None else m.repeat(group, 1) for m in mask]
-    dtype = w.embed.dtype
+    dtype = embedded.dtype
     # The residual stream stays fp32 (also for bf16/int8/int4 models): RMSNorm reads it
     # without a conversion, and sums of many layers' outputs keep their precision.
-    x = F.embedding(tokens, w.embed).float()  # [T, hidden]
+    x = embedded.float()  # [T, hidden]
     hidden = x.shape[-1]
     if compiling:
         zero = torch.zeros((), dtype=torch.long)

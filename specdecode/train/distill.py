@@ -61,7 +61,7 @@ class DistillTask:
         # the loss's (e.g. the whole vocabulary: EAGLE and Medusa predict features, any head fits).
         self.export_vocab_ids = vocab_ids
         self.module = Student(target, init_layers)
-        self.embed = target.embed_tokens.weight.detach().float()
+        self.embed = target.embedding_weight().float()
         full = target.lm_head.weight.detach().float()
         self.w_full = full
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()

@@ -86,7 +86,7 @@ class EagleTask:
             own = {k.removeprefix(f"layers.{init_layer}."): v for k, v in _target_state(target).items()
                    if k.startswith(f"layers.{init_layer}.")}
             self.module.layer.load_state_dict(own)
-        self.embed = target.embed_tokens.weight.detach().float()
+        self.embed = target.embedding_weight().float()
         full = target.lm_head.weight.detach().float()
         self.w_draft = full if vocab_ids is None else full[vocab_ids].contiguous()  # [Vd, H]
         self.w_full = full

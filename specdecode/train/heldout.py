@@ -101,11 +101,11 @@ def draft_cost_ratio(engine, drafter, steps: int = 40) -> float:  # type: ignore
             feats = drafter.head.fuse_taps(feats)
         h_cache = drafter.head.new_cache(512, target.dtype)
         emb = drafter.embed
-        drafter.head(feats[:-1].unsqueeze(0), emb[context[1:]].unsqueeze(0), torch.arange(199), h_cache)
+        drafter.head(feats[:-1].unsqueeze(0), emb(context[1:]).unsqueeze(0), torch.arange(199), h_cache)
 
         def step(tok: torch.Tensor) -> None:  # one draft step: feeds back a head output, as drafting does
             pos = torch.tensor([h_cache.length])
-            h = drafter.head(feats[-1:].unsqueeze(0), emb[tok].unsqueeze(0), pos, h_cache)[:, -1]
+            h = drafter.head(feats[-1:].unsqueeze(0), emb(tok).unsqueeze(0), pos, h_cache)[:, -1]
             drafter.draft_head.logits(drafter.head.to_head(h)).argmax(-1)
             h_cache.rollback(h_cache.length - 1)
     elif isinstance(drafter, MedusaDrafter):
