@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 
 from specdecode.errors import UserError
-from specdecode.kernels import cpu_name
+from specdecode.kernels import build_dir, cpu_name
 
 DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1..9 tokens)
 PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
@@ -327,8 +327,8 @@ def cost_cache_key(**parts: object) -> str:
 
 def _machine_key(model: torch.nn.Module, source: str | None, **more: object) -> str:
     """What a measured cost depends on: the model file (size, mtime) and its shape (a model
-    built by hand may be named after a file it is not), weight format, kernel, CPU, threads,
-    torch, and `more`."""
+    built by hand may be named after a file it is not), weight format, kernel (and the build of
+    our kernel library: a new one runs at another speed), CPU, threads, torch, and `more`."""
     stat = None
     try:
         stat = os.stat(source) if source else None
@@ -337,7 +337,7 @@ def _machine_key(model: torch.nn.Module, source: str | None, **more: object) -> 
     return cost_cache_key(
         source=source, size=stat and stat.st_size, mtime=stat and stat.st_mtime,
         shape=repr(getattr(model, "config", None)), format=getattr(model, "weight_format", None), kernel=getattr(model, "kernel", None),
-        layers=getattr(model, "layer_ids", None), cpu=cpu_name(), threads=torch.get_num_threads(),
+        layers=getattr(model, "layer_ids", None), kernel_build=build_dir().name, cpu=cpu_name(), threads=torch.get_num_threads(),
         torch=torch.__version__, **more)
 
 
