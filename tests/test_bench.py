@@ -136,6 +136,16 @@ def test_ratios_to_llamacpp_by_prompt_set_by_hand():
     assert report.peer_ratios([r for r in rows if r.method != "llamacpp"]) == {}
 
 
+def test_decode_speed_leaves_the_prefill_out_by_hand():
+    row = _row("ngram k=1", "w1", 2.0, 11)
+    row.prefill_seconds = 1.0
+    assert report.decode_tokens_per_second(row) == pytest.approx(10 / 1.0)  # 10 tokens after the first in 1 s
+    row.prefill_seconds = None
+    assert report.decode_tokens_per_second(row) is None
+    lowlevel = [_row("llamacpp-lowlevel", "w1", 1.0, 10), _row("llamacpp", "w1", 2.0, 10)]
+    assert report.reference_peer(lowlevel) == "llamacpp-lowlevel"  # llama.cpp at its best when it ran
+
+
 # -- prompt sets ----------------------------------------------------------------------------------
 def _zip_with(path: Path, member: str, data: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
@@ -300,7 +310,7 @@ def test_bench_end_to_end(hf_folders, prompt_file, tmp_path, capsys):
     for png in ("speedup_vs_k", "tau_vs_k", "acceptance_by_position", "theory_vs_measured", "speedup_by_category"):
         assert (out / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
-    assert "| method | tok/s | speedup | theory | τ | accept | α | fwd/tok | draft share | c | v | = AR |" in report and "`hf-assisted k=2`" in report
+    assert "| method | tok/s | speedup | decode tok/s | decode speedup | theory | τ | accept | α | fwd/tok | draft share | c | v | = AR |" in report and "`hf-assisted k=2`" in report
     assert "![speedup_vs_k](speedup_vs_k.png)" in report and "specdecode bench --target" in report
     assert all(summary["identical_to_ar"][m] == 1.0 for m in labels if not m.startswith("hf"))
 

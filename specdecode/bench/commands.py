@@ -191,12 +191,18 @@ def _write_outputs(measurements: list, meta: dict[str, object], out_dir: Path, w
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(out_dir / "results.json", report.results_document(measurements, summary, meta))
     png = plots.write_plots(summary, out_dir) if with_plots else []
-    ratios = report.peer_ratios(measurements)
+    peer = report.reference_peer(measurements) or report.PEER
+    ratios = report.peer_ratios(measurements, peer)
+    decode_ratios = report.peer_ratios(measurements, peer, decode=True)
     (out_dir / "report.md").write_text(
-        report.render_markdown(summary, meta, notes, [str(p) for p in png], ratios), encoding="utf-8")
+        report.render_markdown(summary, meta, notes, [str(p) for p in png], ratios, decode_ratios, peer),
+        encoding="utf-8")
     print(report.main_table(summary))
+    if decode_ratios:
+        print(f"\nratio to {peer}, decode after the first token (median of per-prompt ratios):")
+        print(report.peer_table(decode_ratios))
     if ratios:
-        print(f"\nratio to {report.PEER} (median of per-prompt tok/s ratios):")
+        print(f"\nratio to {peer}, end to end (median of per-prompt tok/s ratios):")
         print(report.peer_table(ratios))
     for note in notes:
         print(f"note: {note}")

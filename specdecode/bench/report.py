@@ -83,6 +83,8 @@ class Figures:
     theoretical_speedup: float | None
     identical_to_ar: float | None  # greedy: share of prompts with the AR loop's exact tokens
     identical_to_llamacpp: float | None = None  # greedy, llama.cpp columns: share with `llamacpp`'s tokens
+    decode_tokens_per_second: float | None = None  # after the first token (prefill left out)
+    decode_speedup: float | None = None
     new_tokens: int = 0
     per_prompt_speedup: list[float] = field(default_factory=list)
 
@@ -101,6 +103,15 @@ def tokens_per_second(row: Measurement) -> float:
     return row.new_tokens / row.wall_seconds if row.wall_seconds > 0 else 0.0
 
 
+def decode_tokens_per_second(row: Measurement) -> float | None:
+    """Tokens after the first / time after the first: decoding alone, without the prefill
+    (None where the prefill time is unknown)."""
+    prefill = getattr(row, "prefill_seconds", None)
+    if prefill is None or row.new_tokens < 2 or row.wall_seconds <= prefill:
+        return None
+    return (row.new_tokens - 1) / (row.wall_seconds - prefill)
+
+
 def ar_forward_seconds(ar: Measurement) -> float | None:
     """Our AR loop's time per decode forward (one token) on this prompt."""
     if ar.verify_steps and ar.verify_seconds:
@@ -114,11 +125,14 @@ LLAMACPP_FORWARD = "llamacpp-lowlevel"  # llama.cpp's own one-token forward: the
 def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measurement], category: str,
              llamacpp_rows: dict[tuple[str, int], Measurement] | None = None) -> Figures:
     first = rows[0]
-    speedups, costs, verify_costs = [], [], []
+    speedups, decode_speedups, costs, verify_costs = [], [], [], []
     for r in rows:
         ar = ar_rows.get((r.prompt_id, r.repeat))
         if ar is not None and tokens_per_second(ar) > 0:
             speedups.append(tokens_per_second(r) / tokens_per_second(ar))
+        ours, base = decode_tokens_per_second(r), None if ar is None else decode_tokens_per_second(ar)
+        if ours is not None and base:
+            decode_speedups.append(ours / base)
         unit = ar
         if r.family == "llama.cpp":  # a llama.cpp draft's c and v count in llama.cpp's own forwards
             unit = (llamacpp_rows or {}).get((r.prompt_id, r.repeat))
@@ -167,6 +181,8 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         identical_to_ar=(sum(matches) / len(matches)) if matches else None,
         identical_to_llamacpp=(sum(peer_matches) / len(peer_matches)) if peer_matches else None,
         new_tokens=new_tokens, per_prompt_speedup=speedups,
+        decode_tokens_per_second=_median(decode_tokens_per_second(r) for r in rows),
+        decode_speedup=_median(decode_speedups),
     )
 
 
@@ -214,6 +230,7 @@ def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, promp
         "methods": len(overall),
         "ar_tokens_per_second": _round(overall[AR].tokens_per_second) if AR in overall else None,
         "speedup": {m: _round(f.speedup) for m, f in overall.items()},
+        "decode_speedup": {m: _round(f.decode_speedup) for m, f in overall.items()},
         "tau": {m: _round(f.tau) for m, f in overall.items() if f.tau is not None},
         "best": None if best is None else {"method": best.method, "speedup": _round(best.speedup)},
         "identical_to_ar": {m: _round(f.identical_to_ar) for m, f in overall.items() if f.identical_to_ar is not None},
@@ -221,24 +238,35 @@ def compact_summary(summary: dict[str, dict[str, Figures]], out_dir: Path, promp
 
 
 PEER = "llamacpp"
+PEERS = ("llamacpp-lowlevel", "llamacpp")  # the llama.cpp reference for ratios: at its best, when it ran
 
 
 def _prompt_set(category: str) -> str:
     return "MT-Bench" if category in MTBENCH_CATEGORIES else "HumanEval" if category == "humaneval" else category
 
 
-def peer_ratios(measurements: Sequence[Measurement], peer: str = PEER) -> dict[str, dict[str, float]]:
-    """{method: {prompt set or ALL: median over prompts of tok/s(method) / tok/s(peer)}};
-    empty when the peer did not run."""
-    base = {(r.prompt_id, r.repeat): tokens_per_second(r) for r in measurements if r.method == peer}
+def reference_peer(measurements: Sequence[Measurement]) -> str | None:
+    """The llama.cpp column ratios are taken to: `llamacpp-lowlevel` (llama.cpp at its best) if it
+    ran, else `llamacpp`, else None."""
+    ran = {r.method for r in measurements}
+    return next((p for p in PEERS if p in ran), None)
+
+
+def peer_ratios(measurements: Sequence[Measurement], peer: str | None = None,
+                decode: bool = False) -> dict[str, dict[str, float]]:
+    """{method: {prompt set or ALL: median over prompts of tok/s(method) / tok/s(peer)}}, end to
+    end or (decode) after the first token; peer None = `reference_peer`; empty when it did not run."""
+    peer = peer or reference_peer(measurements)
+    speed = decode_tokens_per_second if decode else tokens_per_second
+    base = {(r.prompt_id, r.repeat): speed(r) for r in measurements if r.method == peer}
     if not base:
         return {}
     ratios: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in measurements:
-        b = base.get((r.prompt_id, r.repeat))
-        if r.method == peer or not b:
+        b, mine = base.get((r.prompt_id, r.repeat)), speed(r)
+        if r.method == peer or not b or mine is None:
             continue
-        ratio = tokens_per_second(r) / b
+        ratio = mine / b
         ratios[r.method][_prompt_set(r.category)].append(ratio)
         ratios[r.method][ALL].append(ratio)
     return {m: {s: statistics.median(v) for s, v in sets.items()} for m, sets in ratios.items()}
@@ -280,12 +308,13 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-MAIN_HEADER = ("method", "tok/s", "speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "v", "= AR")
+MAIN_HEADER = ("method", "tok/s", "speedup", "decode tok/s", "decode speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "v", "= AR")
 
 
 def main_row(f: Figures) -> list[str]:
     return [
         f"`{f.method}`", _fmt(f.tokens_per_second, ".1f"), _fmt(f.speedup, ".2f", "×"),
+        _fmt(f.decode_tokens_per_second, ".1f"), _fmt(f.decode_speedup, ".2f", "×"),
         _fmt(f.theoretical_speedup, ".2f", "×"), _fmt(f.tau), _pct(f.acceptance_rate), _fmt(f.alpha),
         _fmt(f.forwards_per_token), _pct(f.draft_share), _fmt(f.cost_ratio, ".3f"), _fmt(f.verify_cost_ratio),
         _pct(f.identical_to_ar),
@@ -353,6 +382,8 @@ def render_markdown(
     notes: Sequence[str],
     plots: Sequence[str],
     ratios_to_peer: dict[str, dict[str, float]] | None = None,
+    decode_ratios_to_peer: dict[str, dict[str, float]] | None = None,
+    peer: str = PEER,
 ) -> str:
     cfg = meta.get("config", {})
     env = meta.get("environment", {})
@@ -393,9 +424,16 @@ def render_markdown(
     identity = llamacpp_identity_table(summary)
     if identity:
         lines += [f"## llama.cpp columns: greedy identity with `{PEER}` (same prompts, same run)", "", identity, ""]
+    if decode_ratios_to_peer:
+        lines += [
+            f"## Ratio to `{peer}`, decode (after the first token; median of per-prompt ratios, same run)",
+            "",
+            peer_table(decode_ratios_to_peer),
+            "",
+        ]
     if ratios_to_peer:
         lines += [
-            f"## Ratio to `{PEER}` (median of per-prompt tok/s ratios, same prompts, same run)",
+            f"## Ratio to `{peer}`, end to end (prefill included; median of per-prompt tok/s ratios, same run)",
             "",
             peer_table(ratios_to_peer),
             "",
@@ -443,6 +481,8 @@ def render_markdown(
 DEFINITIONS = """\
 - **tok/s**: new tokens / wall time (prefill included), median over prompts.
 - **speedup**: tok/s of the method / tok/s of `ar` on the same prompt and repeat, then the median.
+- **decode tok/s**, **decode speedup**: the same after the first token: (new tokens − 1) / (wall time −
+  prefill time). Our prefill is fast, so end-to-end ratios to llama.cpp flatter us; decode ones do not.
 - **theory**: (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al., 2023) from the measured α, k and c.
 - **τ**: mean accepted length, tokens gained per verify step = 1 + accepted / steps; for peers
   (no acceptance counts exposed) (new tokens − 1) / (target forwards − 1).
