@@ -240,6 +240,8 @@ SD_VNNI inline __m512i bcast_quad(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+constexpr int64_t kPrefetchGroups = 8;
+
 template <int R, int TILES, bool INT4>
 SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt,
                             const int16_t* ws, const int8_t* xq, int64_t ldx, const float* dx, const int32_t* sq,
@@ -253,6 +255,12 @@ SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Hal
     for (int u = 0; u < TILES; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
     const int8_t* xg = xq + g * kGroup;
+    if (g + kPrefetchGroups < G) {  // ask for the weights a few groups ahead: memory and arithmetic overlap
+      constexpr int group_bytes = INT4 ? 256 : 512;
+      for (int u = 0; u < TILES; ++u)
+        for (int line = 0; line < group_bytes; line += 64)
+          _mm_prefetch((const char*)(wt + u * tile_bytes + (g + kPrefetchGroups) * group_bytes + line), _MM_HINT_T0);
+    }
 #pragma GCC unroll 8  // (rolled, GCC copied every accumulator twice an iteration: -25% at T=9)
     for (int qd = 0; qd < 8; ++qd) {
       for (int u = 0; u < TILES; ++u) {
