@@ -283,10 +283,13 @@ class Engine:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
         and remembered per model file (cost_model.cached_verify_costs); k='auto' uses them."""
         if self._costs is None:
-            source = self.source if self.source is not None else str(embedded_model_path())
-            self._costs = cached_verify_costs(self.model, source)
+            self._costs = cached_verify_costs(self.model, self._cost_source())
             remember_costs(self.model, self._costs)
         return self._costs
+
+    def _cost_source(self) -> str:
+        """The model file measured costs are keyed by (the embedded one when built by hand)."""
+        return self.source if self.source is not None else str(embedded_model_path())
 
     def draft_cost(self, spec: object, drafter: Drafter) -> DraftCost:
         """The drafter's seconds per call as a + b k, measured once (two short greedy runs on a
@@ -294,8 +297,7 @@ class Engine:
         if spec not in self._draft_costs:
             measure = lambda: self._measure_draft_cost(drafter)  # noqa: E731
             if isinstance(spec, tuple):
-                source = self.source if self.source is not None else str(embedded_model_path())
-                self._draft_costs[spec] = cached_draft_cost(self.model, source, json.dumps(spec), measure)
+                self._draft_costs[spec] = cached_draft_cost(self.model, self._cost_source(), json.dumps(spec), measure)
             else:
                 self._draft_costs[spec] = measure()
         return self._draft_costs[spec]
