@@ -248,7 +248,7 @@ def _row_attention(q: torch.Tensor, cache: KVCache) -> bool:
     from specdecode import kernels
 
     return (q.shape[0] == 1 and q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and kernels.load_error() is None)
+            and kernels.attention_fits(q.shape[-1]) and kernels.load_error() is None)
 
 
 # ---------------------------------------------------------------------------- quantized drafting

@@ -137,6 +137,11 @@ def _register_fakes() -> None:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
+def attention_fits(head_dim: int) -> bool:
+    """Head sizes `attend_rows` / `rope_attend` take (qmatmul.cpp checks the same)."""
+    return head_dim % 16 == 0 and head_dim <= 256
+
+
 def requested() -> str:
     value = os.environ.get("SPECDECODE_KERNEL", "auto").strip() or "auto"
     if value not in ("auto", *KERNELS):

@@ -309,7 +309,7 @@ class LlamaModel(nn.Module):
         kernels (specdecode.kernels; bf16 activations): one call per layer instead of one per
         new token, and each row computed alike however many rows a step has (batch invariance)."""
         d = self.config.head_dim
-        return self.quant is not None and d % 16 == 0 and d <= 256 and runtime.kernel in kernels.OURS
+        return self.quant is not None and kernels.attention_fits(d) and runtime.kernel in kernels.OURS
 
     @property
     def kernel(self) -> str:
