@@ -34,10 +34,13 @@ FORMATS = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, N
            "int8-aten": (torch.bfloat16, "int8", "aten"), "int4-aten": (torch.bfloat16, "int4", "aten"),
            "int8-bf16": (torch.bfloat16, "int8", "avx512-bf16"), "int4-bf16": (torch.bfloat16, "int4", "avx512-bf16"),
            "int8-vnni": (torch.bfloat16, "int8", "avx512-vnni"), "int4-vnni": (torch.bfloat16, "int4", "avx512-vnni"),
+           "int8-amx": (torch.bfloat16, "int8", "amx"), "int4-amx": (torch.bfloat16, "int4", "amx"),
            "fp32-int8": (torch.float32, "int8", None), "fp32-int4": (torch.float32, "int4", None)}
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
+MATMUL_OPS = ("specdecode::int4_linear", "specdecode::int8_linear", "specdecode::int4_linear_vnni",
+              "specdecode::int8_linear_vnni", "specdecode::int4_linear_amx", "specdecode::int8_linear_amx", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu", "mkldnn::_linear_pointwise")
-ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                 "specdecode::attend_rows", "specdecode::rope_attend")
 
 
 def build(loaded, name: str, baseline: str | None):  # type: ignore[no-untyped-def]
@@ -72,7 +75,7 @@ def profile_summary(model, cache, past: int, t: int, reps: int) -> str:  # type:
     calls: dict[str, int] = defaultdict(int)
     ops = 0
     for e in prof.key_averages():
-        if not e.key.startswith(("aten::", "quantized::")):
+        if not e.key.startswith(("aten::", "quantized::", "specdecode::")):
             continue  # profiler/compiler regions: their children are counted
         kind = "matmul" if e.key in MATMUL_OPS else "attention" if e.key in ATTENTION_OPS else "other ops"
         groups[kind] += e.self_cpu_time_total
@@ -81,7 +84,7 @@ def profile_summary(model, cache, past: int, t: int, reps: int) -> str:  # type:
     total = sum(groups.values())
     lines = [f"  {kind:10s} {us / reps / 1e3:7.2f} ms/step  {100 * us / total:5.1f}%  ({calls[kind] / reps:.0f} op calls/step)"
              for kind, us in sorted(groups.items(), key=lambda kv: -kv[1])]
-    lines.append(f"  {'total':10s} {total / reps / 1e3:7.2f} ms/step (profiled, {ops / reps:.0f} aten op calls/step)")
+    lines.append(f"  {'total':10s} {total / reps / 1e3:7.2f} ms/step (profiled, {ops / reps:.0f} op calls/step)")
     top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     return "\n".join(lines) + "\n" + top
 

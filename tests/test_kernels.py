@@ -100,6 +100,29 @@ def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack, 
 
 
 @ours
+def test_amx_needs_amx_int8(monkeypatch):
+    flags = kernels.cpu_flags() - {"amx_tile", "amx_int8", "amx_bf16"}
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags | {"avx512_vnni"})
+    assert kernels.available("amx") == "this CPU lacks AMX-INT8"
+    assert kernels.available("avx512-vnni") is None
+
+
+@pytest.mark.skipif(kernels.available("amx") is not None, reason=f"no AMX here: {kernels.available('amx')}")
+@pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
+def test_amx_gives_the_vnni_kernels_bits(stack):
+    """The AMX op takes verification blocks to the tile unit; every row must come out bitwise
+    as the VNNI kernel computes it (same weight layout, integer sums, same fp32 epilogue)."""
+    g = torch.Generator().manual_seed(4)
+    w = [torch.randn(16 * 7, 32 * 5, generator=g)]  # 7 tiles: blocks of 2 and a single one
+    vnni = stack.from_float(w, None, torch.bfloat16, "avx512-vnni")
+    amx = stack.from_float(w, None, torch.bfloat16, "amx")
+    assert all(torch.equal(a, b) for a, b in zip(vnni.packed, amx.packed))
+    x = torch.randn(40, 32 * 5, generator=g).bfloat16() * 3
+    for rows in range(1, 41):
+        assert torch.equal(amx(x[:rows], 0), vnni(x[:rows], 0)), rows
+
+
+@ours
 @pytest.mark.parametrize("kernel", OURS_HERE)
 def test_kernel_catches_a_wrong_row_order(kernel):
     """The invariance check above can fail: rows swapped in x give different outputs."""
@@ -190,9 +213,12 @@ def test_forcing_a_kernel_this_cpu_lacks_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: False)
     kernels.load_error.cache_clear()
     try:
-        with pytest.raises(UserError, match="SPECDECODE_KERNEL=aten"):
+        with pytest.raises(UserError, match="kernel avx512-bf16 was asked for but this CPU lacks AVX512-BF16: choose"):
             kernels.active()
         monkeypatch.setenv("SPECDECODE_KERNEL", "avx512-vnni")
+        with pytest.raises(UserError, match="lacks AVX512-BF16"):
+            kernels.active()
+        monkeypatch.setenv("SPECDECODE_KERNEL", "amx")
         with pytest.raises(UserError, match="lacks AVX512-BF16"):
             kernels.active()
         monkeypatch.setenv("SPECDECODE_KERNEL", "auto")

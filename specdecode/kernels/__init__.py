@@ -1,7 +1,12 @@
 """specdecode's own CPU kernels (C++, `qmatmul.cpp`): which one runs, built once, loaded lazily.
 
-Two matmul paths exist for int4/int8 weights, chosen once per process by CPU features:
+Matmul paths for int4/int8 weights, chosen once per process by CPU features:
 
+- ``amx``: ``avx512-vnni``'s arithmetic, with a verification block's integer dot products
+  (4 or more rows) on Intel's AMX tiles (Sapphire Rapids and later): 16 rows x 16 outputs x 32
+  inputs an instruction. Bitwise the same results as ``avx512-vnni`` for every row.
+- ``avx512-vnni``: activations quantized to int8 per block of 32 (as llama.cpp does), exact
+  integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and later).
 - ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
   later, AMD Zen 4 and later). A weight tile is unpacked once and reused by every row, so
   verifying k+1 tokens costs little more than one; attention runs row by row in one call.
@@ -28,12 +33,13 @@ import torch
 
 from specdecode.errors import UserError
 
-KERNELS = ("avx512-vnni", "avx512-bf16", "aten")
-OURS = ("avx512-vnni", "avx512-bf16")
-PREFERENCE = ("avx512-vnni", "avx512-bf16", "aten")  # what `auto` picks, first that runs
+KERNELS = ("amx", "avx512-vnni", "avx512-bf16", "aten")
+OURS = ("amx", "avx512-vnni", "avx512-bf16")
+INT8_ACTIVATIONS = ("amx", "avx512-vnni")  # kernels that quantize activations (one weight layout)
+PREFERENCE = ("amx", "avx512-vnni", "avx512-bf16", "aten")  # what `auto` picks, first that runs
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
-_FIX = "set SPECDECODE_KERNEL=aten (or --kernel aten), or run on a CPU with AVX512-BF16"
+_FIX = "choose another with --kernel (or SPECDECODE_KERNEL), e.g. auto, which picks the best this machine runs"
 
 
 def cpu_flags() -> set[str]:
@@ -104,8 +110,13 @@ def available(kernel: str) -> str | None:
     if kernel == "aten":
         return None
     error = load_error()
-    if error is None and kernel == "avx512-vnni" and not {"avx512_vnni"} <= cpu_flags():
+    if error is None and kernel in INT8_ACTIVATIONS and not {"avx512_vnni"} <= cpu_flags():
         error = "this CPU lacks AVX512-VNNI"
+    if error is None and kernel == "amx":
+        if not {"amx_tile", "amx_int8"} <= cpu_flags():
+            error = "this CPU lacks AMX-INT8"
+        elif not torch.ops.specdecode.amx_ready():
+            error = "Linux refused this process the AMX tile state (kernel 5.16 or later needed)"
     return error
 
 
@@ -129,7 +140,7 @@ def _register_fakes() -> None:
     def linear_fake(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], d.shape[0] * 16))
 
-    for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni"):
+    for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni", "int4_linear_amx", "int8_linear_amx"):
         torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")

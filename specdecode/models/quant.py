@@ -291,14 +291,17 @@ def untile_int8(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quad_int4(q: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] (0..15) -> uint8 [N/16, G, 8, 32] for the VNNI kernel: quad qd holds a tile's
-    16 outputs x 4 inputs (byte 4i + j); its bytes 0-31 in the low nibbles, 32-63 in the high."""
+    """codes [N, K] (0..15) -> uint8 [N/16, G, 4, 64] for the VNNI/AMX kernels: quad qd holds a
+    tile's 16 outputs x 4 inputs (byte 4i + j); quads 2p and 2p+1 share 64 bytes, 2p in the low
+    nibbles, 2p+1 in the high."""
     quads = _lanes(q.to(torch.uint8), 4)
-    return (quads[..., :32] | (quads[..., 32:] << 4)).contiguous()
+    pairs = quads.view(*quads.shape[:-2], 4, 2, 64)
+    return (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).contiguous()
 
 
 def unquad_int4(packed: torch.Tensor) -> torch.Tensor:
-    return _unlanes(torch.cat((packed & 15, packed >> 4), dim=-1), 4)
+    quads = torch.stack((packed & 15, packed >> 4), dim=-2)
+    return _unlanes(quads.view(*packed.shape[:-2], 8, 64), 4)
 
 
 def quad_int8(q: torch.Tensor) -> torch.Tensor:
@@ -328,21 +331,28 @@ def pack_q4_nibbles(qs: torch.Tensor, vnni: bool) -> torch.Tensor:
     `quad_int4(codes)` (vnni) or `tile_int4(codes)`, without unpacking the codes (2-7x faster;
     packing was most of a load's time).
 
-    VNNI quad qd of a tile: low nibbles from its rows 0-7, high nibbles rows 8-15, inputs
-    4qd..4qd+3, so quads 0-3 take the file's low nibbles and 4-7 its high ones; the 4 inputs of
-    a row are 4 consecutive file bytes, moved as one int32. BF16 pair register p: low nibbles
-    inputs 4p + {0, 1}, high nibbles 4p + 2 + {0, 1} of the same row (2 bytes: one int16)."""
+    VNNI quads 2p, 2p+1 of a tile (inputs 8p..8p+7): for p < 2 the file's low nibbles of bytes
+    8p..8p+7, for p >= 2 its high nibbles of bytes 8(p-2)..; the 4 inputs of a row in a quad are
+    4 consecutive file bytes, moved as one int32, and row i's int32 is word i of the 64 bytes.
+    BF16 pair register p: low nibbles inputs 4p + {0, 1}, high nibbles 4p + 2 + {0, 1} of the
+    same row (2 bytes: one int16)."""
     n, g, _ = qs.shape
     tiles = n // _TILE
+    if vnni:  # words 2p', 2p'+1 of each row's 16 file bytes: the two quads of pair p' (and p' + 2)
+        out = torch.empty(tiles, g, 4, 64, dtype=torch.uint8)
+        q = qs.view(torch.int32).view(tiles, _TILE, g, 4)
+        dst = out.view(torch.int32).view(tiles, g, 4, _TILE)
+        lo, hi = _mask(0x0F0F0F0F, torch.int32), _mask(0xF0F0F0F0, torch.int32)
+        for p in range(2):
+            a, b = q[..., 2 * p], q[..., 2 * p + 1]
+            dst[:, :, p] = ((a & lo) | ((b & lo) << 4)).permute(0, 2, 1)
+            dst[:, :, p + 2] = (((a >> 4) & lo) | (b & hi)).permute(0, 2, 1)
+        return out
     out = torch.empty(tiles, g, 8, 32, dtype=torch.uint8)
-    if vnni:  # a: rows 0-7 of each tile, b: rows 8-15; [tile, row, G, 4 bytes x 4]
-        q = qs.view(torch.int32).view(tiles, 2, 8, g, 4)
-        a, b = q[:, 0], q[:, 1]
-        dst = out.view(torch.int32).view(tiles, g, 8, 8)
-    else:  # a: bytes 4p' + {0, 1}, b: 4p' + 2 + {0, 1}; [tile, row, G, p']
-        q = qs.view(torch.int16).view(tiles, _TILE, g, 4, 2)
-        a, b = q[..., 0], q[..., 1]
-        dst = out.view(torch.int16).view(tiles, g, 8, _TILE)
+    # a: bytes 4p' + {0, 1}, b: 4p' + 2 + {0, 1}; [tile, row, G, p']
+    q = qs.view(torch.int16).view(tiles, _TILE, g, 4, 2)
+    a, b = q[..., 0], q[..., 1]
+    dst = out.view(torch.int16).view(tiles, g, 8, _TILE)
     lo, hi = _mask(0x0F0F0F0F, a.dtype), _mask(0xF0F0F0F0, a.dtype)
     dst[:, :, :4] = ((a & lo) | ((b << 4) & hi)).permute(0, 2, 3, 1)
     dst[:, :, 4:] = (((a >> 4) & lo) | (b & hi)).permute(0, 2, 3, 1)
@@ -420,7 +430,7 @@ class _TiledStack(LinearStack):
     def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
-        self.vnni = kernel == "avx512-vnni"
+        self.vnni = kernel in kernels.INT8_ACTIVATIONS  # (amx: the same layout and results)
         self.packed: list[torch.Tensor] = []
         self.d: list[torch.Tensor] = []
 
@@ -441,7 +451,8 @@ class TiledInt4Stack(_TiledStack):
     """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
     nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
     products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
-    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`). Layers come as
+    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`); 'amx': the same, 4 rows
+    or more on AMX tiles (`int4_linear_amx`, bitwise the same results). Layers come as
     (codes [N, K] uint8 0..15, or GGUF's nibble bytes [N, K/32, 16] (`to_nibbles`), d [N, K/32], m [N, K/32])."""
 
     mode = "int4"
@@ -452,7 +463,8 @@ class TiledInt4Stack(_TiledStack):
 
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
-        self.op = torch.ops.specdecode.int4_linear_vnni if self.vnni else torch.ops.specdecode.int4_linear
+        ops = torch.ops.specdecode
+        self.op = ops.int4_linear_amx if kernel == "amx" else ops.int4_linear_vnni if self.vnni else ops.int4_linear
         self.m: list[torch.Tensor] = []
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
@@ -498,6 +510,7 @@ class TiledInt8Stack(_TiledStack):
 
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
+        self.op = torch.ops.specdecode.int8_linear_amx if kernel == "amx" else torch.ops.specdecode.int8_linear_vnni
         self.wsum: list[torch.Tensor] = []
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
@@ -514,7 +527,7 @@ class TiledInt8Stack(_TiledStack):
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if self.vnni:
-            y = torch.ops.specdecode.int8_linear_vnni(x, self.packed[i], self.d[i], self.wsum[i])
+            y = self.op(x, self.packed[i], self.d[i], self.wsum[i])
         else:
             y = torch.ops.specdecode.int8_linear(x, self.packed[i], self.d[i])
         return self._add_bias(y, i)
@@ -564,7 +577,7 @@ def linear_stack(
     int8, so any model can be quantized; the fallback is part of what "int4" means for it.
 
     kernel (int8/int4 with bf16 activations): None = the best this process has
-    (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' / 'avx512-vnni' = ours
+    (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' / 'avx512-vnni' / 'amx' = ours
     (GGUF Q4_1 / Q8_0 layouts: per block of 32, d * q + m and d * q; see TiledInt4Stack).
     Shapes our kernels cannot take (N not a multiple of 16, K not of 32) and fp32 activations
     run on ATen's.
