@@ -623,30 +623,53 @@ SD_TARGET inline __m512 bf16x16_to_ps(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-SD_TARGET inline __m512i load_bf16x32(const at::BFloat16* p, int64_t left) {
-  return left >= 32 ? _mm512_loadu_si512(p) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)p));
+// 16 rows of 16 int32 -> their 16 columns (c[j] lane i = r[i] lane j): 64 shuffles.
+SD_TARGET inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i f0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), f1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(e0, f0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(e0, f0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(e1, f1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(e1, f1, 0xDD);
+  }
 }
 
-// One query row of one head over S keys (D = head_dim, a multiple of 16).
-SD_TARGET void attend_one(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t S, int64_t D,
-                          int64_t ld, float scale, float* scores, at::BFloat16* out) {
-  // q as 32-element bf16 chunks; an odd 16 at the end is zero-extended (and so are its keys).
-  const int64_t chunks = (D + 31) / 32;
-  __m512i qv[8];
-  for (int64_t c = 0; c < chunks; ++c) qv[c] = load_bf16x32(q + 32 * c, D - 32 * c);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < S; ++j) {
-    const at::BFloat16* kj = k + j * ld;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) acc = dot_pair(acc, qv[c], _mm512_castsi512_ps(load_bf16x32(kj + 32 * c, D - 32 * c)));
-    const float s = _mm512_reduce_add_ps(acc) * scale;
-    scores[j] = s;
-    mx = s > mx ? s : mx;
+// Keys j0..j0+15 of one head (rows of D bf16, stride ld; n valid, the rest zero) as D/2 vectors
+// of their input pairs: kt[p] lane i = key j0+i's inputs (2p, 2p+1), what vdpbf16ps multiplies
+// with a query's pair p broadcast: 16 keys' scores in one register, no horizontal sums.
+SD_TARGET void transpose_keys(const at::BFloat16* k, int64_t ld, int64_t n, int64_t D, __m512i* kt) {
+  for (int64_t c0 = 0; c0 < D / 2; c0 += 16) {
+    const __mmask16 cols = (__mmask16)(D / 2 - c0 >= 16 ? 0xffff : (1u << (D / 2 - c0)) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < n ? _mm512_maskz_loadu_epi32(cols, k + i * ld + 2 * c0) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int c = 0; c < 16 && c0 + c < D / 2; ++c) kt[c0 + c] = r[c];
   }
+}
+
+// Softmax over one row's S scores, in place and unnormalized (exp(s - max)); returns 1 / sum.
+SD_TARGET float softmax_in_place(float* scores, int64_t S) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= S; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(scores + j));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (; j < S; ++j) mx = scores[j] > mx ? scores[j] : mx;
   const __m512 vmx = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= S; j += 16) {
+  for (j = 0; j + 16 <= S; j += 16) {
     __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmx));
     _mm512_storeu_ps(scores + j, e);
     vsum = _mm512_add_ps(vsum, e);
@@ -658,32 +681,112 @@ SD_TARGET void attend_one(const at::BFloat16* q, const at::BFloat16* k, const at
     _mm512_mask_storeu_ps(scores + j, tail, e);
     vsum = _mm512_add_ps(vsum, e);
   }
-  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-  __m512 o[16];
-  const int64_t ov = D / 16;
-  for (int64_t c = 0; c < ov; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    const __m512 p = _mm512_set1_ps(scores[s]);
-    const at::BFloat16* vs = v + s * ld;
-    for (int64_t c = 0; c < ov; ++c) o[c] = _mm512_fmadd_ps(p, bf16x16_to_ps(vs + 16 * c), o[c]);
+  return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
+// Rows of one KV head's group that attend together: each value row is converted once for all.
+constexpr int value_rows_for(int chunks) { return chunks >= 12 ? 1 : 24 / chunks > 8 ? 8 : 24 / chunks; }
+
+// out[r] = bf16(inv[r] * sum_{s < len[r]} p[r][s] v_s) for n <= value_rows_for(CH) rows, D = 16 CH;
+// for each row the same fmas in the same order (s ascending) however many rows share the call.
+template <int CH>
+SD_TARGET void values_block(float* const* p, const int64_t* len, const float* inv, int n, const at::BFloat16* v,
+                            int64_t ld, at::BFloat16* const* out) {
+  constexpr int R = value_rows_for(CH);
+  __m512 o[R][CH];
+  int64_t common = len[0];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < CH; ++c) o[r][c] = _mm512_setzero_ps();
+    if (r < n) common = std::min(common, len[r]);
   }
-  const __m512 vinv = _mm512_set1_ps(inv);
-  for (int64_t c = 0; c < ov; ++c)
-    _mm256_storeu_si256((__m256i*)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], vinv)));
+  for (int64_t s = 0; s < common; ++s) {
+    __m512 vs[CH];
+    for (int c = 0; c < CH; ++c) vs[c] = bf16x16_to_ps(v + s * ld + 16 * c);
+    for (int r = 0; r < R; ++r)
+      if (r < n) {
+        const __m512 ps = _mm512_set1_ps(p[r][s]);
+        for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(ps, vs[c], o[r][c]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    if (r < n) {
+      for (int64_t s = common; s < len[r]; ++s) {
+        const __m512 ps = _mm512_set1_ps(p[r][s]);
+        for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(ps, bf16x16_to_ps(v + s * ld + 16 * c), o[r][c]);
+      }
+      const __m512 vinv = _mm512_set1_ps(inv[r]);
+      for (int c = 0; c < CH; ++c)
+        _mm256_storeu_si256((__m256i*)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], vinv)));
+    }
+}
+
+using ValuesFn = void (*)(float* const*, const int64_t*, const float*, int, const at::BFloat16*, int64_t,
+                          at::BFloat16* const*);
+constexpr ValuesFn kValues[16] = {values_block<1>, values_block<2>, values_block<3>, values_block<4>,
+                                  values_block<5>, values_block<6>, values_block<7>, values_block<8>,
+                                  values_block<9>, values_block<10>, values_block<11>, values_block<12>,
+                                  values_block<13>, values_block<14>, values_block<15>, values_block<16>};
+
+// Scores of keys j0..j0+15 of KV head kv (k: that head's keys) for every query row of the head's
+// group that sees key j0, into scores [H, T, width] (scaled; entries past a row's last key are
+// written and never read).
+SD_TARGET void score_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t D, const at::BFloat16* k,
+                           int64_t S, int64_t past, int64_t kv, int64_t group, int64_t j0, float scale,
+                           float* scores, int64_t width) {
+  __m512i kt[128];
+  transpose_keys(k + j0 * D, D, std::min<int64_t>(16, S - j0), D, kt);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t = std::max<int64_t>(0, j0 - past); t < T; ++t)  // rows that see key j0
+    for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+      const int32_t* q = (const int32_t*)(qp + t * qs + h * D);
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t p = 0; p < D / 2; p += 2) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32(q[p]));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)kt[p + 1], (__m512bh)_mm512_set1_epi32(q[p + 1]));
+      }
+      _mm512_storeu_ps(scores + (h * T + t) * width + j0, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), vscale));
+    }
 }
 
 // Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
-// bf16, head stride hs, slots [0, past + t + 1)); out [T, H * D] bf16.
+// bf16, head stride hs, slots [0, past + t + 1)); out [T, H * D] bf16. Two passes: scores, one
+// task per (KV head, block of 16 keys) whose keys are transposed once for every query row of
+// the head's group that sees any of them; then per (row, head) the softmax and the values. A
+// row's scores and output are the same instructions on the same data whatever T is.
 void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
                   const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op) {
   const float scale = 1.0f / std::sqrt((float)D);
-  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t S = past + T, blocks = (S + 15) / 16, width = blocks * 16, kv_heads = H / group;
+  std::vector<float> scores(H * T * width);
+  at::parallel_for(0, kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    std::vector<float> scores(past + T + 16);
+    for (int64_t i = begin; i < end; ++i)
+      score_block(qp, qs, T, D, kp + (i / blocks) * hs, S, past, i / blocks, group, (i % blocks) * 16, scale,
+                  scores.data(), width);
+  });
+  // Values: a KV head's query rows (t, then the heads of its group) in blocks of up to `rows`,
+  // at least two tasks a thread where the rows allow it.
+  const int64_t per_head = T * group, chunks = D / 16;
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(value_rows_for((int)chunks),
+                                                                per_head * kv_heads / (2 * at::get_num_threads())));
+  const int64_t tasks_per_head = (per_head + rows - 1) / rows;
+  at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / H, h = i % H, kv = h / group;
-      attend_one(qp + t * qs + h * D, kp + kv * hs, vp + kv * hs, past + t + 1, D, D, scale, scores.data(),
-                 op + t * H * D + h * D);
+      const int64_t kv = i / tasks_per_head, first = (i % tasks_per_head) * rows;
+      const int n = (int)std::min(rows, per_head - first);
+      float* p[8];
+      int64_t len[8];
+      float inv[8];
+      at::BFloat16* out[8];
+      for (int r = 0; r < n; ++r) {
+        const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
+        p[r] = scores.data() + (h * T + t) * width;
+        len[r] = past + t + 1;
+        inv[r] = softmax_in_place(p[r], len[r]);
+        out[r] = op + t * H * D + h * D;
+      }
+      kValues[chunks - 1](p, len, inv, n, vp + kv * hs, D, out);
     }
   });
 }
