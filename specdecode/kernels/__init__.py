@@ -144,7 +144,8 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")
-    def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: torch.Tensor,
+                    parents: torch.Tensor | None = None) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -687,14 +688,16 @@ SD_TARGET float softmax_in_place(float* scores, int64_t S) {
 // Rows of one KV head's group that attend together: each value row is converted once for all.
 constexpr int value_rows_for(int chunks) { return chunks >= 12 ? 1 : 24 / chunks > 8 ? 8 : 24 / chunks; }
 
-// out[r] = bf16(inv[r] * sum_{s < len[r]} p[r][s] v_s) for n <= value_rows_for(CH) rows, D = 16 CH;
-// for each row the same fmas in the same order (s ascending) however many rows share the call.
+// out[r] = bf16(inv[r] * sum_{s < len[r]} p[r][s] v_{slot(r, s)}) for n <= value_rows_for(CH)
+// rows, D = 16 CH, where slot(r, s) = s for s < shared and shared + tail[r][s - shared] past it
+// (tail = nullptr: s; a tree row's path). For each row the same fmas in the same order (s
+// ascending) however many rows share the call.
 template <int CH>
 SD_TARGET void values_block(float* const* p, const int64_t* len, const float* inv, int n, const at::BFloat16* v,
-                            int64_t ld, at::BFloat16* const* out) {
+                            int64_t ld, at::BFloat16* const* out, int64_t shared, const int64_t* const* tail) {
   constexpr int R = value_rows_for(CH);
   __m512 o[R][CH];
-  int64_t common = len[0];
+  int64_t common = tail ? shared : len[0];  // positions whose value row is the same for every row
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < CH; ++c) o[r][c] = _mm512_setzero_ps();
     if (r < n) common = std::min(common, len[r]);
@@ -712,7 +715,8 @@ SD_TARGET void values_block(float* const* p, const int64_t* len, const float* in
     if (r < n) {
       for (int64_t s = common; s < len[r]; ++s) {
         const __m512 ps = _mm512_set1_ps(p[r][s]);
-        for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(ps, bf16x16_to_ps(v + s * ld + 16 * c), o[r][c]);
+        const at::BFloat16* vs = v + (tail && s >= shared ? shared + tail[r][s - shared] : s) * ld;
+        for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(ps, bf16x16_to_ps(vs + 16 * c), o[r][c]);
       }
       const __m512 vinv = _mm512_set1_ps(inv[r]);
       for (int c = 0; c < CH; ++c)
@@ -721,7 +725,7 @@ SD_TARGET void values_block(float* const* p, const int64_t* len, const float* in
 }
 
 using ValuesFn = void (*)(float* const*, const int64_t*, const float*, int, const at::BFloat16*, int64_t,
-                          at::BFloat16* const*);
+                          at::BFloat16* const*, int64_t, const int64_t* const*);
 constexpr ValuesFn kValues[16] = {values_block<1>, values_block<2>, values_block<3>, values_block<4>,
                                   values_block<5>, values_block<6>, values_block<7>, values_block<8>,
                                   values_block<9>, values_block<10>, values_block<11>, values_block<12>,
@@ -749,15 +753,25 @@ SD_TARGET void score_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_
 }
 
 // Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
-// bf16, head stride hs, slots [0, past + t + 1)); out [T, H * D] bf16. Two passes: scores, one
-// task per (KV head, block of 16 keys) whose keys are transposed once for every query row of
-// the head's group that sees any of them; then per (row, head) the softmax and the values. A
-// row's scores and output are the same instructions on the same data whatever T is.
+// bf16, head stride hs); out [T, H * D] bf16. A chain (parents = nullptr): row t sees slots
+// [0, past + t + 1). A tree (parents[t] in [-1, t): the row it extends, -1 = the cached
+// prefix): row t sees [0, past) and the slots past + i of its path (root .. t). Two passes:
+// scores, one task per (KV head, block of 16 keys) whose keys are transposed once for every
+// query row of the head's group that sees any of them; then per (row, head) the softmax and the
+// values. A tree row's path scores are first moved next to the prefix's, so that its softmax
+// and its values run exactly as the same path decoded as a chain: a row's scores and output are
+// the same instructions on the same data whatever T and the rest of the tree are.
 void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
-                  const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op) {
+                  const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op,
+                  const int64_t* parents = nullptr) {
   const float scale = 1.0f / std::sqrt((float)D);
   const int64_t S = past + T, blocks = (S + 15) / 16, width = blocks * 16, kv_heads = H / group;
   std::vector<float> scores(H * T * width);
+  std::vector<std::vector<int64_t>> paths(parents ? T : 0);  // a tree row's path, root first
+  for (int64_t t = 0; t < (parents ? T : 0); ++t) {
+    for (int64_t i = t; i >= 0; i = parents[i]) paths[t].push_back(i);
+    std::reverse(paths[t].begin(), paths[t].end());
+  }
   at::parallel_for(0, kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i)
@@ -779,14 +793,22 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
       int64_t len[8];
       float inv[8];
       at::BFloat16* out[8];
+      const int64_t* tail[8];
       for (int r = 0; r < n; ++r) {
         const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
         p[r] = scores.data() + (h * T + t) * width;
-        len[r] = past + t + 1;
+        if (parents) {  // the path's scores next to the prefix's (path[d] >= d: a forward copy)
+          const std::vector<int64_t>& path = paths[t];
+          for (size_t d = 0; d < path.size(); ++d) p[r][past + d] = p[r][past + path[d]];
+          tail[r] = path.data();
+          len[r] = past + (int64_t)path.size();
+        } else {
+          len[r] = past + t + 1;
+        }
         inv[r] = softmax_in_place(p[r], len[r]);
         out[r] = op + t * H * D + h * D;
       }
-      kValues[chunks - 1](p, len, inv, n, vp + kv * hs, D, out);
+      kValues[chunks - 1](p, len, inv, n, vp + kv * hs, D, out, past, parents ? tail : nullptr);
     }
   });
 }
@@ -794,7 +816,20 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
 // q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
 // layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16. `past` comes as a
 // 0-d int64 tensor: a plain int would be a constant in a torch.compile graph (one graph each step).
-at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& past_t) {
+// A tree's parents ([T] int64, parents[t] in [-1, t)) as a pointer, or nullptr for a chain.
+const int64_t* tree_parents(const c10::optional<at::Tensor>& parents, int64_t T, at::Tensor& holder) {
+  if (!parents.has_value()) return nullptr;
+  holder = parents->contiguous();
+  TORCH_CHECK(holder.scalar_type() == at::kLong && holder.dim() == 1 && holder.size(0) == T,
+              "specdecode attention: parents must be [T] int64, one per new row");
+  const int64_t* p = holder.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(p[t] >= -1 && p[t] < t, "specdecode attention: parents[", t, "] = ", p[t], " (each row extends -1 or an earlier row)");
+  return p;
+}
+
+at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& past_t,
+                       const c10::optional<at::Tensor>& parents) {
   TORCH_CHECK(past_t.numel() == 1 && past_t.scalar_type() == at::kLong, "specdecode attend_rows: past must be a 0-d int64 tensor");
   const int64_t past = past_t.item<int64_t>();
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "specdecode attend_rows: q [T, H, D], k/v [Hkv, L, D]");
@@ -806,9 +841,9 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                   v.stride(1) == D && k.stride(0) == v.stride(0),
               "specdecode attend_rows: unexpected strides");
   TORCH_CHECK(past + T <= k.size(1), "specdecode attend_rows: cache too short");
-  at::Tensor out = at::empty({T, H * D}, q.options());
+  at::Tensor out = at::empty({T, H * D}, q.options()), holder;
   attend_block(q.data_ptr<at::BFloat16>(), q.stride(0), T, H, D, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
-               k.stride(0), past, H / Hkv, out.data_ptr<at::BFloat16>());
+               k.stride(0), past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder));
   return out;
 }
 
@@ -853,7 +888,8 @@ SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_i
 // cache (cache_k/v [layers, 1, Hkv, L, D] bf16) at slots past..past+T-1, then attend row by row
 // as attend_rows. Returns [T, H * D] bf16.
 SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
-                                 at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads) {
+                                 at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads,
+                                 const c10::optional<at::Tensor>& parents) {
   const FlushDenormals flush;
   const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16, "specdecode rope_attend: qkv must be [T, n] bf16");
@@ -889,7 +925,8 @@ SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rop
       std::memcpy(vl + h * hs + (past + t) * D, row + (H + Hkv + h) * D, D * sizeof(at::BFloat16));
   }
   at::Tensor out = at::empty({T, H * D}, qkv.options());
-  attend_block(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>());
+  at::Tensor holder;
+  attend_block(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder));
   return out;
 }
 
@@ -932,9 +969,9 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int4_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
-  m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads) -> Tensor");
+  m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 

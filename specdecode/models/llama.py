@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdecode import kernels
+from specdecode import kernels, tree
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
@@ -480,17 +480,20 @@ class LlamaModel(nn.Module):
         cache.ensure(past + t)  # grows the cache (new k/v tensors) or raises past its max_length
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
-        compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS
+        # A token tree (positions = past + depth, mask = ancestors): our kernel attends each node
+        # exactly as its path decoded as a chain (specdecode/tree.py).
+        parents = None if attn_mask is None or positions is None else tree.parents_of(attn_mask, positions, past)
+        compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS and parents is None
         float_prefill = (self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
                          and self._runtimes.has_float_weights)
         runtime = self._prefill_runtime() if float_prefill else self.runtime()
         window = self.config.sliding_window
         # Our row kernel attends any block after a cached prefix (a verification of any length:
         # bitwise the rows of single steps); a long prefill into an empty cache takes SDPA.
-        row_kernel = ((t <= MAX_ROWWISE_TOKENS or past > 0) and attn_mask is None and positions is None
+        row_kernel = ((t <= MAX_ROWWISE_TOKENS or past > 0) and (parents is not None or (attn_mask is None and positions is None))
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
-            mask = None  # every new token attends to the cache and the tokens before it, in our kernel
+            mask = None  # every new token attends to the cache and its ancestors (a chain: the tokens before it)
         elif 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
@@ -502,7 +505,8 @@ class LlamaModel(nn.Module):
         if compiled:  # inductor generates no code for complex numbers: cos/sin pairs instead
             rope = torch.view_as_real(rope)
         logits, hidden = step(runtime.embed.rows(tokens), rope, mask, cache.k, cache.v, past, n_out, n_hidden,
-                              runtime, self.layer_ids, self.config, taps, row_kernel)
+                              runtime, self.layer_ids, self.config, taps, row_kernel,
+                              parents if row_kernel else None)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
@@ -572,6 +576,7 @@ def _step(
     cfg: ModelConfig,
     taps: tuple[int, ...] = (),  # hidden = the residual streams entering these layers, concatenated
     row_kernel: bool = False,  # causal attention through specdecode::attend_rows (mask must be None)
+    parents: torch.Tensor | None = None,  # with row_kernel: the new tokens form this tree (specdecode/tree.py)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over T new tokens: the whole model as one function of a few tensors, so
     torch.compile can take it as one graph. Returns (logits [n_out, V] fp32, hidden [n_hidden, hidden]):
@@ -622,7 +627,7 @@ def _step(
         if glue:
             ops = torch.ops.specdecode
             qkv = w.qkv(ops.rms_norm(x, w.input_norm[li], eps), li)
-            x.add_(w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads), li))
+            x.add_(w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads, parents), li))
             x.add_(w.down(ops.silu_mul(w.gate_up(ops.rms_norm(x, w.post_norm[li], eps), li)), li))
             continue
         qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
@@ -644,7 +649,7 @@ def _step(
             cache_k[li, 0, :, past:end] = k
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
-            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t)
+            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents)
         elif rowwise:
             rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)

@@ -1,0 +1,73 @@
+"""Token trees as the models see them: a tree of T new tokens is a parents array (parents[i]
+in [-1, i): the node it extends, -1 = the committed prefix), nodes in topological order.
+
+A model's forward takes a tree as `positions` (prefix length + depth) and `attn_mask`
+(each node sees its ancestors and itself); `parents_of` reads the tree back from that pair, so
+that a model with a tree-aware kernel can take the fast path without a second interface.
+A chain of k tokens is the path tree parents = [-1, 0, 1, ..., k-2].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_parents(parents: torch.Tensor) -> torch.Tensor:
+    """parents as a 1-D int64 tensor, or ValueError naming the first bad entry."""
+    parents = torch.as_tensor(parents, dtype=torch.long)
+    if parents.dim() != 1:
+        raise ValueError(f"parents must be 1-D (one entry per node), got shape {list(parents.shape)}")
+    for i, p in enumerate(parents.tolist()):
+        if not -1 <= p < i:
+            raise ValueError(f"parents[{i}] = {p}: each node extends -1 (the prefix) or an earlier node")
+    return parents
+
+
+def depths(parents: torch.Tensor) -> torch.Tensor:
+    """[T] depth of each node (0 for a child of the prefix)."""
+    out: list[int] = []
+    for p in check_parents(parents).tolist():
+        out.append(0 if p < 0 else out[p] + 1)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """[T, T] bool: row i is True at i and at each of its ancestors."""
+    parents = check_parents(parents)
+    t = parents.shape[0]
+    mask = torch.eye(t, dtype=torch.bool)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            mask[i] |= mask[p]
+    return mask
+
+
+def path(parents: torch.Tensor, node: int) -> list[int]:
+    """The nodes from the root down to `node`, both included."""
+    parents = check_parents(parents)
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = int(parents[node])
+    return out[::-1]
+
+
+def parents_of(attn_mask: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor | None:
+    """The parents array of the tree that (attn_mask [T, T], positions [T]) describe after
+    `start` cached tokens, or None if they are not a tree in topological order (a node that
+    sees a later one, sees what its parent does not, or sits at another depth)."""
+    t = attn_mask.shape[0]
+    mask = attn_mask.to(torch.bool)
+    if attn_mask.shape != (t, t) or positions.shape != (t,) or not bool(mask.diagonal().all()):
+        return None
+    if bool(mask.triu(1).any()):
+        return None
+    seen = mask.tril(-1)
+    # parent = the nearest earlier node the row sees; -1 where it sees none
+    idx = torch.arange(t).expand(t, t)
+    parents = torch.where(seen, idx, torch.full_like(idx, -1)).max(dim=1).values
+    if not torch.equal(ancestor_mask(parents), mask):
+        return None
+    if not torch.equal(positions.to(torch.long), start + depths(parents)):
+        return None
+    return parents
