@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from specdecode import tree
 from specdecode.config import GenerationConfig
 from specdecode.cost_model import KPolicy, costs_for, make_policy
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
@@ -19,7 +20,7 @@ from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.sampling import logits_to_probs, make_generator, select_tokens
-from specdecode.verify import greedy_verify, rejection_sample
+from specdecode.verify import greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
 
 
 def decode(
@@ -94,25 +95,41 @@ def decode(
                 else:
                     draft = drafter.propose(tokens, budget, sampling, generator)
                 if len(draft.tokens) > budget:
-                    draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
+                    draft = _cut(draft, budget)
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
-            out = target.forward(torch.tensor([tokens[-1]] + draft.tokens), cache, return_hidden=feed_hidden,
-                                 hidden_layers=layers)
+            fed = torch.tensor([tokens[-1]] + draft.tokens)
+            if draft.parents is None:
+                out = target.forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
+            else:  # the newest token is the root, the draft's nodes its descendants
+                nodes = torch.tensor([-1] + [p + 1 for p in draft.parents])
+                out = target.forward(fed, cache, positions=committed + tree.depths(nodes), attn_mask=tree.ancestor_mask(nodes),
+                                     return_hidden=feed_hidden, hidden_layers=layers)
             logits = out.logits  # [1+d, V]
-            if sampling.greedy:
+            if draft.parents is not None:
+                if sampling.greedy:
+                    result = greedy_verify_tree(draft.tokens, draft.parents, logits)
+                else:
+                    result = sample_tree(draft.tokens, draft.parents, logits_to_probs(logits, sampling), generator)
+            elif sampling.greedy:
                 result = greedy_verify(draft.tokens, logits)
             else:
                 result = rejection_sample(draft.tokens, draft.probs, logits_to_probs(logits, sampling), generator)
-            cache.rollback(committed + 1 + result.num_accepted)
+            kept_rows = [0] + [1 + i for i in result.path] if result.path is not None else None
+            if kept_rows is None:
+                cache.rollback(committed + 1 + result.num_accepted)
+            else:  # the accepted path's KV slots into place, the rest of the tree dropped
+                cache.keep_slots(committed, [committed + r for r in kept_rows])
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            stats.record(len(draft.tokens), result.num_accepted, None if policy is None else budget)
+            levels = len(draft.tokens) if draft.parents is None else _levels(draft.parents)
+            stats.record(levels, result.num_accepted, None if policy is None else budget, nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
                 if feed_hidden:  # the fed newest token's and the accepted drafts' features
-                    drafter.observe_hidden(out.hidden[: result.num_accepted + 1])  # type: ignore[attr-defined,index]
+                    kept = out.hidden[: result.num_accepted + 1] if kept_rows is None else out.hidden[kept_rows]  # type: ignore[index]
+                    drafter.observe_hidden(kept)  # type: ignore[attr-defined]
             new = result.new_tokens(draft.tokens)
             for i, tok in enumerate(new):
                 if tok in stop_ids:
@@ -127,3 +144,15 @@ def decode(
                 return
     finally:
         stats.wall_seconds = time.perf_counter() - start
+
+
+def _cut(draft: Draft, budget: int) -> Draft:
+    """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
+    probs = None if draft.probs is None else draft.probs[:budget]
+    return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
+
+
+def _levels(parents: list[int]) -> int:
+    """A tree draft's depth in tokens (what a chain's length is): per-position statistics count
+    a tree's positions by depth."""
+    return int(tree.depths(torch.tensor(parents)).max()) + 1 if parents else 0

@@ -108,6 +108,7 @@ class KVCache:
         """
         index = torch.tensor(slots, dtype=torch.long, device=self.k.device)
         n = len(slots)
-        self.k[:, :, :, start : start + n] = self.k.index_select(3, index)
-        self.v[:, :, :, start : start + n] = self.v.index_select(3, index)
+        with torch.inference_mode():  # (the model's forwards make the cache's tensors inference tensors)
+            self.k[:, :, :, start : start + n] = self.k.index_select(3, index)
+            self.v[:, :, :, start : start + n] = self.v.index_select(3, index)
         self.length = start + n

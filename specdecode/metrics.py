@@ -16,6 +16,7 @@ class SpecStats:
     verify_steps: int = 0  # target forwards after prefill (each verifies one draft, maybe empty)
     drafted: int = 0
     accepted: int = 0
+    draft_nodes: int = 0  # tokens scored for drafts (trees: every node; chains: = drafted)
     drafted_at: list[int] = field(default_factory=list)  # per draft position: times drafted
     accepted_at: list[int] = field(default_factory=list)  # per draft position: times accepted
     k_chosen: dict[int, int] = field(default_factory=dict)  # draft length asked for -> verify steps
@@ -41,12 +42,15 @@ class SpecStats:
             self.load_seconds, self.rss_after_load_bytes = load.load_seconds, load.rss_after_load_bytes
         self.peak_rss_bytes = peak_rss_bytes()
 
-    def record(self, num_drafted: int, num_accepted: int, asked: int | None = None) -> None:
+    def record(self, num_drafted: int, num_accepted: int, asked: int | None = None, nodes: int | None = None) -> None:
+        """num_drafted: the draft's length (a tree's: its depth); nodes: the tokens scored for it
+        (a tree's node count; a chain's is its length)."""
         if asked is not None:
             self.k_chosen[asked] = self.k_chosen.get(asked, 0) + 1
         self.verify_steps += 1
         self.target_forwards += 1
         self.drafted += num_drafted
+        self.draft_nodes += num_drafted if nodes is None else nodes
         self.accepted += num_accepted
         while len(self.drafted_at) < num_drafted:
             self.drafted_at.append(0)
@@ -78,6 +82,7 @@ class SpecStats:
             "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards,
             "drafted": self.drafted,
+            "draft_nodes": self.draft_nodes,
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 6),
             "mean_accepted_length": round(self.mean_accepted_length, 6),

@@ -66,18 +66,24 @@ def engines():
 
 
 PROMPTS = ["Write a Python function that checks whether a number is prime.", "List three facts about the Moon."]
+TREE_PROMPTS = ["Count from 1 to 20, one number per line, like 'number 1', 'number 2'."]  # repeats: n-gram trees
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "dtype,spec,k", [("int4", "ngram", 3), ("int4", "ngram", 8), ("int4", "layerskip:4", 2), ("fp32", "quantized:int4", 3)]
+    "dtype,spec,k", [("int4", "ngram", 3), ("int4", "ngram", 8), ("int4", "layerskip:4", 2), ("fp32", "quantized:int4", 3),
+                     ("int4", "ngram-tree", 8), ("fp32", "ngram-tree", 8)]
 )
 def test_greedy_identity_on_embedded_model_fast_paths(engines, dtype, spec, k):
     engine = engines[dtype]
-    for prompt in PROMPTS:
+    nodes = depth = 0
+    for prompt in PROMPTS + (TREE_PROMPTS if spec == "ngram-tree" else []):
         expected = engine.generate(prompt, max_new_tokens=48).token_ids
         out = engine.generate(prompt, drafter=spec, k=k, max_new_tokens=48)
         assert out.token_ids == expected
+        nodes, depth = nodes + out.stats.draft_nodes, depth + out.stats.drafted
+    if spec == "ngram-tree":  # trees were drafted (more nodes scored than their depth)
+        assert nodes > depth
 
 
 @pytest.mark.slow

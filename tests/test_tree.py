@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import specdecode.decoding as decoding
 from conftest import random_model, tiny_config
 from specdecode import kernels, tree
+from test_sampling import ALPHA, SETTINGS, loop_pvalues, small_pair  # noqa: F401  (small_pair: a fixture)
 
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)
 #          0   1   2   3   4   5   6   7   8   9  (node)
@@ -103,3 +105,137 @@ def test_float_models_score_trees_through_the_mask():
     for node in (3, 7, 8, 9):
         chain_logits, _ = _chain(model, [TOKENS[i] for i in tree.path(parents, node)])
         torch.testing.assert_close(logits[node], chain_logits[-1], rtol=1e-4, atol=1e-4)
+
+
+# -- verification of tree drafts --------------------------------------------------------------------
+def test_greedy_tree_verification_follows_the_targets_argmax():
+    from specdecode.verify import greedy_verify_tree
+
+    tokens, parents = [7, 8, 9, 3], [-1, -1, 1, 1]  # root children 7, 8; under 8: 9, 3
+    logits = torch.full((5, 12), -5.0)
+    for row, best in enumerate([8, 0, 3, 0, 11]):  # after root: 8; after node 1 (8): 3; after node 3: 11
+        logits[row, best] = 5.0
+    result = greedy_verify_tree(tokens, parents, logits)
+    assert result.path == (1, 3) and result.next_token == 11 and result.is_bonus
+    assert result.new_tokens(tokens) == [8, 3, 11]
+    logits[0] = -5.0
+    logits[0, 4] = 5.0  # no child has the argmax: nothing accepted, the argmax is the next token
+    result = greedy_verify_tree(tokens, parents, logits)
+    assert result.path == () and result.next_token == 4 and not result.is_bonus
+
+
+class _FixedTree:
+    """A deterministic tree drafter for the loop tests: root children 3 and 5, under 3 a 1."""
+
+    name = "fixed-tree"
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def begin(self, prompt_ids):
+        pass
+
+    def propose(self, tokens, k, sampling, generator):
+        from specdecode.drafters.base import Draft
+
+        return Draft([3, 5, 1], parents=[-1, -1, 0])
+
+    def observe(self, draft, result):
+        pass
+
+
+def _broken_siblings(tokens, parents, target_probs, generator):
+    """Tries each child with its own p(c), never removing a rejected sibling's mass."""
+    from specdecode.verify import VerifyResult
+    from specdecode.sampling import sample
+
+    node, path = -1, []
+    while True:
+        kids = [i for i, p in enumerate(parents) if p == node]
+        p = target_probs[node + 1]
+        chosen = next((c for c in kids if float(torch.rand((), generator=generator)) < float(p[tokens[c]])), None)
+        if chosen is None:
+            return VerifyResult(len(path), int(sample(p.unsqueeze(0), generator)[0]), not kids, tuple(path))
+        path.append(chosen)
+        node = chosen
+
+
+def _broken_bonus(tokens, parents, target_probs, generator):
+    """Right acceptance, but the token after the path drawn from the root's distribution."""
+    from specdecode.verify import VerifyResult, sample_tree
+
+    r = sample_tree(tokens, parents, target_probs, generator)
+    if not r.path:
+        return r
+    from specdecode.sampling import sample
+
+    return VerifyResult(r.num_accepted, int(sample(target_probs[:1], generator)[0]), r.is_bonus, r.path)
+
+
+@pytest.mark.parametrize("setting", [0, 1], ids=["T0.7", "T1.0-top_p0.8"])
+def test_sampling_through_trees_keeps_the_target_distribution(small_pair, setting):
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[setting], draws=3_000, k=3, drafter_class=_FixedTree)
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+
+
+@pytest.mark.parametrize("broken", [_broken_siblings, _broken_bonus])
+def test_the_tree_sampling_test_catches_a_broken_sampler(small_pair, broken, monkeypatch):
+    monkeypatch.setattr(decoding, "sample_tree", broken)
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=3_000, k=3, drafter_class=_FixedTree)
+    assert min(p23, p4) < ALPHA, (p23, p4)
+
+
+# -- n-gram trees in the decoding loop --------------------------------------------------------------
+def test_ngram_tree_drafts_merge_matches_into_a_trie():
+    from specdecode.drafters.ngram import NgramTreeDrafter
+
+    toks = [1, 2, 3, 4, 9, 1, 2, 3, 5, 9, 1, 2, 3, 6, 7, 9, 1, 2, 3]
+    draft = NgramTreeDrafter(4).propose(toks, 6, None, None)
+    assert draft.tokens == [6, 7, 9, 5, 9, 1] and draft.parents == [-1, 0, 1, -1, 3, 4]
+    assert NgramTreeDrafter(1).propose(toks, 6, None, None).parents is None  # one branch: a chain
+
+
+class _OracleTree:
+    """Knows greedy decoding's answer and drafts trees around it: a wrong sibling first, the
+    right token second, then the right continuation beside a wrong one, the third level right
+    only every other step; so the accepted path skips slots and its KV entries must be moved."""
+
+    name = "oracle-tree"
+
+    def __init__(self, prompt: list[int], answer: list[int], vocab: int) -> None:
+        self.prompt, self.answer, self.vocab = prompt, answer, vocab
+
+    def begin(self, prompt_ids):
+        pass
+
+    def propose(self, tokens, k, sampling, generator):
+        from specdecode.drafters.base import Draft
+
+        pos = len(tokens) - len(self.prompt)
+        right = self.answer[pos : pos + 3] + [0, 0, 0]
+        wrong = [(t + 1) % self.vocab for t in right]
+        third = right[2] if pos % 2 else wrong[2]
+        #        0: wrong   1: right   2: right   3: wrong   4: 3rd level
+        return Draft([wrong[0], right[0], right[1], wrong[1], third], parents=[-1, -1, 1, 1, 2])
+
+    def observe(self, draft, result):
+        pass
+
+
+@pytest.mark.parametrize("mode", [None, "int4", "int8"])
+def test_tree_decoding_is_token_identical_to_greedy_decoding(mode):
+    from specdecode.config import GenerationConfig, SamplingParams
+    from specdecode.metrics import SpecStats
+
+    model = random_model(tiny_config("llama", **QCFG), seed=43)
+    model = model if mode is None else model.quantized(mode)
+    prompt = list(range(5, 25))
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True, sampling=SamplingParams(temperature=0.0))
+
+    def run(drafter, stats=None):
+        return [t for step in decoding.decode(model, model.new_cache(128), prompt, cfg, drafter, 5, stats=stats) for t in step]
+
+    answer = run(None)
+    stats = SpecStats()
+    assert run(_OracleTree(prompt, answer, QCFG["vocab"]), stats) == answer
+    assert stats.draft_nodes > stats.drafted and stats.accepted >= 2 * stats.verify_steps - 2

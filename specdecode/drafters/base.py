@@ -17,6 +17,9 @@ class Draft:
     # [len(tokens), V] warped draft distributions q the tokens were drawn from; None for a
     # deterministic draft (verification treats it as a one-hot q).
     probs: torch.Tensor | None = None
+    # A tree draft: parents[i] in [-1, i) is the node that token i follows (-1: the sequence so
+    # far), siblings distinct; None = a chain. Trees are deterministic drafts (probs None).
+    parents: list[int] | None = None
 
 
 class Drafter(Protocol):

@@ -1,15 +1,15 @@
-"""Builds a drafter from its command-line name: none, ngram, layerskip, model, quantized, eagle, medusa, distill."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, layerskip, model, quantized, eagle, medusa, distill."""
 
 from __future__ import annotations
 
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter
-from specdecode.drafters.ngram import NgramDrafter
+from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
+DRAFTERS = ("none", "ngram", "ngram-tree", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
 TRAINED = ("eagle", "medusa", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
@@ -25,7 +25,7 @@ def build_drafter(
     draft_model: CausalLM | None = None,
     max_length: int | None = None,
 ) -> Drafter | None:
-    """spec: 'none' | 'ngram[:MIN-MAX]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
+    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
     name, arg = parse_spec(spec)
     if name == "none":
         return None
@@ -37,6 +37,10 @@ def build_drafter(
         except ValueError:
             raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
         return NgramDrafter(lo, hi)
+    if name == "ngram-tree":
+        if not isinstance(target, LlamaModel):
+            raise UserError("ngram-tree drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
     if name == "layerskip":
         if not isinstance(target, LlamaModel):
             raise UserError("layerskip needs the native model (llama/qwen2/mistral targets)")

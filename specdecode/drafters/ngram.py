@@ -36,6 +36,21 @@ class NgramDrafter:
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
         return Draft(self.lookup(tokens, k))
 
+    def matches(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """Every earlier occurrence of the last token as (match length n <= max_n, position j),
+        longest first, the latest first among equally long ones."""
+        self._index(tokens)
+        last = len(tokens) - 1
+        found = []
+        for j in self._where.get(tokens[last], ()):
+            if j >= last:
+                continue
+            n = 1
+            while n < self.max_n and j - n >= 0 and tokens[j - n] == tokens[last - n]:
+                n += 1
+            found.append((n, j))
+        return sorted(found, key=lambda nj: (-nj[0], -nj[1]))
+
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """The continuation of the longest suffix match (min_n..max_n tokens; the latest of
         equally long ones), n - min_n + 1 tokens of it for an n-token match, at most k."""
@@ -47,20 +62,8 @@ class NgramDrafter:
     def longest_match(self, tokens: list[int]) -> tuple[int, int]:
         """(n, j): the longest n <= max_n such that tokens[j-n+1 : j+1] equals the last n
         tokens, for j < len - 1 (the latest such j); (0, -1) when the last token is new."""
-        self._index(tokens)
-        last = len(tokens) - 1
-        best_n, best_j = 0, -1
-        for j in reversed(self._where.get(tokens[last], ())):
-            if j >= last:
-                continue
-            n = 1
-            while n < self.max_n and j - n >= 0 and tokens[j - n] == tokens[last - n]:
-                n += 1
-            if n > best_n:
-                best_n, best_j = n, j
-                if n == self.max_n:
-                    break
-        return best_n, best_j
+        found = self.matches(tokens)
+        return found[0] if found else (0, -1)
 
     def _index(self, tokens: list[int]) -> None:
         """Bring the token -> positions index up to `tokens` (which extends what was indexed,
@@ -76,3 +79,38 @@ class NgramDrafter:
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass
+
+
+class NgramTreeDrafter(NgramDrafter):
+    """Prompt lookup with several earlier matches as sibling branches: the continuations of up
+    to `branches` matches (longest first, each as long as plain n-gram drafting would copy)
+    merged into a tree of at most k nodes. Where one continuation is found it is a plain chain."""
+
+    def __init__(self, branches: int = 4, min_n: int = 2, max_n: int = 5) -> None:
+        super().__init__(min_n, max_n)
+        if branches < 1:
+            raise UserError(f"ngram-tree needs at least 1 branch, got {branches}")
+        self.branches = branches
+        self.name = f"ngram-tree:{branches}"
+
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
+        nodes: list[int] = []
+        parents: list[int] = []
+        used = 0
+        for n, j in self.matches(tokens):
+            if n < self.min_n or used == self.branches or len(nodes) >= k:
+                break
+            node, added = -1, False
+            for tok in tokens[j + 1 : j + 1 + min(k, n - self.min_n + 1)]:
+                child = next((i for i, p in enumerate(parents) if p == node and nodes[i] == tok), None)
+                if child is None:
+                    if len(nodes) >= k:
+                        break
+                    nodes.append(tok)
+                    parents.append(node)
+                    child, added = len(nodes) - 1, True
+                node = child
+            used += added
+        if all(p == i - 1 for i, p in enumerate(parents)):
+            return Draft(nodes)  # one branch: a chain
+        return Draft(nodes, parents=parents)
