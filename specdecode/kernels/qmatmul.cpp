@@ -272,6 +272,15 @@ SD_VNNI inline __m512i bcast_quad(const int8_t* p) {
 
 constexpr int64_t kPrefetchGroups = 8;
 
+// Ask for group g of TILES output tiles (group_bytes each) a few groups before it is used: the
+// weights' memory traffic and the arithmetic overlap.
+template <int TILES>
+SD_VNNI inline void prefetch_group(const uint8_t* wt, int64_t tile_bytes, int64_t g, int group_bytes) {
+  for (int u = 0; u < TILES; ++u)
+    for (int line = 0; line < group_bytes; line += 64)
+      _mm_prefetch((const char*)(wt + u * tile_bytes + g * group_bytes + line), _MM_HINT_T0);
+}
+
 // One group's exact int32 sums (16 outputs of one row) into the row's fp32 totals: the same
 // instructions in the same order in the VNNI and the AMX kernels, so both give the same bits.
 SD_VNNI inline __m512 add_group_int4(__m512 tot, __m512i acc, __m512 d, __m512 m, float sq, float dx) {
@@ -296,12 +305,7 @@ SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Hal
     for (int u = 0; u < TILES; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
     const int8_t* xg = xq + g * kGroup;
-    if (g + kPrefetchGroups < G) {  // ask for the weights a few groups ahead: memory and arithmetic overlap
-      constexpr int group_bytes = INT4 ? 256 : 512;
-      for (int u = 0; u < TILES; ++u)
-        for (int line = 0; line < group_bytes; line += 64)
-          _mm_prefetch((const char*)(wt + u * tile_bytes + (g + kPrefetchGroups) * group_bytes + line), _MM_HINT_T0);
-    }
+    if (g + kPrefetchGroups < G) prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, INT4 ? 256 : 512);
     __m512i pair[TILES][2];  // int4: quads 2p and 2p+1, from one 64-byte load
 #pragma GCC unroll 8  // (rolled, GCC copied every accumulator twice an iteration: -25% at T=9)
     for (int qd = 0; qd < 8; ++qd) {
@@ -448,10 +452,7 @@ SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt,
   if constexpr (INT4) split_nibbles<TILES>(wt, tile_bytes, 0, bytes[0]);
   for (int64_t g = 0; g <= G; ++g) {
     if (g < G) {
-      if (g + kPrefetchGroups < G)
-        for (int u = 0; u < TILES; ++u)
-          for (int line = 0; line < group_bytes; line += 64)
-            _mm_prefetch((const char*)(wt + u * tile_bytes + (g + kPrefetchGroups) * group_bytes + line), _MM_HINT_T0);
+      if (g + kPrefetchGroups < G) prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, group_bytes);
       if constexpr (INT4)
         if (g + 1 < G) split_nibbles<TILES>(wt, tile_bytes, g + 1, bytes[(g + 1) & 1]);
       const uint8_t* w[TILES];
