@@ -41,15 +41,16 @@ class NgramDrafter:
         longest first, the latest first among equally long ones."""
         self._index(tokens)
         last = len(tokens) - 1
-        found = []
-        for j in self._where.get(tokens[last], ()):
-            if j >= last:
-                continue
-            n = 1
-            while n < self.max_n and j - n >= 0 and tokens[j - n] == tokens[last - n]:
-                n += 1
-            found.append((n, j))
+        found = [(self._match_length(tokens, j), j) for j in self._where.get(tokens[last], ()) if j < last]
         return sorted(found, key=lambda nj: (-nj[0], -nj[1]))
+
+    def _match_length(self, tokens: list[int], j: int) -> int:
+        """How many tokens (<= max_n) end at j as the sequence ends (tokens[j] is its last)."""
+        last = len(tokens) - 1
+        n = 1
+        while n < self.max_n and j - n >= 0 and tokens[j - n] == tokens[last - n]:
+            n += 1
+        return n
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """The continuation of the longest suffix match (min_n..max_n tokens; the latest of
@@ -62,8 +63,18 @@ class NgramDrafter:
     def longest_match(self, tokens: list[int]) -> tuple[int, int]:
         """(n, j): the longest n <= max_n such that tokens[j-n+1 : j+1] equals the last n
         tokens, for j < len - 1 (the latest such j); (0, -1) when the last token is new."""
-        found = self.matches(tokens)
-        return found[0] if found else (0, -1)
+        self._index(tokens)
+        last = len(tokens) - 1
+        best_n, best_j = 0, -1
+        for j in reversed(self._where.get(tokens[last], ())):  # latest first; a full-length match ends the scan
+            if j >= last:
+                continue
+            n = self._match_length(tokens, j)
+            if n > best_n:
+                best_n, best_j = n, j
+                if n == self.max_n:
+                    break
+        return best_n, best_j
 
     def _index(self, tokens: list[int]) -> None:
         """Bring the token -> positions index up to `tokens` (which extends what was indexed,
