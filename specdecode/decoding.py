@@ -99,11 +99,14 @@ def decode(
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
             fed = torch.tensor([tokens[-1]] + draft.tokens)
+            levels = len(draft.tokens)  # the draft's length; a tree's: its depth
             if draft.parents is None:
                 out = target.forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
             else:  # the newest token is the root, the draft's nodes its descendants
                 nodes = torch.tensor([-1] + [p + 1 for p in draft.parents])
-                out = target.forward(fed, cache, positions=committed + tree.depths(nodes), attn_mask=tree.ancestor_mask(nodes),
+                depth = tree.depths(nodes)
+                levels = int(depth.max())
+                out = target.forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
                                      return_hidden=feed_hidden, hidden_layers=layers)
             logits = out.logits  # [1+d, V]
             if draft.parents is not None:
@@ -122,7 +125,6 @@ def decode(
                 cache.keep_slots(committed, [committed + r for r in kept_rows])
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            levels = len(draft.tokens) if draft.parents is None else _levels(draft.parents)
             stats.record(levels, result.num_accepted, None if policy is None else budget, nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
@@ -150,9 +152,3 @@ def _cut(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
     return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
-
-
-def _levels(parents: list[int]) -> int:
-    """A tree draft's depth in tokens (what a chain's length is): per-position statistics count
-    a tree's positions by depth."""
-    return int(tree.depths(torch.tensor(parents)).max()) + 1 if parents else 0
