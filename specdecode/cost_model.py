@@ -44,6 +44,9 @@ from specdecode.errors import UserError
 from specdecode.kernels import build_dir, cpu_name
 
 DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1..9 tokens)
+TREE_MAX_NODES = 32  # a tree drafter's auto size considers 0..32 nodes (verification steps of 1..33)
+# the step lengths measured for trees; the others are interpolated (cost is close to linear in T)
+TREE_POINTS = (1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 17, 21, 25, 33)
 PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
 
 
@@ -241,6 +244,44 @@ class AutoK:
                 self.accepted[i] += 1.0
 
 
+class TreeSize:
+    """How many nodes of a grown tree to verify (`--k auto` for drafters that grow trees from
+    their own probabilities, drafters/tree_search.py): the n that maximises
+    (1 + c * (P_1 + ... + P_n)) / verify(n + 1), P_i the path probabilities of the best n
+    nodes (the expected number of accepted draft tokens, were the drafter calibrated) and c
+    the calibration this request has shown so far: accepted tokens / predicted ones, with
+    older steps fading. n = 0 verifies no draft (an autoregressive step). The drafting
+    itself is spent by then, so it does not enter the choice; which n is chosen depends on the
+    tokens only (and the cost table), so seeded sampling stays reproducible."""
+
+    name = "auto-tree"
+
+    def __init__(self, costs: CostTable, decay: float = 0.95, prior: float = 2.0) -> None:
+        self.costs = costs
+        self.decay = decay
+        self.predicted = self.accepted = prior  # calibration starts at 1 with weight `prior`
+
+    @property
+    def calibration(self) -> float:
+        return self.accepted / self.predicted
+
+    def choose(self, path_probs: list[float], limit: int) -> int:
+        """path_probs: the grown tree's nodes, best first (any prefix is a tree)."""
+        c, gain = self.calibration, 1.0
+        best, best_rate = 0, 1.0 / self.costs.verify[0]
+        for n, p in enumerate(path_probs[: min(limit, self.costs.k_max)], 1):
+            gain += c * p
+            rate = gain / self.costs.verify[n]
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        """predicted: the verified nodes' summed path probabilities; accepted: tokens kept."""
+        self.predicted = self.predicted * self.decay + predicted
+        self.accepted = self.accepted * self.decay + accepted
+
+
 def make_policy(k: "int | str | KPolicy", costs: CostTable | None = None, k_max: int | None = None) -> KPolicy:
     """k: a number (fixed), 'auto' (needs costs), 'heuristic', or a policy object."""
     if isinstance(k, str):
@@ -289,13 +330,15 @@ def parse_k(text: str) -> int | str:
 # -- measuring --------------------------------------------------------------------------------
 @torch.inference_mode()
 def measure_verify_costs(model: torch.nn.Module, max_tokens: int = DEFAULT_K_MAX + 1, past: int = 128,
-                         rounds: int = 5) -> CostTable:
+                         rounds: int = 5, points: tuple[int, ...] | None = None) -> CostTable:
     """Median seconds of a forward of T = 1..max_tokens new tokens after `past` cached ones,
-    the T values interleaved round by round so that machine noise hits them alike."""
+    the T values interleaved round by round so that machine noise hits them alike. points:
+    measure only these T (1 and max_tokens always) and interpolate the others linearly."""
     cache = model.new_cache(past + max_tokens + 1)  # type: ignore[operator]
     vocab = model.config.vocab_size  # type: ignore[union-attr]
     model(torch.arange(past) % vocab, cache, num_logits=1)
-    times: dict[int, list[float]] = {t: [] for t in range(1, max_tokens + 1)}
+    measured = sorted({1, max_tokens, *(t for t in points or range(1, max_tokens + 1) if 1 <= t <= max_tokens)})
+    times: dict[int, list[float]] = {t: [] for t in measured}
     for r in range(rounds + 1):
         for t in times:
             cache.rollback(past)
@@ -303,7 +346,16 @@ def measure_verify_costs(model: torch.nn.Module, max_tokens: int = DEFAULT_K_MAX
             model(torch.arange(t) % vocab, cache)
             if r > 0:  # round 0 warms every shape up
                 times[t].append(time.perf_counter() - start)
-    return CostTable(tuple(statistics.median(times[t]) for t in sorted(times)))
+    median = {t: statistics.median(v) for t, v in times.items()}
+    return CostTable(tuple(_interpolated(median, t) for t in range(1, max_tokens + 1)))
+
+
+def _interpolated(known: dict[int, float], t: int) -> float:
+    if t in known:
+        return known[t]
+    lo = max(x for x in known if x < t)
+    hi = min(x for x in known if x > t)
+    return known[lo] + (known[hi] - known[lo]) * (t - lo) / (hi - lo)
 
 
 _MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, CostTable]" = weakref.WeakKeyDictionary()
@@ -319,6 +371,21 @@ def costs_for(model: torch.nn.Module) -> CostTable:
 
 def remember_costs(model: torch.nn.Module, table: CostTable) -> None:
     _MEASURED[model] = table
+
+
+_MEASURED_TREES: "weakref.WeakKeyDictionary[torch.nn.Module, CostTable]" = weakref.WeakKeyDictionary()
+
+
+def tree_costs_for(model: torch.nn.Module) -> CostTable:
+    """The model's verification costs for trees (T = 1..TREE_MAX_NODES + 1): the table set by
+    `remember_tree_costs` (the engine's, from disk), else measured now, once per model."""
+    if model not in _MEASURED_TREES:
+        _MEASURED_TREES[model] = measure_verify_costs(model, TREE_MAX_NODES + 1, points=TREE_POINTS)
+    return _MEASURED_TREES[model]
+
+
+def remember_tree_costs(model: torch.nn.Module, table: CostTable) -> None:
+    _MEASURED_TREES[model] = table
 
 
 def cost_cache_key(**parts: object) -> str:
@@ -358,11 +425,13 @@ def _on_disk(key: str, field: str, measure: "Callable[[], list[float]]", source:
     return values
 
 
-def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: int = DEFAULT_K_MAX + 1) -> CostTable:
+def cached_verify_costs(model: torch.nn.Module, source: str | None, max_tokens: int = DEFAULT_K_MAX + 1,
+                        points: tuple[int, ...] | None = None) -> CostTable:
     """measure_verify_costs, remembered on disk per model file and machine (file, size, mtime,
     weight format, kernel, CPU, threads, torch): a second start reads it back."""
     key = _machine_key(model, source, max_tokens=max_tokens)
-    return CostTable(tuple(_on_disk(key, "verify", lambda: list(measure_verify_costs(model, max_tokens).verify), source)))
+    measure = lambda: list(measure_verify_costs(model, max_tokens, points=points).verify)  # noqa: E731
+    return CostTable(tuple(_on_disk(key, "verify", measure, source)))
 
 
 def cached_draft_cost(model: torch.nn.Module, source: str | None, drafter: str,

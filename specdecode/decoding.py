@@ -13,7 +13,7 @@ import torch
 
 from specdecode import tree
 from specdecode.config import GenerationConfig
-from specdecode.cost_model import KPolicy, costs_for, make_policy
+from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
@@ -40,7 +40,8 @@ def decode(
     EOS ends the generation and is not yielded.
 
     k: tokens to draft each step (a number), 'auto' (the k that maximises expected tokens per
-    second from the target's measured step costs, see cost_model.py), 'heuristic',
+    second from the target's measured step costs, see cost_model.py; a drafter that grows
+    trees then sizes each tree itself: cost_model.TreeSize), 'heuristic',
     'confidence:T' (drafters that score their drafts stop after a token below probability T),
     or a KPolicy object (which then learns from this request).
     """
@@ -48,8 +49,14 @@ def decode(
         raise UserError("the prompt is empty: give some text to continue")
     if isinstance(k, int) and k < 1 and drafter is not None:
         raise UserError(f"k (draft length) must be >= 1, got {k}")
+    if getattr(drafter, "grows_trees", False):  # it sizes its own trees under auto (cost_model.TreeSize)
+        drafter.size_by(TreeSize(tree_costs_for(target)) if k == "auto" else None)  # type: ignore[union-attr]
+        k = TREE_MAX_NODES if k == "auto" else k
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
     stop_below = getattr(policy, "stop_below", 0.0)
+    if stop_below and getattr(drafter, "grows_trees", False):
+        raise UserError(f"'{drafter.name}' sizes its trees by its own path probabilities: use --k auto (or a number "  # type: ignore[union-attr]
+                        "of nodes) with it; --k confidence cuts chains")
     if stop_below and not getattr(drafter, "scores_drafts", False):
         raise UserError(f"--k confidence stops drafts by the drafter's own probabilities, which "
                         f"'{getattr(drafter, 'name', drafter)}' does not have: use a model drafter "

@@ -24,8 +24,8 @@ from specdecode import memory
 
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
-    DEFAULT_K_MAX, AutoK, CostTable, DraftCost, KPolicy, cached_draft_cost, cached_verify_costs, parse_k,
-    remember_costs,
+    DEFAULT_K_MAX, TREE_MAX_NODES, TREE_POINTS, AutoK, CostTable, DraftCost, KPolicy, cached_draft_cost,
+    cached_verify_costs, parse_k, remember_costs, remember_tree_costs,
 )
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
@@ -154,6 +154,7 @@ class Engine:
         self.load_report: memory.LoadReport | None = None  # set by Engine.load
         self.source: str | None = None  # the target's file or folder (None: embedded or built by hand)
         self._costs: CostTable | None = None
+        self._tree_costs: CostTable | None = None
         self._draft_costs: dict[object, DraftCost] = {}
 
     @classmethod
@@ -272,7 +273,9 @@ class Engine:
             )
         chosen = self.drafter(drafter, draft)
         policy: int | str | KPolicy = k
-        if k == "auto" and chosen is not None:
+        if k == "auto" and getattr(chosen, "grows_trees", False):
+            self.tree_cost_table()  # its trees are sized from these (cost_model.TreeSize): read from disk
+        elif k == "auto" and chosen is not None:
             costs = self.cost_table()
             if seed is not None and not sampling.greedy:  # same seed, same text: k may not follow the clock
                 spec = (drafter, draft) if isinstance(drafter, str) else chosen
@@ -286,6 +289,13 @@ class Engine:
             self._costs = cached_verify_costs(self.model, self._cost_source())
             remember_costs(self.model, self._costs)
         return self._costs
+
+    def tree_cost_table(self) -> CostTable:
+        """The target's verification costs for trees (T = 1..TREE_MAX_NODES + 1), like `cost_table`."""
+        if self._tree_costs is None:
+            self._tree_costs = cached_verify_costs(self.model, self._cost_source(), TREE_MAX_NODES + 1, TREE_POINTS)
+            remember_tree_costs(self.model, self._tree_costs)
+        return self._tree_costs
 
     def _cost_source(self) -> str:
         """The model file measured costs are keyed by (the embedded one when built by hand)."""

@@ -239,3 +239,138 @@ def test_tree_decoding_is_token_identical_to_greedy_decoding(mode):
     stats = SpecStats()
     assert run(_OracleTree(prompt, answer, QCFG["vocab"]), stats) == answer
     assert stats.draft_nodes > stats.drafted and stats.accepted >= 2 * stats.verify_steps - 2
+
+
+# -- trees grown from a drafter's probabilities (EAGLE-2; drafters/tree_search.py) ------------------
+def test_grown_trees_rank_every_ancestor_before_its_descendants():
+    from specdecode.drafters.tree_search import grow
+
+    g = torch.Generator().manual_seed(0)
+    expand = lambda tree, nodes: torch.log_softmax(torch.randn(len(nodes), 12, generator=g) * 2, -1)  # noqa: E731
+    tree = grow(torch.log_softmax(torch.randn(12, generator=g) * 2, -1), expand, width=3, depth=4)
+    assert len(tree) == 3 + 3 * 9  # 3 roots, then the 3 best of each level expanded into 3 children
+    ranked = tree.ranked()
+    for n in range(1, len(ranked) + 1):
+        draft = tree.draft(ranked[:n])
+        parents = draft.parents if draft.parents is not None else list(range(-1, n - 1))
+        assert len(parents) == len(draft.tokens) == n
+        assert all(-1 <= p < i for i, p in enumerate(parents))  # topological, every parent drafted
+        for i, p in enumerate(parents):  # siblings differ
+            assert draft.tokens[i] not in [draft.tokens[j] for j in range(i) if parents[j] == p]
+    scores = [tree.scores[i] for i in ranked]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_tree_size_is_the_brute_force_best():
+    from specdecode.cost_model import CostTable, TreeSize
+
+    costs = CostTable(tuple(1.0 + 0.08 * t + 0.004 * t * t for t in range(33)))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        probs = sorted(torch.rand(20, generator=g).pow(2).tolist(), reverse=True)
+        sizer = TreeSize(costs)
+        sizer.observe(sum(probs[:5]), int(torch.randint(0, 6, (), generator=g)))  # some calibration
+        c = sizer.calibration
+        rate = lambda n: (1 + c * sum(probs[:n])) / costs.verify[n]  # noqa: E731
+        assert sizer.choose(probs, 16) == max(range(17), key=rate)
+    assert TreeSize(costs).choose([0.0] * 10, 10) == 0  # drafts nobody will accept: not verified
+
+
+def _tree_makers():
+    from test_trained_drafters import SUBSET, _randomise
+    from specdecode.drafters.eagle import EagleConfig, EagleHead, EagleTreeDrafter
+    from specdecode.drafters.medusa import MedusaConfig, MedusaHeads, MedusaTreeDrafter
+
+    def eagle_tree(target, seed=0, **kw):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            head = EagleHead(EagleConfig.for_target(target))
+        return EagleTreeDrafter(target, _randomise(head, seed), SUBSET if target.config.vocab_size == 97 else None, **kw)
+
+    def medusa_tree(target, seed=0, **kw):
+        return MedusaTreeDrafter(target, _randomise(MedusaHeads(MedusaConfig(target.config.hidden_size, 4)), seed), **kw)
+
+    return {"eagle-tree": eagle_tree, "medusa-tree": medusa_tree}
+
+
+@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_grown_trees_are_token_identical_to_greedy_decoding(kind, arch):
+    from test_trained_drafters import PROMPTS, run
+    from specdecode.metrics import SpecStats
+
+    extra = {"sliding_window": 12} if arch == "mistral" else {}
+    target = random_model(tiny_config(arch, **extra), seed=10)
+    drafter = _tree_makers()[kind](target)
+    for k in (1, 3, 8, "auto"):
+        stats = SpecStats()
+        for prompt in PROMPTS:
+            assert run(target, prompt, drafter, k, stats=stats) == run(target, prompt), (k, prompt)
+        assert stats.draft_nodes > 0
+
+
+@ours
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_grown_trees_keep_quantized_greedy_decoding(mode):
+    from specdecode.config import GenerationConfig, SamplingParams
+    from specdecode.metrics import SpecStats
+
+    model = random_model(tiny_config("llama", **QCFG), seed=43).to(torch.bfloat16).quantized(mode)
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True, sampling=SamplingParams(temperature=0.0))
+    prompt = list(range(5, 25))
+
+    def run(drafter, k, stats=None):
+        return [t for step in decoding.decode(model, model.new_cache(128), prompt, cfg, drafter, k, stats=stats) for t in step]
+
+    answer = run(None, 1)
+    for kind, make in _tree_makers().items():
+        stats = SpecStats()
+        assert run(make(model), 6, stats) == answer, kind
+        assert stats.draft_nodes > stats.verify_steps  # trees, not chains
+
+
+def test_eagle_tree_of_width_one_is_the_chain_draft():
+    """One candidate a level: the tree is the greedy chain, fed through the head with a tree
+    mask instead of a causal one; its drafts must be the chain drafter's."""
+    from test_trained_drafters import SUBSET, eagle
+    from specdecode.config import SamplingParams
+
+    target = random_model(tiny_config("llama"), seed=10)
+    chain = eagle(target, SUBSET)
+    narrow = _tree_makers()["eagle-tree"](target, width=1, depth=5)
+    wide = _tree_makers()["eagle-tree"](target, width=3, depth=5)
+    greedy = SamplingParams(temperature=0.0)
+    for prompt in ([5, 6, 7, 8, 9, 10], [1, 2, 3, 1, 2, 3, 1, 2]):
+        for d in (chain, narrow, wide):
+            d.begin(prompt)
+        want = chain.propose(prompt, 5, greedy, None).tokens
+        assert narrow.propose(prompt, 5, greedy, None).tokens == want
+        draft = wide.propose(prompt, 40, greedy, None)  # every node: the top-1 path is among them
+        node, got = -1, []
+        for _ in range(5):
+            node = next(i for i, p in enumerate(draft.parents) if p == node and draft.tokens[i] == want[len(got)])
+            got.append(draft.tokens[node])
+        assert got == want
+
+
+@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree"])
+def test_sampling_through_grown_trees_keeps_the_target_distribution(kind):
+    from test_sampling import SMALL_V, exact_distributions, gof_pvalue
+    from specdecode.config import GenerationConfig, SamplingParams
+    from specdecode.metrics import SpecStats
+    from specdecode.sampling import make_generator
+
+    target = random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
+    drafter = _tree_makers()[kind](target, seed=5, width=2)
+    sampling = SamplingParams(temperature=0.7)
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True, sampling=sampling)  # (room for trees: budgets 4, ...)
+    cache, g, stats = target.new_cache(16), make_generator(1234), SpecStats()
+    c23, c4 = torch.zeros(SMALL_V, SMALL_V), torch.zeros(SMALL_V)
+    for _ in range(2000):
+        out = [t for step in decoding.decode(target, cache, [1, 2], cfg, drafter, 4, generator=g, stats=stats) for t in step]
+        c23[out[1], out[2]] += 1
+        c4[out[3]] += 1
+    joint23, marg4 = exact_distributions(target, [1, 2], sampling)
+    p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+    assert stats.draft_nodes > stats.drafted and 0 < stats.accepted < stats.draft_nodes  # trees, accepted and rejected

@@ -36,6 +36,8 @@ from specdecode.drafters.trained import (
     resolve_folder,
     rope_tables,
 )
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
+from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
@@ -108,10 +110,11 @@ class EagleHead(nn.Module):
         embeddings: torch.Tensor,  # [B, T, H] embedding of t_{i+1}
         positions: torch.Tensor,  # [T] position i of each row
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,  # [T, cached + T] bool: what each row sees (tree drafting)
     ) -> torch.Tensor:
         """Predicted features [B, T, H] of positions i + 1."""
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, features.dtype)
-        out = self.layer(self.inputs(features, embeddings), cos, sin, cache)
+        out = self.layer(self.inputs(features, embeddings), cos, sin, cache, mask=mask)
         if cache is not None:
             cache.length += features.shape[1]  # the block writes its slots; the owner advances
         return out
@@ -174,23 +177,11 @@ class EagleDrafter:
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
                 stop_below: float = 0.0) -> Draft:
-        n = len(tokens) - 1  # the newest token t_n has no feature yet
         k = min(k, self.max_length - len(tokens))
-        if k <= 0 or n < 1:
+        h = self._catch_up(tokens) if k > 0 else None
+        if h is None:
             return Draft([])
-        feats = self.features.upto(tokens)  # [n, H] f_0..f_{n-1} (EAGLE-3: [n, n_taps * H] layer inputs)
-        if self.cached > n - 1:  # cannot happen within one request; be safe across misuse
-            self.cache.reset()
-            self.cached = 0
-        self.cache.rollback(self.cached)
-        start = self.cached
-        # Catch up with real features: rows start..n-1 read (f_i, emb(t_{i+1})).
-        f_in = feats[start:n].unsqueeze(0)
-        if self.head.fused:
-            f_in = self.head.fuse_taps(f_in)
-        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
-        h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]  # [1, H] predicted f_n
-        self.cached = n
+        n = len(tokens) - 1
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for step in range(k):
@@ -208,6 +199,79 @@ class EagleDrafter:
                 pos = torch.tensor([n + step])
                 h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
         return Draft(drafted, torch.stack(probs) if probs else None)
+
+    def _catch_up(self, tokens: list[int]) -> torch.Tensor | None:
+        """Bring the head's cache up to the committed sequence with the target's real features
+        (rows cached..n-1 read (f_i, emb(t_{i+1}))); returns [1, H], the predicted feature f_n
+        of the newest token t_n (its LM-head logits are the first draft token's), or None
+        before the head has anything to read. Whatever drafting wrote past it is dropped."""
+        n = len(tokens) - 1  # the newest token t_n has no feature yet
+        if n < 1:
+            return None
+        feats = self.features.upto(tokens)  # [n, H] f_0..f_{n-1} (EAGLE-3: [n, n_taps * H] layer inputs)
+        if self.cached > n - 1:  # cannot happen within one request; be safe across misuse
+            self.cache.reset()
+            self.cached = 0
+        self.cache.rollback(self.cached)
+        start = self.cached
+        f_in = feats[start:n].unsqueeze(0)
+        if self.head.fused:
+            f_in = self.head.fuse_taps(f_in)
+        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
+        h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]
+        self.cached = n
+        return h
+
+
+class EagleTreeDrafter(GrowsTrees, EagleDrafter):
+    """EAGLE-2 dynamic trees with an EAGLE head (drafters/tree_search.py): each level feeds the
+    `width` best candidates of the level before through the head in one call, each row seeing
+    the committed sequence and its own ancestors (a tree mask over the head's cache), and the
+    k best candidates of all levels are drafted (under `--k auto`, as many as the cost model
+    says pay: cost_model.TreeSize)."""
+
+    def __init__(self, *args: object, width: int = 4, depth: int = 6, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if width < 1 or depth < 1:
+            raise UserError(f"an EAGLE tree needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+        self.width, self.depth = width, depth
+        self.name = self.name.replace("eagle", "eagle-tree", 1)
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
+        room = self.max_length - len(tokens)
+        k = min(k, room)
+        h = self._catch_up(tokens) if k > 0 else None
+        if h is None:
+            return Draft([])
+        n = len(tokens) - 1
+        depth = max(1, min(self.depth, k, (self.max_length - self.cache.length) // self.width))
+        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+        after = {-1: h[0]}  # node -> the head's output after it: its children's logits come from it
+        slot: dict[int, int] = {}  # node -> its row in the head's cache
+
+        def logprobs(out: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(self.draft_head.logits(self.head.to_head(out)) * scale, -1)
+
+        def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
+            past = self.cache.length
+            mask = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+            mask[:, :n] = True  # the committed sequence's real features
+            for row, node in enumerate(nodes):
+                slot[node] = past + row
+                a = node
+                while a >= 0:
+                    mask[row, slot[a]] = True
+                    a = tree.parents[a]
+            feats = torch.stack([after[tree.parents[i]] for i in nodes]).unsqueeze(0)
+            embeds = self.embed(torch.tensor([tree.tokens[i] for i in nodes])).unsqueeze(0)
+            positions = torch.tensor([n + tree.depths[i] for i in nodes])
+            out = self.head(feats, embeds, positions, self.cache, mask=mask)[0]
+            after.update(zip(nodes, out))
+            return logprobs(out)
+
+        return self.pick(grow(logprobs(h)[0], expand, self.width, depth, self.draft_head.token), k)
 
 
 def save_eagle(path: Path, head: EagleHead, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:

@@ -1,4 +1,4 @@
-"""Builds a drafter from its command-line name: none, ngram, ngram-tree, layerskip, model, quantized, eagle, medusa, distill."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, layerskip, model, quantized, eagle, eagle-tree, medusa, medusa-tree, distill."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
-TRAINED = ("eagle", "medusa", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
+DRAFTERS = ("none", "ngram", "ngram-tree", "layerskip", "model", "quantized", "eagle", "eagle-tree", "medusa",
+            "medusa-tree", "distill")
+TRAINED = ("eagle", "eagle-tree", "medusa", "medusa-tree", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -66,14 +67,14 @@ def _trained(name: str, path: str | None, target: CausalLM, max_length: int | No
     """eagle / medusa / distill from a folder written by `specdecode train` (None = shipped)."""
     if not isinstance(target, LlamaModel):
         raise UserError(f"{name} drafters need the native model (llama/qwen2/mistral targets)")
-    if name == "eagle":
-        from specdecode.drafters.eagle import EagleDrafter
+    if name in ("eagle", "eagle-tree"):
+        from specdecode.drafters.eagle import EagleDrafter, EagleTreeDrafter
 
-        return EagleDrafter.load(target, path, max_length)
-    if name == "medusa":
-        from specdecode.drafters.medusa import MedusaDrafter
+        return (EagleDrafter if name == "eagle" else EagleTreeDrafter).load(target, path, max_length)
+    if name in ("medusa", "medusa-tree"):
+        from specdecode.drafters.medusa import MedusaDrafter, MedusaTreeDrafter
 
-        return MedusaDrafter.load(target, path, max_length)
+        return (MedusaDrafter if name == "medusa" else MedusaTreeDrafter).load(target, path, max_length)
     from specdecode.drafters.distill import load_distill
 
     return load_distill(target, path, max_length)

@@ -19,6 +19,8 @@ from torch import nn
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
+from specdecode.errors import UserError
 from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
@@ -112,6 +114,37 @@ class MedusaDrafter:
                 if draft_probability(logits[i], token, None if draft.probs is None else draft.probs[i]) < stop_below:
                     return Draft(draft.tokens[: i + 1], None if draft.probs is None else draft.probs[: i + 1])
         return draft
+
+
+class MedusaTreeDrafter(GrowsTrees, MedusaDrafter):
+    """Medusa trees (Cai et al., 2024, with the tree chosen per step as EAGLE-2 does,
+    drafters/tree_search.py): the children of a node at depth d are the `width` most probable
+    tokens of head d + 1 (the heads cannot see earlier draft tokens, so every node of a level
+    has the same candidates), a path's score is the product of its heads' probabilities, and
+    the k best paths' nodes are drafted (under `--k auto`, as many as the cost model says pay)."""
+
+    def __init__(self, *args: object, width: int = 4, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if width < 1:
+            raise UserError(f"a Medusa tree needs width >= 1, got {width}")
+        self.width = width
+        self.name = self.name.replace("medusa", "medusa-tree", 1)
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
+        depth = min(self.heads.config.num_heads, k, self.max_length - len(tokens))
+        if depth <= 0 or len(tokens) < 2:
+            return Draft([])
+        last = self.features.upto(tokens)[-1]
+        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+        logprobs = torch.log_softmax(self.draft_head.logits(self.heads(last)[:depth]) * scale, -1)  # [depth, Vd]
+
+        def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
+            return logprobs[tree.depths[nodes[0]] + 1].expand(len(nodes), -1)
+
+        tree = grow(logprobs[0], expand, self.width, depth, self.draft_head.token)
+        return self.pick(tree, min(k, self.max_length - len(tokens)))
 
 
 def save_medusa(path: Path, heads: MedusaHeads, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:

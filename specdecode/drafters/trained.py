@@ -197,11 +197,12 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,  # inference (B = 1): attend to the cache, then append
         layer: int = 0,
+        mask: torch.Tensor | None = None,  # with a cache: [T, past + T] bool, what each row sees (a tree)
     ) -> torch.Tensor:
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         if cache is None:
             o = self.self_attn.attend(q, k, v, None, causal=True)
-        elif _row_attention(q, cache):  # drafting on our kernels: one call, no mask
+        elif mask is None and _row_attention(q, cache):  # drafting on our kernels: one call, no mask
             b, _, t, _ = q.shape
             past = cache.length
             cache.write(layer, k, v)
@@ -211,8 +212,7 @@ class Block(nn.Module):
         else:
             t, past = x.shape[1], cache.length
             keys, values = cache.write(layer, k, v)
-            mask = None
-            if t > 1:
+            if mask is None and t > 1:
                 mask = torch.cat((torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()), 1)
             o = self.self_attn.attend(q, keys, values, mask, causal=False)
         return self._rest(x, self.self_attn.out(o))
