@@ -276,6 +276,16 @@ class TreeSize:
                 best, best_rate = n, rate
         return best
 
+    def worth_verifying(self) -> float:
+        """The least path probability a node needs to pay for the cheapest extra verification
+        row at the present calibration: a node adds c * P tokens for d more seconds, which pays
+        only if c * P / d exceeds the step's rate, and the chosen rate is at least an
+        autoregressive step's 1 / verify(1). Nodes below it, and so their descendants, are
+        never chosen."""
+        v = self.costs.verify
+        cheapest = min((b - a for a, b in zip(v, v[1:])), default=0.0)
+        return max(0.0, cheapest) / v[0] / self.calibration
+
     def observe(self, predicted: float, accepted: int) -> None:
         """predicted: the verified nodes' summed path probabilities; accepted: tokens kept."""
         self.predicted = self.predicted * self.decay + predicted

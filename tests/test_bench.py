@@ -307,10 +307,10 @@ def test_bench_end_to_end(hf_folders, prompt_file, tmp_path, capsys):
     assert set(doc["summary"]["ngram k=2"]) == {"writing", "code", "all"}
     assert doc["summary"]["model k=2"]["all"]["theoretical_speedup"] is not None
 
-    for png in ("speedup_vs_k", "tau_vs_k", "acceptance_by_position", "theory_vs_measured", "speedup_by_category"):
+    for png in ("speedup_vs_k", "tau_vs_k", "acceptance_by_position", "theory_vs_measured", "speedup_by_category", "tree_size"):
         assert (out / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
-    assert "| method | tok/s | speedup | decode tok/s | decode speedup | theory | τ | accept | α | fwd/tok | draft share | c | v | = AR |" in report and "`hf-assisted k=2`" in report
+    assert "| method | tok/s | speedup | decode tok/s | decode speedup | theory | τ | nodes | accept | α | fwd/tok | draft share | c | v | = AR |" in report and "`hf-assisted k=2`" in report
     assert "![speedup_vs_k](speedup_vs_k.png)" in report and "specdecode bench --target" in report
     assert all(summary["identical_to_ar"][m] == 1.0 for m in labels if not m.startswith("hf"))
 

@@ -374,3 +374,14 @@ def test_sampling_through_grown_trees_keeps_the_target_distribution(kind):
     p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
     assert stats.draft_nodes > stats.drafted and 0 < stats.accepted < stats.draft_nodes  # trees, accepted and rejected
+
+
+def test_nodes_below_the_least_worthwhile_probability_are_never_chosen():
+    from specdecode.cost_model import CostTable, TreeSize
+
+    costs = CostTable(tuple(1.0 + 0.1 * t for t in range(33)))
+    sizer = TreeSize(costs)
+    least = sizer.worth_verifying()
+    assert least == pytest.approx(0.1)
+    probs = [0.9, 0.5, 0.3, least * 0.99, least * 0.5]
+    assert sizer.choose(probs, 10) <= 3

@@ -50,6 +50,7 @@ class Outcome:
     prefill_seconds: float | None = None
     draft_forwards: int | None = None  # forwards of a separate draft model (transformers assisted)
     k_chosen: dict[str, int] | None = None  # draft length asked for -> verify steps (ours)
+    draft_nodes: int | None = None  # tokens scored for drafts (a tree: every node; a chain: = drafted)
 
 
 @dataclass
@@ -127,9 +128,9 @@ class SpecdecodeMethod:
         self.drafter = drafter
         self.k = None if drafter == "none" else k
         self.label = method_label(drafter, self.k)
-        if self.k == "auto":
-            engine.cost_table()  # measured (or read back) now, not inside a timed request
         built = engine.drafter(drafter, draft)
+        if self.k == "auto":  # measured (or read back) now, not inside a timed request
+            engine.tree_cost_table() if getattr(built, "grows_trees", False) else engine.cost_table()
         self._recorder = _StepRecorder(built) if built is not None else None
 
     def run(self, request: Request) -> Outcome:
@@ -143,7 +144,7 @@ class SpecdecodeMethod:
         wall = time.perf_counter() - start
         return Outcome(
             token_ids=tokens, wall_seconds=wall, target_forwards=stats.target_forwards,
-            verify_steps=stats.verify_steps, drafted=stats.drafted, accepted=stats.accepted,
+            verify_steps=stats.verify_steps, drafted=stats.drafted, accepted=stats.accepted, draft_nodes=stats.draft_nodes,
             rejections=self._recorder.rejections if self._recorder else 0,
             drafted_at=list(stats.drafted_at), accepted_at=list(stats.accepted_at),
             draft_seconds=stats.draft_seconds, verify_seconds=stats.verify_seconds,

@@ -158,6 +158,41 @@ def plot_speedup_by_category(summary: Summary, path: Path) -> Path:
     return path
 
 
+def plot_tree_size(summary: Summary, path: Path) -> Path:
+    """τ and decode speedup against the draft tokens scored per step (a tree's size, a chain's
+    length): one line per drafter through its fixed-k points, `auto` rows as open markers."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    groups: dict[str, list[Figures]] = defaultdict(list)
+    for cats in summary.values():
+        f = cats[ALL]
+        if f.k is not None and f.nodes_per_step:
+            groups[f.drafter].append(f)
+    for n, (drafter, fs) in enumerate(groups.items()):
+        fixed = sorted((f for f in fs if isinstance(f.k, int)), key=lambda f: f.nodes_per_step or 0.0)
+        chosen = [f for f in fs if not isinstance(f.k, int)]
+        for ax, attr in zip(axes, ("tau", "decode_speedup")):
+            pts = [(f.nodes_per_step, getattr(f, attr)) for f in fixed if getattr(f, attr) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[n % 10], label=drafter)
+            for f in chosen:
+                if getattr(f, attr) is not None:
+                    ax.scatter([f.nodes_per_step], [getattr(f, attr)], facecolors="none", edgecolors=colors[n % 10],
+                               s=70, label=f"{drafter} k={f.k}")
+    axes[1].axhline(1.0, color="black", linewidth=0.8, label=f"{AR} (baseline)")
+    for ax, ylabel in zip(axes, ("mean accepted length τ", "decode speedup vs ar")):
+        ax.set_xlabel("draft tokens scored per step (tree size)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("τ and speedup against tree size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(summary: Summary, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
@@ -166,4 +201,5 @@ def write_plots(summary: Summary, out_dir: Path) -> list[Path]:
         plot_acceptance_by_position(summary, out_dir / "acceptance_by_position.png"),
         plot_theory_vs_measured(summary, out_dir / "theory_vs_measured.png"),
         plot_speedup_by_category(summary, out_dir / "speedup_by_category.png"),
+        plot_tree_size(summary, out_dir / "tree_size.png"),
     ]

@@ -87,6 +87,7 @@ class Figures:
     decode_speedup: float | None = None
     new_tokens: int = 0
     per_prompt_speedup: list[float] = field(default_factory=list)
+    nodes_per_step: float | None = None  # draft tokens the target scored per verification (a tree's size)
 
 
 def _median(xs: Iterable[float | None]) -> float | None:
@@ -143,7 +144,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
             verify_costs.append(r.verify_seconds / r.verify_steps / t_fwd)
     new_tokens = sum(r.new_tokens for r in rows)
     forwards = _sum(rows, "target_forwards")
-    drafted, accepted = _sum(rows, "drafted"), _sum(rows, "accepted")
+    drafted, accepted, nodes = _sum(rows, "drafted"), _sum(rows, "accepted"), _sum(rows, "draft_nodes")
     steps, rejections = _sum(rows, "verify_steps"), _sum(rows, "rejections")
     if steps is not None and accepted is not None:
         tau = 1.0 + accepted / steps if steps else None
@@ -183,6 +184,7 @@ def _figures(rows: Sequence[Measurement], ar_rows: dict[tuple[str, int], Measure
         new_tokens=new_tokens, per_prompt_speedup=speedups,
         decode_tokens_per_second=_median(decode_tokens_per_second(r) for r in rows),
         decode_speedup=_median(decode_speedups),
+        nodes_per_step=(nodes / steps) if nodes is not None and steps else None,
     )
 
 
@@ -308,14 +310,15 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-MAIN_HEADER = ("method", "tok/s", "speedup", "decode tok/s", "decode speedup", "theory", "τ", "accept", "α", "fwd/tok", "draft share", "c", "v", "= AR")
+MAIN_HEADER = ("method", "tok/s", "speedup", "decode tok/s", "decode speedup", "theory", "τ", "nodes", "accept", "α", "fwd/tok",
+               "draft share", "c", "v", "= AR")
 
 
 def main_row(f: Figures) -> list[str]:
     return [
         f"`{f.method}`", _fmt(f.tokens_per_second, ".1f"), _fmt(f.speedup, ".2f", "×"),
         _fmt(f.decode_tokens_per_second, ".1f"), _fmt(f.decode_speedup, ".2f", "×"),
-        _fmt(f.theoretical_speedup, ".2f", "×"), _fmt(f.tau), _pct(f.acceptance_rate), _fmt(f.alpha),
+        _fmt(f.theoretical_speedup, ".2f", "×"), _fmt(f.tau), _fmt(f.nodes_per_step, ".1f"), _pct(f.acceptance_rate), _fmt(f.alpha),
         _fmt(f.forwards_per_token), _pct(f.draft_share), _fmt(f.cost_ratio, ".3f"), _fmt(f.verify_cost_ratio),
         _pct(f.identical_to_ar),
     ]
@@ -486,6 +489,8 @@ DEFINITIONS = """\
 - **theory**: (1 − α^(k+1)) / ((1 − α)(k·c + 1)) (Leviathan et al., 2023) from the measured α, k and c.
 - **τ**: mean accepted length, tokens gained per verify step = 1 + accepted / steps; for peers
   (no acceptance counts exposed) (new tokens − 1) / (target forwards − 1).
+- **nodes**: draft tokens the target scored per verify step (a token tree's size; a chain's length).
+  For trees, *drafted* and the per-position counts are the tree's depth (the longest path it offered).
 - **accept**: acceptance rate = accepted / drafted draft tokens (vLLM's definition).
 - **α**: per-token acceptance probability, maximum-likelihood estimate accepted / (accepted + rejections)
   — each step tests draft tokens only up to the first rejection, so accepted / drafted understates α for k > 1.

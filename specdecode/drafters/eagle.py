@@ -271,7 +271,7 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
             after.update(zip(nodes, out))
             return logprobs(out)
 
-        return self.pick(grow(logprobs(h)[0], expand, self.width, depth, self.draft_head.token), k)
+        return self.pick(grow(logprobs(h)[0], expand, self.width, depth, self.draft_head.token, self.min_score()), k)
 
 
 def save_eagle(path: Path, head: EagleHead, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:

@@ -87,13 +87,15 @@ class Candidates:
 
 
 def grow(root: torch.Tensor, expand: Expand, width: int, depth: int,
-         token_of: Callable[[int], int] = int) -> Candidates:
+         token_of: Callable[[int], int] = int, min_score: float = -math.inf) -> Candidates:
     """Candidates up to `depth` levels below the committed sequence (root: [V] log-probabilities
-    of the first draft token); each level expands the `width` best nodes of the one before."""
+    of the first draft token); each level expands the `width` best nodes of the one before,
+    those scoring at least `min_score` (a child is never more probable than its parent: below
+    it, no descendant would be worth verifying)."""
     tree = Candidates()
     level = tree.add_children([-1], root.unsqueeze(0), width, token_of)
     for _ in range(depth - 1):
-        frontier = tree.best(level, width)
+        frontier = [i for i in tree.best(level, width) if tree.scores[i] >= min_score]
         if not frontier:
             break
         level = tree.add_children(frontier, expand(tree, frontier), width, token_of)
@@ -116,6 +118,14 @@ class GrowsTrees:
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         if self.sizer is not None and draft.tokens:
             self.sizer.observe(self._predicted, result.num_accepted)
+
+    def min_score(self) -> float:
+        """The log path probability below which a node is not expanded: under the cost model,
+        where even its own verification row would not pay (TreeSize.worth_verifying)."""
+        if self.sizer is None:
+            return -math.inf
+        least = self.sizer.worth_verifying()
+        return math.log(least) if least > 0 else -math.inf
 
     def pick(self, tree: Candidates, k: int) -> Draft:
         """The draft of the best nodes of `tree`: k of them, or the cost model's choice <= k."""
