@@ -14,7 +14,7 @@ import torch
 from specdecode import tree
 from specdecode.config import GenerationConfig
 from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
-from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
+from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
@@ -76,7 +76,7 @@ def decode(
     start = time.perf_counter()
     try:
         cache.reset()
-        feed_hidden = wants_hidden(drafter)
+        feed_hidden, feed_logits = wants_hidden(drafter), wants_logits(drafter)
         layers = hidden_layers(drafter) if feed_hidden else None
         out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
         logits = out.logits  # [1, V]
@@ -136,6 +136,8 @@ def decode(
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
+                if feed_logits:
+                    drafter.observe_logits(draft, logits, result)  # type: ignore[attr-defined]
                 if feed_hidden:  # the fed newest token's and the accepted drafts' features
                     kept = out.hidden[: result.num_accepted + 1] if kept_rows is None else out.hidden[kept_rows]  # type: ignore[index]
                     drafter.observe_hidden(kept)  # type: ignore[attr-defined]

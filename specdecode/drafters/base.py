@@ -56,6 +56,13 @@ def wants_hidden(drafter: Drafter | None) -> bool:
     return drafter is not None and callable(getattr(drafter, "observe_hidden", None))
 
 
+def wants_logits(drafter: Drafter | None) -> bool:
+    """Drafters that learn from the target's scores of every drafted node, accepted or not
+    (lookahead: the window's outputs are its next guesses), define
+    `observe_logits(draft, logits [1 + nodes, V], result)`; the loop calls it after verifying."""
+    return drafter is not None and callable(getattr(drafter, "observe_logits", None))
+
+
 def hidden_layers(drafter: Drafter | None) -> tuple[int, ...] | None:
     """An EAGLE-3 drafter reads other features than the final-norm states: the inputs of a few
     target layers (`drafter.hidden_layers`); None means the final-norm states."""

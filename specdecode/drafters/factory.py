@@ -1,4 +1,4 @@
-"""Builds a drafter from its command-line name: none, ngram, ngram-tree, layerskip, model, quantized, eagle, eagle-tree, medusa, medusa-tree, distill."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, layerskip, model, quantized, eagle, eagle-tree, medusa, medusa-tree, distill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "layerskip", "model", "quantized", "eagle", "eagle-tree", "medusa",
+DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "layerskip", "model", "quantized", "eagle", "eagle-tree", "medusa",
             "medusa-tree", "distill")
 TRAINED = ("eagle", "eagle-tree", "medusa", "medusa-tree", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
@@ -42,6 +42,18 @@ def build_drafter(
         if not isinstance(target, LlamaModel):
             raise UserError("ngram-tree drafts token trees, which need the native model (llama/qwen2/mistral targets)")
         return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
+    if name == "lookahead":
+        if not isinstance(target, LlamaModel):
+            raise UserError("lookahead drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        from specdecode.drafters.lookahead import LookaheadDrafter
+
+        if not arg:
+            return LookaheadDrafter()
+        try:
+            window, ngram, branches = (int(x) for x in arg.split("-"))
+        except ValueError:
+            raise UserError(f"lookahead sizes look like lookahead:5-3-3 (window-ngram-branches), got '{spec}'") from None
+        return LookaheadDrafter(window, ngram, branches)
     if name == "layerskip":
         if not isinstance(target, LlamaModel):
             raise UserError("layerskip needs the native model (llama/qwen2/mistral targets)")
