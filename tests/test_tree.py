@@ -5,6 +5,8 @@ cache the chain would have left. What exact tree verification rests on (issue 19
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -290,10 +292,17 @@ def _tree_makers():
     def medusa_tree(target, seed=0, **kw):
         return MedusaTreeDrafter(target, _randomise(MedusaHeads(MedusaConfig(target.config.hidden_size, 4)), seed), **kw)
 
-    return {"eagle-tree": eagle_tree, "medusa-tree": medusa_tree}
+    def model_tree(target, seed=0, **kw):
+        from specdecode.drafters.draft_model import DraftModelTreeDrafter
+
+        draft = random_model(dataclasses.replace(target.config, num_layers=1), seed=seed + 7)
+        draft = draft if target.quant is None else draft.to(target.dtype).quantized(target.quant)
+        return DraftModelTreeDrafter(draft, target.config.vocab_size, **kw)
+
+    return {"eagle-tree": eagle_tree, "medusa-tree": medusa_tree, "model-tree": model_tree}
 
 
-@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree"])
+@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree", "model-tree"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_grown_trees_are_token_identical_to_greedy_decoding(kind, arch):
     from test_trained_drafters import PROMPTS, run
@@ -353,7 +362,7 @@ def test_eagle_tree_of_width_one_is_the_chain_draft():
         assert got == want
 
 
-@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree"])
+@pytest.mark.parametrize("kind", ["eagle-tree", "medusa-tree", "model-tree"])
 def test_sampling_through_grown_trees_keeps_the_target_distribution(kind):
     from test_sampling import SMALL_V, exact_distributions, gof_pvalue
     from specdecode.config import GenerationConfig, SamplingParams

@@ -10,6 +10,7 @@ import torch
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.sampling import logits_to_probs, sample
@@ -72,3 +73,66 @@ class DraftModelDrafter:
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass  # _sync on the next propose keeps exactly the accepted prefix
+
+
+class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
+    """A draft model growing a tree (`model-tree`, `layerskip-tree[:N]`, `quantized-tree`,
+    `distill-tree`; drafters/tree_search.py): each level feeds the `width` best candidates of
+    the level before in one forward, each seeing the committed sequence and its ancestors (a
+    mask over the draft's cache), and the k best path probabilities are drafted (under
+    `--k auto`, as many as the cost model says pay). The tree's slots are dropped from the
+    draft's cache afterwards; the accepted path is fed with the next step's new tokens."""
+
+    def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model-tree", max_length: int | None = None,
+                 width: int = 4, depth: int = 6) -> None:
+        super().__init__(model, target_vocab_size, name, max_length)
+        if width < 1 or depth < 1:
+            raise UserError(f"a draft tree needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+        self.width, self.depth = width, depth
+
+    @classmethod
+    def from_chain(cls, chain: DraftModelDrafter) -> "DraftModelTreeDrafter":
+        """The tree-growing twin of a chain drafter (same model, `NAME-tree` for its name)."""
+        name, _, arg = chain.name.partition(":")
+        return cls(chain.model, chain.model.config.vocab_size, f"{name}-tree" + (f":{arg}" if arg else ""),
+                   chain.cache.max_length)
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                stop_below: float = 0.0) -> Draft:
+        k = min(k, self.cache.max_length - len(tokens))
+        if k <= 0:
+            return Draft([])
+        depth = max(1, min(self.depth, k, (self.cache.max_length - len(tokens)) // self.width))
+        window = self.model.config.sliding_window
+        if window is not None and len(tokens) + self.width * depth > window:
+            # a mask over cached tree slots needs their positions, which a sliding window reads
+            # from the slot index (LlamaModel._mask): past the window, draft a chain
+            self._predicted = None  # (nothing for the tree sizer to learn from)
+            return super().propose(tokens, k, sampling, generator)
+        feed = self._sync(tokens)
+        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
+        self.cached_ids.extend(feed)
+        committed = self.cache.length  # == len(tokens): the first draft token sits at this position
+        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+        slot: dict[int, int] = {}
+
+        def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
+            past = self.cache.length
+            mask = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+            mask[:, :committed] = True
+            for row, node in enumerate(nodes):
+                slot[node] = past + row
+                a = node
+                while a >= 0:
+                    mask[row, slot[a]] = True
+                    a = tree.parents[a]
+            positions = torch.tensor([committed + tree.depths[i] for i in nodes])
+            out = self.model.forward(torch.tensor([tree.tokens[i] for i in nodes]), self.cache,
+                                     positions=positions, attn_mask=mask).logits
+            return torch.log_softmax(out.float() * scale, -1)
+
+        tree = grow(torch.log_softmax(logits[0].float() * scale, -1), expand, self.width, depth,
+                    min_score=self.min_score())
+        self.cache.rollback(committed)  # the tree's slots go; cached_ids still ends at `tokens`
+        return self.pick(tree, k)

@@ -1,16 +1,18 @@
-"""Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, layerskip, model, quantized, eagle, eagle-tree, medusa, medusa-tree, distill."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, layerskip, model, quantized,
+eagle, medusa, distill, and the tree-growing variants NAME-tree of the model drafters."""
 
 from __future__ import annotations
 
 from specdecode.drafters.base import Drafter
-from specdecode.drafters.draft_model import DraftModelDrafter
+from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
 from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "layerskip", "model", "quantized", "eagle", "eagle-tree", "medusa",
-            "medusa-tree", "distill")
+DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
+            "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree")
+MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
 TRAINED = ("eagle", "eagle-tree", "medusa", "medusa-tree", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
@@ -30,6 +32,14 @@ def build_drafter(
     name, arg = parse_spec(spec)
     if name == "none":
         return None
+    if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
+        if not isinstance(target, LlamaModel):
+            raise UserError(f"{name} drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length)
+        native = getattr(getattr(chain, "model", None), "model", getattr(chain, "model", None))  # (a subset head wraps one)
+        if not isinstance(chain, DraftModelDrafter) or not isinstance(native, LlamaModel):
+            raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")
+        return DraftModelTreeDrafter.from_chain(chain)
     if name == "ngram":
         if not arg:
             return NgramDrafter()  # its default sizes

@@ -110,13 +110,13 @@ class GrowsTrees:
     grows_trees = True  # the decoding loop sizes it under --k auto
     scores_drafts = False  # trees are chosen by path probability, not cut by --k confidence
     sizer = None  # a cost_model.TreeSize, or None: k nodes
-    _predicted = 0.0  # the last draft's summed path probabilities
+    _predicted: float | None = 0.0  # the last draft's summed path probabilities (None: not a grown tree)
 
     def size_by(self, sizer: object) -> None:
         self.sizer = sizer
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
-        if self.sizer is not None and draft.tokens:
+        if self.sizer is not None and draft.tokens and self._predicted is not None:
             self.sizer.observe(self._predicted, result.num_accepted)
 
     def min_score(self) -> float:

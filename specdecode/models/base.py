@@ -38,7 +38,9 @@ class CausalLM(Protocol):
 
         positions: [T] rotary positions (default: length .. length+T-1; trees differ).
         attn_mask: [T, T] bool, True where new token i may see new token j (default causal);
-        every new token sees all earlier cached slots.
+        every new token sees all earlier cached slots. The native model also takes
+        [T, length + T]: what each new token sees of the cache too (a draft model growing a
+        tree level by level, whose earlier levels are cached).
         num_logits: compute logits only for the last n positions (None = all).
         hidden_layers: with return_hidden, return the inputs of these layers instead of the
         final-norm states (EAGLE-3's low / mid / high features).

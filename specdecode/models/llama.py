@@ -451,6 +451,10 @@ class LlamaModel(nn.Module):
         window = self.config.sliding_window
         if attn_mask is None and t == 1 and (window is None or past < window):
             return None  # one new token sees everything
+        if attn_mask is not None and attn_mask.shape == (t, past + t):  # what each row sees of the cache too
+            if window is not None and past + t > window:  # (cached slots' positions are not known here)
+                raise ValueError("a mask over cached slots needs a model without a sliding window, or a shorter sequence")
+            return attn_mask.to(torch.bool)
         if attn_mask is None:
             attn_mask = torch.ones(t, t, dtype=torch.bool).tril()
         mask = torch.cat((torch.ones(t, past, dtype=torch.bool), attn_mask.to(torch.bool)), dim=1)  # [T, past+T]
