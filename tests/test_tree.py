@@ -375,7 +375,7 @@ def test_sampling_through_grown_trees_keeps_the_target_distribution(kind):
     cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True, sampling=sampling)  # (room for trees: budgets 4, ...)
     cache, g, stats = target.new_cache(16), make_generator(1234), SpecStats()
     c23, c4 = torch.zeros(SMALL_V, SMALL_V), torch.zeros(SMALL_V)
-    for _ in range(2000):
+    for _ in range(1000):
         out = [t for step in decoding.decode(target, cache, [1, 2], cfg, drafter, 4, generator=g, stats=stats) for t in step]
         c23[out[1], out[2]] += 1
         c4[out[3]] += 1
