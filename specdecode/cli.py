@@ -51,6 +51,10 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "from the target's measured step costs), heuristic (+2 after a full accept, -1 otherwise), "
                         "confidence[:T] (up to 8, stop after a draft token below probability T, default 0.4; "
                         "model-type drafters), or a fixed number"),
+    p.add_argument("--tree", default="off",
+                   help="off (default: chains) | auto | N: draft token trees with the drafter's tree variant "
+                        "(ngram -> ngram-tree, eagle -> eagle-tree, medusa, layerskip, model, quantized, distill "
+                        "-> NAME-tree): auto sizes each tree from the cost model, N drafts N nodes (sets --k)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=_integer, default=0)
@@ -59,6 +63,26 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_integer, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
+
+
+def apply_tree(args: argparse.Namespace) -> None:
+    """--tree auto|N: the drafter's tree variant (NAME-tree), and N nodes as --k."""
+    from specdecode.drafters.factory import tree_variant
+
+    tree = getattr(args, "tree", "off")
+    if tree == "off":
+        return
+    if tree != "auto":
+        try:
+            nodes = int(tree)
+        except ValueError:
+            raise UserError(f"--tree takes off, auto or a number of nodes, got '{tree}'") from None
+        if nodes < 1:
+            raise UserError(f"--tree N needs N >= 1 nodes, got {nodes}")
+        if args.k is not None and str(args.k) != str(nodes):
+            raise UserError(f"--tree {nodes} sets the draft size; drop --k {args.k} (or use --tree auto --k {args.k})")
+        args.k = str(nodes)
+    args.drafter = tree_variant(args.drafter)
 
 
 def resolve_k(text: str | None, drafter: str | None) -> int | str:
@@ -89,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Validate everything cheap before spending seconds on loading the model.
     if not prompt.strip():
         raise UserError("the prompt is empty: give some text to continue")
+    apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

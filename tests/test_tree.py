@@ -394,3 +394,27 @@ def test_nodes_below_the_least_worthwhile_probability_are_never_chosen():
     assert least == pytest.approx(0.1)
     probs = [0.9, 0.5, 0.3, least * 0.99, least * 0.5]
     assert sizer.choose(probs, 10) <= 3
+
+
+def test_tree_option_picks_the_tree_variant():
+    import argparse
+
+    from specdecode.cli import apply_tree
+    from specdecode.errors import UserError
+
+    def resolved(drafter, tree, k=None):
+        args = argparse.Namespace(drafter=drafter, tree=tree, k=k)
+        apply_tree(args)
+        return args.drafter, args.k
+
+    assert resolved("eagle", "auto") == ("eagle-tree", None)
+    assert resolved("eagle:/x/y", "12") == ("eagle-tree:/x/y", "12")
+    assert resolved("ngram", "8") == ("ngram-tree", "8")
+    assert resolved("layerskip:7", "auto", "6") == ("layerskip-tree:7", "6")
+    assert resolved("eagle", "off") == ("eagle", None)
+    with pytest.raises(UserError, match="no tree variant"):
+        resolved("hf", "auto")
+    with pytest.raises(UserError, match="drop --k 4"):
+        resolved("eagle", "12", "4")
+    with pytest.raises(UserError, match="off, auto or a number"):
+        resolved("eagle", "big")

@@ -339,8 +339,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.drafter == "none":
         raise UserError("check compares a drafter against the AR loop: pass --drafter ngram|layerskip|model|quantized|eagle|medusa|distill")
+    from specdecode.cli import apply_tree
     from specdecode.cost_model import parse_k
 
+    apply_tree(args)
     args.k = 4 if args.k is None else parse_k(args.k)  # the audit's draft length (default 4; auto works too)
     if not 0.0 < args.alpha < 1.0:
         raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")

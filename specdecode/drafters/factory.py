@@ -16,6 +16,22 @@ MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models tha
 TRAINED = ("eagle", "eagle-tree", "medusa", "medusa-tree", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
+def tree_variant(spec: str) -> str:
+    """'eagle:DIR' -> 'eagle-tree:DIR', 'ngram' -> 'ngram-tree' (--tree); specs that draft trees
+    already stay; a drafter without a tree variant is a one-line error."""
+    name, arg = parse_spec(spec)
+    if name.endswith("-tree") or name in ("lookahead",):
+        return spec
+    if name == "ngram":
+        if arg:
+            raise UserError(f"--tree with ngram uses ngram-tree[:BRANCHES] (its own n-gram sizes); drop ':{arg}'")
+        return "ngram-tree"
+    if name in MODEL_TREES or name in ("eagle", "medusa"):
+        return f"{name}-tree" + (f":{arg}" if arg else "")
+    raise UserError(f"--tree: '{name}' has no tree variant; use one of ngram, eagle, medusa, "
+                    f"{', '.join(MODEL_TREES)} (or --tree off)")
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """'layerskip:8' -> ('layerskip', '8'); 'model:/path' -> ('model', '/path')."""
     name, _, arg = spec.partition(":")

@@ -16,6 +16,7 @@ def register(sub: Any) -> None:
     p.add_argument("--draft", default=None, help="draft model for --drafter model")
     p.add_argument("--k", default=None, help="default draft length: auto (default), heuristic, confidence[:T] or a number "
                                             "(requests may override with 'k')")
+    p.add_argument("--tree", default="off", help="off (default) | auto | N: the default drafter's tree variant, as for generate")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -28,8 +29,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
 
-    from specdecode.cli import max_draft, resolve_k
+    from specdecode.cli import apply_tree, max_draft, resolve_k
 
+    apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     engine.drafter(args.drafter, args.draft)  # fail fast on a bad drafter, before listening
