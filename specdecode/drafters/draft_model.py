@@ -10,7 +10,7 @@ import torch
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.sampling import logits_to_probs, sample
@@ -118,15 +118,7 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
         slot: dict[int, int] = {}
 
         def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
-            past = self.cache.length
-            mask = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
-            mask[:, :committed] = True
-            for row, node in enumerate(nodes):
-                slot[node] = past + row
-                a = node
-                while a >= 0:
-                    mask[row, slot[a]] = True
-                    a = tree.parents[a]
+            mask = level_mask(tree, nodes, slot, committed, self.cache.length)
             positions = torch.tensor([committed + tree.depths[i] for i in nodes])
             out = self.model.forward(torch.tensor([tree.tokens[i] for i in nodes]), self.cache,
                                      positions=positions, attn_mask=mask).logits

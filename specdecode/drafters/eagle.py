@@ -36,7 +36,7 @@ from specdecode.drafters.trained import (
     resolve_folder,
     rope_tables,
 )
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
@@ -255,15 +255,7 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
             return torch.log_softmax(self.draft_head.logits(self.head.to_head(out)) * scale, -1)
 
         def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
-            past = self.cache.length
-            mask = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
-            mask[:, :n] = True  # the committed sequence's real features
-            for row, node in enumerate(nodes):
-                slot[node] = past + row
-                a = node
-                while a >= 0:
-                    mask[row, slot[a]] = True
-                    a = tree.parents[a]
+            mask = level_mask(tree, nodes, slot, n, self.cache.length)  # (slots [0, n): the real features)
             feats = torch.stack([after[tree.parents[i]] for i in nodes]).unsqueeze(0)
             embeds = self.embed(torch.tensor([tree.tokens[i] for i in nodes])).unsqueeze(0)
             positions = torch.tensor([n + tree.depths[i] for i in nodes])

@@ -86,6 +86,21 @@ class Candidates:
         return Draft(tokens, parents=parents)
 
 
+def level_mask(tree: Candidates, nodes: list[int], slot: dict[int, int], committed: int, past: int) -> torch.Tensor:
+    """[len(nodes), past + len(nodes)] bool: what each node of a new level sees in a drafter's
+    cache, where slots [0, committed) hold the committed sequence and earlier levels' nodes sit
+    at `slot[node]`: the sequence, its ancestors and itself. Records the new nodes' slots."""
+    mask = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+    mask[:, :committed] = True
+    for row, node in enumerate(nodes):
+        slot[node] = past + row
+        a = node
+        while a >= 0:
+            mask[row, slot[a]] = True
+            a = tree.parents[a]
+    return mask
+
+
 def grow(root: torch.Tensor, expand: Expand, width: int, depth: int,
          token_of: Callable[[int], int] = int, min_score: float = -math.inf) -> Candidates:
     """Candidates up to `depth` levels below the committed sequence (root: [V] log-probabilities
