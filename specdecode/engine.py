@@ -22,6 +22,8 @@ import torch
 
 from specdecode import memory
 
+from specdecode.assisted import AssistedArgs
+from specdecode.assisted import resolve as resolve_assisted
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
     DEFAULT_K_MAX, TREE_MAX_NODES, TREE_POINTS, AutoK, CostTable, DraftCost, KPolicy, cached_draft_cost,
@@ -246,9 +248,9 @@ class Engine:
         *,
         drafter: str | Drafter | None = None,
         draft: str | None = None,
-        k: int | str = "auto",
+        k: int | str | KPolicy | None = None,
         max_new_tokens: int = 128,
-        temperature: float = 0.0,
+        temperature: float | None = None,
         top_k: int = 0,
         top_p: float = 1.0,
         min_p: float = 0.0,
@@ -256,13 +258,23 @@ class Engine:
         stop: Sequence[str] = (),
         chat: bool = True,
         ignore_eos: bool = False,
+        **assisted: object,
     ) -> "TextStream":
         """Text deltas as they are decoded; the finished Generation is `.result` afterwards.
 
-        k: draft length: 'auto' (each step the k that maximises expected tokens per second,
-        from this machine's measured step costs of the target: cost_model.py), 'heuristic',
-        or a fixed number."""
-        k = parse_k(str(k))
+        k: draft length: 'auto' (the default: each step the k that maximises expected tokens
+        per second, from this machine's measured step costs of the target: cost_model.py),
+        'heuristic', 'confidence:T', or a fixed number. temperature: 0 (the default) is greedy.
+        transformers' assisted-generation keywords work with their meanings (assistant_model,
+        num_assistant_tokens, num_assistant_tokens_schedule, assistant_confidence_threshold,
+        prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py)."""
+        unknown = sorted(set(assisted) - set(AssistedArgs.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
+        chosen_args = resolve_assisted(AssistedArgs(**assisted), drafter, draft, k, temperature,  # type: ignore[arg-type]
+                                       self.model.config.vocab_size)
+        drafter, draft, temperature = chosen_args.drafter, chosen_args.draft, chosen_args.temperature
+        k = chosen_args.k if not isinstance(chosen_args.k, (int, str)) else parse_k(str(chosen_args.k))
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         config = GenerationConfig(max_new_tokens, tuple(stop), ignore_eos, sampling)
         prompt_ids = self.encode_prompt(prompt, chat)

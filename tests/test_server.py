@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from conftest import random_model, tiny_config
 from specdecode.engine import Engine
+from specdecode.errors import UserError
 from specdecode.models.loading import embedded_model_path
 from specdecode.server.app import create_app
 from specdecode.tokenizer import Tokenizer
@@ -59,3 +60,18 @@ def test_bad_request_is_a_400_with_a_message(client):
     assert r.status_code == 400 and "unknown drafter" in r.json()["error"]["message"]
     # the server still works after errors (the lock was released)
     assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_transformers_keywords_in_the_api_and_the_server(client, engine):
+    greedy = engine.generate("one two three one two three one", max_new_tokens=12, chat=False)
+    lookup = engine.generate("one two three one two three one", max_new_tokens=12, chat=False,
+                             prompt_lookup_num_tokens=4, do_sample=False)
+    assert lookup.token_ids == greedy.token_ids and lookup.stats.verify_steps > 0
+    body = {"prompt": "one two three one two three one", "max_tokens": 12, "prompt_lookup_num_tokens": 4, "do_sample": False}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy.text
+    bad = client.post("/v1/completions", json={**body, "num_assistant_tokens_schedule": "fast"})
+    assert bad.status_code == 400 and "must be one of" in bad.json()["error"]["message"]
+    with pytest.raises(UserError, match="unknown argument"):
+        engine.generate("abc", assistant_tokens=4)

@@ -23,10 +23,11 @@ from specdecode.verify import VerifyResult
 class NgramDrafter:
     name = "ngram"
 
-    def __init__(self, min_n: int = 2, max_n: int = 5) -> None:
+    def __init__(self, min_n: int = 2, max_n: int = 5, copy_whole: bool = False) -> None:
+        """copy_whole: draft k tokens after any match, however short (transformers' prompt lookup)."""
         if not 1 <= min_n <= max_n:
             raise UserError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        self.min_n, self.max_n = min_n, max_n
+        self.min_n, self.max_n, self.copy_whole = min_n, max_n, copy_whole
         self._seen: list[int] = []  # the sequence indexed so far
         self._where: dict[int, list[int]] = {}  # token -> its positions in _seen, ascending
 
@@ -58,7 +59,7 @@ class NgramDrafter:
         n, end = self.longest_match(tokens)
         if n < self.min_n:
             return []
-        return tokens[end + 1 : end + 1 + min(k, n - self.min_n + 1)]
+        return tokens[end + 1 : end + 1 + (k if self.copy_whole else min(k, n - self.min_n + 1))]
 
     def longest_match(self, tokens: list[int]) -> tuple[int, int]:
         """(n, j): the longest n <= max_n such that tokens[j-n+1 : j+1] equals the last n

@@ -31,6 +31,18 @@ class _Request(BaseModel):
     stream: bool = False
     drafter: str | None = None  # extension: override the server's drafter
     k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic", "confidence:T")
+    # extensions with transformers' names and meanings (specdecode/assisted.py); no assistant_model:
+    # a request names no files on the server
+    num_assistant_tokens: int | None = None
+    num_assistant_tokens_schedule: str | None = None
+    assistant_confidence_threshold: float | None = None
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    do_sample: bool | None = None
+
+
+ASSISTED_FIELDS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                   "prompt_lookup_num_tokens", "max_matching_ngram_size", "do_sample")
 
 
 class CompletionRequest(_Request):
@@ -54,10 +66,18 @@ def create_app(
 
     def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        assisted = {name: getattr(req, name) for name in ASSISTED_FIELDS if getattr(req, name) is not None}
+        # transformers' keywords that choose the drafter / the draft length replace the server's defaults
+        picks_drafter = "prompt_lookup_num_tokens" in assisted
+        picks_k = picks_drafter or any(name in assisted for name in ASSISTED_FIELDS[:3])
+        chosen = req.drafter if req.drafter is not None else (None if picks_drafter else drafter)
+        length = req.k if req.k is not None else (None if picks_k else k)
+        # do_sample without a temperature: transformers' meaning (greedy, or sampling at 1.0)
+        temperature = None if req.do_sample is not None and "temperature" not in req.model_fields_set else req.temperature
         return engine.stream(
-            prompt, drafter=req.drafter if req.drafter is not None else drafter, draft=draft, k=k if req.k is None else req.k,
-            max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-            min_p=req.min_p, seed=req.seed, stop=stops, chat=chat,
+            prompt, drafter=chosen, draft=draft, k=length,
+            max_new_tokens=req.max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p,
+            min_p=req.min_p, seed=req.seed, stop=stops, chat=chat, **assisted,
         )
 
     def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
