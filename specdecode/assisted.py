@@ -9,7 +9,7 @@ server's extension fields).
 | `num_assistant_tokens_schedule="heuristic"` / `"heuristic_transient"` | `HeuristicK` starting at N (+2 after a draft accepted whole, -1 otherwise); each request starts afresh, so the two are the same here |
 | `num_assistant_tokens_schedule="auto"` (ours) | the cost model's k (`--k auto`); also what is used when neither N nor a schedule is given |
 | `assistant_confidence_threshold=t` | `ConfidenceK`: draft up to N tokens (default 8), stop after one with draft probability < t |
-| `prompt_lookup_num_tokens=N` | `NgramDrafter` copying N tokens after the latest match of the last 1..M tokens, as transformers' prompt lookup does |
+| `prompt_lookup_num_tokens=N` | `NgramDrafter` copying N tokens after a match of the last 1..M tokens, however short, as transformers' prompt lookup does (after the latest match; transformers takes the first) |
 | `max_matching_ngram_size=M` | M above (default 2, transformers' default) |
 | `do_sample=False` / `True` | temperature 0 / the given temperature (1.0 when none is given) |
 
