@@ -83,6 +83,10 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
     `--k auto`, as many as the cost model says pay). The tree's slots are dropped from the
     draft's cache afterwards; the accepted path is fed with the next step's new tokens."""
 
+    # a level (one forward of `width` rows through the draft): the distilled 4-layer draft and a
+    # quarter of the target's layers cost ~0.15-0.3 of a target step (bench column c)
+    level_cost = 0.2
+
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model-tree", max_length: int | None = None,
                  width: int = 4, depth: int = 6) -> None:
         super().__init__(model, target_vocab_size, name, max_length)
@@ -124,7 +128,6 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
                                      positions=positions, attn_mask=mask).logits
             return torch.log_softmax(out.float() * scale, -1)
 
-        tree = grow(torch.log_softmax(logits[0].float() * scale, -1), expand, self.width, depth,
-                    min_score=self.min_score())
+        tree = grow(torch.log_softmax(logits[0].float() * scale, -1), expand, self.width, depth, **self.growth_limits())
         self.cache.rollback(committed)  # the tree's slots go; cached_ids still ends at `tokens`
         return self.pick(tree, k)

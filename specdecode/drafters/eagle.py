@@ -230,6 +230,10 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
     k best candidates of all levels are drafted (under `--k auto`, as many as the cost model
     says pay: cost_model.TreeSize)."""
 
+    # a level (one head call of `width` rows and its LM-head rows): ~0.1 of a target step for the
+    # shipped head on the embedded int4 target (bench column c, docs/trees.md)
+    level_cost = 0.12
+
     def __init__(self, *args: object, width: int = 4, depth: int = 6, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if width < 1 or depth < 1:
@@ -263,7 +267,7 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
             after.update(zip(nodes, out))
             return logprobs(out)
 
-        return self.pick(grow(logprobs(h)[0], expand, self.width, depth, self.draft_head.token, self.min_score()), k)
+        return self.pick(grow(logprobs(h)[0], expand, self.width, depth, self.draft_head.token, **self.growth_limits()), k)
 
 
 def save_eagle(path: Path, head: EagleHead, target: LlamaModel, vocab_ids: torch.Tensor | None, extra: dict) -> None:

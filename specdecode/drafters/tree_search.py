@@ -102,16 +102,17 @@ def level_mask(tree: Candidates, nodes: list[int], slot: dict[int, int], committ
 
 
 def grow(root: torch.Tensor, expand: Expand, width: int, depth: int,
-         token_of: Callable[[int], int] = int, min_score: float = -math.inf) -> Candidates:
+         token_of: Callable[[int], int] = int, min_score: float = -math.inf, min_mass: float = 0.0) -> Candidates:
     """Candidates up to `depth` levels below the committed sequence (root: [V] log-probabilities
     of the first draft token); each level expands the `width` best nodes of the one before,
     those scoring at least `min_score` (a child is never more probable than its parent: below
-    it, no descendant would be worth verifying)."""
+    it, no descendant would be worth verifying), while their summed path probability is at
+    least `min_mass` (the children of a level can add no more expected tokens than that)."""
     tree = Candidates()
     level = tree.add_children([-1], root.unsqueeze(0), width, token_of)
     for _ in range(depth - 1):
         frontier = [i for i in tree.best(level, width) if tree.scores[i] >= min_score]
-        if not frontier:
+        if not frontier or sum(tree.path_probability(i) for i in frontier) < min_mass:
             break
         level = tree.add_children(frontier, expand(tree, frontier), width, token_of)
     return tree
@@ -133,6 +134,16 @@ class GrowsTrees:
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         if self.sizer is not None and draft.tokens and self._predicted is not None:
             self.sizer.observe(self._predicted, result.num_accepted)
+
+    # What one more level of growth costs, in target steps (drafters set their own): below
+    # level_cost / calibration of summed frontier probability a level cannot pay for itself.
+    level_cost = 0.0
+
+    def growth_limits(self) -> dict[str, float]:
+        """grow()'s min_score and min_mass under the cost model (none without a sizer)."""
+        if self.sizer is None:
+            return {}
+        return {"min_score": self.min_score(), "min_mass": self.level_cost / self.sizer.calibration}
 
     def min_score(self) -> float:
         """The log path probability below which a node is not expanded: under the cost model,
