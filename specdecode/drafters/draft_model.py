@@ -83,12 +83,12 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
     `--k auto`, as many as the cost model says pay). The tree's slots are dropped from the
     draft's cache afterwards; the accepted path is fed with the next step's new tokens."""
 
-    # a level (one forward of `width` rows through the draft): the distilled 4-layer draft and a
-    # quarter of the target's layers cost ~0.15-0.3 of a target step (bench column c)
-    level_cost = 0.2
+    # a level (one forward of `width` rows through the draft, in target steps): the distilled
+    # 4-layer draft and a quarter of the target's layers cost ~0.15-0.3 (bench column c)
+    level_cost = 0.3
 
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model-tree", max_length: int | None = None,
-                 width: int = 4, depth: int = 6) -> None:
+                 width: int = 2, depth: int = 6) -> None:
         super().__init__(model, target_vocab_size, name, max_length)
         if width < 1 or depth < 1:
             raise UserError(f"a draft tree needs width >= 1 and depth >= 1, got width={width}, depth={depth}")

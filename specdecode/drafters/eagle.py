@@ -230,11 +230,12 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
     k best candidates of all levels are drafted (under `--k auto`, as many as the cost model
     says pay: cost_model.TreeSize)."""
 
-    # a level (one head call of `width` rows and its LM-head rows): ~0.1 of a target step for the
-    # shipped head on the embedded int4 target (bench column c, docs/trees.md)
-    level_cost = 0.12
+    # a level (one head call of `width` rows and their LM-head rows, in target steps): a one-row
+    # step of the shipped head costs 0.10-0.16 of the embedded int4 target's (bench column c);
+    # two rows and the tree bookkeeping ~0.2 (docs/trees.md)
+    level_cost = 0.2
 
-    def __init__(self, *args: object, width: int = 4, depth: int = 6, **kwargs: object) -> None:
+    def __init__(self, *args: object, width: int = 2, depth: int = 6, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         if width < 1 or depth < 1:
             raise UserError(f"an EAGLE tree needs width >= 1 and depth >= 1, got width={width}, depth={depth}")

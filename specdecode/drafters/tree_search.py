@@ -38,6 +38,7 @@ class Candidates:
         self.parents: list[int] = []
         self.depths: list[int] = []
         self.scores: list[float] = []  # log path probability
+        self.captured: list[float] = []  # per expanded node: its children's share of its next-token probability
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -52,6 +53,7 @@ class Candidates:
         for parent, vals, cols in zip(parents, values.tolist(), columns.tolist()):
             base = 0.0 if parent < 0 else self.scores[parent]
             depth = 0 if parent < 0 else self.depths[parent] + 1
+            self.captured.append(sum(math.exp(v) for v in vals))
             for value, col in zip(vals, cols):
                 if value == -math.inf:  # outside the drafter's support (a subset, top-k/top-p)
                     continue
@@ -129,21 +131,27 @@ class GrowsTrees:
     _predicted: float | None = 0.0  # the last draft's summed path probabilities (None: not a grown tree)
 
     def size_by(self, sizer: object) -> None:
+        """Called by the decoding loop at the start of each request (None: fixed size)."""
         self.sizer = sizer
+        self.child_mass = GrowsTrees.child_mass  # what growth learnt stays within its request
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         if self.sizer is not None and draft.tokens and self._predicted is not None:
             self.sizer.observe(self._predicted, result.num_accepted)
 
-    # What one more level of growth costs, in target steps (drafters set their own): below
-    # level_cost / calibration of summed frontier probability a level cannot pay for itself.
+    # What one more level of growth costs, in target steps (drafters set their own). A level's
+    # children can add about c * m * (summed path probability of the frontier) accepted tokens,
+    # c the calibration and m the share of a node's next-token probability its `width`
+    # children hold (a running mean of what growth saw): below level_cost, a level does not
+    # pay for itself.
     level_cost = 0.0
+    child_mass = 0.5  # m, updated as trees grow
 
     def growth_limits(self) -> dict[str, float]:
         """grow()'s min_score and min_mass under the cost model (none without a sizer)."""
         if self.sizer is None:
             return {}
-        return {"min_score": self.min_score(), "min_mass": self.level_cost / self.sizer.calibration}
+        return {"min_score": self.min_score(), "min_mass": self.level_cost / (self.sizer.calibration * self.child_mass)}
 
     def min_score(self) -> float:
         """The log path probability below which a node is not expanded: under the cost model,
@@ -155,6 +163,8 @@ class GrowsTrees:
 
     def pick(self, tree: Candidates, k: int) -> Draft:
         """The draft of the best nodes of `tree`: k of them, or the cost model's choice <= k."""
+        if tree.captured:
+            self.child_mass = 0.9 * self.child_mass + 0.1 * sum(tree.captured) / len(tree.captured)
         ranked = tree.ranked()
         paths = [tree.path_probability(i) for i in ranked]
         size = min(k, len(ranked)) if self.sizer is None else self.sizer.choose(paths, k)
