@@ -51,10 +51,11 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "from the target's measured step costs), heuristic (+2 after a full accept, -1 otherwise), "
                         "confidence[:T] (up to 8, stop after a draft token below probability T, default 0.4; "
                         "model-type drafters), or a fixed number"),
-    p.add_argument("--tree", default="off",
-                   help="off (default: chains) | auto | N: draft token trees with the drafter's tree variant "
-                        "(ngram -> ngram-tree, eagle -> eagle-tree, medusa, layerskip, model, quantized, distill "
-                        "-> NAME-tree): auto sizes each tree from the cost model, N drafts N nodes (sets --k)")
+    p.add_argument("--tree", default=None,
+                   help="off | auto | N: draft token trees with the drafter's tree variant (ngram -> ngram-tree, "
+                        "eagle -> eagle-tree, medusa, layerskip, model, quantized, distill -> NAME-tree): auto sizes "
+                        "each tree from the cost model, N drafts N nodes (sets --k). Default: auto for the drafters "
+                        "where trees measured faster than chains (eagle, medusa) when --k is auto, else off")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=_integer, default=0)
@@ -66,10 +67,13 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_tree(args: argparse.Namespace) -> None:
-    """--tree auto|N: the drafter's tree variant (NAME-tree), and N nodes as --k."""
-    from specdecode.drafters.factory import tree_variant
+    """--tree auto|N: the drafter's tree variant (NAME-tree), and N nodes as --k. No --tree: trees
+    where they measured faster than chains (TREES_PAY) under --k auto."""
+    from specdecode.drafters.factory import TREES_PAY, parse_spec, tree_variant
 
     tree = getattr(args, "tree", "off")
+    if tree is None:
+        tree = "auto" if args.k in (None, "auto") and parse_spec(args.drafter)[0] in TREES_PAY else "off"
     if tree == "off":
         return
     if tree != "auto":

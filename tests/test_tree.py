@@ -412,6 +412,9 @@ def test_tree_option_picks_the_tree_variant():
     assert resolved("ngram", "8") == ("ngram-tree", "8")
     assert resolved("layerskip:7", "auto", "6") == ("layerskip-tree:7", "6")
     assert resolved("eagle", "off") == ("eagle", None)
+    assert resolved("eagle", None) == ("eagle-tree", None)  # the default where trees pay: under --k auto
+    assert resolved("eagle", None, "4") == ("eagle", "4")
+    assert resolved("ngram", None) == ("ngram", None)
     with pytest.raises(UserError, match="no tree variant"):
         resolved("hf", "auto")
     with pytest.raises(UserError, match="drop --k 4"):

@@ -13,6 +13,9 @@ from specdecode.models.llama import LlamaModel
 DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
             "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
+# drafters whose trees measured faster than their chains under --k auto (docs/trees.md): the
+# command line's default --tree for them
+TREES_PAY = ("eagle", "medusa")
 TRAINED = ("eagle", "eagle-tree", "medusa", "medusa-tree", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 

@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
     p.add_argument("--draft", default=None, help="draft model for --drafter model")
     p.add_argument("--k", default=None, help="default draft length: auto (default), heuristic, confidence[:T] or a number "
                                             "(requests may override with 'k')")
-    p.add_argument("--tree", default="off", help="off (default) | auto | N: the default drafter's tree variant, as for generate")
+    p.add_argument("--tree", default=None, help="off | auto | N: the default drafter's tree variant, as for generate "
+                                                "(default: auto for eagle and medusa under --k auto)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
