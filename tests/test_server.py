@@ -12,7 +12,11 @@ from specdecode.engine import Engine
 from specdecode.errors import UserError
 from specdecode.models.loading import embedded_model_path
 from specdecode.server.app import create_app
+from specdecode.server.operations import ServerLimits
 from specdecode.tokenizer import Tokenizer
+
+
+LIMITS = ServerLimits(drafters=("layerskip:2", "ngram"), max_k=8, max_tokens=256, max_queue=4)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine) -> TestClient:
-    return TestClient(create_app(engine, "tiny", drafter="layerskip:2", k=3))
+    return TestClient(create_app(engine, "tiny", drafter="layerskip:2", k=3, limits=LIMITS))
 
 
 def test_models(client):
@@ -57,7 +61,7 @@ def test_bad_request_is_a_400_with_a_message(client):
     r = client.post("/v1/completions", json={"prompt": "hi", "top_p": 1.5})
     assert r.status_code == 400 and "top-p" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"prompt": "hi", "drafter": "bogus"})
-    assert r.status_code == 400 and "unknown drafter" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not served here: this server offers layerskip:2, ngram" in r.json()["error"]["message"]
     # the server still works after errors (the lock was released)
     assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
@@ -75,3 +79,42 @@ def test_transformers_keywords_in_the_api_and_the_server(client, engine):
     assert bad.status_code == 400 and "must be one of" in bad.json()["error"]["message"]
     with pytest.raises(UserError, match="unknown argument"):
         engine.generate("abc", assistant_tokens=4)
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"drafter": "eagle:/etc"}, "not served here"),  # never a path: the server does not look
+    ({"k": 100000}, "over this server's cap of 8"),
+    ({"max_tokens": 100000000}, "over this server's cap of 256"),
+    ({"max_tokens": 0}, ">= 1"),
+])
+def test_requests_stay_within_the_servers_limits(client, body, match):
+    r = client.post("/v1/completions", json={"prompt": "hi", **body})
+    assert r.status_code == 400 and match in r.json()["error"]["message"]
+
+
+def test_health_metrics_and_api_key(engine):
+    keyed = TestClient(create_app(engine, "tiny", drafter="ngram", limits=ServerLimits(drafters=("ngram",), api_key="s3cret")))
+    assert keyed.get("/health").json() == {"status": "ok"}
+    body = {"prompt": "one two one two one", "max_tokens": 8, "temperature": 0}
+    assert keyed.post("/v1/completions", json=body).status_code == 401
+    assert keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = keyed.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    text = keyed.get("/metrics").text
+    stats = ok.json()["spec_stats"]
+    assert f"specdecode:spec_decode_num_draft_tokens_total {float(stats['draft_nodes'])}" in text
+    assert f"specdecode:spec_decode_num_accepted_tokens_total {float(stats['accepted'])}" in text
+    assert f"specdecode:generation_tokens_total {float(stats['new_tokens'])}" in text
+    assert "specdecode:time_to_first_token_seconds_count 1.0" in text and "specdecode:num_requests_running 0.0" in text
+
+
+def test_the_queue_admits_up_to_its_limit():  # (past it the server answers 429 with Retry-After)
+    from specdecode.server.operations import Queue
+
+    q = Queue(limit=2)
+    assert q.admit() and q.admit() and not q.admit()
+    q.started()
+    assert q.admit() and (q.waiting, q.running) == (2, 1)
+    q.left(started=True)
+    q.left(started=False)
+    assert (q.waiting, q.running) == (1, 0)

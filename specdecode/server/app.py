@@ -11,12 +11,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from specdecode.engine import Engine, Generation, TextStream
 from specdecode.errors import UserError
+from specdecode.server.operations import Queue, ServerLimits, ServerMetrics
 
 
 class _Request(BaseModel):
@@ -59,10 +61,23 @@ class ChatRequest(_Request):
 
 
 def create_app(
-    engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None
+    engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
+    """limits: what requests may ask (default: the server's own drafter only, k <= 32,
+    max_tokens <= 4096, 16 waiting requests, no API key)."""
     app = FastAPI(title="specdecode", version="0.1.0")
     lock = threading.Lock()  # one KV cache: requests are served one at a time
+    limits = limits or ServerLimits(drafters=() if drafter is None else (drafter,))
+    queue = Queue(limits.max_queue)
+    metrics = ServerMetrics(queue)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Any:
+        if request.url.path.startswith("/v1/") and not limits.authorized(request.headers.get("authorization")):
+            return JSONResponse({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                           "type": "invalid_request_error"}}, status_code=401)
+        return await call_next(request)
 
     def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -83,20 +98,41 @@ def create_app(
     def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
-            lock.acquire()
+            limits.check(req.drafter, req.k, req.max_tokens)
+        except UserError as e:
+            return _error(str(e), 400)
+        if not queue.admit():
+            return _error(f"the server is busy ({queue.limit} requests waiting): retry later", 429, {"Retry-After": "5"})
+        begun = time.perf_counter()
+        lock.acquire()
+        queue.started()
+        try:
             stream = start(req, prompt, chat)
         except UserError as e:
-            lock.release()
-            return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, status_code=400)
+            done()
+            return _error(str(e), 400)
+        served = _Served(stream, metrics, begun, done)
         if req.stream:
-            return StreamingResponse(_sse(stream, lock, rid, model_name, kind), media_type="text/event-stream")
+            return StreamingResponse(_sse(served, rid, model_name, kind), media_type="text/event-stream")
         try:
-            for _ in stream:
+            for _ in served:
                 pass
         finally:
-            lock.release()
+            served.close()
         assert stream.result is not None
         return _body(stream.result, rid, model_name, kind, len(stream.prompt_ids))
+
+    def done() -> None:
+        queue.left(started=True)
+        lock.release()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -127,7 +163,39 @@ def _body(result: Generation, rid: str, model: str, kind: str, prompt_tokens: in
     }
 
 
-def _sse(stream: TextStream, lock: threading.Lock, rid: str, model: str, kind: str) -> Iterator[str]:
+class _Served:
+    """A request's text stream holding the model: timing for the metrics, and `close()` (once,
+    however the request ends: finished, failed or its client gone) records it and frees the model."""
+
+    def __init__(self, stream: TextStream, metrics: ServerMetrics, begun: float, release: Any) -> None:
+        self.stream, self.metrics, self.begun, self.release = stream, metrics, begun, release
+        self.first_token: float | None = None
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self.stream:
+            if self.first_token is None:
+                self.first_token = time.perf_counter() - self.begun
+            yield delta
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        result = self.stream.result
+        if result is not None:
+            self.metrics.finished(result.stats, len(self.stream.prompt_ids), result.finish_reason,
+                                  time.perf_counter() - self.begun, self.first_token)
+        self.release()
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status,
+                        headers=headers)
+
+
+def _sse(served: _Served, rid: str, model: str, kind: str) -> Iterator[str]:
+    stream = served.stream
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -143,10 +211,10 @@ def _sse(stream: TextStream, lock: threading.Lock, rid: str, model: str, kind: s
     try:
         if chat:
             yield f"data: {json.dumps({'id': rid, 'object': obj, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
-        for delta in stream:
+        for delta in served:
             yield chunk(delta, None)
         assert stream.result is not None
         yield chunk(None, stream.result.finish_reason, {"spec_stats": stream.result.stats.to_dict()})
         yield "data: [DONE]\n\n"
     finally:
-        lock.release()
+        served.close()  # (a client that went away ends here too: its generation stops, the model is free)

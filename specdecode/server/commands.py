@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,13 @@ def register(sub: Any) -> None:
                                             "(requests may override with 'k')")
     p.add_argument("--tree", default=None, help="off | auto | N: the default drafter's tree variant, as for generate "
                                                 "(default: auto for eagle and medusa under --k auto)")
+    p.add_argument("--drafters", default=None,
+                   help="comma list of drafters requests may name (loaded at start; default: --drafter only); "
+                        "requests can never name a path")
+    p.add_argument("--max-k", type=int, default=32, help="largest k a request may ask for (default 32)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for (default 4096)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429 (default 16)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or $SPECDECODE_API_KEY)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -29,19 +37,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
+    from specdecode.server.operations import ServerLimits
 
     from specdecode.cli import apply_tree, max_draft, resolve_k
 
     apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
-    engine.drafter(args.drafter, args.draft)  # fail fast on a bad drafter, before listening
+    offered = tuple(dict.fromkeys([args.drafter] + [d.strip() for d in (args.drafters or "").split(",") if d.strip()]))
+    for spec in offered:
+        engine.drafter(spec, args.draft)  # load them now: fail fast on a bad one, before listening
     if engine.load_report is not None:
         print(f"specdecode: {engine.load_report.line(args.target or 'the embedded SmolLM2-135M-Instruct')}",
               file=sys.stderr, flush=True)
     if args.compile:
         engine.warm_up(max_draft(args.k) + 1)  # compile verification steps before serving
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")
-    app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft)
+    limits = ServerLimits(drafters=tuple(d for d in offered if d != "none"), max_k=args.max_k, max_tokens=args.max_tokens,
+                          max_queue=args.max_queue, api_key=args.api_key or os.environ.get("SPECDECODE_API_KEY"))
+    app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
