@@ -148,6 +148,36 @@ def _register_fakes() -> None:
                     parents: torch.Tensor | None = None) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
+    @torch.library.register_fake("specdecode::dequantize_gguf")
+    def dequantize_fake(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+        return raw.new_empty((*raw.shape[:-1], gguf_weights(raw.shape[-1], ggml_type)), dtype=torch.float32)
+
+    @torch.library.register_fake("specdecode::gguf_to_q4_1")
+    def to_q4_1_fake(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        groups = gguf_weights(raw.shape[1], ggml_type) // 32
+        scales = raw.new_empty((raw.shape[0], groups), dtype=torch.float16)
+        return raw.new_empty((raw.shape[0], groups, 16)), scales, scales.clone()
+
+    @torch.library.register_fake("specdecode::gguf_to_q8_0")
+    def to_q8_0_fake(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = gguf_weights(raw.shape[1], ggml_type)
+        return raw.new_empty((raw.shape[0], k), dtype=torch.int8), raw.new_empty((raw.shape[0], k // 32), dtype=torch.float16)
+
+
+def gguf_weights(row_bytes: int, ggml_type: int) -> int:
+    """Weights in a row of `row_bytes` bytes of GGML type `ggml_type`."""
+    import gguf
+
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    return row_bytes // block_bytes * block_weights
+
+
+def gguf_native(ggml_type: int) -> bool:
+    """Whether our library turns GGUF blocks of this GGML type into floats (`dequantize_gguf`,
+    bitwise the gguf package's numpy code) and Q4_1/Q8_0 blocks (`gguf_to_q4_1`/`gguf_to_q8_0`,
+    quant.py's requantization); where not, the gguf package and quant.py do it."""
+    return load_error() is None and bool(torch.ops.specdecode.gguf_supported(ggml_type))
+
 
 def attention_fits(head_dim: int) -> bool:
     """Head sizes `attend_rows` / `rope_attend` take (qmatmul.cpp checks the same)."""

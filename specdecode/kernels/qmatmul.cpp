@@ -960,6 +960,367 @@ SD_TARGET at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// GGUF blocks -> float32 weights, and straight on to our Q4_1 / Q8_0 blocks, for loading a file
+// (specdecode/models/gguf_file.py, direct.py).
+//
+// Why: the gguf package's numpy dequantization (~12 ns a weight) and our torch requantization
+// after it were most of a k-quant file's load. The weights must stay bitwise the gguf package's
+// (the float loader and the direct loader give the same model): every weight is computed with
+// the float32 operations of its numpy code in the same order (Q4_K: (d * scale) * q - (dmin * min),
+// each product rounded on its own), f16 scales widened exactly (F16C: subnormals, inf and NaN
+// included), and fp-contract=off keeps GCC from fusing a * b - c into one FMA (rounded once).
+// Denormals are not flushed here (no FlushDenormals): no product of these formats is a float32
+// denormal, and numpy would not flush one either. Plain loops over a block's sub-blocks, which
+// GCC vectorizes; only called where the library loads (CPUs with AVX512-BF16).
+
+#define SD_GGUF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c"), optimize("fp-contract=off")))
+
+SD_GGUF inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  return _cvtsh_ss(h);
+}
+
+// Q4_0 (18 bytes: f16 d, 16 bytes of nibbles): w[j] = d * (low nibble j - 8), w[j + 16] the high.
+SD_GGUF void q4_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  for (int j = 0; j < 16; ++j) {
+    w[j] = d * (float)((b[2 + j] & 0x0F) - 8);
+    w[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+  }
+}
+
+// Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles): w = (d * q) + m.
+SD_GGUF void q4_1_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), m = f16_at(b + 2);
+  for (int j = 0; j < 16; ++j) {
+    w[j] = d * (float)(b[4 + j] & 0x0F) + m;
+    w[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+  }
+}
+
+// The 5-bit codes of a Q5_0 / Q5_1 block: nibbles as Q4's, bit i of the little-endian word qh
+// the fifth bit of weight i.
+SD_GGUF inline void q5_codes(const uint8_t* qh_bytes, const uint8_t* qs, int q[32]) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, sizeof(qh));
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+    q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+  }
+}
+
+// Q5_0 (22 bytes: f16 d, 4 bytes qh, 16 of nibbles): w = d * (q - 16).
+SD_GGUF void q5_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  int q[32];
+  q5_codes(b + 2, b + 6, q);
+  for (int i = 0; i < 32; ++i) w[i] = d * (float)(q[i] - 16);
+}
+
+// Q5_1 (24 bytes: f16 d, f16 m, 4 bytes qh, 16 of nibbles): w = (d * q) + m.
+SD_GGUF void q5_1_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), m = f16_at(b + 2);
+  int q[32];
+  q5_codes(b + 4, b + 8, q);
+  for (int i = 0; i < 32; ++i) w[i] = d * (float)q[i] + m;
+}
+
+// Q8_0 (34 bytes: f16 d, 32 int8 codes): w = q * d.
+SD_GGUF void q8_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  for (int i = 0; i < 32; ++i) w[i] = (float)(int8_t)b[2 + i] * d;
+}
+
+// Q2_K (84 bytes: 16 scale bytes, 64 bytes of 2-bit codes, f16 d, f16 dmin), 16 sub-blocks of 16.
+// Scale byte s: low nibble times d scales sub-block s, high nibble times dmin is its offset.
+// Code of weight 128 h + 32 k + l: bits 2k, 2k+1 of byte 32 h + l.
+SD_GGUF void q2_k_block(const uint8_t* b, float* w) {
+  const uint8_t *scales = b, *qs = b + 16;
+  const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+  for (int sub = 0; sub < 16; ++sub) {
+    const float scale = d * (float)(scales[sub] & 0x0F), offset = dmin * (float)(scales[sub] >> 4);
+    const uint8_t* src = qs + 32 * (sub / 8) + 16 * (sub % 2);  // sub = 8 h + 2 k + (which half of the 32)
+    const int shift = 2 * ((sub / 2) % 4);
+    for (int l = 0; l < 16; ++l) w[16 * sub + l] = scale * (float)((src[l] >> shift) & 3) - offset;
+  }
+}
+
+// Q3_K (110 bytes: 32 bytes hmask, 64 of 2-bit codes, 12 of 6-bit scales, f16 d), 16 sub-blocks
+// of 16. Scale s: 4 low bits from byte s (low nibble, s < 8) or s - 8 (high nibble), 2 high bits
+// from byte 8 + s % 4 at bit 2 (s / 4), minus 32. Weight 128 h + 32 k + l: 2-bit code as Q2_K,
+// minus 4 where bit (4 h + k) of hmask[l] is clear.
+SD_GGUF void q3_k_block(const uint8_t* b, float* w) {
+  const uint8_t *hmask = b, *qs = b + 32, *packed = b + 96;
+  const float d = f16_at(b + 108);
+  for (int sub = 0; sub < 16; ++sub) {
+    const int low = sub < 8 ? packed[sub] & 0x0F : packed[sub - 8] >> 4;
+    const int high = (packed[8 + sub % 4] >> (2 * (sub / 4))) & 3;
+    const float scale = d * (float)((low | (high << 4)) - 32);
+    const int half = 16 * (sub % 2), shift = 2 * ((sub / 2) % 4), bit = sub / 2;
+    const uint8_t* src = qs + 32 * (sub / 8) + half;
+    for (int l = 0; l < 16; ++l) {
+      const int q = ((src[l] >> shift) & 3) - (((hmask[half + l] >> bit) & 1) ^ 1) * 4;
+      w[16 * sub + l] = scale * (float)q;
+    }
+  }
+}
+
+// Q4_K / Q5_K: the 6-bit scales and mins of 8 sub-blocks packed in 12 bytes. Sub-blocks 0-3: low
+// 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7: a nibble of byte 8 + i (low: scale, high:
+// min) under the top 2 bits of byte i (scale) or 4 + i (min).
+SD_GGUF inline void k_scales_mins(const uint8_t* p, int scale[8], int min[8]) {
+  for (int i = 0; i < 4; ++i) {
+    scale[i] = p[i] & 0x3F;
+    min[i] = p[4 + i] & 0x3F;
+    scale[4 + i] = (p[8 + i] & 0x0F) | ((p[i] >> 2) & 0x30);
+    min[4 + i] = (p[8 + i] >> 4) | ((p[4 + i] >> 2) & 0x30);
+  }
+}
+
+// Q4_K (144 bytes: f16 d, f16 dmin, 12 bytes of scales/mins, 128 of nibbles), 8 sub-blocks of 32:
+// sub-block 2j in the low nibbles of bytes 32j..32j+31, 2j+1 in the high. With QH (Q5_K: 176
+// bytes, 32 bytes qh before the nibbles) bit s of qh[l] is the fifth bit of sub-block s's weight l.
+// w = (d * scale) * q - (dmin * min).
+template <bool QH>
+SD_GGUF void q45_k_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  int scale[8], min[8];
+  k_scales_mins(b + 4, scale, min);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + (QH ? 48 : 16);
+  for (int sub = 0; sub < 8; ++sub) {
+    const float dl = d * (float)scale[sub], ml = dmin * (float)min[sub];
+    const uint8_t* src = qs + 32 * (sub / 2);
+    const int shift = 4 * (sub % 2);
+    for (int l = 0; l < 32; ++l) {
+      int q = (src[l] >> shift) & 0x0F;
+      if (QH) q |= ((qh[l] >> sub) & 1) << 4;
+      w[32 * sub + l] = dl * (float)q - ml;
+    }
+  }
+}
+
+// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, f16 d), 16
+// sub-blocks of 16. Weight 128 h + 32 k + l: nibble of byte 64 h + 32 (k % 2) + l (low for k < 2,
+// high after), high bits 2k, 2k+1 of byte 64 + 32 h + l; w = (d * scale) * (code - 32).
+SD_GGUF void q6_k_block(const uint8_t* b, float* w) {
+  const uint8_t *ql = b, *qh = b + 128;
+  const int8_t* scales = (const int8_t*)(b + 192);
+  const float d = f16_at(b + 208);
+  for (int sub = 0; sub < 16; ++sub) {
+    const float scale = d * (float)scales[sub];
+    const int h = sub / 8, k = (sub / 2) % 4, half = 16 * (sub % 2);
+    const uint8_t* low = ql + 64 * h + 32 * (k % 2) + half;
+    const uint8_t* high = qh + 32 * h + half;
+    for (int l = 0; l < 16; ++l) {
+      const int q = ((low[l] >> (4 * (k / 2))) & 0x0F) | (((high[l] >> (2 * k)) & 3) << 4);
+      w[16 * sub + l] = scale * (float)(q - 32);
+    }
+  }
+}
+
+// Unquantized types, one weight a "block": F32 copied, F16 widened, BF16 the high half of a float32.
+SD_GGUF void f32_block(const uint8_t* b, float* w) { std::memcpy(w, b, sizeof(float)); }
+// F16 as numpy widens it: a NaN keeps its payload bits as they are (F16C would set the quiet bit;
+// in the quantized types a NaN scale is multiplied, which sets it either way).
+SD_GGUF void f16_block(const uint8_t* b, float* w) {
+  uint16_t h;
+  std::memcpy(&h, b, sizeof(h));
+  if ((h & 0x7C00) != 0x7C00 || (h & 0x03FF) == 0) {
+    *w = _cvtsh_ss(h);
+    return;
+  }
+  const uint32_t bits = ((uint32_t)(h & 0x8000) << 16) | 0x7F800000u | ((uint32_t)(h & 0x03FF) << 13);
+  std::memcpy(w, &bits, sizeof(bits));
+}
+SD_GGUF void bf16_block(const uint8_t* b, float* w) {
+  uint16_t h;
+  std::memcpy(&h, b, sizeof(h));
+  const uint32_t bits = (uint32_t)h << 16;
+  std::memcpy(w, &bits, sizeof(bits));
+}
+
+using GGUFRowFn = void (*)(const uint8_t* src, int64_t blocks, float* w);
+
+template <int BYTES, int WEIGHTS, void (*BLOCK)(const uint8_t*, float*)>
+SD_GGUF void gguf_row(const uint8_t* src, int64_t blocks, float* w) {
+  for (int64_t i = 0; i < blocks; ++i) BLOCK(src + i * BYTES, w + i * WEIGHTS);
+}
+
+struct GGUFType {
+  int64_t ggml_type, block_bytes, block_weights;
+  GGUFRowFn row;
+};
+
+// GGML type numbers (ggml.h's enum ggml_type).
+constexpr GGUFType kGGUFTypes[] = {
+    {0, 4, 1, gguf_row<4, 1, f32_block>},
+    {1, 2, 1, gguf_row<2, 1, f16_block>},
+    {2, 18, 32, gguf_row<18, 32, q4_0_block>},
+    {3, 20, 32, gguf_row<20, 32, q4_1_block>},
+    {6, 22, 32, gguf_row<22, 32, q5_0_block>},
+    {7, 24, 32, gguf_row<24, 32, q5_1_block>},
+    {8, 34, 32, gguf_row<34, 32, q8_0_block>},
+    {10, 84, 256, gguf_row<84, 256, q2_k_block>},
+    {11, 110, 256, gguf_row<110, 256, q3_k_block>},
+    {12, 144, 256, gguf_row<144, 256, q45_k_block<false>>},
+    {13, 176, 256, gguf_row<176, 256, q45_k_block<true>>},
+    {14, 210, 256, gguf_row<210, 256, q6_k_block>},
+    {30, 2, 1, gguf_row<2, 1, bf16_block>},
+};
+
+const GGUFType& gguf_type(int64_t ggml_type) {
+  for (const GGUFType& t : kGGUFTypes)
+    if (t.ggml_type == ggml_type) return t;
+  TORCH_CHECK(false, "specdecode: GGML type ", ggml_type, " has no native dequantization");
+}
+
+bool gguf_supported(int64_t ggml_type) {
+  for (const GGUFType& t : kGGUFTypes)
+    if (t.ggml_type == ggml_type) return true;
+  return false;
+}
+
+// A tensor's rows as stored: uint8 [rows, bytes a row] (or [bytes]: one row), each row whole blocks.
+struct GGUFRows {
+  at::Tensor raw;
+  const GGUFType* type;
+  int64_t rows, blocks, K;
+};
+
+GGUFRows gguf_rows(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.scalar_type() == at::kByte && (raw_in.dim() == 1 || raw_in.dim() == 2),
+              "specdecode: GGUF data must be uint8 [rows, bytes a row] or [bytes]");
+  const GGUFType& t = gguf_type(ggml_type);
+  const int64_t row_bytes = raw_in.size(-1);
+  TORCH_CHECK(row_bytes % t.block_bytes == 0, "specdecode: a row of ", row_bytes, " bytes is not whole blocks of ",
+              t.block_bytes, " (GGML type ", ggml_type, ")");
+  const int64_t blocks = row_bytes / t.block_bytes;
+  return {raw_in.contiguous(), &t, raw_in.dim() == 2 ? raw_in.size(0) : 1, blocks, blocks * t.block_weights};
+}
+
+// Rows a task: at least ~64k weights, so that threads are not woken for a few blocks.
+int64_t gguf_grain(int64_t K) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)); }
+
+// raw uint8 [rows, bytes a row] -> float32 [rows, K] (or [bytes] -> [K]), bitwise the gguf
+// package's dequantize.
+at::Tensor dequantize_gguf(const at::Tensor& raw_in, int64_t ggml_type) {
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  at::Tensor out = raw_in.dim() == 2 ? at::empty({in.rows, in.K}, raw_in.options().dtype(at::kFloat))
+                                     : at::empty({in.K}, raw_in.options().dtype(at::kFloat));
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const int64_t row_bytes = in.blocks * in.type->block_bytes;
+  at::parallel_for(0, in.rows, gguf_grain(in.K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) in.type->row(src + r * row_bytes, in.blocks, dst + r * in.K);
+  });
+  return out;
+}
+
+SD_GGUF inline uint16_t to_f16_bits(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+SD_GGUF inline float from_f16_bits(uint16_t h) { return _cvtsh_ss(h); }
+
+// Smallest and largest of a group of 32 weights (comparisons written out: std::min/max are not
+// compiled with these functions' attributes and would not be inlined into them).
+SD_GGUF inline void group_range(const float* w, float* lo, float* hi) {
+  float a = w[0], b = w[0];
+  for (int i = 1; i < 32; ++i) {
+    a = w[i] < a ? w[i] : a;
+    b = w[i] > b ? w[i] : b;
+  }
+  *lo = a;
+  *hi = b;
+}
+
+// torch's clamp(x, lo, hi) for a rounded code.
+SD_GGUF inline float clamp_code(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// One group of 32 weights -> Q4_1 (nibble byte j: code j low, code j + 16 high; d, m as f16 bits)
+// with quant.py quantize_q4_1's float32 operations: d = f16((max - min) / 15), m = f16(min),
+// q = clamp(round_half_even((w - m) / d), 0, 15), every q 0 where d is not > 0. Equal to it for
+// finite weights (NaN weights are not promised the torch code's codes).
+SD_GGUF void q4_1_group(const float* w, uint8_t* nibbles, uint16_t* d_bits, uint16_t* m_bits) {
+  float lo, hi;
+  group_range(w, &lo, &hi);
+  *d_bits = to_f16_bits((hi - lo) / 15.0f);
+  *m_bits = to_f16_bits(lo);
+  const float d = from_f16_bits(*d_bits), m = from_f16_bits(*m_bits);
+  const bool positive = d > 0;
+  const float safe = positive ? d : 1.0f;
+  uint8_t q[32];
+  for (int i = 0; i < 32; ++i) {
+    const float x = std::nearbyint((w[i] - m) / safe);
+    q[i] = positive ? (uint8_t)clamp_code(x, 0.0f, 15.0f) : 0;
+  }
+  for (int j = 0; j < 16; ++j) nibbles[j] = q[j] | (q[j + 16] << 4);
+}
+
+// One group of 32 weights -> Q8_0 codes and d (f16 bits), with quant.py quantize_q8_0's float32
+// operations: d = f16(max(max, -min) / 127), q = clamp(round_half_even(w / d), -127, 127) (d <= 0:
+// divided by 1). Equal to it for finite weights.
+SD_GGUF void q8_0_group(const float* w, int8_t* q, uint16_t* d_bits) {
+  float lo, hi;
+  group_range(w, &lo, &hi);
+  *d_bits = to_f16_bits((hi > -lo ? hi : -lo) / 127.0f);
+  const float d = from_f16_bits(*d_bits);
+  const float safe = d > 0 ? d : 1.0f;
+  for (int i = 0; i < 32; ++i) q[i] = (int8_t)clamp_code(std::nearbyint(w[i] / safe), -127.0f, 127.0f);
+}
+
+// Calls group(row of floats, row index) for each row of a GGUF tensor, dequantized one row at a
+// time into a buffer that stays in cache (no float32 copy of the tensor is written).
+template <typename F>
+void for_each_gguf_row(const GGUFRows& in, const F& group) {
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  const int64_t row_bytes = in.blocks * in.type->block_bytes;
+  at::parallel_for(0, in.rows, gguf_grain(in.K), [&](int64_t begin, int64_t end) {
+    std::vector<float> w(in.K);
+    for (int64_t r = begin; r < end; ++r) {
+      in.type->row(src + r * row_bytes, in.blocks, w.data());
+      group(w.data(), r);
+    }
+  });
+}
+
+// raw uint8 [rows, bytes a row] -> (nibbles uint8 [rows, K/32, 16], d f16 [rows, K/32], m f16):
+// what quantize_q4_1 + to_nibbles give for dequantize_gguf's weights, in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_to_q4_1(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.dim() == 2, "specdecode gguf_to_q4_1: raw must be [rows, bytes a row]");
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  TORCH_CHECK(in.K % kGroup == 0, "specdecode gguf_to_q4_1: rows must be whole groups of 32");
+  const int64_t G = in.K / kGroup;
+  const auto opts = raw_in.options();
+  at::Tensor nibbles = at::empty({in.rows, G, 16}, opts), d = at::empty({in.rows, G}, opts.dtype(at::kHalf)),
+             m = at::empty({in.rows, G}, opts.dtype(at::kHalf));
+  uint8_t* np = nibbles.data_ptr<uint8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+  auto* mp = reinterpret_cast<uint16_t*>(m.data_ptr<at::Half>());
+  for_each_gguf_row(in, [&](const float* w, int64_t r) {
+    for (int64_t g = 0; g < G; ++g) q4_1_group(w + g * kGroup, np + (r * G + g) * 16, dp + r * G + g, mp + r * G + g);
+  });
+  return {nibbles, d, m};
+}
+
+// raw uint8 [rows, bytes a row] -> (codes int8 [rows, K], d f16 [rows, K/32]): what
+// quantize_q8_0 gives for dequantize_gguf's weights, in one pass.
+std::tuple<at::Tensor, at::Tensor> gguf_to_q8_0(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.dim() == 2, "specdecode gguf_to_q8_0: raw must be [rows, bytes a row]");
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  TORCH_CHECK(in.K % kGroup == 0, "specdecode gguf_to_q8_0: rows must be whole groups of 32");
+  const int64_t G = in.K / kGroup;
+  at::Tensor q = at::empty({in.rows, in.K}, raw_in.options().dtype(at::kChar));
+  at::Tensor d = at::empty({in.rows, G}, raw_in.options().dtype(at::kHalf));
+  int8_t* qp = q.data_ptr<int8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+  for_each_gguf_row(in, [&](const float* w, int64_t r) {
+    for (int64_t g = 0; g < G; ++g) q8_0_group(w + g * kGroup, qp + r * in.K + g * kGroup, dp + r * G + g);
+  });
+  return {q, d};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdecode, m) {
@@ -974,6 +1335,10 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key
+  m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
+  m.def("gguf_to_q4_1(Tensor raw, int ggml_type) -> (Tensor, Tensor, Tensor)");
+  m.def("gguf_to_q8_0(Tensor raw, int ggml_type) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
@@ -987,4 +1352,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("rope_attend", &rope_attend);
   m.impl("silu_mul", &silu_mul);
+  m.impl("dequantize_gguf", &dequantize_gguf);
+  m.impl("gguf_to_q4_1", &gguf_to_q4_1);
+  m.impl("gguf_to_q8_0", &gguf_to_q8_0);
 }
