@@ -160,8 +160,14 @@ class _Tensors:
     def requantized(self, name: str, mode: str, rows: int = 1) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         """(first row, the format's tuple for a chunk of rows) in order, each chunk a multiple of
         `rows` rows, dequantized and requantized in `threads` threads (runtime row order)."""
+        tensor = self.by_name[name]
+        native = self.file.native(tensor)
+
         def convert(span: tuple[int, int]) -> tuple[int, tuple[torch.Tensor, ...]]:
             lo, hi = span
+            if native:  # our kernels: the same codes and scales, no float32 copy (rows are independent: permuted after)
+                op = torch.ops.specdecode.gguf_to_q4_1 if mode == "int4" else torch.ops.specdecode.gguf_to_q8_0
+                return lo, tuple(self._rows(x, name) for x in op(self.file.rows(tensor, lo, hi), tensor.type_number))
             w = self._rows(self._dequantize(name, lo, hi), name)
             if mode == "int4":
                 q, d, m = quantize_q4_1(w)
