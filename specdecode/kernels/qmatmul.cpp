@@ -1243,8 +1243,12 @@ SD_GGUF inline void group_range(const float* w, float* lo, float* hi) {
   if (*hi == 0.0f) *hi = first_zero(w, a, b);
 }
 
-// torch's clamp(x, lo, hi) for a rounded code.
-SD_GGUF inline float clamp_code(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// Codes of 16 weights as quant.py computes them: clamp(round_half_even((w - m) / d), lo, hi), each
+// step rounded as torch's (a true division: no reciprocal; nearbyint's rounding; clamp = min(max)).
+SD_GGUF inline __m512i codes16(__m512 w, __m512 m, __m512 d, __m512 lo, __m512 hi) {
+  const __m512 x = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(w, m), d), _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+  return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(x, lo), hi));
+}
 
 // One group of 32 weights -> Q4_1 (nibble byte j: code j low, code j + 16 high; d, m as f16 bits)
 // with quant.py quantize_q4_1's float32 operations: d = f16((max - min) / 15), m = f16(min),
@@ -1256,14 +1260,14 @@ SD_GGUF void q4_1_group(const float* w, uint8_t* nibbles, uint16_t* d_bits, uint
   *d_bits = to_f16_bits((hi - lo) / 15.0f);
   *m_bits = to_f16_bits(lo);
   const float d = from_f16_bits(*d_bits), m = from_f16_bits(*m_bits);
-  const bool positive = d > 0;
-  const float safe = positive ? d : 1.0f;
-  uint8_t q[32];
-  for (int i = 0; i < 32; ++i) {
-    const float x = std::nearbyint((w[i] - m) / safe);
-    q[i] = positive ? (uint8_t)clamp_code(x, 0.0f, 15.0f) : 0;
+  if (!(d > 0)) {  // quant.py: every code 0
+    std::memset(nibbles, 0, 16);
+    return;
   }
-  for (int j = 0; j < 16; ++j) nibbles[j] = q[j] | (q[j + 16] << 4);
+  const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m), zero = _mm512_setzero_ps(), fifteen = _mm512_set1_ps(15.0f);
+  const __m512i first = codes16(_mm512_loadu_ps(w), mv, dv, zero, fifteen);
+  const __m512i second = codes16(_mm512_loadu_ps(w + 16), mv, dv, zero, fifteen);
+  _mm_storeu_si128((__m128i*)nibbles, _mm512_cvtepi32_epi8(_mm512_or_si512(first, _mm512_slli_epi32(second, 4))));
 }
 
 // One group of 32 weights -> Q8_0 codes and d (f16 bits), with quant.py quantize_q8_0's float32
@@ -1274,8 +1278,11 @@ SD_GGUF void q8_0_group(const float* w, int8_t* q, uint16_t* d_bits) {
   group_range(w, &lo, &hi);
   *d_bits = to_f16_bits((hi > -lo ? hi : -lo) / 127.0f);
   const float d = from_f16_bits(*d_bits);
-  const float safe = d > 0 ? d : 1.0f;
-  for (int i = 0; i < 32; ++i) q[i] = (int8_t)clamp_code(std::nearbyint(w[i] / safe), -127.0f, 127.0f);
+  const __m512 dv = _mm512_set1_ps(d > 0 ? d : 1.0f), zero = _mm512_setzero_ps();  // w - 0 = w: no offset
+  const __m512 lo_code = _mm512_set1_ps(-127.0f), hi_code = _mm512_set1_ps(127.0f);
+  for (int half = 0; half < 2; ++half)
+    _mm_storeu_si128((__m128i*)(q + 16 * half),
+                     _mm512_cvtepi32_epi8(codes16(_mm512_loadu_ps(w + 16 * half), zero, dv, lo_code, hi_code)));
 }
 
 // Calls group(row of floats, row index) for each row of a GGUF tensor, dequantized one row at a
