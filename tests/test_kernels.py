@@ -16,6 +16,7 @@ from specdecode.models.quant import (
     Int4Stack,
     TiledInt4Stack,
     TiledInt8Stack,
+    _pack_q4_nibbles_torch,
     linear_stack,
     pack_q4_nibbles,
     quad_int4,
@@ -54,8 +55,11 @@ def test_gguf_nibbles_pack_straight_into_both_layouts():
     q4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
     nibbles = to_nibbles(q4)
     assert nibbles.shape == (48, 3, 16) and torch.equal(nibbles[5, 1, 3], q4[5, 32 + 3] | (q4[5, 32 + 19] << 4))
-    assert torch.equal(pack_q4_nibbles(nibbles, vnni=True), quad_int4(q4))
-    assert torch.equal(pack_q4_nibbles(nibbles, vnni=False), tile_int4(q4))
+    for vnni, packed in ((True, quad_int4(q4)), (False, tile_int4(q4))):
+        assert torch.equal(pack_q4_nibbles(nibbles, vnni=vnni), packed)
+        assert torch.equal(_pack_q4_nibbles_torch(nibbles, vnni), packed)  # without our kernels
+        if kernels.load_error() is None:
+            assert torch.equal(torch.ops.specdecode.pack_q4_nibbles(nibbles, vnni), packed)
 
 
 def test_q4_1_and_q8_0_weights_give_back_their_codes():
