@@ -208,3 +208,21 @@ def test_partial_blocks_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(UserError, match=r"cut\.gguf is truncated: tensor w needs bytes") as info:
         GGUFFile(cut)
     assert "\n" not in str(info.value)
+
+
+@ours
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_split_into_their_fields(kind: str) -> None:
+    """split_gguf_blocks: the file's own codes and f16 scales, field by field (the direct loader's
+    int4/int8 stacks take them as they are)."""
+    rows, k = 48, 256
+    raw = _blocks(kind, rows, k, 11)
+    b = raw.reshape(rows, k // 32, -1)
+    scales = 2 if kind == "Q4_1" else 1
+    parts = torch.ops.specdecode.split_gguf_blocks(torch.from_numpy(raw), int(_qtype(kind)))
+    assert len(parts) == 1 + scales
+    codes = b[..., 2 * scales :]
+    assert torch.equal(parts[0], torch.from_numpy(codes.view(np.int8).reshape(rows, k) if kind == "Q8_0" else codes.copy()))
+    for f in range(scales):
+        want = np.ascontiguousarray(b[..., 2 * f : 2 * f + 2]).view(np.uint16)[..., 0]
+        assert torch.equal(_bits(parts[1 + f]), torch.from_numpy(want.view(np.int16)))

@@ -207,24 +207,27 @@ class _Tensors:
                 for out, part in zip(outs, parts):
                     out[lo : lo + part.shape[0]] = part
             return outs
-        kind = self.type_name(name)
         tensor = self.by_name[name]
+        parts = self._fields(tensor)
+        self._release(name)
+        if tensor.tensor_type.name == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
+            parts.append(parts[1] * -8)
+        return tuple(self._rows(x, name).contiguous() for x in parts)
+
+    def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor]:
+        """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, copied out of the map:
+        [nibbles uint8 [N, G, 16], d f16 [N, G]] (Q4_0), [nibbles, d, m] (Q4_1), [codes int8
+        [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies."""
+        if self.file.native(tensor):
+            return list(torch.ops.specdecode.split_gguf_blocks(self.file.rows(tensor), tensor.type_number))
+        kind = tensor.tensor_type.name
         n, k = tensor.shape
         b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
-        d = torch.from_numpy(np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy())
-        if kind == "Q8_0":
-            codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k).copy())
-            self._release(name)
-            return self._rows(codes, name).contiguous(), self._rows(d, name).contiguous()
-        if kind == "Q4_1":
-            m = torch.from_numpy(np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].copy())
-            qs = b[..., 4:]
-        else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
-            m = d * -8
-            qs = b[..., 2:]
-        nibbles = torch.from_numpy(np.ascontiguousarray(qs))  # copied out of the map
-        self._release(name)
-        return tuple(self._rows(x, name).contiguous() for x in (nibbles, d, m))
+        scales = 2 if kind == "Q4_1" else 1  # f16 fields first, then the codes
+        fields = [torch.from_numpy(np.ascontiguousarray(b[..., 2 * f : 2 * f + 2]).view(np.float16)[..., 0].copy())
+                  for f in range(scales)]
+        codes = np.ascontiguousarray(b[..., 2 * scales :])
+        return [torch.from_numpy(codes.view(np.int8).reshape(n, k) if kind == "Q8_0" else codes), *fields]
 
 
 def _matrix_names(config: ModelConfig) -> list[str]:
