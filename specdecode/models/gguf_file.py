@@ -79,6 +79,12 @@ def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = No
                     return [value(item) for _ in range(count)]
                 if item in _GGUF_SCALARS:
                     pos += struct.calcsize(_GGUF_SCALARS[item]) * count
+                elif item == 8:  # strings skipped by their lengths, none decoded (a vocabulary: ~150k)
+                    for _ in range(count):
+                        length = take("<Q")  # (not `pos += take(...)`: that adds to pos as it was before take moved it)
+                        pos += length
+                    if pos > len(mm):
+                        raise fail("a string runs past the end of the file")
                 else:
                     for _ in range(count):
                         value(item)
