@@ -24,6 +24,7 @@ multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'at
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -247,6 +248,16 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
     if quant not in HEAD_QUANT:
         raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
     kernel = kernel or kernels.active()
+    collecting = gc.isenabled()
+    gc.disable()  # a load makes thousands of tensors (no cycles); each full collection walked the tokenizer's ~150k-entry tables
+    try:
+        return _load(path, quant, kernel, dtype)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load(path: str | os.PathLike[str], quant: str, kernel: str, dtype: torch.dtype) -> tuple[LlamaModel, Tokenizer] | None:
     file, config, tokenizer, path = open_gguf_model(path)
     threads = torch.get_num_threads()
     files = _Tensors(file, config, path, threads)
