@@ -1172,16 +1172,18 @@ constexpr GGUFType kGGUFTypes[] = {
     {30, 2, 1, gguf_row<2, 1, bf16_block>},
 };
 
-const GGUFType& gguf_type(int64_t ggml_type) {
+const GGUFType* find_gguf_type(int64_t ggml_type) {
   for (const GGUFType& t : kGGUFTypes)
-    if (t.ggml_type == ggml_type) return t;
-  TORCH_CHECK(false, "specdecode: GGML type ", ggml_type, " has no native dequantization");
+    if (t.ggml_type == ggml_type) return &t;
+  return nullptr;
 }
 
-bool gguf_supported(int64_t ggml_type) {
-  for (const GGUFType& t : kGGUFTypes)
-    if (t.ggml_type == ggml_type) return true;
-  return false;
+bool gguf_supported(int64_t ggml_type) { return find_gguf_type(ggml_type) != nullptr; }
+
+const GGUFType& gguf_type(int64_t ggml_type) {
+  const GGUFType* t = find_gguf_type(ggml_type);
+  TORCH_CHECK(t != nullptr, "specdecode: GGML type ", ggml_type, " has no native dequantization");
+  return *t;
 }
 
 // A tensor's rows as stored: uint8 [rows, bytes a row] (or [bytes]: one row), each row whole blocks.

@@ -6,9 +6,12 @@ parameters to bf16, then quantizes them again into our kernels' stacks, so a Q4 
 Q4_0: m = -8d, Q8_0: w = d*q per block of 32, d and m f16), so the blocks of a memory-mapped
 file become codes and scales with numpy views, layer by layer, and are packed at once:
 
-- Q4_0/Q4_1 -> int4 and Q8_0 -> int8 keep the file's codes exactly (no float round trip);
-- any other type (k-quants, F16, F32, or Q4 -> int8, Q8_0 -> int4) is dequantized ONE tensor at
-  a time and requantized (quant.quantize_q4_1 / quantize_q8_0);
+- Q4_0/Q4_1 -> int4 and Q8_0 -> int8 keep the file's codes exactly (no float round trip;
+  blocks split into codes and scales by our kernels' `split_gguf_blocks`);
+- any other type (k-quants, F16, F32, or Q4 -> int8, Q8_0 -> int4) is requantized a chunk of
+  rows at a time: by our kernels' `gguf_to_q4_1` / `gguf_to_q8_0` (a row dequantized bitwise as
+  the gguf package does, then the codes quant.quantize_q4_1 / quantize_q8_0 give; no float32
+  chunk), or, for a type they lack, the gguf package's dequantization and those functions;
 - q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
   files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
   scales alike (rows are independent, so this is exact);
@@ -62,8 +65,8 @@ from specdecode.tokenizer import Tokenizer
 
 # Bytes of one block of 32 weights, by GGML type name.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-# Weights dequantized to float32 at once when requantizing a big tensor (4 Mi: 16 MiB; the
-# gguf package's dequantization holds several temporaries of that size, one chunk per thread).
+# Weights requantized at once from a big tensor (4 Mi; where the gguf package dequantizes them,
+# 16 MiB of float32 and several temporaries of that size, one chunk per thread).
 _CHUNK_WEIGHTS = 1 << 22
 # Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
 DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
