@@ -119,10 +119,10 @@ def test_requantized_as_quant_py_does(kind: str, extreme: bool) -> None:
     assert raw.shape[0] >= 16
     w = _numpy(raw, kind)
     q, d, m = quantize_q4_1(w)
-    nibbles, d2, m2 = torch.ops.specdecode.gguf_to_q4_1(torch.from_numpy(raw), int(_qtype(kind)))
+    nibbles, d2, m2 = kernels.gguf_requantize(torch.from_numpy(raw), int(_qtype(kind)), "int4")
     assert torch.equal(nibbles, to_nibbles(q)) and torch.equal(_bits(d2), _bits(d)) and torch.equal(_bits(m2), _bits(m))
     q8, d8 = quantize_q8_0(w)
-    q8n, d8n = torch.ops.specdecode.gguf_to_q8_0(torch.from_numpy(raw), int(_qtype(kind)))
+    q8n, d8n = kernels.gguf_requantize(torch.from_numpy(raw), int(_qtype(kind)), "int8")
     assert torch.equal(q8n, q8) and torch.equal(_bits(d8n), _bits(d8))
 
 
@@ -138,10 +138,10 @@ def test_requantized_groups_with_zeros_of_both_signs_and_flat_groups() -> None:
     w[6, 64:128] = -0.0
     raw = w.view(np.uint8)
     q, d, m = quantize_q4_1(torch.from_numpy(w))
-    nibbles, d2, m2 = torch.ops.specdecode.gguf_to_q4_1(torch.from_numpy(raw), int(_qtype("F32")))
+    nibbles, d2, m2 = kernels.gguf_requantize(torch.from_numpy(raw), int(_qtype("F32")), "int4")
     assert torch.equal(nibbles, to_nibbles(q)) and torch.equal(_bits(d2), _bits(d)) and torch.equal(_bits(m2), _bits(m))
     q8, d8 = quantize_q8_0(torch.from_numpy(w))
-    q8n, d8n = torch.ops.specdecode.gguf_to_q8_0(torch.from_numpy(raw), int(_qtype("F32")))
+    q8n, d8n = kernels.gguf_requantize(torch.from_numpy(raw), int(_qtype("F32")), "int8")
     assert torch.equal(q8n, q8) and torch.equal(_bits(d8n), _bits(d8))
 
 
@@ -181,7 +181,7 @@ def test_gguf_file_dequantize_either_way(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: numpy_calls.append(1) or package_dequantize(*a))
     file = GGUFFile(tmp_path / "one.gguf")
     (tensor,) = file.tensors
-    assert file.native(tensor) == native
+    assert file.kernels_read(tensor) == native
     assert torch.equal(_bits(torch.from_numpy(file.dequantize(tensor))), _bits(want))
     assert torch.equal(_bits(torch.from_numpy(file.dequantize(tensor, 3, 9))), _bits(want[3:9]))
     assert len(numpy_calls) == (0 if native else 2)

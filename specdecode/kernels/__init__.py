@@ -152,17 +152,6 @@ def _register_fakes() -> None:
     def dequantize_fake(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
         return raw.new_empty((*raw.shape[:-1], gguf_weights(raw.shape[-1], ggml_type)), dtype=torch.float32)
 
-    @torch.library.register_fake("specdecode::gguf_to_q4_1")
-    def to_q4_1_fake(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        groups = gguf_weights(raw.shape[1], ggml_type) // 32
-        scales = raw.new_empty((raw.shape[0], groups), dtype=torch.float16)
-        return raw.new_empty((raw.shape[0], groups, 16)), scales, scales.clone()
-
-    @torch.library.register_fake("specdecode::gguf_to_q8_0")
-    def to_q8_0_fake(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = gguf_weights(raw.shape[1], ggml_type)
-        return raw.new_empty((raw.shape[0], k), dtype=torch.int8), raw.new_empty((raw.shape[0], k // 32), dtype=torch.float16)
-
 
 def gguf_weights(row_bytes: int, ggml_type: int) -> int:
     """Weights in a row of `row_bytes` bytes of GGML type `ggml_type`."""
@@ -170,6 +159,25 @@ def gguf_weights(row_bytes: int, ggml_type: int) -> int:
 
     block_weights, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
     return row_bytes // block_bytes * block_weights
+
+
+def empty_requantized(n: int, k: int, mode: str) -> tuple[torch.Tensor, ...]:
+    """Uninitialized outputs of `gguf_requantize` for an [n, k] matrix."""
+    scales = [torch.empty(n, k // 32, dtype=torch.float16) for _ in range(2 if mode == "int4" else 1)]
+    codes = torch.empty(n, k // 32, 16, dtype=torch.uint8) if mode == "int4" else torch.empty(n, k, dtype=torch.int8)
+    return (codes, *scales)
+
+
+def gguf_requantize(raw: torch.Tensor, ggml_type: int, mode: str,
+                    out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """GGUF rows uint8 [N, bytes a row] of `ggml_type` requantized by our kernels, in one pass:
+    int4: (nibbles uint8 [N, K/32, 16], d f16 [N, K/32], m f16), what quant.py's quantize_q4_1 +
+    to_nibbles give for the gguf package's dequantization of them; int8: (codes int8 [N, K], d),
+    quantize_q8_0's. Written into `out` where given (contiguous tensors of those shapes)."""
+    out = out or empty_requantized(raw.shape[0], gguf_weights(raw.shape[1], ggml_type), mode)
+    op = torch.ops.specdecode.gguf_to_q4_1 if mode == "int4" else torch.ops.specdecode.gguf_to_q8_0
+    op(raw, ggml_type, *out)
+    return out
 
 
 def gguf_native(ggml_type: int) -> bool:

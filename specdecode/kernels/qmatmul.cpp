@@ -1302,40 +1302,49 @@ void for_each_gguf_row(const GGUFRows& in, const F& group) {
   });
 }
 
-// raw uint8 [rows, bytes a row] -> (nibbles uint8 [rows, K/32, 16], d f16 [rows, K/32], m f16):
-// what quantize_q4_1 + to_nibbles give for dequantize_gguf's weights, in one pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_to_q4_1(const at::Tensor& raw_in, int64_t ggml_type) {
-  TORCH_CHECK(raw_in.dim() == 2, "specdecode gguf_to_q4_1: raw must be [rows, bytes a row]");
+// The rows a requantization reads: [rows, bytes a row], rows of whole groups of 32 weights.
+GGUFRows requantized_rows(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.dim() == 2, "specdecode: GGUF rows to requantize must be [rows, bytes a row]");
   const GGUFRows in = gguf_rows(raw_in, ggml_type);
-  TORCH_CHECK(in.K % kGroup == 0, "specdecode gguf_to_q4_1: rows must be whole groups of 32");
+  TORCH_CHECK(in.K % kGroup == 0, "specdecode: rows to requantize must be whole groups of 32 weights");
+  return in;
+}
+
+// An output of gguf_to_q4_1 / gguf_to_q8_0: contiguous, of this dtype and shape (often rows of a
+// larger tensor: the direct loader has each chunk written where it belongs, no copy after).
+void check_output(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(), "specdecode: an output must be ",
+              "contiguous ", dtype, " ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+// raw uint8 [rows, bytes a row] -> nibbles uint8 [rows, K/32, 16], d f16 [rows, K/32], m f16
+// (written into them): what quantize_q4_1 + to_nibbles give for dequantize_gguf's weights, in one pass.
+void gguf_to_q4_1(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor nibbles, at::Tensor d, at::Tensor m) {
+  const GGUFRows in = requantized_rows(raw_in, ggml_type);
   const int64_t G = in.K / kGroup;
-  const auto opts = raw_in.options();
-  at::Tensor nibbles = at::empty({in.rows, G, 16}, opts), d = at::empty({in.rows, G}, opts.dtype(at::kHalf)),
-             m = at::empty({in.rows, G}, opts.dtype(at::kHalf));
+  check_output(nibbles, at::kByte, {in.rows, G, 16});
+  check_output(d, at::kHalf, {in.rows, G});
+  check_output(m, at::kHalf, {in.rows, G});
   uint8_t* np = nibbles.data_ptr<uint8_t>();
   auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
   auto* mp = reinterpret_cast<uint16_t*>(m.data_ptr<at::Half>());
   for_each_gguf_row(in, [&](const float* w, int64_t r) {
     for (int64_t g = 0; g < G; ++g) q4_1_group(w + g * kGroup, np + (r * G + g) * 16, dp + r * G + g, mp + r * G + g);
   });
-  return {nibbles, d, m};
 }
 
-// raw uint8 [rows, bytes a row] -> (codes int8 [rows, K], d f16 [rows, K/32]): what
-// quantize_q8_0 gives for dequantize_gguf's weights, in one pass.
-std::tuple<at::Tensor, at::Tensor> gguf_to_q8_0(const at::Tensor& raw_in, int64_t ggml_type) {
-  TORCH_CHECK(raw_in.dim() == 2, "specdecode gguf_to_q8_0: raw must be [rows, bytes a row]");
-  const GGUFRows in = gguf_rows(raw_in, ggml_type);
-  TORCH_CHECK(in.K % kGroup == 0, "specdecode gguf_to_q8_0: rows must be whole groups of 32");
+// raw uint8 [rows, bytes a row] -> codes int8 [rows, K], d f16 [rows, K/32] (written into them):
+// what quantize_q8_0 gives for dequantize_gguf's weights, in one pass.
+void gguf_to_q8_0(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor q, at::Tensor d) {
+  const GGUFRows in = requantized_rows(raw_in, ggml_type);
   const int64_t G = in.K / kGroup;
-  at::Tensor q = at::empty({in.rows, in.K}, raw_in.options().dtype(at::kChar));
-  at::Tensor d = at::empty({in.rows, G}, raw_in.options().dtype(at::kHalf));
+  check_output(q, at::kChar, {in.rows, in.K});
+  check_output(d, at::kHalf, {in.rows, G});
   int8_t* qp = q.data_ptr<int8_t>();
   auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
   for_each_gguf_row(in, [&](const float* w, int64_t r) {
     for (int64_t g = 0; g < G; ++g) q8_0_group(w + g * kGroup, qp + r * in.K + g * kGroup, dp + r * G + g);
   });
-  return {q, d};
 }
 
 
@@ -1429,8 +1438,8 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key
   m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
-  m.def("gguf_to_q4_1(Tensor raw, int ggml_type) -> (Tensor, Tensor, Tensor)");
-  m.def("gguf_to_q8_0(Tensor raw, int ggml_type) -> (Tensor, Tensor)");
+  m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
+  m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
   m.def("pack_q4_nibbles(Tensor nibbles, bool vnni) -> Tensor");
   m.def("split_gguf_blocks(Tensor raw, int ggml_type) -> Tensor[]");
 }

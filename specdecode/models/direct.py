@@ -161,17 +161,21 @@ class _Tensors:
         kind = self.type_name(name)
         return kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
 
-    def requantized(self, name: str, mode: str, rows: int = 1) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    def requantized(self, name: str, mode: str, rows: int = 1, into: tuple[torch.Tensor, ...] | None = None,
+                    ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         """(first row, the format's tuple for a chunk of rows) in order, each chunk a multiple of
-        `rows` rows, dequantized and requantized in `threads` threads (runtime row order)."""
+        `rows` rows, dequantized and requantized in `threads` threads (runtime row order). Where
+        our kernels read the type and `into` (the whole tensor's outputs) is given, each chunk is
+        written into its rows of `into` (the views are yielded)."""
         tensor = self.by_name[name]
-        native = self.file.native(tensor)
+        ours = self.file.kernels_read(tensor)
 
         def convert(span: tuple[int, int]) -> tuple[int, tuple[torch.Tensor, ...]]:
             lo, hi = span
-            if native:  # our kernels: the same codes and scales, no float32 copy (rows are independent: permuted after)
-                op = torch.ops.specdecode.gguf_to_q4_1 if mode == "int4" else torch.ops.specdecode.gguf_to_q8_0
-                return lo, tuple(self._rows(x, name) for x in op(self.file.rows(tensor, lo, hi), tensor.type_number))
+            if ours:  # no float32 copy; rows are independent, so the file's rows permuted give the permuted codes
+                raw = self._rows(self.file.rows(tensor, lo, hi), name)
+                out = None if into is None else tuple(x[lo:hi] for x in into)
+                return lo, kernels.gguf_requantize(raw, tensor.type_number, mode, out)
             w = self._rows(self._dequantize(name, lo, hi), name)
             if mode == "int4":
                 q, d, m = quantize_q4_1(w)
@@ -195,21 +199,20 @@ class _Tensors:
             while pending:
                 yield done(pending.popleft())
 
-    def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
+    def blocks(self, name: str, mode: str, into: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """int4: (GGUF Q4 nibble bytes uint8 [N, K/32, 16], d f16 [N, K/32], m f16 [N, K/32]),
         w = d*q + m (the stack packs the nibbles without unpacking them, quant.pack_q4_nibbles);
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
-        type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
+        type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats,
+        into `into` where given (rows of a fused matrix: no copy, then no concatenation)."""
         if not self.native(name, mode):  # requantized a chunk of rows at a time (quantization is per row group)
-            n, k = self.by_name[name].shape
-            g = k // INT4_GROUP
-            outs: tuple[torch.Tensor, ...] = (  # filled in place: no second copy of the codes
-                (torch.empty(n, g, 16, dtype=torch.uint8), torch.empty(n, g, dtype=torch.float16),
-                 torch.empty(n, g, dtype=torch.float16)) if mode == "int4"
-                else (torch.empty(n, k, dtype=torch.int8), torch.empty(n, g, dtype=torch.float16)))
-            for lo, parts in self.requantized(name, mode):
-                for out, part in zip(outs, parts):
-                    out[lo : lo + part.shape[0]] = part
+            tensor = self.by_name[name]
+            outs = into if into is not None else kernels.empty_requantized(*tensor.shape, mode)
+            ours = self.file.kernels_read(tensor)  # (then written in place by our kernels)
+            for lo, parts in self.requantized(name, mode, into=outs if ours else None):
+                if not ours:
+                    for out, part in zip(outs, parts):
+                        out[lo : lo + part.shape[0]] = part
             return outs
         tensor = self.by_name[name]
         parts = self._fields(tensor)
@@ -218,11 +221,24 @@ class _Tensors:
             parts.append(parts[1] * -8)
         return tuple(self._rows(x, name).contiguous() for x in parts)
 
+    def fused_blocks(self, names: list[str], mode: str) -> tuple[torch.Tensor, ...]:
+        """`blocks` of matrices of one input size concatenated along their rows (q/k/v, gate/up):
+        requantized ones written straight into their rows of the whole, the file's own codes
+        concatenated."""
+        if any(self.native(name, mode) for name in names):
+            parts = [self.blocks(name, mode) for name in names]
+            return tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+        rows = [self.by_name[name].shape[0] for name in names]
+        whole = kernels.empty_requantized(sum(rows), self.by_name[names[0]].shape[1], mode)
+        for name, lo, n in zip(names, np.cumsum([0, *rows[:-1]]).tolist(), rows):
+            self.blocks(name, mode, into=tuple(x[lo : lo + n] for x in whole))
+        return whole
+
     def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor]:
         """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, copied out of the map:
         [nibbles uint8 [N, G, 16], d f16 [N, G]] (Q4_0), [nibbles, d, m] (Q4_1), [codes int8
         [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies."""
-        if self.file.native(tensor):
+        if self.file.kernels_read(tensor):
             return list(torch.ops.specdecode.split_gguf_blocks(self.file.rows(tensor), tensor.type_number))
         kind = tensor.tensor_type.name
         n, k = tensor.shape
@@ -285,8 +301,7 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
 
     def fused(names: tuple[str, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in layers:
-            parts = [files.blocks(f"layers.{i}.{n}.weight", quant) for n in names]
-            yield tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+            yield files.fused_blocks([f"layers.{i}.{n}.weight" for n in names], quant)
 
     def small(name: str, interleave: bool = True) -> torch.Tensor:
         return files.float(name, interleave, dtype)

@@ -187,7 +187,7 @@ class GGUFFile:
         hi = tensor.shape[0] if hi is None else hi
         return raw.view(tensor.shape[0], row_bytes)[lo:hi]
 
-    def native(self, tensor: GGUFTensor) -> bool:
+    def kernels_read(self, tensor: GGUFTensor) -> bool:
         """Whether our kernels read this tensor's type (`kernels.gguf_native`)."""
         return kernels.gguf_native(tensor.type_number)
 
@@ -200,7 +200,7 @@ class GGUFFile:
         raw = self.data(tensor)
         raw = raw[lo:hi] if len(shape) > 1 else raw
         try:
-            if tensor.type_number != gguf.GGMLQuantizationType.F32 and self.native(tensor):
+            if tensor.type_number != gguf.GGMLQuantizationType.F32 and self.kernels_read(tensor):
                 w = torch.ops.specdecode.dequantize_gguf(self.rows(tensor, lo, hi), tensor.type_number).numpy()
             else:
                 w = gguf.quants.dequantize(raw, tensor.tensor_type)
