@@ -165,15 +165,20 @@ def _write_gguf(path: Path, kind: str, rows: int = 16, k: int = 512) -> np.ndarr
     return raw
 
 
+def _with_kernels_or_not(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run on our kernels (skipped where they are unavailable) or as on a CPU without them."""
+    if native and kernels.load_error() is not None:
+        pytest.skip(f"our kernels unavailable: {kernels.load_error()}")
+    if not native:
+        monkeypatch.setattr(kernels, "load_error", lambda: "this CPU lacks AVX512-BF16")
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["kernels", "numpy"])
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0", "F16"])
 def test_gguf_file_dequantize_either_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, native: bool) -> None:
     """GGUFFile.dequantize gives the gguf package's floats through our kernels or, where they
     are unavailable, through the gguf package itself."""
-    if native and kernels.load_error() is not None:
-        pytest.skip(f"our kernels unavailable: {kernels.load_error()}")
-    if not native:
-        monkeypatch.setattr(kernels, "load_error", lambda: "this CPU lacks AVX512-BF16")
+    _with_kernels_or_not(native, monkeypatch)
     raw = _write_gguf(tmp_path / "one.gguf", kind)
     want = _numpy(raw, kind)
     numpy_calls = []
@@ -191,10 +196,7 @@ def test_gguf_file_dequantize_either_way(tmp_path: Path, monkeypatch: pytest.Mon
 def test_partial_blocks_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """A tensor whose bytes are not whole blocks (a corrupt header) and a file cut inside its
     data: the same one-line UserErrors naming the file and tensor, kernels or not."""
-    if native and kernels.load_error() is not None:
-        pytest.skip(f"our kernels unavailable: {kernels.load_error()}")
-    if not native:
-        monkeypatch.setattr(kernels, "load_error", lambda: "this CPU lacks AVX512-BF16")
+    _with_kernels_or_not(native, monkeypatch)
     _write_gguf(tmp_path / "one.gguf", "Q4_K")
     file = GGUFFile(tmp_path / "one.gguf")
     (tensor,) = file.tensors

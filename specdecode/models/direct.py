@@ -32,6 +32,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,7 @@ class _Tensors:
             return tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
         rows = [self.by_name[name].shape[0] for name in names]
         whole = kernels.empty_requantized(sum(rows), self.by_name[names[0]].shape[1], mode)
-        for name, lo, n in zip(names, np.cumsum([0, *rows[:-1]]).tolist(), rows):
+        for name, lo, n in zip(names, accumulate(rows, initial=0), rows):
             self.blocks(name, mode, into=tuple(x[lo : lo + n] for x in whole))
         return whole
 
