@@ -1422,6 +1422,52 @@ std::vector<at::Tensor> split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml
   return out;
 }
 
+
+// int8 codes [N, K] -> our int8 tiles, the bytes quant.py's quad_int8 (vnni: [N/16, G, 8, 64], a
+// register of 4 inputs x 16 outputs) or tile_int8 ([N/16, G, 16, 32], 2 inputs x 16 outputs)
+// gives: register p of tile t, group g holds row i's inputs 32g + width p .. + width - 1 at bytes
+// width i ... Why here: those torch permutes (and the block sums below) were most of packing a
+// requantized output head.
+at::Tensor pack_int8(const at::Tensor& q_in, bool vnni) {
+  TORCH_CHECK(q_in.scalar_type() == at::kChar && q_in.dim() == 2 && q_in.size(0) % kTile == 0 && q_in.size(1) % kGroup == 0,
+              "specdecode pack_int8: codes must be int8 [N, K], N a multiple of 16, K of 32");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t tiles = q.size(0) / kTile, K = q.size(1), G = K / kGroup, width = vnni ? 4 : 2;
+  at::Tensor out = at::empty({tiles, G, kGroup / width, kTile * width}, q.options());
+  const int8_t* src = q.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        int8_t* tile = dst + (t * G + g) * kGroup * kTile;
+        for (int i = 0; i < kTile; ++i) {
+          const int8_t* row = src + (t * kTile + i) * K + g * kGroup;
+          for (int p = 0; p < kGroup / width; ++p) std::memcpy(tile + (p * kTile + i) * width, row + p * width, width);
+        }
+      }
+  });
+  return out;
+}
+
+// int8 codes [N, K] -> int16 [N, K/32]: each group's sum (quant.py's _block_sums, exact).
+at::Tensor int8_block_sums(const at::Tensor& q_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kChar && q_in.dim() == 2 && q_in.size(1) % kGroup == 0,
+              "specdecode int8_block_sums: codes must be int8 [N, K], K a multiple of 32");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t N = q.size(0), G = q.size(1) / kGroup;
+  at::Tensor out = at::empty({N, G}, q.options().dtype(at::kShort));
+  const int8_t* src = q.data_ptr<int8_t>();
+  int16_t* dst = out.data_ptr<int16_t>();
+  at::parallel_for(0, N * G, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int sum = 0;
+      for (int i = 0; i < kGroup; ++i) sum += src[b * kGroup + i];
+      dst[b] = (int16_t)sum;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdecode, m) {
@@ -1442,6 +1488,8 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
   m.def("pack_q4_nibbles(Tensor nibbles, bool vnni) -> Tensor");
   m.def("split_gguf_blocks(Tensor raw, int ggml_type) -> Tensor[]");
+  m.def("pack_int8(Tensor codes, bool vnni) -> Tensor");
+  m.def("int8_block_sums(Tensor codes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
@@ -1460,4 +1508,6 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("gguf_to_q8_0", &gguf_to_q8_0);
   m.impl("pack_q4_nibbles", &pack_q4_nibbles);
   m.impl("split_gguf_blocks", &split_gguf_blocks);
+  m.impl("pack_int8", &pack_int8);
+  m.impl("int8_block_sums", &int8_block_sums);
 }
