@@ -16,6 +16,9 @@ from specdecode.models.quant import (
     Int4Stack,
     TiledInt4Stack,
     TiledInt8Stack,
+    _block_sums,
+    _lanes,
+    _pack_q4_nibbles_torch,
     linear_stack,
     pack_q4_nibbles,
     quad_int4,
@@ -54,8 +57,23 @@ def test_gguf_nibbles_pack_straight_into_both_layouts():
     q4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
     nibbles = to_nibbles(q4)
     assert nibbles.shape == (48, 3, 16) and torch.equal(nibbles[5, 1, 3], q4[5, 32 + 3] | (q4[5, 32 + 19] << 4))
-    assert torch.equal(pack_q4_nibbles(nibbles, vnni=True), quad_int4(q4))
-    assert torch.equal(pack_q4_nibbles(nibbles, vnni=False), tile_int4(q4))
+    for vnni, packed in ((True, quad_int4(q4)), (False, tile_int4(q4))):
+        assert torch.equal(pack_q4_nibbles(nibbles, vnni=vnni), packed)
+        assert torch.equal(_pack_q4_nibbles_torch(nibbles, vnni), packed)  # without our kernels
+        if kernels.load_error() is None:
+            assert torch.equal(torch.ops.specdecode.pack_q4_nibbles(nibbles, vnni), packed)
+
+
+@ours
+def test_int8_packing_and_block_sums_native_as_torch():
+    """pack_int8 / int8_block_sums (a loader's int8 head): the bytes and sums of the torch code."""
+    g = torch.Generator().manual_seed(2)
+    q8 = torch.randint(-128, 128, (64, 160), generator=g).to(torch.int8)
+    for width, vnni in ((4, True), (2, False)):
+        assert torch.equal(torch.ops.specdecode.pack_int8(q8, vnni), _lanes(q8, width).contiguous())
+    sums = q8.view(64, 5, 32).sum(-1, dtype=torch.int16)
+    assert torch.equal(torch.ops.specdecode.int8_block_sums(q8), sums)
+    assert torch.equal(_block_sums(q8), sums)
 
 
 def test_q4_1_and_q8_0_weights_give_back_their_codes():

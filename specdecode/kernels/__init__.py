@@ -148,6 +148,44 @@ def _register_fakes() -> None:
                     parents: torch.Tensor | None = None) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
+    @torch.library.register_fake("specdecode::dequantize_gguf")
+    def dequantize_fake(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+        return raw.new_empty((*raw.shape[:-1], gguf_weights(raw.shape[-1], ggml_type)), dtype=torch.float32)
+
+
+def gguf_weights(row_bytes: int, ggml_type: int) -> int:
+    """Weights in a row of `row_bytes` bytes of GGML type `ggml_type`."""
+    import gguf
+
+    block_weights, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    return row_bytes // block_bytes * block_weights
+
+
+def empty_requantized(n: int, k: int, mode: str) -> tuple[torch.Tensor, ...]:
+    """Uninitialized outputs of `gguf_requantize` for an [n, k] matrix."""
+    scales = [torch.empty(n, k // 32, dtype=torch.float16) for _ in range(2 if mode == "int4" else 1)]
+    codes = torch.empty(n, k // 32, 16, dtype=torch.uint8) if mode == "int4" else torch.empty(n, k, dtype=torch.int8)
+    return (codes, *scales)
+
+
+def gguf_requantize(raw: torch.Tensor, ggml_type: int, mode: str,
+                    out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """GGUF rows uint8 [N, bytes a row] of `ggml_type` requantized by our kernels, in one pass:
+    int4: (nibbles uint8 [N, K/32, 16], d f16 [N, K/32], m f16), what quant.py's quantize_q4_1 +
+    to_nibbles give for the gguf package's dequantization of them; int8: (codes int8 [N, K], d),
+    quantize_q8_0's. Written into `out` where given (contiguous tensors of those shapes)."""
+    out = out or empty_requantized(raw.shape[0], gguf_weights(raw.shape[1], ggml_type), mode)
+    op = torch.ops.specdecode.gguf_to_q4_1 if mode == "int4" else torch.ops.specdecode.gguf_to_q8_0
+    op(raw, ggml_type, *out)
+    return out
+
+
+def gguf_native(ggml_type: int) -> bool:
+    """Whether our library turns GGUF blocks of this GGML type into floats (`dequantize_gguf`,
+    bitwise the gguf package's numpy code) and Q4_1/Q8_0 blocks (`gguf_to_q4_1`/`gguf_to_q8_0`,
+    quant.py's requantization); where not, the gguf package and quant.py do it."""
+    return load_error() is None and bool(torch.ops.specdecode.gguf_supported(ggml_type))
+
 
 def attention_fits(head_dim: int) -> bool:
     """Head sizes `attend_rows` / `rope_attend` take (qmatmul.cpp checks the same)."""

@@ -960,6 +960,514 @@ SD_TARGET at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// GGUF blocks -> float32 weights, and straight on to our Q4_1 / Q8_0 blocks, for loading a file
+// (specdecode/models/gguf_file.py, direct.py).
+//
+// Why: the gguf package's numpy dequantization (~12 ns a weight) and our torch requantization
+// after it were most of a k-quant file's load. The weights must stay bitwise the gguf package's
+// (the float loader and the direct loader give the same model): every weight is computed with
+// the float32 operations of its numpy code in the same order (Q4_K: (d * scale) * q - (dmin * min),
+// each product rounded on its own), f16 scales widened exactly (F16C: subnormals, inf and NaN
+// included), and fp-contract=off keeps GCC from fusing a * b - c into one FMA (rounded once).
+// Denormals are not flushed here (no FlushDenormals): no product of these formats is a float32
+// denormal, and numpy would not flush one either. Plain loops over a block's sub-blocks, which
+// GCC vectorizes; only called where the library loads (CPUs with AVX512-BF16).
+
+#define SD_GGUF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c"), optimize("fp-contract=off")))
+
+SD_GGUF inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  return _cvtsh_ss(h);
+}
+
+// Q4_0 (18 bytes: f16 d, 16 bytes of nibbles): w[j] = d * (low nibble j - 8), w[j + 16] the high.
+SD_GGUF void q4_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  for (int j = 0; j < 16; ++j) {
+    w[j] = d * (float)((b[2 + j] & 0x0F) - 8);
+    w[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+  }
+}
+
+// Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles): w = (d * q) + m.
+SD_GGUF void q4_1_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), m = f16_at(b + 2);
+  for (int j = 0; j < 16; ++j) {
+    w[j] = d * (float)(b[4 + j] & 0x0F) + m;
+    w[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+  }
+}
+
+// The 5-bit codes of a Q5_0 / Q5_1 block: nibbles as Q4's, bit i of the little-endian word qh
+// the fifth bit of weight i.
+SD_GGUF inline void q5_codes(const uint8_t* qh_bytes, const uint8_t* qs, int q[32]) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, sizeof(qh));
+  for (int j = 0; j < 16; ++j) {
+    q[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+    q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+  }
+}
+
+// Q5_0 (22 bytes: f16 d, 4 bytes qh, 16 of nibbles): w = d * (q - 16).
+SD_GGUF void q5_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  int q[32];
+  q5_codes(b + 2, b + 6, q);
+  for (int i = 0; i < 32; ++i) w[i] = d * (float)(q[i] - 16);
+}
+
+// Q5_1 (24 bytes: f16 d, f16 m, 4 bytes qh, 16 of nibbles): w = (d * q) + m.
+SD_GGUF void q5_1_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), m = f16_at(b + 2);
+  int q[32];
+  q5_codes(b + 4, b + 8, q);
+  for (int i = 0; i < 32; ++i) w[i] = d * (float)q[i] + m;
+}
+
+// Q8_0 (34 bytes: f16 d, 32 int8 codes): w = q * d.
+SD_GGUF void q8_0_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b);
+  for (int i = 0; i < 32; ++i) w[i] = (float)(int8_t)b[2 + i] * d;
+}
+
+// Q2_K (84 bytes: 16 scale bytes, 64 bytes of 2-bit codes, f16 d, f16 dmin), 16 sub-blocks of 16.
+// Scale byte s: low nibble times d scales sub-block s, high nibble times dmin is its offset.
+// Code of weight 128 h + 32 k + l: bits 2k, 2k+1 of byte 32 h + l.
+SD_GGUF void q2_k_block(const uint8_t* b, float* w) {
+  const uint8_t *scales = b, *qs = b + 16;
+  const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+  for (int sub = 0; sub < 16; ++sub) {
+    const float scale = d * (float)(scales[sub] & 0x0F), offset = dmin * (float)(scales[sub] >> 4);
+    const uint8_t* src = qs + 32 * (sub / 8) + 16 * (sub % 2);  // sub = 8 h + 2 k + (which half of the 32)
+    const int shift = 2 * ((sub / 2) % 4);
+    for (int l = 0; l < 16; ++l) w[16 * sub + l] = scale * (float)((src[l] >> shift) & 3) - offset;
+  }
+}
+
+// Q3_K (110 bytes: 32 bytes hmask, 64 of 2-bit codes, 12 of 6-bit scales, f16 d), 16 sub-blocks
+// of 16. Scale s: 4 low bits from byte s (low nibble, s < 8) or s - 8 (high nibble), 2 high bits
+// from byte 8 + s % 4 at bit 2 (s / 4), minus 32. Weight 128 h + 32 k + l: 2-bit code as Q2_K,
+// minus 4 where bit (4 h + k) of hmask[l] is clear.
+SD_GGUF void q3_k_block(const uint8_t* b, float* w) {
+  const uint8_t *hmask = b, *qs = b + 32, *packed = b + 96;
+  const float d = f16_at(b + 108);
+  for (int sub = 0; sub < 16; ++sub) {
+    const int low = sub < 8 ? packed[sub] & 0x0F : packed[sub - 8] >> 4;
+    const int high = (packed[8 + sub % 4] >> (2 * (sub / 4))) & 3;
+    const float scale = d * (float)((low | (high << 4)) - 32);
+    const int half = 16 * (sub % 2), shift = 2 * ((sub / 2) % 4), bit = sub / 2;
+    const uint8_t* src = qs + 32 * (sub / 8) + half;
+    for (int l = 0; l < 16; ++l) {
+      const int q = ((src[l] >> shift) & 3) - (((hmask[half + l] >> bit) & 1) ^ 1) * 4;
+      w[16 * sub + l] = scale * (float)q;
+    }
+  }
+}
+
+// Q4_K / Q5_K: the 6-bit scales and mins of 8 sub-blocks packed in 12 bytes. Sub-blocks 0-3: low
+// 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7: a nibble of byte 8 + i (low: scale, high:
+// min) under the top 2 bits of byte i (scale) or 4 + i (min).
+SD_GGUF inline void k_scales_mins(const uint8_t* p, int scale[8], int min[8]) {
+  for (int i = 0; i < 4; ++i) {
+    scale[i] = p[i] & 0x3F;
+    min[i] = p[4 + i] & 0x3F;
+    scale[4 + i] = (p[8 + i] & 0x0F) | ((p[i] >> 2) & 0x30);
+    min[4 + i] = (p[8 + i] >> 4) | ((p[4 + i] >> 2) & 0x30);
+  }
+}
+
+// Q4_K (144 bytes: f16 d, f16 dmin, 12 bytes of scales/mins, 128 of nibbles), 8 sub-blocks of 32:
+// sub-block 2j in the low nibbles of bytes 32j..32j+31, 2j+1 in the high. With QH (Q5_K: 176
+// bytes, 32 bytes qh before the nibbles) bit s of qh[l] is the fifth bit of sub-block s's weight l.
+// w = (d * scale) * q - (dmin * min).
+template <bool QH>
+SD_GGUF void q45_k_block(const uint8_t* b, float* w) {
+  const float d = f16_at(b), dmin = f16_at(b + 2);
+  int scale[8], min[8];
+  k_scales_mins(b + 4, scale, min);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + (QH ? 48 : 16);
+  for (int sub = 0; sub < 8; ++sub) {
+    const float dl = d * (float)scale[sub], ml = dmin * (float)min[sub];
+    const uint8_t* src = qs + 32 * (sub / 2);
+    const int shift = 4 * (sub % 2);
+    for (int l = 0; l < 32; ++l) {
+      int q = (src[l] >> shift) & 0x0F;
+      if (QH) q |= ((qh[l] >> sub) & 1) << 4;
+      w[32 * sub + l] = dl * (float)q - ml;
+    }
+  }
+}
+
+// Q6_K (210 bytes: 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, f16 d), 16
+// sub-blocks of 16. Weight 128 h + 32 k + l: nibble of byte 64 h + 32 (k % 2) + l (low for k < 2,
+// high after), high bits 2k, 2k+1 of byte 64 + 32 h + l; w = (d * scale) * (code - 32).
+SD_GGUF void q6_k_block(const uint8_t* b, float* w) {
+  const uint8_t *ql = b, *qh = b + 128;
+  const int8_t* scales = (const int8_t*)(b + 192);
+  const float d = f16_at(b + 208);
+  for (int sub = 0; sub < 16; ++sub) {
+    const float scale = d * (float)scales[sub];
+    const int h = sub / 8, k = (sub / 2) % 4, half = 16 * (sub % 2);
+    const uint8_t* low = ql + 64 * h + 32 * (k % 2) + half;
+    const uint8_t* high = qh + 32 * h + half;
+    for (int l = 0; l < 16; ++l) {
+      const int q = ((low[l] >> (4 * (k / 2))) & 0x0F) | (((high[l] >> (2 * k)) & 3) << 4);
+      w[16 * sub + l] = scale * (float)(q - 32);
+    }
+  }
+}
+
+// Unquantized types, one weight a "block": F32 copied, F16 widened, BF16 the high half of a float32.
+SD_GGUF void f32_block(const uint8_t* b, float* w) { std::memcpy(w, b, sizeof(float)); }
+// F16 as numpy widens it: a NaN keeps its payload bits as they are (F16C would set the quiet bit;
+// in the quantized types a NaN scale is multiplied, which sets it either way).
+SD_GGUF void f16_block(const uint8_t* b, float* w) {
+  uint16_t h;
+  std::memcpy(&h, b, sizeof(h));
+  if ((h & 0x7C00) != 0x7C00 || (h & 0x03FF) == 0) {
+    *w = _cvtsh_ss(h);
+    return;
+  }
+  const uint32_t bits = ((uint32_t)(h & 0x8000) << 16) | 0x7F800000u | ((uint32_t)(h & 0x03FF) << 13);
+  std::memcpy(w, &bits, sizeof(bits));
+}
+SD_GGUF void bf16_block(const uint8_t* b, float* w) {
+  uint16_t h;
+  std::memcpy(&h, b, sizeof(h));
+  const uint32_t bits = (uint32_t)h << 16;
+  std::memcpy(w, &bits, sizeof(bits));
+}
+
+using GGUFRowFn = void (*)(const uint8_t* src, int64_t blocks, float* w);
+
+template <int BYTES, int WEIGHTS, void (*BLOCK)(const uint8_t*, float*)>
+SD_GGUF void gguf_row(const uint8_t* src, int64_t blocks, float* w) {
+  for (int64_t i = 0; i < blocks; ++i) BLOCK(src + i * BYTES, w + i * WEIGHTS);
+}
+
+struct GGUFType {
+  int64_t ggml_type, block_bytes, block_weights;
+  GGUFRowFn row;
+};
+
+// GGML type numbers (ggml.h's enum ggml_type).
+constexpr GGUFType kGGUFTypes[] = {
+    {0, 4, 1, gguf_row<4, 1, f32_block>},
+    {1, 2, 1, gguf_row<2, 1, f16_block>},
+    {2, 18, 32, gguf_row<18, 32, q4_0_block>},
+    {3, 20, 32, gguf_row<20, 32, q4_1_block>},
+    {6, 22, 32, gguf_row<22, 32, q5_0_block>},
+    {7, 24, 32, gguf_row<24, 32, q5_1_block>},
+    {8, 34, 32, gguf_row<34, 32, q8_0_block>},
+    {10, 84, 256, gguf_row<84, 256, q2_k_block>},
+    {11, 110, 256, gguf_row<110, 256, q3_k_block>},
+    {12, 144, 256, gguf_row<144, 256, q45_k_block<false>>},
+    {13, 176, 256, gguf_row<176, 256, q45_k_block<true>>},
+    {14, 210, 256, gguf_row<210, 256, q6_k_block>},
+    {30, 2, 1, gguf_row<2, 1, bf16_block>},
+};
+
+const GGUFType* find_gguf_type(int64_t ggml_type) {
+  for (const GGUFType& t : kGGUFTypes)
+    if (t.ggml_type == ggml_type) return &t;
+  return nullptr;
+}
+
+bool gguf_supported(int64_t ggml_type) { return find_gguf_type(ggml_type) != nullptr; }
+
+const GGUFType& gguf_type(int64_t ggml_type) {
+  const GGUFType* t = find_gguf_type(ggml_type);
+  TORCH_CHECK(t != nullptr, "specdecode: GGML type ", ggml_type, " has no native dequantization");
+  return *t;
+}
+
+// A tensor's rows as stored: uint8 [rows, bytes a row] (or [bytes]: one row), each row whole blocks.
+struct GGUFRows {
+  at::Tensor raw;
+  const GGUFType* type;
+  int64_t rows, blocks, K;
+};
+
+GGUFRows gguf_rows(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.scalar_type() == at::kByte && (raw_in.dim() == 1 || raw_in.dim() == 2),
+              "specdecode: GGUF data must be uint8 [rows, bytes a row] or [bytes]");
+  const GGUFType& t = gguf_type(ggml_type);
+  const int64_t row_bytes = raw_in.size(-1);
+  TORCH_CHECK(row_bytes % t.block_bytes == 0, "specdecode: a row of ", row_bytes, " bytes is not whole blocks of ",
+              t.block_bytes, " (GGML type ", ggml_type, ")");
+  const int64_t blocks = row_bytes / t.block_bytes;
+  return {raw_in.contiguous(), &t, raw_in.dim() == 2 ? raw_in.size(0) : 1, blocks, blocks * t.block_weights};
+}
+
+// Rows a task: at least ~64k weights, so that threads are not woken for a few blocks.
+int64_t gguf_grain(int64_t K) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1)); }
+
+// raw uint8 [rows, bytes a row] -> float32 [rows, K] (or [bytes] -> [K]), bitwise the gguf
+// package's dequantize.
+at::Tensor dequantize_gguf(const at::Tensor& raw_in, int64_t ggml_type) {
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  at::Tensor out = raw_in.dim() == 2 ? at::empty({in.rows, in.K}, raw_in.options().dtype(at::kFloat))
+                                     : at::empty({in.K}, raw_in.options().dtype(at::kFloat));
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const int64_t row_bytes = in.blocks * in.type->block_bytes;
+  at::parallel_for(0, in.rows, gguf_grain(in.K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) in.type->row(src + r * row_bytes, in.blocks, dst + r * in.K);
+  });
+  return out;
+}
+
+SD_GGUF inline uint16_t to_f16_bits(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+SD_GGUF inline float from_f16_bits(uint16_t h) { return _cvtsh_ss(h); }
+
+// The first zero of a group of 32 weights whose smallest (or largest) is a zero: +0 or -0.
+SD_GGUF inline float first_zero(const float* w, __m512 a, __m512 b) {
+  const __m512 zero = _mm512_setzero_ps();
+  const uint32_t zeros = (uint32_t)_mm512_cmp_ps_mask(a, zero, _CMP_EQ_OQ) |
+                         ((uint32_t)_mm512_cmp_ps_mask(b, zero, _CMP_EQ_OQ) << 16);
+  return w[__builtin_ctz(zeros)];
+}
+
+// Smallest and largest of a group of 32 weights, as torch's aminmax gives them: a scan that keeps
+// the first of equal values, which only shows where the extreme is a zero of both signs (then
+// the first zero's sign). Vector min/max then that fix-up: a scalar scan was most of a
+// requantization's time (a 32-long chain of dependent minss).
+SD_GGUF inline void group_range(const float* w, float* lo, float* hi) {
+  const __m512 a = _mm512_loadu_ps(w), b = _mm512_loadu_ps(w + 16);
+  *lo = _mm512_reduce_min_ps(_mm512_min_ps(a, b));
+  *hi = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+  if (*lo == 0.0f) *lo = first_zero(w, a, b);
+  if (*hi == 0.0f) *hi = first_zero(w, a, b);
+}
+
+// Codes of 16 weights as quant.py computes them: clamp(round_half_even((w - m) / d), lo, hi), each
+// step rounded as torch's (a true division: no reciprocal; nearbyint's rounding; clamp = min(max)).
+SD_GGUF inline __m512i codes16(__m512 w, __m512 m, __m512 d, __m512 lo, __m512 hi) {
+  const __m512 x = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(w, m), d), _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+  return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(x, lo), hi));
+}
+
+// One group of 32 weights -> Q4_1 (nibble byte j: code j low, code j + 16 high; d, m as f16 bits)
+// with quant.py quantize_q4_1's float32 operations: d = f16((max - min) / 15), m = f16(min),
+// q = clamp(round_half_even((w - m) / d), 0, 15), every q 0 where d is not > 0. Equal to it for
+// finite weights (NaN weights are not promised the torch code's codes).
+SD_GGUF void q4_1_group(const float* w, uint8_t* nibbles, uint16_t* d_bits, uint16_t* m_bits) {
+  float lo, hi;
+  group_range(w, &lo, &hi);
+  *d_bits = to_f16_bits((hi - lo) / 15.0f);
+  *m_bits = to_f16_bits(lo);
+  const float d = from_f16_bits(*d_bits), m = from_f16_bits(*m_bits);
+  if (!(d > 0)) {  // quant.py: every code 0
+    std::memset(nibbles, 0, 16);
+    return;
+  }
+  const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m), zero = _mm512_setzero_ps(), fifteen = _mm512_set1_ps(15.0f);
+  const __m512i first = codes16(_mm512_loadu_ps(w), mv, dv, zero, fifteen);
+  const __m512i second = codes16(_mm512_loadu_ps(w + 16), mv, dv, zero, fifteen);
+  _mm_storeu_si128((__m128i*)nibbles, _mm512_cvtepi32_epi8(_mm512_or_si512(first, _mm512_slli_epi32(second, 4))));
+}
+
+// One group of 32 weights -> Q8_0 codes and d (f16 bits), with quant.py quantize_q8_0's float32
+// operations: d = f16(max(max, -min) / 127), q = clamp(round_half_even(w / d), -127, 127) (d <= 0:
+// divided by 1). Equal to it for finite weights.
+SD_GGUF void q8_0_group(const float* w, int8_t* q, uint16_t* d_bits) {
+  float lo, hi;
+  group_range(w, &lo, &hi);
+  *d_bits = to_f16_bits((hi > -lo ? hi : -lo) / 127.0f);
+  const float d = from_f16_bits(*d_bits);
+  const __m512 dv = _mm512_set1_ps(d > 0 ? d : 1.0f), zero = _mm512_setzero_ps();  // w - 0 = w: no offset
+  const __m512 lo_code = _mm512_set1_ps(-127.0f), hi_code = _mm512_set1_ps(127.0f);
+  for (int half = 0; half < 2; ++half)
+    _mm_storeu_si128((__m128i*)(q + 16 * half),
+                     _mm512_cvtepi32_epi8(codes16(_mm512_loadu_ps(w + 16 * half), zero, dv, lo_code, hi_code)));
+}
+
+// Calls group(row of floats, row index) for each row of a GGUF tensor, dequantized one row at a
+// time into a buffer that stays in cache (no float32 copy of the tensor is written).
+template <typename F>
+void for_each_gguf_row(const GGUFRows& in, const F& group) {
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  const int64_t row_bytes = in.blocks * in.type->block_bytes;
+  at::parallel_for(0, in.rows, gguf_grain(in.K), [&](int64_t begin, int64_t end) {
+    std::vector<float> w(in.K);
+    for (int64_t r = begin; r < end; ++r) {
+      in.type->row(src + r * row_bytes, in.blocks, w.data());
+      group(w.data(), r);
+    }
+  });
+}
+
+// The rows a requantization reads: [rows, bytes a row], rows of whole groups of 32 weights.
+GGUFRows requantized_rows(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.dim() == 2, "specdecode: GGUF rows to requantize must be [rows, bytes a row]");
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  TORCH_CHECK(in.K % kGroup == 0, "specdecode: rows to requantize must be whole groups of 32 weights");
+  return in;
+}
+
+// An output of gguf_to_q4_1 / gguf_to_q8_0: contiguous, of this dtype and shape (often rows of a
+// larger tensor: the direct loader has each chunk written where it belongs, no copy after).
+void check_output(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(), "specdecode: an output must be ",
+              "contiguous ", dtype, " ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+// raw uint8 [rows, bytes a row] -> nibbles uint8 [rows, K/32, 16], d f16 [rows, K/32], m f16
+// (written into them): what quantize_q4_1 + to_nibbles give for dequantize_gguf's weights, in one pass.
+void gguf_to_q4_1(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor nibbles, at::Tensor d, at::Tensor m) {
+  const GGUFRows in = requantized_rows(raw_in, ggml_type);
+  const int64_t G = in.K / kGroup;
+  check_output(nibbles, at::kByte, {in.rows, G, 16});
+  check_output(d, at::kHalf, {in.rows, G});
+  check_output(m, at::kHalf, {in.rows, G});
+  uint8_t* np = nibbles.data_ptr<uint8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+  auto* mp = reinterpret_cast<uint16_t*>(m.data_ptr<at::Half>());
+  for_each_gguf_row(in, [&](const float* w, int64_t r) {
+    for (int64_t g = 0; g < G; ++g) q4_1_group(w + g * kGroup, np + (r * G + g) * 16, dp + r * G + g, mp + r * G + g);
+  });
+}
+
+// raw uint8 [rows, bytes a row] -> codes int8 [rows, K], d f16 [rows, K/32] (written into them):
+// what quantize_q8_0 gives for dequantize_gguf's weights, in one pass.
+void gguf_to_q8_0(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor q, at::Tensor d) {
+  const GGUFRows in = requantized_rows(raw_in, ggml_type);
+  const int64_t G = in.K / kGroup;
+  check_output(q, at::kChar, {in.rows, in.K});
+  check_output(d, at::kHalf, {in.rows, G});
+  int8_t* qp = q.data_ptr<int8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+  for_each_gguf_row(in, [&](const float* w, int64_t r) {
+    for (int64_t g = 0; g < G; ++g) q8_0_group(w + g * kGroup, qp + r * in.K + g * kGroup, dp + r * G + g);
+  });
+}
+
+
+// GGUF Q4 nibble bytes [N, G, 16] (byte j: input j low, j + 16 high) -> our int4 tiles: the bytes
+// quant.py's pack_q4_nibbles gives (its docstring describes both layouts), moved as words
+// without unpacking a code. Why here: its torch byte shuffles were a fifth of a load's time.
+// vnni: [N/16, G, 4, 64] as words [N/16, G, 4, 16]: word 2p, 2p+1 (p < 2) of a row's 16 bytes give
+// quad register p (low nibbles) and p + 2 (high nibbles), lane = the row within its tile.
+// bf16: [N/16, G, 8, 32] as half-words [N/16, G, 8, 16]: half-words 2p, 2p+1 (p < 4) of a row give
+// pair registers p (low nibbles) and 4 + p (high nibbles).
+at::Tensor pack_q4_nibbles(const at::Tensor& qs_in, bool vnni) {
+  TORCH_CHECK(qs_in.scalar_type() == at::kByte && qs_in.dim() == 3 && qs_in.size(2) == 16 && qs_in.size(0) % kTile == 0,
+              "specdecode pack_q4_nibbles: nibbles must be uint8 [N, G, 16], N a multiple of 16");
+  const at::Tensor qs = qs_in.contiguous();
+  const int64_t tiles = qs.size(0) / kTile, G = qs.size(1);
+  at::Tensor out = vnni ? at::empty({tiles, G, 4, 64}, qs.options()) : at::empty({tiles, G, 8, 32}, qs.options());
+  const uint8_t* src = qs.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* tile = dst + (t * G + g) * 256;
+        for (int i = 0; i < kTile; ++i) {
+          const uint8_t* row = src + ((t * kTile + i) * G + g) * 16;
+          if (vnni) {
+            uint32_t w[4];
+            std::memcpy(w, row, sizeof(w));
+            for (int p = 0; p < 2; ++p) {
+              const uint32_t a = w[2 * p], b = w[2 * p + 1];
+              const uint32_t low = (a & 0x0F0F0F0Fu) | ((b & 0x0F0F0F0Fu) << 4), high = ((a >> 4) & 0x0F0F0F0Fu) | (b & 0xF0F0F0F0u);
+              std::memcpy(tile + (p * kTile + i) * 4, &low, 4);
+              std::memcpy(tile + ((p + 2) * kTile + i) * 4, &high, 4);
+            }
+          } else {
+            uint16_t h[8];
+            std::memcpy(h, row, sizeof(h));
+            for (int p = 0; p < 4; ++p) {
+              const uint32_t a = h[2 * p], b = h[2 * p + 1];
+              const uint16_t low = (uint16_t)((a & 0x0F0Fu) | ((b << 4) & 0xF0F0u)), high = (uint16_t)(((a >> 4) & 0x0F0Fu) | (b & 0xF0F0u));
+              std::memcpy(tile + (p * kTile + i) * 2, &low, 2);
+              std::memcpy(tile + ((p + 4) * kTile + i) * 2, &high, 2);
+            }
+          }
+        }
+      }
+  });
+  return out;
+}
+
+
+// A Q4_0 / Q4_1 / Q8_0 tensor's blocks split into their fields, as our stacks take them (the
+// file's own codes: no float round trip): Q4_0 [nibbles uint8 [N, G, 16], d f16 [N, G]], Q4_1
+// [nibbles, d, m], Q8_0 [codes int8 [N, K], d]. Why here: numpy's strided copies of 2-byte fields
+// every 18 bytes took ~1 s of a 1.5B Q4_0 load.
+std::vector<at::Tensor> split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml_type) {
+  TORCH_CHECK(raw_in.dim() == 2 && (ggml_type == 2 || ggml_type == 3 || ggml_type == 8),
+              "specdecode split_gguf_blocks: raw [rows, bytes a row] of Q4_0, Q4_1 or Q8_0");
+  const GGUFRows in = gguf_rows(raw_in, ggml_type);
+  const int64_t N = in.rows, G = in.blocks, bytes = in.type->block_bytes;
+  const int64_t scales = ggml_type == 3 ? 2 : 1, code_bytes = bytes - 2 * scales;  // f16 fields first, then codes
+  const auto opts = raw_in.options();
+  std::vector<at::Tensor> out{ggml_type == 8 ? at::empty({N, G * code_bytes}, opts.dtype(at::kChar)) : at::empty({N, G, code_bytes}, opts)};
+  for (int64_t f = 0; f < scales; ++f) out.push_back(at::empty({N, G}, opts.dtype(at::kHalf)));
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  auto* codes = static_cast<uint8_t*>(out[0].data_ptr());
+  std::vector<uint16_t*> fields;
+  for (int64_t f = 0; f < scales; ++f) fields.push_back(reinterpret_cast<uint16_t*>(out[1 + f].data_ptr<at::Half>()));
+  at::parallel_for(0, N * G, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = src + b * bytes;
+      for (int64_t f = 0; f < scales; ++f) std::memcpy(fields[f] + b, block + 2 * f, 2);
+      std::memcpy(codes + b * code_bytes, block + 2 * scales, code_bytes);
+    }
+  });
+  return out;
+}
+
+
+// int8 codes [N, K] -> our int8 tiles, the bytes quant.py's quad_int8 (vnni: [N/16, G, 8, 64], a
+// register of 4 inputs x 16 outputs) or tile_int8 ([N/16, G, 16, 32], 2 inputs x 16 outputs)
+// gives: register p of tile t, group g holds row i's inputs 32g + width p .. + width - 1 at bytes
+// width i ... Why here: those torch permutes (and the block sums below) were most of packing a
+// requantized output head.
+at::Tensor pack_int8(const at::Tensor& q_in, bool vnni) {
+  TORCH_CHECK(q_in.scalar_type() == at::kChar && q_in.dim() == 2 && q_in.size(0) % kTile == 0 && q_in.size(1) % kGroup == 0,
+              "specdecode pack_int8: codes must be int8 [N, K], N a multiple of 16, K of 32");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t tiles = q.size(0) / kTile, K = q.size(1), G = K / kGroup, width = vnni ? 4 : 2;
+  at::Tensor out = at::empty({tiles, G, kGroup / width, kTile * width}, q.options());
+  const int8_t* src = q.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        int8_t* tile = dst + (t * G + g) * kGroup * kTile;
+        for (int i = 0; i < kTile; ++i) {
+          const int8_t* row = src + (t * kTile + i) * K + g * kGroup;
+          for (int p = 0; p < kGroup / width; ++p) std::memcpy(tile + (p * kTile + i) * width, row + p * width, width);
+        }
+      }
+  });
+  return out;
+}
+
+// int8 codes [N, K] -> int16 [N, K/32]: each group's sum (quant.py's _block_sums, exact).
+at::Tensor int8_block_sums(const at::Tensor& q_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kChar && q_in.dim() == 2 && q_in.size(1) % kGroup == 0,
+              "specdecode int8_block_sums: codes must be int8 [N, K], K a multiple of 32");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t N = q.size(0), G = q.size(1) / kGroup;
+  at::Tensor out = at::empty({N, G}, q.options().dtype(at::kShort));
+  const int8_t* src = q.data_ptr<int8_t>();
+  int16_t* dst = out.data_ptr<int16_t>();
+  at::parallel_for(0, N * G, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int sum = 0;
+      for (int i = 0; i < kGroup; ++i) sum += src[b * kGroup + i];
+      dst[b] = (int16_t)sum;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdecode, m) {
@@ -974,6 +1482,14 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key
+  m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
+  m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
+  m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
+  m.def("pack_q4_nibbles(Tensor nibbles, bool vnni) -> Tensor");
+  m.def("split_gguf_blocks(Tensor raw, int ggml_type) -> Tensor[]");
+  m.def("pack_int8(Tensor codes, bool vnni) -> Tensor");
+  m.def("int8_block_sums(Tensor codes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
@@ -987,4 +1503,11 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("rope_attend", &rope_attend);
   m.impl("silu_mul", &silu_mul);
+  m.impl("dequantize_gguf", &dequantize_gguf);
+  m.impl("gguf_to_q4_1", &gguf_to_q4_1);
+  m.impl("gguf_to_q8_0", &gguf_to_q8_0);
+  m.impl("pack_q4_nibbles", &pack_q4_nibbles);
+  m.impl("split_gguf_blocks", &split_gguf_blocks);
+  m.impl("pack_int8", &pack_int8);
+  m.impl("int8_block_sums", &int8_block_sums);
 }

@@ -6,9 +6,12 @@ parameters to bf16, then quantizes them again into our kernels' stacks, so a Q4 
 Q4_0: m = -8d, Q8_0: w = d*q per block of 32, d and m f16), so the blocks of a memory-mapped
 file become codes and scales with numpy views, layer by layer, and are packed at once:
 
-- Q4_0/Q4_1 -> int4 and Q8_0 -> int8 keep the file's codes exactly (no float round trip);
-- any other type (k-quants, F16, F32, or Q4 -> int8, Q8_0 -> int4) is dequantized ONE tensor at
-  a time and requantized (quant.quantize_q4_1 / quantize_q8_0);
+- Q4_0/Q4_1 -> int4 and Q8_0 -> int8 keep the file's codes exactly (no float round trip;
+  blocks split into codes and scales by our kernels' `split_gguf_blocks`);
+- any other type (k-quants, F16, F32, or Q4 -> int8, Q8_0 -> int4) is requantized a chunk of
+  rows at a time: by our kernels' `gguf_to_q4_1` / `gguf_to_q8_0` (a row dequantized bitwise as
+  the gguf package does, then the codes quant.quantize_q4_1 / quantize_q8_0 give; no float32
+  chunk), or, for a type they lack, the gguf package's dequantization and those functions;
 - q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
   files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
   scales alike (rows are independent, so this is exact);
@@ -24,10 +27,12 @@ multiple of 16, inputs of 32) and when our kernels run (`kernels.active() != 'at
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +66,8 @@ from specdecode.tokenizer import Tokenizer
 
 # Bytes of one block of 32 weights, by GGML type name.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-# Weights dequantized to float32 at once when requantizing a big tensor (4 Mi: 16 MiB; the
-# gguf package's dequantization holds several temporaries of that size, one chunk per thread).
+# Weights requantized at once from a big tensor (4 Mi; where the gguf package dequantizes them,
+# 16 MiB of float32 and several temporaries of that size, one chunk per thread).
 _CHUNK_WEIGHTS = 1 << 22
 # Set to 1 to force the float loader (A/B comparisons, or a suspected direct-loading bug).
 DISABLE_ENV = "SPECDECODE_FLOAT_LOAD"
@@ -157,11 +162,21 @@ class _Tensors:
         kind = self.type_name(name)
         return kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
 
-    def requantized(self, name: str, mode: str, rows: int = 1) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    def requantized(self, name: str, mode: str, rows: int = 1, into: tuple[torch.Tensor, ...] | None = None,
+                    ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         """(first row, the format's tuple for a chunk of rows) in order, each chunk a multiple of
-        `rows` rows, dequantized and requantized in `threads` threads (runtime row order)."""
+        `rows` rows, dequantized and requantized in `threads` threads (runtime row order). Where
+        our kernels read the type and `into` (the whole tensor's outputs) is given, each chunk is
+        written into its rows of `into` (the views are yielded)."""
+        tensor = self.by_name[name]
+        ours = self.file.kernels_read(tensor)
+
         def convert(span: tuple[int, int]) -> tuple[int, tuple[torch.Tensor, ...]]:
             lo, hi = span
+            if ours:  # no float32 copy; rows are independent, so the file's rows permuted give the permuted codes
+                raw = self._rows(self.file.rows(tensor, lo, hi), name)
+                out = None if into is None else tuple(x[lo:hi] for x in into)
+                return lo, kernels.gguf_requantize(raw, tensor.type_number, mode, out)
             w = self._rows(self._dequantize(name, lo, hi), name)
             if mode == "int4":
                 q, d, m = quantize_q4_1(w)
@@ -185,40 +200,55 @@ class _Tensors:
             while pending:
                 yield done(pending.popleft())
 
-    def blocks(self, name: str, mode: str) -> tuple[torch.Tensor, ...]:
+    def blocks(self, name: str, mode: str, into: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """int4: (GGUF Q4 nibble bytes uint8 [N, K/32, 16], d f16 [N, K/32], m f16 [N, K/32]),
         w = d*q + m (the stack packs the nibbles without unpacking them, quant.pack_q4_nibbles);
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
-        type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats."""
+        type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats,
+        into `into` where given (rows of a fused matrix: no copy, then no concatenation)."""
         if not self.native(name, mode):  # requantized a chunk of rows at a time (quantization is per row group)
-            n, k = self.by_name[name].shape
-            g = k // INT4_GROUP
-            outs: tuple[torch.Tensor, ...] = (  # filled in place: no second copy of the codes
-                (torch.empty(n, g, 16, dtype=torch.uint8), torch.empty(n, g, dtype=torch.float16),
-                 torch.empty(n, g, dtype=torch.float16)) if mode == "int4"
-                else (torch.empty(n, k, dtype=torch.int8), torch.empty(n, g, dtype=torch.float16)))
-            for lo, parts in self.requantized(name, mode):
-                for out, part in zip(outs, parts):
-                    out[lo : lo + part.shape[0]] = part
+            tensor = self.by_name[name]
+            outs = into if into is not None else kernels.empty_requantized(*tensor.shape, mode)
+            ours = self.file.kernels_read(tensor)  # (then written in place by our kernels)
+            for lo, parts in self.requantized(name, mode, into=outs if ours else None):
+                if not ours:
+                    for out, part in zip(outs, parts):
+                        out[lo : lo + part.shape[0]] = part
             return outs
-        kind = self.type_name(name)
         tensor = self.by_name[name]
+        parts = self._fields(tensor)
+        self._release(name)
+        if tensor.tensor_type.name == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
+            parts.append(parts[1] * -8)
+        return tuple(self._rows(x, name).contiguous() for x in parts)
+
+    def fused_blocks(self, names: list[str], mode: str) -> tuple[torch.Tensor, ...]:
+        """`blocks` of matrices of one input size concatenated along their rows (q/k/v, gate/up):
+        requantized ones written straight into their rows of the whole, the file's own codes
+        concatenated."""
+        if any(self.native(name, mode) for name in names):
+            parts = [self.blocks(name, mode) for name in names]
+            return tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+        rows = [self.by_name[name].shape[0] for name in names]
+        whole = kernels.empty_requantized(sum(rows), self.by_name[names[0]].shape[1], mode)
+        for name, lo, n in zip(names, accumulate(rows, initial=0), rows):
+            self.blocks(name, mode, into=tuple(x[lo : lo + n] for x in whole))
+        return whole
+
+    def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor]:
+        """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, copied out of the map:
+        [nibbles uint8 [N, G, 16], d f16 [N, G]] (Q4_0), [nibbles, d, m] (Q4_1), [codes int8
+        [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies."""
+        if self.file.kernels_read(tensor):
+            return list(torch.ops.specdecode.split_gguf_blocks(self.file.rows(tensor), tensor.type_number))
+        kind = tensor.tensor_type.name
         n, k = tensor.shape
         b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
-        d = torch.from_numpy(np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy())
-        if kind == "Q8_0":
-            codes = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k).copy())
-            self._release(name)
-            return self._rows(codes, name).contiguous(), self._rows(d, name).contiguous()
-        if kind == "Q4_1":
-            m = torch.from_numpy(np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].copy())
-            qs = b[..., 4:]
-        else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
-            m = d * -8
-            qs = b[..., 2:]
-        nibbles = torch.from_numpy(np.ascontiguousarray(qs))  # copied out of the map
-        self._release(name)
-        return tuple(self._rows(x, name).contiguous() for x in (nibbles, d, m))
+        scales = 2 if kind == "Q4_1" else 1  # f16 fields first, then the codes
+        fields = [torch.from_numpy(np.ascontiguousarray(b[..., 2 * f : 2 * f + 2]).view(np.float16)[..., 0].copy())
+                  for f in range(scales)]
+        codes = np.ascontiguousarray(b[..., 2 * scales :])
+        return [torch.from_numpy(codes.view(np.int8).reshape(n, k) if kind == "Q8_0" else codes), *fields]
 
 
 def _matrix_names(config: ModelConfig) -> list[str]:
@@ -238,6 +268,16 @@ def load_gguf_direct(path: str | os.PathLike[str], quant: str, kernel: str | Non
     if quant not in HEAD_QUANT:
         raise ValueError(f"direct loading is for int4/int8, got {quant!r}")
     kernel = kernel or kernels.active()
+    collecting = gc.isenabled()
+    gc.disable()  # a load makes thousands of tensors (no cycles); each full collection walked the tokenizer's ~150k-entry tables
+    try:
+        return _load(path, quant, kernel, dtype)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load(path: str | os.PathLike[str], quant: str, kernel: str, dtype: torch.dtype) -> tuple[LlamaModel, Tokenizer] | None:
     file, config, tokenizer, path = open_gguf_model(path)
     threads = torch.get_num_threads()
     files = _Tensors(file, config, path, threads)
@@ -262,8 +302,7 @@ def _build(files: _Tensors, config: ModelConfig, quant: str, kernel: str, dtype:
 
     def fused(names: tuple[str, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
         for i in layers:
-            parts = [files.blocks(f"layers.{i}.{n}.weight", quant) for n in names]
-            yield tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+            yield files.fused_blocks([f"layers.{i}.{n}.weight" for n in names], quant)
 
     def small(name: str, interleave: bool = True) -> torch.Tensor:
         return files.float(name, interleave, dtype)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import torch
 
+from specdecode import kernels
 from specdecode.errors import UserError
 
 # GGUF metadata value types: struct format of the scalars; 8 = string, 9 = array.
@@ -76,6 +79,12 @@ def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = No
                     return [value(item) for _ in range(count)]
                 if item in _GGUF_SCALARS:
                     pos += struct.calcsize(_GGUF_SCALARS[item]) * count
+                elif item == 8:  # strings skipped by their lengths, none decoded (a vocabulary: ~150k)
+                    for _ in range(count):
+                        length = take("<Q")  # (not `pos += take(...)`: that adds to pos as it was before take moved it)
+                        pos += length
+                    if pos > len(mm):
+                        raise fail("a string runs past the end of the file")
                 else:
                     for _ in range(count):
                         value(item)
@@ -154,20 +163,47 @@ class GGUFFile:
                 raise UserError(f"{path} is truncated: tensor {t.name} needs bytes {t.offset}..{t.offset + t.nbytes} but "
                                 f"the file has {size} (an incomplete download or copy?); get the file again")
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        with warnings.catch_warnings():  # read-only: our kernels only read it
+            warnings.simplefilter("ignore", UserWarning)
+            self._torch_bytes = torch.frombuffer(self._map, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
 
     def data(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes, read-only, [rows, bytes a row] (1-D tensors: [bytes])."""
         raw = self._bytes[tensor.offset : tensor.offset + tensor.nbytes]
         return raw.reshape(tensor.shape[0], -1) if len(tensor.dims) > 1 else raw
 
+    def rows(self, tensor: GGUFTensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows [lo, hi) of the tensor's bytes as a read-only uint8 torch view [hi - lo, bytes a
+        row] of the map (1-D tensors: [bytes]), for our kernels. ValueError (the gguf package's
+        wording) where a row is not whole blocks."""
+        block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+        row_bytes = tensor.nbytes // tensor.shape[0] if len(tensor.dims) > 1 else tensor.nbytes
+        if row_bytes % size:
+            raise ValueError(f"Quantized tensor bytes per row ({row_bytes}) is not a multiple of "
+                             f"{tensor.tensor_type.name} type size ({size})")
+        raw = self._torch_bytes[tensor.offset : tensor.offset + tensor.nbytes]
+        if len(tensor.dims) == 1:
+            return raw
+        hi = tensor.shape[0] if hi is None else hi
+        return raw.view(tensor.shape[0], row_bytes)[lo:hi]
+
+    def kernels_read(self, tensor: GGUFTensor) -> bool:
+        """Whether our kernels read this tensor's type (`kernels.gguf_native`)."""
+        return kernels.gguf_native(tensor.type_number)
+
     def dequantize(self, tensor: GGUFTensor, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Rows [lo, hi) of the tensor as float32 [hi - lo, *shape[1:]] (gguf's dequantization)."""
+        """Rows [lo, hi) of the tensor as float32 [hi - lo, *shape[1:]]: the gguf package's
+        dequantization, computed by our kernels where they run (bitwise the same, ~20x faster;
+        F32 stays a view of the map)."""
         shape = tensor.shape
         hi = shape[0] if hi is None else hi
         raw = self.data(tensor)
         raw = raw[lo:hi] if len(shape) > 1 else raw
         try:
-            w = gguf.quants.dequantize(raw, tensor.tensor_type)
+            if tensor.type_number != gguf.GGMLQuantizationType.F32 and self.kernels_read(tensor):
+                w = torch.ops.specdecode.dequantize_gguf(self.rows(tensor, lo, hi), tensor.type_number).numpy()
+            else:
+                w = gguf.quants.dequantize(raw, tensor.tensor_type)
         except NotImplementedError:
             raise UserError(f"{self.path}: tensor {tensor.name} uses quantization {tensor.tensor_type.name}, "
                             "which the gguf package cannot dequantize") from None

@@ -283,7 +283,15 @@ def untile_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def tile_int8(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] int8 -> [N/16, G, 16, 32]: input pair kp of a tile's 16 outputs per row of 32."""
-    return _lanes(q, 2).contiguous()
+    return _packed_int8(q, 2)
+
+
+def _packed_int8(q: torch.Tensor, width: int) -> torch.Tensor:
+    """`_lanes(q, width)` made contiguous: by our kernels' `pack_int8` where they load (the same
+    bytes; the torch permute was most of packing a requantized output head)."""
+    if kernels.load_error() is None and q.dtype == torch.int8:
+        return torch.ops.specdecode.pack_int8(q, width == 4)
+    return _lanes(q, width).contiguous()
 
 
 def untile_int8(packed: torch.Tensor) -> torch.Tensor:
@@ -306,7 +314,7 @@ def unquad_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def quad_int8(q: torch.Tensor) -> torch.Tensor:
     """codes [N, K] int8 -> [N/16, G, 8, 64]: quad qd = a tile's 16 outputs x 4 inputs (byte 4i + j)."""
-    return _lanes(q, 4).contiguous()
+    return _packed_int8(q, 4)
 
 
 def unquad_int8(packed: torch.Tensor) -> torch.Tensor:
@@ -335,7 +343,15 @@ def pack_q4_nibbles(qs: torch.Tensor, vnni: bool) -> torch.Tensor:
     8p..8p+7, for p >= 2 its high nibbles of bytes 8(p-2)..; the 4 inputs of a row in a quad are
     4 consecutive file bytes, moved as one int32, and row i's int32 is word i of the 64 bytes.
     BF16 pair register p: low nibbles inputs 4p + {0, 1}, high nibbles 4p + 2 + {0, 1} of the
-    same row (2 bytes: one int16)."""
+    same row (2 bytes: one int16). Our kernels' `pack_q4_nibbles` gives the same bytes in one
+    pass where they load (these torch shuffles were a fifth of a load's time)."""
+    if kernels.load_error() is None:
+        return torch.ops.specdecode.pack_q4_nibbles(qs, vnni)
+    return _pack_q4_nibbles_torch(qs, vnni)
+
+
+def _pack_q4_nibbles_torch(qs: torch.Tensor, vnni: bool) -> torch.Tensor:
+    """pack_q4_nibbles in torch ops (the reference the native op is tested against)."""
     n, g, _ = qs.shape
     tiles = n // _TILE
     if vnni:  # words 2p', 2p'+1 of each row's 16 file bytes: the two quads of pair p' (and p' + 2)
@@ -546,7 +562,10 @@ class TiledInt8Stack(_TiledStack):
 
 def _block_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """int8 codes [N, K] -> int16 [N, K/32], each block's sum; a few thousand rows at a time
-    (sum(dtype=int16) first converts its whole input: +2 bytes a weight for a 150k-row head)."""
+    (sum(dtype=int16) first converts its whole input: +2 bytes a weight for a 150k-row head);
+    in one pass by our kernels' `int8_block_sums` where they load."""
+    if kernels.load_error() is None and q.dtype == torch.int8:
+        return torch.ops.specdecode.int8_block_sums(q)
     n, k = q.shape
     out = torch.empty(n, k // INT4_GROUP, dtype=torch.int16)
     for lo in range(0, n, rows):
