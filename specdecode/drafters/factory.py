@@ -1,4 +1,4 @@
-"""Builds a drafter from its command-line name: none, ngram, ngram-tree, layerskip, model, quantized, eagle, medusa, distill."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, retrieval, layerskip, model, quantized, eagle, medusa, distill."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
+from specdecode.tokenizer import Tokenizer
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
+DRAFTERS = ("none", "ngram", "ngram-tree", "retrieval", "layerskip", "model", "quantized", "eagle", "medusa", "distill")
 TRAINED = ("eagle", "medusa", "distill")  # trained drafters: NAME (shipped) or NAME:DIR
 
 
@@ -24,8 +25,12 @@ def build_drafter(
     target: CausalLM,
     draft_model: CausalLM | None = None,
     max_length: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    target_name: str = "the target",
 ) -> Drafter | None:
-    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
+    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
+    target's tokenizer: a datastore is checked against it, the default one built with it) |
+    'layerskip[:N]' | 'model' (needs draft_model)."""
     name, arg = parse_spec(spec)
     if name == "none":
         return None
@@ -41,6 +46,10 @@ def build_drafter(
         if not isinstance(target, LlamaModel):
             raise UserError("ngram-tree drafts token trees, which need the native model (llama/qwen2/mistral targets)")
         return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
+    if name == "retrieval":
+        if not isinstance(target, LlamaModel):
+            raise UserError("retrieval drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        return _retrieval(arg, tokenizer, target_name)
     if name == "layerskip":
         if not isinstance(target, LlamaModel):
             raise UserError("layerskip needs the native model (llama/qwen2/mistral targets)")
@@ -77,6 +86,22 @@ def _trained(name: str, path: str | None, target: CausalLM, max_length: int | No
     from specdecode.drafters.distill import load_distill
 
     return load_distill(target, path, max_length)
+
+
+def _retrieval(path: str | None, tokenizer: Tokenizer | None, target_name: str) -> Drafter:
+    """retrieval:FILE.npz (checked against the target's tokenizer) or the default datastore."""
+    from specdecode.drafters.retrieval import RetrievalDrafter
+    from specdecode.retrieval.build import default_datastore
+    from specdecode.retrieval.datastore import Datastore
+
+    if tokenizer is None:
+        raise UserError("retrieval needs the target's tokenizer (to check or build its datastore): "
+                        "build the drafter through Engine.drafter or pass tokenizer=")
+    if path is None:
+        return RetrievalDrafter(default_datastore(tokenizer, target_name))
+    store = Datastore.load(path)
+    store.check_tokenizer(tokenizer, target_name)
+    return RetrievalDrafter(store)
 
 
 def default_layerskip_layers(total: int) -> int:
