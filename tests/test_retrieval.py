@@ -47,6 +47,11 @@ def _store(documents, vocab: int = 128) -> Datastore:
     return Datastore.from_documents(documents, Header(vocab, vocabulary_hash(_FakeTokenizer(vocab).get_vocab()), "fake", 0))
 
 
+def _rest(store: Datastore) -> RetrievalDrafter:
+    """REST alone: every node of the top k, no evidence threshold, the sequence not searched."""
+    return RetrievalDrafter(store, min_share=0.0, prior=0.0, context=False)
+
+
 # -- suffix array ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("alphabet", [2, 5, BIG])
 def test_suffix_array_and_search_equal_brute_force(alphabet):
@@ -78,8 +83,7 @@ def test_matches_never_cross_a_document_end():
     rows = store.continuations(m, lo, hi, depth=3, samples=8)
     assert rows.tolist()[0][0] < 0  # [1, 2, 3] ends right there: its separator (sorts first)
     assert rows.tolist()[1][:2] == [9, 9] and rows.tolist()[1][2] < 0
-    drafter = RetrievalDrafter(store)
-    assert drafter.draft([7, 2, 3], 4).tokens == [9, 9]  # nothing from past the end of a document
+    assert _rest(store).draft([7, 2, 3], 4).tokens == [9, 9]  # nothing from past the end of a document
 
 
 def test_continuations_are_an_even_sample_of_a_large_range():
@@ -141,13 +145,32 @@ def test_top_nodes_prefers_frequent_branches_and_keeps_ancestors():
 
 
 def test_drafter_emits_a_chain_for_one_path_and_a_tree_otherwise():
-    chain = RetrievalDrafter(_store([[1, 2, 3, 4, 5]])).draft([9, 1, 2], 8)
+    chain = _rest(_store([[1, 2, 3, 4, 5]])).draft([9, 1, 2], 8)
     assert chain.tokens == [3, 4, 5] and chain.parents is None
-    tree = RetrievalDrafter(_store([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 7]])).draft([1, 2], 3)
+    tree = _rest(_store([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 7]])).draft([1, 2], 3)
     assert tree.tokens == [3, 4, 7] and tree.parents == [-1, 0, -1]
-    longest = RetrievalDrafter(_store([[8, 1, 2, 6], [1, 2, 3], [1, 2, 3]])).draft([8, 1, 2], 2)
+    longest = _rest(_store([[8, 1, 2, 6], [1, 2, 3], [1, 2, 3]])).draft([8, 1, 2], 2)
     assert longest.tokens == [6]  # the longest suffix (3 tokens) wins over more frequent shorter ones
-    assert RetrievalDrafter(_store([[1, 2, 3]])).draft([5, 6], 4).tokens == []
+    assert _rest(_store([[1, 2, 3]])).draft([5, 6], 4).tokens == []
+
+
+def test_only_well_supported_nodes_are_drafted():
+    """min_share 0.3 of (occurrences + prior 4): 1 of 1 occurrence is not enough, 4 of 5 is,
+    and a branch seen once among them is left out."""
+    assert RetrievalDrafter(_store([[1, 2, 3]]), context=False).draft([1, 2], 4).tokens == []
+    store = _store([[1, 2, 3, 4]] * 4 + [[1, 2, 7]])
+    assert RetrievalDrafter(store, context=False).draft([1, 2], 4).tokens == [3, 4]  # count 4 >= 0.3 * 9
+
+
+def test_the_sequence_itself_is_searched_and_ranked_first():
+    store = _store([[1, 2, 3, 4]] * 6)
+    drafter = RetrievalDrafter(store)
+    tokens = [1, 2, 9, 8, 5, 1, 2]  # (1, 2) was followed by 9, 8 earlier in the sequence
+    drafter.begin(tokens)
+    draft = drafter.draft(tokens, 4)
+    assert draft.tokens == [3, 4, 9, 8] and draft.parents == [-1, 0, -1, 2]  # both branches (preorder by token)
+    assert drafter.draft(tokens, 2).tokens == [9, 8]  # the sequence's own continuation first
+    assert drafter.draft([5, 6, 7, 5, 6], 3).tokens == [7, 5]  # no datastore match: prompt lookup alone
 
 
 # -- the datastore file, the tokenizer check, bad input -------------------------------------------
@@ -252,7 +275,7 @@ def test_retrieval_decoding_is_token_identical_to_greedy_decoding(mode):
     documents = [[t if i % every else (t + 1) % 128 for i, t in enumerate(text)] for every in (5, 7)]
     documents += [rng.integers(0, 128, 200).tolist() for _ in range(5)]
     stats = SpecStats()
-    assert run(RetrievalDrafter(_store(documents)), stats) == answer
+    assert run(_rest(_store(documents)), stats) == answer
     assert stats.draft_nodes > stats.drafted and stats.accepted > 0
 
 
@@ -264,7 +287,7 @@ class _RetrievalOverRandomText(RetrievalDrafter):
 
     def __init__(self, *_args, **_kwargs) -> None:
         rng = np.random.default_rng(5)
-        super().__init__(_store([rng.integers(0, SMALL_V, 400).tolist() for _ in range(3)], vocab=SMALL_V))
+        super().__init__(_store([rng.integers(0, SMALL_V, 400).tolist() for _ in range(3)], vocab=SMALL_V), min_share=0.1)
 
     def propose(self, tokens, k, sampling, generator):
         draft = super().propose(tokens, k, sampling, generator)
