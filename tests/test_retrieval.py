@@ -75,6 +75,24 @@ def test_suffix_array_and_search_equal_brute_force(alphabet):
         assert lo == hi
 
 
+def test_longest_match_equals_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        documents = [rng.integers(0, 4, int(rng.integers(1, 30))).tolist() for _ in range(int(rng.integers(1, 5)))]
+        store = _store(documents)
+        for _ in range(10):
+            context = rng.integers(0, 4, int(rng.integers(1, 12))).tolist()
+            expected = 0
+            for m in range(1, min(8, len(context)) + 1):
+                if any(d[i : i + m] == context[-m:] for d in documents for i in range(len(d))):
+                    expected = m
+            m, lo, hi = store.longest_match(context, max_len=8, min_len=1)
+            assert m == expected
+            if m:
+                starts = store.sa[lo:hi].tolist()
+                assert all(store.tokens[s : s + m].tolist() == context[-m:] for s in starts)
+
+
 def test_matches_never_cross_a_document_end():
     store = _store([[1, 2, 3], [4, 5], [2, 3, 9, 9]])
     assert store.longest_match([0, 3, 4], max_len=8, min_len=2)[0] == 0  # (3, 4) spans two documents
