@@ -16,6 +16,7 @@ from specdecode.errors import UserError
 from specdecode.retrieval.corpus import default_corpus, read_documents
 from specdecode.retrieval.datastore import Datastore, Header, vocabulary_hash
 
+DEFAULT_CORPUS_VERSION = 1  # in the file name: a changed recipe (corpus, cap) builds a new default datastore
 DEFAULT_MAX_TOKENS = 8_000_000  # the default corpus's cap: ~30 s to tokenize, ~30 s to sort, ~70 MB on disk
 BATCH_DOCUMENTS = 64  # texts per call of the fast tokenizer
 
@@ -59,7 +60,7 @@ def build_datastore(files: Sequence[Path], tokenizer: Any, name: str, max_tokens
 def default_datastore_path(tokenizer: Any) -> Path:
     root = os.environ.get("SPECDECODE_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "specdecode"
-    return base / "datastores" / f"default-{vocabulary_hash(tokenizer.hf.get_vocab())[:16]}.npz"
+    return base / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}-{vocabulary_hash(tokenizer.hf.get_vocab())[:16]}.npz"
 
 
 def default_datastore(tokenizer: Any, name: str) -> Datastore:
