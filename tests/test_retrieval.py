@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import specdecode.decoding as decoding
-from conftest import random_model, tiny_config
-from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.retrieval import RetrievalDrafter, top_nodes, trie_of_sorted_rows
 from specdecode.errors import UserError
@@ -23,6 +20,7 @@ from specdecode.retrieval.corpus import collect_files, read_documents
 from specdecode.retrieval.datastore import Datastore, Header, vocabulary_hash
 from specdecode.retrieval.suffix_array import find, suffix_array
 from test_sampling import ALPHA, SETTINGS, SMALL_V, loop_pvalues, small_pair  # noqa: F401  (small_pair: a fixture)
+from test_tree import greedy_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG = 70_000  # token ids above 65,535: the datastore is int32, not uint16
@@ -271,19 +269,9 @@ def test_cli_builds_a_datastore_and_refuses_bad_input_in_one_line(tmp_path):
 
 
 # -- in the decoding loop -------------------------------------------------------------------------
-QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)
-
-
 @pytest.mark.parametrize("mode", [None, "int4", "int8"])
 def test_retrieval_decoding_is_token_identical_to_greedy_decoding(mode):
-    model = random_model(tiny_config("llama", **QCFG), seed=43)
-    model = model if mode is None else model.quantized(mode)
-    prompt = list(range(5, 25))
-    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True, sampling=SamplingParams(temperature=0.0))
-
-    def run(drafter, stats=None):
-        return [t for step in decoding.decode(model, model.new_cache(128), prompt, cfg, drafter, 6, stats=stats) for t in step]
-
+    prompt, run = greedy_runner(mode, 6)
     answer = run(None)
     rng = np.random.default_rng(0)
     # Two copies of the text with different tokens changed (every 5th, every 7th), and random
