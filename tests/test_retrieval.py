@@ -213,6 +213,10 @@ def test_bad_datastores_and_corpora_are_one_line_errors(tmp_path):
              suffix_array=np.zeros(2, np.int32))
     with pytest.raises(UserError, match="rebuild it"):
         Datastore.load(tmp_path / "other.npz")
+    np.savez(tmp_path / "fields.npz", header=np.array('{"format": "specdecode-datastore-1", "colour": 1}'),
+             tokens=np.zeros(2, np.int32), suffix_array=np.zeros(2, np.int32))
+    with pytest.raises(UserError, match="rebuild it"):
+        Datastore.load(tmp_path / "fields.npz")
     with pytest.raises(UserError, match="no text"):
         _store([[], []])
     (tmp_path / "empty.txt").write_text("  \n")

@@ -89,9 +89,13 @@ class Datastore:
                 tokens, sa = npz["tokens"], npz["suffix_array"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise UserError(f"{path} is not a specdecode datastore ({e}); rebuild it with: specdecode datastore build") from None
-        if raw.pop("format", None) != FORMAT or tokens.dtype != np.int32 or sa.shape != tokens.shape:
-            raise UserError(f"{path} is not a {FORMAT} datastore; rebuild it with: specdecode datastore build")
-        return cls(tokens, sa, Header(**raw), path)
+        try:
+            if raw.pop("format", None) != FORMAT or tokens.dtype != np.int32 or sa.shape != tokens.shape:
+                raise TypeError
+            header = Header(**raw)
+        except (TypeError, AttributeError):  # another format, or a header with other fields
+            raise UserError(f"{path} is not a {FORMAT} datastore; rebuild it with: specdecode datastore build") from None
+        return cls(tokens, sa, header, path)
 
     def check_tokenizer(self, tokenizer: Any, target_name: str) -> None:
         """Refuse ids made by another tokenizer: they would name other text, and drafts would be noise."""
