@@ -1,4 +1,4 @@
-"""`specdecode` command line: generate (more subcommands join here)."""
+"""`specdecode` command line: generate (more subcommands join here: bench, check, train, serve, datastore)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from specdecode.errors import UserError
 
 # Each module has `register(subparsers)` adding its subcommand(s); heavy imports stay inside
 # the command functions so `specdecode --help` is fast.
-SUBCOMMAND_MODULES: list[str] = ["specdecode.bench.commands", "specdecode.train.commands", "specdecode.server.commands"]
+SUBCOMMAND_MODULES: list[str] = [
+    "specdecode.bench.commands", "specdecode.train.commands", "specdecode.server.commands", "specdecode.retrieval.commands",
+]
 
 
 def _integer(text: str) -> int:
@@ -44,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] (default ngram)")
+    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] (default ngram)")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
     p.add_argument("--k", default=None,
                    help="draft length: auto (default: each step the k that maximises expected tokens per second "

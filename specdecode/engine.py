@@ -220,7 +220,8 @@ class Engine:
                 check_memory(draft, fmt, self.max_context)
                 draft_model, draft_tok = load_target(draft, fmt)
                 self._check_same_vocab(draft_tok, draft)
-            self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context)
+            self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
+                                                self.source or "the embedded SmolLM2-135M-Instruct")
         return self._drafters[key]
 
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:

@@ -224,10 +224,10 @@ class _OracleTree:
         pass
 
 
-@pytest.mark.parametrize("mode", [None, "int4", "int8"])
-def test_tree_decoding_is_token_identical_to_greedy_decoding(mode):
+def greedy_runner(mode: str | None, k: int):
+    """(prompt, run): run(drafter, stats=None) decodes 40 tokens greedily after the prompt on a
+    tiny llama (fp32 for mode None, else int4/int8) with drafts of k; run(None) is the oracle."""
     from specdecode.config import GenerationConfig, SamplingParams
-    from specdecode.metrics import SpecStats
 
     model = random_model(tiny_config("llama", **QCFG), seed=43)
     model = model if mode is None else model.quantized(mode)
@@ -235,8 +235,16 @@ def test_tree_decoding_is_token_identical_to_greedy_decoding(mode):
     cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True, sampling=SamplingParams(temperature=0.0))
 
     def run(drafter, stats=None):
-        return [t for step in decoding.decode(model, model.new_cache(128), prompt, cfg, drafter, 5, stats=stats) for t in step]
+        return [t for step in decoding.decode(model, model.new_cache(128), prompt, cfg, drafter, k, stats=stats) for t in step]
 
+    return prompt, run
+
+
+@pytest.mark.parametrize("mode", [None, "int4", "int8"])
+def test_tree_decoding_is_token_identical_to_greedy_decoding(mode):
+    from specdecode.metrics import SpecStats
+
+    prompt, run = greedy_runner(mode, 5)
     answer = run(None)
     stats = SpecStats()
     assert run(_OracleTree(prompt, answer, QCFG["vocab"]), stats) == answer

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_args(bench)
     _add_prompt_args(bench)
     bench.add_argument("--drafters", default=None,
-                       help="comma list of ours (ngram[:a-b], ngram-tree, lookahead, layerskip[:N], model, quantized, eagle, eagle-tree, medusa, medusa-tree, distill) and peers "
+                       help="comma list of ours (ngram[:a-b], ngram-tree[:B], lookahead, retrieval[:FILE.npz], layerskip[:N], "
+                       "model, quantized, eagle, medusa, distill, NAME-tree of the model drafters) and peers "
                        "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup, llamacpp-lowlevel, llamacpp-draft; "
                        "llama.cpp ones run in a child process each); our AR baseline always runs "
                        "(default ngram,layerskip)")

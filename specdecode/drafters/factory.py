@@ -1,5 +1,5 @@
-"""Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, layerskip, model, quantized,
-eagle, medusa, distill, and the tree-growing variants NAME-tree of the model drafters."""
+"""Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, retrieval, layerskip, model,
+quantized, eagle, medusa, distill, and the tree-growing variants NAME-tree of the model drafters."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
+from specdecode.tokenizer import Tokenizer
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
+DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
             "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
 # drafters whose trees measured faster than their chains under --k auto (docs/trees.md): the
@@ -23,7 +24,7 @@ def tree_variant(spec: str) -> str:
     """'eagle:DIR' -> 'eagle-tree:DIR', 'ngram' -> 'ngram-tree' (--tree); specs that draft trees
     already stay; a drafter without a tree variant is a one-line error."""
     name, arg = parse_spec(spec)
-    if name.endswith("-tree") or name in ("lookahead",):
+    if name.endswith("-tree") or name in ("lookahead", "retrieval"):
         return spec
     if name == "ngram":
         if arg:
@@ -46,8 +47,12 @@ def build_drafter(
     target: CausalLM,
     draft_model: CausalLM | None = None,
     max_length: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    target_name: str = "the target",
 ) -> Drafter | None:
-    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'layerskip[:N]' | 'model' (needs draft_model)."""
+    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
+    target's tokenizer: a datastore is checked against it, the default one built with it) |
+    'layerskip[:N]' | 'model' (needs draft_model)."""
     name, arg = parse_spec(spec)
     if name == "none":
         return None
@@ -119,6 +124,22 @@ def _trained(name: str, path: str | None, target: CausalLM, max_length: int | No
     from specdecode.drafters.distill import load_distill
 
     return load_distill(target, path, max_length)
+
+
+def _retrieval(path: str | None, tokenizer: Tokenizer | None, target_name: str) -> Drafter:
+    """retrieval:FILE.npz (checked against the target's tokenizer) or the default datastore."""
+    from specdecode.drafters.retrieval import RetrievalDrafter
+    from specdecode.retrieval.build import default_datastore
+    from specdecode.retrieval.datastore import Datastore
+
+    if tokenizer is None:
+        raise UserError("retrieval needs the target's tokenizer (to check or build its datastore): "
+                        "build the drafter through Engine.drafter or pass tokenizer=")
+    if path is None:
+        return RetrievalDrafter(default_datastore(tokenizer, target_name))
+    store = Datastore.load(path)
+    store.check_tokenizer(tokenizer, target_name)
+    return RetrievalDrafter(store)
 
 
 def default_layerskip_layers(total: int) -> int:
