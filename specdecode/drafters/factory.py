@@ -76,6 +76,10 @@ def build_drafter(
         if not isinstance(target, LlamaModel):
             raise UserError("ngram-tree drafts token trees, which need the native model (llama/qwen2/mistral targets)")
         return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
+    if name == "retrieval":
+        if not isinstance(target, LlamaModel):
+            raise UserError("retrieval drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        return _retrieval(arg, tokenizer, target_name)
     if name == "lookahead":
         if not isinstance(target, LlamaModel):
             raise UserError("lookahead drafts token trees, which need the native model (llama/qwen2/mistral targets)")
