@@ -71,3 +71,21 @@ def parents_of(attn_mask: torch.Tensor, positions: torch.Tensor, start: int) -> 
     if not torch.equal(positions.to(torch.long), start + depths(parents)):
         return None
     return parents
+
+
+def merge_branch(tokens: list[int], parents: list[int], branch: "list[int] | tuple[int, ...]", limit: int) -> tuple[list[int], bool]:
+    """Merge `branch` (a token sequence under the root) into the trie (tokens, parents), in place,
+    sharing the nodes it has in common with earlier branches, adding at most up to `limit` nodes
+    in all. Returns the branch's nodes (as far as it got) and whether any was added."""
+    node, path, added = -1, [], False
+    for tok in branch:
+        child = next((i for i, p in enumerate(parents) if p == node and tokens[i] == tok), None)
+        if child is None:
+            if len(tokens) >= limit:
+                break
+            tokens.append(tok)
+            parents.append(node)
+            child, added = len(tokens) - 1, True
+        node = child
+        path.append(child)
+    return path, added

@@ -28,6 +28,7 @@ import torch
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
 from specdecode.errors import UserError
+from specdecode.tree import merge_branch
 from specdecode.verify import VerifyResult
 
 POOL_PER_TOKEN = 8  # continuations kept per first token (the latest)
@@ -78,25 +79,9 @@ class LookaheadDrafter:
             self.window = tokens[-self.window_size - 1 : -1] or [tokens[-1]]
         nodes: list[int] = []
         parents: list[int] = []
-
-        def add(branch: tuple[int, ...] | list[int]) -> list[int]:
-            """Merge a branch under the root into the trie; its nodes (existing or new)."""
-            node, path = -1, []
-            for tok in branch:
-                child = next((i for i, p in enumerate(parents) if p == node and nodes[i] == tok), None)
-                if child is None:
-                    if len(nodes) >= k:
-                        break
-                    nodes.append(tok)
-                    parents.append(node)
-                    child = len(nodes) - 1
-                node = child
-                path.append(child)
-            return path
-
         for gram in self.pool.get(tokens[-1], [])[: self.branches]:  # verification branches first: likelier
-            add(gram)
-        self._rows = add(self.window[: self.window_size])
+            merge_branch(nodes, parents, gram, k)
+        self._rows, _ = merge_branch(nodes, parents, self.window[: self.window_size], k)
         if all(p == i - 1 for i, p in enumerate(parents)):
             return Draft(nodes)
         return Draft(nodes, parents=parents)

@@ -17,6 +17,7 @@ import torch
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
 from specdecode.errors import UserError
+from specdecode.tree import merge_branch
 from specdecode.verify import VerifyResult
 
 
@@ -112,16 +113,7 @@ class NgramTreeDrafter(NgramDrafter):
         for n, j in self.matches(tokens):
             if n < self.min_n or used == self.branches or len(nodes) >= k:
                 break
-            node, added = -1, False
-            for tok in tokens[j + 1 : j + 1 + min(k, n - self.min_n + 1)]:
-                child = next((i for i, p in enumerate(parents) if p == node and nodes[i] == tok), None)
-                if child is None:
-                    if len(nodes) >= k:
-                        break
-                    nodes.append(tok)
-                    parents.append(node)
-                    child, added = len(nodes) - 1, True
-                node = child
+            _, added = merge_branch(nodes, parents, tokens[j + 1 : j + 1 + min(k, n - self.min_n + 1)], k)
             used += added
         if all(p == i - 1 for i, p in enumerate(parents)):
             return Draft(nodes)  # one branch: a chain

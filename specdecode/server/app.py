@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
+from specdecode.assisted import AssistedArgs
 from specdecode.engine import Engine, Generation, TextStream
 from specdecode.errors import UserError
 from specdecode.server.operations import Queue, ServerLimits, ServerMetrics
@@ -43,8 +44,8 @@ class _Request(BaseModel):
     do_sample: bool | None = None
 
 
-ASSISTED_FIELDS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-                   "prompt_lookup_num_tokens", "max_matching_ngram_size", "do_sample")
+# transformers' keywords a request may send: all of AssistedArgs' but assistant_model (a path)
+ASSISTED_FIELDS = tuple(name for name in AssistedArgs.__dataclass_fields__ if name != "assistant_model")
 
 
 class CompletionRequest(_Request):
@@ -84,7 +85,8 @@ def create_app(
         assisted = {name: getattr(req, name) for name in ASSISTED_FIELDS if getattr(req, name) is not None}
         # transformers' keywords that choose the drafter / the draft length replace the server's defaults
         picks_drafter = "prompt_lookup_num_tokens" in assisted
-        picks_k = picks_drafter or any(name in assisted for name in ASSISTED_FIELDS[:3])
+        picks_k = picks_drafter or any(name in assisted for name in ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                                                                     "assistant_confidence_threshold"))
         chosen = req.drafter if req.drafter is not None else (None if picks_drafter else drafter)
         length = req.k if req.k is not None else (None if picks_k else k)
         # do_sample without a temperature: transformers' meaning (greedy, or sampling at 1.0)
