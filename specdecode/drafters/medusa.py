@@ -19,9 +19,9 @@ from torch import nn
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
 from specdecode.errors import UserError
-from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
 from specdecode.verify import VerifyResult
