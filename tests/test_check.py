@@ -61,10 +61,11 @@ def accept_first_draft(draft_tokens, target_logits):
     return r
 
 
-@pytest.mark.parametrize("spec", ["ngram", "layerskip:2", "model"])
-def test_greedy_audit_passes(tiny_target, tiny_draft, spec):
+@pytest.mark.parametrize("spec, k", [("ngram", 3), ("layerskip:2", 3), ("model", 3), ("layerskip-tree:2", "auto"),
+                                     ("model-tree", 5)])
+def test_greedy_audit_passes(tiny_target, tiny_draft, spec, k):
     drafter = build_drafter(spec, tiny_target, tiny_draft)
-    audit = greedy_audit(tiny_target, PROMPTS, drafter, k=3, max_new_tokens=24)
+    audit = greedy_audit(tiny_target, PROMPTS, drafter, k=k, max_new_tokens=24)
     assert audit.verdict == PASS and audit.identity_rate == 1.0 and not audit.mismatches
     assert audit.new_tokens == 24 * len(PROMPTS)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.cost_model import TREE_MAX_NODES
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.errors import UserError
@@ -76,10 +77,11 @@ class GreedyAudit:
 
 
 def generate_ids(
-    model: CausalLM, prompt: list[int], config: GenerationConfig, drafter: Drafter | None, k: int,
+    model: CausalLM, prompt: list[int], config: GenerationConfig, drafter: Drafter | None, k: int | str,
     eos_ids: tuple[int, ...] = (), generator: torch.Generator | None = None,
 ) -> list[int]:
-    cache = model.new_cache(len(prompt) + config.max_new_tokens + k + 1)
+    longest = k if isinstance(k, int) else TREE_MAX_NODES  # a draft's most tokens past the answer's end
+    cache = model.new_cache(len(prompt) + config.max_new_tokens + longest + 1)
     return [t for step in decode(model, cache, prompt, config, drafter, k, eos_ids, generator) for t in step]
 
 
