@@ -121,7 +121,7 @@ def grow(root: torch.Tensor, expand: Expand, width: int, depth: int,
 
 
 class GrowsTrees:
-    """What drafters that grow trees share (EAGLE and Medusa trees): the k best nodes drafted,
+    """What drafters that grow trees share (EAGLE, Medusa and draft-model trees): the k best nodes drafted,
     or, after `size_by(TreeSize)` (the decoding loop does it under `--k auto`), as many as the
     cost model says pay, its calibration kept up to date from what verification accepts."""
 
