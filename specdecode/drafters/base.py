@@ -21,6 +21,13 @@ class Draft:
     # far), siblings distinct; None = a chain. Trees are deterministic drafts (probs None).
     parents: list[int] | None = None
 
+    @classmethod
+    def tree(cls, tokens: list[int], parents: list[int]) -> "Draft":
+        """A deterministic draft of a trie's nodes (parents as above); a single path is a chain."""
+        if all(p == i - 1 for i, p in enumerate(parents)):
+            return cls(tokens)
+        return cls(tokens, parents=parents)
+
 
 class Drafter(Protocol):
     name: str

@@ -10,7 +10,7 @@ import torch
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask, log_probs
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.sampling import logits_to_probs, sample
@@ -118,7 +118,6 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
         logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
         self.cached_ids.extend(feed)
         committed = self.cache.length  # == len(tokens): the first draft token sits at this position
-        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
         slot: dict[int, int] = {}
 
         def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
@@ -126,8 +125,8 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
             positions = torch.tensor([committed + tree.depths[i] for i in nodes])
             out = self.model.forward(torch.tensor([tree.tokens[i] for i in nodes]), self.cache,
                                      positions=positions, attn_mask=mask).logits
-            return torch.log_softmax(out.float() * scale, -1)
+            return log_probs(out, sampling)
 
-        tree = grow(torch.log_softmax(logits[0].float() * scale, -1), expand, self.width, depth, **self.growth_limits())
+        tree = grow(log_probs(logits[0], sampling), expand, self.width, depth, **self.growth_limits())
         self.cache.rollback(committed)  # the tree's slots go; cached_ids still ends at `tokens`
         return self.pick(tree, k)

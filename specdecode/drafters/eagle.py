@@ -36,7 +36,7 @@ from specdecode.drafters.trained import (
     resolve_folder,
     rope_tables,
 )
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask, log_probs
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
@@ -252,12 +252,11 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
             return Draft([])
         n = len(tokens) - 1
         depth = max(1, min(self.depth, k, (self.max_length - self.cache.length) // self.width))
-        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
         after = {-1: h[0]}  # node -> the head's output after it: its children's logits come from it
         slot: dict[int, int] = {}  # node -> its row in the head's cache
 
         def logprobs(out: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(self.draft_head.logits(self.head.to_head(out)) * scale, -1)
+            return log_probs(self.draft_head.logits(self.head.to_head(out)), sampling)
 
         def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
             mask = level_mask(tree, nodes, slot, n, self.cache.length)  # (slots [0, n): the real features)

@@ -57,8 +57,7 @@ def build_drafter(
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
-        if not isinstance(target, LlamaModel):
-            raise UserError(f"{name} drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        _drafts_trees(name, target)
         chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length)
         native = getattr(getattr(chain, "model", None), "model", getattr(chain, "model", None))  # (a subset head wraps one)
         if not isinstance(chain, DraftModelDrafter) or not isinstance(native, LlamaModel):
@@ -73,16 +72,13 @@ def build_drafter(
             raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
         return NgramDrafter(lo, hi)
     if name == "ngram-tree":
-        if not isinstance(target, LlamaModel):
-            raise UserError("ngram-tree drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        _drafts_trees(name, target)
         return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
     if name == "retrieval":
-        if not isinstance(target, LlamaModel):
-            raise UserError("retrieval drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        _drafts_trees(name, target)
         return _retrieval(arg, tokenizer, target_name)
     if name == "lookahead":
-        if not isinstance(target, LlamaModel):
-            raise UserError("lookahead drafts token trees, which need the native model (llama/qwen2/mistral targets)")
+        _drafts_trees(name, target)
         from specdecode.drafters.lookahead import LookaheadDrafter
 
         if not arg:
@@ -144,6 +140,12 @@ def _retrieval(path: str | None, tokenizer: Tokenizer | None, target_name: str) 
     store = Datastore.load(path)
     store.check_tokenizer(tokenizer, target_name)
     return RetrievalDrafter(store)
+
+
+def _drafts_trees(name: str, target: CausalLM) -> None:
+    """Token trees are scored by the native model's tree attention: a one-line error elsewhere."""
+    if not isinstance(target, LlamaModel):
+        raise UserError(f"{name} drafts token trees, which need the native model (llama/qwen2/mistral targets)")
 
 
 def default_layerskip_layers(total: int) -> int:

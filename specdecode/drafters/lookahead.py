@@ -82,9 +82,7 @@ class LookaheadDrafter:
         for gram in self.pool.get(tokens[-1], [])[: self.branches]:  # verification branches first: likelier
             merge_branch(nodes, parents, gram, k)
         self._rows, _ = merge_branch(nodes, parents, self.window[: self.window_size], k)
-        if all(p == i - 1 for i, p in enumerate(parents)):
-            return Draft(nodes)
-        return Draft(nodes, parents=parents)
+        return Draft.tree(nodes, parents)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass

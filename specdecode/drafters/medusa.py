@@ -20,7 +20,7 @@ from torch import nn
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_probs
 from specdecode.errors import UserError
 from specdecode.models.llama import LlamaModel
 from specdecode.sampling import logits_to_probs, sample
@@ -137,8 +137,7 @@ class MedusaTreeDrafter(GrowsTrees, MedusaDrafter):
         if depth <= 0 or len(tokens) < 2:
             return Draft([])
         last = self.features.upto(tokens)[-1]
-        scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
-        logprobs = torch.log_softmax(self.draft_head.logits(self.heads(last)[:depth]) * scale, -1)  # [depth, Vd]
+        logprobs = log_probs(self.draft_head.logits(self.heads(last)[:depth]), sampling)  # [depth, Vd]
 
         def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
             return logprobs[tree.depths[nodes[0]] + 1].expand(len(nodes), -1)

@@ -115,6 +115,4 @@ class NgramTreeDrafter(NgramDrafter):
                 break
             _, added = merge_branch(nodes, parents, tokens[j + 1 : j + 1 + min(k, n - self.min_n + 1)], k)
             used += added
-        if all(p == i - 1 for i, p in enumerate(parents)):
-            return Draft(nodes)  # one branch: a chain
-        return Draft(nodes, parents=parents)
+        return Draft.tree(nodes, parents)  # (one branch: a chain)

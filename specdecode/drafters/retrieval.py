@@ -121,9 +121,7 @@ class RetrievalDrafter:
             order = np.lexsort(rows.T[::-1])
             rows, weights = rows[order], weights[order]
         nodes, parents = top_nodes(trie_of_sorted_rows(rows, weights), k, max(1.0, self.min_share * evidence))
-        if all(p == i - 1 for i, p in enumerate(parents)):
-            return Draft(nodes)  # one path: a chain
-        return Draft(nodes, parents=parents)
+        return Draft.tree(nodes, parents)  # (one path: a chain)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass

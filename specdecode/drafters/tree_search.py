@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
 from specdecode.verify import VerifyResult
 
@@ -82,10 +83,14 @@ class Candidates:
         order = sorted(chosen, key=lambda i: (self.depths[i], rank[i]))
         index = {node: j for j, node in enumerate(order)}
         parents = [-1 if self.parents[i] < 0 else index[self.parents[i]] for i in order]
-        tokens = [self.tokens[i] for i in order]
-        if all(p == j - 1 for j, p in enumerate(parents)):
-            return Draft(tokens)
-        return Draft(tokens, parents=parents)
+        return Draft.tree([self.tokens[i] for i in order], parents)
+
+
+def log_probs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Log-probabilities a tree is grown by: the draft's softmax, at the request's temperature
+    when it samples (scores only: which candidates are drafted, never what is accepted)."""
+    scale = 1.0 if sampling.greedy else 1.0 / sampling.temperature
+    return torch.log_softmax(logits.float() * scale, -1)
 
 
 def level_mask(tree: Candidates, nodes: list[int], slot: dict[int, int], committed: int, past: int) -> torch.Tensor:

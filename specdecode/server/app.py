@@ -76,8 +76,7 @@ def create_app(
     @app.middleware("http")
     async def require_key(request: Request, call_next: Any) -> Any:
         if request.url.path.startswith("/v1/") and not limits.authorized(request.headers.get("authorization")):
-            return JSONResponse({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                           "type": "invalid_request_error"}}, status_code=401)
+            return _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)
         return await call_next(request)
 
     def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
