@@ -121,16 +121,15 @@ class _Tensors:
         return x
 
     def stored(self, name: str, dtype: torch.dtype) -> BlockEmbedding:
-        """A [rows, K] tensor as the file stores it (its bytes copied out of the map), rows
-        dequantized on demand (for the embedding: the forward gathers a few rows a step)."""
+        """A [rows, K] tensor as the file stores it, rows dequantized on demand (for the
+        embedding: the forward gathers a few rows a step). The blocks stay in the file's map
+        (as llama.cpp maps its weights): only the pages of the rows a forward gathers are ever
+        read into the process, so the table costs about nothing resident; the map lives as long
+        as the embedding does."""
         tensor = self.by_name[name]
         self.file.dequantize(tensor, 0, 1)  # a type the gguf package cannot read: a UserError now, not mid-forward
-        raw = self.file.data(tensor)
-        blocks = np.empty(raw.shape, dtype=np.uint8)
-        for lo, hi in self._chunks(name):  # its file pages dropped as we go
-            blocks[lo:hi] = raw[lo:hi]
-            self._release(name, lo, hi)
-        return BlockEmbedding(torch.from_numpy(blocks), int(tensor.tensor_type), tensor.shape[1], dtype)
+        self._release(name)
+        return BlockEmbedding(self.file.rows(tensor), int(tensor.tensor_type), tensor.shape[1], dtype)
 
     def _dequantize(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the tensor as float32 [hi - lo, K], in the file's row order."""
