@@ -7,7 +7,7 @@ both the baseline for speed and the oracle for exactness.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -18,7 +18,7 @@ from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
-from specdecode.models.base import CausalLM
+from specdecode.models.base import CausalLM, ModelOutput
 from specdecode.sampling import logits_to_probs, make_generator, select_tokens
 from specdecode.verify import greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
 
@@ -33,6 +33,7 @@ def decode(
     eos_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stats: SpecStats | None = None,
+    forward: Callable[..., ModelOutput] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step (1..k+1 tokens) until EOS or max_new_tokens.
 
@@ -44,6 +45,8 @@ def decode(
     trees then sizes each tree itself: cost_model.TreeSize), 'heuristic',
     'confidence:T' (drafters that score their drafts stop after a token below probability T),
     or a KPolicy object (which then learns from this request).
+    forward: what runs the target's forwards (default `target.forward`; a batch scheduler's
+    `Batcher.forward` to share them with other sequences: batching.py).
     """
     if not prompt_ids:
         raise UserError("the prompt is empty: give some text to continue")
@@ -73,12 +76,13 @@ def decode(
         stats.k_policy = policy.name
     stop_ids = set() if config.ignore_eos else set(eos_ids)
     max_new = min(config.max_new_tokens, room)
+    forward = forward or target.forward
     start = time.perf_counter()
     try:
         cache.reset()
         feed_hidden, feed_logits = wants_hidden(drafter), wants_logits(drafter)
         layers = hidden_layers(drafter) if feed_hidden else None
-        out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
+        out = forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
         logits = out.logits  # [1, V]
         first = int(select_tokens(logits, sampling, generator)[0])
         stats.target_forwards += 1
@@ -108,12 +112,12 @@ def decode(
             fed = torch.tensor([tokens[-1]] + draft.tokens)
             levels = len(draft.tokens)  # the draft's length; a tree's: its depth
             if draft.parents is None:
-                out = target.forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
+                out = forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
             else:  # the newest token is the root, the draft's nodes its descendants
                 nodes = torch.tensor([-1] + [p + 1 for p in draft.parents])
                 depth = tree.depths(nodes)
                 levels = int(depth.max())
-                out = target.forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
+                out = forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
                                      return_hidden=feed_hidden, hidden_layers=layers)
             logits = out.logits  # [1+d, V]
             if draft.parents is not None:

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from specdecode import memory
 
 from specdecode.assisted import AssistedArgs
+from specdecode.batching import DEFAULT_WAIT_SECONDS, Batcher
 from specdecode.assisted import resolve as resolve_assisted
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
@@ -34,7 +36,8 @@ from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
-from specdecode.models.base import CausalLM
+from specdecode.kv_cache import KVCache
+from specdecode.models.base import CausalLM, ModelOutput
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.models.direct import direct_loading_supported, load_gguf_direct
@@ -158,6 +161,9 @@ class Engine:
         self._costs: CostTable | None = None
         self._tree_costs: CostTable | None = None
         self._draft_costs: dict[object, DraftCost] = {}
+        self.batcher: Batcher | None = None  # set by enable_batching
+        self._seats: list[_Seat] = []  # free per-sequence states for batched streams
+        self._seats_lock = threading.Lock()
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -212,17 +218,35 @@ class Engine:
             return spec
         key = (spec, draft)
         if key not in self._drafters:
-            draft_model = None
-            if spec.startswith("model"):
-                if draft is None:
-                    raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
-                fmt = self.weight_format
-                check_memory(draft, fmt, self.max_context)
-                draft_model, draft_tok = load_target(draft, fmt)
-                self._check_same_vocab(draft_tok, draft)
-            self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
-                                                self.source or "the embedded SmolLM2-135M-Instruct")
+            self._drafters[key] = self._build_drafter(spec, draft)
         return self._drafters[key]
+
+    def _build_drafter(self, spec: str, draft: str | None) -> Drafter | None:
+        draft_model = None
+        if spec.startswith("model"):
+            if draft is None:
+                raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
+            fmt = self.weight_format
+            check_memory(draft, fmt, self.max_context)
+            draft_model, draft_tok = load_target(draft, fmt)
+            self._check_same_vocab(draft_tok, draft)
+        return build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
+                             self.source or "the embedded SmolLM2-135M-Instruct")
+
+    # -- continuous batching -----------------------------------------------------------
+    def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS) -> None:
+        """Decode up to `max_batch` streams at once, their target forwards shared (batching.py):
+        each stream iterated in its own thread gets its own KV cache and drafter instance (made
+        on first use and reused by later streams); more streams wait for a free seat."""
+        self.batcher = Batcher(self.model, max_batch, wait)
+
+    def _take_seat(self) -> "_Seat":
+        with self._seats_lock:
+            return self._seats.pop() if self._seats else _Seat(self.model.new_cache(self.max_context))
+
+    def _return_seat(self, seat: "_Seat") -> None:
+        with self._seats_lock:
+            self._seats.append(seat)
 
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
         if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
@@ -293,7 +317,8 @@ class Engine:
             if seed is not None and not sampling.greedy:  # same seed, same text: k may not follow the clock
                 spec = (drafter, draft) if isinstance(drafter, str) else chosen
                 policy = AutoK(costs, draft_cost=self.draft_cost(spec, chosen))
-        return TextStream(self, prompt_ids, config, chosen, policy)
+        return TextStream(self, prompt_ids, config, chosen, policy,
+                          (drafter, draft) if isinstance(drafter, str) else None)
 
     def cost_table(self) -> CostTable:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
@@ -351,16 +376,32 @@ class TextStream:
     """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
-                 k: int | str | KPolicy):
+                 k: int | str | KPolicy, drafter_spec: tuple[str, str | None] | None = None):
+        """drafter_spec: the drafter's (name, draft path), so that a batched stream can take its
+        seat's own instance of it (drafters keep per-sequence state)."""
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
+        self.drafter_spec = drafter_spec
         self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
+        batcher = self.engine.batcher
+        if batcher is None:
+            yield from self._text(self.engine.cache, self.drafter, None)
+            return
+        with batcher.seat():
+            seat = self.engine._take_seat()
+            try:
+                drafter = self.drafter if self.drafter_spec is None else seat.drafter(self.engine, *self.drafter_spec)
+                yield from self._text(seat.cache, drafter, batcher.forward)
+            finally:
+                self.engine._return_seat(seat)
+
+    def _text(self, cache: KVCache, drafter: Drafter | None, forward: Callable[..., ModelOutput] | None) -> Iterator[str]:
         engine, config = self.engine, self.config
         steps = decode(
-            engine.model, engine.cache, self.prompt_ids, config, self.drafter, self.k,
-            engine.tokenizer.eos_token_ids, stats=self.stats,
+            engine.model, cache, self.prompt_ids, config, drafter, self.k,
+            engine.tokenizer.eos_token_ids, stats=self.stats, forward=forward,
         )
         detok = StreamDecoder(engine.tokenizer)
         token_ids: list[int] = []
@@ -387,6 +428,19 @@ class TextStream:
             yield text[emitted:]
         self.stats.record_memory(engine.weight_format, engine.load_report)
         self.result = Generation(text, token_ids, self.stats, finish)
+
+
+class _Seat:
+    """One batched sequence's own state: its KV cache and its drafters (by name)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.drafters: dict[tuple[str, str | None], Drafter | None] = {}
+
+    def drafter(self, engine: Engine, spec: str, draft: str | None) -> Drafter | None:
+        if (spec, draft) not in self.drafters:
+            self.drafters[(spec, draft)] = engine._build_drafter(spec, draft)
+        return self.drafters[(spec, draft)]
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

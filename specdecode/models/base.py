@@ -19,6 +19,19 @@ class ModelOutput:
     hidden: torch.Tensor | None = None
 
 
+@dataclass
+class ForwardCall:
+    """One sequence's share of a batched forward: `CausalLM.forward`'s arguments."""
+
+    tokens: torch.Tensor
+    cache: KVCache
+    positions: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+    num_logits: int | None = None
+    return_hidden: bool = False
+    hidden_layers: tuple[int, ...] | None = None
+
+
 class CausalLM(Protocol):
     config: ModelConfig
 

@@ -21,6 +21,7 @@ saves ~10-15% a step for minutes of compilation).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from torch import nn
 from specdecode import kernels, tree
 from specdecode.config import ModelConfig
 from specdecode.kv_cache import KVCache
-from specdecode.models.base import ModelOutput
+from specdecode.models.base import ForwardCall, ModelOutput
 from specdecode.models.embedding import DenseEmbedding, Embedding
 from specdecode.models.quant import QUANT_MODES, LinearStack, linear_stack
 
@@ -513,6 +514,73 @@ class LlamaModel(nn.Module):
                               parents if row_kernel else None)
         cache.length = past + t
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
+
+
+    def batchable(self, call: ForwardCall) -> bool:
+        """Can this call share a forward with other sequences' calls (`forward_batch`)? Steps
+        after a cached prefix (decode, verification, trees) on our kernels, whose every row is
+        computed alike however many rows a call has: a prefill into an empty cache runs alone."""
+        t, past = call.tokens.shape[0], call.cache.length
+        window = self.config.sliding_window
+        tree_call = call.attn_mask is not None and call.positions is not None
+        return (past > 0 and self._compiled is None and _glue_fits(self.config)
+                and (tree_call or (call.attn_mask is None and call.positions is None))
+                and (not tree_call or tree.parents_of(call.attn_mask, call.positions, past) is not None)
+                and (window is None or past + t <= window) and self._attends_in_kernel(self.runtime()))
+
+    @torch.inference_mode()
+    def forward_batch(self, calls: Sequence[ForwardCall]) -> list[ModelOutput]:
+        """Several sequences' forwards (each with its own cache) as ONE pass over the weights:
+        their rows stacked for every matmul, each sequence attending to its own cache. Every
+        row is computed by the same instructions as in its own `forward` (our kernels are
+        batch invariant), so each output is bitwise what `forward(**call)` returns. All calls
+        must be `batchable`."""
+        runtime, cfg = self.runtime(), self.config
+        segments, ropes, parents, taps_of, n_outs, n_hiddens = [], [], [], [], [], []
+        start = 0
+        for call in calls:
+            if not self.batchable(call):
+                raise ValueError("forward_batch takes steps after a cached prefix on our kernels (see batchable)")
+            t, past = call.tokens.shape[0], call.cache.length
+            taps = tuple(call.hidden_layers) if call.return_hidden and call.hidden_layers else ()
+            if any(l not in self.layer_ids for l in taps):
+                raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
+            call.cache.ensure(past + t)
+            ropes.append(torch.view_as_real(self._rope(call.positions, past, t)))
+            parents.append(None if call.attn_mask is None else tree.parents_of(call.attn_mask, call.positions, past))
+            n_out = t if call.num_logits is None else min(call.num_logits, t)
+            n_outs.append(n_out)
+            n_hiddens.append(t if call.return_hidden else n_out)
+            taps_of.append(taps)
+            segments.append((start, start + t, past))
+            start += t
+        x = runtime.embed.rows(torch.cat([c.tokens for c in calls])).float()  # [rows, hidden]
+        rope_pairs = torch.cat(ropes)
+        dtype, eps, ops = runtime.embed.dtype, cfg.rms_norm_eps, torch.ops.specdecode
+        tapped: list[dict[int, torch.Tensor]] = [{} for _ in calls]
+        for li in self.layer_ids:
+            for i, (lo, hi, _) in enumerate(segments):
+                if li in taps_of[i]:
+                    tapped[i][li] = x[hi - n_hiddens[i] : hi].to(dtype)
+            qkv = runtime.qkv(ops.rms_norm(x, runtime.input_norm[li], eps), li)
+            attended = [ops.rope_attend(qkv[lo:hi], rope_pairs[lo:hi], c.cache.k, c.cache.v, li, past, cfg.num_heads, p)
+                        for c, (lo, hi, past), p in zip(calls, segments, parents)]
+            x.add_(runtime.o(attended[0] if len(attended) == 1 else torch.cat(attended), li))
+            x.add_(runtime.down(ops.silu_mul(runtime.gate_up(ops.rms_norm(x, runtime.post_norm[li], eps), li)), li))
+        rows = torch.cat([torch.arange(hi - n, hi) for (_, hi, _), n in zip(segments, n_hiddens)])
+        h = F.rms_norm(x[rows], (x.shape[-1],), runtime.final_norm, eps).to(dtype)
+        heads = torch.cat([torch.arange(at + nh - no, at + nh) for at, nh, no in
+                           zip(itertools.accumulate([0] + n_hiddens[:-1]), n_hiddens, n_outs)])
+        logits = runtime.head(h[heads], 0).float()
+        outputs, at_h, at_l = [], 0, 0
+        for call, (lo, hi, past), nh, no, taps, got in zip(calls, segments, n_hiddens, n_outs, taps_of, tapped):
+            hidden = None
+            if call.return_hidden:
+                hidden = torch.cat([got[li] for li in taps], dim=-1) if taps else h[at_h : at_h + nh]
+            outputs.append(ModelOutput(logits=logits[at_l : at_l + no], hidden=hidden))
+            call.cache.length = past + (hi - lo)
+            at_h, at_l = at_h + nh, at_l + no
+        return outputs
 
 
 def _glue_fits(cfg: ModelConfig) -> bool:

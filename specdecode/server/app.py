@@ -63,12 +63,16 @@ class ChatRequest(_Request):
 
 def create_app(
     engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None,
-    limits: ServerLimits | None = None,
+    limits: ServerLimits | None = None, max_batch: int = 1,
 ) -> FastAPI:
     """limits: what requests may ask (default: the server's own drafter only, k <= 32,
-    max_tokens <= 4096, 16 waiting requests, no API key)."""
+    max_tokens <= 4096, 16 waiting requests, no API key). max_batch: requests decoded at once
+    (continuous batching, specdecode/batching.py: their target forwards shared); 1 = one at a
+    time on the engine's own cache."""
     app = FastAPI(title="specdecode", version="0.1.0")
-    lock = threading.Lock()  # one KV cache: requests are served one at a time
+    if max_batch > 1:
+        engine.enable_batching(max_batch)
+    lock = threading.Semaphore(max_batch)  # a seat (one KV cache) per running request
     limits = limits or ServerLimits(drafters=() if drafter is None else (drafter,))
     queue = Queue(limits.max_queue)
     metrics = ServerMetrics(queue)

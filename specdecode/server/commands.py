@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from specdecode.engine import Engine
 
 
 def register(sub: Any) -> None:
@@ -26,6 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for (default 4096)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or $SPECDECODE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded at once, their target forwards shared (continuous batching); "
+                        "default: as many as fit in half the free memory with a full --max-context KV cache each, at most 8")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -41,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from specdecode.cli import apply_tree, max_draft, resolve_k
 
+    if args.max_batch is not None and args.max_batch < 1:
+        print(f"specdecode: error: --max-batch must be >= 1, got {args.max_batch}", file=sys.stderr)
+        return 2
     apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
@@ -55,6 +64,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")
     limits = ServerLimits(drafters=tuple(d for d in offered if d != "none"), max_k=args.max_k, max_tokens=args.max_tokens,
                           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("SPECDECODE_API_KEY"))
-    app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits)
+    max_batch = args.max_batch if args.max_batch is not None else default_max_batch(engine)
+    print(f"specdecode: serving up to {max_batch} requests at once", file=sys.stderr, flush=True)
+    app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits,
+                     max_batch)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def default_max_batch(engine: Engine, cap: int = 8) -> int:
+    """Seats whose KV caches, each at the full --max-context, fit in half the free memory."""
+    from specdecode import memory
+
+    cfg = engine.model.config
+    per_seat = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.max_context * engine.cache.k.element_size()
+    free = memory.available_bytes()
+    if free is None:
+        return cap
+    return max(1, min(cap, int(free * 0.5 // max(1, per_seat))))

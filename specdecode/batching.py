@@ -1,0 +1,157 @@
+"""Continuous batching: the target's forwards of concurrent sequences run as one pass.
+
+Each request decodes in its own thread with the ONE decoding loop (decoding.decode), its own
+KV cache and its own drafter instance; only the target's forward goes through a `Batcher`.
+A forward after a cached prefix (a decode step, a verification block, a token tree) waits at
+the batcher until every seated sequence has one waiting (or the oldest has waited `wait`
+seconds), then all of them run as ONE forward over the weights (`LlamaModel.forward_batch`:
+rows stacked for every matmul, each sequence attending to its own cache), and each thread
+goes on with its own rows: it verifies, rolls back by its own number of rejected tokens and
+drafts again. A prefill (an empty cache) runs alone between batches. Sequences join and
+leave between steps (`seat`), up to `max_batch` at once; more wait for a seat.
+
+Exactness: our kernels compute each row with the same instructions however many rows a call
+has, so a sequence's logits are bitwise those of serving it alone, and greedy output per
+request is the same with 1 or 16 neighbours (tests/test_batching.py). A batch of one is the
+single-request path; without our kernels (`LlamaModel.batchable` false) every forward runs
+alone, one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from specdecode.kv_cache import KVCache
+from specdecode.models.base import ForwardCall, ModelOutput
+
+# How long a waiting forward holds the batch open for seated sequences still drafting: an
+# n-gram draft takes ~0.1 ms and an EAGLE one a few ms, a step of the embedded model ~10 ms.
+DEFAULT_WAIT_SECONDS = 0.004
+
+
+@dataclass
+class _Ticket:
+    call: ForwardCall
+    since: float = field(default_factory=time.perf_counter)
+    output: ModelOutput | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class BatchStats:
+    """Batched forwards so far: how many, how many sequences and rows they carried."""
+
+    forwards: int = 0
+    sequences: int = 0
+    rows: int = 0
+    solo: int = 0  # forwards that ran alone (prefills)
+    sizes: list[int] = field(default_factory=list)  # sequences in each batched forward (last 1000)
+
+    def record(self, calls: list[ForwardCall]) -> None:
+        self.forwards += 1
+        self.sequences += len(calls)
+        self.rows += sum(int(c.tokens.shape[0]) for c in calls)
+        self.sizes = (self.sizes + [len(calls)])[-1000:]
+
+    @property
+    def mean_batch(self) -> float:
+        return self.sequences / self.forwards if self.forwards else 0.0
+
+
+class Batcher:
+    """Runs the forwards of up to `max_batch` seated sequences of `model` together."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch, self.wait = model, max_batch, wait
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._seated = 0
+        self._pending: list[_Ticket] = []
+        self._busy = False  # a forward (batched or alone) is running
+
+    @property
+    def seated(self) -> int:
+        return self._seated
+
+    @contextmanager
+    def seat(self) -> Iterator["Batcher"]:
+        """Hold one of the `max_batch` places while a sequence decodes (waits for a free one)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seated < self.max_batch)
+            self._seated += 1
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._seated -= 1
+                self._cond.notify_all()  # a smaller batch may be complete now, or a seat free
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, num_logits: int | None = None, return_hidden: bool = False,
+                hidden_layers: tuple[int, ...] | None = None) -> ModelOutput:
+        """`model.forward` for the calling sequence, run with the other seated sequences' steps."""
+        call = ForwardCall(tokens, cache, positions, attn_mask, num_logits, return_hidden, hidden_layers)
+        batchable = getattr(self.model, "batchable", None)
+        if batchable is None or not batchable(call):
+            return self._alone(call)
+        ticket = _Ticket(call)
+        with self._cond:
+            self._pending.append(ticket)
+            self._cond.notify_all()
+            while ticket.output is None and ticket.error is None:
+                if not self._busy and self._pending and self._complete():
+                    self._lead()
+                    continue
+                oldest = min(t.since for t in self._pending) if self._pending else time.perf_counter()
+                self._cond.wait(timeout=max(1e-4, oldest + self.wait - time.perf_counter()))
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.output  # type: ignore[return-value]
+
+    def _complete(self) -> bool:
+        """Every seated sequence has a step waiting, or the oldest waited long enough."""
+        waited = time.perf_counter() - min(t.since for t in self._pending)
+        return len(self._pending) >= self._seated or waited >= self.wait
+
+    def _lead(self) -> None:
+        """Run every pending step as one forward (called holding the lock; releases it while
+        the forward runs)."""
+        batch, self._pending, self._busy = self._pending, [], True
+        self._cond.release()
+        try:
+            try:
+                outputs = self.model.forward_batch([t.call for t in batch])  # type: ignore[attr-defined]
+                for t, out in zip(batch, outputs):
+                    t.output = out
+                self.stats.record([t.call for t in batch])
+            except BaseException as exc:  # each waiting sequence gets the error, none hangs
+                for t in batch:
+                    t.error = exc
+        finally:
+            self._cond.acquire()
+            self._busy = False
+            self._cond.notify_all()
+
+    def _alone(self, call: ForwardCall) -> ModelOutput:
+        """A forward that cannot share (a prefill): between batches, one at a time."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy)
+            self._busy = True
+        try:
+            out = self.model.forward(call.tokens, call.cache, positions=call.positions, attn_mask=call.attn_mask,
+                                     num_logits=call.num_logits, return_hidden=call.return_hidden,
+                                     hidden_layers=call.hidden_layers)
+            self.stats.solo += 1
+            return out
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()

@@ -1,0 +1,154 @@
+"""Continuous batching (specdecode/batching.py): sequences' forwards share one pass over the
+weights, and each sequence's logits, cache and output are bitwise what it gets alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from specdecode import kernels, tree
+from specdecode.batching import Batcher
+from specdecode.config import GenerationConfig, SamplingParams
+from specdecode.decoding import decode
+from specdecode.drafters.ngram import NgramDrafter
+from specdecode.models.base import ForwardCall
+
+pytestmark = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+
+QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config("qwen2", **QCFG), seed=40).quantized("int4")
+
+
+def _prefilled(model, prompt):
+    cache = model.new_cache(128)
+    model.forward(torch.tensor(prompt), cache)
+    return cache
+
+
+def test_forward_batch_is_bitwise_each_forward_alone(model):
+    prompts = [list(range(3, 20)), list(range(40, 47)), list(range(60, 90)), [5, 9]]
+    nodes = torch.tensor([-1, 0, 0, 1, 2])  # a tree: root, two children, a grandchild each
+    calls = [
+        dict(tokens=torch.tensor([7])),  # a decode step
+        dict(tokens=torch.tensor([8, 9, 10, 11, 12]), return_hidden=True),  # a verification block
+        dict(tokens=torch.tensor([1, 2, 3, 4, 5]), positions=30 + tree.depths(nodes), attn_mask=tree.ancestor_mask(nodes)),
+        dict(tokens=torch.tensor(list(range(20, 31))), return_hidden=True, hidden_layers=(0, 2), num_logits=3),
+    ]
+    alone_caches = [_prefilled(model, p) for p in prompts]
+    alone = [model.forward(cache=c, **kw) for c, kw in zip(alone_caches, calls)]
+    batch_caches = [_prefilled(model, p) for p in prompts]
+    together = model.forward_batch([ForwardCall(cache=c, **kw) for c, kw in zip(batch_caches, calls)])
+    for a, b, ca, cb in zip(alone, together, alone_caches, batch_caches):
+        assert torch.equal(a.logits, b.logits)
+        assert (a.hidden is None) == (b.hidden is None)
+        if a.hidden is not None:
+            assert torch.equal(a.hidden, b.hidden)
+        assert ca.length == cb.length
+        n = ca.length
+        assert torch.equal(ca.k[:, :, :, :n], cb.k[:, :, :, :n]) and torch.equal(ca.v[:, :, :, :n], cb.v[:, :, :, :n])
+
+
+def test_prefill_is_not_batchable_and_runs_alone(model):
+    cache = model.new_cache(64)
+    assert not model.batchable(ForwardCall(torch.tensor([1, 2, 3]), cache))
+    with pytest.raises(ValueError, match="forward_batch"):
+        model.forward_batch([ForwardCall(torch.tensor([1, 2, 3]), cache)])
+
+
+def _generate(model, prompt, sampling, forward=None, k=3):
+    config = GenerationConfig(max_new_tokens=24, sampling=sampling)
+    out = []
+    for new in decode(model, model.new_cache(128), prompt, config, NgramDrafter(), k, forward=forward):
+        out.extend(new)
+    return out
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=11)])
+def test_concurrent_requests_decode_as_if_alone(model, sampling):
+    """Six requests through a batcher of 4 seats (some wait for a seat, they join and leave at
+    different steps): each output equals its solo run (greedy; sampled with its seed)."""
+    prompts = [[(7 * i + j) % 128 for j in range(5 + 3 * i)] * 2 for i in range(6)]
+    solo = [_generate(model, p, sampling) for p in prompts]
+    batcher = Batcher(model, max_batch=4, wait=0.05)
+    results: list[list[int] | None] = [None] * len(prompts)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with batcher.seat():
+                results[i] = _generate(model, prompts[i], sampling, forward=batcher.forward)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert results == solo
+    assert batcher.seated == 0
+    assert batcher.stats.forwards > 0 and batcher.stats.mean_batch > 1.0  # steps really were shared
+    assert batcher.stats.solo == len(prompts)  # one prefill each
+
+
+def test_an_error_in_a_batched_forward_reaches_every_waiting_sequence(model):
+    batcher = Batcher(model, max_batch=2, wait=0.05)
+    caches = [_prefilled(model, [1, 2, 3]), _prefilled(model, [4, 5, 6])]
+    caches[1].max_length = caches[1].length  # no room for the step: forward_batch raises
+    errors: list[BaseException] = []
+    both_seated = threading.Barrier(2)
+
+    def step(i: int) -> None:
+        with batcher.seat():
+            both_seated.wait()
+            try:
+                batcher.forward(torch.tensor([9]), caches[i])
+            except ValueError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 2 and batcher.seated == 0
+
+
+def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
+    """Six clients at once against `create_app(max_batch=3)` over an int4 model on our kernels:
+    each answer is the one the engine gives that request alone, and forwards were shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from specdecode.engine import Engine
+    from specdecode.models.loading import embedded_model_path
+    from specdecode.server.app import create_app
+    from specdecode.server.operations import ServerLimits
+    from specdecode.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(embedded_model_path())
+    cfg = tiny_config("llama", **{**QCFG, "vocab": tokenizer.vocab_size}, max_position_embeddings=512)
+    model = random_model(cfg, seed=41).quantized("int4")
+    alone = Engine(model, tokenizer)
+    prompts = [f"Story {i}: once upon a time there was a" + " very" * i for i in range(6)]
+    bodies = [{"prompt": p, "max_tokens": 20, "temperature": 0, "drafter": "ngram", "k": 3} for p in prompts]
+    expected = [alone.generate(p, drafter="ngram", k=3, max_new_tokens=20, chat=False).text for p in prompts]
+    served = Engine(model, tokenizer)
+    client = TestClient(create_app(served, "tiny", drafter="ngram", k=3, limits=ServerLimits(drafters=("ngram",)),
+                                   max_batch=3))
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: client.post("/v1/completions", json=b), bodies))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert [a.json()["choices"][0]["text"] for a in answers] == expected
+    assert served.batcher is not None and served.batcher.stats.forwards > 0
+    assert served.batcher.seated == 0
