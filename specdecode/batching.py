@@ -30,9 +30,12 @@ import torch
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ForwardCall, ModelOutput
 
-# How long a waiting forward holds the batch open for seated sequences still drafting: an
-# n-gram draft takes ~0.1 ms and an EAGLE one a few ms, a step of the embedded model ~10 ms.
-DEFAULT_WAIT_SECONDS = 0.004
+# How long a waiting forward holds the batch open at most for a seated sequence that has not
+# sent its step (a batch runs as soon as every seated sequence outside a prefill has one
+# waiting; this only bounds the wait for one that is slow to draft or whose reader is slow).
+# Between two forwards a sequence verifies, drafts and yields its text: ~1-3 ms in Python,
+# several sequences one after another under the GIL.
+DEFAULT_WAIT_SECONDS = 0.02
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Batcher:
         self._seated = 0
         self._pending: list[_Ticket] = []
         self._busy = False  # a forward (batched or alone) is running
+        self._solo = 0  # seated sequences in (or waiting for) a forward that runs alone
 
     @property
     def seated(self) -> int:
@@ -117,9 +121,9 @@ class Batcher:
         return ticket.output  # type: ignore[return-value]
 
     def _complete(self) -> bool:
-        """Every seated sequence has a step waiting, or the oldest waited long enough."""
+        """Every seated sequence outside a prefill has a step waiting, or the oldest waited long enough."""
         waited = time.perf_counter() - min(t.since for t in self._pending)
-        return len(self._pending) >= self._seated or waited >= self.wait
+        return len(self._pending) >= self._seated - self._solo or waited >= self.wait
 
     def _lead(self) -> None:
         """Run every pending step as one forward (called holding the lock; releases it while
@@ -143,6 +147,7 @@ class Batcher:
     def _alone(self, call: ForwardCall) -> ModelOutput:
         """A forward that cannot share (a prefill): between batches, one at a time."""
         with self._cond:
+            self._solo += 1
             self._cond.wait_for(lambda: not self._busy)
             self._busy = True
         try:
@@ -153,5 +158,5 @@ class Batcher:
             return out
         finally:
             with self._cond:
-                self._busy = False
+                self._busy, self._solo = False, self._solo - 1
                 self._cond.notify_all()
