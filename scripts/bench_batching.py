@@ -73,7 +73,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     drafter = None if args.drafter == "none" else args.drafter
     engine = Engine.load(args.target)
-    every = load_prompts("all", limit=max(1, args.prompts // 9))  # a few of each category
+    every = load_prompts("all", limit=-(-args.prompts // 9))  # a few of each of the 9 categories
     prompts = [list(p.messages) for p in every[: args.prompts]]
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, drafter {args.drafter}, k {args.k}, "
           f"{args.threads} threads, kernel {getattr(engine.model, 'kernel', '?')}")

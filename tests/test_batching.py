@@ -152,3 +152,5 @@ def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
     assert [a.json()["choices"][0]["text"] for a in answers] == expected
     assert served.batcher is not None and served.batcher.stats.forwards > 0
     assert served.batcher.seated == 0
+    exposed = client.get("/metrics").text
+    assert f"specdecode:batched_forwards {float(served.batcher.stats.forwards)}" in exposed

@@ -45,6 +45,7 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> No
         (["generate", "hi", "--target", "/nonexistent/model.gguf"], ["not found", "/nonexistent/model.gguf"]),
         (["generate", "hi", "--drafter", "bogus"], ["unknown drafter"]),
         (["generate", "hi", "--drafter", "model"], ["--draft"]),
+        (["serve", "--max-batch", "0"], ["--max-batch", ">= 1"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, words):

@@ -75,7 +75,7 @@ def create_app(
     lock = threading.Semaphore(max_batch)  # a seat (one KV cache) per running request
     limits = limits or ServerLimits(drafters=() if drafter is None else (drafter,))
     queue = Queue(limits.max_queue)
-    metrics = ServerMetrics(queue)
+    metrics = ServerMetrics(queue, engine.batcher)
 
     @app.middleware("http")
     async def require_key(request: Request, call_next: Any) -> Any:

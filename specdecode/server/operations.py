@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from specdecode.batching import Batcher
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
 
@@ -80,7 +81,7 @@ class Queue:
 class ServerMetrics:
     """Prometheus metrics of one app (its own registry, so tests and apps do not share counts)."""
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, queue: Queue, batcher: Batcher | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.drafts = Counter(f"{PREFIX}spec_decode_num_drafts", "Verification steps that scored a draft", registry=r)
@@ -99,6 +100,14 @@ class ServerMetrics:
         running = Gauge(f"{PREFIX}num_requests_running", "Requests being decoded (the batch size)", registry=r)
         waiting.set_function(lambda: queue.waiting)
         running.set_function(lambda: queue.running)
+        if batcher is not None:  # continuous batching: how full the shared forwards are
+            stats = batcher.stats
+            Gauge(f"{PREFIX}batched_forwards", "Target forwards run for the seated sequences together (since start)",
+                  registry=r).set_function(lambda: stats.forwards)
+            Gauge(f"{PREFIX}batched_sequence_steps", "Sequences' steps those forwards carried (since start)",
+                  registry=r).set_function(lambda: stats.sequences)
+            Gauge(f"{PREFIX}batch_size_mean", "Mean sequences per batched forward (since start)",
+                  registry=r).set_function(lambda: stats.mean_batch)
 
     def finished(self, stats: SpecStats, prompt_tokens: int, reason: str, seconds: float, first_token: float | None) -> None:
         self.drafts.inc(stats.drafted_at[0] if stats.drafted_at else 0)  # steps with a draft at position 0
