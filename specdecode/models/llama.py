@@ -517,13 +517,13 @@ class LlamaModel(nn.Module):
 
 
     def batchable(self, call: ForwardCall) -> bool:
-        """Can this call share a forward with other sequences' calls (`forward_batch`)? Steps
-        after a cached prefix (decode, verification, trees) on our kernels, whose every row is
-        computed alike however many rows a call has: a prefill into an empty cache runs alone."""
+        """Can this call share a forward with other sequences' calls (`forward_batch`)? Any
+        chain or tree step (a prefill chunk, a decode step, a verification block) of a model on
+        our kernels, whose every row is computed alike however many rows a call has."""
         t, past = call.tokens.shape[0], call.cache.length
         window = self.config.sliding_window
         tree_call = call.attn_mask is not None and call.positions is not None
-        return (past > 0 and self._compiled is None and _glue_fits(self.config)
+        return (self._compiled is None and _glue_fits(self.config)
                 and (tree_call or (call.attn_mask is None and call.positions is None))
                 and (not tree_call or tree.parents_of(call.attn_mask, call.positions, past) is not None)
                 and (window is None or past + t <= window) and self._attends_in_kernel(self.runtime()))

@@ -67,11 +67,10 @@ def create_app(
 ) -> FastAPI:
     """limits: what requests may ask (default: the server's own drafter only, k <= 32,
     max_tokens <= 4096, 16 waiting requests, no API key). max_batch: requests decoded at once
-    (continuous batching, specdecode/batching.py: their target forwards shared); 1 = one at a
-    time on the engine's own cache."""
+    (continuous batching, specdecode/batching.py: their target forwards shared; 1 = one at a
+    time, through the same batcher, so that outputs do not depend on it)."""
     app = FastAPI(title="specdecode", version="0.1.0")
-    if max_batch > 1:
-        engine.enable_batching(max_batch)
+    engine.enable_batching(max_batch)
     lock = threading.Semaphore(max_batch)  # a seat (one KV cache) per running request
     limits = limits or ServerLimits(drafters=() if drafter is None else (drafter,))
     queue = Queue(limits.max_queue)
