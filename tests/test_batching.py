@@ -166,3 +166,35 @@ def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
     assert served.batcher.seated == 0
     exposed = client.get("/metrics").text
     assert f"specdecode:batched_forwards {float(served.batcher.stats.forwards)}" in exposed
+
+
+def test_a_client_that_goes_away_frees_its_seat():
+    """A streaming client that reads one event and disconnects: its sequence stops decoding and
+    its seat is free for the next request (no seat leaks, no stalled batch)."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from specdecode.engine import Engine
+    from specdecode.models.loading import embedded_model_path
+    from specdecode.server.app import create_app
+    from specdecode.server.operations import ServerLimits
+    from specdecode.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(embedded_model_path())
+    cfg = tiny_config("llama", **{**QCFG, "vocab": tokenizer.vocab_size}, max_position_embeddings=4096)
+    engine = Engine(random_model(cfg, seed=42).quantized("int4"), tokenizer, max_context=4096)
+    client = TestClient(create_app(engine, "tiny", drafter="ngram", limits=ServerLimits(drafters=("ngram",)),
+                                   max_batch=2))
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # the client goes away after its first event
+    deadline = time.time() + 30
+    while engine.batcher.seated and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.batcher.seated == 0
+    assert [seat.cache.length < 1000 for seat in engine._seats] == [True]  # it stopped when its client left
+    done = client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 5}).json()
+    assert done["usage"]["completion_tokens"] <= 5
