@@ -228,3 +228,28 @@ def test_blocks_split_into_their_fields(kind: str) -> None:
     for f in range(scales):
         want = np.ascontiguousarray(b[..., 2 * f : 2 * f + 2]).view(np.uint16)[..., 0]
         assert torch.equal(_bits(parts[1 + f]), torch.from_numpy(want.view(np.int16)))
+
+
+@ours
+def test_q4_k_splits_into_its_own_codes_with_f16_factors() -> None:
+    """split_q4_k: the file's 4-bit codes as they are (Q4_1's nibble order) and each sub-block's
+    d * scale and -(dmin * min) rounded to f16: the weights within that rounding of the file's."""
+    rows, k = 32, 512
+    raw = _blocks("Q4_K", rows, k, 13)
+    nib, d, m = torch.ops.specdecode.split_q4_k(torch.from_numpy(raw))
+    b = raw.reshape(rows, k // 256, 144)
+    dd = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    s = b[..., 4:16].astype(np.int32)
+    scale = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+    mins = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    qs = b[..., 16:].reshape(rows, k // 256, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, k // 32, 32)  # sub-block 2p low, 2p + 1 high
+    assert torch.equal(nib, torch.from_numpy((q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)))
+    want_d = (dd[..., None] * scale.astype(np.float32)).astype(np.float16).reshape(rows, -1)
+    want_m = (-(dmin[..., None] * mins.astype(np.float32))).astype(np.float16).reshape(rows, -1)
+    assert torch.equal(_bits(d), torch.from_numpy(want_d.view(np.int16)))
+    assert torch.equal(_bits(m), torch.from_numpy(want_m.view(np.int16)))
+    w = (torch.from_numpy(q).float() * d.float()[..., None] + m.float()[..., None]).view(rows, k)
+    file_w = _numpy(raw, "Q4_K").view(rows, k)
+    assert float((w - file_w).abs().max()) <= 2.0**-10 * float(file_w.abs().max())

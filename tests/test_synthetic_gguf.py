@@ -64,3 +64,27 @@ def test_bad_names_are_user_errors(tmp_path):
         write_synthetic_gguf(tmp_path / "x.gguf", "gpt5")
     with pytest.raises(UserError, match="unknown GGUF type 'Q9'"):
         write_synthetic_gguf(tmp_path / "x.gguf", "tiny-llama", "Q9")
+
+
+def test_q4_k_matrices_keep_the_files_codes(tmp_path):
+    """A Q4_K_M file's Q4_K matrices enter the int4 runtime with their own codes (sub-block
+    factors rounded to f16), not requantized: within ~2^-10 of the file's weights, where a
+    requantization to new 4-bit codes is off by up to half a step (~3% of the range)."""
+    from specdecode import kernels
+    from specdecode.models.direct import load_gguf_direct
+
+    if kernels.active() == "aten":
+        pytest.skip("direct loading runs on our kernels")
+    shape = replace(SHAPES["tiny-qwen2"], vocab=640)  # (rows our kernels tile: multiples of 16)
+    path = write_synthetic_gguf(tmp_path / "tiny.gguf", shape, "Q4_K_M")
+    file_weights = load_model_source(path).state_dict
+    model, _ = load_gguf_direct(path, "int4")
+    rt = model.runtime()
+    kinds = {name: kind for name, _, kind in tensor_plan(shape, "Q4_K_M")}
+    assert kinds["blk.1.ffn_down.weight"] == "Q6_K"  # (the mix: requantized, for contrast)
+    for i in range(shape.layers):
+        for got, name, gguf_name in ((rt.o.dequantize(i), f"layers.{i}.self_attn.o_proj.weight", f"blk.{i}.attn_output.weight"),
+                                     (rt.down.dequantize(i), f"layers.{i}.mlp.down_proj.weight", f"blk.{i}.ffn_down.weight")):
+            want = file_weights[name].float()
+            close = float((got - want).abs().max()) <= 2.0**-10 * float(want.abs().max())
+            assert close == (kinds[gguf_name] == "Q4_K"), name

@@ -1423,6 +1423,44 @@ std::vector<at::Tensor> split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml
 }
 
 
+// A Q4_K tensor as our int4 stacks take it, its codes as they are: [nibbles uint8 [N, G, 16] in
+// Q4_0/Q4_1's order (byte i: weight i low, weight i + 16 high), d f16 [N, G], m f16 [N, G]] for
+// G = K / 32 sub-blocks, with d = f16(d_block * scale) and m = f16(-(dmin * min)): the file's
+// w = (d * scale) * q - (dmin * min) with only the two sub-block factors rounded to f16 (relative
+// 2^-11), instead of requantizing the weights to new 4-bit codes. A factor past f16's range comes
+// out inf: the caller checks and requantizes that tensor instead.
+SD_GGUF std::vector<at::Tensor> split_q4_k(const at::Tensor& raw_in) {
+  const GGUFRows in = gguf_rows(raw_in, 12);
+  const int64_t N = in.rows, blocks = in.blocks, G = blocks * 8;
+  const auto opts = raw_in.options();
+  std::vector<at::Tensor> out{at::empty({N, G, 16}, opts), at::empty({N, G}, opts.dtype(at::kHalf)),
+                              at::empty({N, G}, opts.dtype(at::kHalf))};
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  uint8_t* nib = out[0].data_ptr<uint8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(out[1].data_ptr<at::Half>());
+  auto* mp = reinterpret_cast<uint16_t*>(out[2].data_ptr<at::Half>());
+  at::parallel_for(0, N * blocks, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = src + b * 144;
+      const float d = f16_at(block), dmin = f16_at(block + 2);
+      int scale[8], min[8];
+      k_scales_mins(block + 4, scale, min);
+      const uint8_t* qs = block + 16;
+      for (int sub = 0; sub < 8; ++sub) {
+        const int64_t g = b * 8 + sub;
+        dp[g] = _cvtss_sh(d * (float)scale[sub], _MM_FROUND_TO_NEAREST_INT);
+        mp[g] = _cvtss_sh(-(dmin * (float)min[sub]), _MM_FROUND_TO_NEAREST_INT);
+        const uint8_t* q = qs + 32 * (sub / 2);
+        const int shift = 4 * (sub % 2);
+        for (int i = 0; i < 16; ++i)
+          nib[g * 16 + i] = (uint8_t)(((q[i] >> shift) & 0x0F) | (((q[i + 16] >> shift) & 0x0F) << 4));
+      }
+    }
+  });
+  return out;
+}
+
+
 // int8 codes [N, K] -> our int8 tiles, the bytes quant.py's quad_int8 (vnni: [N/16, G, 8, 64], a
 // register of 4 inputs x 16 outputs) or tile_int8 ([N/16, G, 16, 32], 2 inputs x 16 outputs)
 // gives: register p of tile t, group g holds row i's inputs 32g + width p .. + width - 1 at bytes
@@ -1488,6 +1526,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
   m.def("pack_q4_nibbles(Tensor nibbles, bool vnni) -> Tensor");
   m.def("split_gguf_blocks(Tensor raw, int ggml_type) -> Tensor[]");
+  m.def("split_q4_k(Tensor raw) -> Tensor[]");
   m.def("pack_int8(Tensor codes, bool vnni) -> Tensor");
   m.def("int8_block_sums(Tensor codes) -> Tensor");
 }
@@ -1508,6 +1547,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("gguf_to_q8_0", &gguf_to_q8_0);
   m.impl("pack_q4_nibbles", &pack_q4_nibbles);
   m.impl("split_gguf_blocks", &split_gguf_blocks);
+  m.impl("split_q4_k", &split_q4_k);
   m.impl("pack_int8", &pack_int8);
   m.impl("int8_block_sums", &int8_block_sums);
 }

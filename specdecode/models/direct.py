@@ -157,9 +157,10 @@ class _Tensors:
         return self._rows(out, name, interleave).contiguous()
 
     def native(self, name: str, mode: str) -> bool:
-        """Whether the tensor's blocks are the format's own (Q4_0/Q4_1 -> int4, Q8_0 -> int8)."""
+        """Whether the tensor's codes go into the format as they are (Q4_0/Q4_1/Q4_K -> int4,
+        Q8_0 -> int8); Q4_K's two sub-block factors are rounded to f16 (`_fields`)."""
         kind = self.type_name(name)
-        return kind in ("Q4_0", "Q4_1") if mode == "int4" else kind == "Q8_0"
+        return kind in ("Q4_0", "Q4_1", "Q4_K") if mode == "int4" else kind == "Q8_0"
 
     def requantized(self, name: str, mode: str, rows: int = 1, into: tuple[torch.Tensor, ...] | None = None,
                     ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
@@ -205,21 +206,21 @@ class _Tensors:
         int8: (codes int8 [N, K], d f16 [N, K/32]), w = d*q. The file's own codes where its
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats,
         into `into` where given (rows of a fused matrix: no copy, then no concatenation)."""
-        if not self.native(name, mode):  # requantized a chunk of rows at a time (quantization is per row group)
-            tensor = self.by_name[name]
-            outs = into if into is not None else kernels.empty_requantized(*tensor.shape, mode)
-            ours = self.file.kernels_read(tensor)  # (then written in place by our kernels)
-            for lo, parts in self.requantized(name, mode, into=outs if ours else None):
-                if not ours:
-                    for out, part in zip(outs, parts):
-                        out[lo : lo + part.shape[0]] = part
-            return outs
         tensor = self.by_name[name]
-        parts = self._fields(tensor)
-        self._release(name)
-        if tensor.tensor_type.name == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
-            parts.append(parts[1] * -8)
-        return tuple(self._rows(x, name).contiguous() for x in parts)
+        parts = self._fields(tensor) if self.native(name, mode) else None
+        if parts is not None:
+            self._release(name)
+            if tensor.tensor_type.name == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
+                parts.append(parts[1] * -8)
+            return tuple(self._rows(x, name).contiguous() for x in parts)
+        # requantized a chunk of rows at a time (quantization is per row group)
+        outs = into if into is not None else kernels.empty_requantized(*tensor.shape, mode)
+        ours = self.file.kernels_read(tensor)  # (then written in place by our kernels)
+        for lo, parts in self.requantized(name, mode, into=outs if ours else None):
+            if not ours:
+                for out, part in zip(outs, parts):
+                    out[lo : lo + part.shape[0]] = part
+        return outs
 
     def fused_blocks(self, names: list[str], mode: str) -> tuple[torch.Tensor, ...]:
         """`blocks` of matrices of one input size concatenated along their rows (q/k/v, gate/up):
@@ -234,10 +235,18 @@ class _Tensors:
             self.blocks(name, mode, into=tuple(x[lo : lo + n] for x in whole))
         return whole
 
-    def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor]:
+    def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor] | None:
         """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, copied out of the map:
         [nibbles uint8 [N, G, 16], d f16 [N, G]] (Q4_0), [nibbles, d, m] (Q4_1), [codes int8
-        [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies."""
+        [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies. Q4_K
+        (our kernels only): its sub-blocks as Q4_1's [nibbles, d, m], d = f16(d * scale),
+        m = f16(-dmin * min), the file's codes; None where a factor is past f16's range or our
+        kernels do not load (then the tensor is requantized)."""
+        if tensor.tensor_type.name == "Q4_K":
+            if not self.file.kernels_read(tensor):
+                return None
+            parts = list(torch.ops.specdecode.split_q4_k(self.file.rows(tensor)))
+            return parts if all(bool(torch.isfinite(x).all()) for x in parts[1:]) else None
         if self.file.kernels_read(tensor):
             return list(torch.ops.specdecode.split_gguf_blocks(self.file.rows(tensor), tensor.type_number))
         kind = tensor.tensor_type.name
