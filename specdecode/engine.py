@@ -162,7 +162,7 @@ class Engine:
         self._tree_costs: CostTable | None = None
         self._draft_costs: dict[object, DraftCost] = {}
         self.batcher: Batcher | None = None  # set by enable_batching
-        self._seats: list[_Seat] = []  # free per-sequence states for batched streams
+        self._seats: list[_Seat] = []  # free drafter sets for batched streams
         self._seats_lock = threading.Lock()
 
     @classmethod
@@ -236,17 +236,21 @@ class Engine:
     # -- continuous batching -----------------------------------------------------------
     def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS) -> None:
         """Decode up to `max_batch` streams at once, their target forwards shared (batching.py):
-        each stream iterated in its own thread gets its own KV cache and drafter instance (made
-        on first use and reused by later streams); more streams wait for a free seat."""
+        each stream iterated in its own thread gets its own KV cache (growing on demand, freed
+        when the stream ends) and drafter instances (made on first use, reused by later
+        streams); more streams wait for a free seat."""
         self.batcher = Batcher(self.model, max_batch, wait)
 
     def _take_seat(self) -> "_Seat":
         with self._seats_lock:
-            return self._seats.pop() if self._seats else _Seat(self.model.new_cache(self.max_context))
+            return self._seats.pop() if self._seats else _Seat()
 
     def _return_seat(self, seat: "_Seat") -> None:
         with self._seats_lock:
             self._seats.append(seat)
+            idle = self.batcher is None or self.batcher.seated <= 1  # (the caller is still seated)
+        if idle:  # the finished requests' KV caches are garbage now: give their pages back
+            memory.return_free_heap()
 
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
         if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
@@ -393,7 +397,7 @@ class TextStream:
             seat = self.engine._take_seat()
             try:
                 drafter = self.drafter if self.drafter_spec is None else seat.drafter(self.engine, *self.drafter_spec)
-                yield from self._text(seat.cache, drafter, batcher.forward)
+                yield from self._text(self.engine.model.new_cache(self.engine.max_context), drafter, batcher.forward)
             finally:
                 self.engine._return_seat(seat)
 
@@ -431,10 +435,9 @@ class TextStream:
 
 
 class _Seat:
-    """One batched sequence's own state: its KV cache and its drafters (by name)."""
+    """Drafters (by name) for one batched sequence at a time: they keep per-sequence state."""
 
-    def __init__(self, cache: KVCache) -> None:
-        self.cache = cache
+    def __init__(self) -> None:
         self.drafters: dict[tuple[str, str | None], Drafter | None] = {}
 
     def drafter(self, engine: Engine, spec: str, draft: str | None) -> Drafter | None:

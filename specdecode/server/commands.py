@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or $SPECDECODE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded at once, their target forwards shared (continuous batching); "
-                        "default: as many as fit in half the free memory with a full --max-context KV cache each, at most 8")
+                        "default: as many as fit in half the free memory with a full --max-context KV cache each, at most 16")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_max_batch(engine: Engine, cap: int = 8) -> int:
+def default_max_batch(engine: Engine, cap: int = 16) -> int:
     """Seats whose KV caches, each at the full --max-context, fit in half the free memory."""
     from specdecode import memory
 
