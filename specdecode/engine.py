@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import gc
 import json
 import os
 import threading
@@ -249,7 +250,8 @@ class Engine:
         with self._seats_lock:
             self._seats.append(seat)
             idle = self.batcher is None or self.batcher.seated <= 1  # (the caller is still seated)
-        if idle:  # the finished requests' KV caches are garbage now: give their pages back
+        if idle:  # the finished requests' KV caches are garbage now (some in reference cycles
+            gc.collect()  # through a client's disconnect: exceptions holding frames): give their pages back
             memory.return_free_heap()
 
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:

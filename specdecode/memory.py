@@ -94,6 +94,21 @@ def return_free_heap() -> None:
         pass
 
 
+def limit_heap_arenas(arenas: int = 1) -> None:
+    """Let glibc keep at most `arenas` malloc arenas (M_ARENA_MAX), called before other threads
+    allocate: a server's request threads each get an arena otherwise, and what they free stays
+    mapped, scattered (measured, 8 threads x 3 rounds of batched requests: 398 -> 475 -> 501 MiB
+    resident, malloc_trim or not; with one arena 398 -> 401 -> 401). A no-op without glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def available_bytes() -> int | None:
     """Memory the kernel can give a new allocation without swapping (MemAvailable)."""
     try:

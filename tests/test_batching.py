@@ -198,3 +198,56 @@ def test_a_client_that_goes_away_frees_its_seat():
     assert engine.batcher.stats.rows < 1000  # it stopped when its client left (3000 tokens asked)
     done = client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 5}).json()
     assert done["usage"]["completion_tokens"] <= 5
+
+
+def test_clients_that_go_away_from_a_live_server_free_their_seats_without_the_garbage_collector():
+    """Through uvicorn (not the test client): streamed requests whose clients leave after one
+    event give their seats back at once, with the garbage collector off; before the fix each
+    waited in a reference cycle for a collection, and two of them filled a two-seat server."""
+    import gc
+    import socket
+    import time
+
+    import httpx
+    import uvicorn
+
+    from specdecode.engine import Engine
+    from specdecode.models.loading import embedded_model_path
+    from specdecode.server.app import create_app
+    from specdecode.server.operations import ServerLimits
+    from specdecode.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(embedded_model_path())
+    cfg = tiny_config("llama", **{**QCFG, "vocab": tokenizer.vocab_size}, max_position_embeddings=4096)
+    engine = Engine(random_model(cfg, seed=43).quantized("int4"), tokenizer, max_context=4096)
+    app = create_app(engine, "tiny", drafter="ngram", limits=ServerLimits(drafters=("ngram",)), max_batch=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True}
+        gc.disable()
+        try:
+            for _ in range(4):  # more than the seats: each must be free again for the next
+                with httpx.Client(base_url=base, timeout=30) as client:
+                    with client.stream("POST", "/v1/completions", json=body) as r:
+                        assert r.status_code == 200
+                        next(line for line in r.iter_lines() if line.startswith("data: "))
+                wait = time.time() + 10
+                while engine.batcher.seated and time.time() < wait:
+                    time.sleep(0.02)
+                assert engine.batcher.seated == 0
+        finally:
+            gc.enable()
+        done = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -8,12 +8,14 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import iterate_in_threadpool
 from pydantic import BaseModel, Field
 
 from specdecode.assisted import AssistedArgs
@@ -117,7 +119,7 @@ def create_app(
             return _error(str(e), 400)
         served = _Served(stream, metrics, begun, done)
         if req.stream:
-            return StreamingResponse(_sse(served, rid, model_name, kind), media_type="text/event-stream")
+            return _ClosingStream(_closing(_sse(served, rid, model_name, kind)), media_type="text/event-stream")
         try:
             for _ in served:
                 pass
@@ -191,6 +193,32 @@ class _Served:
             self.metrics.finished(result.stats, len(self.stream.prompt_ids), result.finish_reason,
                                   time.perf_counter() - self.begun, self.first_token)
         self.release()
+
+
+class _ClosingStream(StreamingResponse):
+    """A streamed response that closes its body however it ends. When the client goes away,
+    Starlette cancels the stream at its next send and drops the body generator as it is
+    (suspended, holding a batch seat and a KV cache) in a reference cycle with the
+    cancellation's traceback: only the garbage collector would close it, and meanwhile its seat
+    stays taken (measured: 8 disconnects filled 8 seats and stalled every later request)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _closing(events: Iterator[str]) -> AsyncIterator[str]:
+    """`events` (a generator run in worker threads) as an async body; closing this closes it
+    (in a worker thread: its `finally` ends a decoding loop)."""
+    try:
+        async for event in iterate_in_threadpool(events):
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(events.close)  # type: ignore[attr-defined]
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from specdecode import memory
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
     from specdecode.server.operations import ServerLimits
@@ -50,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch is not None and args.max_batch < 1:
         print(f"specdecode: error: --max-batch must be >= 1, got {args.max_batch}", file=sys.stderr)
         return 2
+    memory.limit_heap_arenas()  # before any thread (torch's, the request threads) allocates
     apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
