@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdecode.cost_model import CostTable
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ForwardCall, ModelOutput
 
@@ -184,3 +185,36 @@ class Batcher:
             with self._cond:
                 self._busy, self._solo = False, self._solo - 1
                 self._cond.notify_all()
+
+
+class SharedCosts:
+    """The target's cost table as one of the batcher's seated sequences sees it: with B seated,
+    a step verifying k drafts costs its share c(B (k + 1)) / B of a forward of everyone's rows,
+    where c extends the measured table (T = 1..k_max + 1) along its last slope. `--k auto`
+    (cost_model.AutoK) over this view drafts less as the batch fills: rows that a lone sequence
+    gets almost free are other sequences' rows in a full batch (measured, 16 clients: n-gram
+    drafting at the lone-sequence k was slower than batched AR). Read at every choice, so it
+    follows sequences joining and leaving."""
+
+    def __init__(self, costs: CostTable, batcher: Batcher) -> None:
+        self.costs, self.batcher = costs, batcher
+
+    @property
+    def k_max(self) -> int:
+        return self.costs.k_max
+
+    @property
+    def verify(self) -> tuple[float, ...]:
+        b = max(1, self.batcher.seated)
+        return tuple(self._forward(b * t) / b for t in range(1, len(self.costs.verify) + 1))
+
+    def ratios(self) -> list[float]:
+        verify = self.verify
+        return [v / verify[0] for v in verify]
+
+    def _forward(self, rows: int) -> float:
+        table = self.costs.verify
+        if rows <= len(table):
+            return table[rows - 1]
+        slope = max(0.0, table[-1] - table[-2]) if len(table) > 1 else table[-1]
+        return table[-1] + (rows - len(table)) * slope

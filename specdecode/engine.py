@@ -25,7 +25,7 @@ import torch
 from specdecode import memory
 
 from specdecode.assisted import AssistedArgs
-from specdecode.batching import DEFAULT_WAIT_SECONDS, Batcher
+from specdecode.batching import DEFAULT_WAIT_SECONDS, Batcher, SharedCosts
 from specdecode.assisted import resolve as resolve_assisted
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
@@ -399,6 +399,8 @@ class TextStream:
             seat = self.engine._take_seat()
             try:
                 drafter = self.drafter if self.drafter_spec is None else seat.drafter(self.engine, *self.drafter_spec)
+                if self.k == "auto" and drafter is not None and not getattr(drafter, "grows_trees", False):
+                    self.k = AutoK(SharedCosts(self.engine.cost_table(), batcher))  # type: ignore[arg-type]
                 yield from self._text(self.engine.model.new_cache(self.engine.max_context), drafter, batcher.forward)
             finally:
                 self.engine._return_seat(seat)

@@ -251,3 +251,35 @@ def test_clients_that_go_away_from_a_live_server_free_their_seats_without_the_ga
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_auto_k_drafts_less_as_the_batch_fills():
+    """SharedCosts: a sequence's share of a forward of everyone's rows, c(B (k + 1)) / B, the
+    table extended along its last slope; AutoK over it chooses a shorter draft with 16 seated
+    than alone for the same acceptance history."""
+    from specdecode.batching import SharedCosts
+    from specdecode.cost_model import AutoK, CostTable
+
+    table = CostTable(tuple(0.010 + 0.001 * t for t in range(9)))  # 10 ms + 1 ms a row, T = 1..9
+
+    class Seats:
+        seated = 1
+
+    shared = SharedCosts(table, Seats)  # type: ignore[arg-type]
+    assert shared.verify == table.verify and shared.k_max == 8
+    Seats.seated = 4
+    assert shared.verify[0] == pytest.approx(table.verify[3] / 4)  # 4 rows, a quarter each
+    assert shared.verify[8] == pytest.approx((table.verify[8] + 27 * 0.001) / 4)  # 36 rows: 27 past the table
+    import random
+
+    chosen = {}
+    for seated in (1, 16):
+        Seats.seated = seated
+        policy, rng = AutoK(shared), random.Random(0)  # type: ignore[arg-type]
+        for _ in range(60):  # every position accepted 80% of the time
+            k = max(1, policy.choose(100))
+            accepted = next((i for i in range(k) if rng.random() > 0.8), k)
+            policy.observe(k, k, accepted, 0.0)
+        chosen[seated] = policy.choose(100)
+    assert chosen[1] >= 3
+    assert chosen[16] < chosen[1]
