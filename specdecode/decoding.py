@@ -16,10 +16,11 @@ from specdecode.config import GenerationConfig
 from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
+from specdecode.grammar import Constraint, first_outside
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
-from specdecode.sampling import logits_to_probs, make_generator, select_tokens
+from specdecode.sampling import LogprobRecord, logits_to_probs, make_generator, mask_logits, select_tokens
 from specdecode.verify import greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
 
 
@@ -33,6 +34,8 @@ def decode(
     eos_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stats: SpecStats | None = None,
+    constraint: Constraint | None = None,
+    logprobs: LogprobRecord | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step (1..k+1 tokens) until EOS or max_new_tokens.
 
@@ -44,6 +47,11 @@ def decode(
     trees then sizes each tree itself: cost_model.TreeSize), 'heuristic',
     'confidence:T' (drafters that score their drafts stop after a token below probability T),
     or a KPolicy object (which then learns from this request).
+
+    constraint: a grammar (grammar.py) that masks the target's logits at every scored row from
+    its state after that row's prefix; it advances over the verified tokens only, and the output
+    ends when the grammar is complete (its end-of-sequence ids end it even with ignore_eos).
+    logprobs: filled with the target's log-probabilities of every yielded token (sampling.py).
     """
     if not prompt_ids:
         raise UserError("the prompt is empty: give some text to continue")
@@ -72,6 +80,8 @@ def decode(
     if policy is not None:
         stats.k_policy = policy.name
     stop_ids = set() if config.ignore_eos else set(eos_ids)
+    if constraint is not None:
+        stop_ids |= set(constraint.eos_ids)
     max_new = min(config.max_new_tokens, room)
     start = time.perf_counter()
     try:
@@ -80,13 +90,21 @@ def decode(
         layers = hidden_layers(drafter) if feed_hidden else None
         out = target.forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
         logits = out.logits  # [1, V]
+        if constraint is not None:
+            logits = mask_logits(logits, constraint.allowed_rows([], None))
         first = int(select_tokens(logits, sampling, generator)[0])
         stats.target_forwards += 1
         stats.prefill_seconds = time.perf_counter() - start
         if first in stop_ids:
             return
         stats.new_tokens = 1
+        if logprobs is not None:
+            logprobs.add(out.logits, [first])
+        if constraint is not None:
+            constraint.advance([first])
         yield [first]
+        if constraint is not None and constraint.finished:
+            return
         if drafter is not None:
             drafter.begin(list(prompt_ids))
             if feed_hidden:
@@ -103,6 +121,13 @@ def decode(
                     draft = drafter.propose(tokens, budget, sampling, generator)
                 if len(draft.tokens) > budget:
                     draft = _cut(draft, budget)
+            allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
+            if constraint is not None:
+                allowed = constraint.allowed_rows(draft.tokens, draft.parents)
+                outside = first_outside(draft.tokens, allowed) if draft.parents is None else None
+                if outside is not None:  # kept: certainly rejected there (p = 0); what follows could not be reached
+                    draft = _cut(draft, outside + 1)
+                    allowed = allowed[: outside + 2]
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
             fed = torch.tensor([tokens[-1]] + draft.tokens)
@@ -115,7 +140,7 @@ def decode(
                 levels = int(depth.max())
                 out = target.forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
                                      return_hidden=feed_hidden, hidden_layers=layers)
-            logits = out.logits  # [1+d, V]
+            logits = out.logits if allowed is None else mask_logits(out.logits, allowed)  # [1+d, V]
             if draft.parents is not None:
                 if sampling.greedy:
                     result = greedy_verify_tree(draft.tokens, draft.parents, logits)
@@ -147,6 +172,11 @@ def decode(
                     new = new[:i]
                     break
             stopped = len(new) < result.num_accepted + 1
+            if logprobs is not None:
+                logprobs.add(out.logits[kept_rows or list(range(len(new)))][: len(new)], new)
+            if constraint is not None:
+                constraint.advance(new)
+                stopped = stopped or constraint.finished
             tokens.extend(new)
             stats.new_tokens += len(new)
             if new:
