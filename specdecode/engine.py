@@ -33,12 +33,14 @@ from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
+from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.models.direct import direct_loading_supported, load_gguf_direct
 from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source, model_source_path
+from specdecode.sampling import LogprobRecord, TokenLogprob
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -62,7 +64,8 @@ class Generation:
     text: str
     token_ids: list[int]
     stats: SpecStats
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS, stop string or a complete grammar) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
     def to_dict(self) -> dict[str, object]:
         return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
@@ -158,6 +161,7 @@ class Engine:
         self._costs: CostTable | None = None
         self._tree_costs: CostTable | None = None
         self._draft_costs: dict[object, DraftCost] = {}
+        self._grammars: GrammarCompiler | None = None
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -224,6 +228,12 @@ class Engine:
                                                 self.source or "the embedded SmolLM2-135M-Instruct")
         return self._drafters[key]
 
+    def grammar(self, spec: GrammarSpec) -> Grammar:
+        """A fresh matcher for one request (UserError for a grammar that does not compile)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.config.vocab_size, self.tokenizer.eos_token_ids)
+        return self._grammars.compile(spec)
+
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
         if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
             raise UserError(
@@ -259,6 +269,8 @@ class Engine:
         stop: Sequence[str] = (),
         chat: bool = True,
         ignore_eos: bool = False,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
         **assisted: object,
     ) -> "TextStream":
         """Text deltas as they are decoded; the finished Generation is `.result` afterwards.
@@ -268,7 +280,9 @@ class Engine:
         'heuristic', 'confidence:T', or a fixed number. temperature: 0 (the default) is greedy.
         transformers' assisted-generation keywords work with their meanings (assistant_model,
         num_assistant_tokens, num_assistant_tokens_schedule, assistant_confidence_threshold,
-        prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py)."""
+        prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py).
+        grammar: the output must match it (structured output, grammar.py). logprobs: record the
+        target's log-probability of every token and of its `logprobs` likeliest alternatives."""
         unknown = sorted(set(assisted) - set(AssistedArgs.__dataclass_fields__))
         if unknown:
             raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
@@ -285,6 +299,8 @@ class Engine:
                 "shorten the prompt or raise --max-context"
             )
         chosen = self.drafter(drafter, draft)
+        constraint = None if grammar is None else self.grammar(grammar)
+        record = None if logprobs is None else LogprobRecord(top=logprobs)
         policy: int | str | KPolicy = k
         if k == "auto" and getattr(chosen, "grows_trees", False):
             self.tree_cost_table()  # its trees are sized from these (cost_model.TreeSize): read from disk
@@ -293,7 +309,7 @@ class Engine:
             if seed is not None and not sampling.greedy:  # same seed, same text: k may not follow the clock
                 spec = (drafter, draft) if isinstance(drafter, str) else chosen
                 policy = AutoK(costs, draft_cost=self.draft_cost(spec, chosen))
-        return TextStream(self, prompt_ids, config, chosen, policy)
+        return TextStream(self, prompt_ids, config, chosen, policy, constraint, record)
 
     def cost_table(self) -> CostTable:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
@@ -351,8 +367,9 @@ class TextStream:
     """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
-                 k: int | str | KPolicy):
+                 k: int | str | KPolicy, constraint: Constraint | None = None, logprobs: LogprobRecord | None = None):
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
+        self.constraint, self.logprobs = constraint, logprobs
         self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None
 
@@ -360,7 +377,7 @@ class TextStream:
         engine, config = self.engine, self.config
         steps = decode(
             engine.model, engine.cache, self.prompt_ids, config, self.drafter, self.k,
-            engine.tokenizer.eos_token_ids, stats=self.stats,
+            engine.tokenizer.eos_token_ids, stats=self.stats, constraint=self.constraint, logprobs=self.logprobs,
         )
         detok = StreamDecoder(engine.tokenizer)
         token_ids: list[int] = []
@@ -386,7 +403,8 @@ class TextStream:
         if len(text) > emitted:
             yield text[emitted:]
         self.stats.record_memory(engine.weight_format, engine.load_report)
-        self.result = Generation(text, token_ids, self.stats, finish)
+        self.result = Generation(text, token_ids, self.stats, finish,
+                                 None if self.logprobs is None else self.logprobs.entries[: len(token_ids)])
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
