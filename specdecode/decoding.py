@@ -115,10 +115,10 @@ def decode(
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
-                if stop_below:
-                    draft = drafter.propose(tokens, budget, sampling, generator, stop_below=stop_below)  # type: ignore[call-arg]
-                else:
-                    draft = drafter.propose(tokens, budget, sampling, generator)
+                extra: dict[str, object] = {"stop_below": stop_below} if stop_below else {}
+                if constraint is not None and getattr(drafter, "follows_grammar", False):
+                    extra["grammar"] = constraint  # it drafts inside the grammar: its q is masked too
+                draft = drafter.propose(tokens, budget, sampling, generator, **extra)  # type: ignore[call-arg]
                 if len(draft.tokens) > budget:
                     draft = _cut(draft, budget)
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix

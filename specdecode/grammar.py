@@ -98,6 +98,11 @@ class Constraint(Protocol):
         descendants get all-True rows: they are never reached (their parent's row rejects them)."""
         ...
 
+    def allowed_after(self, prefix: list[int]) -> torch.Tensor:
+        """[V] bool: the tokens allowed after the committed ones and `prefix` (a draft being
+        grown inside the grammar: drafters that `follows_grammar`)."""
+        ...
+
     def advance(self, tokens: list[int]) -> None:
         """Commit tokens the verifier chose (each allowed by the row that scored it)."""
 
@@ -152,10 +157,11 @@ class Grammar:
         self.eos_ids = eos_ids
         self.words = (vocab_size + 31) // 32
         self._bits = torch.arange(32, dtype=torch.int32)
+        self._known: dict[tuple[int, ...], torch.Tensor] = {}  # masks after draft paths, this step
         self.masks = 0
 
-    def allowed(self) -> torch.Tensor:
-        """[V] bool: the tokens the grammar allows after everything consumed so far."""
+    def _mask(self) -> torch.Tensor:
+        """[V] bool: the tokens the grammar allows where the matcher stands."""
         from llguidance.torch import fill_next_token_bitmask
 
         words = torch.empty(1, self.words, dtype=torch.int32)
@@ -163,30 +169,32 @@ class Grammar:
         self.masks += 1
         return ((words[0, :, None] >> self._bits) & 1).flatten()[: self.vocab_size].bool()
 
+    def allowed_after(self, prefix: list[int]) -> torch.Tensor:
+        key = tuple(prefix)
+        if key not in self._known:  # (a drafter growing inside the grammar asked first: the loop reuses it)
+            if prefix and not self.matcher.consume_tokens(prefix):
+                raise RuntimeError(f"the grammar refused a draft grown inside it: {self.matcher.get_error()}")
+            try:
+                self._known[key] = self._mask()
+            finally:
+                if prefix:
+                    self.matcher.rollback(len(prefix))
+        return self._known[key]
+
     def allowed_rows(self, tokens: list[int], parents: list[int] | None) -> torch.Tensor:
         parents = parents if parents is not None else list(range(-1, len(tokens) - 1))
         rows = torch.ones(1 + len(tokens), self.vocab_size, dtype=torch.bool)
-        rows[0] = self.allowed()
+        rows[0] = self.allowed_after([])
         paths: dict[int, list[int]] = {-1: []}  # nodes inside the grammar -> their path
-        consumed: list[int] = []  # the path the matcher stands on now (beyond the committed tokens)
-        try:
-            for i, (tok, parent) in enumerate(zip(tokens, parents)):
-                if parent not in paths or not rows[parent + 1, tok]:
-                    continue  # left the grammar (or below a node that did): unreachable
-                path = paths[parent] + [tok]
-                common = _common_prefix(consumed, path)
-                if len(consumed) > common:
-                    self.matcher.rollback(len(consumed) - common)
-                if not self.matcher.consume_tokens(path[common:]):
-                    raise RuntimeError(f"the grammar refused a token its own mask allowed: {self.matcher.get_error()}")
-                consumed, paths[i] = path, path
-                rows[i + 1] = self.allowed()
-        finally:
-            if consumed:
-                self.matcher.rollback(len(consumed))
+        for i, (tok, parent) in enumerate(zip(tokens, parents)):
+            if parent not in paths or not rows[parent + 1, tok] or tok in self.eos_ids:
+                continue  # left the grammar (or below a node that did), or ended it: its row is never used
+            paths[i] = paths[parent] + [tok]
+            rows[i + 1] = self.allowed_after(paths[i])
         return rows
 
     def advance(self, tokens: list[int]) -> None:
+        self._known.clear()
         if tokens and not self.matcher.consume_tokens(tokens):
             raise RuntimeError(f"the grammar refused a verified token: {self.matcher.get_error()}")
 
@@ -201,13 +209,6 @@ def first_outside(tokens: list[int], rows: torch.Tensor) -> int | None:
         if not rows[i, tok]:
             return i
     return None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _one_line(message: str) -> str:

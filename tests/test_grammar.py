@@ -3,8 +3,9 @@
 Greedy: token-identical to constrained autoregressive decoding (fp32 tiny models, the real
 tokenizer's vocabulary) with n-gram chains, n-gram trees and a model drafter. Sampling: a
 chi-square test on a hand-made 8-token vocabulary against the exact masked distribution, and the
-same test failing for a loop that cuts a draft *before* its first token outside the grammar while
-verifying with the drafter's unmasked q (the naive variant)."""
+same test failing for two broken variants: a drafter that drafts inside the grammar but reports its
+unmasked q, and a loop that cuts a draft *before* its first token outside the grammar while
+verifying the rest with the drafter's unmasked q (the naive variant)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from conftest import random_model, tiny_config
 from specdecode import decoding
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
+from specdecode.drafters.base import Draft
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
@@ -61,7 +63,7 @@ def run(target, compiler, spec, prompt, drafter=None, k=4, max_new=48, sampling=
     return [t for step in steps for t in step]
 
 
-@pytest.mark.parametrize("drafter_spec", ["ngram:1-3", "layerskip:2", "ngram-tree"])
+@pytest.mark.parametrize("drafter_spec", ["ngram:1-3", "layerskip:2", "ngram-tree", "layerskip-tree:2"])
 def test_greedy_constrained_speculation_equals_constrained_ar(target, tokenizer, compiler, drafter_spec):
     drafter = build_drafter(drafter_spec, target, max_length=256, tokenizer=tokenizer)
     prompt = tokenizer.encode(PROMPT)
@@ -157,26 +159,79 @@ def exact_masked(target, prompt, sampling):
     return joint23, marg4
 
 
-def masked_loop_pvalues(target, draft, draws, k=3):
+class OutsideDrafter(DraftModelDrafter):
+    """Drafts from its unmasked q: its drafts leave the grammar, and the loop cuts them."""
+
+    follows_grammar = False
+
+
+class UnmaskedQDrafter(DraftModelDrafter):
+    """Broken: drafts inside the grammar (masked q) but reports its unmasked q."""
+
+    def propose(self, tokens, k, sampling, generator, stop_below=0.0, grammar=None):
+        draft = super().propose(tokens, k, sampling, generator, grammar=grammar)
+        if draft.tokens:
+            seq = torch.tensor(tokens + draft.tokens[:-1])
+            logits = self.model.forward(seq, self.model.new_cache(32), num_logits=len(draft.tokens)).logits
+            draft.probs = logits_to_probs(logits, sampling)
+        return draft
+
+
+class FixedTreeDrafter:
+    """Small fixed trees of one-hot candidates in turn (a budget of 4 new tokens leaves room for
+    two nodes): paths of two nodes and pairs of siblings, inside the grammar or not (c never is),
+    so that rows after a node (its children, the bonus) need the mask from that node's own path."""
+
+    name = "fixed-tree"
+    TREES = [([0, 3], [-1, 0]), ([1, 4], [-1, 0]), ([4, 0], [-1, -1]), ([2, 0], [-1, -1]), ([0, 1], [-1, 0]),
+             ([3, 0], [-1, 0]), ([1, 0], [-1, -1])]  # (tokens, parents): a=0 b=1 c=2 1=3 2=4
+
+    def __init__(self, model, vocab, max_length) -> None:
+        self.turn = 0
+
+    def begin(self, prompt_ids):
+        pass
+
+    def propose(self, tokens, k, sampling, generator):
+        self.turn += 1
+        nodes, parents = self.TREES[self.turn % len(self.TREES)]
+        return Draft(list(nodes), parents=list(parents))
+
+    def observe(self, draft, result):
+        pass
+
+
+def masked_loop_pvalues(target, draft, draws, drafter_class, k=3):
     sampling = SamplingParams(temperature=0.7)
     compiler = GrammarCompiler.from_token_bytes(TOKENS, EOS)
     prompt = [5, 6]
     cfg = GenerationConfig(max_new_tokens=4, sampling=sampling)
-    drafter = DraftModelDrafter(draft, V, max_length=16)
+    drafter = drafter_class(draft, V, max_length=16)
     cache, g = target.new_cache(16), make_generator(1234)
     c23, c4 = torch.zeros(V, V), torch.zeros(V)
+    stats = SpecStats()
     for _ in range(draws):
         grammar = compiler.compile(GrammarSpec("regex", TINY_REGEX))
-        out = [t for step in decode(target, cache, prompt, cfg, drafter, k, generator=g, constraint=grammar) for t in step]
+        steps = decode(target, cache, prompt, cfg, drafter, k, generator=g, constraint=grammar, stats=stats)
+        out = [t for step in steps for t in step]
         c23[out[1], out[2]] += 1
         c4[out[3]] += 1
+    assert stats.accepted > draws // 4  # drafts were accepted, and sometimes rejected
+    assert stats.accepted < stats.drafted
     joint23, marg4 = exact_masked(target, prompt, sampling)
     return gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
 
 
-def test_constrained_speculative_sampling_matches_the_masked_target(tiny_pair):
-    p23, p4 = masked_loop_pvalues(*tiny_pair, draws=4_000)
+@pytest.mark.parametrize("drafter_class", [DraftModelDrafter, OutsideDrafter, FixedTreeDrafter],
+                         ids=["drafts-inside", "cut-by-the-loop", "tree-masked-per-node"])
+def test_constrained_speculative_sampling_matches_the_masked_target(tiny_pair, drafter_class):
+    p23, p4 = masked_loop_pvalues(*tiny_pair, draws=2_500, drafter_class=drafter_class)
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+
+
+def test_the_masked_test_catches_an_unmasked_q(tiny_pair):
+    p23, p4 = masked_loop_pvalues(*tiny_pair, draws=1_500, drafter_class=UnmaskedQDrafter)
+    assert min(p23, p4) < ALPHA, (p23, p4)
 
 
 def test_the_masked_test_catches_cutting_before_the_outside_token(tiny_pair, monkeypatch):
@@ -189,5 +244,24 @@ def test_the_masked_test_catches_cutting_before_the_outside_token(tiny_pair, mon
 
     decoding_first_outside = decoding.first_outside
     monkeypatch.setattr(decoding, "first_outside", cut_there)
-    p23, p4 = masked_loop_pvalues(*tiny_pair, draws=2_000)
+    p23, p4 = masked_loop_pvalues(*tiny_pair, draws=2_500, drafter_class=OutsideDrafter)
     assert min(p23, p4) < ALPHA, (p23, p4)
+
+
+def test_a_tree_masked_from_the_wrong_state_is_caught(tiny_pair, monkeypatch):
+    """Broken: each node's row taken from its parent's state instead of its own path. The matcher
+    refuses the first verified token outside the grammar: the output never leaves it silently."""
+    from specdecode.grammar import Grammar
+
+    right = Grammar.allowed_rows
+
+    def from_the_parent(self, tokens, parents):
+        rows = right(self, tokens, parents)
+        for i, p in enumerate(parents or []):
+            if p >= 0:
+                rows[i + 1] = rows[p + 1]
+        return rows
+
+    monkeypatch.setattr(Grammar, "allowed_rows", from_the_parent)
+    with pytest.raises(RuntimeError, match="refused a verified token"):
+        masked_loop_pvalues(*tiny_pair, draws=500, drafter_class=FixedTreeDrafter)
