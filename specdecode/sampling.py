@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from specdecode.config import SamplingParams
@@ -62,12 +63,14 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Logits [N, V] with the tokens a grammar forbids (allowed [N, V] False) at -inf, before any
-    warping: the distribution is then the target's restricted to the grammar, for greedy and
-    sampling alike (grammar.py)."""
-    if not bool(allowed.any(-1).all()):
+    """Logits [N, V] (float32, a new tensor) with the tokens a grammar forbids (allowed [N, V]
+    False) at -inf, before any warping: the distribution is then the target's restricted to the
+    grammar, for greedy and sampling alike (grammar.py). In numpy: on a few rows torch's parallel
+    kernels cost ~10-25 ms each on 2 busy cores (threads waiting at barriers), numpy ~0.3 ms."""
+    ok = allowed.numpy()
+    if not ok.any(-1).all():
         raise RuntimeError("the grammar allows no token at some position")
-    return logits.float().masked_fill(~allowed, float("-inf"))
+    return torch.from_numpy(np.where(ok, logits.float().numpy(), np.float32(-np.inf)))
 
 
 @dataclass

@@ -65,6 +65,8 @@ class DraftModelDrafter:
             self.cached_ids.extend(feed)
             if grammar is not None:
                 logits = mask_logits(logits, grammar.allowed_after(drafted).unsqueeze(0))
+                if not bool(torch.isfinite(logits).any()):
+                    break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             if sampling.greedy:
                 token = int(logits[0].argmax())
             else:
