@@ -6,6 +6,7 @@ target that runs only its first layers (weights shared).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specdecode.config import SamplingParams
@@ -65,7 +66,7 @@ class DraftModelDrafter:
             self.cached_ids.extend(feed)
             if grammar is not None:
                 logits = mask_logits(logits, grammar.allowed_after(drafted).unsqueeze(0))
-                if not bool(torch.isfinite(logits).any()):
+                if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
                     break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             if sampling.greedy:
                 token = int(logits[0].argmax())
