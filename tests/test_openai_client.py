@@ -1,17 +1,23 @@
 """The server through the official `openai` client, over HTTP (uvicorn on a free local port in a
 thread): n, logprobs / top_logprobs, stop (whole and streamed), seed, usage, response_format and
-vLLM's guided_* fields, and clear 400s for bad grammars. A tiny random model with the real
-tokenizer serves most tests; one runs the real embedded model."""
+vLLM's guided_* fields, and clear 400s for bad grammars; a client that goes away mid-stream frees
+the model; SIGTERM drains the requests in flight (`specdecode serve` in a subprocess). A tiny
+random model with the real tokenizer serves most tests; two run the real embedded model."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -27,10 +33,14 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enu
           "required": ["ok", "n"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
 
 
-def _serve(engine: Engine, drafter: str) -> Iterator[openai.OpenAI]:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _serve(engine: Engine, drafter: str) -> Iterator[openai.OpenAI]:
+    port = _free_port()
     app = create_app(engine, "tiny", drafter=drafter, k=3, limits=ServerLimits(drafters=(drafter, "ngram")))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -152,3 +162,72 @@ def test_embedded_model_answers_json_through_the_client():
             assert set(record) == {"name", "age"} and isinstance(record["age"], int)
             texts.append(out.choices[0].message.content)
         assert texts[0] == texts[1]
+
+
+def test_a_client_gone_mid_stream_frees_the_model(client):
+    """The stream stops at the disconnect (nothing is recorded as finished) and the next request
+    is served at once (before the fix the model stayed held and it waited forever)."""
+    base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    finished = _metric(base, "specdecode:generation_tokens_total")
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    start = time.monotonic()
+    after = client.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=0, timeout=30)
+    assert after.usage.completion_tokens >= 1 and time.monotonic() - start < 20
+    assert _metric(base, "specdecode:generation_tokens_total") - finished == after.usage.completion_tokens
+
+
+def _metric(base: str, name: str) -> float:
+    lines = httpx.get(f"{base}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_requests_in_flight():
+    """`specdecode serve` (embedded model) gets SIGTERM while one request streams and another waits:
+    both finish whole, new connections are refused, and the process exits 0."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "specdecode.cli", "serve", "--port", str(port), "--drafter", "ngram",
+                             "--k", "3", "--max-context", "256"], env=env, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        results: dict[int, list[str]] = {}
+        streaming = threading.Event()
+
+        def ask(i: int) -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        results.setdefault(i, []).append(line[6:])
+                        streaming.set()
+
+        clients = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in clients:
+            t.start()
+            time.sleep(0.2)
+        assert streaming.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=5)
+        for t in clients:
+            t.join(120)
+        assert proc.wait(60) == 0
+        for events in results.values():
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 40
+        assert len(results) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -165,7 +165,7 @@ def create_app(
         reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), req.logprobs is not None and req.logprobs is not False)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(served, reply, usage), media_type="text/event-stream")
+            return _EventStream(_sse(served, reply, usage))
         try:
             for _ in served:
                 pass
@@ -297,6 +297,24 @@ class _Served:
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status,
                         headers=headers)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events from a generator that holds the model; the generator is closed however
+    the response ends. A client that goes away cancels the sending (Starlette) while the generator
+    waits at a yield; left alone it was never closed, the model stayed held and every later request
+    waited forever. Closing it stops the decoding and frees the model (its `finally`). No worker
+    thread runs the generator by then: a step in flight is finished before the cancellation lands."""
+
+    def __init__(self, events: Iterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.events.close()  # type: ignore[attr-defined]
 
 
 def _sse(served: _Served, reply: _Reply, usage: bool) -> Iterator[str]:

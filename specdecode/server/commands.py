@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -26,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for (default 4096)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or $SPECDECODE_API_KEY)")
+    p.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="on SIGTERM: stop listening, finish the requests in flight (waiting ones too) for at most "
+                        "this many seconds, then exit 0 (default 120)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -56,5 +60,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(drafters=tuple(d for d in offered if d != "none"), max_k=args.max_k, max_tokens=args.max_tokens,
                           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("SPECDECODE_API_KEY"))
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: ours ends with 0
+    signal.signal(signal.SIGTERM, _drained)
+    uvicorn.Server(config).run()
     return 0
+
+
+def _drained(signum: int, frame: Any) -> None:
+    print("specdecode: drained the requests in flight; exiting", file=sys.stderr, flush=True)
+    raise SystemExit(0)
