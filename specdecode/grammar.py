@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from specdecode.errors import UserError
+from specdecode.errors import UserError, parse_json_object
 
 KINDS = ("json_object", "json_schema", "regex", "lark")
 
@@ -39,12 +39,9 @@ class GrammarSpec:
     def json_schema(cls, schema: Any) -> "GrammarSpec":
         """From a schema given as a dict or as JSON text."""
         if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as e:
-                raise UserError(f"the JSON schema is not valid JSON: {e}") from None
-        if not isinstance(schema, dict):
-            raise UserError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
+            schema = parse_json_object(schema, "the JSON schema")
+        elif not isinstance(schema, dict):
+            raise UserError(f"the JSON schema must be a JSON object, got {type(schema).__name__}")
         return cls("json_schema", json.dumps(schema))
 
     @classmethod

@@ -23,7 +23,6 @@ from specdecode.assisted import AssistedArgs
 from specdecode.engine import Engine, Generation, TextStream
 from specdecode.errors import UserError
 from specdecode.grammar import GrammarSpec
-from specdecode.sampling import TokenLogprob
 from specdecode.server.operations import Queue, ServerLimits, ServerMetrics
 
 
