@@ -7,8 +7,12 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from specdecode.errors import UserError
+
+if TYPE_CHECKING:
+    from specdecode.grammar import GrammarSpec
 
 # Each module has `register(subparsers)` adding its subcommand(s); heavy imports stay inside
 # the command functions so `specdecode --help` is fast.
@@ -120,9 +124,9 @@ def add_grammar_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grammar", default=None, metavar="FILE", help="structured output: a Lark grammar file (llguidance)")
 
 
-def grammar_from_args(args: argparse.Namespace):  # -> GrammarSpec | None
+def grammar_from_args(args: argparse.Namespace) -> GrammarSpec | None:
     """The structured-output flags as a checked GrammarSpec (a bad one fails before loading)."""
-    from specdecode.grammar import GrammarSpec
+    from specdecode.grammar import GrammarSpec  # (llguidance loads only when asked for)
 
     if args.regex is not None:
         spec = GrammarSpec("regex", args.regex)

@@ -123,11 +123,7 @@ def decode(
                     draft = _cut(draft, budget)
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
             if constraint is not None:
-                allowed = constraint.allowed_rows(draft.tokens, draft.parents)
-                outside = first_outside(draft.tokens, allowed) if draft.parents is None else None
-                if outside is not None:  # kept: certainly rejected there (p = 0); what follows could not be reached
-                    draft = _cut(draft, outside + 1)
-                    allowed = allowed[: outside + 2]
+                draft, allowed = _constrain(draft, constraint)
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
             fed = torch.tensor([tokens[-1]] + draft.tokens)
@@ -191,3 +187,14 @@ def _cut(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
     return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
+
+
+def _constrain(draft: Draft, constraint: Constraint) -> tuple[Draft, torch.Tensor]:
+    """The grammar's rows for a draft ([1+d, V]); a chain is cut *after* its first token outside
+    the grammar: that token stays, certainly rejected (p = 0) with the token at its position drawn
+    from the residual, and what follows it could never be reached (docs/structured-output.md)."""
+    allowed = constraint.allowed_rows(draft.tokens, draft.parents)
+    outside = first_outside(draft.tokens, allowed) if draft.parents is None else None
+    if outside is None:
+        return draft, allowed
+    return _cut(draft, outside + 1), allowed[: outside + 2]

@@ -161,7 +161,8 @@ def create_app(
             done()
             return _error(str(e), 400)
         served = _Served(streams, metrics, begun, done)
-        reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), req.logprobs is not None and req.logprobs is not False)
+        wants_logprobs = requested_logprobs(req, chat) is not None
+        reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), wants_logprobs)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return _EventStream(_sse(served, reply, usage))
