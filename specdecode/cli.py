@@ -7,8 +7,12 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from specdecode.errors import UserError
+
+if TYPE_CHECKING:
+    from specdecode.grammar import GrammarSpec
 
 # Each module has `register(subparsers)` adding its subcommand(s); heavy imports stay inside
 # the command functions so `specdecode --help` is fast.
@@ -111,6 +115,43 @@ def max_draft(k: int | str) -> int:
     return k if isinstance(k, int) else DEFAULT_K_MAX
 
 
+def add_grammar_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--regex", default=None, help="structured output: the whole output matches this regex")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="structured output: JSON matching this schema (inline JSON, or @FILE)")
+    g.add_argument("--json-object", action="store_true", help="structured output: any JSON object")
+    g.add_argument("--grammar", default=None, metavar="FILE", help="structured output: a Lark grammar file (llguidance)")
+
+
+def grammar_from_args(args: argparse.Namespace) -> GrammarSpec | None:
+    """The structured-output flags as a checked GrammarSpec (a bad one fails before loading)."""
+    from specdecode.grammar import GrammarSpec  # (llguidance loads only when asked for)
+
+    if args.regex is not None:
+        spec = GrammarSpec("regex", args.regex)
+    elif args.json_schema is not None:
+        spec = GrammarSpec.json_schema(_read_arg(args.json_schema))
+    elif args.json_object:
+        spec = GrammarSpec("json_object")
+    elif args.grammar is not None:
+        spec = GrammarSpec("lark", _read_arg("@" + args.grammar))
+    else:
+        return None
+    spec.check()
+    return spec
+
+
+def _read_arg(value: str) -> str:
+    """`@FILE` -> the file's text; anything else as given."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return open(value[1:], encoding="utf-8").read()
+    except OSError as e:
+        raise UserError(f"cannot read {value[1:]}: {e.strerror}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from specdecode.config import SamplingParams
     from specdecode.engine import Engine
@@ -124,13 +165,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    grammar = grammar_from_args(args)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
     if args.compile:
         engine.warm_up(max_draft(args.k) + 1)  # compile verification steps now, not inside the timed request
     stream = engine.stream(
         prompt, drafter=args.drafter, draft=args.draft, k=args.k, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        stop=args.stop, chat=not args.no_chat,
+        stop=args.stop, chat=not args.no_chat, grammar=grammar,
     )
     if engine.load_report is not None:  # after the checks above: an error stays the only stderr line
         name = args.target or "the embedded SmolLM2-135M-Instruct"
@@ -156,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=None)
     add_model_args(gen)
     add_decoding_args(gen)
+    add_grammar_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) as the last line")
     gen.set_defaults(func=cmd_generate)
     for module in SUBCOMMAND_MODULES:

@@ -16,10 +16,11 @@ from specdecode.config import GenerationConfig
 from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
+from specdecode.grammar import Constraint, first_outside
 from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM, ModelOutput
-from specdecode.sampling import logits_to_probs, make_generator, select_tokens
+from specdecode.sampling import LogprobRecord, logits_to_probs, make_generator, mask_logits, select_tokens
 from specdecode.verify import greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
 
 
@@ -33,6 +34,8 @@ def decode(
     eos_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     stats: SpecStats | None = None,
+    constraint: Constraint | None = None,
+    logprobs: LogprobRecord | None = None,
     forward: Callable[..., ModelOutput] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step (1..k+1 tokens) until EOS or max_new_tokens.
@@ -45,6 +48,11 @@ def decode(
     trees then sizes each tree itself: cost_model.TreeSize), 'heuristic',
     'confidence:T' (drafters that score their drafts stop after a token below probability T),
     or a KPolicy object (which then learns from this request).
+
+    constraint: a grammar (grammar.py) that masks the target's logits at every scored row from
+    its state after that row's prefix; it advances over the verified tokens only, and the output
+    ends when the grammar is complete (its end-of-sequence ids end it even with ignore_eos).
+    logprobs: filled with the target's log-probabilities of every yielded token (sampling.py).
     forward: what runs the target's forwards (default `target.forward`; a batch scheduler's
     `Batcher.forward` to share them with other sequences: batching.py).
     """
@@ -75,6 +83,8 @@ def decode(
     if policy is not None:
         stats.k_policy = policy.name
     stop_ids = set() if config.ignore_eos else set(eos_ids)
+    if constraint is not None:
+        stop_ids |= set(constraint.eos_ids)
     max_new = min(config.max_new_tokens, room)
     forward = forward or target.forward
     start = time.perf_counter()
@@ -84,13 +94,21 @@ def decode(
         layers = hidden_layers(drafter) if feed_hidden else None
         out = forward(torch.tensor(prompt_ids), cache, num_logits=1, return_hidden=feed_hidden, hidden_layers=layers)
         logits = out.logits  # [1, V]
+        if constraint is not None:
+            logits = mask_logits(logits, constraint.allowed_rows([], None))
         first = int(select_tokens(logits, sampling, generator)[0])
         stats.target_forwards += 1
         stats.prefill_seconds = time.perf_counter() - start
         if first in stop_ids:
             return
         stats.new_tokens = 1
+        if logprobs is not None:
+            logprobs.add(out.logits, [first])
+        if constraint is not None:
+            constraint.advance([first])
         yield [first]
+        if constraint is not None and constraint.finished:
+            return
         if drafter is not None:
             drafter.begin(list(prompt_ids))
             if feed_hidden:
@@ -101,12 +119,15 @@ def decode(
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
-                if stop_below:
-                    draft = drafter.propose(tokens, budget, sampling, generator, stop_below=stop_below)  # type: ignore[call-arg]
-                else:
-                    draft = drafter.propose(tokens, budget, sampling, generator)
+                extra: dict[str, object] = {"stop_below": stop_below} if stop_below else {}
+                if constraint is not None and getattr(drafter, "follows_grammar", False):
+                    extra["grammar"] = constraint  # it drafts inside the grammar: its q is masked too
+                draft = drafter.propose(tokens, budget, sampling, generator, **extra)  # type: ignore[call-arg]
                 if len(draft.tokens) > budget:
                     draft = _cut(draft, budget)
+            allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
+            if constraint is not None:
+                draft, allowed = _constrain(draft, constraint)
             t1 = time.perf_counter()
             committed = cache.length  # every token but the newest is in the cache
             fed = torch.tensor([tokens[-1]] + draft.tokens)
@@ -119,7 +140,7 @@ def decode(
                 levels = int(depth.max())
                 out = forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
                                      return_hidden=feed_hidden, hidden_layers=layers)
-            logits = out.logits  # [1+d, V]
+            logits = out.logits if allowed is None else mask_logits(out.logits, allowed)  # [1+d, V]
             if draft.parents is not None:
                 if sampling.greedy:
                     result = greedy_verify_tree(draft.tokens, draft.parents, logits)
@@ -151,6 +172,11 @@ def decode(
                     new = new[:i]
                     break
             stopped = len(new) < result.num_accepted + 1
+            if logprobs is not None:
+                logprobs.add(out.logits[kept_rows or list(range(len(new)))][: len(new)], new)
+            if constraint is not None:
+                constraint.advance(new)
+                stopped = stopped or constraint.finished
             tokens.extend(new)
             stats.new_tokens += len(new)
             if new:
@@ -165,3 +191,14 @@ def _cut(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
     return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
+
+
+def _constrain(draft: Draft, constraint: Constraint) -> tuple[Draft, torch.Tensor]:
+    """The grammar's rows for a draft ([1+d, V]); a chain is cut *after* its first token outside
+    the grammar: that token stays, certainly rejected (p = 0) with the token at its position drawn
+    from the residual, and what follows it could never be reached (docs/structured-output.md)."""
+    allowed = constraint.allowed_rows(draft.tokens, draft.parents)
+    outside = first_outside(draft.tokens, allowed) if draft.parents is None else None
+    if outside is None:
+        return draft, allowed
+    return _cut(draft, outside + 1), allowed[: outside + 2]

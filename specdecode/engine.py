@@ -36,6 +36,7 @@ from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.errors import UserError
+from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import CausalLM, ModelOutput
@@ -43,6 +44,7 @@ from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.models.direct import direct_loading_supported, load_gguf_direct
 from specdecode.models.loading import embedded_model_path, inspect_model, load_model_source, model_source_path
+from specdecode.sampling import LogprobRecord, TokenLogprob
 from specdecode.tokenizer import StreamDecoder, Tokenizer
 
 NATIVE_ARCHS = ("llama", "qwen2", "mistral")
@@ -66,7 +68,8 @@ class Generation:
     text: str
     token_ids: list[int]
     stats: SpecStats
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS, stop string or a complete grammar) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
     def to_dict(self) -> dict[str, object]:
         return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
@@ -165,6 +168,7 @@ class Engine:
         self.batcher: Batcher | None = None  # set by enable_batching
         self._seats: list[_Seat] = []  # free drafter sets for batched streams
         self._seats_lock = threading.Lock()
+        self._grammars: GrammarCompiler | None = None
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -254,6 +258,12 @@ class Engine:
             gc.collect()  # through a client's disconnect: exceptions holding frames): give their pages back
             memory.return_free_heap()
 
+    def grammar(self, spec: GrammarSpec) -> Grammar:
+        """A fresh matcher for one request (UserError for a grammar that does not compile)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.config.vocab_size, self.tokenizer.eos_token_ids)
+        return self._grammars.compile(spec)
+
     def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
         if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
             raise UserError(
@@ -289,6 +299,8 @@ class Engine:
         stop: Sequence[str] = (),
         chat: bool = True,
         ignore_eos: bool = False,
+        grammar: GrammarSpec | None = None,
+        logprobs: int | None = None,
         **assisted: object,
     ) -> "TextStream":
         """Text deltas as they are decoded; the finished Generation is `.result` afterwards.
@@ -298,7 +310,9 @@ class Engine:
         'heuristic', 'confidence:T', or a fixed number. temperature: 0 (the default) is greedy.
         transformers' assisted-generation keywords work with their meanings (assistant_model,
         num_assistant_tokens, num_assistant_tokens_schedule, assistant_confidence_threshold,
-        prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py)."""
+        prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py).
+        grammar: the output must match it (structured output, grammar.py). logprobs: record the
+        target's log-probability of every token and of its `logprobs` likeliest alternatives."""
         unknown = sorted(set(assisted) - set(AssistedArgs.__dataclass_fields__))
         if unknown:
             raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
@@ -315,6 +329,8 @@ class Engine:
                 "shorten the prompt or raise --max-context"
             )
         chosen = self.drafter(drafter, draft)
+        constraint = None if grammar is None else self.grammar(grammar)
+        record = None if logprobs is None else LogprobRecord(top=logprobs)
         policy: int | str | KPolicy = k
         if k == "auto" and getattr(chosen, "grows_trees", False):
             self.tree_cost_table()  # its trees are sized from these (cost_model.TreeSize): read from disk
@@ -323,7 +339,7 @@ class Engine:
             if seed is not None and not sampling.greedy:  # same seed, same text: k may not follow the clock
                 spec = (drafter, draft) if isinstance(drafter, str) else chosen
                 policy = AutoK(costs, draft_cost=self.draft_cost(spec, chosen))
-        return TextStream(self, prompt_ids, config, chosen, policy,
+        return TextStream(self, prompt_ids, config, chosen, policy, constraint, record,
                           (drafter, draft) if isinstance(drafter, str) else None)
 
     def cost_table(self) -> CostTable:
@@ -382,11 +398,12 @@ class TextStream:
     """Iterates over text deltas; stop strings are cut (and held back until they can't match)."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
-                 k: int | str | KPolicy, drafter_spec: tuple[str, str | None] | None = None):
+                 k: int | str | KPolicy, constraint: Constraint | None = None, logprobs: LogprobRecord | None = None,
+                 drafter_spec: tuple[str, str | None] | None = None):
         """drafter_spec: the drafter's (name, draft path), so that a batched stream can take its
         seat's own instance of it (drafters keep per-sequence state)."""
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
-        self.drafter_spec = drafter_spec
+        self.constraint, self.logprobs, self.drafter_spec = constraint, logprobs, drafter_spec
         self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None
 
@@ -409,7 +426,8 @@ class TextStream:
         engine, config = self.engine, self.config
         steps = decode(
             engine.model, cache, self.prompt_ids, config, drafter, self.k,
-            engine.tokenizer.eos_token_ids, stats=self.stats, forward=forward,
+            engine.tokenizer.eos_token_ids, stats=self.stats, constraint=self.constraint, logprobs=self.logprobs,
+            forward=forward,
         )
         detok = StreamDecoder(engine.tokenizer)
         token_ids: list[int] = []
@@ -435,7 +453,8 @@ class TextStream:
         if len(text) > emitted:
             yield text[emitted:]
         self.stats.record_memory(engine.weight_format, engine.load_report)
-        self.result = Generation(text, token_ids, self.stats, finish)
+        self.result = Generation(text, token_ids, self.stats, finish,
+                                 None if self.logprobs is None else self.logprobs.entries[: len(token_ids)])
 
 
 class _Seat:

@@ -46,6 +46,10 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> No
         (["generate", "hi", "--drafter", "bogus"], ["unknown drafter"]),
         (["generate", "hi", "--drafter", "model"], ["--draft"]),
         (["serve", "--max-batch", "0"], ["--max-batch", ">= 1"]),
+        (["generate", "hi", "--regex", "(("], ["invalid regex", "unclosed group"]),
+        (["generate", "hi", "--json-schema", '{"type": "bogus"}'], ["invalid json schema", "bogus"]),
+        (["generate", "hi", "--json-schema", "{nope"], ["JSON schema is not valid JSON"]),
+        (["generate", "hi", "--grammar", "/nonexistent/g.lark"], ["cannot read /nonexistent/g.lark"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, words):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from specdecode.errors import UserError
+from specdecode.errors import UserError, parse_json_object
 
 PROMPT_SETS = ("mtbench", "humaneval", "all")
 MTBENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -152,13 +151,7 @@ def _jsonl(data: bytes | str, source: str) -> list[dict[str, object]]:
     for n, line in enumerate(io.StringIO(text), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"{source}:{n} is not valid JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{source}:{n} must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append(parse_json_object(line, f"{source}:{n}"))
     return rows
 
 

@@ -46,6 +46,10 @@ class Drafter(Protocol):
 # Drafters that score their drafts set `scores_drafts = True` and take a keyword argument
 # `propose(..., stop_below=t)`: stop after the first drafted token whose draft probability
 # (`draft_probability`) is below t (`--k confidence:t`, transformers' assistant_confidence_threshold).
+# Drafters that can draft inside a grammar set `follows_grammar = True` and take a keyword
+# argument `propose(..., grammar=g)` (structured output, grammar.Constraint): each drafted token's
+# logits are masked by `g.allowed_after(drafted so far)` before q is formed, so q is the masked
+# distribution the token really came from. Other drafters' drafts are cut by the loop instead.
 
 
 def draft_probability(logits: torch.Tensor, token: int, q: torch.Tensor | None) -> float:

@@ -6,6 +6,7 @@ target that runs only its first layers (weights shared).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specdecode.config import SamplingParams
@@ -13,12 +14,15 @@ from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask, log_probs
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
-from specdecode.sampling import logits_to_probs, sample
+from specdecode.grammar import Constraint
+from specdecode.sampling import logits_to_probs, mask_logits, sample
 from specdecode.verify import VerifyResult
 
 
 class DraftModelDrafter:
     scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    follows_grammar = True  # propose(..., grammar=g): see drafters/base.py
+
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model", max_length: int | None = None) -> None:
         if model.config.vocab_size != target_vocab_size:
             raise UserError(
@@ -48,8 +52,9 @@ class DraftModelDrafter:
         return tokens[common:]
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
-        """stop_below: stop after a token drawn with probability below it (--k confidence)."""
+                stop_below: float = 0.0, grammar: Constraint | None = None) -> Draft:
+        """stop_below: stop after a token drawn with probability below it (--k confidence).
+        grammar: draft inside it (each position's logits masked from the state after the draft so far)."""
         k = min(k, self.cache.max_length - len(tokens))
         if k <= 0:
             return Draft([])
@@ -59,6 +64,10 @@ class DraftModelDrafter:
         for _ in range(k):
             logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
             self.cached_ids.extend(feed)
+            if grammar is not None:
+                logits = mask_logits(logits, grammar.allowed_after(drafted).unsqueeze(0))
+                if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
+                    break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             if sampling.greedy:
                 token = int(logits[0].argmax())
             else:
@@ -67,6 +76,8 @@ class DraftModelDrafter:
                 probs.append(q[0])
             drafted.append(token)
             feed = [token]
+            if grammar is not None and token in grammar.eos_ids:
+                break  # the grammar's output is complete: nothing may follow
             if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
                 break
         return Draft(drafted, torch.stack(probs) if probs else None)
@@ -86,6 +97,7 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
     # a level (one forward of `width` rows through the draft, in target steps): the distilled
     # 4-layer draft and a quarter of the target's layers cost ~0.15-0.3 (bench column c)
     level_cost = 0.3
+    follows_grammar = False  # under a grammar the loop masks each node's row (grammar.allowed_rows)
 
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model-tree", max_length: int | None = None,
                  width: int = 2, depth: int = 6) -> None:

@@ -1,6 +1,9 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (with SSE
 streaming). Speculation is configured per server (--drafter, --k) and may be overridden per
-request with the extension fields `drafter` and `k`; every response carries `spec_stats`."""
+request with the extension fields `drafter` and `k`; every response carries `spec_stats`.
+OpenAI's `n`, `logprobs`/`top_logprobs`, `stop`, `seed`, `usage` (and `stream_options.include_usage`)
+and `response_format` (json_object, json_schema) work as OpenAI clients send them; vLLM's
+`guided_regex`, `guided_json` and `guided_grammar` (Lark) extend structured output."""
 
 from __future__ import annotations
 
@@ -8,19 +11,18 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import iterate_in_threadpool
 from pydantic import BaseModel, Field
 
 from specdecode.assisted import AssistedArgs
 from specdecode.engine import Engine, Generation, TextStream
 from specdecode.errors import UserError
+from specdecode.grammar import GrammarSpec
 from specdecode.server.operations import Queue, ServerLimits, ServerMetrics
 
 
@@ -34,6 +36,14 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the usage
+    n: int = 1  # choices, each generated (choice i samples with seed + i)
+    logprobs: bool | int | None = None  # chat: true/false; completions: how many alternatives
+    top_logprobs: int | None = None  # chat: how many alternatives
+    response_format: dict[str, Any] | None = None  # {"type": "json_object" | "json_schema", ...}
+    guided_regex: str | None = None  # extensions with vLLM's names: the output matches this regex,
+    guided_json: dict[str, Any] | str | None = None  # this JSON schema,
+    guided_grammar: str | None = None  # or this Lark grammar (llguidance's dialect)
     drafter: str | None = None  # extension: override the server's drafter
     k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic", "confidence:T")
     # extensions with transformers' names and meanings (specdecode/assisted.py); no assistant_model:
@@ -48,6 +58,37 @@ class _Request(BaseModel):
 
 # transformers' keywords a request may send: all of AssistedArgs' but assistant_model (a path)
 ASSISTED_FIELDS = tuple(name for name in AssistedArgs.__dataclass_fields__ if name != "assistant_model")
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+
+def request_grammar(req: _Request) -> GrammarSpec | None:
+    """The one grammar a request asks for (UserError for several, or for one that does not compile)."""
+    given = [GrammarSpec.from_response_format(req.response_format),
+             None if req.guided_regex is None else GrammarSpec("regex", req.guided_regex),
+             None if req.guided_json is None else GrammarSpec.json_schema(req.guided_json),
+             None if req.guided_grammar is None else GrammarSpec("lark", req.guided_grammar)]
+    given = [g for g in given if g is not None]
+    if len(given) > 1:
+        raise UserError("ask for one structured output at a time: response_format, guided_regex, guided_json or guided_grammar")
+    if given:
+        given[0].check()
+    return given[0] if given else None
+
+
+def requested_logprobs(req: _Request, chat: bool) -> int | None:
+    """How many alternatives to report per token (None: no logprobs)."""
+    if chat:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise UserError("top_logprobs needs logprobs: true")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        if isinstance(req.logprobs, bool):
+            raise UserError("logprobs of /v1/completions is a number of alternatives (0..5), not true/false")
+        top = req.logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise UserError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top}")
+    return top
 
 
 class CompletionRequest(_Request):
@@ -84,7 +125,7 @@ def create_app(
             return _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)
         return await call_next(request)
 
-    def start(req: _Request, prompt: Any, chat: bool) -> TextStream:
+    def start(req: _Request, prompt: Any, chat: bool, grammar: GrammarSpec | None, choice: int) -> TextStream:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         assisted = {name: getattr(req, name) for name in ASSISTED_FIELDS if getattr(req, name) is not None}
         # transformers' keywords that choose the drafter / the draft length replace the server's defaults
@@ -98,13 +139,18 @@ def create_app(
         return engine.stream(
             prompt, drafter=chosen, draft=draft, k=length,
             max_new_tokens=req.max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p,
-            min_p=req.min_p, seed=req.seed, stop=stops, chat=chat, **assisted,
+            min_p=req.min_p, seed=None if req.seed is None else req.seed + choice, stop=stops, chat=chat,
+            grammar=grammar, logprobs=requested_logprobs(req, chat), **assisted,
         )
 
     def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
             limits.check(req.drafter, req.k, req.max_tokens)
+            if not 1 <= req.n <= MAX_N:
+                raise UserError(f"n must be in 1..{MAX_N}, got {req.n}")
+            requested_logprobs(req, chat)
+            grammar = request_grammar(req)
         except UserError as e:
             return _error(str(e), 400)
         if not queue.admit():
@@ -113,20 +159,22 @@ def create_app(
         lock.acquire()
         queue.started()
         try:
-            stream = start(req, prompt, chat)
+            streams = [start(req, prompt, chat, grammar, choice) for choice in range(req.n)]
         except UserError as e:
             done()
             return _error(str(e), 400)
-        served = _Served(stream, metrics, begun, done)
+        served = _Served(streams, metrics, begun, done)
+        wants_logprobs = requested_logprobs(req, chat) is not None
+        reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), wants_logprobs)
         if req.stream:
-            return _ClosingStream(_closing(_sse(served, rid, model_name, kind)), media_type="text/event-stream")
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return _EventStream(_sse(served, reply, usage))
         try:
             for _ in served:
                 pass
         finally:
             served.close()
-        assert stream.result is not None
-        return _body(stream.result, rid, model_name, kind, len(stream.prompt_ids))
+        return reply.body([s.result for s in streams])  # type: ignore[misc]
 
     def done() -> None:
         queue.left(started=True)
@@ -155,70 +203,98 @@ def create_app(
     return app
 
 
-def _body(result: Generation, rid: str, model: str, kind: str, prompt_tokens: int) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
-    if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    return {
-        "id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
-                  "total_tokens": prompt_tokens + len(result.token_ids)},
-        "spec_stats": result.stats.to_dict(),
-    }
+class _Reply:
+    """OpenAI's response shapes for one request: whole bodies, stream chunks, usage, logprobs."""
+
+    def __init__(self, rid: str, model: str, kind: str, tokenizer: Any, prompt_tokens: int, logprobs: bool) -> None:
+        self.rid, self.model, self.kind, self.tokenizer = rid, model, kind, tokenizer
+        self.prompt_tokens, self.logprobs = prompt_tokens, logprobs
+        self.chat = kind == "chat.completion"
+
+    def body(self, results: list[Generation]) -> dict[str, Any]:
+        choices = []
+        for i, result in enumerate(results):
+            choice: dict[str, Any] = {"index": i, "finish_reason": result.finish_reason,
+                                      "logprobs": self.logprob_block(result)}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice["text"] = result.text
+            choices.append(choice)
+        return {"id": self.rid, "object": self.kind, "created": int(time.time()), "model": self.model,
+                "choices": choices, "usage": self.usage(results), "spec_stats": results[0].stats.to_dict()}
+
+    def usage(self, results: list[Generation]) -> dict[str, int]:
+        completion = sum(len(r.token_ids) for r in results)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def chunk(self, index: int, delta: str | None, finish: str | None = None, extra: dict[str, Any] | None = None,
+              logprobs: dict[str, Any] | None = None) -> str:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
+        if self.chat:
+            choice["delta"] = {} if delta is None else {"content": delta}
+        else:
+            choice["text"] = delta or ""
+        return self.event({"choices": [choice], **(extra or {})})
+
+    def event(self, fields: dict[str, Any]) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {"id": self.rid, "object": obj, "created": int(time.time()), "model": self.model, **fields}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def logprob_block(self, result: Generation) -> dict[str, Any] | None:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: tokens,
+        token_logprobs, top_logprobs, text_offset (OpenAI's legacy shape)."""
+        if not self.logprobs or result.logprobs is None:
+            return None
+        entries = result.logprobs
+        text = [self.tokenizer.decode([e.token]) for e in entries]
+        if self.chat:
+            return {"content": [{**self._token(e.token, e.logprob), "top_logprobs": [self._token(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        offsets, at = [], 0
+        for piece in text:
+            offsets.append(at)
+            at += len(piece)
+        return {"tokens": text, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self.tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        piece = self.tokenizer.decode([token])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
 
 
 class _Served:
-    """A request's text stream holding the model: timing for the metrics, and `close()` (once,
-    however the request ends: finished, failed or its client gone) records it and frees the model."""
+    """A request's text streams (its n choices, one after the other) holding the model: timing for
+    the metrics, and `close()` (once, however the request ends: finished, failed or its client
+    gone) records them and frees the model. Iterating yields (choice index, text delta), and
+    (index, None) when a choice has finished."""
 
-    def __init__(self, stream: TextStream, metrics: ServerMetrics, begun: float, release: Any) -> None:
-        self.stream, self.metrics, self.begun, self.release = stream, metrics, begun, release
+    def __init__(self, streams: list[TextStream], metrics: ServerMetrics, begun: float, release: Any) -> None:
+        self.streams, self.metrics, self.begun, self.release = streams, metrics, begun, release
         self.first_token: float | None = None
         self.closed = False
 
-    def __iter__(self) -> Iterator[str]:
-        for delta in self.stream:
-            if self.first_token is None:
-                self.first_token = time.perf_counter() - self.begun
-            yield delta
+    def __iter__(self) -> Iterator[tuple[int, str | None]]:
+        for index, stream in enumerate(self.streams):
+            for delta in stream:
+                if self.first_token is None:
+                    self.first_token = time.perf_counter() - self.begun
+                yield index, delta
+            yield index, None
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        result = self.stream.result
-        if result is not None:
-            self.metrics.finished(result.stats, len(self.stream.prompt_ids), result.finish_reason,
-                                  time.perf_counter() - self.begun, self.first_token)
+        for stream in self.streams:
+            result = stream.result
+            if result is not None:
+                self.metrics.finished(result.stats, len(stream.prompt_ids), result.finish_reason,
+                                      time.perf_counter() - self.begun, self.first_token)
         self.release()
-
-
-class _ClosingStream(StreamingResponse):
-    """A streamed response that closes its body however it ends. When the client goes away,
-    Starlette cancels the stream at its next send and drops the body generator as it is
-    (suspended, holding a batch seat and a KV cache) in a reference cycle with the
-    cancellation's traceback: only the garbage collector would close it, and meanwhile its seat
-    stays taken (measured: 8 disconnects filled 8 seats and stalled every later request)."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
-async def _closing(events: Iterator[str]) -> AsyncIterator[str]:
-    """`events` (a generator run in worker threads) as an async body; closing this closes it
-    (in a worker thread: its `finally` ends a decoding loop)."""
-    try:
-        async for event in iterate_in_threadpool(events):
-            yield event
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(events.close)  # type: ignore[attr-defined]
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -226,27 +302,41 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
                         headers=headers)
 
 
-def _sse(served: _Served, rid: str, model: str, kind: str) -> Iterator[str]:
-    stream = served.stream
-    chat = kind == "chat.completion"
-    obj = "chat.completion.chunk" if chat else "text_completion"
+class _EventStream(StreamingResponse):
+    """Server-sent events from a generator that holds the model; the generator is closed however
+    the response ends. A client that goes away cancels the sending (Starlette) while the generator
+    waits at a yield; left alone it was never closed, the model stayed held and every later request
+    waited forever. Closing it stops the decoding and frees the model (its `finally`). No worker
+    thread runs the generator by then: a step in flight is finished before the cancellation lands."""
 
-    def chunk(delta: str | None, finish: str | None, extra: dict[str, Any] | None = None) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice["delta"] = {} if delta is None else {"content": delta}
-        else:
-            choice["text"] = delta or ""
-        body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice], **(extra or {})}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def __init__(self, events: Iterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.events = events
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.events.close()  # type: ignore[attr-defined]
+
+
+def _sse(served: _Served, reply: _Reply, usage: bool) -> Iterator[str]:
     try:
-        if chat:
-            yield f"data: {json.dumps({'id': rid, 'object': obj, 'model': model, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
-        for delta in served:
-            yield chunk(delta, None)
-        assert stream.result is not None
-        yield chunk(None, stream.result.finish_reason, {"spec_stats": stream.result.stats.to_dict()})
+        started: set[int] = set()
+        for index, delta in served:
+            if reply.chat and index not in started:
+                started.add(index)
+                yield reply.event({"choices": [{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
+                                                "finish_reason": None}]})
+            if delta is not None:
+                yield reply.chunk(index, delta)
+                continue
+            result = served.streams[index].result
+            assert result is not None
+            yield reply.chunk(index, None, result.finish_reason, {"spec_stats": result.stats.to_dict()},
+                              reply.logprob_block(result))
+        if usage:
+            yield reply.event({"choices": [], "usage": reply.usage([s.result for s in served.streams])})  # type: ignore[misc]
         yield "data: [DONE]\n\n"
     finally:
         served.close()  # (a client that went away ends here too: its generation stops, the model is free)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded at once, their target forwards shared (continuous batching); "
                         "default: as many as fit in half the free memory with a full --max-context KV cache each, at most 16")
+    p.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="on SIGTERM: stop listening, finish the requests in flight (waiting ones too) for at most "
+                        "this many seconds, then exit 0 (default 120)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the file name)")
@@ -70,8 +74,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"specdecode: serving up to {max_batch} requests at once", file=sys.stderr, flush=True)
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits,
                      max_batch)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: ours ends with 0
+    signal.signal(signal.SIGTERM, _drained)
+    uvicorn.Server(config).run()
     return 0
+
+
+def _drained(signum: int, frame: Any) -> None:
+    print("specdecode: drained the requests in flight; exiting", file=sys.stderr, flush=True)
+    raise SystemExit(0)
 
 
 def default_max_batch(engine: Engine, cap: int = 16) -> int:
