@@ -65,7 +65,7 @@ def check_writable(out: Path) -> None:
     if out.is_dir():
         raise UserError(f"{out} is a folder: give the path of the .gguf file to write")
     if not parent.is_dir():
-        raise UserError(f"cannot write {out}: the folder {parent} does not exist")
+        raise UserError(f"cannot write {out}: {parent} is not an existing folder")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UserError(f"cannot write {out}: permission denied")
 
