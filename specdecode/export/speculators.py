@@ -134,10 +134,8 @@ def check_out_dir(out: Path) -> None:
 def export_eagle_speculators(out: str | os.PathLike[str], target_path: str | None = None, head_dir: str | None = None,
                              verifier: str | None = None, speculative_tokens: int = 5) -> Path:
     """`specdecode export eagle --format speculators OUT`: the EAGLE head for the target."""
-    from safetensors.torch import save_file
-
     from specdecode.drafters.eagle import EagleConfig, EagleHead
-    from specdecode.drafters.trained import check_target, load_folder, resolve_folder, target_signature
+    from specdecode.drafters.trained import check_target, load_folder, resolve_folder
     from specdecode.engine import load_llama
 
     out = Path(out).expanduser()
@@ -146,26 +144,39 @@ def export_eagle_speculators(out: str | os.PathLike[str], target_path: str | Non
     check_out_dir(out)
     folder = resolve_folder("eagle", head_dir)
     config, tensors = load_folder(folder, "eagle")
-    head_config = EagleConfig(**config["head"])
-    if head_config.tap_layers:
-        raise UserError(
-            f"{folder} is an EAGLE-3 head (fused layers {list(head_config.tap_layers)}), which speculators' eagle3 "
-            "cannot express: its first layer feeds the normalised embedding and hidden state straight into a "
-            "2H-wide q/k/v, ours mixes them through fc and normalises again (docs/export.md); export an EAGLE-1 head")
+    head = EagleHead(EagleConfig(**config["head"]))
+    check_expressible(head, str(folder))
     if target_path is None and verifier is None:
         verifier = EMBEDDED_VERIFIER
     if verifier is None:
         raise UserError("--verifier NAME_OR_PATH is needed: the target as vLLM loads it (an HF id or folder)")
     target, _ = load_llama(target_path, "fp32")
     check_target(config, target, folder)
-    head = EagleHead(head_config)
     head.load_state_dict({k: v.float() for k, v in tensors.items() if k != "vocab_ids"})
-    ids = tensors.get("vocab_ids")
-    written = head_tensors(head, target.output_weight(), ids)
-    cfg = speculators_config(head_config, target.config, written["lm_head.weight"].shape[0], verifier,
+    return write_speculators(out, head, target, tensors.get("vocab_ids"), verifier, speculative_tokens)
+
+
+def check_expressible(head: Any, where: str) -> None:
+    if head.config.tap_layers:
+        raise UserError(
+            f"{where} is an EAGLE-3 head (fused layers {list(head.config.tap_layers)}), which speculators' eagle3 "
+            "cannot express: its first layer feeds the normalised embedding and hidden state straight into a "
+            "2H-wide q/k/v, ours mixes them through fc and normalises again (docs/export.md); export an EAGLE-1 head")
+
+
+def write_speculators(out: Path, head: Any, target: Any, vocab_ids: torch.Tensor | None, verifier: str,
+                      speculative_tokens: int = 5) -> Path:
+    """config.json and model.safetensors of `head` (an EAGLE-1 EagleHead trained for `target`)."""
+    from safetensors.torch import save_file
+
+    from specdecode.drafters.trained import target_signature
+
+    check_expressible(head, "this head")
+    written = head_tensors(head, target.output_weight(), vocab_ids)
+    cfg = speculators_config(head.config, target.config, written["lm_head.weight"].shape[0], verifier,
                              speculative_tokens, target_signature(target))
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         # bf16 as speculators ships heads: our head's weights are bf16 values already (lossless);
         # lm_head, the target's rows, rounds (vLLM drafts with it; we read the target's own head)
         save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in written.items()},
