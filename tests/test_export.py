@@ -173,3 +173,22 @@ def test_bad_exports_are_one_line_errors(tmp_path, capsys, argv, message):
     assert cli.main(["export", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("specdecode: error:")
+
+
+def test_shipped_eagle_head_round_trips_through_speculators(tmp_path):
+    from specdecode.config import SamplingParams
+    from specdecode.export.speculators import export_eagle_speculators
+
+    out = export_eagle_speculators(tmp_path / "spec")
+    assert json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct")
+    target, tokenizer = load_llama(None)
+    shipped, back = EagleDrafter.load(target, None), build_drafter(f"eagle:{out}", target)
+    assert torch.equal(shipped.draft_head.ids, back.draft_head.ids)
+    for prompt in ("The capital of France is", "def add(a, b):"):
+        ids = tokenizer.encode(prompt)
+        drafts = []
+        for d in (shipped, back):
+            d.begin(ids)
+            drafts.append(d.propose(ids, 5, SamplingParams(), torch.Generator()).tokens)
+        assert drafts[0] == drafts[1] and len(drafts[0]) == 5

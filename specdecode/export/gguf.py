@@ -24,6 +24,7 @@ import torch
 
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.export.target import TargetParts, target_parts
 
 # --format gguf --type: GGML type of the matrices (norms stay F32) and the file's general.file_type
 TENSOR_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
@@ -70,25 +71,23 @@ def check_writable(out: Path) -> None:
         raise UserError(f"cannot write {out}: permission denied")
 
 
-def distill_weights(target_path: str | None, draft_dir: str | None) -> DraftModelWeights:
-    """The distilled draft for `target_path` (None: the embedded model) as a whole Llama: its
-    layers and norm from the drafter folder (None: the shipped one), the target's embedding and
-    head (float32: a quantized target's blocks dequantized exactly), the full vocabulary."""
+def distill_weights(target: TargetParts, draft_dir: str | None) -> DraftModelWeights:
+    """The distilled draft for `target` as a whole Llama: its layers and norm from the drafter
+    folder (None: the shipped one), the target's embedding and head (float32: a quantized
+    target's blocks dequantized exactly), over the full vocabulary."""
     from specdecode.drafters.distill import draft_config
-    from specdecode.drafters.trained import check_target, load_folder, resolve_folder
-    from specdecode.engine import load_llama
+    from specdecode.drafters.trained import check_signature, load_folder, resolve_folder
 
-    folder = resolve_folder("distill", draft_dir)  # before the target loads: a bad folder fails fast
+    folder = resolve_folder("distill", draft_dir)
     config, tensors = load_folder(folder, "distill")
-    target, _ = load_llama(target_path, "fp32")
-    check_target(config, target, folder)
+    check_signature(config, target.signature, folder)
     tensors.pop("vocab_ids", None)
     cfg = replace(draft_config(target.config, int(config["num_layers"])), arch="llama",
                   tie_word_embeddings=target.config.tie_word_embeddings, attention_bias=False, sliding_window=None)
     state = {k: v.float() for k, v in tensors.items()}
-    state["embed_tokens.weight"] = target.embedding_weight().float()
+    state["embed_tokens.weight"] = target.embedding
     if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = target.output_weight().float()
+        state["lm_head.weight"] = target.head
     return DraftModelWeights(cfg, state, f"distill:{draft_dir}" if draft_dir else "distill")
 
 
@@ -173,13 +172,16 @@ def export_distill_gguf(out: str | os.PathLike[str], target_path: str | None = N
                         tensor_type: str = "f32") -> Path:
     """`specdecode export distill --format gguf OUT`: the distilled draft for the target (a GGUF
     file, whose tokenizer the draft file carries; None: the embedded model)."""
+    from specdecode.drafters.trained import resolve_folder
     from specdecode.models.loading import model_source_path
 
     out = Path(out).expanduser()
     check_tensor_type(tensor_type)
     check_writable(out)
+    resolve_folder("distill", draft_dir)  # a missing folder fails before the target is read
     kind, source = model_source_path(target_path)
     if kind != "gguf":
         raise UserError(f"the GGUF export copies the target's tokenizer from its GGUF file; {source} is an HF folder: "
                         "pass --target FILE.gguf (the target as llama.cpp will run it)")
-    return write_gguf(out, distill_weights(target_path, draft_dir), source, tensor_type)
+    target = target_parts(target_path)
+    return write_gguf(out, distill_weights(target, draft_dir), source, tensor_type)

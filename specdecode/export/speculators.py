@@ -135,8 +135,8 @@ def export_eagle_speculators(out: str | os.PathLike[str], target_path: str | Non
                              verifier: str | None = None, speculative_tokens: int = 5) -> Path:
     """`specdecode export eagle --format speculators OUT`: the EAGLE head for the target."""
     from specdecode.drafters.eagle import EagleConfig, EagleHead
-    from specdecode.drafters.trained import check_target, load_folder, resolve_folder
-    from specdecode.engine import load_llama
+    from specdecode.drafters.trained import check_signature, load_folder, resolve_folder
+    from specdecode.export.target import target_parts
 
     out = Path(out).expanduser()
     if speculative_tokens < 1:
@@ -150,8 +150,8 @@ def export_eagle_speculators(out: str | os.PathLike[str], target_path: str | Non
         verifier = EMBEDDED_VERIFIER
     if verifier is None:
         raise UserError("--verifier NAME_OR_PATH is needed: the target as vLLM loads it (an HF id or folder)")
-    target, _ = load_llama(target_path, "fp32")
-    check_target(config, target, folder)
+    target = target_parts(target_path)
+    check_signature(config, target.signature, folder)
     head.load_state_dict({k: v.float() for k, v in tensors.items() if k != "vocab_ids"})
     return write_speculators(out, head, target, tensors.get("vocab_ids"), verifier, speculative_tokens)
 
@@ -166,15 +166,17 @@ def check_expressible(head: Any, where: str) -> None:
 
 def write_speculators(out: Path, head: Any, target: Any, vocab_ids: torch.Tensor | None, verifier: str,
                       speculative_tokens: int = 5) -> Path:
-    """config.json and model.safetensors of `head` (an EAGLE-1 EagleHead trained for `target`)."""
+    """config.json and model.safetensors of `head` (an EAGLE-1 EagleHead trained for `target`:
+    export.target.TargetParts, or a loaded model)."""
     from safetensors.torch import save_file
 
-    from specdecode.drafters.trained import target_signature
+    from specdecode.export.target import TargetParts
 
     check_expressible(head, "this head")
-    written = head_tensors(head, target.output_weight(), vocab_ids)
-    cfg = speculators_config(head.config, target.config, written["lm_head.weight"].shape[0], verifier,
-                             speculative_tokens, target_signature(target))
+    parts = target if isinstance(target, TargetParts) else TargetParts.of_model(target)
+    written = head_tensors(head, parts.head, vocab_ids)
+    cfg = speculators_config(head.config, parts.config, written["lm_head.weight"].shape[0], verifier,
+                             speculative_tokens, parts.signature)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # bf16 as speculators ships heads: our head's weights are bf16 values already (lossless);
