@@ -25,24 +25,14 @@ import torch
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
 from specdecode.export.target import TargetParts, target_parts
+from specdecode.models.loading import _GGUF_GLOBAL_NAMES, _GGUF_LAYER_NAMES
 
 # --format gguf --type: GGML type of the matrices (norms stay F32) and the file's general.file_type
 TENSOR_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
-# native (HF) name after "layers.{i}." -> GGUF name after "blk.{i}."
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+# native name -> GGUF name: the loader's tables read backwards (module after "layers.{i}." -> after "blk.{i}.")
+_LAYER_NAMES = {native: name for name, native in _GGUF_LAYER_NAMES.items()}
+_GLOBAL_NAMES = {native: name for name, native in _GGUF_GLOBAL_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -109,13 +99,14 @@ def gguf_tensors(weights: DraftModelWeights) -> list[tuple[str, np.ndarray]]:
             out.append((_GLOBAL_NAMES[name], w))
             continue
         _, layer, rest = name.split(".", 2)
-        if rest not in _LAYER_NAMES:
+        module, _, suffix = rest.rpartition(".")
+        if module not in _LAYER_NAMES:
             raise UserError(f"the draft has a tensor '{name}' that a llama GGUF has no place for")
-        if rest == "self_attn.q_proj.weight":
+        if module == "self_attn.q_proj":
             w = permute_rope_rows(w, cfg.num_heads)
-        elif rest == "self_attn.k_proj.weight":
+        elif module == "self_attn.k_proj":
             w = permute_rope_rows(w, cfg.num_kv_heads)
-        out.append((f"blk.{layer}.{_LAYER_NAMES[rest]}", w))
+        out.append((f"blk.{layer}.{_LAYER_NAMES[module]}.{suffix}", w))
     return out
 
 
