@@ -1,4 +1,4 @@
-"""`specdecode` command line: generate (more subcommands join here: bench, check, train, serve, datastore)."""
+"""`specdecode` command line: generate (more subcommands join here: bench, check, train, serve, datastore, export)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # the command functions so `specdecode --help` is fast.
 SUBCOMMAND_MODULES: list[str] = [
     "specdecode.bench.commands", "specdecode.train.commands", "specdecode.server.commands", "specdecode.retrieval.commands",
+    "specdecode.export.commands",
 ]
 
 

@@ -153,6 +153,10 @@ class EagleDrafter:
 
     @classmethod
     def load(cls, target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> "EagleDrafter":
+        from specdecode.export.speculators import is_speculators_folder, load_speculators_eagle
+
+        if is_speculators_folder(path):  # as `specdecode export eagle --format speculators` writes it
+            return load_speculators_eagle(target, str(path), max_length, cls, full_vocab)
         folder = resolve_folder("eagle", path)
         config, tensors = load_folder(folder, "eagle")
         check_target(config, target, folder)

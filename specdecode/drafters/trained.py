@@ -91,7 +91,13 @@ def target_signature(model: LlamaModel) -> dict[str, Any]:
     """Enough of the target to tell whether a drafter was trained on it (dtype-tolerant)."""
     c = model.config
     w = model.embed_tokens.weight  # (on the meta device for a directly loaded model: its runtime's rows)
-    emb = (w[:512] if not w.is_meta else model.embed_rows(torch.arange(min(512, c.vocab_size)))).detach().double()
+    emb = w[:512] if not w.is_meta else model.embed_rows(torch.arange(min(512, c.vocab_size)))
+    return signature_of(c, emb)
+
+
+def signature_of(c: Any, embedding: torch.Tensor) -> dict[str, Any]:
+    """`target_signature` from a config and the embedding (its first 512 rows are read)."""
+    emb = embedding[:512].detach().double()
     return {
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
         "embed_sum": round(float(emb.sum()), 4), "embed_abs_sum": round(float(emb.abs().sum()), 4),
@@ -99,7 +105,12 @@ def target_signature(model: LlamaModel) -> dict[str, Any]:
 
 
 def check_target(config: dict[str, Any], model: LlamaModel, path: Path) -> None:
-    want, have = config.get("target", {}), target_signature(model)
+    check_signature(config, target_signature(model), path)
+
+
+def check_signature(config: dict[str, Any], have: dict[str, Any], path: Path) -> None:
+    """UserError unless the drafter `config` was trained for the target signed `have`."""
+    want = config.get("target", {})
     shapes = ("vocab_size", "hidden_size", "num_layers")
     if any(want.get(k) != have[k] for k in shapes):
         raise UserError(

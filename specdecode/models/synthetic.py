@@ -168,18 +168,10 @@ def _random_tensor(name: str, dims: tuple[int, ...], kind: str, rng: np.random.G
 def _tokenizer_fields(vocab: int) -> list[tuple[str, Any, Any, Any]]:
     """The embedded SmolLM2 GGUF's tokenizer.* fields as (key, value, type, sub type), its
     vocabulary cut or padded to `vocab` tokens."""
-    import gguf
-
+    from specdecode.models.gguf_file import tokenizer_fields
     from specdecode.models.loading import embedded_model_path
 
-    reader = gguf.GGUFReader(str(embedded_model_path()))
-    out: list[tuple[str, Any, Any, Any]] = []
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        main = field.types[0]
-        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-        out.append((key, field.contents(), main, sub))
+    out = tokenizer_fields(embedded_model_path())
     fields = {key: value for key, value, _, _ in out}
     tokens: list[str] = list(fields["tokenizer.ggml.tokens"])
     types: list[int] = list(fields["tokenizer.ggml.token_type"])
