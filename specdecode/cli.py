@@ -135,6 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if engine.load_report is not None:  # after the checks above: an error stays the only stderr line
         name = args.target or "the embedded SmolLM2-135M-Instruct"
         print(f"specdecode: {engine.load_report.line(name)}", file=sys.stderr, flush=True)
+    if getattr(stream.drafter, "vocab_report", None):
+        print(f"specdecode: {stream.drafter.vocab_report}", file=sys.stderr, flush=True)  # type: ignore[union-attr]
     for delta in stream:
         if not args.json:
             sys.stdout.write(delta)

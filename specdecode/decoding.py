@@ -72,6 +72,7 @@ def decode(
     stats = stats if stats is not None else SpecStats()
     if policy is not None:
         stats.k_policy = policy.name
+    stats.draft_vocab = getattr(drafter, "vocab_summary", None)  # drafting across tokenizers
     stop_ids = set() if config.ignore_eos else set(eos_ids)
     max_new = min(config.max_new_tokens, room)
     start = time.perf_counter()

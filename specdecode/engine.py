@@ -212,24 +212,16 @@ class Engine:
             return spec
         key = (spec, draft)
         if key not in self._drafters:
-            draft_model = None
+            draft_model, draft_tok = None, None
             if spec.startswith("model"):
                 if draft is None:
                     raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
                 fmt = self.weight_format
                 check_memory(draft, fmt, self.max_context)
                 draft_model, draft_tok = load_target(draft, fmt)
-                self._check_same_vocab(draft_tok, draft)
             self._drafters[key] = build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
-                                                self.source or "the embedded SmolLM2-135M-Instruct")
+                                                self.source or "the embedded SmolLM2-135M-Instruct", draft_tok)
         return self._drafters[key]
-
-    def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
-        if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
-            raise UserError(
-                f"the draft model {path} uses a different tokenizer/vocabulary than the target: "
-                "speculative decoding needs the same vocabulary (use a model of the same family)"
-            )
 
     def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
         if isinstance(prompt, str):

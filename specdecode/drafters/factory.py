@@ -65,7 +65,11 @@ def build_drafter(
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
         _drafts_trees(name, target)
-        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length)
+        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length, tokenizer, target_name,
+                              draft_tokenizer)
+        if getattr(chain, "vocab_summary", None) is not None:
+            raise UserError(f"{name} needs a draft with the target's tokenizer; a draft with another tokenizer "
+                            "drafts chains: use --drafter model")
         native = getattr(getattr(chain, "model", None), "model", getattr(chain, "model", None))  # (a subset head wraps one)
         if not isinstance(chain, DraftModelDrafter) or not isinstance(native, LlamaModel):
             raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")
