@@ -265,7 +265,7 @@ class Engine:
         if unknown:
             raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
         chosen_args = resolve_assisted(AssistedArgs(**assisted), drafter, draft, k, temperature,  # type: ignore[arg-type]
-                                       self.model.config.vocab_size)
+                                       self.model.config.vocab_size, self.tokenizer)
         drafter, draft, temperature = chosen_args.drafter, chosen_args.draft, chosen_args.temperature
         k = chosen_args.k if not isinstance(chosen_args.k, (int, str)) else parse_k(str(chosen_args.k))
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
+from specdecode.drafters.multilevel import MultiLevelDrafter
 from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
@@ -108,8 +109,7 @@ def build_drafter(
             raise UserError(f"layerskip needs 1 <= layers < {total} (the target's depth), got {n}")
         return DraftModelDrafter(target.with_layers(range(n)), target.config.vocab_size, f"layerskip:{n}", max_length)
     if name == "model":
-        chain = _draft_model(draft_model, max_length)
-        return _across_tokenizers(chain, target, chain.model, tokenizer, draft_tokenizer)
+        return across_tokenizers(_draft_model(draft_model, max_length), target.config.vocab_size, tokenizer, draft_tokenizer)
     if name == "quantized":
         from specdecode.drafters.quantized import quantized_drafter
 
@@ -119,27 +119,28 @@ def build_drafter(
     raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")
 
 
-def _draft_model(draft_model: CausalLM | None, max_length: int | None) -> DraftModelDrafter:
+def _draft_model(draft_model: CausalLM | None, max_length: int | None, name: str = "model") -> DraftModelDrafter:
     if draft_model is None:
         raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
-    return DraftModelDrafter(draft_model, draft_model.config.vocab_size, "model", max_length)
+    return DraftModelDrafter(draft_model, draft_model.config.vocab_size, name, max_length)
 
 
-def _across_tokenizers(chain: Drafter, target: CausalLM, draft_model: CausalLM, tokenizer: Tokenizer | None,
-                       draft_tokenizer: Tokenizer | None) -> Drafter:
+def across_tokenizers(chain: DraftModelDrafter | MultiLevelDrafter, target_vocab: int, tokenizer: Tokenizer | None,
+                      draft_tokenizer: Tokenizer | None) -> Drafter:
     """`chain` drafts the draft model's tokens: as is where its vocabulary is the target's,
     else through text (drafters/universal.py), which needs both tokenizers."""
+    draft_vocab = (chain.base if isinstance(chain, MultiLevelDrafter) else chain).model.config.vocab_size
     same = draft_tokenizer is None or tokenizer is None or draft_tokenizer.hf.get_vocab() == tokenizer.hf.get_vocab()
-    if same and draft_model.config.vocab_size == target.config.vocab_size:
+    if same and draft_vocab == target_vocab:
         return chain
     if draft_tokenizer is None or tokenizer is None:
-        raise UserError(f"the draft's vocabulary ({draft_model.config.vocab_size} tokens) differs from the target's "
-                        f"({target.config.vocab_size}): drafting across tokenizers needs both tokenizers "
+        raise UserError(f"the draft's vocabulary ({draft_vocab} tokens) differs from the target's "
+                        f"({target_vocab}): drafting across tokenizers needs both tokenizers "
                         "(load the draft through Engine.drafter / --draft PATH, or pass tokenizer= and draft_tokenizer=)")
     from specdecode.drafters.universal import OtherTokenizerDrafter
     from specdecode.vocab_map import VocabMap
 
-    vocab = VocabMap.build(draft_tokenizer, tokenizer, draft_model.config.vocab_size, target.config.vocab_size)
+    vocab = VocabMap.build(draft_tokenizer, tokenizer, draft_vocab, target_vocab)
     if vocab.shared == 0:
         raise UserError("the draft's tokenizer shares no token with the target's: it cannot draft for it")
     return OtherTokenizerDrafter(chain, draft_tokenizer, tokenizer, vocab)
@@ -149,8 +150,6 @@ def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_
                  tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None) -> Drafter:
     """'model+ngram', 'model+layerskip:2', 'layerskip:8+ngram:1-3': the draft model on the left
     drafts its own tokens speculatively with the drafter on the right (drafters/multilevel.py)."""
-    from specdecode.drafters.multilevel import MultiLevelDrafter
-
     upper, _, lower = spec.partition("+")
     upper_name, lower_name = parse_spec(upper)[0], parse_spec(lower)[0]
     if upper_name not in ("model", "layerskip", "quantized", "distill") or lower_name not in CHEAPER:
@@ -167,7 +166,7 @@ def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_
     multi = MultiLevelDrafter(base, inner, spec)
     if upper_name != "model":
         return multi
-    return _across_tokenizers(multi, target, base.model, tokenizer, draft_tokenizer)
+    return across_tokenizers(multi, target.config.vocab_size, tokenizer, draft_tokenizer)
 
 
 def _trained(name: str, path: str | None, target: CausalLM, max_length: int | None) -> Drafter:
