@@ -11,7 +11,7 @@ from tokenizers import decoders, models
 
 import specdecode.vocab_map as vocab_map
 from conftest import random_model, tiny_config
-from other_tokenizers import _wrap, byte_level, transplant, variant
+from specdecode.bench.other_vocab import byte_level, transplant, variant, wrap
 from specdecode.config import SamplingParams
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
@@ -53,7 +53,7 @@ def test_token_bytes_normalise_byte_level_and_metaspace_spellings(target_tok):
     sp = RustTokenizer(models.BPE(vocab={"<unk>": 0, "▁the": 1, "<0x0A>": 2, "a": 3}, merges=[], unk_token="<unk>",
                                   byte_fallback=True))
     sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    theirs = token_bytes(_wrap(sp))
+    theirs = token_bytes(wrap(sp))
     assert theirs[1] == b" the" and theirs[2] == b"\n" and theirs[3] == b"a"
 
 

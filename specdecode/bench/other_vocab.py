@@ -1,11 +1,15 @@
 """Tokenizers unlike the target's, built locally from the embedded model's tokenizer (nothing
-downloaded): ids permuted, merges dropped, tokens added; and tiny byte-level ones for the
-chi-square test. With `transplant`, a draft model that is the target in another vocabulary."""
+downloaded): ids permuted, merges dropped, tokens added; and tiny byte-level ones (the
+chi-square tests). With `transplant`, a model in another vocabulary that computes what the
+original computes wherever the two tokenizers cut text alike: real draft models with other
+tokenizers, for tests and for docs/universal-drafts.md."""
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as RustTokenizer
@@ -17,7 +21,7 @@ from specdecode.tokenizer import Tokenizer
 from specdecode.vocab_map import VocabMap
 
 
-def _wrap(rust: RustTokenizer, like: Tokenizer | None = None, **special: str) -> Tokenizer:
+def wrap(rust: RustTokenizer, like: Tokenizer | None = None, **special: str) -> Tokenizer:
     hf = PreTrainedTokenizerFast(tokenizer_object=rust, **special)
     if like is not None:
         hf.eos_token = like.hf.eos_token
@@ -45,7 +49,7 @@ def variant(base: Tokenizer, drop_merges: int = 0, added: tuple[str, ...] = (), 
     for i, text in enumerate(added):
         spec["added_tokens"].append({"id": len(names) + i, "content": text, "single_word": False, "lstrip": False,
                                      "rstrip": False, "normalized": False, "special": False})
-    return _wrap(RustTokenizer.from_str(json.dumps(spec)), base)
+    return wrap(RustTokenizer.from_str(json.dumps(spec)), base)
 
 
 def byte_level(tokens: list[str], merges: list[tuple[str, str]]) -> Tokenizer:
@@ -53,7 +57,7 @@ def byte_level(tokens: list[str], merges: list[tuple[str, str]]) -> Tokenizer:
     rust = RustTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     rust.decoder = decoders.ByteLevel()
-    return _wrap(rust)
+    return wrap(rust)
 
 
 def transplant(target: LlamaModel, vocab: VocabMap) -> LlamaModel:
@@ -61,8 +65,6 @@ def transplant(target: LlamaModel, vocab: VocabMap) -> LlamaModel:
     its counterpart's embedding and head row (tokens without one: zeros), so where both
     tokenizers cut the text alike the draft predicts what the target does."""
     cfg = target.config
-    from dataclasses import replace
-
     draft_cfg = replace(cfg, vocab_size=int(vocab.to_target.numel()))
     state = dict(target.state_dict())
     keep = vocab.has_counterpart
@@ -71,3 +73,33 @@ def transplant(target: LlamaModel, vocab: VocabMap) -> LlamaModel:
         rows[keep] = state[name][vocab.to_target[keep]]
         state[name] = rows
     return LlamaModel.from_state_dict(draft_cfg, state, torch.float32).eval()
+
+
+def write_draft_folders(out: str | Path) -> dict[str, Path]:
+    """Real draft models with other tokenizers, built from what ships here: the distilled
+    4-layer draft of the embedded model (specdecode/assets/drafters/distill, its full
+    vocabulary head) saved as HF folders with the target's tokenizer ('same'), with its ids
+    permuted and two tokens added ('permuted'), and with the last 20,000 merges dropped as well
+    ('fewer-merges'), each embedding and head row moved to its token's new id. What
+    docs/universal-drafts.md measures (`python -m specdecode.bench.other_vocab DIR`)."""
+    from specdecode.drafters.distill import load_distill
+    from specdecode.engine import load_target
+    from specdecode.models.loading import save_hf_folder
+
+    target, tok = load_target(None, "fp32")
+    assert isinstance(target, LlamaModel)
+    draft = load_distill(target, None, full_vocab=True).model
+    assert isinstance(draft, LlamaModel)
+    folders = {"same": save_hf_folder((draft.config, dict(draft.state_dict())), tok, Path(out) / "distill-same")}
+    for name, other in (("permuted", variant(tok, added=("<|draft|>", " qwertyuiop"), seed=1)),
+                        ("fewer-merges", variant(tok, drop_merges=20_000, added=("<|draft|>",), seed=2))):
+        moved = transplant(draft, VocabMap.build(other, tok, other.vocab_size, draft.config.vocab_size))
+        folders[name] = save_hf_folder((moved.config, dict(moved.state_dict())), other, Path(out) / f"distill-{name}")
+    return folders
+
+
+if __name__ == "__main__":
+    import sys
+
+    for kind, path in write_draft_folders(sys.argv[1]).items():
+        print(kind, path)
