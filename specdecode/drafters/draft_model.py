@@ -1,4 +1,5 @@
-"""A smaller model sharing the target's vocabulary drafts k tokens autoregressively.
+"""A smaller model sharing the target's vocabulary drafts k tokens autoregressively (one with
+another tokenizer is wrapped by drafters/universal.py, one drafting for itself by multilevel.py).
 
 The same class serves layer-skip self-speculation: there the "small model" is a view of the
 target that runs only its first layers (weights shared).
@@ -23,7 +24,8 @@ class DraftModelDrafter:
         if model.config.vocab_size != target_vocab_size:
             raise UserError(
                 f"draft vocabulary ({model.config.vocab_size} tokens) differs from the target's "
-                f"({target_vocab_size}): use a draft model from the same family/tokenizer"
+                f"({target_vocab_size}): a draft with another tokenizer drafts through text "
+                "(drafters.factory.build_drafter with tokenizer= and draft_tokenizer=, or --draft PATH)"
             )
         self.name = name
         self.model = model

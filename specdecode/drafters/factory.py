@@ -119,10 +119,10 @@ def build_drafter(
     raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")
 
 
-def _draft_model(draft_model: CausalLM | None, max_length: int | None, name: str = "model") -> DraftModelDrafter:
+def _draft_model(draft_model: CausalLM | None, max_length: int | None) -> DraftModelDrafter:
     if draft_model is None:
         raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
-    return DraftModelDrafter(draft_model, draft_model.config.vocab_size, name, max_length)
+    return DraftModelDrafter(draft_model, draft_model.config.vocab_size, "model", max_length)
 
 
 def across_tokenizers(chain: DraftModelDrafter | MultiLevelDrafter, target_vocab: int, tokenizer: Tokenizer | None,
