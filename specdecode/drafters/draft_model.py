@@ -59,19 +59,25 @@ class DraftModelDrafter:
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-            self.cached_ids.extend(feed)
-            if sampling.greedy:
-                token = int(logits[0].argmax())
-            else:
-                q = logits_to_probs(logits, sampling)
-                token = int(sample(q, generator)[0])
-                probs.append(q[0])
+            token, q, logits = self.step(feed, sampling, generator)
             drafted.append(token)
+            if q is not None:
+                probs.append(q)
             feed = [token]
-            if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
+            if stop_below and draft_probability(logits, token, q) < stop_below:
                 break
         return Draft(drafted, torch.stack(probs) if probs else None)
+
+    def step(self, feed: list[int], sampling: SamplingParams,
+             generator: torch.Generator) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+        """Feed the tokens after the cached ones and draw the next: (token, its q [V] or None
+        when greedy, the logits [V])."""
+        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
+        self.cached_ids.extend(feed)
+        if sampling.greedy:
+            return int(logits[0].argmax()), None, logits[0]
+        q = logits_to_probs(logits, sampling)
+        return int(sample(q, generator)[0]), q[0], logits[0]
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass  # _sync on the next propose keeps exactly the accepted prefix

@@ -46,14 +46,12 @@ class MultiLevelDrafter:
         k = min(k, cache.max_length - len(tokens))
         if k <= 0:
             return Draft([])
-        feed = base._sync(tokens)
-        if len(feed) > 1:  # every token but the newest goes into the draft's cache, as in the loop
-            model.forward(torch.tensor(feed[:-1]), cache, num_logits=1)
-            base.cached_ids.extend(feed[:-1])
-        context = list(tokens)
-        drafted: list[int] = []
-        probs: list[torch.Tensor] = []
-        while len(drafted) < k:
+        # the first token as the plain draft model draws it (one forward over what is new)
+        token, q, logits = base.step(base._sync(tokens), sampling, generator)
+        drafted, probs = [token], ([] if q is None else [q])
+        context = list(tokens) + [token]
+        stop = bool(stop_below) and draft_probability(logits, token, q) < stop_below
+        while len(drafted) < k and not stop:
             # one step of the draft model yields accepted + 1 tokens: k - 1 drafts can fill k
             budget = min(k - len(drafted) - 1, INNER_K_MAX, cache.max_length - len(context) - 1)
             draft = cut_draft(self.inner.propose(context, budget, sampling, generator), budget) if budget > 0 else Draft([])
@@ -68,8 +66,9 @@ class MultiLevelDrafter:
                 drafted.append(token)
                 if q is not None:
                     probs.append(q)
-                if len(drafted) == k or (stop_below and draft_probability(step.logits[row], token, q) < stop_below):
-                    return Draft(drafted, torch.stack(probs) if probs else None)
+                stop = bool(stop_below) and draft_probability(step.logits[row], token, q) < stop_below
+                if len(drafted) == k or stop:
+                    break
         return Draft(drafted, torch.stack(probs) if probs else None)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
