@@ -4,7 +4,8 @@ server's extension fields).
 
 | transformers | here |
 |---|---|
-| `assistant_model=PATH or model` | `drafter="model"`, `draft=PATH` (a loaded `CausalLM`: drafts as is) |
+| `assistant_model=PATH or model` | `drafter="model"`, `draft=PATH` (a loaded `CausalLM`: drafts as is); a draft with another tokenizer drafts through text (universal assisted decoding, drafters/universal.py) |
+| `assistant_tokenizer=tok` | the loaded assistant model's tokenizer (ours or a transformers fast tokenizer), needed when its vocabulary is not the target's; a path brings its own |
 | `num_assistant_tokens=N` | k = N each step (`"constant"` schedule) |
 | `num_assistant_tokens_schedule="heuristic"` / `"heuristic_transient"` | `HeuristicK` starting at N (+2 after a draft accepted whole, -1 otherwise); each request starts afresh, so the two are the same here |
 | `num_assistant_tokens_schedule="auto"` (ours) | the cost model's k (`--k auto`); also what is used when neither N nor a schedule is given |
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from specdecode.cost_model import DEFAULT_K_MAX, ConfidenceK, HeuristicK, KPolicy
 from specdecode.drafters.base import Drafter
 from specdecode.errors import UserError
+from specdecode.tokenizer import Tokenizer
 
 SCHEDULES = ("constant", "heuristic", "heuristic_transient", "auto")
 
@@ -31,6 +33,7 @@ SCHEDULES = ("constant", "heuristic", "heuristic_transient", "auto")
 @dataclass(frozen=True)
 class AssistedArgs:
     assistant_model: object | None = None  # a path (GGUF file / HF folder) or a loaded CausalLM
+    assistant_tokenizer: object | None = None  # the loaded model's tokenizer (another vocabulary than the target's)
     num_assistant_tokens: int | None = None
     num_assistant_tokens_schedule: str | None = None
     assistant_confidence_threshold: float | None = None
@@ -51,15 +54,18 @@ class Resolved:
 
 
 def resolve(args: AssistedArgs, drafter: str | Drafter | None, draft: str | None, k: int | str | None,
-            temperature: float | None, target_vocab: int) -> Resolved:
+            temperature: float | None, target_vocab: int, target_tokenizer: Tokenizer | None = None) -> Resolved:
     """Our (drafter, draft, k, temperature) for a call that may use transformers' keywords.
-    `k` / `temperature` None: not given by the caller."""
+    `k` / `temperature` None: not given by the caller; `target_tokenizer`: for an assistant
+    model with another tokenizer."""
     temp = _temperature(args.do_sample, temperature)
     if args.num_assistant_tokens_schedule not in (None, *SCHEDULES):
         raise UserError(f"num_assistant_tokens_schedule must be one of {', '.join(SCHEDULES)}, "
                         f"got '{args.num_assistant_tokens_schedule}'")
     lookup = args.prompt_lookup_num_tokens is not None
     assisted = args.assistant_model is not None
+    if args.assistant_tokenizer is not None and (not assisted or isinstance(args.assistant_model, str)):
+        raise UserError("assistant_tokenizer goes with a loaded assistant_model (a path brings its own tokenizer)")
     if not (lookup or assisted):
         for name in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
                      "max_matching_ngram_size"):
@@ -90,11 +96,24 @@ def resolve(args: AssistedArgs, drafter: str | Drafter | None, draft: str | None
     if isinstance(model, str):
         return Resolved("model", model, k_out, temp)
     from specdecode.drafters.draft_model import DraftModelDrafter
+    from specdecode.drafters.factory import across_tokenizers
 
     if not callable(getattr(model, "forward", None)) or not hasattr(model, "config"):
         raise UserError(f"assistant_model must be a path (GGUF file or HF folder) or a loaded specdecode model, "
                         f"got {type(model).__name__}")
-    return Resolved(DraftModelDrafter(model, target_vocab, "assistant"), None, k_out, temp)  # type: ignore[arg-type]
+    chain = DraftModelDrafter(model, model.config.vocab_size, "assistant")  # type: ignore[arg-type]
+    return Resolved(across_tokenizers(chain, target_vocab, target_tokenizer, _tokenizer(args.assistant_tokenizer)),
+                    None, k_out, temp)
+
+
+def _tokenizer(tok: object | None) -> Tokenizer | None:
+    """Ours as is; a transformers fast tokenizer wrapped."""
+    if tok is None or isinstance(tok, Tokenizer):
+        return tok
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"assistant_tokenizer must be a specdecode Tokenizer or a transformers fast tokenizer, "
+                        f"got {type(tok).__name__}")
+    return Tokenizer(tok)
 
 
 def _policy(args: AssistedArgs, k: int | str | None) -> int | str | KPolicy | None:

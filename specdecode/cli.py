@@ -51,8 +51,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] (default ngram)")
-    p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder)")
+    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | MODEL+CHEAPER "
+                   "(multi-level, e.g. model+ngram, layerskip:8+ngram) (default ngram)")
+    p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder; another tokenizer drafts through text)")
     p.add_argument("--k", default=None,
                    help="draft length: auto (default: each step the k that maximises expected tokens per second "
                         "from the target's measured step costs), heuristic (+2 after a full accept, -1 otherwise), "
@@ -178,6 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if engine.load_report is not None:  # after the checks above: an error stays the only stderr line
         name = args.target or "the embedded SmolLM2-135M-Instruct"
         print(f"specdecode: {engine.load_report.line(name)}", file=sys.stderr, flush=True)
+    if getattr(stream.drafter, "vocab_report", None):
+        print(f"specdecode: {stream.drafter.vocab_report}", file=sys.stderr, flush=True)  # type: ignore[union-attr]
     for delta in stream:
         if not args.json:
             sys.stdout.write(delta)

@@ -6,6 +6,10 @@ They are frozen so that no code path can mutate a config and forget to restore i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
     seed: int | None = None
+    # [V] bool: tokens never drawn (probability 0 before every other warp). A draft model with
+    # another tokenizer suppresses its tokens that have no target counterpart (vocab_map.py).
+    suppress: "torch.Tensor | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         from specdecode.errors import UserError

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from specdecode import tree
-from specdecode.config import GenerationConfig
+from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
@@ -21,7 +22,7 @@ from specdecode.kv_cache import KVCache
 from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM, ModelOutput
 from specdecode.sampling import LogprobRecord, logits_to_probs, make_generator, mask_logits, select_tokens
-from specdecode.verify import greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
+from specdecode.verify import VerifyResult, greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
 
 
 def decode(
@@ -82,6 +83,7 @@ def decode(
     stats = stats if stats is not None else SpecStats()
     if policy is not None:
         stats.k_policy = policy.name
+    stats.draft_vocab = getattr(drafter, "vocab_summary", None)  # drafting across tokenizers
     stop_ids = set() if config.ignore_eos else set(eos_ids)
     if constraint is not None:
         stop_ids |= set(constraint.eos_ids)
@@ -124,48 +126,24 @@ def decode(
                     extra["grammar"] = constraint  # it drafts inside the grammar: its q is masked too
                 draft = drafter.propose(tokens, budget, sampling, generator, **extra)  # type: ignore[call-arg]
                 if len(draft.tokens) > budget:
-                    draft = _cut(draft, budget)
+                    draft = cut_draft(draft, budget)
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
             if constraint is not None:
                 draft, allowed = _constrain(draft, constraint)
             t1 = time.perf_counter()
-            committed = cache.length  # every token but the newest is in the cache
-            fed = torch.tensor([tokens[-1]] + draft.tokens)
-            levels = len(draft.tokens)  # the draft's length; a tree's: its depth
-            if draft.parents is None:
-                out = forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
-            else:  # the newest token is the root, the draft's nodes its descendants
-                nodes = torch.tensor([-1] + [p + 1 for p in draft.parents])
-                depth = tree.depths(nodes)
-                levels = int(depth.max())
-                out = forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
-                                     return_hidden=feed_hidden, hidden_layers=layers)
-            logits = out.logits if allowed is None else mask_logits(out.logits, allowed)  # [1+d, V]
-            if draft.parents is not None:
-                if sampling.greedy:
-                    result = greedy_verify_tree(draft.tokens, draft.parents, logits)
-                else:
-                    result = sample_tree(draft.tokens, draft.parents, logits_to_probs(logits, sampling), generator)
-            elif sampling.greedy:
-                result = greedy_verify(draft.tokens, logits)
-            else:
-                result = rejection_sample(draft.tokens, draft.probs, logits_to_probs(logits, sampling), generator)
-            kept_rows = [0] + [1 + i for i in result.path] if result.path is not None else None
-            if kept_rows is None:
-                cache.rollback(committed + 1 + result.num_accepted)
-            else:  # the accepted path's KV slots into place, the rest of the tree dropped
-                cache.keep_slots(committed, [committed + r for r in kept_rows])
+            step = verify_draft(target, cache, tokens[-1], draft, sampling, generator, feed_hidden, layers, allowed,
+                                forward)
+            result, logits, out, kept_rows = step.result, step.logits, step.out, step.kept_rows
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            stats.record(levels, result.num_accepted, None if policy is None else budget, nodes=len(draft.tokens))
+            stats.record(step.levels, result.num_accepted, None if policy is None else budget, nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
                 if feed_logits:
                     drafter.observe_logits(draft, logits, result)  # type: ignore[attr-defined]
                 if feed_hidden:  # the fed newest token's and the accepted drafts' features
-                    kept = out.hidden[: result.num_accepted + 1] if kept_rows is None else out.hidden[kept_rows]  # type: ignore[index]
-                    drafter.observe_hidden(kept)  # type: ignore[attr-defined]
+                    drafter.observe_hidden(out.hidden[step.kept_rows])  # type: ignore[index, attr-defined]
             new = result.new_tokens(draft.tokens)
             for i, tok in enumerate(new):
                 if tok in stop_ids:
@@ -173,7 +151,7 @@ def decode(
                     break
             stopped = len(new) < result.num_accepted + 1
             if logprobs is not None:
-                logprobs.add(out.logits[kept_rows or list(range(len(new)))][: len(new)], new)
+                logprobs.add(out.logits[kept_rows][: len(new)], new)
             if constraint is not None:
                 constraint.advance(new)
                 stopped = stopped or constraint.finished
@@ -187,7 +165,59 @@ def decode(
         stats.wall_seconds = time.perf_counter() - start
 
 
-def _cut(draft: Draft, budget: int) -> Draft:
+@dataclass
+class Step:
+    """One verification: the verdict, the target's scores of the draft, the rows kept."""
+
+    result: VerifyResult
+    out: ModelOutput  # the target's forward over [newest token] + draft
+    logits: torch.Tensor  # [1 + nodes, V] (out.logits)
+    probs: torch.Tensor | None  # [1 + nodes, V] warped target distributions; None when greedy
+    kept_rows: list[int]  # rows of the accepted path and the next token's: [0, 1 + accepted nodes...]
+    levels: int  # the draft's length (a tree's: its depth)
+
+
+def verify_draft(target: CausalLM, cache: KVCache, newest: int, draft: Draft, sampling: SamplingParams,
+                 generator: torch.Generator, feed_hidden: bool = False, layers: tuple[int, ...] | None = None,
+                 allowed: torch.Tensor | None = None, forward: Callable[..., ModelOutput] | None = None) -> Step:
+    """Score `draft` after the sequence's newest token in one target forward (the cache holds
+    every token before it), verify it, and leave the cache holding the newest token and the
+    accepted path only. The decoding loop's step, also run by a draft model that drafts its
+    own tokens speculatively (drafters/multilevel.py). allowed: the grammar's rows ([1+d, V],
+    masking the scores before verification); forward: who runs the target (decode's)."""
+    forward = forward or target.forward
+    committed = cache.length
+    fed = torch.tensor([newest] + draft.tokens)
+    levels = len(draft.tokens)
+    if draft.parents is None:
+        out = forward(fed, cache, return_hidden=feed_hidden, hidden_layers=layers)
+    else:  # the newest token is the root, the draft's nodes its descendants
+        nodes = torch.tensor([-1] + [p + 1 for p in draft.parents])
+        depth = tree.depths(nodes)
+        levels = int(depth.max())
+        out = forward(fed, cache, positions=committed + depth, attn_mask=tree.ancestor_mask(nodes),
+                      return_hidden=feed_hidden, hidden_layers=layers)
+    logits = out.logits if allowed is None else mask_logits(out.logits, allowed)  # [1+d, V]
+    probs = None if sampling.greedy else logits_to_probs(logits, sampling)
+    if draft.parents is not None:
+        if probs is None:
+            result = greedy_verify_tree(draft.tokens, draft.parents, logits)
+        else:
+            result = sample_tree(draft.tokens, draft.parents, probs, generator)
+    elif probs is None:
+        result = greedy_verify(draft.tokens, logits)
+    else:
+        result = rejection_sample(draft.tokens, draft.probs, probs, generator)
+    if result.path is None:
+        kept_rows = list(range(result.num_accepted + 1))
+        cache.rollback(committed + 1 + result.num_accepted)
+    else:  # the accepted path's KV slots into place, the rest of the tree dropped
+        kept_rows = [0] + [1 + i for i in result.path]
+        cache.keep_slots(committed, [committed + r for r in kept_rows])
+    return Step(result, out, logits, probs, kept_rows, levels)
+
+
+def cut_draft(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
     return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
@@ -201,4 +231,4 @@ def _constrain(draft: Draft, constraint: Constraint) -> tuple[Draft, torch.Tenso
     outside = first_outside(draft.tokens, allowed) if draft.parents is None else None
     if outside is None:
         return draft, allowed
-    return _cut(draft, outside + 1), allowed[: outside + 2]
+    return cut_draft(draft, outside + 1), allowed[: outside + 2]

@@ -227,16 +227,15 @@ class Engine:
         return self._drafters[key]
 
     def _build_drafter(self, spec: str, draft: str | None) -> Drafter | None:
-        draft_model = None
+        draft_model, draft_tok = None, None
         if spec.startswith("model"):
             if draft is None:
                 raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
             fmt = self.weight_format
             check_memory(draft, fmt, self.max_context)
             draft_model, draft_tok = load_target(draft, fmt)
-            self._check_same_vocab(draft_tok, draft)
         return build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
-                             self.source or "the embedded SmolLM2-135M-Instruct")
+                             self.source or "the embedded SmolLM2-135M-Instruct", draft_tok)
 
     # -- continuous batching -----------------------------------------------------------
     def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS) -> None:
@@ -263,13 +262,6 @@ class Engine:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.config.vocab_size, self.tokenizer.eos_token_ids)
         return self._grammars.compile(spec)
-
-    def _check_same_vocab(self, other: Tokenizer, path: str) -> None:
-        if other.hf.get_vocab() != self.tokenizer.hf.get_vocab():
-            raise UserError(
-                f"the draft model {path} uses a different tokenizer/vocabulary than the target: "
-                "speculative decoding needs the same vocabulary (use a model of the same family)"
-            )
 
     def encode_prompt(self, prompt: Prompt, chat: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -317,7 +309,7 @@ class Engine:
         if unknown:
             raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
         chosen_args = resolve_assisted(AssistedArgs(**assisted), drafter, draft, k, temperature,  # type: ignore[arg-type]
-                                       self.model.config.vocab_size)
+                                       self.model.config.vocab_size, self.tokenizer)
         drafter, draft, temperature = chosen_args.drafter, chosen_args.draft, chosen_args.temperature
         k = chosen_args.k if not isinstance(chosen_args.k, (int, str)) else parse_k(str(chosen_args.k))
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)

@@ -32,6 +32,8 @@ class SpecStats:
     load_seconds: float | None = None
     rss_after_load_bytes: int | None = None
     peak_rss_bytes: int | None = None
+    # a draft model with another tokenizer: its vocabulary beside the target's (VocabMap.summary)
+    draft_vocab: dict[str, object] | None = None
 
     def record_memory(self, weight_format: str | None, load: "LoadReport | None") -> None:
         """Fill the format and memory fields: the engine's load report and the peak so far."""
@@ -99,6 +101,7 @@ class SpecStats:
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
             "rss_after_load_bytes": self.rss_after_load_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "draft_vocab": self.draft_vocab,
         }
 
     def summary_line(self) -> str:

@@ -31,6 +31,8 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     flow through the same code as sampled ones where a distribution is needed.
     """
     logits = logits.float()
+    if params.suppress is not None:
+        logits = logits.masked_fill(params.suppress, float("-inf"))
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / params.temperature
@@ -58,7 +60,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """Next tokens [N] from logits [N, V]: argmax when greedy, else a draw from the warped distribution."""
     if params.greedy:
-        return logits.argmax(-1)
+        return logits_to_probs(logits, params).argmax(-1) if params.suppress is not None else logits.argmax(-1)
     return sample(logits_to_probs(logits, params), generator)
 
 

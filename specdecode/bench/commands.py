@@ -128,7 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         drafters=parse_methods(args.drafters), ks=parse_ks(args.k), max_new_tokens=args.max_new_tokens,
         sampling=sampling, repeats=args.repeats, ignore_eos=args.ignore_eos, chat=not args.no_chat, threads=threads,
     )
-    needs_draft = [d for d in config.drafters if d.split(":")[0] == "model" or d in ("hf-assisted", "llamacpp-draft")]
+    needs_draft = [d for d in config.drafters if d.split("+")[0].split(":")[0] == "model" or d in ("hf-assisted", "llamacpp-draft")]
     if needs_draft and args.draft is None:
         raise UserError(f"{', '.join(needs_draft)} need(s) a draft model: pass --draft PATH (GGUF file or HF folder)")
     prompts = load_prompts(args.prompt_set, args.prompts, args.limit)

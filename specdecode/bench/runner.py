@@ -70,7 +70,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if not names:
         raise UserError("--drafters needs at least one name, e.g. ngram,layerskip,hf")
     for name in names:
-        if name in PEER_METHODS or parse_spec(name)[0] in OUR_DRAFTERS or name == "none":
+        if name in PEER_METHODS or all(parse_spec(level)[0] in OUR_DRAFTERS for level in name.split("+")) or name == "none":
             continue
         raise UserError(
             f"unknown method '{name}' in --drafters: ours are {', '.join(OUR_DRAFTERS)} (e.g. ngram:2-5, "

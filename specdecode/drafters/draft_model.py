@@ -1,4 +1,5 @@
-"""A smaller model sharing the target's vocabulary drafts k tokens autoregressively.
+"""A smaller model sharing the target's vocabulary drafts k tokens autoregressively (one with
+another tokenizer is wrapped by drafters/universal.py, one drafting for itself by multilevel.py).
 
 The same class serves layer-skip self-speculation: there the "small model" is a view of the
 target that runs only its first layers (weights shared).
@@ -27,7 +28,8 @@ class DraftModelDrafter:
         if model.config.vocab_size != target_vocab_size:
             raise UserError(
                 f"draft vocabulary ({model.config.vocab_size} tokens) differs from the target's "
-                f"({target_vocab_size}): use a draft model from the same family/tokenizer"
+                f"({target_vocab_size}): a draft with another tokenizer drafts through text "
+                "(drafters.factory.build_drafter with tokenizer= and draft_tokenizer=, or --draft PATH)"
             )
         self.name = name
         self.model = model
@@ -62,25 +64,35 @@ class DraftModelDrafter:
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-            self.cached_ids.extend(feed)
-            if grammar is not None:
-                logits = mask_logits(logits, grammar.allowed_after(drafted).unsqueeze(0))
-                if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
-                    break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
-            if sampling.greedy:
-                token = int(logits[0].argmax())
-            else:
-                q = logits_to_probs(logits, sampling)
-                token = int(sample(q, generator)[0])
-                probs.append(q[0])
+            allowed = None if grammar is None else grammar.allowed_after(drafted)
+            token, q, logits = self.step(feed, sampling, generator, allowed)
+            if token is None:
+                break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             drafted.append(token)
+            if q is not None:
+                probs.append(q)
             feed = [token]
             if grammar is not None and token in grammar.eos_ids:
                 break  # the grammar's output is complete: nothing may follow
-            if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
+            if stop_below and draft_probability(logits, token, q) < stop_below:
                 break
         return Draft(drafted, torch.stack(probs) if probs else None)
+
+    def step(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
+             allowed: torch.Tensor | None = None) -> tuple[int | None, torch.Tensor | None, torch.Tensor]:
+        """Feed the tokens after the cached ones and draw the next: (token, its q [V] or None
+        when greedy, the logits [V]). allowed: a grammar's mask [V] on the logits (token None
+        where it allows none of the draft's tokens)."""
+        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
+        self.cached_ids.extend(feed)
+        if allowed is not None:
+            logits = mask_logits(logits, allowed.unsqueeze(0))
+            if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
+                return None, None, logits[0]
+        if sampling.greedy:
+            return int(logits[0].argmax()), None, logits[0]
+        q = logits_to_probs(logits, sampling)
+        return int(sample(q, generator)[0]), q[0], logits[0]
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass  # _sync on the next propose keeps exactly the accepted prefix

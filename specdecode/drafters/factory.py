@@ -1,10 +1,12 @@
 """Builds a drafter from its command-line name: none, ngram, ngram-tree, lookahead, retrieval, layerskip, model,
-quantized, eagle, medusa, distill, and the tree-growing variants NAME-tree of the model drafters."""
+quantized, eagle, medusa, distill, the tree-growing variants NAME-tree of the model drafters, and
+multi-level drafters MODEL+CHEAPER (a draft model drafting for itself with a cheaper drafter)."""
 
 from __future__ import annotations
 
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
+from specdecode.drafters.multilevel import MultiLevelDrafter
 from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
@@ -14,6 +16,8 @@ from specdecode.tokenizer import Tokenizer
 DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
             "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
+# the lower level of a multi-level drafter (MODEL+CHEAPER): chains that draft for the draft model
+CHEAPER = ("ngram", "layerskip", "quantized")
 # drafters whose trees measured faster than their chains under --k auto (docs/trees.md): the
 # command line's default --tree for them
 TREES_PAY = ("eagle", "medusa")
@@ -49,16 +53,24 @@ def build_drafter(
     max_length: int | None = None,
     tokenizer: Tokenizer | None = None,
     target_name: str = "the target",
+    draft_tokenizer: Tokenizer | None = None,
 ) -> Drafter | None:
     """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
     target's tokenizer: a datastore is checked against it, the default one built with it) |
-    'layerskip[:N]' | 'model' (needs draft_model)."""
+    'layerskip[:N]' | 'model' (needs draft_model; a draft_tokenizer other than the target's
+    `tokenizer` drafts through text, drafters/universal.py) | 'MODEL+CHEAPER' (multi-level)."""
+    if "+" in spec:
+        return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
     name, arg = parse_spec(spec)
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
         _drafts_trees(name, target)
-        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length)
+        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length, tokenizer, target_name,
+                              draft_tokenizer)
+        if getattr(chain, "vocab_summary", None) is not None:
+            raise UserError(f"{name} needs a draft with the target's tokenizer; a draft with another tokenizer "
+                            "drafts chains: use --drafter model")
         native = getattr(getattr(chain, "model", None), "model", getattr(chain, "model", None))  # (a subset head wraps one)
         if not isinstance(chain, DraftModelDrafter) or not isinstance(native, LlamaModel):
             raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")
@@ -97,9 +109,7 @@ def build_drafter(
             raise UserError(f"layerskip needs 1 <= layers < {total} (the target's depth), got {n}")
         return DraftModelDrafter(target.with_layers(range(n)), target.config.vocab_size, f"layerskip:{n}", max_length)
     if name == "model":
-        if draft_model is None:
-            raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
-        return DraftModelDrafter(draft_model, target.config.vocab_size, "model", max_length)
+        return across_tokenizers(_draft_model(draft_model, max_length), target.config.vocab_size, tokenizer, draft_tokenizer)
     if name == "quantized":
         from specdecode.drafters.quantized import quantized_drafter
 
@@ -107,6 +117,56 @@ def build_drafter(
     if name in TRAINED:
         return _trained(name, arg, target, max_length)
     raise UserError(f"unknown drafter '{name}': choose one of {', '.join(DRAFTERS)}")
+
+
+def _draft_model(draft_model: CausalLM | None, max_length: int | None) -> DraftModelDrafter:
+    if draft_model is None:
+        raise UserError("--drafter model needs a draft model: pass --draft PATH (GGUF file or HF folder)")
+    return DraftModelDrafter(draft_model, draft_model.config.vocab_size, "model", max_length)
+
+
+def across_tokenizers(chain: DraftModelDrafter | MultiLevelDrafter, target_vocab: int, tokenizer: Tokenizer | None,
+                      draft_tokenizer: Tokenizer | None) -> Drafter:
+    """`chain` drafts the draft model's tokens: as is where its vocabulary is the target's,
+    else through text (drafters/universal.py), which needs both tokenizers."""
+    draft_vocab = (chain.base if isinstance(chain, MultiLevelDrafter) else chain).model.config.vocab_size
+    same = draft_tokenizer is None or tokenizer is None or draft_tokenizer.hf.get_vocab() == tokenizer.hf.get_vocab()
+    if same and draft_vocab == target_vocab:
+        return chain
+    if draft_tokenizer is None or tokenizer is None:
+        raise UserError(f"the draft's vocabulary ({draft_vocab} tokens) differs from the target's "
+                        f"({target_vocab}): drafting across tokenizers needs both tokenizers "
+                        "(load the draft through Engine.drafter / --draft PATH, or pass tokenizer= and draft_tokenizer=)")
+    from specdecode.drafters.universal import OtherTokenizerDrafter
+    from specdecode.vocab_map import VocabMap
+
+    vocab = VocabMap.build(draft_tokenizer, tokenizer, draft_vocab, target_vocab)
+    if vocab.shared == 0:
+        raise UserError("the draft's tokenizer shares no token with the target's: it cannot draft for it")
+    return OtherTokenizerDrafter(chain, draft_tokenizer, tokenizer, vocab)
+
+
+def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_length: int | None,
+                 tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None) -> Drafter:
+    """'model+ngram', 'model+layerskip:2', 'layerskip:8+ngram:1-3': the draft model on the left
+    drafts its own tokens speculatively with the drafter on the right (drafters/multilevel.py)."""
+    upper, _, lower = spec.partition("+")
+    upper_name, lower_name = parse_spec(upper)[0], parse_spec(lower)[0]
+    if upper_name not in ("model", "layerskip", "quantized", "distill") or lower_name not in CHEAPER:
+        raise UserError(f"a multi-level drafter is MODEL+CHEAPER with MODEL one of model, layerskip[:N], quantized[:MODE], "
+                        f"distill[:DIR] and CHEAPER one of {', '.join(CHEAPER)} (e.g. model+ngram), got '{spec}'")
+    if upper_name == "model":
+        base: Drafter | None = _draft_model(draft_model, max_length)
+    else:
+        base = build_drafter(upper, target, None, max_length)
+    if not isinstance(base, DraftModelDrafter):
+        raise UserError(f"'{upper}' is not a draft model that can draft for itself")
+    inner = build_drafter(lower, base.model, None, max_length)
+    assert inner is not None
+    multi = MultiLevelDrafter(base, inner, spec)
+    if upper_name != "model":
+        return multi
+    return across_tokenizers(multi, target.config.vocab_size, tokenizer, draft_tokenizer)
 
 
 def _trained(name: str, path: str | None, target: CausalLM, max_length: int | None) -> Drafter:

@@ -56,8 +56,9 @@ class _Request(BaseModel):
     do_sample: bool | None = None
 
 
-# transformers' keywords a request may send: all of AssistedArgs' but assistant_model (a path)
-ASSISTED_FIELDS = tuple(name for name in AssistedArgs.__dataclass_fields__ if name != "assistant_model")
+# transformers' keywords a request may send: all of AssistedArgs' but assistant_model (a path) and its tokenizer
+ASSISTED_FIELDS = tuple(name for name in AssistedArgs.__dataclass_fields__
+                        if name not in ("assistant_model", "assistant_tokenizer"))
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 
