@@ -479,9 +479,7 @@ class LlamaModel(nn.Module):
     ) -> ModelOutput:
         t = tokens.shape[0]
         past = cache.length
-        taps = tuple(hidden_layers) if return_hidden and hidden_layers else ()
-        if any(l not in self.layer_ids for l in taps):
-            raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
+        taps = self._taps(return_hidden, hidden_layers)
         cache.ensure(past + t)  # grows the cache (new k/v tensors) or raises past its max_length
         rope = self._rope(positions, past, t)
         n_out = t if num_logits is None else min(num_logits, t)
@@ -516,17 +514,32 @@ class LlamaModel(nn.Module):
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None)
 
 
+    def _taps(self, return_hidden: bool, hidden_layers: tuple[int, ...] | None) -> tuple[int, ...]:
+        """The layers whose inputs a forward returns as its hidden states (none: the final ones)."""
+        taps = tuple(hidden_layers) if return_hidden and hidden_layers else ()
+        if any(l not in self.layer_ids for l in taps):
+            raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
+        return taps
+
     def batchable(self, call: ForwardCall) -> bool:
         """Can this call share a forward with other sequences' calls (`forward_batch`)? Any
         chain or tree step (a prefill chunk, a decode step, a verification block) of a model on
         our kernels, whose every row is computed alike however many rows a call has."""
+        return self._batch_parents(call) is not False
+
+    def _batch_parents(self, call: ForwardCall) -> torch.Tensor | None | bool:
+        """False where the call cannot share a forward; else its tree's parents (None: a chain)."""
         t, past = call.tokens.shape[0], call.cache.length
         window = self.config.sliding_window
-        tree_call = call.attn_mask is not None and call.positions is not None
-        return (self._compiled is None and _glue_fits(self.config)
-                and (tree_call or (call.attn_mask is None and call.positions is None))
-                and (not tree_call or tree.parents_of(call.attn_mask, call.positions, past) is not None)
-                and (window is None or past + t <= window) and self._attends_in_kernel(self.runtime()))
+        if not (self._compiled is None and _glue_fits(self.config) and (window is None or past + t <= window)
+                and self._attends_in_kernel(self.runtime())):
+            return False
+        if call.attn_mask is None and call.positions is None:
+            return None
+        if call.attn_mask is None or call.positions is None:
+            return False
+        parents = tree.parents_of(call.attn_mask, call.positions, past)
+        return False if parents is None else parents
 
     @torch.inference_mode()
     def forward_batch(self, calls: Sequence[ForwardCall]) -> list[ModelOutput]:
@@ -539,15 +552,14 @@ class LlamaModel(nn.Module):
         segments, ropes, parents, taps_of, n_outs, n_hiddens = [], [], [], [], [], []
         start = 0
         for call in calls:
-            if not self.batchable(call):
-                raise ValueError("forward_batch takes steps after a cached prefix on our kernels (see batchable)")
+            tree_parents = self._batch_parents(call)
+            if tree_parents is False:
+                raise ValueError("forward_batch takes chains and trees of a model on our kernels (see batchable)")
             t, past = call.tokens.shape[0], call.cache.length
-            taps = tuple(call.hidden_layers) if call.return_hidden and call.hidden_layers else ()
-            if any(l not in self.layer_ids for l in taps):
-                raise ValueError(f"hidden_layers {list(taps)} are not all layers of this model ({list(self.layer_ids)})")
+            taps = self._taps(call.return_hidden, call.hidden_layers)
             call.cache.ensure(past + t)
             ropes.append(torch.view_as_real(self._rope(call.positions, past, t)))
-            parents.append(None if call.attn_mask is None else tree.parents_of(call.attn_mask, call.positions, past))
+            parents.append(tree_parents)
             n_out = t if call.num_logits is None else min(call.num_logits, t)
             n_outs.append(n_out)
             n_hiddens.append(t if call.return_hidden else n_out)
