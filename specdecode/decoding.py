@@ -143,7 +143,7 @@ def decode(
                 if feed_logits:
                     drafter.observe_logits(draft, logits, result)  # type: ignore[attr-defined]
                 if feed_hidden:  # the fed newest token's and the accepted drafts' features
-                    drafter.observe_hidden(out.hidden[step.kept_rows])  # type: ignore[index, attr-defined]
+                    drafter.observe_hidden(out.hidden[kept_rows])  # type: ignore[index, attr-defined]
             new = result.new_tokens(draft.tokens)
             for i, tok in enumerate(new):
                 if tok in stop_ids:

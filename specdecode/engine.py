@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import gc
 import json
 import os
 import threading
@@ -166,7 +165,8 @@ class Engine:
         self._tree_costs: CostTable | None = None
         self._draft_costs: dict[object, DraftCost] = {}
         self.batcher: Batcher | None = None  # set by enable_batching
-        self._seats: list[_Seat] = []  # free drafter sets for batched streams
+        # free drafter sets for batched streams, one taken per stream (drafters keep per-sequence state)
+        self._seats: list[dict[tuple[str, str | None], Drafter | None]] = []
         self._seats_lock = threading.Lock()
         self._grammars: GrammarCompiler | None = None
 
@@ -221,10 +221,14 @@ class Engine:
         """A drafter by name ('none', 'ngram', 'layerskip[:N]', 'model' with draft=PATH), cached."""
         if spec is None or not isinstance(spec, str):
             return spec
-        key = (spec, draft)
-        if key not in self._drafters:
-            self._drafters[key] = self._build_drafter(spec, draft)
-        return self._drafters[key]
+        return self._drafter_in(self._drafters, spec, draft)
+
+    def _drafter_in(self, drafters: dict[tuple[str, str | None], Drafter | None], spec: str,
+                    draft: str | None) -> Drafter | None:
+        """The drafter named (spec, draft) from `drafters`, built there on first use."""
+        if (spec, draft) not in drafters:
+            drafters[(spec, draft)] = self._build_drafter(spec, draft)
+        return drafters[(spec, draft)]
 
     def _build_drafter(self, spec: str, draft: str | None) -> Drafter | None:
         draft_model, draft_tok = None, None
@@ -245,16 +249,15 @@ class Engine:
         streams); more streams wait for a free seat."""
         self.batcher = Batcher(self.model, max_batch, wait)
 
-    def _take_seat(self) -> "_Seat":
+    def _take_seat(self) -> dict[tuple[str, str | None], Drafter | None]:
         with self._seats_lock:
-            return self._seats.pop() if self._seats else _Seat()
+            return self._seats.pop() if self._seats else {}
 
-    def _return_seat(self, seat: "_Seat") -> None:
+    def _return_seat(self, seat: dict[tuple[str, str | None], Drafter | None]) -> None:
         with self._seats_lock:
             self._seats.append(seat)
             idle = self.batcher is None or self.batcher.seated <= 1  # (the caller is still seated)
-        if idle:  # the finished requests' KV caches are garbage now (some in reference cycles
-            gc.collect()  # through a client's disconnect: exceptions holding frames): give their pages back
+        if idle:  # the finished requests' KV caches are garbage now: give their pages back
             memory.return_free_heap()
 
     def grammar(self, spec: GrammarSpec) -> Grammar:
@@ -407,7 +410,8 @@ class TextStream:
         with batcher.seat():
             seat = self.engine._take_seat()
             try:
-                drafter = self.drafter if self.drafter_spec is None else seat.drafter(self.engine, *self.drafter_spec)
+                drafter = (self.drafter if self.drafter_spec is None
+                           else self.engine._drafter_in(seat, *self.drafter_spec))
                 if self.k == "auto" and drafter is not None and not getattr(drafter, "grows_trees", False):
                     self.k = AutoK(SharedCosts(self.engine.cost_table(), batcher))  # type: ignore[arg-type]
                 yield from self._text(self.engine.model.new_cache(self.engine.max_context), drafter, batcher.forward)
@@ -447,18 +451,6 @@ class TextStream:
         self.stats.record_memory(engine.weight_format, engine.load_report)
         self.result = Generation(text, token_ids, self.stats, finish,
                                  None if self.logprobs is None else self.logprobs.entries[: len(token_ids)])
-
-
-class _Seat:
-    """Drafters (by name) for one batched sequence at a time: they keep per-sequence state."""
-
-    def __init__(self) -> None:
-        self.drafters: dict[tuple[str, str | None], Drafter | None] = {}
-
-    def drafter(self, engine: Engine, spec: str, draft: str | None) -> Drafter | None:
-        if (spec, draft) not in self.drafters:
-            self.drafters[(spec, draft)] = engine._build_drafter(spec, draft)
-        return self.drafters[(spec, draft)]
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

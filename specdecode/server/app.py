@@ -126,7 +126,8 @@ def create_app(
             return _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)
         return await call_next(request)
 
-    def start(req: _Request, prompt: Any, chat: bool, grammar: GrammarSpec | None, choice: int) -> TextStream:
+    def start(req: _Request, prompt: Any, chat: bool, grammar: GrammarSpec | None, logprobs: int | None,
+              choice: int) -> TextStream:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         assisted = {name: getattr(req, name) for name in ASSISTED_FIELDS if getattr(req, name) is not None}
         # transformers' keywords that choose the drafter / the draft length replace the server's defaults
@@ -141,7 +142,7 @@ def create_app(
             prompt, drafter=chosen, draft=draft, k=length,
             max_new_tokens=req.max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p,
             min_p=req.min_p, seed=None if req.seed is None else req.seed + choice, stop=stops, chat=chat,
-            grammar=grammar, logprobs=requested_logprobs(req, chat), **assisted,
+            grammar=grammar, logprobs=logprobs, **assisted,
         )
 
     def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
@@ -150,7 +151,7 @@ def create_app(
             limits.check(req.drafter, req.k, req.max_tokens)
             if not 1 <= req.n <= MAX_N:
                 raise UserError(f"n must be in 1..{MAX_N}, got {req.n}")
-            requested_logprobs(req, chat)
+            logprobs = requested_logprobs(req, chat)
             grammar = request_grammar(req)
         except UserError as e:
             return _error(str(e), 400)
@@ -160,13 +161,12 @@ def create_app(
         lock.acquire()
         queue.started()
         try:
-            streams = [start(req, prompt, chat, grammar, choice) for choice in range(req.n)]
+            streams = [start(req, prompt, chat, grammar, logprobs, choice) for choice in range(req.n)]
         except UserError as e:
             done()
             return _error(str(e), 400)
         served = _Served(streams, metrics, begun, done)
-        wants_logprobs = requested_logprobs(req, chat) is not None
-        reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), wants_logprobs)
+        reply = _Reply(rid, model_name, kind, engine.tokenizer, len(streams[0].prompt_ids), logprobs is not None)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return _EventStream(_sse(served, reply, usage))
