@@ -2,9 +2,11 @@
 
 Matmul paths for int4/int8 weights, chosen once per process by CPU features:
 
-- ``amx``: ``avx512-vnni``'s arithmetic, with a verification block's integer dot products
-  (4 or more rows) on Intel's AMX tiles (Sapphire Rapids and later): 16 rows x 16 outputs x 32
-  inputs an instruction. Bitwise the same results as ``avx512-vnni`` for every row.
+- ``amx`` (Intel Sapphire Rapids and later): int4 weights unpacked group by group to bf16 and
+  multiplied with up to 16 rows of bf16 activations an instruction on AMX-BF16 tiles, fp32 sums
+  kept in the tiles: a verification block of 33 rows costs about twice one row. int8 weights:
+  ``avx512-vnni``'s arithmetic with a block's integer dot products (4 or more rows) on AMX-INT8
+  tiles, bitwise the same results as ``avx512-vnni``.
 - ``avx512-vnni``: activations quantized to int8 per block of 32 (as llama.cpp does), exact
   integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and later).
 - ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
@@ -69,10 +71,15 @@ def cpu_supports_avx512_bf16() -> bool:
     return sys.platform.startswith("linux") and set(_NEEDED_FLAGS) <= cpu_flags()
 
 
+# -fopenmp: at::parallel_for splits work over threads only in code compiled with OpenMP; without
+# it every kernel ran on one core (libgomp is torch's own, already loaded, same soname).
+_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+
+
 def build_dir() -> Path:
     """Where the compiled library lives: keyed by source hash and torch version, so an edit or
     a torch upgrade builds a fresh one."""
-    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
     return root / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{key}"
 
@@ -84,7 +91,7 @@ def build(verbose: bool = False) -> Path:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(name="specdecode_kernels", sources=[str(SOURCE)], build_directory=str(folder),
-                       extra_cflags=["-O3", "-fno-math-errno"], is_python_module=False, verbose=verbose)
+                       extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
     return folder / "specdecode_kernels.so"
 
 
@@ -115,6 +122,8 @@ def available(kernel: str) -> str | None:
     if error is None and kernel == "amx":
         if not {"amx_tile", "amx_int8"} <= cpu_flags():
             error = "this CPU lacks AMX-INT8"
+        elif not {"amx_bf16", "avx512vbmi"} <= cpu_flags():
+            error = "this CPU lacks AMX-BF16 or AVX512-VBMI"
         elif not torch.ops.specdecode.amx_ready():
             error = "Linux refused this process the AMX tile state (kernel 5.16 or later needed)"
     return error

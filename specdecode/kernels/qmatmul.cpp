@@ -361,13 +361,13 @@ template <bool INT4>
 using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
 // ---------------------------------------------------------------------------------------------
-// AMX (Intel Sapphire Rapids and later): the VNNI kernels' arithmetic with each group's integer
-// dot products for 16 rows x 16 outputs x 32 inputs in one tile instruction (`tdpbsud`: signed
-// activations x unsigned int4 codes; `tdpbssd` for int8 codes). The weight quads are already the
-// tile layout of the second operand (8 rows of 16 outputs x 4 inputs); int4 nibbles are split
-// into bytes once per group and the tile serves every row. Per group the int32 sums are the same
-// integers as vpdpbusd's and the fp32 epilogue is the same function, so a row's result is
-// bitwise the VNNI kernel's: the op takes VNNI for few rows and AMX for many, outputs unchanged.
+// AMX (Intel Sapphire Rapids and later), int8 weights: the VNNI kernel's arithmetic with each
+// group's integer dot products for 16 rows x 16 outputs x 32 inputs in one tile instruction
+// (`tdpbssd`). The weight quads are already the tile layout of the second operand (8 rows of 16
+// outputs x 4 inputs). Per group the int32 sums are the same integers as vpdpbusd's and the fp32
+// epilogue is the same function, so a row's result is bitwise the VNNI kernel's: the op takes
+// VNNI for few rows and AMX for many, outputs unchanged. (int4 weights take the AMX-BF16 path
+// further below: a per-group epilogue for every row costs more than int4's unpacking.)
 
 #define SD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c,amx-tile,amx-int8")))
 // GCC's tile load/store intrinsics are asm statements that do not tell the compiler which
@@ -411,8 +411,7 @@ SD_AMX void release_tiles() { _tile_release(); }
   do {                                                                 \
     _tile_zero(C);                                                     \
     SD_TILE_LOAD_GROUP(B, w[u]);                                       \
-    if constexpr (INT4) _tile_dpbsud(C, A, B);                         \
-    else _tile_dpbssd(C, A, B);                                        \
+    _tile_dpbssd(C, A, B);                                             \
     SD_TILE_STORE_SUMS(C, sums[g & 1][u], R);                          \
   } while (0)
 #define SD_AMX_GROUP(A, B, C0, C1)                                     \
@@ -422,41 +421,23 @@ SD_AMX void release_tiles() { _tile_release(); }
     if constexpr (TILES > 1) SD_AMX_DOT(A, B, C1, 1);                  \
   } while (0)
 
-// Group g's int4 codes of TILES output tiles, nibbles split into bytes: the tiles' layout.
-template <int TILES>
-SD_AMX inline void split_nibbles(const uint8_t* wt, int64_t tile_bytes, int64_t g, uint8_t (*bytes)[8 * 64]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  for (int u = 0; u < TILES; ++u)
-    for (int p = 0; p < 4; ++p) {
-      __m512i raw = _mm512_loadu_si512(wt + u * tile_bytes + g * 256 + p * 64);
-      _mm512_store_si512(bytes[u] + 2 * p * 64, _mm512_and_si512(raw, low4));
-      _mm512_store_si512(bytes[u] + (2 * p + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
-    }
-}
-
 // R rows (the tile rows configured) x TILES output tiles over all groups, the fp32 totals in
 // registers; rows past `rows` are padding (zero codes) and are not written. Software pipelined:
-// group g+1's int4 codes are split into bytes and group g-1's sums scaled while the tile unit
-// works on group g, so that no tile load waits for fresh vector stores and no vector load for
-// a fresh tile store.
-template <int R, int TILES, bool INT4>
-SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt, const int8_t* xq,
-                      int64_t K, const float* dx, const float* sq, int64_t G, int64_t rows, at::BFloat16* y,
-                      int64_t ldy) {
-  constexpr int group_bytes = INT4 ? 256 : 512;
-  alignas(64) uint8_t bytes[2][TILES][8 * 64];
+// group g-1's sums are scaled while the tile unit works on group g, so that no vector load waits
+// for a fresh tile store.
+template <int R, int TILES>
+SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const int8_t* xq, int64_t K,
+                      const float* dx, int64_t G, int64_t rows, at::BFloat16* y, int64_t ldy) {
+  constexpr int group_bytes = 512;
   alignas(64) int32_t sums[2][TILES][R][kTile];
   __m512 tot[TILES][R];
   for (int u = 0; u < TILES; ++u)
     for (int r = 0; r < R; ++r) tot[u][r] = _mm512_setzero_ps();
-  if constexpr (INT4) split_nibbles<TILES>(wt, tile_bytes, 0, bytes[0]);
   for (int64_t g = 0; g <= G; ++g) {
     if (g < G) {
       if (g + kPrefetchGroups < G) prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, group_bytes);
-      if constexpr (INT4)
-        if (g + 1 < G) split_nibbles<TILES>(wt, tile_bytes, g + 1, bytes[(g + 1) & 1]);
       const uint8_t* w[TILES];
-      for (int u = 0; u < TILES; ++u) w[u] = INT4 ? bytes[g & 1][u] : wt + u * tile_bytes + g * group_bytes;
+      for (int u = 0; u < TILES; ++u) w[u] = wt + u * tile_bytes + g * group_bytes;
       if (g & 1)
         SD_AMX_GROUP(7, 6, 2, 3);
       else
@@ -467,14 +448,8 @@ SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt,
     for (int u = 0; u < TILES; ++u) {
       const int64_t so = u * G * kTile + p * kTile;
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
-      if constexpr (INT4) {
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + so)));
-        for (int r = 0; r < R; ++r)
-          tot[u][r] = add_group_int4(tot[u][r], _mm512_load_si512(sums[p & 1][u][r]), d, m, sq[r * G + p], dx[r * G + p]);
-      } else {
-        for (int r = 0; r < R; ++r)
-          tot[u][r] = add_group_int8(tot[u][r], _mm512_load_si512(sums[p & 1][u][r]), d, dx[r * G + p]);
-      }
+      for (int r = 0; r < R; ++r)
+        tot[u][r] = add_group_int8(tot[u][r], _mm512_load_si512(sums[p & 1][u][r]), d, dx[r * G + p]);
     }
   }
   for (int r = 0; r < R; ++r)  // (a constant bound keeps tot in registers)
@@ -484,46 +459,42 @@ SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt,
 
 constexpr int amx_tiles_for(int R) { return R <= 8 ? 2 : 1; }
 
-using AmxFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int8_t*, int64_t, const float*,
-                       const float*, int64_t, int64_t, at::BFloat16*, int64_t);
+using AmxFn = void (*)(const uint8_t*, int64_t, const at::Half*, const int8_t*, int64_t, const float*, int64_t, int64_t,
+                       at::BFloat16*, int64_t);
 
-template <bool INT4, int... Rs>
+template <int... Rs>
 struct AmxKernels {
-  static constexpr AmxFn wide[] = {tiles_amx<Rs, amx_tiles_for(Rs), INT4>...};
-  static constexpr AmxFn narrow[] = {tiles_amx<Rs, 1, INT4>...};
+  static constexpr AmxFn wide[] = {tiles_amx<Rs, amx_tiles_for(Rs)>...};
+  static constexpr AmxFn narrow[] = {tiles_amx<Rs, 1>...};
 };
 
-template <bool INT4>
-using AmxRowKernels = AmxKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+using AmxRowKernels = AmxKernels<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
 // Rows in `chunks` chunks of R (the last ones padded with zero rows, xr holds chunks * R rows);
 // each thread takes a range of output tiles, and for each block of tiles all chunks, so the
 // weights stream from memory once.
-template <bool INT4>
-SD_AMX void qlinear_amx(const QuantRows& xr, const uint8_t* wp, const at::Half* dp, const at::Half* mp, int64_t T,
-                        int64_t R, int64_t K, int64_t tiles, at::BFloat16* yp) {
-  const int64_t G = K / kGroup, N = tiles * kTile, tile_bytes = K * kTile / (INT4 ? 2 : 1);
+SD_AMX void qlinear_amx_int8(const QuantRows& xr, const uint8_t* wp, const at::Half* dp, int64_t T, int64_t R,
+                             int64_t K, int64_t tiles, at::BFloat16* yp) {
+  const int64_t G = K / kGroup, N = tiles * kTile, tile_bytes = K * kTile;
   const int wide = amx_tiles_for((int)R);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     load_tile_config((int)R);
     auto run = [&](AmxFn fn, int64_t tile) {
-      const int64_t so = tile * G * kTile;
       for (int64_t t0 = 0; t0 < T; t0 += R)
-        fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.data() + t0 * K, K,
-           xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, std::min(R, T - t0), yp + t0 * N + tile * kTile, N);
+        fn(wp + tile * tile_bytes, tile_bytes, dp + tile * G * kTile, xr.q.data() + t0 * K, K, xr.dx.data() + t0 * G, G,
+           std::min(R, T - t0), yp + t0 * N + tile * kTile, N);
     };
     int64_t j = begin;
-    for (; j + wide <= end; j += wide) run(AmxRowKernels<INT4>::wide[R - 1], j);
-    for (; j < end; ++j) run(AmxRowKernels<INT4>::narrow[R - 1], j);
+    for (; j + wide <= end; j += wide) run(AmxRowKernels::wide[R - 1], j);
+    for (; j < end; ++j) run(AmxRowKernels::narrow[R - 1], j);
     release_tiles();
   });
 }
 
-// From this many rows on, the AMX kernel (where the caller allows it). Measured on the embedded
-// model (Intel Xeon, 2 cores): int8 gains from 5 rows on (-7% at 5, -20% at 17); for int4 the
-// nibble split costs as much as VNNI's extra rows save up to ~9 rows (-9% at 17, -12% at 33).
-constexpr int64_t amx_min_rows(bool int4) { return int4 ? 10 : 4; }
+// From this many rows on, the int8 AMX kernel (where the caller allows it). Measured on the
+// embedded model (Intel Xeon, 2 cores): it gains from 5 rows on (-7% at 5, -20% at 17).
+constexpr int64_t kAmxMinRows = 4;
 
 template <bool INT4>
 at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux,
@@ -537,7 +508,7 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   TORCH_CHECK(aux.sizes() == d.sizes() && aux.scalar_type() == (INT4 ? at::kHalf : at::kShort), "specdecode qlinear: m / wsum must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
-  amx = amx && T >= amx_min_rows(INT4);
+  amx = !INT4 && amx && T >= kAmxMinRows;
   const int64_t chunks = (T + kMaxRows - 1) / kMaxRows, chunk_rows = (T + chunks - 1) / chunks;  // AMX: equal chunks
   const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K, amx ? chunks * chunk_rows : T);
   auto* yp = y.data_ptr<at::BFloat16>();
@@ -548,7 +519,7 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   const int16_t* sp = INT4 ? nullptr : ac.data_ptr<int16_t>();
   if (amx) {
     TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
-    qlinear_amx<INT4>(xr, wp, dp, mp, T, chunk_rows, K, tiles, yp);
+    qlinear_amx_int8(xr, wp, dp, T, chunk_rows, K, tiles, yp);
     return y;
   }
   const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
@@ -572,16 +543,175 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// int4 on AMX-BF16 tiles (the `amx` kernel's int4 path). Each group of 32 inputs of a tile of 16
+// outputs is unpacked ONCE into bf16 weights w = d*q + m (rounded to nearest even) in the tile
+// layout of `tdpbf16ps`'s second operand, and one tile instruction multiplies it with up to 16
+// rows of bf16 activations, adding into fp32 sums that stay in the tile over all groups: no
+// per-group work for each row at all (the int8-activation kernels scale every row's sums per
+// group, which is what made their cost grow with rows). Unpacking costs ~60 cycles a group and
+// tile, about what streaming its 256 bytes from memory costs on one core, so one row costs what
+// the VNNI kernel's does and 33 rows about twice that (VNNI: 4-5x).
+// Batch invariant: the tile unit computes each row from that row of A and the weights alone,
+// in the same order whatever the number of rows (tests/test_kernels.py, rows 1..80).
+// Weight layout: the avx512-bf16 kernel's ([N/16, G, 8, 32] nibbles, d and m [N/16, G, 16] f16).
+
+#define SD_AMX_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma,f16c,amx-tile,amx-bf16")))
+
+// vpermb indices: byte 2 of lane i of vector v takes code byte 16v + i (the other bytes are kept).
+struct alignas(64) CodeIndex {
+  uint8_t b[4][64];
+};
+constexpr CodeIndex code_index() {
+  CodeIndex t{};
+  for (int v = 0; v < 4; ++v)
+    for (int i = 0; i < 16; ++i) t.b[v][4 * i + 2] = (uint8_t)(16 * v + i);
+  return t;
+}
+alignas(64) constexpr CodeIndex kCodeIndex = code_index();
+
+// Group g of one output tile (256 bytes of nibbles) as 16 x 32 bf16 weights, tile row kp = input
+// pair kp, lane l = (output l/2, input 2kp + l%2): the nibble layout's order. A code q lands in
+// the mantissa of 2.0f (f = 2 + q/64 exactly), so w = f * 64d + (m - 128d) is one fma.
+SD_AMX_BF16 inline void unpack_group_bf16(const uint8_t* w, const at::Half* dg, const at::Half* mg, uint16_t* out) {
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dg));
+  const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mg));
+  const __m512 d64 = _mm512_mul_ps(d, _mm512_set1_ps(64.0f));
+  const __m512 m0 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d, m);
+  const __m512i lo_out = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // lanes 0-15: outputs 0-7
+  const __m512i hi_out = _mm512_add_epi32(lo_out, _mm512_set1_epi32(8));
+  const __m512 dl = _mm512_permutexvar_ps(lo_out, d64), dh = _mm512_permutexvar_ps(hi_out, d64);
+  const __m512 ml = _mm512_permutexvar_ps(lo_out, m0), mh = _mm512_permutexvar_ps(hi_out, m0);
+  const __m512i two = _mm512_set1_epi32(0x40000000);
+  const __mmask64 byte2 = 0x4444444444444444ULL;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(kCodeIndex.b[v]);
+  for (int p = 0; p < 8; p += 2) {
+    const __m512i raw = _mm512_loadu_si512(w + p * 32);  // pairs of pairs p and p + 1
+    const __m512i nib[2] = {_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4)};
+    for (int h = 0; h < 2; ++h)      // which pair of pairs: bytes 32h..32h+31
+      for (int s = 0; s < 2; ++s) {  // low nibbles: input pair 2(p+h), high: 2(p+h)+1
+        const __m512 f0 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(two, byte2, idx[2 * h], nib[s]));
+        const __m512 f1 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(two, byte2, idx[2 * h + 1], nib[s]));
+        const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(f1, dh, mh), _mm512_fmadd_ps(f0, dl, ml));
+        _mm512_store_si512(out + (2 * (p + h) + s) * 32, (__m512i)b);
+      }
+  }
+}
+
+// Tile numbers: 0-3 sums of up to 4 chunks of R rows, 4-5 weights (two groups in flight), 6-7
+// activations.
+SD_AMX_BF16 void load_tile_config_bf16(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = t == 4 || t == 5 ? 16 : rows, cfg.colsb[t] = 64;
+  asm volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+#define SD_TILE_LOAD_BF16(T, p, stride, bytes) \
+  asm volatile("tileloadd (%0,%1,1), %%tmm" #T ::"r"(p), "r"((int64_t)(stride)), "m"(*(const uint8_t(*)[bytes])(p)))
+#define SD_TILE_STORE_F32(T, p) \
+  asm volatile("tilestored %%tmm" #T ", (%1,%2,1)" : "=m"(*(float(*)[16 * kTile])(p)) : "r"(p), "r"(64L))
+// One group: its weights into tile B, then each chunk's activations (group-major: chunk c's R
+// rows of 32 inputs at xg + 32 R c, stride 64 bytes) into A and onto sums C_c.
+#define SD_BF16_GROUP(B)                                                                   \
+  do {                                                                                     \
+    SD_TILE_LOAD_BF16(B, ring[g % kRing], 64, 1024);                                       \
+    SD_TILE_LOAD_BF16(6, xg, 64, 64 * 16);                                                 \
+    _tile_dpbf16ps(0, 6, B);                                                               \
+    if constexpr (CHUNKS > 1) { SD_TILE_LOAD_BF16(7, xg + 32 * R, 64, 64 * 16); _tile_dpbf16ps(1, 7, B); } \
+    if constexpr (CHUNKS > 2) { SD_TILE_LOAD_BF16(6, xg + 64 * R, 64, 64 * 16); _tile_dpbf16ps(2, 6, B); } \
+    if constexpr (CHUNKS > 3) { SD_TILE_LOAD_BF16(7, xg + 96 * R, 64, 64 * 16); _tile_dpbf16ps(3, 7, B); } \
+  } while (0)
+
+// One output tile, one block of CHUNKS x R rows: groups unpacked kAhead ahead of the tile unit.
+// x: group-major activations [G, RT, 32] (RT rows in all, this block's first row at `row0`).
+template <int CHUNKS>
+SD_AMX_BF16 void int4_tile_block_bf16(const uint8_t* wt, const at::Half* dt, const at::Half* mt, int64_t G,
+                                      const at::BFloat16* x, int64_t RT, int64_t row0, int64_t R, int64_t T,
+                                      at::BFloat16* y, int64_t ldy) {
+  constexpr int kRing = 4, kAhead = 2;
+  alignas(64) uint16_t ring[kRing][16 * 32];
+  alignas(64) float sums[16 * kTile];
+  _tile_zero(0);
+  if constexpr (CHUNKS > 1) _tile_zero(1);
+  if constexpr (CHUNKS > 2) _tile_zero(2);
+  if constexpr (CHUNKS > 3) _tile_zero(3);
+  for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g)
+    unpack_group_bf16(wt + g * 256, dt + g * kTile, mt + g * kTile, ring[g % kRing]);
+  for (int64_t g = 0; g < G; ++g) {
+    const at::BFloat16* xg = x + (g * RT + row0) * kGroup;
+    if (g & 1)
+      SD_BF16_GROUP(5);
+    else
+      SD_BF16_GROUP(4);
+    const int64_t n = g + kAhead;  // unpacked while the tile unit works
+    if (n < G) unpack_group_bf16(wt + n * 256, dt + n * kTile, mt + n * kTile, ring[n % kRing]);
+    for (int line = 0; line < 256; line += 64)  // (past the tile's end: the next tile's first groups)
+      _mm_prefetch((const char*)(wt + (n + kPrefetchGroups) * 256 + line), _MM_HINT_T0);
+  }
+  for (int c = 0; c < CHUNKS; ++c) {
+    if (c == 0) SD_TILE_STORE_F32(0, sums);
+    if (c == 1) SD_TILE_STORE_F32(1, sums);
+    if (c == 2) SD_TILE_STORE_F32(2, sums);
+    if (c == 3) SD_TILE_STORE_F32(3, sums);
+    for (int64_t r = 0; r < R && row0 + c * R + r < T; ++r)
+      _mm256_storeu_si256((__m256i*)(y + (row0 + c * R + r) * ldy),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + r * kTile)));
+  }
+}
+
+using Bf16BlockFn = void (*)(const uint8_t*, const at::Half*, const at::Half*, int64_t, const at::BFloat16*, int64_t,
+                             int64_t, int64_t, int64_t, at::BFloat16*, int64_t);
+constexpr Bf16BlockFn kBf16Blocks[] = {int4_tile_block_bf16<1>, int4_tile_block_bf16<2>, int4_tile_block_bf16<3>,
+                                       int4_tile_block_bf16<4>};
+
+at::Tensor int4_linear_amx(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
+  TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
+  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / 2, "specdecode qlinear: packed weight of the wrong size");
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (T == 0) return y;
+  TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
+  // Rows in blocks of at most 64 (4 chunks of at most 16, the sums' tiles), balanced: 33 rows ->
+  // 3 chunks of 11. Activations regrouped group-major ([G, RT, 32], zero rows past T) so that
+  // each tile load reads 64 contiguous bytes a row.
+  const int64_t blocks = (T + 63) / 64, block_rows = (T + blocks - 1) / blocks;
+  const int64_t chunks = (block_rows + kTile - 1) / kTile, R = (block_rows + chunks - 1) / chunks;
+  const int64_t RT = blocks * chunks * R;
+  std::vector<at::BFloat16> xg(G * RT * kGroup, at::BFloat16(0.0f));
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) std::memcpy(&xg[(g * RT + t) * kGroup], xp + t * K + g * kGroup, kGroup * 2);
+  const at::Tensor dc = d.contiguous(), mc = m.contiguous();
+  const auto* wp = (const uint8_t*)packed.data_ptr();
+  const auto* dp = dc.data_ptr<at::Half>();
+  const auto* mp = mc.data_ptr<at::Half>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const int64_t tile_bytes = K * kTile / 2;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    load_tile_config_bf16((int)R);
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t b = 0; b < blocks; ++b)
+        kBf16Blocks[chunks - 1](wp + j * tile_bytes, dp + j * G * kTile, mp + j * G * kTile, G, xg.data(), RT,
+                                b * chunks * R, R, T, yp + j * kTile, N);
+    release_tiles();
+  });
+  return y;
+}
+
 at::Tensor int4_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   return qlinear_vnni<true>(x, packed, d, m);
 }
 
 at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {
   return qlinear_vnni<false>(x, packed, d, wsum);
-}
-
-at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
-  return qlinear_vnni<true>(x, packed, d, m, true);
 }
 
 at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {

@@ -446,7 +446,7 @@ class _TiledStack(LinearStack):
     def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
-        self.vnni = kernel in kernels.INT8_ACTIVATIONS  # (amx: the same layout and results)
+        self.vnni = kernel in kernels.INT8_ACTIVATIONS  # (int8 on amx: the same layout and results)
         self.packed: list[torch.Tensor] = []
         self.d: list[torch.Tensor] = []
 
@@ -467,8 +467,9 @@ class TiledInt4Stack(_TiledStack):
     """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
     nearly flat in rows, each row computed alike. kernel 'avx512-bf16': bf16 activations, exact
     products (`specdecode::int4_linear`); 'avx512-vnni': activations quantized to int8 per block
-    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`); 'amx': the same, 4 rows
-    or more on AMX tiles (`int4_linear_amx`, bitwise the same results). Layers come as
+    of 32 as llama.cpp does, integer dot products (`int4_linear_vnni`); 'amx': each group's
+    weights unpacked once to bf16 and multiplied with every row on AMX-BF16 tiles, fp32 sums
+    (`int4_linear_amx`; the avx512-bf16 layout). Layers come as
     (codes [N, K] uint8 0..15, or GGUF's nibble bytes [N, K/32, 16] (`to_nibbles`), d [N, K/32], m [N, K/32])."""
 
     mode = "int4"
@@ -479,6 +480,7 @@ class TiledInt4Stack(_TiledStack):
 
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
+        self.vnni = kernel == "avx512-vnni"  # (amx unpacks to bf16 tiles from the avx512-bf16 layout)
         ops = torch.ops.specdecode
         self.op = ops.int4_linear_amx if kernel == "amx" else ops.int4_linear_vnni if self.vnni else ops.int4_linear
         self.m: list[torch.Tensor] = []
