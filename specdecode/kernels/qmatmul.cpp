@@ -862,6 +862,21 @@ constexpr ValuesFn kValues[16] = {values_block<1>, values_block<2>, values_block
                                   values_block<9>, values_block<10>, values_block<11>, values_block<12>,
                                   values_block<13>, values_block<14>, values_block<15>, values_block<16>};
 
+// Scores of R query rows against 16 keys (kt: their transposed pairs), each row's D/2 pair
+// products summed in two chains (even and odd pairs) then added: the same arithmetic for a row
+// whatever R is; R rows at once keep 2R chains in flight (vdpbf16ps has a latency of ~5 cycles).
+template <int R>
+SD_TARGET inline void score_rows(const __m512i* kt, const int32_t* const* q, int64_t D, __m512 vscale, float* const* out) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < D / 2; p += 2)
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32(q[r][p]));
+      a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)kt[p + 1], (__m512bh)_mm512_set1_epi32(q[r][p + 1]));
+    }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_mul_ps(_mm512_add_ps(a0[r], a1[r]), vscale));
+}
+
 // Scores of keys j0..j0+15 of KV head kv (k: that head's keys) for every query row of the head's
 // group that sees key j0, into scores [H, T, width] (scaled; entries past a row's last key are
 // written and never read).
@@ -871,16 +886,19 @@ SD_TARGET void score_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_
   __m512i kt[128];
   transpose_keys(k + j0 * D, D, std::min<int64_t>(16, S - j0), D, kt);
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t t = std::max<int64_t>(0, j0 - past); t < T; ++t)  // rows that see key j0
-    for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
-      const int32_t* q = (const int32_t*)(qp + t * qs + h * D);
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      for (int64_t p = 0; p < D / 2; p += 2) {
-        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32(q[p]));
-        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)kt[p + 1], (__m512bh)_mm512_set1_epi32(q[p + 1]));
-      }
-      _mm512_storeu_ps(scores + (h * T + t) * width + j0, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), vscale));
+  const int64_t t0 = std::max<int64_t>(0, j0 - past), n = (T - t0) * group;  // rows (t, h) that see key j0
+  const int32_t* q[4];
+  float* out[4];
+  for (int64_t i = 0; i < n;) {
+    const int r = n - i >= 4 ? 4 : 1;
+    for (int j = 0; j < r; ++j, ++i) {
+      const int64_t t = t0 + i / group, h = kv * group + i % group;
+      q[j] = (const int32_t*)(qp + t * qs + h * D);
+      out[j] = scores + (h * T + t) * width + j0;
     }
+    if (r == 4) score_rows<4>(kt, q, D, vscale, out);
+    else score_rows<1>(kt, q, D, vscale, out);
+  }
 }
 
 // Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
@@ -1040,16 +1058,18 @@ SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rop
   auto* qp = q.data_ptr<at::BFloat16>();
   auto* kl = cache_k.data_ptr<at::BFloat16>() + layer * ls;
   auto* vl = cache_v.data_ptr<at::BFloat16>() + layer * ls;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi64(0x0000000080000000LL));  // negate even lanes
   for (int64_t t = 0; t < T; ++t) {
     const at::BFloat16* row = src + t * width;
     const float* r = cs + t * D;  // (cos, sin) of pair j at r[2j], r[2j+1]
     for (int64_t h = 0; h < H + Hkv; ++h) {
       const at::BFloat16* x = row + h * D;
       at::BFloat16* y = h < H ? qp + (t * H + h) * D : kl + (h - H) * hs + (past + t) * D;
-      for (int64_t j = 0; j < D / 2; ++j) {
-        const float a = x[2 * j], b = x[2 * j + 1], c = r[2 * j], s = r[2 * j + 1];
-        y[2 * j] = at::BFloat16(a * c - b * s);
-        y[2 * j + 1] = at::BFloat16(a * s + b * c);
+      for (int64_t i = 0; i < D; i += 16) {  // 8 pairs (a, b): (a c - b s, b c + a s)
+        const __m512 ab = bf16x16_to_ps(x + i), rs = _mm512_loadu_ps(r + i);
+        const __m512 c = _mm512_moveldup_ps(rs), sn = _mm512_xor_ps(_mm512_movehdup_ps(rs), sign);  // (c, c), (-s, s)
+        const __m512 ba = _mm512_permute_ps(ab, 0xB1);
+        store_bf16x16(y + i, _mm512_fmadd_ps(ba, sn, _mm512_mul_ps(ab, c)));
       }
     }
     for (int64_t h = 0; h < Hkv; ++h)
@@ -1088,6 +1108,19 @@ SD_TARGET at::Tensor silu_mul(const at::Tensor& gate_up_in) {
     }
   }
   return y;
+}
+
+// x [T, n] fp32 (the residual stream) += y [T, n] bf16 (a layer's output), in place: what
+// x.add_(y) gives, without ATen's conversion copy of y.
+SD_TARGET void add_residual(at::Tensor x, const at::Tensor& y_in) {
+  const at::Tensor y = y_in.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kBFloat16 &&
+                  x.sizes() == y.sizes() && x.numel() % 16 == 0,
+              "specdecode add_residual: x [T, n] fp32 contiguous, y [T, n] bf16, n a multiple of 16");
+  float* xp = x.data_ptr<float>();
+  const auto* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < x.numel(); i += 16)
+    _mm512_storeu_ps(xp + i, _mm512_add_ps(_mm512_loadu_ps(xp + i), bf16x16_to_ps(yp + i)));
 }
 
 
@@ -1650,6 +1683,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("add_residual(Tensor(a!) x, Tensor y) -> ()");
   m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key
   m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
   m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
@@ -1672,6 +1706,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("rope_attend", &rope_attend);
   m.impl("silu_mul", &silu_mul);
+  m.impl("add_residual", &add_residual);
   m.impl("dequantize_gguf", &dequantize_gguf);
   m.impl("gguf_to_q4_1", &gguf_to_q4_1);
   m.impl("gguf_to_q8_0", &gguf_to_q8_0);

@@ -711,8 +711,8 @@ def _step(
         if glue:
             ops = torch.ops.specdecode
             qkv = w.qkv(ops.rms_norm(x, w.input_norm[li], eps), li)
-            x.add_(w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads, parents), li))
-            x.add_(w.down(ops.silu_mul(w.gate_up(ops.rms_norm(x, w.post_norm[li], eps), li)), li))
+            ops.add_residual(x, w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads, parents), li))
+            ops.add_residual(x, w.down(ops.silu_mul(w.gate_up(ops.rms_norm(x, w.post_norm[li], eps), li)), li))
             continue
         qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
         # RoPE on q and k heads at once, as a complex multiply (rows are in pair order).
