@@ -171,15 +171,22 @@ def test_kernel_catches_a_wrong_row_order(kernel):
     assert not torch.equal(s(x, 0), s(x.flip(0), 0))
 
 
+TILES_HERE = [False] + ([True] if kernels.available("amx") is None else [])  # attention on AMX tiles
+
+
 @ours
-@pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
+@pytest.mark.parametrize("tiles", TILES_HERE)
+@pytest.mark.parametrize("head_dim, T, past", [(16, 6, 29), (64, 6, 29), (128, 6, 29), (64, 20, 70), (128, 9, 0)])
+def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim, T, past, tiles):
+    """Each row: softmax attention over its cache prefix (bf16 rounding apart), and bitwise the
+    same alone as in the block (T = 20: three blocks of 16 rows on tiles; past = 70: rows across
+    32-position blocks of values)."""
     g = torch.Generator().manual_seed(4)
-    T, H, Hkv, past, L = 6, 6, 2, 29, 64
+    H, Hkv, L = 6, 2, 128
     q = torch.randn(T, H + 2 * Hkv, head_dim, generator=g).bfloat16()[:, :H]  # a view, as in the model
     k = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
     v = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
-    out = torch.ops.specdecode.attend_rows(q, k, v, torch.tensor(past))
+    out = torch.ops.specdecode.attend_rows(q, k, v, torch.tensor(past), None, tiles)
     group = H // Hkv
     for t in range(T):
         S = past + t + 1
@@ -187,11 +194,13 @@ def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim):
         p = (torch.einsum("hgd,hsd->hgs", qq, k[:, :S].float()) / head_dim**0.5).softmax(-1)
         ref = torch.einsum("hgs,hsd->hgd", p, v[:, :S].float()).reshape(-1)
         torch.testing.assert_close(out[t].float(), ref, atol=2e-2, rtol=2e-2)
-        assert torch.equal(torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, torch.tensor(past + t))[0], out[t])
+        one = torch.ops.specdecode.attend_rows(q[t : t + 1], k, v, torch.tensor(past + t), None, tiles)
+        assert torch.equal(one[0], out[t])
 
 
 @ours
-def test_glue_ops_compute_the_formulas_row_by_row():
+@pytest.mark.parametrize("tiles", TILES_HERE)
+def test_glue_ops_compute_the_formulas_row_by_row(tiles):
     """rms_norm, rope_attend (RoPE + cache write + attention) and silu_mul: what the ATen ops
     compute (up to bf16 rounding), and a row's result does not depend on the other rows."""
     g = torch.Generator().manual_seed(7)
@@ -213,15 +222,15 @@ def test_glue_ops_compute_the_formulas_row_by_row():
     rope = torch.stack((angles.cos(), angles.sin()), -1)  # [T, D/2, 2]
     ck, cv = (torch.randn(layers, 1, Hkv, L, D, generator=g).bfloat16() for _ in range(2))
     ck2, cv2 = ck.clone(), cv.clone()
-    out = ops.rope_attend(qkv, rope, ck, cv, 1, past, H)
+    out = ops.rope_attend(qkv, rope, ck, cv, 1, past, H, None, tiles)
     pairs = torch.view_as_complex(qkv[:, : (H + Hkv) * D].float().view(T, H + Hkv, D // 2, 2).contiguous())
     rotated = torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None]).view(T, H + Hkv, D).bfloat16()
     assert torch.equal(ck[1, 0, :, past : past + T], rotated[:, H:].transpose(0, 1))
     assert torch.equal(cv[1, 0, :, past : past + T], qkv[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1))
     assert torch.equal(ck[0], ck2[0]) and torch.equal(ck[1, 0, :, :past], ck2[1, 0, :, :past])  # nothing else moved
-    ref = torch.ops.specdecode.attend_rows(rotated[:, :H], ck[1, 0], cv[1, 0], torch.tensor(past))
+    ref = torch.ops.specdecode.attend_rows(rotated[:, :H], ck[1, 0], cv[1, 0], torch.tensor(past), None, tiles)
     assert torch.equal(out, ref)
-    one = ops.rope_attend(qkv[:1], rope[:1], ck2, cv2, 1, past, H)  # the first row alone
+    one = ops.rope_attend(qkv[:1], rope[:1], ck2, cv2, 1, past, H, None, tiles)  # the first row alone
     assert torch.equal(one[0], out[0])
 
 

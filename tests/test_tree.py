@@ -49,37 +49,40 @@ def test_what_is_not_a_tree_is_refused():
         tree.depths(torch.tensor([-1, 0, 2]))
 
 
-def _tree_forward(model, parents, tokens):
+def _tree_forward(model, parents, tokens, prefix=PREFIX):
     cache = model.new_cache(128)
-    model.forward(torch.tensor(PREFIX), cache)
+    model.forward(torch.tensor(prefix), cache)
     past = cache.length
     p = torch.tensor(parents)
     out = model.forward(torch.tensor(tokens), cache, positions=past + tree.depths(p), attn_mask=tree.ancestor_mask(p))
     return out.logits, cache, past
 
 
-def _chain(model, tokens):
+def _chain(model, tokens, prefix=PREFIX):
     cache = model.new_cache(128)
-    model.forward(torch.tensor(PREFIX), cache)
+    model.forward(torch.tensor(prefix), cache)
     return model.forward(torch.tensor(tokens), cache).logits, cache
 
 
 @ours
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_each_node_scores_bitwise_as_its_path_decoded_as_a_chain(arch, mode):
+@pytest.mark.parametrize("head_dim, prefix", [(16, PREFIX), (32, PREFIX), (32, list(range(3, 70)))])
+def test_each_node_scores_bitwise_as_its_path_decoded_as_a_chain(arch, mode, head_dim, prefix):
+    """(head_dim 32: the amx kernel's tile attention where the CPU has it; prefixes of 27 and 67
+    tokens: paths crossing a 32-position block of its values, and blocks shared before them.)"""
     extra = dict(sliding_window=64) if arch == "mistral" else {}
-    model = random_model(tiny_config(arch, **QCFG, **extra), seed=40).quantized(mode)
-    logits, cache, past = _tree_forward(model, PARENTS, TOKENS)
+    model = random_model(tiny_config(arch, **{**QCFG, "head_dim": head_dim}, **extra), seed=40).quantized(mode)
+    logits, cache, past = _tree_forward(model, PARENTS, TOKENS, prefix)
     parents = torch.tensor(PARENTS)
     for node in range(len(PARENTS)):
         nodes = tree.path(parents, node)
-        chain_logits, chain_cache = _chain(model, [TOKENS[i] for i in nodes])
+        chain_logits, chain_cache = _chain(model, [TOKENS[i] for i in nodes], prefix)
         assert torch.equal(logits[node], chain_logits[-1]), node
     # keeping the path of node 8 leaves the cache that decoding it as a chain leaves
     nodes = tree.path(parents, 8)
     cache.keep_slots(past, [past + i for i in nodes])
-    _, chain_cache = _chain(model, [TOKENS[i] for i in nodes])
+    _, chain_cache = _chain(model, [TOKENS[i] for i in nodes], prefix)
     n = past + len(nodes)
     assert cache.length == chain_cache.length == n
     assert torch.equal(cache.k[:, :, :, :n], chain_cache.k[:, :, :, :n])
@@ -90,7 +93,7 @@ def test_each_node_scores_bitwise_as_its_path_decoded_as_a_chain(arch, mode):
 def test_the_tree_check_can_fail():
     """The same tree with node 6 re-parented (under 1 instead of 2) must change node 6's logits:
     the test above compares against something that depends on the tree."""
-    model = random_model(tiny_config("llama", **QCFG), seed=41).quantized("int4")
+    model = random_model(tiny_config("llama", **{**QCFG, "head_dim": 32}), seed=41).quantized("int4")
     logits, _, _ = _tree_forward(model, PARENTS, TOKENS)
     moved = list(PARENTS)
     moved[6] = 1

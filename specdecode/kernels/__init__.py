@@ -154,7 +154,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("specdecode::attend_rows")
     def attend_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: torch.Tensor,
-                    parents: torch.Tensor | None = None) -> torch.Tensor:
+                    parents: torch.Tensor | None = None, tiles: bool = False) -> torch.Tensor:
         return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
     @torch.library.register_fake("specdecode::dequantize_gguf")

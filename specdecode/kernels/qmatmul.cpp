@@ -816,6 +816,25 @@ SD_TARGET float softmax_in_place(float* scores, int64_t S) {
   return 1.0f / _mm512_reduce_add_ps(vsum);
 }
 
+// Softmax of one row's n raw scores for the tile path: p = exp(scale (s - max)) rounded to bf16
+// into pr[0, n), zeros in pr[n, width) (width a multiple of 16); returns 1 / the sum of the fp32 p.
+SD_TARGET float softmax_bf16(const float* s, int64_t n, int64_t width, float scale, uint16_t* pr) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+    vmax = _mm512_mask_max_ps(vmax, valid, vmax, _mm512_maskz_loadu_ps(valid, s + j));
+  }
+  const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vscale = _mm512_set1_ps(scale);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < width; j += 16) {
+    const __mmask16 valid = j >= n ? (__mmask16)0 : n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, s + j), vmx), vscale)));
+    vsum = _mm512_add_ps(vsum, e);
+    _mm256_storeu_si256((__m256i*)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
 // Rows of one KV head's group that attend together: each value row is converted once for all.
 constexpr int value_rows_for(int chunks) { return chunks >= 12 ? 1 : 24 / chunks > 8 ? 8 : 24 / chunks; }
 
@@ -962,6 +981,220 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same attention on AMX-BF16 tiles (the `amx` kernel): a KV head's query rows in blocks of
+// 16 multiply 16 keys a tile instruction (scores) and 32 positions of values a tile instruction
+// (output), instead of one row at a time on AVX-512 (which cost ~5 us a row and layer).
+// Arithmetic per row (the same whatever T, the block or the tree):
+// - score(row, slot) = scale * sum over D/32 chunks (in order) of a tdpbf16ps of the row's q
+//   and the slot's k (each chunk's 32 products summed by the tile unit in fp32);
+// - p = exp(score - max) over the row's sequence (softmax_in_place), rounded to bf16;
+// - out = bf16(sum over 32-position blocks j (in order, from position 0) of tdpbf16ps(p, v)
+//   / sum p). Positions past the row's length have p = 0 (exactly +0 in the sums); positions
+//   past the cache's valid slots have v = 0.
+// A tree row's sequence is the cached prefix then its path (as that path decoded as a chain):
+// blocks within the prefix are shared by all rows; a block holding path slots is gathered for
+// the row alone and multiplied with its row of p (the block's other rows zero).
+
+constexpr int kAttRows = 16, kAttPositions = 32;
+
+SD_AMX_BF16 inline void att_tile_barrier() { asm volatile("" ::: "memory"); }
+
+// Values of positions 32j..32j+31 (rows slot(s) of v, stride D; s >= n: zero) as the B tiles of
+// tdpbf16ps, one per chunk of 16 dims: tile row r = positions (2r, 2r+1), lane 2i + e = v[2r+e][16c+i].
+SD_AMX_BF16 void value_pairs(const at::BFloat16* v, int64_t D, const int64_t* slots, int64_t n, int64_t chunks,
+                             uint16_t* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int r = 0; r < 16; ++r)
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const __m512i a = 2 * r < n ? _mm512_loadu_si512(v + slots[2 * r] * D + 16 * c) : _mm512_setzero_si512();
+      const __m512i b = 2 * r + 1 < n ? _mm512_loadu_si512(v + slots[2 * r + 1] * D + 16 * c) : _mm512_setzero_si512();
+      _mm512_store_si512(out + (c * 16 + r) * 32, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_store_si512(out + ((c + 1) * 16 + r) * 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+// C tile (16 rows x 16 fp32) += A x B for each chunk, for CHUNKS <= 4 chunks of 16 dims of the
+// values (tiles 0-3), A in tile 4, B through tiles 5 and 6.
+#define SD_ATT_VALUES(A_PTR, A_STRIDE, B_PTR, CH)                                              \
+  do {                                                                                         \
+    _tile_loadd(4, (A_PTR), (A_STRIDE));                                                       \
+    _tile_loadd(5, (B_PTR), 64);                                                               \
+    _tile_dpbf16ps(0, 4, 5);                                                                   \
+    if ((CH) > 1) { _tile_loadd(6, (B_PTR) + 512, 64); _tile_dpbf16ps(1, 4, 6); }              \
+    if ((CH) > 2) { _tile_loadd(5, (B_PTR) + 1024, 64); _tile_dpbf16ps(2, 4, 5); }             \
+    if ((CH) > 3) { _tile_loadd(6, (B_PTR) + 1536, 64); _tile_dpbf16ps(3, 4, 6); }             \
+  } while (0)
+
+// Scores of 16 keys (kt: their D/2 pair rows) for the rows whose q chunks are in tiles 4-7, into C.
+#define SD_ATT_SCORES(C, kt)                                                         \
+  do {                                                                               \
+    _tile_zero(C);                                                                   \
+    _tile_loadd(2, (kt), 64);                                                        \
+    _tile_dpbf16ps(C, 4, 2);                                                         \
+    if (chunks > 1) { _tile_loadd(3, (kt) + 512, 64); _tile_dpbf16ps(C, 5, 3); }     \
+    if (chunks > 2) { _tile_loadd(2, (kt) + 1024, 64); _tile_dpbf16ps(C, 6, 2); }    \
+    if (chunks > 3) { _tile_loadd(3, (kt) + 1536, 64); _tile_dpbf16ps(C, 7, 3); }    \
+  } while (0)
+
+// One KV head's query rows first..first+n-1 (row i = (t, h): t = i / group, h = kv group + i % group).
+SD_AMX_BF16 void attend_rows_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t D, const uint16_t* kt_all,
+                                 const uint16_t* vp_all, const at::BFloat16* v, int64_t S, int64_t past, int64_t kv,
+                                 int64_t group, int64_t first, int n, float scale, int64_t H, at::BFloat16* op,
+                                 const std::vector<std::vector<int64_t>>& paths) {
+  const bool tree = !paths.empty();
+  int64_t len[kAttRows], last = 0;
+  for (int r = 0; r < n; ++r) {
+    const int64_t t = (first + r) / group;
+    len[r] = past + (tree ? (int64_t)paths[t].size() : t + 1);
+    last = std::max(last, tree ? S : past + t + 1);  // slots the block's rows read
+  }
+  const int64_t width = (last + kAttPositions - 1) / kAttPositions * kAttPositions, chunks = D / 32;
+  alignas(64) uint16_t qb[kAttRows * 128];
+  thread_local std::vector<float> sc;  // scores [16, width]
+  thread_local std::vector<uint16_t> pb;  // p [16, width] bf16, zero past each row's length
+  if ((int64_t)sc.size() < kAttRows * width) sc.resize(kAttRows * width), pb.resize(kAttRows * width);
+  if (n < kAttRows) std::memset(pb.data() + n * width, 0, (kAttRows - n) * width * 2);
+  alignas(64) float tmp[kAttRows * 16];
+  for (int r = 0; r < kAttRows; ++r)
+    if (r < n) {
+      const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
+      std::memcpy(qb + r * D, qp + t * qs + h * D, D * 2);
+    } else {
+      std::memset(qb + r * D, 0, D * 2);
+    }
+  att_tile_barrier();
+  // Scores: the rows' q chunks stay in tiles 4-7; each 16 keys' sums in tile 0 or 1.
+  _tile_loadd(4, qb, D * 2);
+  if (chunks > 1) _tile_loadd(5, qb + 32, D * 2);
+  if (chunks > 2) _tile_loadd(6, qb + 64, D * 2);
+  if (chunks > 3) _tile_loadd(7, qb + 96, D * 2);
+  for (int64_t b = 0; b < width / 16; ++b) {  // even and odd key blocks in tiles 0 and 1
+    const uint16_t* kt = kt_all + b * 16 * D;  // D/2 rows of 16 keys' pairs
+    if (b & 1) {
+      SD_ATT_SCORES(1, kt);
+      _tile_stored(1, sc.data() + b * 16, width * 4);
+    } else {
+      SD_ATT_SCORES(0, kt);
+      _tile_stored(0, sc.data() + b * 16, width * 4);
+    }
+  }
+  att_tile_barrier();
+  float inv[kAttRows];
+  for (int r = 0; r < n; ++r) {
+    float* p = sc.data() + r * width;
+    if (tree) {  // the path's scores next to the prefix's (path[d] >= d: a forward copy)
+      const std::vector<int64_t>& path = paths[(first + r) / group];
+      for (size_t d = 0; d < path.size(); ++d) p[past + d] = p[past + path[d]];
+    }
+    inv[r] = softmax_bf16(p, len[r], width, scale, pb.data() + r * width);
+  }
+  // Values, up to 4 chunks of 16 dims a pass.
+  const int64_t shared_blocks = tree ? past / kAttPositions : width / kAttPositions;
+  alignas(64) uint16_t own_p[kAttRows * kAttPositions];
+  alignas(64) uint16_t own_v[8 * 16 * 32];
+  int64_t slots[kAttPositions];
+  for (int64_t c0 = 0; c0 < D / 16; c0 += 4) {
+    const int ch = (int)std::min<int64_t>(4, D / 16 - c0);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    att_tile_barrier();
+    for (int64_t j = 0; j < shared_blocks; ++j)
+      SD_ATT_VALUES(pb.data() + j * kAttPositions, width * 2, vp_all + (j * (D / 16) + c0) * 512, ch);
+    for (int64_t j = shared_blocks; j < width / kAttPositions; ++j)  // a tree's blocks with path slots
+      for (int r = 0; r < n; ++r) {
+        const int64_t s0 = j * kAttPositions;
+        if (len[r] <= s0) continue;
+        const std::vector<int64_t>& path = paths[(first + r) / group];
+        const int64_t m = std::min<int64_t>(kAttPositions, len[r] - s0);
+        for (int64_t s = 0; s < m; ++s) slots[s] = s0 + s < past ? s0 + s : past + path[s0 + s - past];
+        std::memset(own_p, 0, sizeof(own_p));
+        std::memcpy(own_p + r * kAttPositions, pb.data() + r * width + s0, kAttPositions * 2);
+        for (int c = 0; c < ch; c += 2) value_pairs(v + 16 * (c0 + c), D, slots, m, 2, own_v + c * 512);  // 32 dims
+        att_tile_barrier();
+        SD_ATT_VALUES(own_p, kAttPositions * 2, own_v, ch);
+      }
+    for (int c = 0; c < ch; ++c) {
+      if (c == 0) _tile_stored(0, tmp, 64);
+      if (c == 1) _tile_stored(1, tmp, 64);
+      if (c == 2) _tile_stored(2, tmp, 64);
+      if (c == 3) _tile_stored(3, tmp, 64);
+      att_tile_barrier();
+      for (int r = 0; r < n; ++r) {
+        const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
+        _mm256_storeu_si256((__m256i*)(op + t * H * D + h * D + 16 * (c0 + c)),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(tmp + r * 16), _mm512_set1_ps(inv[r]))));
+      }
+    }
+  }
+}
+
+// attend_block's contract on AMX tiles (D a multiple of 32, at most 128). Keys are transposed and
+// values paired once per call (every row block reads them), then each KV head's rows attend in
+// blocks of 16.
+SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
+                                  const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
+                                  int64_t group, at::BFloat16* op, const int64_t* parents) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t S = past + T, kv_heads = H / group, blocks = (S + kAttPositions - 1) / kAttPositions;
+  const int64_t per_head = blocks * kAttPositions * D;  // uint16 of keys (and of values) per head
+  at::Tensor buffers = at::empty({2 * kv_heads * per_head}, at::kShort);  // (64-byte aligned)
+  uint16_t* kt = (uint16_t*)buffers.data_ptr<int16_t>();
+  uint16_t* vpairs = kt + kv_heads * per_head;
+  std::vector<std::vector<int64_t>> paths(parents ? T : 0);
+  for (int64_t t = 0; t < (parents ? T : 0); ++t) {
+    for (int64_t i = t; i >= 0; i = parents[i]) paths[t].push_back(i);
+    std::reverse(paths[t].begin(), paths[t].end());
+  }
+  auto prepare = [&](int64_t kv, int64_t j) {  // keys transposed, values paired: 32 slots of one head
+    int64_t slots[kAttPositions];
+    const int64_t s0 = j * kAttPositions;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t j0 = s0 + 16 * half;
+      __m512i* dst = (__m512i*)(kt + kv * per_head + j0 * D);  // D/2 rows of 64 bytes
+      transpose_keys(kp + kv * hs + j0 * D, D, std::max<int64_t>(0, std::min<int64_t>(16, S - j0)), D, dst);
+    }
+    for (int s = 0; s < kAttPositions; ++s) slots[s] = s0 + s;
+    value_pairs(vp + kv * hs, D, slots, std::min<int64_t>(kAttPositions, S - s0), D / 16,
+                vpairs + kv * per_head + j * kAttPositions * D);
+  };
+  const int64_t row_blocks = (T * group + kAttRows - 1) / kAttRows;
+  auto rows = [&](int64_t i) {
+    const int64_t kv = i / row_blocks, first = (i % row_blocks) * kAttRows;
+    const int n = (int)std::min<int64_t>(kAttRows, T * group - first);
+    attend_rows_amx(qp, qs, T, D, kt + kv * per_head, vpairs + kv * per_head, vp + kv * hs, S, past, kv, group,
+                    first, n, scale, H, op, paths);
+  };
+  // One task a KV head: its keys and values prepared, then its rows in blocks of 16. (Tasks of
+  // (head, row block) after a parallel preparation balanced 3 heads better on 2 threads but ran
+  // slower: 30 vs 26 us at T=17 on the embedded model's shapes.)
+  at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    load_tile_config_bf16(kAttRows);
+    for (int64_t kv = begin; kv < end; ++kv) {
+      for (int64_t j = 0; j < blocks; ++j) prepare(kv, j);
+      for (int64_t b = 0; b < row_blocks; ++b) rows(kv * row_blocks + b);
+    }
+    release_tiles();
+  });
+}
+
+// attend_block on AMX tiles where asked (`tiles`: the amx kernel) and the head size fits.
+void attend(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
+            const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op, const int64_t* parents,
+            bool tiles) {
+  if (tiles && D % 32 == 0 && D <= 128) {
+    TORCH_CHECK(amx_permitted(), "specdecode attention: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
+    attend_block_amx(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
+  } else {
+    attend_block(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
+  }
+}
+
 // q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
 // layer of the cache, slots [0, past + T) valid); returns [T, H * D] bf16. `past` comes as a
 // 0-d int64 tensor: a plain int would be a constant in a torch.compile graph (one graph each step).
@@ -978,7 +1211,7 @@ const int64_t* tree_parents(const c10::optional<at::Tensor>& parents, int64_t T,
 }
 
 at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& past_t,
-                       const c10::optional<at::Tensor>& parents) {
+                       const c10::optional<at::Tensor>& parents, bool tiles) {
   TORCH_CHECK(past_t.numel() == 1 && past_t.scalar_type() == at::kLong, "specdecode attend_rows: past must be a 0-d int64 tensor");
   const int64_t past = past_t.item<int64_t>();
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "specdecode attend_rows: q [T, H, D], k/v [Hkv, L, D]");
@@ -991,8 +1224,8 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               "specdecode attend_rows: unexpected strides");
   TORCH_CHECK(past + T <= k.size(1), "specdecode attend_rows: cache too short");
   at::Tensor out = at::empty({T, H * D}, q.options()), holder;
-  attend_block(q.data_ptr<at::BFloat16>(), q.stride(0), T, H, D, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
-               k.stride(0), past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder));
+  attend(q.data_ptr<at::BFloat16>(), q.stride(0), T, H, D, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(),
+         k.stride(0), past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder), tiles);
   return out;
 }
 
@@ -1038,7 +1271,7 @@ SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_i
 // as attend_rows. Returns [T, H * D] bf16.
 SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
                                  at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads,
-                                 const c10::optional<at::Tensor>& parents) {
+                                 const c10::optional<at::Tensor>& parents, bool tiles) {
   const FlushDenormals flush;
   const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16, "specdecode rope_attend: qkv must be [T, n] bf16");
@@ -1077,7 +1310,7 @@ SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rop
   }
   at::Tensor out = at::empty({T, H * D}, qkv.options());
   at::Tensor holder;
-  attend_block(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder));
+  attend(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder), tiles);
   return out;
 }
 
@@ -1679,9 +1912,9 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int4_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
-  m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None) -> Tensor");
+  m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None) -> Tensor");
+  m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("add_residual(Tensor(a!) x, Tensor y) -> ()");
   m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key

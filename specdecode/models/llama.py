@@ -569,16 +569,17 @@ class LlamaModel(nn.Module):
         x = runtime.embed.rows(torch.cat([c.tokens for c in calls])).float()  # [rows, hidden]
         rope_pairs = torch.cat(ropes)
         dtype, eps, ops = runtime.embed.dtype, cfg.rms_norm_eps, torch.ops.specdecode
+        tiles = runtime.kernel == "amx"  # attention on AMX tiles, as `_step` (the same rows, the same bits)
         tapped: list[dict[int, torch.Tensor]] = [{} for _ in calls]
         for li in self.layer_ids:
             for i, (lo, hi, _) in enumerate(segments):
                 if li in taps_of[i]:
                     tapped[i][li] = x[hi - n_hiddens[i] : hi].to(dtype)
             qkv = runtime.qkv(ops.rms_norm(x, runtime.input_norm[li], eps), li)
-            attended = [ops.rope_attend(qkv[lo:hi], rope_pairs[lo:hi], c.cache.k, c.cache.v, li, past, cfg.num_heads, p)
-                        for c, (lo, hi, past), p in zip(calls, segments, parents)]
-            x.add_(runtime.o(attended[0] if len(attended) == 1 else torch.cat(attended), li))
-            x.add_(runtime.down(ops.silu_mul(runtime.gate_up(ops.rms_norm(x, runtime.post_norm[li], eps), li)), li))
+            attended = [ops.rope_attend(qkv[lo:hi], rope_pairs[lo:hi], c.cache.k, c.cache.v, li, past, cfg.num_heads, p,
+                                        tiles) for c, (lo, hi, past), p in zip(calls, segments, parents)]
+            ops.add_residual(x, runtime.o(attended[0] if len(attended) == 1 else torch.cat(attended), li))
+            ops.add_residual(x, runtime.down(ops.silu_mul(runtime.gate_up(ops.rms_norm(x, runtime.post_norm[li], eps), li)), li))
         rows = torch.cat([torch.arange(hi - n, hi) for (_, hi, _), n in zip(segments, n_hiddens)])
         h = F.rms_norm(x[rows], (x.shape[-1],), runtime.final_norm, eps).to(dtype)
         heads = torch.cat([torch.arange(at + nh - no, at + nh) for at, nh, no in
@@ -705,13 +706,14 @@ def _step(
     tapped: dict[int, torch.Tensor] = {}
     glue = row_kernel and not compiling and _glue_fits(cfg)  # our kernels' norm/RoPE/SiLU: one op each
     rope_pairs = torch.view_as_real(rope[:, 0]) if glue else None  # [T, D/2, 2] cos, sin
+    tiles = row_kernel and w.kernel == "amx"  # our attention on AMX tiles (qmatmul.cpp: attend_block_amx)
     for li in layer_ids:
         if li in taps:
             tapped[li] = x[t - n_hidden :].to(dtype)
         if glue:
             ops = torch.ops.specdecode
             qkv = w.qkv(ops.rms_norm(x, w.input_norm[li], eps), li)
-            ops.add_residual(x, w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads, parents), li))
+            ops.add_residual(x, w.o(ops.rope_attend(qkv, rope_pairs, cache_k, cache_v, li, past, n_heads, parents, tiles), li))
             ops.add_residual(x, w.down(ops.silu_mul(w.gate_up(ops.rms_norm(x, w.post_norm[li], eps), li)), li))
             continue
         qkv = w.qkv(F.rms_norm(x, (hidden,), w.input_norm[li], eps).to(dtype), li)  # [T, (H + 2 Hkv) * D]
@@ -733,7 +735,7 @@ def _step(
             cache_k[li, 0, :, past:end] = k
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
-            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents)
+            out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents, tiles)
         elif rowwise:
             rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)
