@@ -176,7 +176,7 @@ TILES_HERE = [False] + ([True] if kernels.available("amx") is None else [])  # a
 
 @ours
 @pytest.mark.parametrize("tiles", TILES_HERE)
-@pytest.mark.parametrize("head_dim, T, past", [(16, 6, 29), (64, 6, 29), (128, 6, 29), (64, 20, 70), (128, 9, 0)])
+@pytest.mark.parametrize("head_dim, T, past", [(16, 6, 29), (64, 6, 29), (96, 6, 29), (128, 6, 29), (64, 20, 70), (128, 9, 0)])
 def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim, T, past, tiles):
     """Each row: softmax attention over its cache prefix (bf16 rounding apart), and bitwise the
     same alone as in the block (T = 20: three blocks of 16 rows on tiles; past = 70: rows across
