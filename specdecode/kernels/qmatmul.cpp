@@ -551,6 +551,15 @@ SD_AMX_BF16 void load_tile_config_bf16(int rows) {
     if constexpr (CHUNKS > 3) { SD_TILE_LOAD_BF16(7, xg + 96 * R, 64, 64 * 16); _tile_dpbf16ps(3, 7, B); } \
   } while (0)
 
+// Group g of an output tile's weights (codes wt, scales dt, offsets mt: int4 only) into out.
+template <bool INT8>
+SD_AMX_BF16 inline void unpack_group(const uint8_t* wt, const at::Half* dt, const at::Half* mt, int64_t g, uint16_t* out) {
+  if constexpr (INT8)
+    unpack_int8_bf16(wt + g * 512, dt + g * kTile, out);
+  else
+    unpack_int4_bf16(wt + g * 256, dt + g * kTile, mt + g * kTile, out);
+}
+
 // One output tile, one block of CHUNKS x R rows: groups unpacked kAhead ahead of the tile unit.
 // wt, dt, mt: the tile's codes and [G, 16] scales / offsets (mt unused for INT8).
 // x: group-major activations [G, RT, 32] (RT rows in all, this block's first row at `row0`).
@@ -565,17 +574,11 @@ SD_AMX_BF16 void tile_block_bf16(const uint8_t* wt, const at::Half* dt, const at
   constexpr int64_t ahead = 2048 / group_bytes;
   alignas(64) uint16_t ring[kRing][16 * 32];
   alignas(64) float sums[16 * kTile];
-  auto unpack = [&](int64_t g) {
-    if constexpr (INT8)
-      unpack_int8_bf16(wt + g * group_bytes, dt + g * kTile, ring[g % kRing]);
-    else
-      unpack_int4_bf16(wt + g * group_bytes, dt + g * kTile, mt + g * kTile, ring[g % kRing]);
-  };
   _tile_zero(0);
   if constexpr (CHUNKS > 1) _tile_zero(1);
   if constexpr (CHUNKS > 2) _tile_zero(2);
   if constexpr (CHUNKS > 3) _tile_zero(3);
-  for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack(g);
+  for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack_group<INT8>(wt, dt, mt, g, ring[g % kRing]);
   for (int64_t g = 0; g < G; ++g) {
     const at::BFloat16* xg = x + (g * RT + row0) * kGroup;
     if (g & 1)
@@ -583,7 +586,7 @@ SD_AMX_BF16 void tile_block_bf16(const uint8_t* wt, const at::Half* dt, const at
     else
       SD_BF16_GROUP(4);
     const int64_t n = g + kAhead;  // unpacked while the tile unit works
-    if (n < G) unpack(n);
+    if (n < G) unpack_group<INT8>(wt, dt, mt, n, ring[n % kRing]);
     for (int line = 0; line < group_bytes; line += 64)  // (past the tile's end: the next tile's first groups)
       _mm_prefetch((const char*)(wt + (n + ahead) * group_bytes + line), _MM_HINT_T0);
   }
