@@ -42,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest context in tokens (default 4096); the KV cache grows on demand up to it")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--kernel", default=None, choices=["auto", "amx", "avx512-vnni", "avx512-bf16", "aten"],
-                   help="int4/int8 matmul code (default auto: amx where the CPU has AMX-INT8, else avx512-vnni "
+                   help="int4/int8 matmul code (default auto: amx where the CPU has AMX-BF16, else avx512-vnni "
                         "where it has AVX512-VNNI and AVX512-BF16, else aten; same as SPECDECODE_KERNEL; "
                         "see docs/perf.md)")
     p.add_argument("--compile", action="store_true",

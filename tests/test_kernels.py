@@ -118,28 +118,40 @@ def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack, 
 
 
 @ours
-def test_amx_needs_amx_int8(monkeypatch):
-    flags = kernels.cpu_flags() - {"amx_tile", "amx_int8", "amx_bf16"}
+def test_amx_needs_amx_bf16_and_vbmi(monkeypatch):
+    flags = kernels.cpu_flags() - {"amx_tile", "amx_int8", "amx_bf16", "avx512vbmi"}
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags | {"avx512_vnni"})
-    assert kernels.available("amx") == "this CPU lacks AMX-INT8"
+    assert kernels.available("amx") == "this CPU lacks AMX-BF16"
     assert kernels.available("avx512-vnni") is None
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags | {"amx_tile", "amx_bf16"})
+    assert kernels.available("amx") == "this CPU lacks AVX512-VBMI"
 
 
 no_amx = pytest.mark.skipif(kernels.available("amx") is not None, reason=f"no AMX here: {kernels.available('amx')}")
 
 
 @no_amx
-def test_amx_gives_the_vnni_kernels_bits_for_int8():
-    """int8 weights: the AMX op takes verification blocks to the tile unit; every row must come
-    out bitwise as the VNNI kernel computes it (same weight layout, integer sums, same epilogue)."""
-    g = torch.Generator().manual_seed(4)
-    w = [torch.randn(16 * 7, 32 * 5, generator=g)]  # 7 tiles: blocks of 2 and a single one
-    vnni = TiledInt8Stack.from_float(w, None, torch.bfloat16, "avx512-vnni")
-    amx = TiledInt8Stack.from_float(w, None, torch.bfloat16, "amx")
-    assert all(torch.equal(a, b) for a, b in zip(vnni.packed, amx.packed))
-    x = torch.randn(40, 32 * 5, generator=g).bfloat16() * 3
-    for rows in range(1, 41):
-        assert torch.equal(amx(x[:rows], 0), vnni(x[:rows], 0)), rows
+def test_amx_int8_multiplies_bf16_weights_and_rows_are_independent():
+    """int8 weights on AMX-BF16 tiles (the quad layout unpacked to bf16(d*q)): y = x @ bf16(d*q).T
+    with fp32 sums, for any number of rows (one row too), so the result is that product up to fp32
+    summation and the output's bf16 rounding (a wrong lane, byte or scale would be off by whole
+    weights); each row bitwise alone for any number of rows, across the 16-row chunks and the
+    64-row blocks."""
+    g = torch.Generator().manual_seed(5)
+    w = [torch.randn(16 * 5, 32 * 7, generator=g) * 0.1]
+    w[0][3, 40] = 0.5  # a code of -127 / 127 somewhere: the extremes of the byte
+    w[0][17, 100] = -0.5
+    s = TiledInt8Stack.from_float(w, None, torch.bfloat16, "amx")
+    assert s.codes(0).abs().max() == 127 and not s.wsum
+    x = torch.randn(130, 32 * 7, generator=g).bfloat16()
+    wb = s.dequantize(0).bfloat16().double()  # the weights the tiles see
+    ref = x.double() @ wb.T
+    y = s(x, 0)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
+    singles = torch.cat([s(x[t : t + 1], 0) for t in range(130)])
+    assert ((singles.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
+    for rows in (2, 3, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130):
+        assert torch.equal(s(x[:rows], 0), singles[:rows]), rows
 
 
 @no_amx

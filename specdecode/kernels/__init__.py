@@ -2,11 +2,10 @@
 
 Matmul paths for int4/int8 weights, chosen once per process by CPU features:
 
-- ``amx`` (Intel Sapphire Rapids and later): int4 weights unpacked group by group to bf16 and
-  multiplied with up to 16 rows of bf16 activations an instruction on AMX-BF16 tiles, fp32 sums
-  kept in the tiles: a verification block of 33 rows costs about twice one row. int8 weights:
-  ``avx512-vnni``'s arithmetic with a block's integer dot products (4 or more rows) on AMX-INT8
-  tiles, bitwise the same results as ``avx512-vnni``.
+- ``amx`` (Intel Sapphire Rapids and later): int4 and int8 weights unpacked group by group to
+  bf16 (int8: bf16(d * q)) and multiplied with up to 16 rows of bf16 activations an instruction
+  on AMX-BF16 tiles, fp32 sums kept in the tiles, for any number of rows: a verification block
+  of 33 rows costs about twice one row.
 - ``avx512-vnni``: activations quantized to int8 per block of 32 (as llama.cpp does), exact
   integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and later).
 - ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
@@ -37,7 +36,7 @@ from specdecode.errors import UserError
 
 KERNELS = ("amx", "avx512-vnni", "avx512-bf16", "aten")
 OURS = ("amx", "avx512-vnni", "avx512-bf16")
-INT8_ACTIVATIONS = ("amx", "avx512-vnni")  # kernels that quantize activations (one weight layout)
+QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
 PREFERENCE = ("amx", "avx512-vnni", "avx512-bf16", "aten")  # what `auto` picks, first that runs
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
@@ -117,13 +116,13 @@ def available(kernel: str) -> str | None:
     if kernel == "aten":
         return None
     error = load_error()
-    if error is None and kernel in INT8_ACTIVATIONS and not {"avx512_vnni"} <= cpu_flags():
+    if error is None and kernel == "avx512-vnni" and not {"avx512_vnni"} <= cpu_flags():
         error = "this CPU lacks AVX512-VNNI"
     if error is None and kernel == "amx":
-        if not {"amx_tile", "amx_int8"} <= cpu_flags():
-            error = "this CPU lacks AMX-INT8"
-        elif not {"amx_bf16", "avx512vbmi"} <= cpu_flags():
-            error = "this CPU lacks AMX-BF16 or AVX512-VBMI"
+        if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+            error = "this CPU lacks AMX-BF16"
+        elif not {"avx512vbmi"} <= cpu_flags():
+            error = "this CPU lacks AVX512-VBMI"
         elif not torch.ops.specdecode.amx_ready():
             error = "Linux refused this process the AMX tile state (kernel 5.16 or later needed)"
     return error

@@ -8,8 +8,15 @@
 // `vdpbf16ps`: bf16 x bf16 products are exact in fp32, sums in fp32), so extra rows cost one
 // dot-product instruction each.
 //
-// Weight layout (built in specdecode/models/quant.py), for N outputs, K inputs, groups of 32
-// inputs (GGUF's block size), G = K / 32:
+// Three matmul paths (specdecode/kernels/__init__.py picks one per process):
+//   avx512-bf16 (this first section): weights unpacked to bf16 in registers, `vdpbf16ps`.
+//   avx512-vnni: activations quantized to int8 per block of 32, integer dot products.
+//   amx: int4 and int8 weights unpacked once per group of 32 inputs to bf16 tiles and multiplied
+//        with up to 16 bf16 rows a tile instruction (`tdpbf16ps`), for any number of rows.
+//
+// Weight layout of the avx512-bf16 path (built in specdecode/models/quant.py; the VNNI section
+// describes the quad layouts), for N outputs, K inputs, groups of 32 inputs (GGUF's block
+// size), G = K / 32:
 //   int4: packed uint8 [N/16, G, 8, 32]: for output tile j, group g, pair-of-pairs p, byte b:
 //         the low nibble is lane b of input pair 2p, the high nibble lane b of pair 2p+1,
 //         where lane l of pair kp is (output 16j + l/2, input 32g + 2kp + l%2).
@@ -223,7 +230,8 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::T
 //   int4: uint8 [N/16, G, 4, 64]: quads 2p and 2p+1 in the low and high nibbles of 64 bytes
 //         (one load and two masks give both).
 //   int8: int8 [N/16, G, 8, 64] and wsum int16 [N/16, G, 16] (each output's code sum per group,
-//         for the +128 that makes the activations unsigned).
+//         for the +128 that makes the activations unsigned). The amx path's int8 weights are
+//         these quads too (no wsum).
 
 #define SD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 
@@ -233,11 +241,9 @@ struct QuantRows {
   std::vector<float> sq;   // [T, G] sum of the row's codes per group (exact in fp32)
 };
 
-// `rows` >= T rows of codes are allocated, those past T zero (the AMX kernel loads 16 at a time).
-SD_VNNI QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K, int64_t rows = 0) {
+SD_VNNI QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
   const int64_t G = K / kGroup;
-  rows = std::max(rows, T);
-  QuantRows out{std::vector<int8_t>(rows * K), std::vector<float>(rows * G), std::vector<float>(rows * G)};
+  QuantRows out{std::vector<int8_t>(T * K), std::vector<float>(T * G), std::vector<float>(T * G)};
   const __m512i shift = _mm512_set1_epi32(16);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t i = 0; i < T * G; ++i) {
@@ -281,8 +287,7 @@ SD_VNNI inline void prefetch_group(const uint8_t* wt, int64_t tile_bytes, int64_
       _mm_prefetch((const char*)(wt + u * tile_bytes + g * group_bytes + line), _MM_HINT_T0);
 }
 
-// One group's exact int32 sums (16 outputs of one row) into the row's fp32 totals: the same
-// instructions in the same order in the VNNI and the AMX kernels, so both give the same bits.
+// One group's exact int32 sums (16 outputs of one row) into the row's fp32 totals.
 SD_VNNI inline __m512 add_group_int4(__m512 tot, __m512i acc, __m512 d, __m512 m, float sq, float dx) {
   __m512 t = _mm512_fmadd_ps(m, _mm512_set1_ps(sq), _mm512_mul_ps(d, _mm512_cvtepi32_ps(acc)));
   return _mm512_fmadd_ps(t, _mm512_set1_ps(dx), tot);
@@ -360,145 +365,8 @@ struct VnniKernels {
 template <bool INT4>
 using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
-// ---------------------------------------------------------------------------------------------
-// AMX (Intel Sapphire Rapids and later), int8 weights: the VNNI kernel's arithmetic with each
-// group's integer dot products for 16 rows x 16 outputs x 32 inputs in one tile instruction
-// (`tdpbssd`). The weight quads are already the tile layout of the second operand (8 rows of 16
-// outputs x 4 inputs). Per group the int32 sums are the same integers as vpdpbusd's and the fp32
-// epilogue is the same function, so a row's result is bitwise the VNNI kernel's: the op takes
-// VNNI for few rows and AMX for many, outputs unchanged. (int4 weights take the AMX-BF16 path
-// further below: a per-group epilogue for every row costs more than int4's unpacking.)
-
-#define SD_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c,amx-tile,amx-int8")))
-// GCC's tile load/store intrinsics are asm statements that do not tell the compiler which
-// memory they touch; these say it (the 512 bytes of a weight group, the R x 16 sums), so that
-// the ordinary stores and loads around them stay in order without a full memory barrier (which
-// would also push the totals out of registers).
-#define SD_TILE_LOAD_GROUP(T, p) \
-  asm volatile("tileloadd (%0,%1,1), %%tmm" #T ::"r"(p), "r"(64L), "m"(*(const uint8_t(*)[512])(p)))
-#define SD_TILE_STORE_SUMS(T, p, R) \
-  asm volatile("tilestored %%tmm" #T ", (%1,%2,1)" : "=m"(*(int32_t(*)[(R) * kTile])(p)) : "r"(p), "r"(64L))
-
-// Linux hands out the tile registers' state only after a process asks (5.16 and later).
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: int32 sums (R rows x 16 outputs); 4, 7: R activation rows x 32 inputs; 5, 6:
-// weights of one group (8 quads x 64 bytes).
-SD_AMX void load_tile_config(int rows) {
-  TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = rows, cfg.colsb[t] = 64;
-  cfg.rows[4] = cfg.rows[7] = rows, cfg.colsb[4] = cfg.colsb[7] = kGroup;
-  for (int t = 5; t < 7; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
-  asm volatile("ldtilecfg %0" ::"m"(cfg));
-}
-
-SD_AMX void release_tiles() { _tile_release(); }
-
-// Group g's sums of TILES (<= 2) output tiles into sums[g & 1]: activations in tile A, weights
-// through tile B, sums in tiles C0, C1. Even and odd groups use different tiles, so that the tile
-// unit can start a group before the previous one's sums are stored. (Register numbers are pasted
-// into the instructions' text, so this is a macro.)
-#define SD_AMX_DOT(A, B, C, u)                                         \
-  do {                                                                 \
-    _tile_zero(C);                                                     \
-    SD_TILE_LOAD_GROUP(B, w[u]);                                       \
-    _tile_dpbssd(C, A, B);                                             \
-    SD_TILE_STORE_SUMS(C, sums[g & 1][u], R);                          \
-  } while (0)
-#define SD_AMX_GROUP(A, B, C0, C1)                                     \
-  do {                                                                 \
-    _tile_loadd(A, xq + g * kGroup, K); /* (written before the call) */ \
-    SD_AMX_DOT(A, B, C0, 0);                                           \
-    if constexpr (TILES > 1) SD_AMX_DOT(A, B, C1, 1);                  \
-  } while (0)
-
-// R rows (the tile rows configured) x TILES output tiles over all groups, the fp32 totals in
-// registers; rows past `rows` are padding (zero codes) and are not written. Software pipelined:
-// group g-1's sums are scaled while the tile unit works on group g, so that no vector load waits
-// for a fresh tile store.
-template <int R, int TILES>
-SD_AMX void tiles_amx(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const int8_t* xq, int64_t K,
-                      const float* dx, int64_t G, int64_t rows, at::BFloat16* y, int64_t ldy) {
-  constexpr int group_bytes = 512;
-  alignas(64) int32_t sums[2][TILES][R][kTile];
-  __m512 tot[TILES][R];
-  for (int u = 0; u < TILES; ++u)
-    for (int r = 0; r < R; ++r) tot[u][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g <= G; ++g) {
-    if (g < G) {
-      if (g + kPrefetchGroups < G) prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, group_bytes);
-      const uint8_t* w[TILES];
-      for (int u = 0; u < TILES; ++u) w[u] = wt + u * tile_bytes + g * group_bytes;
-      if (g & 1)
-        SD_AMX_GROUP(7, 6, 2, 3);
-      else
-        SD_AMX_GROUP(4, 5, 0, 1);
-    }
-    if (g == 0) continue;
-    const int64_t p = g - 1;  // the group whose sums were stored an iteration ago
-    for (int u = 0; u < TILES; ++u) {
-      const int64_t so = u * G * kTile + p * kTile;
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
-      for (int r = 0; r < R; ++r)
-        tot[u][r] = add_group_int8(tot[u][r], _mm512_load_si512(sums[p & 1][u][r]), d, dx[r * G + p]);
-    }
-  }
-  for (int r = 0; r < R; ++r)  // (a constant bound keeps tot in registers)
-    if (r < rows)
-      for (int u = 0; u < TILES; ++u) store_bf16_rne(y + r * ldy + u * kTile, tot[u][r]);
-}
-
-constexpr int amx_tiles_for(int R) { return R <= 8 ? 2 : 1; }
-
-using AmxFn = void (*)(const uint8_t*, int64_t, const at::Half*, const int8_t*, int64_t, const float*, int64_t, int64_t,
-                       at::BFloat16*, int64_t);
-
-template <int... Rs>
-struct AmxKernels {
-  static constexpr AmxFn wide[] = {tiles_amx<Rs, amx_tiles_for(Rs)>...};
-  static constexpr AmxFn narrow[] = {tiles_amx<Rs, 1>...};
-};
-
-using AmxRowKernels = AmxKernels<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
-
-// Rows in `chunks` chunks of R (the last ones padded with zero rows, xr holds chunks * R rows);
-// each thread takes a range of output tiles, and for each block of tiles all chunks, so the
-// weights stream from memory once.
-SD_AMX void qlinear_amx_int8(const QuantRows& xr, const uint8_t* wp, const at::Half* dp, int64_t T, int64_t R,
-                             int64_t K, int64_t tiles, at::BFloat16* yp) {
-  const int64_t G = K / kGroup, N = tiles * kTile, tile_bytes = K * kTile;
-  const int wide = amx_tiles_for((int)R);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const FlushDenormals flush;
-    load_tile_config((int)R);
-    auto run = [&](AmxFn fn, int64_t tile) {
-      for (int64_t t0 = 0; t0 < T; t0 += R)
-        fn(wp + tile * tile_bytes, tile_bytes, dp + tile * G * kTile, xr.q.data() + t0 * K, K, xr.dx.data() + t0 * G, G,
-           std::min(R, T - t0), yp + t0 * N + tile * kTile, N);
-    };
-    int64_t j = begin;
-    for (; j + wide <= end; j += wide) run(AmxRowKernels::wide[R - 1], j);
-    for (; j < end; ++j) run(AmxRowKernels::narrow[R - 1], j);
-    release_tiles();
-  });
-}
-
-// From this many rows on, the int8 AMX kernel (where the caller allows it). Measured on the
-// embedded model (Intel Xeon, 2 cores): it gains from 5 rows on (-7% at 5, -20% at 17).
-constexpr int64_t kAmxMinRows = 4;
-
 template <bool INT4>
-at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux,
-                        bool amx = false) {
+at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
   const at::Tensor x = x_in.contiguous();
@@ -508,20 +376,14 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   TORCH_CHECK(aux.sizes() == d.sizes() && aux.scalar_type() == (INT4 ? at::kHalf : at::kShort), "specdecode qlinear: m / wsum must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
-  amx = !INT4 && amx && T >= kAmxMinRows;
-  const int64_t chunks = (T + kMaxRows - 1) / kMaxRows, chunk_rows = (T + chunks - 1) / chunks;  // AMX: equal chunks
-  const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K, amx ? chunks * chunk_rows : T);
+  const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
+  const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const at::Tensor dc = d.contiguous(), ac = aux.contiguous();
   const auto* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = INT4 ? ac.data_ptr<at::Half>() : nullptr;
   const int16_t* sp = INT4 ? nullptr : ac.data_ptr<int16_t>();
-  if (amx) {
-    TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
-    qlinear_amx_int8(xr, wp, dp, T, chunk_rows, K, tiles, yp);
-    return y;
-  }
   const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
@@ -544,20 +406,42 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// int4 on AMX-BF16 tiles (the `amx` kernel's int4 path). Each group of 32 inputs of a tile of 16
-// outputs is unpacked ONCE into bf16 weights w = d*q + m (rounded to nearest even) in the tile
-// layout of `tdpbf16ps`'s second operand, and one tile instruction multiplies it with up to 16
-// rows of bf16 activations, adding into fp32 sums that stay in the tile over all groups: no
-// per-group work for each row at all (the int8-activation kernels scale every row's sums per
-// group, which is what made their cost grow with rows). Unpacking costs ~60 cycles a group and
-// tile, about what streaming its 256 bytes from memory costs on one core, so one row costs what
-// the VNNI kernel's does and 33 rows about twice that (VNNI: 4-5x).
+// AMX-BF16 tiles (the `amx` kernel: int4 and int8 weights). Each group of 32 inputs of a tile of
+// 16 outputs is unpacked ONCE into bf16 weights (int4: w = d*q + m, int8: w = d*q, rounded to
+// nearest even) in the tile layout of `tdpbf16ps`'s second operand, and one tile instruction
+// multiplies it with up to 16 rows of bf16 activations, adding into fp32 sums that stay in the
+// tile over all groups: no per-group work for each row at all (the int8-activation kernels scale
+// every row's sums per group, which is what made their cost grow with rows). Unpacking costs
+// ~60 cycles a group and tile, about what streaming its 256 (int4) or 512 (int8) bytes from
+// memory costs on one core, so one row costs about what the VNNI kernel's does and 33 rows
+// about twice that (VNNI: 3-5x).
 // Batch invariant: the tile unit computes each row from that row of A and the weights alone,
-// in the same order whatever the number of rows (tests/test_kernels.py, rows 1..80).
-// Weight layout: the avx512-bf16 kernel's ([N/16, G, 8, 32] nibbles, d and m [N/16, G, 16] f16).
+// in the same order whatever the number of rows (tests/test_kernels.py, rows 1..130), and the
+// same path runs for every row count (T = 1 too).
+// Weight layouts: int4 the avx512-bf16 kernel's ([N/16, G, 8, 32] nibbles, d and m
+// [N/16, G, 16] f16); int8 the VNNI kernel's quads ([N/16, G, 8, 64], d [N/16, G, 16] f16).
 
 #define SD_AMX_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma,f16c,amx-tile,amx-bf16")))
+
+// Linux hands out the tile registers' state only after a process asks (5.16 and later).
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+SD_AMX_BF16 void release_tiles() { _tile_release(); }
+
+// Output n of a tile for the 32 bf16 lanes of a tile row (lane l = output l/2): lanes 0-15
+// (`cvtne2ps`'s second operand) are outputs 0-7, lanes 16-31 outputs 8-15.
+SD_AMX_BF16 inline __m512i lo_outputs() { return _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0); }
+SD_AMX_BF16 inline __m512i hi_outputs() { return _mm512_add_epi32(lo_outputs(), _mm512_set1_epi32(8)); }
 
 // vpermb indices: byte 2 of lane i of vector v takes code byte 16v + i (the other bytes are kept).
 struct alignas(64) CodeIndex {
@@ -571,16 +455,15 @@ constexpr CodeIndex code_index() {
 }
 alignas(64) constexpr CodeIndex kCodeIndex = code_index();
 
-// Group g of one output tile (256 bytes of nibbles) as 16 x 32 bf16 weights, tile row kp = input
-// pair kp, lane l = (output l/2, input 2kp + l%2): the nibble layout's order. A code q lands in
-// the mantissa of 2.0f (f = 2 + q/64 exactly), so w = f * 64d + (m - 128d) is one fma.
-SD_AMX_BF16 inline void unpack_group_bf16(const uint8_t* w, const at::Half* dg, const at::Half* mg, uint16_t* out) {
+// int4: group g of one output tile (256 bytes of nibbles) as 16 x 32 bf16 weights, tile row kp =
+// input pair kp, lane l = (output l/2, input 2kp + l%2): the nibble layout's order. A code q
+// lands in the mantissa of 2.0f (f = 2 + q/64 exactly), so w = f * 64d + (m - 128d) is one fma.
+SD_AMX_BF16 inline void unpack_int4_bf16(const uint8_t* w, const at::Half* dg, const at::Half* mg, uint16_t* out) {
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dg));
   const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)mg));
   const __m512 d64 = _mm512_mul_ps(d, _mm512_set1_ps(64.0f));
   const __m512 m0 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d, m);
-  const __m512i lo_out = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // lanes 0-15: outputs 0-7
-  const __m512i hi_out = _mm512_add_epi32(lo_out, _mm512_set1_epi32(8));
+  const __m512i lo_out = lo_outputs(), hi_out = hi_outputs();
   const __m512 dl = _mm512_permutexvar_ps(lo_out, d64), dh = _mm512_permutexvar_ps(hi_out, d64);
   const __m512 ml = _mm512_permutexvar_ps(lo_out, m0), mh = _mm512_permutexvar_ps(hi_out, m0);
   const __m512i two = _mm512_set1_epi32(0x40000000);
@@ -601,6 +484,46 @@ SD_AMX_BF16 inline void unpack_group_bf16(const uint8_t* w, const at::Half* dg, 
   }
 }
 
+// vpermb indices for int8 quads: vector 2s + h, lane i (16 int32 lanes, byte 1; the others are
+// kept) takes the code of output 8h + i/2, input 2s + i%2 of a quad row (byte 4n + j holds
+// output n, input j of the quad's 4): s = 0 gives tile row 2kq, s = 1 row 2kq + 1.
+constexpr CodeIndex quad_index() {
+  CodeIndex t{};
+  for (int s = 0; s < 2; ++s)
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 16; ++i) t.b[2 * s + h][4 * i + 1] = (uint8_t)(4 * (8 * h + i / 2) + 2 * s + i % 2);
+  return t;
+}
+alignas(64) constexpr CodeIndex kQuadIndex = quad_index();
+
+// int8: group g of one output tile (8 quads x 64 bytes) as the same 16 x 32 bf16 tile rows as
+// int4's. A code q, offset to u = q + 128 (0..255), lands in mantissa bits 8-15 of 2.0f
+// (f = 2 + u/2^14 exactly), so w = f * 2^14 d - (2^15 + 128) d is one fma whose exact result is
+// d*q (at most 8 + 11 significant bits, so fp32 holds it exactly; 2^14 d and (2^15 + 128) d are
+// exact too), then rounded to nearest even bf16.
+SD_AMX_BF16 inline void unpack_int8_bf16(const uint8_t* w, const at::Half* dg, uint16_t* out) {
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dg));
+  const __m512 dk = _mm512_mul_ps(d, _mm512_set1_ps(16384.0f));
+  const __m512 m0 = _mm512_mul_ps(d, _mm512_set1_ps(-32896.0f));
+  const __m512i lo_out = lo_outputs(), hi_out = hi_outputs();
+  const __m512 dl = _mm512_permutexvar_ps(lo_out, dk), dh = _mm512_permutexvar_ps(hi_out, dk);
+  const __m512 ml = _mm512_permutexvar_ps(lo_out, m0), mh = _mm512_permutexvar_ps(hi_out, m0);
+  const __m512i two = _mm512_set1_epi32(0x40000000);
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const __mmask64 byte1 = 0x2222222222222222ULL;
+  __m512i idx[4];
+  for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(kQuadIndex.b[v]);
+  for (int kq = 0; kq < 8; ++kq) {
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + kq * 64), flip);
+    for (int s = 0; s < 2; ++s) {
+      const __m512 f0 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(two, byte1, idx[2 * s], u));
+      const __m512 f1 = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(two, byte1, idx[2 * s + 1], u));
+      const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(f1, dh, mh), _mm512_fmadd_ps(f0, dl, ml));
+      _mm512_store_si512(out + (2 * kq + s) * 32, (__m512i)b);
+    }
+  }
+}
+
 // Tile numbers: 0-3 sums of up to 4 chunks of R rows, 4-5 weights (two groups in flight), 6-7
 // activations.
 SD_AMX_BF16 void load_tile_config_bf16(int rows) {
@@ -609,6 +532,9 @@ SD_AMX_BF16 void load_tile_config_bf16(int rows) {
   asm volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
+// GCC's tile load/store intrinsics are asm statements that do not tell the compiler which
+// memory they touch; these say it (a ring buffer's weights, a block's activations, the sums), so
+// that the ordinary stores and loads around them stay in order without a full memory barrier.
 #define SD_TILE_LOAD_BF16(T, p, stride, bytes) \
   asm volatile("tileloadd (%0,%1,1), %%tmm" #T ::"r"(p), "r"((int64_t)(stride)), "m"(*(const uint8_t(*)[bytes])(p)))
 #define SD_TILE_STORE_F32(T, p) \
@@ -625,21 +551,36 @@ SD_AMX_BF16 void load_tile_config_bf16(int rows) {
     if constexpr (CHUNKS > 3) { SD_TILE_LOAD_BF16(7, xg + 96 * R, 64, 64 * 16); _tile_dpbf16ps(3, 7, B); } \
   } while (0)
 
+// Group g of an output tile's weights (codes wt, scales dt, offsets mt: int4 only) into out.
+template <bool INT8>
+SD_AMX_BF16 inline void unpack_group(const uint8_t* wt, const at::Half* dt, const at::Half* mt, int64_t g, uint16_t* out) {
+  if constexpr (INT8)
+    unpack_int8_bf16(wt + g * 512, dt + g * kTile, out);
+  else
+    unpack_int4_bf16(wt + g * 256, dt + g * kTile, mt + g * kTile, out);
+}
+
 // One output tile, one block of CHUNKS x R rows: groups unpacked kAhead ahead of the tile unit.
+// wt, dt, mt: the tile's codes and [G, 16] scales / offsets (mt unused for INT8).
 // x: group-major activations [G, RT, 32] (RT rows in all, this block's first row at `row0`).
-template <int CHUNKS>
-SD_AMX_BF16 void int4_tile_block_bf16(const uint8_t* wt, const at::Half* dt, const at::Half* mt, int64_t G,
-                                      const at::BFloat16* x, int64_t RT, int64_t row0, int64_t R, int64_t T,
-                                      at::BFloat16* y, int64_t ldy) {
+template <int CHUNKS, bool INT8>
+SD_AMX_BF16 void tile_block_bf16(const uint8_t* wt, const at::Half* dt, const at::Half* mt, int64_t G,
+                                 const at::BFloat16* x, int64_t RT, int64_t row0, int64_t R, int64_t T,
+                                 at::BFloat16* y, int64_t ldy) {
   constexpr int kRing = 4, kAhead = 2;
+  constexpr int64_t group_bytes = INT8 ? 512 : 256;
+  // Weights asked for ahead of the unpacking. int4: 8 groups (2 KB) into L1. int8 streams twice
+  // the bytes for the same unpacking work, and L1's few fill buffers kept too little in flight:
+  // 32 groups (16 KB) into L2 instead (embedded int8 model, 2 cores, T=1: 6.63 -> 6.09 ms a step;
+  // 8 KB 7.4, 32 KB 6.9-7.8 (noisy); no software prefetch 9.1).
+  constexpr int64_t ahead = INT8 ? 16384 / group_bytes : 2048 / group_bytes;
   alignas(64) uint16_t ring[kRing][16 * 32];
   alignas(64) float sums[16 * kTile];
   _tile_zero(0);
   if constexpr (CHUNKS > 1) _tile_zero(1);
   if constexpr (CHUNKS > 2) _tile_zero(2);
   if constexpr (CHUNKS > 3) _tile_zero(3);
-  for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g)
-    unpack_group_bf16(wt + g * 256, dt + g * kTile, mt + g * kTile, ring[g % kRing]);
+  for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack_group<INT8>(wt, dt, mt, g, ring[g % kRing]);
   for (int64_t g = 0; g < G; ++g) {
     const at::BFloat16* xg = x + (g * RT + row0) * kGroup;
     if (g & 1)
@@ -647,9 +588,14 @@ SD_AMX_BF16 void int4_tile_block_bf16(const uint8_t* wt, const at::Half* dt, con
     else
       SD_BF16_GROUP(4);
     const int64_t n = g + kAhead;  // unpacked while the tile unit works
-    if (n < G) unpack_group_bf16(wt + n * 256, dt + n * kTile, mt + n * kTile, ring[n % kRing]);
-    for (int line = 0; line < 256; line += 64)  // (past the tile's end: the next tile's first groups)
-      _mm_prefetch((const char*)(wt + (n + kPrefetchGroups) * 256 + line), _MM_HINT_T0);
+    if (n < G) unpack_group<INT8>(wt, dt, mt, n, ring[n % kRing]);
+    for (int line = 0; line < group_bytes; line += 64) {  // (past the tile's end: the next tile's first groups)
+      const char* a = (const char*)(wt + (n + ahead) * group_bytes + line);
+      if constexpr (INT8)
+        _mm_prefetch(a, _MM_HINT_T1);
+      else
+        _mm_prefetch(a, _MM_HINT_T0);
+    }
   }
   for (int c = 0; c < CHUNKS; ++c) {
     if (c == 0) SD_TILE_STORE_F32(0, sums);
@@ -664,17 +610,21 @@ SD_AMX_BF16 void int4_tile_block_bf16(const uint8_t* wt, const at::Half* dt, con
 
 using Bf16BlockFn = void (*)(const uint8_t*, const at::Half*, const at::Half*, int64_t, const at::BFloat16*, int64_t,
                              int64_t, int64_t, int64_t, at::BFloat16*, int64_t);
-constexpr Bf16BlockFn kBf16Blocks[] = {int4_tile_block_bf16<1>, int4_tile_block_bf16<2>, int4_tile_block_bf16<3>,
-                                       int4_tile_block_bf16<4>};
+template <bool INT8>
+constexpr Bf16BlockFn kBf16Blocks[] = {tile_block_bf16<1, INT8>, tile_block_bf16<2, INT8>, tile_block_bf16<3, INT8>,
+                                       tile_block_bf16<4, INT8>};
 
-at::Tensor int4_linear_amx(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+// int4 (m: offsets) or int8 (m unused) weights times bf16 rows on the tile unit.
+template <bool INT8>
+at::Tensor linear_amx_bf16(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
-  TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
+  if (!INT8) TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
   const at::Tensor x = x_in.contiguous();
   const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
   TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / 2, "specdecode qlinear: packed weight of the wrong size");
+  const int64_t tile_bytes = K * kTile / (INT8 ? 1 : 2);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == tiles * tile_bytes, "specdecode qlinear: packed weight of the wrong size");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
   TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
@@ -688,22 +638,29 @@ at::Tensor int4_linear_amx(const at::Tensor& x_in, const at::Tensor& packed, con
   const auto* xp = x.data_ptr<at::BFloat16>();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < G; ++g) std::memcpy(&xg[(g * RT + t) * kGroup], xp + t * K + g * kGroup, kGroup * 2);
-  const at::Tensor dc = d.contiguous(), mc = m.contiguous();
+  const at::Tensor dc = d.contiguous(), mc = INT8 ? d : m.contiguous();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const auto* dp = dc.data_ptr<at::Half>();
-  const auto* mp = mc.data_ptr<at::Half>();
+  const at::Half* mp = INT8 ? nullptr : mc.data_ptr<at::Half>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  const int64_t tile_bytes = K * kTile / 2;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     load_tile_config_bf16((int)R);
     for (int64_t j = begin; j < end; ++j)
       for (int64_t b = 0; b < blocks; ++b)
-        kBf16Blocks[chunks - 1](wp + j * tile_bytes, dp + j * G * kTile, mp + j * G * kTile, G, xg.data(), RT,
-                                b * chunks * R, R, T, yp + j * kTile, N);
+        kBf16Blocks<INT8>[chunks - 1](wp + j * tile_bytes, dp + j * G * kTile, INT8 ? nullptr : mp + j * G * kTile, G,
+                                      xg.data(), RT, b * chunks * R, R, T, yp + j * kTile, N);
     release_tiles();
   });
   return y;
+}
+
+at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  return linear_amx_bf16<false>(x, packed, d, m);
+}
+
+at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d) {
+  return linear_amx_bf16<true>(x, packed, d, d);
 }
 
 at::Tensor int4_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
@@ -712,10 +669,6 @@ at::Tensor int4_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const
 
 at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {
   return qlinear_vnni<false>(x, packed, d, wsum);
-}
-
-at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {
-  return qlinear_vnni<false>(x, packed, d, wsum, true);
 }
 
 bool amx_ready() { return amx_permitted(); }
@@ -1910,7 +1863,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int4_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("int4_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
-  m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
+  m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor d) -> Tensor");
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");

@@ -446,7 +446,7 @@ class _TiledStack(LinearStack):
     def _start(self, kernel: str) -> None:
         kernels.require(kernel)
         self.kernel = kernel
-        self.vnni = kernel in kernels.INT8_ACTIVATIONS  # (int8 on amx: the same layout and results)
+        self.vnni = kernel in kernels.QUAD_LAYOUT  # the quad layout (int8 on amx unpacks it to bf16 tiles)
         self.packed: list[torch.Tensor] = []
         self.d: list[torch.Tensor] = []
 
@@ -516,8 +516,11 @@ class TiledInt4Stack(_TiledStack):
 
 
 class TiledInt8Stack(_TiledStack):
-    """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through our kernels (`int8_linear`,
-    bf16 activations; `int8_linear_vnni`, int8 activations, with each output's code sums).
+    """GGUF Q8_0 weights (w = d * q per block of 32, d f16) through our kernels: kernel
+    'avx512-bf16': bf16 activations, exact products (`int8_linear`); 'avx512-vnni': activations
+    quantized to int8 per block of 32, integer dot products, with each output's code sums
+    (`int8_linear_vnni`); 'amx': each group's weights unpacked once to bf16(d * q) and multiplied
+    with every row on AMX-BF16 tiles, fp32 sums (`int8_linear_amx`; the avx512-vnni quad layout).
     Layers come as (codes [N, K] int8, d [N, K/32])."""
 
     mode = "int8"
@@ -528,13 +531,14 @@ class TiledInt8Stack(_TiledStack):
 
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
-        self.op = torch.ops.specdecode.int8_linear_amx if kernel == "amx" else torch.ops.specdecode.int8_linear_vnni
-        self.wsum: list[torch.Tensor] = []
+        ops = torch.ops.specdecode
+        self.op = ops.int8_linear_amx if kernel == "amx" else ops.int8_linear_vnni if kernel == "avx512-vnni" else ops.int8_linear
+        self.wsum: list[torch.Tensor] = []  # (avx512-vnni only)
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
         super()._add(q, d)
         self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
-        if self.vnni:
+        if self.kernel == "avx512-vnni":
             self.wsum.append(tile_scales(_block_sums(q)))
 
     @classmethod
@@ -544,11 +548,8 @@ class TiledInt8Stack(_TiledStack):
         return cls([p[0] for p in parts], [p[1] for p in parts], biases, dtype, kernel)
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        if self.vnni:
-            y = self.op(x, self.packed[i], self.d[i], self.wsum[i])
-        else:
-            y = torch.ops.specdecode.int8_linear(x, self.packed[i], self.d[i])
-        return self._add_bias(y, i)
+        extra = (self.wsum[i],) if self.wsum else ()
+        return self._add_bias(self.op(x, self.packed[i], self.d[i], *extra), i)
 
     def codes(self, i: int) -> torch.Tensor:
         return (unquad_int8 if self.vnni else untile_int8)(self.packed[i])
