@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from specdecode.cost_model import CostTable
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ForwardCall, ModelOutput
+
+T = TypeVar("T")
 
 # How long a waiting forward holds the batch open at most for a seated sequence that has not
 # sent its step (a batch runs as soon as every seated sequence outside a prefill has one
@@ -91,6 +95,14 @@ class Batcher:
         self._pending: list[_Ticket] = []
         self._busy = False  # a forward (batched or alone) is running
         self._solo = 0  # seated sequences in (or waiting for) a forward that runs alone
+        # Every forward runs on this one thread, not on the request thread that leads it: an
+        # OpenMP runtime keeps a team of workers per calling thread, and after each parallel
+        # region a team's workers spin for a while before sleeping, so forwards led by 16
+        # request threads in turn kept 16 teams spinning against each other on 2 cores
+        # (16 clients, AR: 130 tok/s; one forward thread: see docs/serving.md).
+        threads = torch.get_num_threads()
+        self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=torch.set_num_threads,
+                                            initargs=(threads,))
 
     @property
     def seated(self) -> int:
@@ -102,9 +114,15 @@ class Batcher:
         with self._cond:
             self._cond.wait_for(lambda: self._seated < self.max_batch)
             self._seated += 1
+        # The sequence's own torch work (sampling, verification, a drafter's forwards) runs on
+        # this thread with one intra-op thread: a thread's OpenMP team of two would spin after
+        # each op against the forward thread's (16 clients, AR: 170 -> see docs/serving.md).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             yield self
         finally:
+            torch.set_num_threads(threads)
             with self._cond:
                 self._seated -= 1
                 self._cond.notify_all()  # a smaller batch may be complete now, or a seat free
@@ -157,7 +175,7 @@ class Batcher:
         self._cond.release()
         try:
             try:
-                outputs = self.model.forward_batch([t.call for t in batch])  # type: ignore[attr-defined]
+                outputs = self._run(self.model.forward_batch, [t.call for t in batch])  # type: ignore[attr-defined]
                 for t, out in zip(batch, outputs):
                     t.output = out
                 self.stats.record([t.call for t in batch])
@@ -176,15 +194,26 @@ class Batcher:
             self._cond.wait_for(lambda: not self._busy)
             self._busy = True
         try:
-            out = self.model.forward(call.tokens, call.cache, positions=call.positions, attn_mask=call.attn_mask,
-                                     num_logits=call.num_logits, return_hidden=call.return_hidden,
-                                     hidden_layers=call.hidden_layers)
+            out = self._run(self.model.forward, call.tokens, call.cache, positions=call.positions,
+                            attn_mask=call.attn_mask, num_logits=call.num_logits, return_hidden=call.return_hidden,
+                            hidden_layers=call.hidden_layers)
             self.stats.solo += 1
             return out
         finally:
             with self._cond:
                 self._busy, self._solo = False, self._solo - 1
                 self._cond.notify_all()
+
+
+    def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """fn(*args, **kwargs) on the forward thread, in the caller's grad and inference modes."""
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def call() -> T:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(*args, **kwargs)
+
+        return self._forwards.submit(call).result()
 
 
 class SharedCosts:
