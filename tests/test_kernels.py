@@ -131,44 +131,27 @@ no_amx = pytest.mark.skipif(kernels.available("amx") is not None, reason=f"no AM
 
 
 @no_amx
-def test_amx_int8_multiplies_bf16_weights_and_rows_are_independent():
-    """int8 weights on AMX-BF16 tiles (the quad layout unpacked to bf16(d*q)): y = x @ bf16(d*q).T
-    with fp32 sums, for any number of rows (one row too), so the result is that product up to fp32
-    summation and the output's bf16 rounding (a wrong lane, byte or scale would be off by whole
-    weights); each row bitwise alone for any number of rows, across the 16-row chunks and the
-    64-row blocks."""
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_amx_multiplies_bf16_weights_and_rows_are_independent(mode):
+    """int4 / int8 weights on AMX-BF16 tiles, unpacked to bf16(d*q + m) / bf16(d*q): y = x @ that.T
+    with fp32 sums, for any number of rows (one row too), so the result is that product up to
+    fp32 summation and the output's bf16 rounding (a wrong lane, nibble, byte or scale would be
+    off by whole weights); each row bitwise alone for any number of rows, across the 16-row
+    chunks and the 64-row blocks."""
     g = torch.Generator().manual_seed(5)
     w = [torch.randn(16 * 5, 32 * 7, generator=g) * 0.1]
-    w[0][3, 40] = 0.5  # a code of -127 / 127 somewhere: the extremes of the byte
-    w[0][17, 100] = -0.5
-    s = TiledInt8Stack.from_float(w, None, torch.bfloat16, "amx")
-    assert s.codes(0).abs().max() == 127 and not s.wsum
+    if mode == "int8":
+        w[0][3, 40] = 0.5  # a code of -127 / 127 somewhere: the extremes of the byte
+        w[0][17, 100] = -0.5
+        s = TiledInt8Stack.from_float(w, None, torch.bfloat16, "amx")
+        assert s.codes(0).abs().max() == 127 and not s.wsum
+    else:
+        s = TiledInt4Stack.from_float(w, None, torch.bfloat16, "amx")
     x = torch.randn(130, 32 * 7, generator=g).bfloat16()
-    wb = s.dequantize(0).bfloat16().double()  # the weights the tiles see
-    ref = x.double() @ wb.T
-    y = s(x, 0)
-    assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
+    ref = x.double() @ s.dequantize(0).bfloat16().double().T  # the weights the tiles see
     singles = torch.cat([s(x[t : t + 1], 0) for t in range(130)])
-    assert ((singles.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
-    for rows in (2, 3, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130):
-        assert torch.equal(s(x[:rows], 0), singles[:rows]), rows
-
-
-@no_amx
-def test_amx_int4_multiplies_bf16_weights_and_rows_are_independent():
-    """int4 weights on AMX-BF16 tiles: y = x @ bf16(d*q + m).T with fp32 sums, so the result is
-    that product up to fp32 summation and the output's bf16 rounding (a wrong lane, nibble or
-    scale would be off by whole weights); each row bitwise alone for any number of rows,
-    across the 16-row chunks and the 64-row blocks."""
-    g = torch.Generator().manual_seed(6)
-    w = [torch.randn(16 * 5, 32 * 7, generator=g) * 0.1]
-    s = TiledInt4Stack.from_float(w, None, torch.bfloat16, "amx")
-    x = torch.randn(130, 32 * 7, generator=g).bfloat16()
-    wb = s.dequantize(0).bfloat16().double()  # the weights the tiles see
-    ref = x.double() @ wb.T
-    y = s(x, 0)
-    assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
-    singles = torch.cat([s(x[t : t + 1], 0) for t in range(130)])
+    for y in (s(x, 0), singles):
+        assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
     for rows in (2, 3, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130):
         assert torch.equal(s(x[:rows], 0), singles[:rows]), rows
 

@@ -175,14 +175,25 @@ template <bool INT4>
 using RowKernels = Kernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 constexpr int kMaxRows = 16;
 
-template <bool INT4>
-at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+// What every quantized linear takes: x [T, K] bf16, d [N/16, K/32, 16] f16 and N*K/2 (int4) or
+// N*K (int8) bytes of packed weight; x comes back contiguous.
+struct LinearShape {
+  at::Tensor x;
+  int64_t T, K, tiles, G, N;
+};
+
+LinearShape linear_shape(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, bool int4) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
-  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / (INT4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  LinearShape s{x_in.contiguous(), x_in.size(0), x_in.size(1), d.size(0), d.size(1), d.size(0) * kTile};
+  TORCH_CHECK(s.G * kGroup == s.K, "specdecode qlinear: x has ", s.K, " inputs, the weight ", s.G * kGroup);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == s.N * s.K / (int4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  return s;
+}
+
+template <bool INT4>
+at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
+  const auto [x, T, K, tiles, G, N] = linear_shape(x_in, packed, d, INT4);
   if (INT4) TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
@@ -367,12 +378,7 @@ using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 
 
 template <bool INT4>
 at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
-  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == N * K / (INT4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  const auto [x, T, K, tiles, G, N] = linear_shape(x_in, packed, d, INT4);
   TORCH_CHECK(aux.sizes() == d.sizes() && aux.scalar_type() == (INT4 ? at::kHalf : at::kShort), "specdecode qlinear: m / wsum must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
@@ -617,14 +623,9 @@ constexpr Bf16BlockFn kBf16Blocks[] = {tile_block_bf16<1, INT8>, tile_block_bf16
 // int4 (m: offsets) or int8 (m unused) weights times bf16 rows on the tile unit.
 template <bool INT8>
 at::Tensor linear_amx_bf16(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
   if (!INT8) TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t T = x.size(0), K = x.size(1), tiles = d.size(0), G = d.size(1), N = tiles * kTile;
-  TORCH_CHECK(G * kGroup == K, "specdecode qlinear: x has ", K, " inputs, the weight ", G * kGroup);
+  const auto [x, T, K, tiles, G, N] = linear_shape(x_in, packed, d, !INT8);
   const int64_t tile_bytes = K * kTile / (INT8 ? 1 : 2);
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == tiles * tile_bytes, "specdecode qlinear: packed weight of the wrong size");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
   TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
