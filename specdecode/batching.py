@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -99,10 +100,11 @@ class Batcher:
         # OpenMP runtime keeps a team of workers per calling thread, and after each parallel
         # region a team's workers spin for a while before sleeping, so forwards led by 16
         # request threads in turn kept 16 teams spinning against each other on 2 cores
-        # (16 clients, AR: 130 tok/s; one forward thread: see docs/serving.md).
+        # (16 clients, AR: 130 -> 170 tok/s with one forward thread; docs/serving.md).
         threads = torch.get_num_threads()
         self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=torch.set_num_threads,
                                             initargs=(threads,))
+        weakref.finalize(self, self._forwards.shutdown, wait=False)  # (the thread ends with the batcher)
 
     @property
     def seated(self) -> int:
@@ -116,7 +118,7 @@ class Batcher:
             self._seated += 1
         # The sequence's own torch work (sampling, verification, a drafter's forwards) runs on
         # this thread with one intra-op thread: a thread's OpenMP team of two would spin after
-        # each op against the forward thread's (16 clients, AR: 170 -> see docs/serving.md).
+        # each op against the forward thread's (16 clients, AR: 170 -> 348 tok/s; docs/serving.md).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
