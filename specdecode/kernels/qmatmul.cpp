@@ -874,6 +874,16 @@ SD_TARGET void score_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_
   }
 }
 
+// Each tree row's path, root first (parents[t] in [-1, t)); none for a chain (parents = nullptr).
+std::vector<std::vector<int64_t>> tree_paths(const int64_t* parents, int64_t T) {
+  std::vector<std::vector<int64_t>> paths(parents ? T : 0);
+  for (int64_t t = 0; t < (parents ? T : 0); ++t) {
+    for (int64_t i = t; i >= 0; i = parents[i]) paths[t].push_back(i);
+    std::reverse(paths[t].begin(), paths[t].end());
+  }
+  return paths;
+}
+
 // Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
 // bf16, head stride hs); out [T, H * D] bf16. A chain (parents = nullptr): row t sees slots
 // [0, past + t + 1). A tree (parents[t] in [-1, t): the row it extends, -1 = the cached
@@ -889,11 +899,7 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
   const float scale = 1.0f / std::sqrt((float)D);
   const int64_t S = past + T, blocks = (S + 15) / 16, width = blocks * 16, kv_heads = H / group;
   std::vector<float> scores(H * T * width);
-  std::vector<std::vector<int64_t>> paths(parents ? T : 0);  // a tree row's path, root first
-  for (int64_t t = 0; t < (parents ? T : 0); ++t) {
-    for (int64_t i = t; i >= 0; i = parents[i]) paths[t].push_back(i);
-    std::reverse(paths[t].begin(), paths[t].end());
-  }
+  const std::vector<std::vector<int64_t>> paths = tree_paths(parents, T);
   at::parallel_for(0, kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i)
@@ -940,9 +946,10 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
 // 16 multiply 16 keys a tile instruction (scores) and 32 positions of values a tile instruction
 // (output), instead of one row at a time on AVX-512 (which cost ~5 us a row and layer).
 // Arithmetic per row (the same whatever T, the block or the tree):
-// - score(row, slot) = scale * sum over D/32 chunks (in order) of a tdpbf16ps of the row's q
-//   and the slot's k (each chunk's 32 products summed by the tile unit in fp32);
-// - p = exp(score - max) over the row's sequence (softmax_in_place), rounded to bf16;
+// - s(row, slot) = sum over D/32 chunks (in order) of a tdpbf16ps of the row's q and the slot's
+//   k (each chunk's 32 products summed by the tile unit in fp32);
+// - p = exp(scale (s - max)) over the row's sequence, s the unscaled sums (softmax_bf16),
+//   rounded to bf16;
 // - out = bf16(sum over 32-position blocks j (in order, from position 0) of tdpbf16ps(p, v)
 //   / sum p). Positions past the row's length have p = 0 (exactly +0 in the sums); positions
 //   past the cache's valid slots have v = 0.
@@ -1087,9 +1094,9 @@ SD_AMX_BF16 void attend_rows_amx(const at::BFloat16* qp, int64_t qs, int64_t T, 
   }
 }
 
-// attend_block's contract on AMX tiles (D a multiple of 32, at most 128). Keys are transposed and
-// values paired once per call (every row block reads them), then each KV head's rows attend in
-// blocks of 16.
+// attend_block's contract on AMX tiles (D a multiple of 32, at most 128). Per KV head its keys
+// are transposed and its values paired once (every block of its rows reads them), then its rows
+// attend in blocks of 16.
 SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
                                   const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
                                   int64_t group, at::BFloat16* op, const int64_t* parents) {
@@ -1099,11 +1106,7 @@ SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T,
   at::Tensor buffers = at::empty({2 * kv_heads * per_head}, at::kShort);  // (64-byte aligned)
   uint16_t* kt = (uint16_t*)buffers.data_ptr<int16_t>();
   uint16_t* vpairs = kt + kv_heads * per_head;
-  std::vector<std::vector<int64_t>> paths(parents ? T : 0);
-  for (int64_t t = 0; t < (parents ? T : 0); ++t) {
-    for (int64_t i = t; i >= 0; i = parents[i]) paths[t].push_back(i);
-    std::reverse(paths[t].begin(), paths[t].end());
-  }
+  const std::vector<std::vector<int64_t>> paths = tree_paths(parents, T);
   auto prepare = [&](int64_t kv, int64_t j) {  // keys transposed, values paired: 32 slots of one head
     int64_t slots[kAttPositions];
     const int64_t s0 = j * kAttPositions;
@@ -1117,8 +1120,8 @@ SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T,
                 vpairs + kv * per_head + j * kAttPositions * D);
   };
   const int64_t row_blocks = (T * group + kAttRows - 1) / kAttRows;
-  auto rows = [&](int64_t i) {
-    const int64_t kv = i / row_blocks, first = (i % row_blocks) * kAttRows;
+  auto rows = [&](int64_t kv, int64_t block) {
+    const int64_t first = block * kAttRows;
     const int n = (int)std::min<int64_t>(kAttRows, T * group - first);
     attend_rows_amx(qp, qs, T, D, kt + kv * per_head, vpairs + kv * per_head, vp + kv * hs, S, past, kv, group,
                     first, n, scale, H, op, paths);
@@ -1131,7 +1134,7 @@ SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T,
     load_tile_config_bf16(kAttRows);
     for (int64_t kv = begin; kv < end; ++kv) {
       for (int64_t j = 0; j < blocks; ++j) prepare(kv, j);
-      for (int64_t b = 0; b < row_blocks; ++b) rows(kv * row_blocks + b);
+      for (int64_t b = 0; b < row_blocks; ++b) rows(kv, b);
     }
     release_tiles();
   });
