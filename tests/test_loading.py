@@ -451,7 +451,7 @@ def test_embedded_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------- direct loading (issue 18)
 from specdecode import kernels  # noqa: E402
 from specdecode.models.direct import load_gguf_direct  # noqa: E402
-from specdecode.models.llama import LlamaModel, _interleave_rope_rows  # noqa: E402
+from specdecode.models.llama import LlamaModel, interleave_rope_rows  # noqa: E402
 from specdecode.models.loading import read_gguf_header  # noqa: E402
 from specdecode.models.quant import quantize_q4_1, quantize_q8_0  # noqa: E402
 from specdecode.models.embedding import BlockEmbedding  # noqa: E402
@@ -504,7 +504,7 @@ def test_tiny_gguf_direct(arch: str, quant: str, tmp_path: Path, monkeypatch: py
                 w = expected[name]
                 heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(proj)
                 if heads:
-                    w = _interleave_rope_rows(w, heads)
+                    w = interleave_rope_rows(w, heads)
                 if types[f"blk.{i}.{_GGUF_NAMES[proj]}.weight"] not in native:
                     w = _requantized(w, quant)
                 torch.testing.assert_close(got[row : row + w.shape[0]], w, rtol=0, atol=1e-6, msg=name)

@@ -270,3 +270,79 @@ def test_drafters_follow_a_bf16_or_quantized_target(tiny_target, fmt, kind):
     out = run(model, PROMPTS[0], MAKERS[kind](model), 3, stats=stats)
     assert len(out) == 30 and all(0 <= t < cfg.vocab_size for t in out)
     assert stats.drafted > 0
+
+
+# ---------------------------------------------------------------------------- the EAGLE head on our kernels
+from specdecode import kernels, tree  # noqa: E402
+
+ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+# shapes our glue and attention kernels take (head_dim a multiple of 16, sizes of 16)
+NATIVE = tiny_config(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1, head_dim=32)
+
+
+def _int8_target(seed=3):
+    model = random_model(NATIVE, seed=seed)
+    return type(model).from_state_dict(NATIVE, model.state_dict(), torch.bfloat16, "int8")
+
+
+@ours
+def test_eagle_head_on_our_kernels_computes_what_the_block_does():
+    """The drafting copy of a head runs its layer on our kernels (NativeBlock: fused matmuls,
+    q/k rows in RoPE pair order, fp32 residual). Its outputs must be the Block's within bf16
+    rounding, for chain rows after a cached prefix and for tree rows (each sees its ancestors).
+    A wrong RoPE order, position or mask moves them by far more than rounding."""
+    import copy
+
+    from specdecode.drafters.trained import NativeBlock
+
+    target = _int8_target()
+    drafter = eagle(target)
+    native = drafter.head
+    assert isinstance(native.native, NativeBlock)
+    plain = copy.deepcopy(native)
+    plain.native = None  # the Block's own forward (SDPA with a mask for trees)
+    g = torch.Generator().manual_seed(0)
+    h = NATIVE.hidden_size
+
+    def rows(n):
+        return (torch.randn(1, n, h, generator=g) * 2).bfloat16(), (torch.randn(1, n, h, generator=g) * 0.1).bfloat16()
+
+    prefix_f, prefix_e = rows(21)
+    cases = [(rows(1), None), (rows(5), None), (rows(6), torch.tensor([-1, 0, 0, 1, 2, -1]))]
+    for (f, e), parents in cases:
+        outs = []
+        for head in (native, plain):
+            cache = head.new_cache(64, torch.bfloat16)
+            head(prefix_f, prefix_e, torch.arange(21), cache)
+            positions = torch.arange(21, 21 + f.shape[1]) if parents is None else 21 + tree.depths(parents)
+            outs.append(head(f, e, positions, cache, parents=parents).float())
+            assert cache.length == 21 + f.shape[1]
+        got, want = outs
+        assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
+
+
+@ours
+def test_eagle_tree_on_our_kernels_of_width_one_is_the_chain_draft():
+    """On our kernels a tree level runs the whole tree so far again (rows computed alike however
+    many a call has, each attending to its ancestors): a width-1 tree must draft the chain's
+    tokens exactly, in bf16 too."""
+    from specdecode.drafters.eagle import EagleTreeDrafter
+
+    target = _int8_target()
+    chain = eagle(target)
+    narrow = EagleTreeDrafter(target, chain.module, None, width=1, depth=5)
+    greedy = SamplingParams(temperature=0.0)
+    for prompt in ([5, 6, 7, 8, 9, 10], [1, 2, 3, 1, 2, 3, 1, 2]):
+        for d in (chain, narrow):
+            d.begin(prompt)
+        assert narrow.propose(prompt, 5, greedy, None).tokens == chain.propose(prompt, 5, greedy, None).tokens
+
+
+@ours
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_eagle_on_our_kernels_keeps_greedy_identity(kind):
+    """int8 target (bf16 activations, our kernels): speculative greedy output is the target's own."""
+    target = _int8_target()
+    answer = run(target, PROMPTS[1])
+    for k in (1, 4):
+        assert run(target, PROMPTS[1], MAKERS[kind](target), k) == answer

@@ -24,19 +24,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specdecode import tree
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.trained import (
     Block,
+    NativeBlock,
     RMSNorm,
     TargetFeatures,
     check_target,
+    draft_quant,
     drafting_parts,
     load_folder,
     resolve_folder,
+    rope_pairs,
     rope_tables,
 )
-from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask, log_probs
+from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_probs
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
@@ -82,6 +86,7 @@ class EagleHead(nn.Module):
         self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        self.native: NativeBlock | None = None  # an inference copy's layer on our kernels (EagleDrafter)
         if cfg.tap_layers:
             # residual streams grow with depth: normalise each layer's input before mixing
             self.tap_norms = nn.ModuleList(RMSNorm(h, cfg.rms_norm_eps) for _ in cfg.tap_layers)
@@ -99,7 +104,11 @@ class EagleHead(nn.Module):
 
     def to_head(self, out: torch.Tensor) -> torch.Tensor:
         """What the LM head reads from a head output: EAGLE-3's own final norm, else the output itself."""
-        return self.out_norm(out) if self.fused else out
+        if not self.fused:
+            return out
+        if self.native is not None and out.dim() == 2:  # drafting on our kernels: one call
+            return torch.ops.specdecode.rms_norm(out.float(), self.out_norm.weight, self.config.rms_norm_eps)
+        return self.out_norm(out)
 
     def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat((self.feature_norm(features), self.embed_norm(embeddings)), dim=-1))
@@ -110,13 +119,27 @@ class EagleHead(nn.Module):
         embeddings: torch.Tensor,  # [B, T, H] embedding of t_{i+1}
         positions: torch.Tensor,  # [T] position i of each row
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,  # [T, cached + T] bool: what each row sees (tree drafting)
+        parents: torch.Tensor | None = None,  # with a cache: the rows form this tree after the cached ones
     ) -> torch.Tensor:
-        """Predicted features [B, T, H] of positions i + 1."""
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, features.dtype)
-        out = self.layer(self.inputs(features, embeddings), cos, sin, cache, mask=mask)
+        """Predicted features [B, T, H] of positions i + 1. With a cache (drafting, B = 1) the rows
+        are a chain after the cached slots, or a tree (`parents` [T]: each row sees the cache, its
+        ancestors and itself), and their keys and values are appended to the cache."""
+        c, t = self.config, features.shape[1]
+        if cache is not None and self.native is not None:  # drafting on our kernels (B = 1)
+            ops = torch.ops.specdecode
+            mixed = torch.cat((ops.rms_norm(features[0].float(), self.feature_norm.weight, c.rms_norm_eps),
+                               ops.rms_norm(embeddings[0].float(), self.embed_norm.weight, c.rms_norm_eps)), -1)
+            x = self.native(self.fc(mixed).float(), rope_pairs(positions, c.head_dim, c.rope_theta), cache, parents)
+            out = x.to(features.dtype).unsqueeze(0)
+        else:
+            x = self.inputs(features, embeddings)
+            mask = None
+            if parents is not None:
+                mask = torch.cat((torch.ones(t, cache.length, dtype=torch.bool), tree.ancestor_mask(parents)), 1)
+            cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, features.dtype)
+            out = self.layer(x, cos, sin, cache, mask=mask)
         if cache is not None:
-            cache.length += features.shape[1]  # the block writes its slots; the owner advances
+            cache.length += t  # the block writes its slots; the owner advances
         return out
 
     def new_cache(self, max_length: int, dtype: torch.dtype) -> KVCache:
@@ -142,6 +165,7 @@ class EagleDrafter:
         self.target = target
         self.module = head  # as trained / loaded (what save_eagle writes)
         self.head, self.draft_head = drafting_parts(target, head, vocab_ids)  # what drafts
+        self.head.native = NativeBlock.build(head.layer, draft_quant(target), target.dtype)
         # rows as the target embeds them, in its activation dtype (a quantized target computes in
         # bf16; a directly loaded one dequantizes just these rows of its GGUF blocks)
         self.embed = target.embed_rows
@@ -257,17 +281,23 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
         n = len(tokens) - 1
         depth = max(1, min(self.depth, k, (self.max_length - self.cache.length) // self.width))
         after = {-1: h[0]}  # node -> the head's output after it: its children's logits come from it
-        slot: dict[int, int] = {}  # node -> its row in the head's cache
+        rows: list[int] = []  # the nodes the head has run, level by level: a tree after the committed sequence
 
         def logprobs(out: torch.Tensor) -> torch.Tensor:
             return log_probs(self.draft_head.logits(self.head.to_head(out)), sampling)
 
-        def expand(tree: Candidates, nodes: list[int]) -> torch.Tensor:
-            mask = level_mask(tree, nodes, slot, n, self.cache.length)  # (slots [0, n): the real features)
-            feats = torch.stack([after[tree.parents[i]] for i in nodes]).unsqueeze(0)
-            embeds = self.embed(torch.tensor([tree.tokens[i] for i in nodes])).unsqueeze(0)
-            positions = torch.tensor([n + tree.depths[i] for i in nodes])
-            out = self.head(feats, embeds, positions, self.cache, mask=mask)[0]
+        def expand(cands: Candidates, nodes: list[int]) -> torch.Tensor:
+            # The whole tree so far runs again with the new level (its earlier rows come out bitwise
+            # the same: every row is computed alike however many rows a call has), so that each
+            # row attends as the target's tree verification does: the cache, its ancestors, itself.
+            rows.extend(nodes)
+            index = {node: r for r, node in enumerate(rows)}
+            parents = torch.tensor([index.get(cands.parents[i], -1) for i in rows])
+            feats = torch.stack([after[cands.parents[i]] for i in rows]).unsqueeze(0)
+            embeds = self.embed(torch.tensor([cands.tokens[i] for i in rows])).unsqueeze(0)
+            positions = torch.tensor([n + cands.depths[i] for i in rows])
+            self.cache.rollback(n)
+            out = self.head(feats, embeds, positions, self.cache, parents=parents)[0, len(rows) - len(nodes):]
             after.update(zip(nodes, out))
             return logprobs(out)
 

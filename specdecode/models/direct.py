@@ -13,7 +13,7 @@ file become codes and scales with numpy views, layer by layer, and are packed at
   the gguf package does, then the codes quant.quantize_q4_1 / quantize_q8_0 give; no float32
   chunk), or, for a type they lack, the gguf package's dequantization and those functions;
 - q/k rows get the float path's permutations (loading._unpermute_rope_rows for llama-arch
-  files, then llama._interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
+  files, then llama.interleave_rope_rows), q/k/v and gate/up are concatenated, on codes and
   scales alike (rows are independent, so this is exact);
 - the embedding stays in the file's blocks (its bytes copied out of the map; the forward
   dequantizes the rows it embeds, models/embedding.py), the output head becomes int8
@@ -45,7 +45,7 @@ from specdecode.errors import UserError
 from specdecode.memory import return_free_heap
 from specdecode.models.embedding import BlockEmbedding
 from specdecode.models.gguf_file import GGUFFile, GGUFTensor
-from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, _interleave_rope_rows
+from specdecode.models.llama import HEAD_QUANT, LlamaModel, Runtime, interleave_rope_rows
 from specdecode.models.loading import (
     _unpermute_rope_rows,
     expected_shapes,
@@ -117,7 +117,7 @@ class _Tensors:
             if f".{proj}." in name:
                 if self.permuted:
                     x = _unpermute_rope_rows(x, heads)  # type: ignore[arg-type]
-                return _interleave_rope_rows(x, heads) if interleave else x
+                return interleave_rope_rows(x, heads) if interleave else x
         return x
 
     def stored(self, name: str, dtype: torch.dtype) -> BlockEmbedding:

@@ -101,7 +101,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
 
-def _interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rope_table(head_dim: int, theta: float, length: int) -> torch.Tensor:
+    """exp(i * position * inv_freq) for positions [0, length): [length, head_dim / 2] complex64
+    (RoPE on pairs: see `interleave_rope_rows`)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder each head's rows from HF's halves (x1 = dims [0, D/2), x2 = [D/2, D)) to pairs
     (x1_0, x2_0, x1_1, x2_1, ...), so RoPE is one complex multiply. q and k get the same
     order, so their dot products (attention scores) are unchanged."""
@@ -136,12 +144,12 @@ class Runtime:
             qkv_w, qkv_b, gate_up_w = [], [], []
             for layer in layers:
                 a, m = layer.self_attn, layer.mlp
-                q = _interleave_rope_rows(a.q_proj.weight, cfg.num_heads)
-                k = _interleave_rope_rows(a.k_proj.weight, cfg.num_kv_heads)
+                q = interleave_rope_rows(a.q_proj.weight, cfg.num_heads)
+                k = interleave_rope_rows(a.k_proj.weight, cfg.num_kv_heads)
                 qkv_w.append(torch.cat((q, k, a.v_proj.weight)))
                 if a.q_proj.bias is not None:
-                    qb = _interleave_rope_rows(a.q_proj.bias, cfg.num_heads)
-                    kb = _interleave_rope_rows(a.k_proj.bias, cfg.num_kv_heads)
+                    qb = interleave_rope_rows(a.q_proj.bias, cfg.num_heads)
+                    kb = interleave_rope_rows(a.k_proj.bias, cfg.num_kv_heads)
                     qkv_b.append(torch.cat((qb, kb, a.v_proj.bias)))
                 gate_up_w.append(torch.cat((m.gate_proj.weight, m.up_proj.weight)))
             head_quant = None if quant is None else HEAD_QUANT[quant]
@@ -438,10 +446,7 @@ class LlamaModel(nn.Module):
         need = start + t if positions is None else int(positions.max()) + 1
         if self._rope_cache is None or self._rope_cache.shape[0] < need:
             cfg = self.config
-            size = max(need, cfg.max_position_embeddings)
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-            angles = torch.outer(torch.arange(size, dtype=torch.float64), inv_freq)
-            self._rope_cache = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+            self._rope_cache = rope_table(cfg.head_dim, cfg.rope_theta, max(need, cfg.max_position_embeddings))
         if positions is None:
             return self._rope_cache[start : start + t]
         return self._rope_cache[positions]
