@@ -268,17 +268,16 @@ class NativeBlock:
     def __init__(self, block: Block, quant: str | None, dtype: torch.dtype) -> None:
         a, m = block.self_attn, block.mlp
         self.heads, self.head_dim, self.eps = a.heads, a.head_dim, block.input_layernorm.eps
-        kernel = draft_kernel() if quant else None
         with torch.no_grad():
             q = interleave_rope_rows(a.q_proj.weight.float(), a.heads)
             k = interleave_rope_rows(a.k_proj.weight.float(), a.kv_heads)
-            self.qkv = linear_stack([torch.cat((q, k, a.v_proj.weight.float()))], None, quant, dtype, kernel)
-            self.o = linear_stack([a.o_proj.weight.float()], None, quant, dtype, kernel)
-            self.gate_up = linear_stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)).float()], None, quant, dtype, kernel)
-            self.down = linear_stack([m.down_proj.weight.float()], None, quant, dtype, kernel)
+            self.qkv = linear_stack([torch.cat((q, k, a.v_proj.weight.float()))], None, quant, dtype)
+            self.o = linear_stack([a.o_proj.weight.float()], None, quant, dtype)
+            self.gate_up = linear_stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)).float()], None, quant, dtype)
+            self.down = linear_stack([m.down_proj.weight.float()], None, quant, dtype)
             self.input_norm = block.input_layernorm.weight.detach().float()
             self.post_norm = block.post_attention_layernorm.weight.detach().float()
-        self.tiles = kernels.available("amx") is None  # attention on AMX tiles where this CPU has them
+        self.tiles = self.qkv.kernel == "amx"  # attention on AMX tiles where the matmuls run there (as the target's)
 
     @classmethod
     def build(cls, block: Block, quant: str | None, dtype: torch.dtype) -> "NativeBlock | None":
@@ -330,25 +329,13 @@ def draft_quant(target: LlamaModel) -> str | None:
     return "int4" if getattr(target, "quant", None) is not None else None
 
 
-def draft_kernel() -> str | None:
-    """Matmul path of a trained drafter's int8/int4 matmuls: avx512-vnni where it runs, unless a
-    kernel is forced (SPECDECODE_KERNEL); else the process's (None). A drafter's few MB of weights
-    stay in cache, where arithmetic, not memory, bounds a one-row matmul: VNNI's integer dot
-    products ran 3-5x faster than the amx kernel's unpacking to bf16 (a 3072x576 int8 row: 12 vs
-    51 us, Xeon with AMX). Drafts need not match the target's arithmetic: verification decides."""
-    if kernels.requested() == "auto" and kernels.available("avx512-vnni") is None:
-        return "avx512-vnni"
-    return None
-
-
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) through a quant.py matmul: float (quant None), int8 or int4 weight-only."""
 
     def __init__(self, weight: torch.Tensor, quant: str | None, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         w = weight.detach().float()
-        self.stack = linear_stack([w], None if bias is None else [bias.detach()], quant, dtype,
-                                  draft_kernel() if quant else None)
+        self.stack = linear_stack([w], None if bias is None else [bias.detach()], quant, dtype)
         self.out_features = w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

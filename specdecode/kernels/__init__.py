@@ -2,12 +2,13 @@
 
 Matmul paths for int4/int8 weights, chosen once per process by CPU features:
 
+- ``avx512-vnni`` (the default): activations quantized to int8 per block of 32 (as llama.cpp
+  does), exact integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and
+  later). Fastest for decoding and chains (up to ~9 rows) on both machine kinds (PREFERENCE).
 - ``amx`` (Intel Sapphire Rapids and later): int4 and int8 weights unpacked group by group to
   bf16 (int8: bf16(d * q)) and multiplied with up to 16 rows of bf16 activations an instruction
   on AMX-BF16 tiles, fp32 sums kept in the tiles, for any number of rows: a verification block
-  of 33 rows costs about twice one row.
-- ``avx512-vnni``: activations quantized to int8 per block of 32 (as llama.cpp does), exact
-  integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and later).
+  of 33 rows costs about twice one row, but one row ~1.5x VNNI's.
 - ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
   later, AMD Zen 4 and later). A weight tile is unpacked once and reused by every row, so
   verifying k+1 tokens costs little more than one; attention runs row by row in one call.
@@ -37,7 +38,11 @@ from specdecode.errors import UserError
 KERNELS = ("amx", "avx512-vnni", "avx512-bf16", "aten")
 OURS = ("amx", "avx512-vnni", "avx512-bf16")
 QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
-PREFERENCE = ("amx", "avx512-vnni", "avx512-bf16", "aten")  # what `auto` picks, first that runs
+# what `auto` picks, the first that runs: avx512-vnni before amx, since its integer dot products
+# cost less per weight than amx's unpacking to bf16 for the few rows of decoding and chains
+# (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.5/5.9/8.2 ms vs 6.3/6.8/8.1; qwen2-1.5B
+# 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 12)
+PREFERENCE = ("avx512-vnni", "amx", "avx512-bf16", "aten")
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
 _FIX = "choose another with --kernel (or SPECDECODE_KERNEL), e.g. auto, which picks the best this machine runs"
