@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from specdecode import compute
 from specdecode.bench.prompts import load_prompts
 from specdecode.engine import Engine
 
@@ -71,8 +72,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    compute.start()  # as the server: every multi-threaded step on one thread (specdecode/compute.py)
     drafter = None if args.drafter == "none" else args.drafter
-    engine = Engine.load(args.target)
+    engine = compute.run(Engine.load, args.target)
     every = load_prompts("all", limit=-(-args.prompts // 9))  # a few of each of the 9 categories
     prompts = [list(p.messages) for p in every[: args.prompts]]
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, drafter {args.drafter}, k {args.k}, "

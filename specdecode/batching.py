@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import torch
 
+from specdecode import compute
 from specdecode.cost_model import CostTable
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ForwardCall, ModelOutput
@@ -96,15 +97,19 @@ class Batcher:
         self._pending: list[_Ticket] = []
         self._busy = False  # a forward (batched or alone) is running
         self._solo = 0  # seated sequences in (or waiting for) a forward that runs alone
-        # Every forward runs on this one thread, not on the request thread that leads it: an
-        # OpenMP runtime keeps a team of workers per calling thread, and after each parallel
-        # region a team's workers spin for a while before sleeping, so forwards led by 16
-        # request threads in turn kept 16 teams spinning against each other on 2 cores
-        # (16 clients, AR: 130 -> 170 tok/s with one forward thread; docs/serving.md).
-        threads = torch.get_num_threads()
-        self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=torch.set_num_threads,
-                                            initargs=(threads,))
-        weakref.finalize(self, self._forwards.shutdown, wait=False)  # (the thread ends with the batcher)
+        # Every forward runs on one thread, not on the request thread that leads it: an OpenMP
+        # runtime keeps a team of workers per calling thread, and forwards led by 16 request
+        # threads in turn kept 16 teams against each other on 2 cores (16 clients, AR: 130 ->
+        # 170 tok/s with one forward thread; docs/serving.md). That thread is the process's
+        # compute thread where one was started (compute.py: the server loads there too, so
+        # that no other thread ever held a team; else its forwards ran 4.5x slower); else a
+        # thread of the batcher's own.
+        self._forwards: ThreadPoolExecutor | None = None
+        if not compute.started():
+            threads = torch.get_num_threads()
+            self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=torch.set_num_threads,
+                                                initargs=(threads,))
+            weakref.finalize(self, self._forwards.shutdown, wait=False)  # (the thread ends with the batcher)
 
     @property
     def seated(self) -> int:
@@ -209,6 +214,8 @@ class Batcher:
 
     def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """fn(*args, **kwargs) on the forward thread, in the caller's grad and inference modes."""
+        if self._forwards is None:
+            return compute.run(fn, *args, **kwargs)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
         def call() -> T:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specdecode import memory
+from specdecode import compute, memory
 
 from specdecode.assisted import AssistedArgs
 from specdecode.batching import DEFAULT_WAIT_SECONDS, Batcher, SharedCosts
@@ -341,14 +341,15 @@ class Engine:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
         and remembered per model file (cost_model.cached_verify_costs); k='auto' uses them."""
         if self._costs is None:
-            self._costs = cached_verify_costs(self.model, self._cost_source())
+            self._costs = compute.run(cached_verify_costs, self.model, self._cost_source())
             remember_costs(self.model, self._costs)
         return self._costs
 
     def tree_cost_table(self) -> CostTable:
         """The target's verification costs for trees (T = 1..TREE_MAX_NODES + 1), like `cost_table`."""
         if self._tree_costs is None:
-            self._tree_costs = cached_verify_costs(self.model, self._cost_source(), TREE_MAX_NODES + 1, TREE_POINTS)
+            self._tree_costs = compute.run(cached_verify_costs, self.model, self._cost_source(), TREE_MAX_NODES + 1,
+                                           TREE_POINTS)
             remember_tree_costs(self.model, self._tree_costs)
         return self._tree_costs
 
@@ -360,7 +361,7 @@ class Engine:
         """The drafter's seconds per call as a + b k, measured once (two short greedy runs on a
         fixed text, k = 1 and k = 8) and remembered per drafter spec, on disk for named ones."""
         if spec not in self._draft_costs:
-            measure = lambda: self._measure_draft_cost(drafter)  # noqa: E731
+            measure = lambda: compute.run(self._measure_draft_cost, drafter)  # noqa: E731
             if isinstance(spec, tuple):
                 self._draft_costs[spec] = cached_draft_cost(self.model, self._cost_source(), json.dumps(spec), measure)
             else:

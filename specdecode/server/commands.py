@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from specdecode import memory
+    from specdecode import compute, memory
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
     from specdecode.server.operations import ServerLimits
@@ -58,15 +58,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     memory.limit_heap_arenas()  # before any thread (torch's, the request threads) allocates
     apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
-    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
+    # Loading, drafters' set-up, measurements and every forward on one thread (compute.py: a
+    # second thread's OpenMP team beside the main thread's made each forward 4.5x slower).
+    compute.start()
+    engine = compute.run(Engine.load, args.target, args.dtype, args.max_context, args.compile)
     offered = tuple(dict.fromkeys([args.drafter] + [d.strip() for d in (args.drafters or "").split(",") if d.strip()]))
     for spec in offered:
-        engine.drafter(spec, args.draft)  # load them now: fail fast on a bad one, before listening
+        compute.run(engine.drafter, spec, args.draft)  # load them now: fail fast on a bad one, before listening
     if engine.load_report is not None:
         print(f"specdecode: {engine.load_report.line(args.target or 'the embedded SmolLM2-135M-Instruct')}",
               file=sys.stderr, flush=True)
     if args.compile:
-        engine.warm_up(max_draft(args.k) + 1)  # compile verification steps before serving
+        compute.run(engine.warm_up, max_draft(args.k) + 1)  # compile verification steps before serving
     name = args.model_name or (args.target.rstrip("/").split("/")[-1] if args.target else "SmolLM2-135M-Instruct")
     limits = ServerLimits(drafters=tuple(d for d in offered if d != "none"), max_k=args.max_k, max_tokens=args.max_tokens,
                           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("SPECDECODE_API_KEY"))
