@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from specdecode import compute
+from specdecode import compute, kernels
 from specdecode.bench.prompts import load_prompts
 from specdecode.engine import Engine
 
@@ -73,6 +73,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     compute.start()  # as the server: every multi-threaded step on one thread (specdecode/compute.py)
+    kernels.prefer_flat()  # and its kernel choice (amx where the CPU has it; SPECDECODE_KERNEL overrides)
     drafter = None if args.drafter == "none" else args.drafter
     engine = compute.run(Engine.load, args.target)
     every = load_prompts("all", limit=-(-args.prompts // 9))  # a few of each of the 9 categories

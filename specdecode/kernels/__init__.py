@@ -43,6 +43,11 @@ QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 
 # (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.5/5.9/8.2 ms vs 6.3/6.8/8.1; qwen2-1.5B
 # 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 12)
 PREFERENCE = ("avx512-vnni", "amx", "avx512-bf16", "aten")
+# what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
+# clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
+# 16 clients, ngram: 317 tok/s with amx, 266 with avx512-vnni; one client alone 111 vs 129)
+PREFERENCE_BATCHED = ("amx", "avx512-vnni", "avx512-bf16", "aten")
+_preference = PREFERENCE
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
 _FIX = "choose another with --kernel (or SPECDECODE_KERNEL), e.g. auto, which picks the best this machine runs"
@@ -221,4 +226,11 @@ def active() -> str:
         if why_not is not None:
             raise UserError(f"kernel {want} was asked for but {why_not}: {_FIX}")
         return want
-    return next(k for k in PREFERENCE if available(k) is None)
+    return next(k for k in _preference if available(k) is None)
+
+
+def prefer_flat() -> None:
+    """Make `auto` pick the kernel whose cost is flattest in rows (PREFERENCE_BATCHED): for a
+    process whose forwards batch many sequences (`specdecode serve`). Call before loading."""
+    global _preference
+    _preference = PREFERENCE_BATCHED

@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from specdecode import compute, memory
+    from specdecode import compute, kernels, memory
     from specdecode.engine import Engine
     from specdecode.server.app import create_app
     from specdecode.server.operations import ServerLimits
@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loading, drafters' set-up, measurements and every forward on one thread (compute.py: a
     # second thread's OpenMP team beside the main thread's made each forward 4.5x slower).
     compute.start()
+    if args.max_batch != 1:
+        kernels.prefer_flat()  # batched forwards carry many rows: amx where the CPU has it (kernels.PREFERENCE_BATCHED)
     engine = compute.run(Engine.load, args.target, args.dtype, args.max_context, args.compile)
     offered = tuple(dict.fromkeys([args.drafter] + [d.strip() for d in (args.drafters or "").split(",") if d.strip()]))
     for spec in offered:
