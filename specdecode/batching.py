@@ -107,7 +107,7 @@ class Batcher:
         self._forwards: ThreadPoolExecutor | None = None
         if not compute.started():
             threads = torch.get_num_threads()
-            self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=torch.set_num_threads,
+            self._forwards = ThreadPoolExecutor(1, "specdecode-forward", initializer=compute.set_thread_count,
                                                 initargs=(threads,))
             weakref.finalize(self, self._forwards.shutdown, wait=False)  # (the thread ends with the batcher)
 

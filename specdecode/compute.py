@@ -47,6 +47,15 @@ def start(threads: int | None = None) -> None:
 def _enter(threads: int) -> None:
     global _thread
     _thread = threading.current_thread()
+    set_thread_count(threads)
+
+
+def set_thread_count(threads: int) -> None:
+    """This thread's intra-op thread count (OpenMP keeps one per thread). ATen initialises a
+    thread's count lazily, on its first parallel op, from the count last set in the whole
+    process: without the read first, a later `torch.set_num_threads(1)` on another thread (the
+    caller of `start`, a seated request) would become this thread's count too."""
+    torch.get_num_threads()  # (ATen's per-thread lazy init, now)
     torch.set_num_threads(threads)
 
 

@@ -283,3 +283,47 @@ def test_auto_k_drafts_less_as_the_batch_fills():
         chosen[seated] = policy.choose(100)
     assert chosen[1] >= 3
     assert chosen[16] < chosen[1]
+
+
+COMPUTE_SCRIPT = r"""
+import threading, torch
+from specdecode import compute
+from specdecode.batching import Batcher
+from conftest import random_model, tiny_config
+torch.set_num_threads(2)
+assert compute.run(threading.current_thread) is threading.current_thread()  # not started: in place
+compute.start()
+where = compute.run(lambda: (threading.current_thread().name, torch.get_num_threads()))
+assert where[0].startswith("specdecode-compute") and where[1] == 2, where
+assert torch.get_num_threads() == 1  # the caller keeps one intra-op thread
+assert compute.run(lambda: compute.run(threading.current_thread)).name.startswith("specdecode-compute")  # nested: in place
+model = compute.run(random_model, tiny_config("llama"), 3)
+batcher = Batcher(model, 2)
+cache = model.new_cache(32)
+model.forward(torch.tensor([1, 2, 3]), cache)
+seen = []
+for name in ("forward", "forward_batch"):  # (alone or shared: whichever this model takes)
+    def wrapped(*args, _f=getattr(model, name), **kwargs):
+        seen.append(threading.current_thread().name)
+        return _f(*args, **kwargs)
+    setattr(model, name, wrapped)
+with batcher.seat():
+    batcher.forward(torch.tensor([4]), cache)
+assert seen and all(n.startswith("specdecode-compute") for n in seen), seen
+print("ok")
+"""
+
+
+def test_a_started_compute_thread_runs_the_work_and_the_batchers_forwards(tmp_path):
+    """compute.start(): run() goes to ONE thread with the process's intra-op threads (the caller
+    keeps one), nested calls run in place, and a batcher made afterwards forwards there (a
+    second OpenMP team beside the loader's made each forward 4.5x slower: compute.py). In a
+    child process: start() is for the whole process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", COMPUTE_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

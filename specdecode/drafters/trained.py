@@ -207,20 +207,14 @@ class Block(nn.Module):
         x: torch.Tensor,  # [B, T, hidden]
         cos: torch.Tensor,  # [T, head_dim]
         sin: torch.Tensor,
-        cache: KVCache | None = None,  # inference (B = 1): attend to the cache, then append
+        cache: KVCache | None = None,  # inference (B = 1): attend to the cache, then append (on our
+        # kernels drafters run NativeBlock instead)
         layer: int = 0,
         mask: torch.Tensor | None = None,  # with a cache: [T, past + T] bool, what each row sees (a tree)
     ) -> torch.Tensor:
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         if cache is None:
             o = self.self_attn.attend(q, k, v, None, causal=True)
-        elif mask is None and _row_attention(q, cache):  # drafting on our kernels: one call, no mask
-            b, _, t, _ = q.shape
-            past = cache.length
-            cache.write(layer, k, v)
-            rows = torch.ops.specdecode.attend_rows(q[0].transpose(0, 1).contiguous(), cache.k[layer, 0],
-                                                    cache.v[layer, 0], torch.tensor(past))
-            return self._rest(x, self.self_attn.o_proj(rows.view(b, t, -1)))
         else:
             t, past = x.shape[1], cache.length
             keys, values = cache.write(layer, k, v)
@@ -308,14 +302,6 @@ def rope_pairs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Te
 @functools.lru_cache(maxsize=16)
 def _rope_pair_table(head_dim: int, theta: float, length: int) -> torch.Tensor:
     return rope_table(head_dim, theta, length)
-
-
-def _row_attention(q: torch.Tensor, cache: KVCache) -> bool:
-    """Attend through specdecode::attend_rows (bf16, one sequence, our kernels loaded)?"""
-    from specdecode import kernels
-
-    return (q.shape[0] == 1 and q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16
-            and kernels.attention_fits(q.shape[-1]) and kernels.load_error() is None)
 
 
 # ---------------------------------------------------------------------------- quantized drafting

@@ -45,7 +45,7 @@ QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 
 PREFERENCE = ("avx512-vnni", "amx", "avx512-bf16", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
-# 16 clients, ngram: 317 tok/s with amx, 266 with avx512-vnni; one client alone 111 vs 129)
+# 16 clients, ngram: 405 tok/s with amx, 308 with avx512-vnni; one client alone 170 vs 212)
 PREFERENCE_BATCHED = ("amx", "avx512-vnni", "avx512-bf16", "aten")
 _preference = PREFERENCE
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
