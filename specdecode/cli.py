@@ -43,7 +43,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--kernel", default=None, choices=["auto", "amx", "avx512-vnni", "avx512-bf16", "aten"],
                    help="int4/int8 matmul code (default auto: avx512-vnni where the CPU has AVX512-VNNI and "
-                        "AVX512-BF16, else amx, avx512-bf16, aten; amx is faster for trees of 16+ nodes; same as "
+                        "AVX512-BF16, else amx, avx512-bf16, aten; amx is faster for trees of 8+ nodes; same as "
                         "SPECDECODE_KERNEL; see docs/perf.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode/verify steps: ~15%% faster steps (int4, 2 cores) after a "

@@ -41,7 +41,7 @@ QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 
 # what `auto` picks, the first that runs: avx512-vnni before amx, since its integer dot products
 # cost less per weight than amx's unpacking to bf16 for the few rows of decoding and chains
 # (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B
-# 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 12)
+# 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 9)
 PREFERENCE = ("avx512-vnni", "amx", "avx512-bf16", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
