@@ -46,8 +46,7 @@ DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1
 TREE_MAX_NODES = 32  # a tree drafter's auto size considers 0..32 nodes (verification steps of 1..33)
 # the step lengths measured for trees; the others are interpolated (cost is close to linear in T)
 TREE_POINTS = (1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 17, 21, 25, 33)
-PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again,
-PROBE_EVERY_MAX = 64  # and twice as many after each probe after which drafting still does not pay
+PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
 
 
 @dataclass(frozen=True)
@@ -178,12 +177,6 @@ class AutoK:
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
         self.idle_steps = 0
         self.after_idle = False
-        # Steps without drafting before a probe: doubles after each probe after which drafting
-        # still does not pay (a drafter that does not pay here costs a probe's drafting and wider
-        # verification less and less often: distill, bench s17, drafted on 1 step in 10 and spent
-        # 6-8% of the time drafting, 0.95x AR), back to PROBE_EVERY once it would.
-        self.probe_every = PROBE_EVERY
-        self.probing = False
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
@@ -223,9 +216,9 @@ class AutoK:
         k = max(range(top + 1), key=self.expected_rate)
         if k == 0:
             self.idle_steps += 1
-            if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed
+            if self.idle_steps >= PROBE_EVERY:  # look again: acceptance may have changed
                 self.idle_steps = 0
-                self.after_idle = self.probing = True
+                self.after_idle = True
                 return 1
         elif self.idle_steps:
             self.idle_steps = 0
@@ -235,7 +228,6 @@ class AutoK:
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:
             return
-        probe, self.probing = self.probing, False
         if self.after_idle:
             self.after_idle = False
         else:
@@ -249,9 +241,6 @@ class AutoK:
             self.reached[i] += 1.0
             if i < accepted:
                 self.accepted[i] += 1.0
-        if probe:  # did it change the verdict? (a draft accepted now and then may still not pay)
-            pays = max(self.expected_rate(k) for k in range(1, self.k_max + 1)) > self.expected_rate(0)
-            self.probe_every = PROBE_EVERY if pays else min(2 * self.probe_every, PROBE_EVERY_MAX)
 
 
 class TreeSize:

@@ -13,7 +13,6 @@ from conftest import random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
     PROBE_EVERY,
-    PROBE_EVERY_MAX,
     AutoK,
     CostTable,
     HeuristicK,
@@ -71,34 +70,6 @@ def test_auto_k_stops_drafting_what_does_not_pay_and_looks_again():
         policy.observe(1, 1, 1, 0.0)  # the topic changed: drafts pass again
     assert policy.choose(8) >= 2
     assert policy.choose(1) <= 1 and policy.choose(0) == 0  # never past what the length allows
-
-
-def test_auto_k_probes_less_often_while_probes_fail_and_again_when_one_passes():
-    """A drafter that never pays is probed after 8, 16, 32, 64, 64 ... idle steps, not every 8
-    (each probe costs its drafting and a wider verification); a probe after which drafting
-    pays again resets to 8."""
-    policy = AutoK(STEEP)
-    for _ in range(50):
-        policy.observe(4, 4, 0, 0.0)  # never accepted
-    gaps, idle = [], 0
-    for _ in range(8 + 16 + 32 + 64 + 64):  # ends with a probe
-        k = policy.choose(8)
-        if k == 0:
-            idle += 1
-            continue
-        gaps.append(idle + 1)
-        idle = 0
-        policy.observe(k, k, 0, 0.0)  # the probe: rejected
-    assert gaps == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY, PROBE_EVERY_MAX, PROBE_EVERY_MAX], gaps
-    ks = [policy.choose(8) for _ in range(PROBE_EVERY_MAX)]
-    assert ks[-1] == 1 and not any(ks[:-1])
-    policy.observe(1, 1, 1, 0.0)  # one accepted probe: still not worth drafting (the estimate is ~0.1)
-    assert policy.probe_every == PROBE_EVERY_MAX
-    for _ in range(60):
-        policy.observe(1, 1, 1, 0.0)  # the topic changed: drafts pass again
-    policy.probing = True  # (as choose() marks a probe)
-    policy.observe(1, 1, 1, 0.0)
-    assert policy.probe_every == PROBE_EVERY and policy.choose(8) >= 1
 
 
 def test_auto_k_counts_a_slow_drafter():
