@@ -314,16 +314,17 @@ print("ok")
 """
 
 
-def test_a_started_compute_thread_runs_the_work_and_the_batchers_forwards(tmp_path):
+def test_a_started_compute_thread_runs_the_work_and_the_batchers_forwards():
     """compute.start(): run() goes to ONE thread with the process's intra-op threads (the caller
     keeps one), nested calls run in place, and a batcher made afterwards forwards there (a
     second OpenMP team beside the loader's made each forward 4.5x slower: compute.py). In a
     child process: start() is for the whole process."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
     out = subprocess.run([sys.executable, "-c", COMPUTE_SCRIPT], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": f"{tests}:{tests.parent}"})
+                         env={**os.environ, "PYTHONPATH": f"{tests}:{tests.parent}"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
