@@ -197,3 +197,14 @@ def test_a_seeded_sampled_request_with_k_auto_gives_the_same_text_whatever_the_c
                             ignore_eos=True) for _ in range(3)]
     assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
     assert runs[0].stats.k_policy == "auto" and len(runs[0].token_ids) == 48
+
+
+def test_the_first_call_of_a_request_is_not_charged_as_drafting_cost():
+    """The first call catches up on the prompt (a drafter's prefill): counted, its seconds priced
+    drafting so high that k=0 won for the rest of the request, since probes are left out too."""
+    policy = AutoK(FLAT)
+    policy.observe(3, 3, 3, 5.0 * FLAT.verify[0])  # the prompt's catch-up
+    assert policy.draft_seconds(1) == 0.0
+    assert policy.choose(8) >= 1
+    policy.observe(3, 3, 3, 0.3 * FLAT.verify[0])  # a steady drafting call
+    assert abs(policy.draft_seconds(3) - 0.3 * FLAT.verify[0]) < 1e-9
