@@ -216,13 +216,7 @@ class Batcher:
         """fn(*args, **kwargs) on the forward thread, in the caller's grad and inference modes."""
         if self._forwards is None:
             return compute.run(fn, *args, **kwargs)
-        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-        def call() -> T:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return fn(*args, **kwargs)
-
-        return self._forwards.submit(call).result()
+        return compute.run_on(self._forwards, fn, *args, **kwargs)
 
 
 class SharedCosts:

@@ -68,10 +68,15 @@ def run(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     or here when none was started or this is that thread."""
     if _executor is None or threading.current_thread() is _thread:
         return fn(*args, **kwargs)
+    return run_on(_executor, fn, *args, **kwargs)
+
+
+def run_on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """fn(*args, **kwargs) on `executor`'s thread, in the caller's grad and inference modes; waits."""
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def call() -> T:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(*args, **kwargs)
 
-    return _executor.submit(call).result()
+    return executor.submit(call).result()
