@@ -157,7 +157,8 @@ class AutoK:
     The drafter's cost is a + b k seconds (a: what a call costs whatever k, e.g. a draft
     model catching up on the tokens accepted last step; b: each drafted token), fitted by
     least squares with the same fading. The first call after steps without drafting is left
-    out of the fit: it also catches up on those steps, which a drafting step never does.
+    out of the fit: it also catches up on those steps, which a drafting step never does; so is
+    a request's first call, which catches up on the prompt.
     """
 
     name = "auto"

@@ -106,9 +106,7 @@ class EagleHead(nn.Module):
         """What the LM head reads from a head output: EAGLE-3's own final norm, else the output itself."""
         if not self.fused:
             return out
-        if self.native is not None and out.dim() == 2:  # drafting on our kernels: one call
-            return torch.ops.specdecode.rms_norm(out.float(), self.out_norm.weight, self.config.rms_norm_eps)
-        return self.out_norm(out)
+        return _kernel_norm(self.out_norm, out) if self.native is not None and out.dim() == 2 else self.out_norm(out)
 
     def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat((self.feature_norm(features), self.embed_norm(embeddings)), dim=-1))
@@ -126,9 +124,7 @@ class EagleHead(nn.Module):
         ancestors and itself), and their keys and values are appended to the cache."""
         c, t = self.config, features.shape[1]
         if cache is not None and self.native is not None:  # drafting on our kernels (B = 1)
-            ops = torch.ops.specdecode
-            mixed = torch.cat((ops.rms_norm(features[0].float(), self.feature_norm.weight, c.rms_norm_eps),
-                               ops.rms_norm(embeddings[0].float(), self.embed_norm.weight, c.rms_norm_eps)), -1)
+            mixed = torch.cat((_kernel_norm(self.feature_norm, features[0]), _kernel_norm(self.embed_norm, embeddings[0])), -1)
             x = self.native(self.fc(mixed).float(), rope_pairs(positions, c.head_dim, c.rope_theta), cache, parents)
             out = x.to(features.dtype).unsqueeze(0)
         else:
@@ -145,6 +141,11 @@ class EagleHead(nn.Module):
     def new_cache(self, max_length: int, dtype: torch.dtype) -> KVCache:
         c = self.config
         return KVCache(1, c.num_kv_heads, c.head_dim, max_length, dtype)
+
+
+def _kernel_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for rows x [T, H] in one call of our kernel (drafting on our kernels): bf16 out."""
+    return torch.ops.specdecode.rms_norm(x.float(), norm.weight, norm.eps)
 
 
 class EagleDrafter:
