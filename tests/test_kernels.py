@@ -244,6 +244,45 @@ def test_every_kernel_path_scores_a_block_as_single_steps(kernel, mode, head_dim
             assert_block_scores_as_single_steps(model, list(range(3, 40)), list(range(50, 50 + t)))
 
 
+@pytest.mark.parametrize("kernel", OURS_HERE)
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monkeypatch):
+    """`specdecode::decoder_layers` (a forward's layers in one C++ call) against the Python loop
+    calling the same ops one by one: chains, trees, a batch of sequences, tapped layer inputs
+    (EAGLE-3) and a layer subset (layerskip), bitwise, logits, hidden states and caches."""
+    from specdecode import tree
+    from specdecode.models import llama
+    from specdecode.models.base import ForwardCall
+
+    model = random_model(tiny_config("qwen2", layers=5, head_dim=16, **QCFG), seed=5).quantized(mode, torch.bfloat16, kernel)
+    assert model.runtime().fused_layers() is not None
+    nodes = torch.tensor([-1, 0, 0, 1, 2, 2])
+
+    def forwards() -> list[torch.Tensor]:
+        got = []
+        for m, taps in ((model, (0, 2, 3)), (model.with_layers([0, 1, 4]), (1, 4))):
+            a, b = m.new_cache(128), m.new_cache(128)
+            out = m.forward(torch.arange(3, 30), a, return_hidden=True, hidden_layers=taps)
+            got += [out.logits, out.hidden, m.forward(torch.arange(40, 45), a, return_hidden=True).hidden]
+            got.append(m.forward(torch.arange(50, 56), a, positions=a.length + tree.depths(nodes),
+                                 attn_mask=tree.ancestor_mask(nodes)).logits)
+            m.forward(torch.arange(7, 19), b)
+            calls = [ForwardCall(torch.tensor([60, 61]), a), ForwardCall(torch.tensor([62]), b, return_hidden=True,
+                                                                          hidden_layers=(1,))]
+            for o in m.forward_batch(calls):
+                got += [o.logits] + ([o.hidden] if o.hidden is not None else [])
+            got += [a.k[:, :, :, : a.length], a.v[:, :, :, : a.length], b.k[:, :, :, : b.length]]
+        return got
+
+    fused = forwards()
+    monkeypatch.setattr(llama.Runtime, "fused_layers", lambda self: None)
+    loop = forwards()
+    assert len(fused) == len(loop) and all(torch.equal(x, y) for x, y in zip(fused, loop))
+    model.runtime().qkv.d[2].mul_(2)  # a test that can fail: the fused call reads the same weights
+    monkeypatch.undo()
+    assert not torch.equal(forwards()[2], fused[2])
+
+
 def test_aten_path_is_kept_for_fp32_activations_and_odd_shapes():
     w = [torch.randn(96, 64)]
     assert isinstance(linear_stack(w, None, "int4", torch.float32), Int4Stack)

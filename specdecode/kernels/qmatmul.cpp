@@ -1859,6 +1859,78 @@ at::Tensor int8_block_sums(const at::Tensor& q_in) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// A forward's decoder layers in ONE call (the eager path of LlamaModel._step and forward_batch).
+// Per layer: rms_norm -> qkv -> rope_attend (each sequence of a batch with its own cache, its
+// rows and its tree) -> o -> residual, rms_norm -> gate_up -> silu_mul -> down -> residual: the
+// functions the Python loop called one op at a time, in the same order on the same tensors, so
+// the results are bitwise the same. Why: a custom op called from Python costs ~3 us of dispatch
+// (an ATen op ~1 us), and a 30-layer step made ~300 such calls, ~1 ms of a ~5 ms decode step;
+// and one call takes the GIL once a forward instead of ~300 times (a batching server's request
+// threads run their Python meanwhile).
+
+// Which linear a stack runs (specdecode/models/quant.py: _TiledStack.fused_kind); its weights
+// come as three tensors: packed codes, d, and m (int4) / wsum (int8 on avx512-vnni) / unused.
+enum LinearKind : int64_t { kInt4Bf16 = 0, kInt8Bf16 = 1, kInt4Vnni = 2, kInt8Vnni = 3, kInt4Amx = 4, kInt8Amx = 5 };
+
+at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, const c10::optional<at::Tensor>& bias) {
+  at::Tensor y;
+  switch (kind) {
+    case kInt4Bf16: y = int4_linear(x, w[0], w[1], w[2]); break;
+    case kInt8Bf16: y = int8_linear(x, w[0], w[1]); break;
+    case kInt4Vnni: y = int4_linear_vnni(x, w[0], w[1], w[2]); break;
+    case kInt8Vnni: y = int8_linear_vnni(x, w[0], w[1], w[2]); break;
+    case kInt4Amx: y = int4_linear_amx(x, w[0], w[1], w[2]); break;
+    case kInt8Amx: y = int8_linear_amx(x, w[0], w[1]); break;
+    default: TORCH_CHECK(false, "specdecode decoder_layers: unknown linear kind ", kind);
+  }
+  return bias.has_value() ? y + *bias : y;  // what the stack's `y + b` gives (ATen's bf16 add)
+}
+
+// x [rows, hidden] fp32, the residual stream of every sequence's new rows one after another
+// (rows[s] of sequence s), updated in place; rope [rows, D/2, 2]; sequence s attends with
+// caches_k/v[s] after pasts[s] cached slots (its rows a tree where parents[s] is given).
+// layers: the model's layer indices to run, in order; kinds: the four stacks' LinearKind (qkv,
+// o, gate_up, down); norms [2 per layer of the model] (input, post-attention); weights [3 per
+// stack per layer: (layer * 4 + stack) * 3 + j]; biases [one per stack per layer, or None].
+void decoder_layers(at::Tensor x, const at::Tensor& rope, at::TensorList caches_k, at::TensorList caches_v,
+                    at::IntArrayRef pasts, at::IntArrayRef rows, const c10::List<c10::optional<at::Tensor>>& parents,
+                    int64_t n_heads, bool tiles, double eps, at::IntArrayRef layers, at::IntArrayRef kinds,
+                    at::TensorList norms, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases) {
+  const int64_t seqs = (int64_t)rows.size();
+  TORCH_CHECK(seqs >= 1 && (int64_t)caches_k.size() == seqs && (int64_t)caches_v.size() == seqs &&
+                  (int64_t)pasts.size() == seqs && (int64_t)parents.size() == seqs,
+              "specdecode decoder_layers: one cache pair, past, row count and parents entry per sequence");
+  TORCH_CHECK(kinds.size() == 4 && weights.size() == norms.size() * 6 && biases.size() == norms.size() * 2,
+              "specdecode decoder_layers: 4 kinds, 2 norms, 12 weight tensors and 4 biases per layer");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "specdecode decoder_layers: x must be [rows, hidden] fp32");
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  TORCH_CHECK(total == x.size(0), "specdecode decoder_layers: the sequences' rows must add up to x's");
+  const int64_t n_layers = (int64_t)norms.size() / 2;
+  for (const int64_t li : layers) {
+    TORCH_CHECK(li >= 0 && li < n_layers, "specdecode decoder_layers: layer ", li, " out of range");
+    const at::Tensor* w = weights.data() + li * 12;
+    const at::Tensor qkv = run_linear(kinds[0], rms_norm_bf16(x, norms[2 * li], eps), w, biases.get(li * 4));
+    at::Tensor attended;
+    if (seqs == 1) {
+      attended = rope_attend(qkv, rope, caches_k[0], caches_v[0], li, pasts[0], n_heads, parents.get(0), tiles);
+    } else {
+      std::vector<at::Tensor> parts;
+      int64_t lo = 0;
+      for (int64_t s = 0; s < seqs; ++s) {
+        parts.push_back(rope_attend(qkv.narrow(0, lo, rows[s]), rope.narrow(0, lo, rows[s]), caches_k[s], caches_v[s], li,
+                                    pasts[s], n_heads, parents.get(s), tiles));
+        lo += rows[s];
+      }
+      attended = at::cat(parts);
+    }
+    add_residual(x, run_linear(kinds[1], attended, w + 3, biases.get(li * 4 + 1)));
+    const at::Tensor gate_up = run_linear(kinds[2], rms_norm_bf16(x, norms[2 * li + 1], eps), w + 6, biases.get(li * 4 + 2));
+    add_residual(x, run_linear(kinds[3], silu_mul(gate_up), w + 9, biases.get(li * 4 + 3)));
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdecode, m) {
@@ -1874,6 +1946,9 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("add_residual(Tensor(a!) x, Tensor y) -> ()");
+  m.def("decoder_layers(Tensor(a!) x, Tensor rope, Tensor(b!)[] caches_k, Tensor(c!)[] caches_v, int[] pasts, int[] rows, "
+        "Tensor?[] parents, int n_heads, bool tiles, float eps, int[] layers, int[] kinds, Tensor[] norms, Tensor[] weights, "
+        "Tensor?[] biases) -> ()");
   m.def("gguf_supported(int ggml_type) -> bool", &gguf_supported);  // no tensors: one kernel for every dispatch key
   m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
   m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
@@ -1897,6 +1972,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("rope_attend", &rope_attend);
   m.impl("silu_mul", &silu_mul);
   m.impl("add_residual", &add_residual);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("dequantize_gguf", &dequantize_gguf);
   m.impl("gguf_to_q4_1", &gguf_to_q4_1);
   m.impl("gguf_to_q8_0", &gguf_to_q8_0);

@@ -462,6 +462,19 @@ class _TiledStack(LinearStack):
         b = self.biases[i]
         return y if b is None else y + b
 
+    # What `specdecode::decoder_layers` (qmatmul.cpp: one call for a forward's layers) needs of
+    # this stack: its LinearKind and, per layer, three tensors (codes, d, m / wsum / d again).
+    _KINDS = {("int4", "avx512-bf16"): 0, ("int8", "avx512-bf16"): 1, ("int4", "avx512-vnni"): 2,
+              ("int8", "avx512-vnni"): 3, ("int4", "amx"): 4, ("int8", "amx"): 5}
+
+    @property
+    def fused_kind(self) -> int:
+        return self._KINDS[(self.mode, self.kernel)]
+
+    def fused_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        aux = getattr(self, "m", None) or getattr(self, "wsum", None) or self.d
+        return self.packed[i], self.d[i], aux[i]
+
 
 class TiledInt4Stack(_TiledStack):
     """GGUF Q4_1 weights (w = d * q + m per block of 32, d and m f16) through our kernels: cost
