@@ -884,6 +884,34 @@ std::vector<std::vector<int64_t>> tree_paths(const int64_t* parents, int64_t T) 
   return paths;
 }
 
+// Softmax and values of rows first..first+n-1 of KV head kv's group (row i = (t, h): t = i / group,
+// h = kv group + i % group), their scores in scores [H, T, width]: the second pass of attend_block.
+void head_values(int64_t T, int64_t H, int64_t D, const at::BFloat16* vp_head, int64_t past, int64_t group,
+                 at::BFloat16* op, const std::vector<std::vector<int64_t>>& paths, float* scores, int64_t width,
+                 int64_t kv, int64_t first, int n) {
+  float* p[8];
+  int64_t len[8];
+  float inv[8];
+  at::BFloat16* out[8];
+  const int64_t* tail[8];
+  const bool tree = !paths.empty();
+  for (int r = 0; r < n; ++r) {
+    const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
+    p[r] = scores + (h * T + t) * width;
+    if (tree) {  // the path's scores next to the prefix's (path[d] >= d: a forward copy)
+      const std::vector<int64_t>& path = paths[t];
+      for (size_t d = 0; d < path.size(); ++d) p[r][past + d] = p[r][past + path[d]];
+      tail[r] = path.data();
+      len[r] = past + (int64_t)path.size();
+    } else {
+      len[r] = past + t + 1;
+    }
+    inv[r] = softmax_in_place(p[r], len[r]);
+    out[r] = op + t * H * D + h * D;
+  }
+  kValues[D / 16 - 1](p, len, inv, n, vp_head, D, out, past, tree ? tail : nullptr);
+}
+
 // Rows t = 0..T-1 of q ([T, H, D] bf16, row stride qs) attend to k/v of one layer ([Hkv, L, D]
 // bf16, head stride hs); out [T, H * D] bf16. A chain (parents = nullptr): row t sees slots
 // [0, past + t + 1). A tree (parents[t] in [-1, t): the row it extends, -1 = the cached
@@ -916,29 +944,28 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
     const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t kv = i / tasks_per_head, first = (i % tasks_per_head) * rows;
-      const int n = (int)std::min(rows, per_head - first);
-      float* p[8];
-      int64_t len[8];
-      float inv[8];
-      at::BFloat16* out[8];
-      const int64_t* tail[8];
-      for (int r = 0; r < n; ++r) {
-        const int64_t t = (first + r) / group, h = kv * group + (first + r) % group;
-        p[r] = scores.data() + (h * T + t) * width;
-        if (parents) {  // the path's scores next to the prefix's (path[d] >= d: a forward copy)
-          const std::vector<int64_t>& path = paths[t];
-          for (size_t d = 0; d < path.size(); ++d) p[r][past + d] = p[r][past + path[d]];
-          tail[r] = path.data();
-          len[r] = past + (int64_t)path.size();
-        } else {
-          len[r] = past + t + 1;
-        }
-        inv[r] = softmax_in_place(p[r], len[r]);
-        out[r] = op + t * H * D + h * D;
-      }
-      kValues[chunks - 1](p, len, inv, n, vp + kv * hs, D, out, past, parents ? tail : nullptr);
+      head_values(T, H, D, vp + kv * hs, past, group, op, paths, scores.data(), width, kv, first,
+                  (int)std::min(rows, per_head - first));
     }
   });
+}
+
+// One KV head's whole attention (scores of every key block, then softmax and values of its
+// rows): a task of `attend_many`. Each row's arithmetic is attend_block's (score_rows and
+// values_block compute a row alike however many rows share a call).
+void attend_head(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
+                 const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op,
+                 const std::vector<std::vector<int64_t>>& paths, int64_t kv) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t S = past + T, blocks = (S + 15) / 16, width = blocks * 16;
+  thread_local std::vector<float> scores;
+  if ((int64_t)scores.size() < H * T * width) scores.resize(H * T * width);
+  for (int64_t b = 0; b < blocks; ++b)
+    score_block(qp, qs, T, D, kp + kv * hs, S, past, kv, group, b * 16, scale, scores.data(), width);
+  const int64_t per_head = T * group, rows = value_rows_for((int)(D / 16));
+  for (int64_t first = 0; first < per_head; first += rows)
+    head_values(T, H, D, vp + kv * hs, past, group, op, paths, scores.data(), width, kv, first,
+                (int)std::min(rows, per_head - first));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1094,49 +1121,98 @@ SD_AMX_BF16 void attend_rows_amx(const at::BFloat16* qp, int64_t qs, int64_t T, 
   }
 }
 
-// attend_block's contract on AMX tiles (D a multiple of 32, at most 128). Per KV head its keys
-// are transposed and its values paired once (every block of its rows reads them), then its rows
-// attend in blocks of 16.
-SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
-                                  const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
-                                  int64_t group, at::BFloat16* op, const int64_t* parents) {
+// One KV head's attention on AMX tiles (attend_block's contract, D a multiple of 32, at most 128):
+// its keys transposed and its values paired (into this thread's buffer: each head's task reads
+// only its own), then its rows in blocks of 16. Tile config loaded by the caller.
+SD_AMX_BF16 void attend_head_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
+                                 const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
+                                 int64_t group, at::BFloat16* op, const std::vector<std::vector<int64_t>>& paths,
+                                 int64_t kv) {
   const float scale = 1.0f / std::sqrt((float)D);
-  const int64_t S = past + T, kv_heads = H / group, blocks = (S + kAttPositions - 1) / kAttPositions;
-  const int64_t per_head = blocks * kAttPositions * D;  // uint16 of keys (and of values) per head
-  at::Tensor buffers = at::empty({2 * kv_heads * per_head}, at::kShort);  // (64-byte aligned)
-  uint16_t* kt = (uint16_t*)buffers.data_ptr<int16_t>();
-  uint16_t* vpairs = kt + kv_heads * per_head;
-  const std::vector<std::vector<int64_t>> paths = tree_paths(parents, T);
-  auto prepare = [&](int64_t kv, int64_t j) {  // keys transposed, values paired: 32 slots of one head
-    int64_t slots[kAttPositions];
+  const int64_t S = past + T, blocks = (S + kAttPositions - 1) / kAttPositions;
+  const int64_t per_head = blocks * kAttPositions * D;  // uint16 of keys (and of values)
+  thread_local std::vector<uint16_t> buffer;  // reused: a fresh one each call cost page faults
+  if ((int64_t)buffer.size() < 2 * per_head + 32) buffer.resize(2 * per_head + 32);
+  uint16_t* kt = (uint16_t*)(((uintptr_t)buffer.data() + 63) & ~(uintptr_t)63);  // 64-byte aligned
+  uint16_t* vpairs = kt + per_head;
+  int64_t slots[kAttPositions];
+  for (int64_t j = 0; j < blocks; ++j) {  // keys transposed, values paired: 32 slots at a time
     const int64_t s0 = j * kAttPositions;
     for (int half = 0; half < 2; ++half) {
       const int64_t j0 = s0 + 16 * half;
-      __m512i* dst = (__m512i*)(kt + kv * per_head + j0 * D);  // D/2 rows of 64 bytes
+      __m512i* dst = (__m512i*)(kt + j0 * D);  // D/2 rows of 64 bytes
       transpose_keys(kp + kv * hs + j0 * D, D, std::max<int64_t>(0, std::min<int64_t>(16, S - j0)), D, dst);
     }
-    for (int s = 0; s < kAttPositions; ++s) slots[s] = s0 + s;
-    value_pairs(vp + kv * hs, D, slots, std::min<int64_t>(kAttPositions, S - s0), D / 16,
-                vpairs + kv * per_head + j * kAttPositions * D);
-  };
+    for (int i = 0; i < kAttPositions; ++i) slots[i] = s0 + i;
+    value_pairs(vp + kv * hs, D, slots, std::min<int64_t>(kAttPositions, S - s0), D / 16, vpairs + j * kAttPositions * D);
+  }
   const int64_t row_blocks = (T * group + kAttRows - 1) / kAttRows;
-  auto rows = [&](int64_t kv, int64_t block) {
-    const int64_t first = block * kAttRows;
-    const int n = (int)std::min<int64_t>(kAttRows, T * group - first);
-    attend_rows_amx(qp, qs, T, D, kt + kv * per_head, vpairs + kv * per_head, vp + kv * hs, S, past, kv, group,
-                    first, n, scale, H, op, paths);
-  };
-  // One task a KV head: its keys and values prepared, then its rows in blocks of 16. (Tasks of
-  // (head, row block) after a parallel preparation balanced 3 heads better on 2 threads but ran
-  // slower: 30 vs 26 us at T=17 on the embedded model's shapes.)
-  at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+  for (int64_t b = 0; b < row_blocks; ++b) {
+    const int64_t first = b * kAttRows;
+    attend_rows_amx(qp, qs, T, D, kt, vpairs, vp + kv * hs, S, past, kv, group, first,
+                    (int)std::min<int64_t>(kAttRows, T * group - first), scale, H, op, paths);
+  }
+}
+
+// attend_block's contract on AMX tiles: one task a KV head. (Tasks of (head, row block) after a
+// parallel preparation balanced 3 heads better on 2 threads but ran slower: 30 vs 26 us at T=17
+// on the embedded model's shapes.)
+SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
+                                  const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
+                                  int64_t group, at::BFloat16* op, const int64_t* parents) {
+  const std::vector<std::vector<int64_t>> paths = tree_paths(parents, T);
+  at::parallel_for(0, H / group, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     load_tile_config_bf16(kAttRows);
-    for (int64_t kv = begin; kv < end; ++kv) {
-      for (int64_t j = 0; j < blocks; ++j) prepare(kv, j);
-      for (int64_t b = 0; b < row_blocks; ++b) rows(kv, b);
+    for (int64_t kv = begin; kv < end; ++kv) attend_head_amx(qp, qs, T, H, D, kp, vp, hs, past, group, op, paths, kv);
+    release_tiles();
+  });
+}
+
+// One sequence's attention in a layer (for attend_many): its q rows, its cache layer, its output rows.
+struct SeqAttention {
+  const at::BFloat16* q;  // [T, H, D], row stride H * D
+  int64_t T;
+  const at::BFloat16* k;  // [Hkv, L, D] (head stride hs)
+  const at::BFloat16* v;
+  int64_t hs, past;
+  at::BFloat16* out;  // [T, H * D]
+  std::vector<std::vector<int64_t>> paths;  // a tree's paths (empty: a chain)
+};
+
+bool tiles_fit(bool tiles, int64_t D) { return tiles && D % 32 == 0 && D <= 128; }
+
+// Several sequences' attention (a batched forward's layer) in ONE parallel region, one task a
+// (sequence, KV head): each row computed exactly as attend() computes it for its sequence alone
+// (the same per-head functions, the same row arithmetic), without a parallel region, buffers and
+// a 2:1 split of 3 heads over 2 threads for every sequence (10 sequences of 1-4 rows: one call a
+// sequence cost ~20 us each, a third of a batched forward).
+SD_AMX_BF16 void attend_many_amx(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
+  const int64_t kv_heads = H / group;
+  at::parallel_for(0, (int64_t)seqs.size() * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    load_tile_config_bf16(kAttRows);
+    for (int64_t i = begin; i < end; ++i) {
+      const SeqAttention& a = seqs[i / kv_heads];
+      attend_head_amx(a.q, H * D, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
     }
     release_tiles();
+  });
+}
+
+void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group, bool tiles) {
+  if (tiles_fit(tiles, D)) {
+    TORCH_CHECK(amx_permitted(), "specdecode attention: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
+    attend_many_amx(seqs, H, D, group);
+    return;
+  }
+  const int64_t kv_heads = H / group;
+  at::parallel_for(0, (int64_t)seqs.size() * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    for (int64_t i = begin; i < end; ++i) {
+      const SeqAttention& a = seqs[i / kv_heads];
+      attend_head(a.q, H * D, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
+    }
   });
 }
 
@@ -1144,7 +1220,7 @@ SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T,
 void attend(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
             const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op, const int64_t* parents,
             bool tiles) {
-  if (tiles && D % 32 == 0 && D <= 128) {
+  if (tiles_fit(tiles, D)) {
     TORCH_CHECK(amx_permitted(), "specdecode attention: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
     attend_block_amx(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
   } else {
@@ -1226,19 +1302,18 @@ SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_i
 // rope [T, D/2, 2] fp32 cos/sin; each product in fp32, rounded to bf16), write k and v into the
 // cache (cache_k/v [layers, 1, Hkv, L, D] bf16) at slots past..past+T-1, then attend row by row
 // as attend_rows. Returns [T, H * D] bf16.
-SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
-                                 at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads,
-                                 const c10::optional<at::Tensor>& parents, bool tiles) {
-  const FlushDenormals flush;
-  const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16, "specdecode rope_attend: qkv must be [T, n] bf16");
+// rope_attend's first half: q rotated into a new [T, H, D] tensor, k rotated and v copied into
+// the cache layer at slots past..past+T-1.
+SD_TARGET at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k,
+                                       at::Tensor& cache_v, int64_t layer, int64_t past, int64_t n_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(), "specdecode rope_attend: qkv must be [T, n] bf16");
   TORCH_CHECK(cache_k.dim() == 5 && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kBFloat16 &&
                   cache_v.scalar_type() == at::kBFloat16 && cache_k.strides() == cache_v.strides(),
               "specdecode rope_attend: caches must be [layers, 1, Hkv, L, D] bf16 alike");
   const int64_t T = qkv.size(0), Hkv = cache_k.size(2), L = cache_k.size(3), D = cache_k.size(4), H = n_heads;
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && D % 16 == 0 && D <= 256 && H % Hkv == 0,
               "specdecode rope_attend: qkv has ", qkv.size(1), " columns, expected (H + 2 Hkv) * D");
-  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == T * D, "specdecode rope_attend: rope must be [T, D/2, 2] fp32");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.numel() == T * D, "specdecode rope_attend: rope must be [T, D/2, 2] fp32");
   TORCH_CHECK(cache_k.stride(4) == 1 && cache_k.stride(3) == D && layer >= 0 && layer < cache_k.size(0) && past + T <= L,
               "specdecode rope_attend: bad cache layout, layer or length");
   const int64_t hs = cache_k.stride(2), ls = cache_k.stride(0), width = qkv.size(1);
@@ -1265,9 +1340,54 @@ SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rop
     for (int64_t h = 0; h < Hkv; ++h)
       std::memcpy(vl + h * hs + (past + t) * D, row + (H + Hkv + h) * D, D * sizeof(at::BFloat16));
   }
+  return q;
+}
+
+// One layer's attention for T new tokens after `past` cached ones: rotate the q and k heads of
+// qkv [T, (H + 2 Hkv) D] bf16 (RoPE on pairs (2j, 2j+1): the q/k rows are stored in pair order;
+// rope [T, D/2, 2] fp32 cos/sin; each product in fp32, rounded to bf16), write k and v into the
+// cache (cache_k/v [layers, 1, Hkv, L, D] bf16) at slots past..past+T-1, then attend row by row
+// as attend_rows. Returns [T, H * D] bf16.
+SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
+                                 at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads,
+                                 const c10::optional<at::Tensor>& parents, bool tiles) {
+  const FlushDenormals flush;
+  const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
+  const at::Tensor q = rotate_into_cache(qkv, rope, cache_k, cache_v, layer, past, n_heads);
+  const int64_t T = q.size(0), H = n_heads, D = q.size(2);
   at::Tensor out = at::empty({T, H * D}, qkv.options());
   at::Tensor holder;
-  attend(qp, H * D, T, H, D, kl, vl, hs, past, H / Hkv, out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder), tiles);
+  attend(q.data_ptr<at::BFloat16>(), H * D, T, H, D, cache_k.data_ptr<at::BFloat16>() + layer * cache_k.stride(0),
+         cache_v.data_ptr<at::BFloat16>() + layer * cache_v.stride(0), cache_k.stride(2), past, H / cache_k.size(2),
+         out.data_ptr<at::BFloat16>(), tree_parents(parents, T, holder), tiles);
+  return out;
+}
+
+// rope_attend for several sequences (rows[s] rows each, one after another in qkv and rope),
+// each with its own cache; their attention in one parallel region (attend_many). Returns
+// [rows, H * D] bf16: each row bitwise what rope_attend gives it for its sequence alone.
+SD_TARGET at::Tensor rope_attend_many(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::TensorList caches_k,
+                                      at::TensorList caches_v, int64_t layer, at::IntArrayRef pasts, at::IntArrayRef rows,
+                                      const c10::List<c10::optional<at::Tensor>>& parents, int64_t n_heads, bool tiles) {
+  const FlushDenormals flush;
+  const at::Tensor qkv = qkv_in.contiguous(), rope = rope_in.contiguous();
+  const int64_t H = n_heads, D = caches_k[0].size(4), group = H / caches_k[0].size(2);
+  at::Tensor out = at::empty({qkv.size(0), H * D}, qkv.options());
+  std::vector<at::Tensor> qs;  // (kept alive while attend_many reads them)
+  std::vector<SeqAttention> seqs;
+  int64_t lo = 0;
+  for (size_t s = 0; s < rows.size(); ++s) {
+    at::Tensor ck = caches_k[s], cv = caches_v[s];
+    TORCH_CHECK(ck.size(4) == D && ck.size(2) * group == H, "specdecode rope_attend_many: every cache must have the same heads");
+    qs.push_back(rotate_into_cache(qkv.narrow(0, lo, rows[s]), rope.narrow(0, lo, rows[s]), ck, cv, layer, pasts[s], H));
+    at::Tensor holder;
+    const int64_t* p = tree_parents(parents.get(s), rows[s], holder);
+    seqs.push_back(SeqAttention{qs.back().data_ptr<at::BFloat16>(), rows[s], ck.data_ptr<at::BFloat16>() + layer * ck.stride(0),
+                                cv.data_ptr<at::BFloat16>() + layer * cv.stride(0), ck.stride(2), pasts[s],
+                                out.data_ptr<at::BFloat16>() + lo * H * D, tree_paths(p, rows[s])});
+    lo += rows[s];
+  }
+  attend_many(seqs, H, D, group, tiles);
   return out;
 }
 
@@ -1912,19 +2032,9 @@ void decoder_layers(at::Tensor x, const at::Tensor& rope, at::TensorList caches_
     TORCH_CHECK(li >= 0 && li < n_layers, "specdecode decoder_layers: layer ", li, " out of range");
     const at::Tensor* w = weights.data() + li * 12;
     const at::Tensor qkv = run_linear(kinds[0], rms_norm_bf16(x, norms[2 * li], eps), w, biases.get(li * 4));
-    at::Tensor attended;
-    if (seqs == 1) {
-      attended = rope_attend(qkv, rope, caches_k[0], caches_v[0], li, pasts[0], n_heads, parents.get(0), tiles);
-    } else {
-      std::vector<at::Tensor> parts;
-      int64_t lo = 0;
-      for (int64_t s = 0; s < seqs; ++s) {
-        parts.push_back(rope_attend(qkv.narrow(0, lo, rows[s]), rope.narrow(0, lo, rows[s]), caches_k[s], caches_v[s], li,
-                                    pasts[s], n_heads, parents.get(s), tiles));
-        lo += rows[s];
-      }
-      attended = at::cat(parts);
-    }
+    const at::Tensor attended = seqs == 1
+        ? rope_attend(qkv, rope, caches_k[0], caches_v[0], li, pasts[0], n_heads, parents.get(0), tiles)
+        : rope_attend_many(qkv, rope, caches_k, caches_v, li, pasts, rows, parents, n_heads, tiles);
     add_residual(x, run_linear(kinds[1], attended, w + 3, biases.get(li * 4 + 1)));
     const at::Tensor gate_up = run_linear(kinds[2], rms_norm_bf16(x, norms[2 * li + 1], eps), w + 6, biases.get(li * 4 + 2));
     add_residual(x, run_linear(kinds[3], silu_mul(gate_up), w + 9, biases.get(li * 4 + 3)));
