@@ -24,6 +24,14 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """The index of each row's maximum (the first, on ties; NaN counts as the maximum): what
+    `scores.argmax(-1)` gives, ~3x faster on CPU (ATen's max reduction is vectorized, its argmax
+    is not: 190 vs 62 us for 3 rows of a 49k vocabulary on one thread), which every greedy step
+    of every sequence pays."""
+    return scores.max(-1).indices
+
+
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Warp logits [N, V] into probabilities [N, V] (float32).
 
@@ -34,7 +42,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.suppress is not None:
         logits = logits.masked_fill(params.suppress, float("-inf"))
     if params.greedy:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return torch.zeros_like(logits).scatter_(-1, greedy_tokens(logits)[..., None], 1.0)
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -60,7 +68,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """Next tokens [N] from logits [N, V]: argmax when greedy, else a draw from the warped distribution."""
     if params.greedy:
-        return logits_to_probs(logits, params).argmax(-1) if params.suppress is not None else logits.argmax(-1)
+        return greedy_tokens(logits_to_probs(logits, params) if params.suppress is not None else logits)
     return sample(logits_to_probs(logits, params), generator)
 
 

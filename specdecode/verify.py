@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdecode.sampling import sample
+from specdecode.sampling import greedy_tokens, sample
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def greedy_verify(draft_tokens: list[int], target_logits: torch.Tensor) -> Verif
     target_logits: [k+1, V]; row i scores the token after the i-th draft prefix.
     """
     k = len(draft_tokens)
-    target_tokens = target_logits.argmax(-1).tolist()  # [k+1]
+    target_tokens = greedy_tokens(target_logits).tolist()  # [k+1]
     n = 0
     while n < k and draft_tokens[n] == target_tokens[n]:
         n += 1
@@ -93,7 +93,7 @@ def _children(parents: list[int], node: int) -> list[int]:
 def greedy_verify_tree(tokens: list[int], parents: list[int], target_logits: torch.Tensor) -> VerifyResult:
     """From the root, follow the child whose token is the target's argmax; the argmax where no
     child has it is the next token. target_logits: [1 + len(tokens), V]."""
-    best = target_logits.argmax(-1).tolist()
+    best = greedy_tokens(target_logits).tolist()
     node, path = -1, []
     while True:
         kids = _children(parents, node)

@@ -18,7 +18,7 @@ from conftest import random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import HeuristicK
 from specdecode.drafters.draft_model import DraftModelDrafter
-from specdecode.sampling import logits_to_probs, make_generator, sample
+from specdecode.sampling import greedy_tokens, logits_to_probs, make_generator, sample
 from specdecode.verify import VerifyResult, greedy_verify, rejection_sample
 
 ALPHA = 1e-3  # significance threshold; seeds are fixed so the verdicts are deterministic
@@ -28,6 +28,17 @@ ALPHA = 1e-3  # significance threshold; seeds are fixed so the verdicts are dete
 def test_greedy_is_one_hot_argmax():
     probs = logits_to_probs(torch.tensor([[0.1, 3.0, 2.0]]), SamplingParams())
     assert probs.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_greedy_tokens_is_argmax_with_its_ties_and_nans():
+    """The greedy choice everywhere (`greedy_tokens`, a faster reduction) picks what argmax
+    picks: the first of tied maxima, NaN as the maximum, a row of -inf at 0; in fp32 and bf16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (300, 4099), generator=g).float()  # many ties per row
+    x[5, 100], x[6, 4000], x[7, :] = float("nan"), float("inf"), float("-inf")
+    for scores in (x, x.bfloat16(), x[:, 1:], torch.tensor([[1.0, 7.0, 7.0]])):
+        assert torch.equal(greedy_tokens(scores), scores.argmax(-1))
+    assert greedy_tokens(torch.tensor([1.0, 7.0, 7.0])).item() == 1  # a single row too
 
 
 def test_temperature_top_k_top_p_min_p_by_hand():

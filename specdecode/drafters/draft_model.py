@@ -16,7 +16,7 @@ from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.grammar import Constraint
-from specdecode.sampling import logits_to_probs, mask_logits, sample
+from specdecode.sampling import greedy_tokens, logits_to_probs, mask_logits, sample
 from specdecode.verify import VerifyResult
 
 
@@ -90,7 +90,7 @@ class DraftModelDrafter:
             if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
                 return None, None, logits[0]
         if sampling.greedy:
-            return int(logits[0].argmax()), None, logits[0]
+            return int(greedy_tokens(logits[0])), None, logits[0]
         q = logits_to_probs(logits, sampling)
         return int(sample(q, generator)[0]), q[0], logits[0]
 

@@ -44,7 +44,7 @@ from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_pr
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
-from specdecode.sampling import logits_to_probs, sample
+from specdecode.sampling import greedy_tokens, logits_to_probs, sample
 from specdecode.verify import VerifyResult
 
 
@@ -216,7 +216,7 @@ class EagleDrafter:
         for step in range(k):
             logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
             if sampling.greedy:
-                token = self.draft_head.token(int(logits[0].argmax()))
+                token = self.draft_head.token(int(greedy_tokens(logits[0])))
             else:
                 q = logits_to_probs(self.draft_head.to_full(logits), sampling)
                 token = int(sample(q, generator)[0])

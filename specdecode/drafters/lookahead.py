@@ -28,6 +28,7 @@ import torch
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
 from specdecode.errors import UserError
+from specdecode.sampling import greedy_tokens
 from specdecode.tree import merge_branch
 from specdecode.verify import VerifyResult
 
@@ -90,7 +91,7 @@ class LookaheadDrafter:
     def observe_logits(self, draft: Draft, logits: torch.Tensor, result: VerifyResult) -> None:
         """logits [1 + nodes, V]: row 0 follows the committed sequence, row 1 + i node i. The
         window's outputs become the pool's n-grams and the next window."""
-        best = logits.argmax(-1).tolist()
+        best = greedy_tokens(logits).tolist()
         rows = [i for i in self._rows if i < len(draft.tokens)] if draft.tokens else []  # (no draft: a plain step)
         guesses = [draft.tokens[i] for i in rows]
         outputs = [best[0]] + [best[1 + i] for i in rows]  # outputs[j] follows guesses[:j]

@@ -23,7 +23,7 @@ from specdecode.drafters.trained import TargetFeatures, check_target, drafting_p
 from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_probs
 from specdecode.errors import UserError
 from specdecode.models.llama import LlamaModel
-from specdecode.sampling import logits_to_probs, sample
+from specdecode.sampling import greedy_tokens, logits_to_probs, sample
 from specdecode.verify import VerifyResult
 
 
@@ -105,7 +105,7 @@ class MedusaDrafter:
         feats = self.heads(last)[:k]  # [k, H]
         logits = self.draft_head.logits(feats)  # [k, Vd]
         if sampling.greedy:
-            draft = Draft([self.draft_head.token(int(i)) for i in logits.argmax(-1)])
+            draft = Draft([self.draft_head.token(int(i)) for i in greedy_tokens(logits)])
         else:
             q = logits_to_probs(self.draft_head.to_full(logits), sampling)  # [k, V]
             draft = Draft(sample(q, generator).tolist(), q)
