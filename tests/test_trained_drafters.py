@@ -319,6 +319,14 @@ def test_eagle_head_on_our_kernels_computes_what_the_block_does():
             assert cache.length == 21 + f.shape[1]
         got, want = outs
         assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
+        # the layer in one call (specdecode::decoder_layers) is bitwise its ops called one by one
+        assert native.native.fused is not None
+        by_ops = copy.deepcopy(native)
+        by_ops.native.fused = None
+        cache = by_ops.new_cache(64, torch.bfloat16)
+        by_ops(prefix_f, prefix_e, torch.arange(21), cache)
+        positions = torch.arange(21, 21 + f.shape[1]) if parents is None else 21 + tree.depths(parents)
+        assert torch.equal(by_ops(f, e, positions, cache, parents=parents).float(), got)
 
 
 @ours

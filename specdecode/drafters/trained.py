@@ -29,7 +29,7 @@ from torch import nn
 from specdecode import kernels
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
-from specdecode.models.llama import LlamaModel, interleave_rope_rows, rope_table
+from specdecode.models.llama import FusedLayers, LlamaModel, interleave_rope_rows, rope_table
 from specdecode.models.quant import linear_stack
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
@@ -272,6 +272,8 @@ class NativeBlock:
             self.input_norm = block.input_layernorm.weight.detach().float()
             self.post_norm = block.post_attention_layernorm.weight.detach().float()
         self.tiles = self.qkv.kernel == "amx"  # attention on AMX tiles where the matmuls run there (as the target's)
+        # the layer in one call (`specdecode::decoder_layers`), where its stacks are on our kernels
+        self.fused = FusedLayers.from_stacks((self.qkv, self.o, self.gate_up, self.down), [self.input_norm], [self.post_norm])
 
     @classmethod
     def build(cls, block: Block, quant: str | None, dtype: torch.dtype) -> "NativeBlock | None":
@@ -287,6 +289,9 @@ class NativeBlock:
         of each row's position); writes the rows' keys and values at cache slots length..length+T-1."""
         ops, past = torch.ops.specdecode, cache.length
         cache.ensure(past + x.shape[0])
+        if self.fused is not None:
+            self.fused.run(x, rope, [cache.k], [cache.v], [past], [x.shape[0]], [parents], self.heads, self.tiles, self.eps, [0])
+            return x
         qkv = self.qkv(ops.rms_norm(x, self.input_norm, self.eps), 0)
         ops.add_residual(x, self.o(ops.rope_attend(qkv, rope, cache.k, cache.v, 0, past, self.heads, parents, self.tiles), 0))
         ops.add_residual(x, self.down(ops.silu_mul(self.gate_up(ops.rms_norm(x, self.post_norm, self.eps), 0)), 0))

@@ -130,12 +130,19 @@ class FusedLayers:
 
     @classmethod
     def of(cls, runtime: "Runtime") -> "FusedLayers | None":
-        stacks = (runtime.qkv, runtime.o, runtime.gate_up, runtime.down)
+        return cls.from_stacks((runtime.qkv, runtime.o, runtime.gate_up, runtime.down), runtime.input_norm,
+                               runtime.post_norm)
+
+    @classmethod
+    def from_stacks(cls, stacks: Sequence[LinearStack], input_norm: Sequence[torch.Tensor],
+                    post_norm: Sequence[torch.Tensor]) -> "FusedLayers | None":
+        """From the qkv, o, gate_up and down stacks and the two norms of every layer; None
+        where a stack is not on our kernels."""
         if not all(hasattr(s, "fused_kind") for s in stacks):
             return None
         norms, weights, biases = [], [], []
-        for li in range(len(runtime.input_norm)):
-            norms += [runtime.input_norm[li], runtime.post_norm[li]]
+        for li in range(len(input_norm)):
+            norms += [input_norm[li], post_norm[li]]
             for stack in stacks:
                 weights += stack.fused_weights(li)  # type: ignore[attr-defined]
                 biases.append(stack.biases[li])  # type: ignore[attr-defined]
