@@ -71,12 +71,14 @@ class BatchStats:
     rows: int = 0
     solo: int = 0  # forwards that ran alone (models off our kernels)
     sizes: list[int] = field(default_factory=list)  # sequences in each batched forward (last 1000)
+    seconds: float = 0.0  # spent in batched forwards: over the wall time, how busy the forward thread was
 
-    def record(self, calls: list[ForwardCall]) -> None:
+    def record(self, calls: list[ForwardCall], seconds: float = 0.0) -> None:
         self.forwards += 1
         self.sequences += len(calls)
         self.rows += sum(int(c.tokens.shape[0]) for c in calls)
         self.sizes = (self.sizes + [len(calls)])[-1000:]
+        self.seconds += seconds
 
     @property
     def mean_batch(self) -> float:
@@ -182,10 +184,11 @@ class Batcher:
         self._cond.release()
         try:
             try:
+                start = time.perf_counter()
                 outputs = self._run(self.model.forward_batch, [t.call for t in batch])  # type: ignore[attr-defined]
                 for t, out in zip(batch, outputs):
                     t.output = out
-                self.stats.record([t.call for t in batch])
+                self.stats.record([t.call for t in batch], time.perf_counter() - start)
             except BaseException as exc:  # each waiting sequence gets the error, none hangs
                 for t in batch:
                     t.error = exc

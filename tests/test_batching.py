@@ -166,6 +166,7 @@ def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
     assert served.batcher.seated == 0
     exposed = client.get("/metrics").text
     assert f"specdecode:batched_forwards {float(served.batcher.stats.forwards)}" in exposed
+    assert served.batcher.stats.seconds > 0 and f"specdecode:batched_forward_seconds {served.batcher.stats.seconds}" in exposed
 
 
 def test_a_client_that_goes_away_frees_its_seat():

@@ -108,6 +108,8 @@ class ServerMetrics:
                   registry=r).set_function(lambda: stats.sequences)
             Gauge(f"{PREFIX}batch_size_mean", "Mean sequences per batched forward (since start)",
                   registry=r).set_function(lambda: stats.mean_batch)
+            Gauge(f"{PREFIX}batched_forward_seconds", "Seconds spent in batched forwards (since start; its rate "
+                  "is how busy the forward thread is)", registry=r).set_function(lambda: stats.seconds)
 
     def finished(self, stats: SpecStats, prompt_tokens: int, reason: str, seconds: float, first_token: float | None) -> None:
         self.drafts.inc(stats.drafted_at[0] if stats.drafted_at else 0)  # steps with a draft at position 0
