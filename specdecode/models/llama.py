@@ -121,7 +121,7 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 class FusedLayers:
     """A runtime's layers as `specdecode::decoder_layers` (qmatmul.cpp) takes them: one call for
     a forward's layers, the same kernels in the same order as the op-by-op loop (bitwise the
-    same results) without ~300 Python dispatches a step (~1 ms of a 5 ms step)."""
+    same results) without ~300 Python dispatches a step (embedded int4, T=1: 4.77 -> 4.35 ms)."""
 
     kinds: list[int]  # qkv, o, gate_up, down: their stacks' LinearKind
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
