@@ -1154,25 +1154,10 @@ SD_AMX_BF16 void attend_head_amx(const at::BFloat16* qp, int64_t qs, int64_t T, 
   }
 }
 
-// attend_block's contract on AMX tiles: one task a KV head. (Tasks of (head, row block) after a
-// parallel preparation balanced 3 heads better on 2 threads but ran slower: 30 vs 26 us at T=17
-// on the embedded model's shapes.)
-SD_AMX_BF16 void attend_block_amx(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D,
-                                  const at::BFloat16* kp, const at::BFloat16* vp, int64_t hs, int64_t past,
-                                  int64_t group, at::BFloat16* op, const int64_t* parents) {
-  const std::vector<std::vector<int64_t>> paths = tree_paths(parents, T);
-  at::parallel_for(0, H / group, 1, [&](int64_t begin, int64_t end) {
-    const FlushDenormals flush;
-    load_tile_config_bf16(kAttRows);
-    for (int64_t kv = begin; kv < end; ++kv) attend_head_amx(qp, qs, T, H, D, kp, vp, hs, past, group, op, paths, kv);
-    release_tiles();
-  });
-}
-
 // One sequence's attention in a layer (for attend_many): its q rows, its cache layer, its output rows.
 struct SeqAttention {
-  const at::BFloat16* q;  // [T, H, D], row stride H * D
-  int64_t T;
+  const at::BFloat16* q;  // [T, H, D], row stride qs
+  int64_t qs, T;
   const at::BFloat16* k;  // [Hkv, L, D] (head stride hs)
   const at::BFloat16* v;
   int64_t hs, past;
@@ -1186,7 +1171,9 @@ bool tiles_fit(bool tiles, int64_t D) { return tiles && D % 32 == 0 && D <= 128;
 // (sequence, KV head): each row computed exactly as attend() computes it for its sequence alone
 // (the same per-head functions, the same row arithmetic), without a parallel region, buffers and
 // a 2:1 split of 3 heads over 2 threads for every sequence (10 sequences of 1-4 rows: one call a
-// sequence cost ~20 us each, a third of a batched forward).
+// sequence cost ~20 us each, a third of a batched forward). On AMX tiles attend() runs one
+// sequence through it too. (Tasks of (head, row block) after a parallel preparation balanced 3
+// heads better on 2 threads but ran slower: 30 vs 26 us at T=17 on the embedded model's shapes.)
 SD_AMX_BF16 void attend_many_amx(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
   const int64_t kv_heads = H / group;
   at::parallel_for(0, (int64_t)seqs.size() * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -1194,7 +1181,7 @@ SD_AMX_BF16 void attend_many_amx(const std::vector<SeqAttention>& seqs, int64_t 
     load_tile_config_bf16(kAttRows);
     for (int64_t i = begin; i < end; ++i) {
       const SeqAttention& a = seqs[i / kv_heads];
-      attend_head_amx(a.q, H * D, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
+      attend_head_amx(a.q, a.qs, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
     }
     release_tiles();
   });
@@ -1211,7 +1198,7 @@ void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, in
     const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i) {
       const SeqAttention& a = seqs[i / kv_heads];
-      attend_head(a.q, H * D, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
+      attend_head(a.q, a.qs, a.T, H, D, a.k, a.v, a.hs, a.past, group, a.out, a.paths, i % kv_heads);
     }
   });
 }
@@ -1220,12 +1207,10 @@ void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, in
 void attend(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
             const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op, const int64_t* parents,
             bool tiles) {
-  if (tiles_fit(tiles, D)) {
-    TORCH_CHECK(amx_permitted(), "specdecode attention: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
-    attend_block_amx(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
-  } else {
+  if (tiles_fit(tiles, D))
+    attend_many({SeqAttention{qp, qs, T, kp, vp, hs, past, op, tree_paths(parents, T)}}, H, D, group, tiles);
+  else
     attend_block(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
-  }
 }
 
 // q [T, H, D] bf16 (any row stride, heads and dims contiguous); k, v [Hkv, L, D] bf16 (one
@@ -1382,7 +1367,7 @@ SD_TARGET at::Tensor rope_attend_many(const at::Tensor& qkv_in, const at::Tensor
     qs.push_back(rotate_into_cache(qkv.narrow(0, lo, rows[s]), rope.narrow(0, lo, rows[s]), ck, cv, layer, pasts[s], H));
     at::Tensor holder;
     const int64_t* p = tree_parents(parents.get(s), rows[s], holder);
-    seqs.push_back(SeqAttention{qs.back().data_ptr<at::BFloat16>(), rows[s], ck.data_ptr<at::BFloat16>() + layer * ck.stride(0),
+    seqs.push_back(SeqAttention{qs.back().data_ptr<at::BFloat16>(), H * D, rows[s], ck.data_ptr<at::BFloat16>() + layer * ck.stride(0),
                                 cv.data_ptr<at::BFloat16>() + layer * cv.stride(0), ck.stride(2), pasts[s],
                                 out.data_ptr<at::BFloat16>() + lo * H * D, tree_paths(p, rows[s])});
     lo += rows[s];
@@ -1985,7 +1970,8 @@ at::Tensor int8_block_sums(const at::Tensor& q_in) {
 // rows and its tree) -> o -> residual, rms_norm -> gate_up -> silu_mul -> down -> residual: the
 // functions the Python loop called one op at a time, in the same order on the same tensors, so
 // the results are bitwise the same. Why: a custom op called from Python costs ~3 us of dispatch
-// (an ATen op ~1 us), and a 30-layer step made ~300 such calls, ~1 ms of a ~5 ms decode step;
+// (an ATen op ~1 us), and a 30-layer step made ~300 such calls (embedded int4, T=1: 4.77 ms op by
+// op, 4.35 ms in one call);
 // and one call takes the GIL once a forward instead of ~300 times (a batching server's request
 // threads run their Python meanwhile).
 
