@@ -255,7 +255,7 @@ def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monk
     from specdecode.models.base import ForwardCall
 
     model = random_model(tiny_config("qwen2", layers=5, head_dim=16, **QCFG), seed=5).quantized(mode, torch.bfloat16, kernel)
-    assert model.runtime().fused_layers() is not None
+    assert model.runtime().fused_layers is not None
     nodes = torch.tensor([-1, 0, 0, 1, 2, 2])
 
     def forwards() -> list[torch.Tensor]:
@@ -275,7 +275,7 @@ def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monk
         return got
 
     fused = forwards()
-    monkeypatch.setattr(llama.Runtime, "fused_layers", lambda self: None)
+    monkeypatch.setattr(llama.Runtime, "fused_layers", property(lambda self: None))
     loop = forwards()
     assert len(fused) == len(loop) and all(torch.equal(x, y) for x, y in zip(fused, loop))
     model.runtime().qkv.d[2].mul_(2)  # a test that can fail: the fused call reads the same weights

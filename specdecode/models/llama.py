@@ -21,6 +21,7 @@ saves ~10-15% a step for minutes of compilation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,14 +187,11 @@ class Runtime:
         """Which matmul code the layers run (specdecode.kernels; 'onednn' for packed float)."""
         return self.qkv.kernel
 
+    @functools.cached_property
     def fused_layers(self) -> "FusedLayers | None":
         """The arguments of `specdecode::decoder_layers` (all layers in one call), built once;
         None where a stack is not one of our kernels' (its layers then run op by op)."""
-        cached = self.__dict__.get("_fused", False)
-        if cached is False:
-            cached = FusedLayers.of(self)
-            object.__setattr__(self, "_fused", cached)
-        return cached
+        return FusedLayers.of(self)
 
     @classmethod
     def build(cls, model: "LlamaModel", quant: str | None, dtype: torch.dtype, kernel: str | None = None) -> "Runtime":
@@ -635,7 +633,7 @@ class LlamaModel(nn.Module):
         dtype, eps, ops = runtime.embed.dtype, cfg.rms_norm_eps, torch.ops.specdecode
         tiles = runtime.kernel == "amx"  # attention on AMX tiles, as `_step` (the same rows, the same bits)
         tapped: list[dict[int, torch.Tensor]] = [{} for _ in calls]
-        fused = runtime.fused_layers()
+        fused = runtime.fused_layers
         all_taps = sorted({li for taps in taps_of for li in taps})
         for run in layer_runs(self.layer_ids, all_taps) if fused is not None else ():  # all layers in one call
             for i, (lo, hi, _) in enumerate(segments):
@@ -779,7 +777,7 @@ def _step(
     glue = row_kernel and not compiling and _glue_fits(cfg)  # our kernels' norm/RoPE/SiLU: one op each
     rope_pairs = torch.view_as_real(rope[:, 0]) if glue else None  # [T, D/2, 2] cos, sin
     tiles = row_kernel and w.kernel == "amx"  # our attention on AMX tiles (qmatmul.cpp: attend_block_amx)
-    fused = w.fused_layers() if glue else None
+    fused = w.fused_layers if glue else None
     for run in layer_runs(layer_ids, taps) if fused is not None else ():  # all layers in one call
         if run[0] in taps:
             tapped[run[0]] = x[t - n_hidden :].to(dtype)
