@@ -123,8 +123,11 @@ def test_amx_needs_amx_bf16_and_vbmi(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags | {"avx512_vnni"})
     assert kernels.available("amx") == "this CPU lacks AMX-BF16"
     assert kernels.available("avx512-vnni") is None
+    assert kernels.available("amx-int8") == "this CPU lacks AMX-INT8"  # (AMD Zen 4: avx512-vnni alone)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags | {"amx_tile", "amx_bf16"})
     assert kernels.available("amx") == "this CPU lacks AVX512-VBMI"
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags - {"avx512_vnni"} | {"amx_tile", "amx_int8"})
+    assert kernels.available("amx-int8") == "this CPU lacks AVX512-VNNI"
 
 
 no_amx = pytest.mark.skipif(kernels.available("amx") is not None, reason=f"no AMX here: {kernels.available('amx')}")
@@ -154,6 +157,40 @@ def test_amx_multiplies_bf16_weights_and_rows_are_independent(mode):
         assert ((y.double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
     for rows in (2, 3, 15, 16, 17, 31, 33, 48, 63, 64, 65, 97, 130):
         assert torch.equal(s(x[:rows], 0), singles[:rows]), rows
+
+
+no_amx_int8 = pytest.mark.skipif(kernels.available("amx-int8") is not None,
+                                 reason=f"no AMX-INT8 here: {kernels.available('amx-int8')}")
+
+
+@no_amx_int8
+@pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
+def test_amx_int8_tiles_give_the_vnni_kernels_bits(stack):
+    """The amx-int8 kernel runs chunks of enough rows on AMX-INT8 tiles and fewer through
+    avx512-vnni: the tiles must give the very bits of the VNNI kernel (the same exact int32 group
+    sums, the same fp32 steps after them), for any number of rows, with the tiles forced down to
+    one row: several output tiles, codes at their extremes, rows of very different sizes,
+    crossing the 16-row chunks and the two-chunk passes."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16 * 7, 32 * 9, generator=g) * 0.1
+    w[3, 40], w[17, 100] = 0.9, -0.9  # codes 0 / 15 and -127 / 127 somewhere
+    s = stack.from_float([w], None, torch.bfloat16, "amx-int8")
+    vnni = stack.from_float([w], None, torch.bfloat16, "avx512-vnni")
+    assert torch.equal(s.packed[0], vnni.packed[0])  # one layout
+    ops = torch.ops.specdecode
+    tiles = ops.int4_linear_amx_int8 if stack is TiledInt4Stack else ops.int8_linear_amx_int8
+    aux = s.m[0] if stack is TiledInt4Stack else s.wsum[0]
+    x = torch.randn(70, 32 * 9, generator=g) * torch.logspace(-3, 2, 70)[:, None]
+    x = x.bfloat16()
+    for rows in (*range(1, 19), 31, 32, 33, 48, 49, 70):
+        want = vnni(x[:rows], 0)
+        assert torch.equal(tiles(x[:rows], s.packed[0], s.d[0], aux, 1), want), rows
+        assert torch.equal(s(x[:rows], 0), want), rows  # the stack's own row threshold
+    broken = s.d[0].clone()
+    broken[2, 4, 5] *= 2  # one scale of one group of one output: that output differs, nothing else
+    y = tiles(x[:20], s.packed[0], broken, aux, 1).float()
+    differs = (y != vnni(x[:20], 0).float()).any(0)
+    assert differs[2 * 16 + 5] and differs.sum() == 1
 
 
 @ours

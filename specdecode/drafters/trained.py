@@ -271,7 +271,7 @@ class NativeBlock:
             self.down = linear_stack([m.down_proj.weight.float()], None, quant, dtype)
             self.input_norm = block.input_layernorm.weight.detach().float()
             self.post_norm = block.post_attention_layernorm.weight.detach().float()
-        self.tiles = self.qkv.kernel == "amx"  # attention on AMX tiles where the matmuls run there (as the target's)
+        self.tiles = self.qkv.kernel in kernels.TILE_ATTENTION  # attention on AMX tiles where the matmuls run there (as the target's)
         # the layer in one call (`specdecode::decoder_layers`), where its stacks are on our kernels
         self.fused = FusedLayers.from_stacks((self.qkv, self.o, self.gate_up, self.down), [self.input_norm], [self.post_norm])
 

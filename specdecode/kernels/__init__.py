@@ -35,18 +35,23 @@ import torch
 
 from specdecode.errors import UserError
 
-KERNELS = ("amx", "avx512-vnni", "avx512-bf16", "aten")
-OURS = ("amx", "avx512-vnni", "avx512-bf16")
-QUAD_LAYOUT = ("amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
+KERNELS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "aten")
+OURS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16")
+QUAD_LAYOUT = ("amx-int8", "amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
+VNNI_ARITHMETIC = ("amx-int8", "avx512-vnni")  # int8 activations, integer sums: bitwise the same results
+# kernels whose models run attention on AMX tiles too (qmatmul.cpp: attend_many_amx): for a block
+# of rows it costs about half the row-by-row code's (embedded model, T=9: 0.66 vs 1.27 ms a
+# forward), one row alike
+TILE_ATTENTION = ("amx-int8", "amx")
 # what `auto` picks, the first that runs: avx512-vnni before amx, since its integer dot products
 # cost less per weight than amx's unpacking to bf16 for the few rows of decoding and chains
 # (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B
 # 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 9)
-PREFERENCE = ("avx512-vnni", "amx", "avx512-bf16", "aten")
+PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
 # 16 clients, ngram: 405 tok/s with amx, 308 with avx512-vnni; one client alone 170 vs 212)
-PREFERENCE_BATCHED = ("amx", "avx512-vnni", "avx512-bf16", "aten")
+PREFERENCE_BATCHED = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "aten")
 _preference = PREFERENCE
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
@@ -126,8 +131,13 @@ def available(kernel: str) -> str | None:
     if kernel == "aten":
         return None
     error = load_error()
-    if error is None and kernel == "avx512-vnni" and not {"avx512_vnni"} <= cpu_flags():
+    if error is None and kernel in VNNI_ARITHMETIC and not {"avx512_vnni"} <= cpu_flags():
         error = "this CPU lacks AVX512-VNNI"
+    if error is None and kernel == "amx-int8":
+        if not {"amx_tile", "amx_int8"} <= cpu_flags():
+            error = "this CPU lacks AMX-INT8"
+        elif not torch.ops.specdecode.amx_ready():
+            error = "Linux refused this process the AMX tile state (kernel 5.16 or later needed)"
     if error is None and kernel == "amx":
         if not {"amx_tile", "amx_bf16"} <= cpu_flags():
             error = "this CPU lacks AMX-BF16"
@@ -158,7 +168,8 @@ def _register_fakes() -> None:
     def linear_fake(x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], d.shape[0] * 16))
 
-    for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni", "int4_linear_amx", "int8_linear_amx"):
+    for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni", "int4_linear_amx", "int8_linear_amx",
+               "int4_linear_amx_int8", "int8_linear_amx_int8"):
         torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")

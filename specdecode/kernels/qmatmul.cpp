@@ -376,14 +376,25 @@ struct VnniKernels {
 template <bool INT4>
 using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
+// Row chunks of `amx_rows` rows or more go through AMX-INT8 tiles instead where asked (the
+// `amx-int8` kernel; defined with the AMX code below): the same exact int32 group sums, the same
+// fp32 arithmetic after them, so a row's result is bitwise the same on either path.
 template <bool INT4>
-at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux) {
+void chunk_amx_int8(const uint8_t* wp, int64_t tile_bytes, const at::Half* dp, const at::Half* mp, const int8_t* xq,
+                    int64_t ldx, const float* dx, const float* sq, int64_t G, int R, int64_t T, at::BFloat16* y,
+                    int64_t ldy, int64_t begin, int64_t end);
+void release_amx_tiles();
+bool amx_permitted();
+
+template <bool INT4>
+at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux,
+                        int64_t amx_rows = 0) {
   const auto [x, T, K, tiles, G, N] = linear_shape(x_in, packed, d, INT4);
   TORCH_CHECK(aux.sizes() == d.sizes() && aux.scalar_type() == (INT4 ? at::kHalf : at::kShort), "specdecode qlinear: m / wsum must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
   const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
-  const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
+  QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const at::Tensor dc = d.contiguous(), ac = aux.contiguous();
@@ -391,8 +402,29 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   const at::Half* mp = INT4 ? ac.data_ptr<at::Half>() : nullptr;
   const int16_t* sp = INT4 ? nullptr : ac.data_ptr<int16_t>();
   const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
+  const int64_t R = (T + chunks - 1) / chunks;  // the largest chunk
+  const bool amx = amx_rows > 0 && R >= amx_rows;
+  if (amx) {  // tiles read whole chunks of R rows: zero rows past T
+    TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
+    xr.q.resize(chunks * R * K, 0);
+    std::vector<float> dx(chunks * G * R, 0.0f), sq(chunks * G * R, 0.0f);  // [chunks, G, R]: a group's rows side by side
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at = ((t / R) * G + g) * R + t % R;
+        dx[at] = xr.dx[t * G + g];
+        sq[at] = xr.sq[t * G + g];
+      }
+    xr.dx.swap(dx);
+    xr.sq.swap(sq);
+  }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
+    if (amx) {
+      chunk_amx_int8<INT4>(wp, tile_bytes, dp, mp, xr.q.data(), K, xr.dx.data(), xr.sq.data(), G, (int)R, T, yp, N,
+                           begin, end);
+      release_amx_tiles();
+      return;
+    }
     int64_t t0 = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       const int rows = (int)((T - t0) / (chunks - c));
@@ -656,6 +688,147 @@ at::Tensor linear_amx_bf16(const at::Tensor& x_in, const at::Tensor& packed, con
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// AMX-INT8 tiles for the VNNI kernel's arithmetic (the `amx-int8` kernel: chunks of enough rows;
+// fewer rows go through `vpdpbusd`, which costs less for them). The quad layout is the tile
+// layout `tdpb*d` takes as its second operand (8 rows of 16 outputs x 4 inputs for a group of
+// 32 inputs), so int8 weights load straight from memory and int4 codes need only their two
+// nibbles split. One tile instruction gives a group's exact int32 sums for up to 16 rows at
+// once (int4: signed activations x unsigned codes, `tdpbsud`; int8: signed x signed, `tdpbssd`,
+// which is what VNNI's unsigned-offset sum minus its correction equals), then each row's sums
+// are scaled into its fp32 totals by the very instructions of the VNNI kernel (add_group_*), in
+// the same order: results are bitwise equal to avx512-vnni's for any number of rows.
+
+#define SD_AMX_INT8 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c,amx-tile,amx-int8")))
+
+void release_amx_tiles() { release_tiles(); }
+
+#define SD_TILE_STORE_I32(T, p) \
+  asm volatile("tilestored %%tmm" #T ", (%1,%2,1)" : "=m"(*(int32_t(*)[kMaxRows * kTile])(p)) : "r"(p), "r"(64L))
+
+// int4 quads of group g (4 x 64 bytes, quads 2p / 2p + 1 in low / high nibbles) as 8 x 64 codes.
+SD_AMX_INT8 inline void split_nibbles(const uint8_t* w, uint8_t* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  for (int p = 0; p < 4; ++p) {
+    const __m512i raw = _mm512_loadu_si512(w + 64 * p);
+    _mm512_store_si512(out + 128 * p, _mm512_and_si512(raw, low4));
+    _mm512_store_si512(out + 128 * p + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+  }
+}
+
+// Group g's weights as the tile unit reads them: int8 quads straight from memory, int4 codes
+// split into `ring` (kAhead groups ahead of their use: a tile load right after the stores that
+// wrote its bytes waits for them to reach L1, which doubled the int4 head's time).
+constexpr int kInt8Ring = 4, kInt8Ahead = 2;
+
+// One output tile, CH chunks of R rows (R <= 16; the last chunk's rows past T padded with zero
+// activations, computed and dropped) over all groups, in one pass over the tile's weights; the
+// rows' totals stay in registers. wt, dt, mt: the tile's codes, [G, 16] scales and offsets; xq,
+// dx, sq: the rows as quantize_rows gives them (padded to CH * R rows); T: the real rows.
+#define SD_INT8_TDP(C, A, B) \
+  do { _tile_dpbssd(C, A, B); } while (0)
+#define SD_INT8_GROUP(C0, C1, B)                                                       \
+  do {                                                                                 \
+    SD_TILE_LOAD_BF16(B, w, 64, 512);                                                  \
+    _tile_zero(C0); _tile_loadd(4, xg, ldx); SD_INT8_TDP(C0, 4, B);                    \
+    if constexpr (CH > 1) { _tile_zero(C1); _tile_loadd(5, xg + R * ldx, ldx); SD_INT8_TDP(C1, 5, B); } \
+  } while (0)
+// Group g's sums of chunk c (tile 2c + g % 2) into the chunk's totals, as tile_rows_vnni adds them.
+#define SD_INT8_SCALE(c, T0, T1, g)                                                                      \
+  do {                                                                                                   \
+    if ((g) & 1) SD_TILE_STORE_I32(T1, sums); else SD_TILE_STORE_I32(T0, sums);                          \
+    const float* dxc = dx + ((c) * G + (g)) * R;                                                         \
+    const float* sqc = sq + ((c) * G + (g)) * R;                                                         \
+    for (int r = 0; r < R; ++r) {                                                                        \
+      const __m512i acc = _mm512_load_si512(sums[r]);                                                    \
+      if constexpr (INT4)                                                                                \
+        tot[c][r] = add_group_int4(tot[c][r], acc, d, m, sqc[r], dxc[r]);                                    \
+      else                                                                                               \
+        tot[c][r] = add_group_int8(tot[c][r], acc, d, dxc[r]);                                               \
+    }                                                                                                    \
+  } while (0)
+#define SD_INT8_DRAIN(g)                                                                                 \
+  do {                                                                                                   \
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + (g) * kTile)));           \
+    const __m512 m = INT4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + (g) * kTile))) : d; \
+    SD_INT8_SCALE(0, 0, 1, g);                                                                           \
+    if constexpr (CH > 1) SD_INT8_SCALE(1, 2, 3, g);                                                     \
+  } while (0)
+
+template <bool INT4, int CH, int R>
+SD_AMX_INT8 void tile_rows_amx_int8(const uint8_t* wt, const at::Half* dt, const at::Half* mt, const int8_t* xq,
+                                    int64_t ldx, const float* dx, const float* sq, int64_t G, int64_t T,
+                                    at::BFloat16* y, int64_t ldy) {
+  constexpr int64_t group_bytes = INT4 ? 256 : 512;
+  __m512 tot[CH][R];
+  alignas(64) int32_t sums[kMaxRows][kTile];
+  alignas(64) uint8_t ring[INT4 ? kInt8Ring : 1][512];
+  for (int c = 0; c < CH; ++c)
+    for (int r = 0; r < R; ++r) tot[c][r] = _mm512_setzero_ps();
+  if constexpr (INT4)
+    for (int64_t g = 0; g < std::min<int64_t>(kInt8Ahead, G); ++g) split_nibbles(wt + g * group_bytes, ring[g % kInt8Ring]);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* w = wt + g * group_bytes;
+    for (int line = 0; line < group_bytes; line += 64)  // (past the tile's end: the next tile's first groups)
+      _mm_prefetch((const char*)(w + kPrefetchGroups * group_bytes + line), _MM_HINT_T0);
+    if constexpr (INT4) {
+      const int64_t n = g + kInt8Ahead;
+      if (n < G) split_nibbles(wt + n * group_bytes, ring[n % kInt8Ring]);
+      w = ring[g % kInt8Ring];
+    }
+    const int8_t* xg = xq + g * kGroup;
+    if (g & 1)
+      SD_INT8_GROUP(1, 3, 7);
+    else
+      SD_INT8_GROUP(0, 2, 6);
+    if (g > 0) SD_INT8_DRAIN(g - 1);  // the previous group's sums, while this one's are computed
+  }
+  SD_INT8_DRAIN(G - 1);
+  for (int c = 0; c < CH; ++c)
+    for (int r = 0; r < R && c * R + r < T; ++r) store_bf16_rne(y + (c * R + r) * ldy, tot[c][r]);
+}
+
+using AmxInt8Fn = void (*)(const uint8_t*, const at::Half*, const at::Half*, const int8_t*, int64_t, const float*,
+                           const float*, int64_t, int64_t, at::BFloat16*, int64_t);
+template <bool INT4, int CH, int... Rs>
+struct AmxInt8Rows {
+  static constexpr AmxInt8Fn fn[] = {tile_rows_amx_int8<INT4, CH, Rs>...};
+};
+template <bool INT4, int CH>
+using AmxInt8Kernels = AmxInt8Rows<INT4, CH, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+
+// Tiles 0-3: sums (chunk c, group parity p: tile 2c + p; rows x 16 int32), 4-5: activations of
+// chunks 0 and 1 (rows x 32 int8), 6-7: weights (8 quads x 64 bytes), by group parity.
+SD_AMX_INT8 void load_tile_config_int8(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = t >= 6 ? 8 : rows, cfg.colsb[t] = t == 4 || t == 5 ? 32 : 64;
+  asm volatile("ldtilecfg %0" ::"m"(cfg));
+}
+
+// Output tiles [begin, end), rows in chunks of R (xq padded to a whole number of chunks), two
+// chunks a pass over a tile's weights. dx, sq: chunk-major, then group-major ([chunks, G, R]).
+template <bool INT4>
+void chunk_amx_int8(const uint8_t* wp, int64_t tile_bytes, const at::Half* dp, const at::Half* mp, const int8_t* xq,
+                    int64_t ldx, const float* dx, const float* sq, int64_t G, int R, int64_t T, at::BFloat16* y,
+                    int64_t ldy, int64_t begin, int64_t end) {
+  load_tile_config_int8(R);
+  const int64_t chunks = (T + R - 1) / R;
+  for (int64_t j = begin; j < end; ++j)
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const auto fn = c + 1 < chunks ? AmxInt8Kernels<INT4, 2>::fn[R - 1] : AmxInt8Kernels<INT4, 1>::fn[R - 1];
+      fn(wp + j * tile_bytes, dp + j * G * kTile, INT4 ? mp + j * G * kTile : nullptr, xq + c * R * ldx, ldx,
+         dx + c * G * R, sq + c * G * R, G, T - c * R, y + c * R * ldy + j * kTile, ldy);
+    }
+}
+
+template void chunk_amx_int8<true>(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int8_t*, int64_t,
+                                   const float*, const float*, int64_t, int, int64_t, at::BFloat16*, int64_t, int64_t,
+                                   int64_t);
+template void chunk_amx_int8<false>(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int8_t*, int64_t,
+                                    const float*, const float*, int64_t, int, int64_t, at::BFloat16*, int64_t, int64_t,
+                                    int64_t);
+
 at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   return linear_amx_bf16<false>(x, packed, d, m);
 }
@@ -670,6 +843,23 @@ at::Tensor int4_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const
 
 at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& wsum) {
   return qlinear_vnni<false>(x, packed, d, wsum);
+}
+
+// From how many rows a chunk goes through AMX-INT8 tiles (the `amx-int8` kernel); fewer rows cost
+// less through `vpdpbusd`. Measured on the embedded model (Xeon, 2 cores; forwards of T rows after
+// 200 cached, int4 layers and the int8 head): int4 from 8 rows (T=5 4.26 ms a step with 8,
+// 4.32 with 4, 4.35 with 2; T=9 -9% against VNNI alone, T=17 -20%), int8 from 4 (the 49152 x 576
+// head: T=4 0.56 vs 0.61 ms, T=9 0.62 vs 1.01, T=33 1.25 vs 3.09; one row alike).
+int64_t amx_int8_rows(bool int4) { return int4 ? 8 : 4; }
+
+at::Tensor int4_linear_amx_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
+                                int64_t amx_rows) {
+  return qlinear_vnni<true>(x, packed, d, m, std::max<int64_t>(amx_rows, 1));
+}
+
+at::Tensor int8_linear_amx_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
+                                const at::Tensor& wsum, int64_t amx_rows) {
+  return qlinear_vnni<false>(x, packed, d, wsum, std::max<int64_t>(amx_rows, 1));
 }
 
 bool amx_ready() { return amx_permitted(); }
@@ -1977,7 +2167,9 @@ at::Tensor int8_block_sums(const at::Tensor& q_in) {
 
 // Which linear a stack runs (specdecode/models/quant.py: _TiledStack.fused_kind); its weights
 // come as three tensors: packed codes, d, and m (int4) / wsum (int8 on avx512-vnni) / unused.
-enum LinearKind : int64_t { kInt4Bf16 = 0, kInt8Bf16 = 1, kInt4Vnni = 2, kInt8Vnni = 3, kInt4Amx = 4, kInt8Amx = 5 };
+enum LinearKind : int64_t {
+  kInt4Bf16 = 0, kInt8Bf16 = 1, kInt4Vnni = 2, kInt8Vnni = 3, kInt4Amx = 4, kInt8Amx = 5, kInt4AmxInt8 = 6, kInt8AmxInt8 = 7
+};
 
 at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, const c10::optional<at::Tensor>& bias) {
   at::Tensor y;
@@ -1988,6 +2180,8 @@ at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, co
     case kInt8Vnni: y = int8_linear_vnni(x, w[0], w[1], w[2]); break;
     case kInt4Amx: y = int4_linear_amx(x, w[0], w[1], w[2]); break;
     case kInt8Amx: y = int8_linear_amx(x, w[0], w[1]); break;
+    case kInt4AmxInt8: y = qlinear_vnni<true>(x, w[0], w[1], w[2], amx_int8_rows(true)); break;
+    case kInt8AmxInt8: y = qlinear_vnni<false>(x, w[0], w[1], w[2], amx_int8_rows(false)); break;
     default: TORCH_CHECK(false, "specdecode decoder_layers: unknown linear kind ", kind);
   }
   return bias.has_value() ? y + *bias : y;  // what the stack's `y + b` gives (ATen's bf16 add)
@@ -2036,6 +2230,9 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int8_linear_vnni(Tensor x, Tensor packed, Tensor d, Tensor wsum) -> Tensor");
   m.def("int4_linear_amx(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
   m.def("int8_linear_amx(Tensor x, Tensor packed, Tensor d) -> Tensor");
+  m.def("int4_linear_amx_int8(Tensor x, Tensor packed, Tensor d, Tensor m, int amx_rows) -> Tensor");
+  m.def("int8_linear_amx_int8(Tensor x, Tensor packed, Tensor d, Tensor wsum, int amx_rows) -> Tensor");
+  m.def("amx_int8_rows(bool int4) -> int", &amx_int8_rows);  // no tensors: one kernel for every dispatch key
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -2063,6 +2260,8 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("int8_linear_vnni", &int8_linear_vnni);
   m.impl("int4_linear_amx", &int4_linear_amx);
   m.impl("int8_linear_amx", &int8_linear_amx);
+  m.impl("int4_linear_amx_int8", &int4_linear_amx_int8);
+  m.impl("int8_linear_amx_int8", &int8_linear_amx_int8);
   m.impl("attend_rows", &attend_rows);
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("rope_attend", &rope_attend);

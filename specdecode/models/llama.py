@@ -631,7 +631,7 @@ class LlamaModel(nn.Module):
         x = runtime.embed.rows(torch.cat([c.tokens for c in calls])).float()  # [rows, hidden]
         rope_pairs = torch.cat(ropes)
         dtype, eps, ops = runtime.embed.dtype, cfg.rms_norm_eps, torch.ops.specdecode
-        tiles = runtime.kernel == "amx"  # attention on AMX tiles, as `_step` (the same rows, the same bits)
+        tiles = runtime.kernel in kernels.TILE_ATTENTION  # attention on AMX tiles, as `_step` (the same rows, the same bits)
         tapped: list[dict[int, torch.Tensor]] = [{} for _ in calls]
         fused = runtime.fused_layers
         all_taps = sorted({li for taps in taps_of for li in taps})
@@ -776,7 +776,7 @@ def _step(
     tapped: dict[int, torch.Tensor] = {}
     glue = row_kernel and not compiling and _glue_fits(cfg)  # our kernels' norm/RoPE/SiLU: one op each
     rope_pairs = torch.view_as_real(rope[:, 0]) if glue else None  # [T, D/2, 2] cos, sin
-    tiles = row_kernel and w.kernel == "amx"  # our attention on AMX tiles (qmatmul.cpp: attend_block_amx)
+    tiles = row_kernel and w.kernel in kernels.TILE_ATTENTION  # our attention on AMX tiles (qmatmul.cpp: attend_block_amx)
     fused = w.fused_layers if glue else None
     for run in layer_runs(layer_ids, taps) if fused is not None else ():  # all layers in one call
         if run[0] in taps:

@@ -24,7 +24,7 @@ spare an indexing op per call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -465,7 +465,8 @@ class _TiledStack(LinearStack):
     # What `specdecode::decoder_layers` (qmatmul.cpp: one call for a forward's layers) needs of
     # this stack: its LinearKind and, per layer, three tensors (codes, d, m / wsum / d again).
     _KINDS = {("int4", "avx512-bf16"): 0, ("int8", "avx512-bf16"): 1, ("int4", "avx512-vnni"): 2,
-              ("int8", "avx512-vnni"): 3, ("int4", "amx"): 4, ("int8", "amx"): 5}
+              ("int8", "avx512-vnni"): 3, ("int4", "amx"): 4, ("int8", "amx"): 5, ("int4", "amx-int8"): 6,
+              ("int8", "amx-int8"): 7}
 
     @property
     def fused_kind(self) -> int:
@@ -493,9 +494,10 @@ class TiledInt4Stack(_TiledStack):
 
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
-        self.vnni = kernel == "avx512-vnni"  # (amx unpacks to bf16 tiles from the avx512-bf16 layout)
+        self.vnni = kernel in kernels.VNNI_ARITHMETIC  # (amx unpacks to bf16 tiles from the avx512-bf16 layout)
         ops = torch.ops.specdecode
-        self.op = ops.int4_linear_amx if kernel == "amx" else ops.int4_linear_vnni if self.vnni else ops.int4_linear
+        self.op = (ops.int4_linear_amx if kernel == "amx" else _amx_int8_op(ops.int4_linear_amx_int8, True)
+                   if kernel == "amx-int8" else ops.int4_linear_vnni if self.vnni else ops.int4_linear)
         self.m: list[torch.Tensor] = []
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
@@ -545,13 +547,14 @@ class TiledInt8Stack(_TiledStack):
     def _start(self, kernel: str) -> None:
         super()._start(kernel)
         ops = torch.ops.specdecode
-        self.op = ops.int8_linear_amx if kernel == "amx" else ops.int8_linear_vnni if kernel == "avx512-vnni" else ops.int8_linear
-        self.wsum: list[torch.Tensor] = []  # (avx512-vnni only)
+        self.op = (ops.int8_linear_amx if kernel == "amx" else _amx_int8_op(ops.int8_linear_amx_int8, False)
+                   if kernel == "amx-int8" else ops.int8_linear_vnni if kernel == "avx512-vnni" else ops.int8_linear)
+        self.wsum: list[torch.Tensor] = []  # (avx512-vnni and amx-int8 only)
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
         super()._add(q, d)
         self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
-        if self.kernel == "avx512-vnni":
+        if self.kernel in kernels.VNNI_ARITHMETIC:
             self.wsum.append(tile_scales(_block_sums(q)))
 
     @classmethod
@@ -574,6 +577,13 @@ class TiledInt8Stack(_TiledStack):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.packed, self.d, self.wsum, [self.bias])
+
+
+def _amx_int8_op(op: Callable[..., torch.Tensor], int4: bool) -> Callable[..., torch.Tensor]:
+    """The `amx-int8` kernel's linear: avx512-vnni's for a few rows, AMX-INT8 tiles from
+    `amx_int8_rows` rows on (qmatmul.cpp), bitwise the same results."""
+    rows = torch.ops.specdecode.amx_int8_rows(int4)
+    return lambda x, packed, d, aux: op(x, packed, d, aux, rows)
 
 
 def _block_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
