@@ -376,9 +376,9 @@ struct VnniKernels {
 template <bool INT4>
 using VnniRowKernels = VnniKernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
-// Row chunks of `amx_rows` rows or more go through AMX-INT8 tiles instead where asked (the
-// `amx-int8` kernel; defined with the AMX code below): the same exact int32 group sums, the same
-// fp32 arithmetic after them, so a row's result is bitwise the same on either path.
+// A call whose row chunks have `amx_rows` rows or more goes through AMX-INT8 tiles instead where
+// asked (the `amx-int8` kernel; defined with the AMX code below): the same exact int32 group sums,
+// the same fp32 arithmetic after them, so a row's result is bitwise the same on either path.
 template <bool INT4>
 void chunk_amx_int8(const uint8_t* wp, int64_t tile_bytes, const at::Half* dp, const at::Half* mp, const int8_t* xq,
                     int64_t ldx, const float* dx, const float* sq, int64_t G, int R, int64_t T, at::BFloat16* y,
@@ -694,8 +694,9 @@ at::Tensor linear_amx_bf16(const at::Tensor& x_in, const at::Tensor& packed, con
 // layout `tdpb*d` takes as its second operand (8 rows of 16 outputs x 4 inputs for a group of
 // 32 inputs), so int8 weights load straight from memory and int4 codes need only their two
 // nibbles split. One tile instruction gives a group's exact int32 sums for up to 16 rows at
-// once (int4: signed activations x unsigned codes, `tdpbsud`; int8: signed x signed, `tdpbssd`,
-// which is what VNNI's unsigned-offset sum minus its correction equals), then each row's sums
+// once (`tdpbssd`, signed activations x signed codes: int4 codes 0..15 are the same bytes signed,
+// and for int8 it is what VNNI's unsigned-offset sum minus its correction equals; `tdpbsud` for
+// int4 measured no faster), then each row's sums
 // are scaled into its fp32 totals by the very instructions of the VNNI kernel (add_group_*), in
 // the same order: results are bitwise equal to avx512-vnni's for any number of rows.
 
@@ -723,16 +724,14 @@ SD_AMX_INT8 inline void split_nibbles(const uint8_t* w, uint8_t* out) {
 constexpr int kInt8Ring = 4, kInt8Ahead = 2;
 
 // One output tile, CH chunks of R rows (R <= 16; the last chunk's rows past T padded with zero
-// activations, computed and dropped) over all groups, in one pass over the tile's weights; the
-// rows' totals stay in registers. wt, dt, mt: the tile's codes, [G, 16] scales and offsets; xq,
+// activations, computed and dropped) over all groups, in one pass over the tile's weights.
+// wt, dt, mt: the tile's codes, [G, 16] scales and offsets; xq,
 // dx, sq: the rows as quantize_rows gives them (padded to CH * R rows); T: the real rows.
-#define SD_INT8_TDP(C, A, B) \
-  do { _tile_dpbssd(C, A, B); } while (0)
 #define SD_INT8_GROUP(C0, C1, B)                                                       \
   do {                                                                                 \
     SD_TILE_LOAD_BF16(B, w, 64, 512);                                                  \
-    _tile_zero(C0); _tile_loadd(4, xg, ldx); SD_INT8_TDP(C0, 4, B);                    \
-    if constexpr (CH > 1) { _tile_zero(C1); _tile_loadd(5, xg + R * ldx, ldx); SD_INT8_TDP(C1, 5, B); } \
+    _tile_zero(C0); _tile_loadd(4, xg, ldx); _tile_dpbssd(C0, 4, B);                   \
+    if constexpr (CH > 1) { _tile_zero(C1); _tile_loadd(5, xg + R * ldx, ldx); _tile_dpbssd(C1, 5, B); } \
   } while (0)
 // Group g's sums of chunk c (tile 2c + g % 2) into the chunk's totals, as tile_rows_vnni adds them.
 #define SD_INT8_SCALE(c, T0, T1, g)                                                                      \
@@ -743,9 +742,9 @@ constexpr int kInt8Ring = 4, kInt8Ahead = 2;
     for (int r = 0; r < R; ++r) {                                                                        \
       const __m512i acc = _mm512_load_si512(sums[r]);                                                    \
       if constexpr (INT4)                                                                                \
-        tot[c][r] = add_group_int4(tot[c][r], acc, d, m, sqc[r], dxc[r]);                                    \
+        tot[c][r] = add_group_int4(tot[c][r], acc, d, m, sqc[r], dxc[r]);                                \
       else                                                                                               \
-        tot[c][r] = add_group_int8(tot[c][r], acc, d, dxc[r]);                                               \
+        tot[c][r] = add_group_int8(tot[c][r], acc, d, dxc[r]);                                           \
     }                                                                                                    \
   } while (0)
 #define SD_INT8_DRAIN(g)                                                                                 \
