@@ -52,6 +52,13 @@ def path(parents: torch.Tensor, node: int) -> list[int]:
     return out[::-1]
 
 
+def path_slots(parents: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """For each node (node i in cache slot start + i), the slots its path holds as a chain: the
+    `start` cached ones, then its ancestors' and its own, root first (what a node attends to)."""
+    prefix = torch.arange(start)
+    return [torch.cat((prefix, start + torch.tensor(path(parents, i), dtype=torch.long))) for i in range(parents.shape[0])]
+
+
 def parents_of(attn_mask: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor | None:
     """The parents array of the tree that (attn_mask [T, T], positions [T]) describe after
     `start` cached tokens, or None if they are not a tree in topological order (a node that

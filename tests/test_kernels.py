@@ -1,8 +1,8 @@
-"""Our CPU kernels (specdecode/kernels, AVX512-BF16): they compute what the GGUF-layout weights
-say, every row alike however many rows a call has (bitwise), attention as the softmax formula,
-and a quantized model on them scores a verification block bitwise as single steps. Where the
-CPU lacks AVX512-BF16 these tests skip and the ATen path's tests (test_quant, test_perf_paths)
-still run; forcing our kernels there is a one-line error."""
+"""Our CPU kernels (specdecode/kernels: AVX-512 and AMX, and the avx2 matmuls): they compute
+what the GGUF-layout weights say, every row alike however many rows a call has (bitwise),
+attention as the softmax formula, and a quantized model on them scores a verification block
+bitwise as single steps. Tests of a kernel this CPU lacks skip, and the ATen path's tests
+(test_quant, test_perf_paths) still run; forcing a kernel a CPU lacks is a one-line error."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ from specdecode.models.quant import (
 )
 
 ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
-OURS_HERE = [k for k in kernels.OURS if kernels.available(k) is None]
-KERNEL_PATHS = ["aten", *OURS_HERE]
+OURS_HERE = [k for k in kernels.OURS if kernels.available(k) is None]  # with fused layers, attention, glue
+MATMULS_HERE = [k for k in kernels.MATMULS if kernels.available(k) is None]
+KERNEL_PATHS = ["aten", *MATMULS_HERE]
 
 
 def test_tiling_round_trips():
@@ -93,8 +94,7 @@ def test_q4_1_and_q8_0_weights_give_back_their_codes():
     assert torch.equal(codes8, q8) and torch.equal(d8, d)
 
 
-@ours
-@pytest.mark.parametrize("kernel", OURS_HERE)
+@pytest.mark.parametrize("kernel", MATMULS_HERE)
 @pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
 def test_kernel_computes_the_dequantized_matmul_and_rows_are_independent(stack, kernel):
     g = torch.Generator().manual_seed(2)
@@ -193,8 +193,34 @@ def test_amx_int8_tiles_give_the_vnni_kernels_bits(stack):
     assert differs[2 * 16 + 5] and differs.sum() == 1
 
 
-@ours
-@pytest.mark.parametrize("kernel", OURS_HERE)
+no_avx2_and_vnni = pytest.mark.skipif(kernels.available("avx2") is not None or kernels.available("avx512-vnni") is not None,
+                                      reason="needs both the avx2 and the avx512-vnni kernel")
+
+
+@no_avx2_and_vnni
+@pytest.mark.parametrize("stack", [TiledInt4Stack, TiledInt8Stack])
+def test_avx2_gives_the_vnni_kernels_bits(stack):
+    """The avx2 kernel is avx512-vnni's arithmetic in 256-bit registers (int16/int32 sums through
+    vpmaddubsw, int8 x int8 through vpsignb): the same bits for any number of rows, codes at
+    their extremes (int8 -128 too, which the sign trick must not flip), rows of any size."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(16 * 5, 32 * 7, generator=g) * 0.1
+    w[3, 40], w[17, 100] = 0.9, -0.9
+    x = (torch.randn(20, 32 * 7, generator=g) * torch.logspace(-3, 2, 20)[:, None]).bfloat16()
+    if stack is TiledInt4Stack:
+        args = [quantize_q4_1(w)]
+    else:
+        q, d = quantize_q8_0(w)
+        q[5, :64] = -128  # not what quantize_q8_0 makes, but a file may hold it
+        args = [(q, d)]
+    avx2 = stack(*map(list, zip(*args)), None, torch.bfloat16, "avx2")
+    vnni = stack(*map(list, zip(*args)), None, torch.bfloat16, "avx512-vnni")
+    assert torch.equal(avx2.packed[0], vnni.packed[0])  # one layout
+    for rows in (1, 2, 3, 5, 8, 9, 16, 17, 20):
+        assert torch.equal(avx2(x[:rows], 0), vnni(x[:rows], 0)), rows
+
+
+@pytest.mark.parametrize("kernel", MATMULS_HERE)
 def test_kernel_catches_a_wrong_row_order(kernel):
     """The invariance check above can fail: rows swapped in x give different outputs."""
     g = torch.Generator().manual_seed(3)
@@ -330,20 +356,23 @@ def test_aten_path_is_kept_for_fp32_activations_and_odd_shapes():
 def test_forcing_a_kernel_this_cpu_lacks_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SPECDECODE_KERNEL", "avx512-bf16")
     monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: False)
-    kernels.load_error.cache_clear()
     try:
         with pytest.raises(UserError, match="kernel avx512-bf16 was asked for but this CPU lacks AVX512-BF16: choose"):
             kernels.active()
-        monkeypatch.setenv("SPECDECODE_KERNEL", "avx512-vnni")
-        with pytest.raises(UserError, match="lacks AVX512-BF16"):
-            kernels.active()
-        monkeypatch.setenv("SPECDECODE_KERNEL", "amx")
-        with pytest.raises(UserError, match="lacks AVX512-BF16"):
-            kernels.active()
+        for kernel in ("avx512-vnni", "amx", "amx-int8"):
+            monkeypatch.setenv("SPECDECODE_KERNEL", kernel)
+            with pytest.raises(UserError, match="lacks AVX512-BF16"):
+                kernels.active()
         monkeypatch.setenv("SPECDECODE_KERNEL", "auto")
+        assert kernels.active() == ("avx2" if kernels.cpu_supports_avx2() else "aten")  # (AMD Zen 3: avx2)
+        monkeypatch.setattr(kernels, "cpu_supports_avx2", lambda: False)
+        kernels.library_error.cache_clear()
         assert kernels.active() == "aten"
+        monkeypatch.setenv("SPECDECODE_KERNEL", "avx2")
+        with pytest.raises(UserError, match="kernel avx2 was asked for but this CPU lacks AVX2, FMA or F16C: choose"):
+            kernels.active()
         monkeypatch.setenv("SPECDECODE_KERNEL", "fastest")
         with pytest.raises(UserError, match="choose auto"):
             kernels.active()
     finally:
-        kernels.load_error.cache_clear()
+        kernels.library_error.cache_clear()

@@ -35,10 +35,15 @@ import torch
 
 from specdecode.errors import UserError
 
-KERNELS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "aten")
+KERNELS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten")
+# kernels of our AVX-512 library: matmuls, and with them our attention, norms, fused layers and
+# GGUF conversion (`load_error`)
 OURS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16")
-QUAD_LAYOUT = ("amx-int8", "amx", "avx512-vnni")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
-VNNI_ARITHMETIC = ("amx-int8", "avx512-vnni")  # int8 activations, integer sums: bitwise the same results
+# kernels whose int4/int8 matmuls are ours (avx2: only those; attention and norms stay PyTorch's)
+MATMULS = (*OURS, "avx2")
+QUAD_LAYOUT = ("amx-int8", "amx", "avx512-vnni", "avx2")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
+VNNI_ARITHMETIC = ("amx-int8", "avx512-vnni", "avx2")  # int8 activations, integer sums: bitwise the same results
+CODE_SUMS = ("amx-int8", "avx512-vnni")  # int8 kernels that take each output's code sums per group (wsum)
 # kernels whose models run attention on AMX tiles too (qmatmul.cpp: attend_many_amx): for a block
 # of rows it costs about half the row-by-row code's (embedded model, T=9: 0.66 vs 1.27 ms a
 # forward), one row alike
@@ -47,14 +52,16 @@ TILE_ATTENTION = ("amx-int8", "amx")
 # cost less per weight than amx's unpacking to bf16 for the few rows of decoding and chains
 # (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B
 # 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 9)
-PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "aten")
+PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "avx2", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
 # 16 clients, ngram: 405 tok/s with amx, 308 with avx512-vnni; one client alone 170 vs 212)
-PREFERENCE_BATCHED = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "aten")
+PREFERENCE_BATCHED = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten")
 _preference = PREFERENCE
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("qmatmul.cpp", "avx2.cpp"))
+HEADERS = (Path(__file__).with_name("common.h"),)
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
+_AVX2_FLAGS = ("avx2", "fma", "f16c")
 _FIX = "choose another with --kernel (or SPECDECODE_KERNEL), e.g. auto, which picks the best this machine runs"
 
 
@@ -85,6 +92,11 @@ def cpu_supports_avx512_bf16() -> bool:
     return sys.platform.startswith("linux") and set(_NEEDED_FLAGS) <= cpu_flags()
 
 
+def cpu_supports_avx2() -> bool:
+    """What the library needs to load and its `avx2` kernel to run (x86-64 since ~2013)."""
+    return sys.platform.startswith("linux") and set(_AVX2_FLAGS) <= cpu_flags()
+
+
 # -fopenmp: at::parallel_for splits work over threads only in code compiled with OpenMP; without
 # it every kernel ran on one core (libgomp is torch's own, already loaded, same soname).
 _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
@@ -93,7 +105,8 @@ _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 def build_dir() -> Path:
     """Where the compiled library lives: keyed by source hash and torch version, so an edit or
     a torch upgrade builds a fresh one."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+    code = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(code + " ".join(_CFLAGS).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
     return root / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{key}"
 
@@ -104,16 +117,25 @@ def build(verbose: bool = False) -> Path:
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="specdecode_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+    cpp_extension.load(name="specdecode_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                        extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
     return folder / "specdecode_kernels.so"
 
 
-@functools.cache
 def load_error() -> str | None:
-    """Load the library into torch.ops.specdecode; None if it works, else why not."""
+    """None if our AVX-512 library runs here (loaded into torch.ops.specdecode: the matmuls of
+    OURS, attention, norms, GGUF conversion), else why not."""
     if not cpu_supports_avx512_bf16():
         return "this CPU lacks AVX512-BF16"
+    return library_error()
+
+
+@functools.cache
+def library_error() -> str | None:
+    """Load the library into torch.ops.specdecode; None if it works, else why not. On a CPU
+    without AVX-512 only its `avx2` ops may be called."""
+    if not cpu_supports_avx2():
+        return "this CPU lacks AVX2, FMA or F16C"
     lib = build_dir() / "specdecode_kernels.so"
     try:
         if not lib.is_file():
@@ -130,6 +152,8 @@ def available(kernel: str) -> str | None:
     """None if `kernel` can run here, else why not."""
     if kernel == "aten":
         return None
+    if kernel == "avx2":
+        return library_error()
     error = load_error()
     if error is None and kernel in VNNI_ARITHMETIC and not {"avx512_vnni"} <= cpu_flags():
         error = "this CPU lacks AVX512-VNNI"
@@ -169,7 +193,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], d.shape[0] * 16))
 
     for op in ("int4_linear", "int8_linear", "int4_linear_vnni", "int8_linear_vnni", "int4_linear_amx", "int8_linear_amx",
-               "int4_linear_amx_int8", "int8_linear_amx_int8"):
+               "int4_linear_amx_int8", "int8_linear_amx_int8", "int4_linear_avx2", "int8_linear_avx2"):
         torch.library.register_fake(f"specdecode::{op}")(linear_fake)
 
     @torch.library.register_fake("specdecode::attend_rows")

@@ -29,6 +29,8 @@
 // Every kernel function carries its own target attribute, so the library loads on any x86-64
 // CPU; Python calls these ops only where /proc/cpuinfo lists avx512_bf16 (specdecode/kernels).
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -48,23 +50,7 @@
 
 namespace {
 
-constexpr int kGroup = 32;
-constexpr int kTile = 16;
-
-// Denormal floats flushed to zero while one of our kernels runs on this thread (MXCSR's FTZ and
-// DAZ bits, restored on exit). Intel cores take a microcode assist (~100 cycles) for every
-// denormal operand or result: softmax tails (exp of scores far below the maximum) times values
-// make them by the thousand, and attention ran 5x slower on a real model's activations than on
-// random ones (AMD's cores show no such penalty). Every path sets it, so results stay batch
-// invariant.
-struct FlushDenormals {
-  unsigned saved = _mm_getcsr();
-  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-  FlushDenormals(const FlushDenormals&) = delete;
-  FlushDenormals& operator=(const FlushDenormals&) = delete;
-};
-
+using namespace sdk;  // common.h
 
 SD_TARGET inline __m512 bcast_pair(const at::BFloat16* p) {
   // Two adjacent bf16 values (one input pair) broadcast to all 16 lanes.
@@ -175,21 +161,6 @@ template <bool INT4>
 using RowKernels = Kernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 constexpr int kMaxRows = 16;
 
-// What every quantized linear takes: x [T, K] bf16, d [N/16, K/32, 16] f16 and N*K/2 (int4) or
-// N*K (int8) bytes of packed weight; x comes back contiguous.
-struct LinearShape {
-  at::Tensor x;
-  int64_t T, K, tiles, G, N;
-};
-
-LinearShape linear_shape(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, bool int4) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
-  LinearShape s{x_in.contiguous(), x_in.size(0), x_in.size(1), d.size(0), d.size(1), d.size(0) * kTile};
-  TORCH_CHECK(s.G * kGroup == s.K, "specdecode qlinear: x has ", s.K, " inputs, the weight ", s.G * kGroup);
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == s.N * s.K / (int4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
-  return s;
-}
 
 template <bool INT4>
 at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {

@@ -47,6 +47,10 @@ MAX_COMPILED_TOKENS = 16
 # Verification steps of at most this many tokens attend row by row (see `_step`); on our
 # kernels' row attention (`specdecode::attend_rows`), every step after a cached prefix does.
 MAX_ROWWISE_TOKENS = 16
+# ... and up to this many where the matmuls are ours but attention is PyTorch's (the avx2 kernel):
+# our matmuls compute every row alike for any count, so longer verification blocks and trees
+# stay bitwise single steps; longer blocks (a prompt after a cached one) take one masked call.
+MAX_ROWWISE_TOKENS_OUR_MATMULS = 64
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
 # its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
 # except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
@@ -139,7 +143,7 @@ class FusedLayers:
                     post_norm: Sequence[torch.Tensor]) -> "FusedLayers | None":
         """From the qkv, o, gate_up and down stacks and the two norms of every layer; None
         where a stack is not on our kernels."""
-        if not all(hasattr(s, "fused_kind") for s in stacks):
+        if not all(getattr(s, "fused_kind", None) is not None for s in stacks):
             return None
         norms, weights, biases = [], [], []
         for li in range(len(input_norm)):
@@ -370,6 +374,10 @@ class LlamaModel(nn.Module):
         fp32; bf16 float matmuls (oneDNN) are not row-invariant anyway, so not there."""
         return self.quant is not None or self.dtype == torch.float32
 
+    def _max_rowwise(self, runtime: Runtime, past: int) -> int:
+        """The most new tokens a step attends row by row through PyTorch's attention."""
+        return MAX_ROWWISE_TOKENS_OUR_MATMULS if past > 0 and runtime.kernel in kernels.MATMULS else MAX_ROWWISE_TOKENS
+
     def _attends_in_kernel(self, runtime: Runtime) -> bool:
         """Attend through our row-by-row kernel? For int8/int4 models whose matmuls run on our
         kernels (specdecode.kernels; bf16 activations): one call per layer instead of one per
@@ -559,10 +567,15 @@ class LlamaModel(nn.Module):
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
             mask = None  # every new token attends to the cache and its ancestors (a chain: the tokens before it)
-        elif 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
+        elif 1 < t <= self._max_rowwise(runtime, past) and attn_mask is None and positions is None and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
             mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
+        elif (1 < t <= self._max_rowwise(runtime, past) and parents is not None and self._rowwise
+              and (window is None or past + t <= window)):
+            # A tree node likewise, to the keys its path has as a chain: the cache's and its
+            # ancestors' slots, gathered in path order (long tensors in the list).
+            mask = tree.path_slots(parents, past)
         else:
             mask = self._mask(t, past, attn_mask, positions)
         step = self._compiled if compiled else _step
@@ -720,7 +733,8 @@ def _step(
     embedded: torch.Tensor,  # [T, hidden] the new tokens' embeddings, in the activation dtype
     rope: torch.Tensor,  # [T, head_dim / 2] complex64 (eager) or its view_as_real [T, head_dim / 2, 2] (compiled)
     mask: torch.Tensor | list[torch.Tensor | None] | None,  # [T, past+T] bool, True = may attend;
-    # None = everything; a list (one [1, past+i+1] mask or None per token) = row by row
+    # None = everything; a list (one [1, past+i+1] mask or None per token, or for a tree node the
+    # long tensor of the cache slots it attends to) = row by row
     cache_k: torch.Tensor,  # [layers, 1, kv_heads, max_length, head_dim], written in place
     cache_v: torch.Tensor,
     past: int,  # valid cache slots before these tokens
@@ -763,7 +777,7 @@ def _step(
         if isinstance(mask, torch.Tensor):
             mask = mask.repeat(group, 1)
         elif rowwise:
-            mask = [None if m is None else m.repeat(group, 1) for m in mask]
+            mask = [None if m is None or m.dtype == torch.long else m.repeat(group, 1) for m in mask]
     dtype = embedded.dtype
     # The residual stream stays fp32 (also for bf16/int8/int4 models): RMSNorm reads it
     # without a conversion, and sums of many layers' outputs keep their precision.
@@ -811,8 +825,10 @@ def _step(
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
             out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents, tiles)
-        elif rowwise:
-            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
+        elif rowwise:  # (a long tensor: the slots a tree node attends to, see `forward`)
+            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li][:, :, m], cache_v[li][:, :, m], m.numel(), None, group)
+                    if m is not None and m.dtype == torch.long else
+                    _attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)
         else:
             out = _attend(qk[:, :n_heads], cache_k[li], cache_v[li], end, mask, group)

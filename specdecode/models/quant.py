@@ -469,8 +469,9 @@ class _TiledStack(LinearStack):
               ("int8", "amx-int8"): 7}
 
     @property
-    def fused_kind(self) -> int:
-        return self._KINDS[(self.mode, self.kernel)]
+    def fused_kind(self) -> int | None:
+        """None for kernels without fused layers (avx2)."""
+        return self._KINDS.get((self.mode, self.kernel))
 
     def fused_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         aux = getattr(self, "m", None) or getattr(self, "wsum", None) or self.d
@@ -497,7 +498,8 @@ class TiledInt4Stack(_TiledStack):
         self.vnni = kernel in kernels.VNNI_ARITHMETIC  # (amx unpacks to bf16 tiles from the avx512-bf16 layout)
         ops = torch.ops.specdecode
         self.op = (ops.int4_linear_amx if kernel == "amx" else _amx_int8_op(ops.int4_linear_amx_int8, True)
-                   if kernel == "amx-int8" else ops.int4_linear_vnni if self.vnni else ops.int4_linear)
+                   if kernel == "amx-int8" else ops.int4_linear_avx2 if kernel == "avx2"
+                   else ops.int4_linear_vnni if self.vnni else ops.int4_linear)
         self.m: list[torch.Tensor] = []
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
@@ -548,13 +550,14 @@ class TiledInt8Stack(_TiledStack):
         super()._start(kernel)
         ops = torch.ops.specdecode
         self.op = (ops.int8_linear_amx if kernel == "amx" else _amx_int8_op(ops.int8_linear_amx_int8, False)
-                   if kernel == "amx-int8" else ops.int8_linear_vnni if kernel == "avx512-vnni" else ops.int8_linear)
-        self.wsum: list[torch.Tensor] = []  # (avx512-vnni and amx-int8 only)
+                   if kernel == "amx-int8" else ops.int8_linear_vnni if kernel == "avx512-vnni"
+                   else ops.int8_linear_avx2 if kernel == "avx2" else ops.int8_linear)
+        self.wsum: list[torch.Tensor] = []  # (kernels.CODE_SUMS only)
 
     def _add(self, q: torch.Tensor, d: torch.Tensor, *rest: torch.Tensor) -> None:
         super()._add(q, d)
         self.packed.append((quad_int8 if self.vnni else tile_int8)(q))
-        if self.kernel in kernels.VNNI_ARITHMETIC:
+        if self.kernel in kernels.CODE_SUMS:
             self.wsum.append(tile_scales(_block_sums(q)))
 
     @classmethod
@@ -638,7 +641,7 @@ def linear_stack(
         return FloatStack(weights, biases, dtype)
     if kernel is None and mode in QUANT_MODES:
         kernel = kernels.active()
-    if kernel in kernels.OURS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
+    if kernel in kernels.MATMULS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
         if mode == "int4":
             return TiledInt4Stack.from_float(weights, biases, dtype, kernel)
         if mode == "int8":

@@ -1,0 +1,45 @@
+// What the kernel sources share (qmatmul.cpp: the AVX-512 and AMX kernels; avx2.cpp): GGUF's
+// block size, the tile of outputs, the denormal guard and the shape checks of every linear.
+#pragma once
+
+#include <immintrin.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+
+namespace sdk {
+
+constexpr int kGroup = 32;  // inputs per block of scales (GGUF's)
+constexpr int kTile = 16;   // outputs per tile of the packed layouts
+
+// Denormal floats flushed to zero while one of our kernels runs on this thread (MXCSR's FTZ and
+// DAZ bits, restored on exit). Intel cores take a microcode assist (~100 cycles) for every
+// denormal operand or result: softmax tails (exp of scores far below the maximum) times values
+// make them by the thousand, and attention ran 5x slower on a real model's activations than on
+// random ones (AMD's cores show no such penalty). Every path sets it, so results stay batch
+// invariant.
+struct FlushDenormals {
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+
+// What every quantized linear takes: x [T, K] bf16, d [N/16, K/32, 16] f16 and N*K/2 (int4) or
+// N*K (int8) bytes of packed weight; x comes back contiguous.
+struct LinearShape {
+  at::Tensor x;
+  int64_t T, K, tiles, G, N;
+};
+
+inline LinearShape linear_shape(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, bool int4) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "specdecode qlinear: x must be [T, K] bf16");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile, "specdecode qlinear: d must be [N/16, G, 16] f16");
+  LinearShape s{x_in.contiguous(), x_in.size(0), x_in.size(1), d.size(0), d.size(1), d.size(0) * kTile};
+  TORCH_CHECK(s.G * kGroup == s.K, "specdecode qlinear: x has ", s.K, " inputs, the weight ", s.G * kGroup);
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == s.N * s.K / (int4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
+  return s;
+}
+
+}  // namespace sdk
