@@ -36,10 +36,11 @@ FORMATS = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, N
            "int8-vnni": (torch.bfloat16, "int8", "avx512-vnni"), "int4-vnni": (torch.bfloat16, "int4", "avx512-vnni"),
            "int8-amx": (torch.bfloat16, "int8", "amx"), "int4-amx": (torch.bfloat16, "int4", "amx"),
            "int8-amx8": (torch.bfloat16, "int8", "amx-int8"), "int4-amx8": (torch.bfloat16, "int4", "amx-int8"),
+           "int8-avx2": (torch.bfloat16, "int8", "avx2"), "int4-avx2": (torch.bfloat16, "int4", "avx2"),
            "fp32-int8": (torch.float32, "int8", None), "fp32-int4": (torch.float32, "int4", None)}
 MATMUL_OPS = ("specdecode::int4_linear", "specdecode::int8_linear", "specdecode::int4_linear_vnni",
               "specdecode::int8_linear_vnni", "specdecode::int4_linear_amx", "specdecode::int8_linear_amx",
-              "specdecode::int4_linear_amx_int8", "specdecode::int8_linear_amx_int8", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
+              "specdecode::int4_linear_amx_int8", "specdecode::int8_linear_amx_int8", "specdecode::int4_linear_avx2", "specdecode::int8_linear_avx2", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_weight_int4pack_mm_for_cpu",
               "aten::_weight_int8pack_mm", "quantized::int4mm_packed_weight_cpu", "mkldnn::_linear_pointwise")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
                  "specdecode::attend_rows", "specdecode::rope_attend")

@@ -41,10 +41,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=_integer, default=None,
                    help="longest context in tokens (default 4096); the KV cache grows on demand up to it")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--kernel", default=None, choices=["auto", "amx-int8", "amx", "avx512-vnni", "avx512-bf16", "aten"],
+    p.add_argument("--kernel", default=None, choices=["auto", "amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten"],
                    help="int4/int8 matmul code (default auto: amx-int8 where the CPU has AMX-INT8 (Intel: "
                         "avx512-vnni's results, blocks of rows on AMX tiles), else avx512-vnni (AMD Zen 4), amx, "
-                        "avx512-bf16, aten; same as SPECDECODE_KERNEL; see docs/perf.md)")
+                        "avx512-bf16, avx2 (CPUs without AVX-512: avx512-vnni's results), aten; same as "
+                        "SPECDECODE_KERNEL; see docs/perf.md)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode/verify steps: ~15%% faster steps (int4, 2 cores) after a "
                         "one-off compile of minutes per step length (cached on disk by torch)")

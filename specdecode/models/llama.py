@@ -777,7 +777,7 @@ def _step(
         if isinstance(mask, torch.Tensor):
             mask = mask.repeat(group, 1)
         elif rowwise:
-            mask = [None if m is None or m.dtype == torch.long else m.repeat(group, 1) for m in mask]
+            mask = [m if m is None or m.dtype == torch.long else m.repeat(group, 1) for m in mask]
     dtype = embedded.dtype
     # The residual stream stays fp32 (also for bf16/int8/int4 models): RMSNorm reads it
     # without a conversion, and sums of many layers' outputs keep their precision.
