@@ -36,11 +36,9 @@ import torch
 from specdecode.errors import UserError
 
 KERNELS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten")
-# kernels of our AVX-512 library: matmuls, and with them our attention, norms, fused layers and
-# GGUF conversion (`load_error`)
-OURS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16")
-# kernels whose int4/int8 matmuls are ours (avx2: only those; attention and norms stay PyTorch's)
-MATMULS = (*OURS, "avx2")
+# our kernels: with their matmuls our attention, norms and fused layers run (qmatmul.cpp's AVX-512
+# code, or avx2.cpp's on CPUs without AVX-512)
+OURS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2")
 QUAD_LAYOUT = ("amx-int8", "amx", "avx512-vnni", "avx2")  # kernels whose int8 weights are quads (4 inputs x 16 outputs)
 VNNI_ARITHMETIC = ("amx-int8", "avx512-vnni", "avx2")  # int8 activations, integer sums: bitwise the same results
 CODE_SUMS = ("amx-int8", "avx512-vnni")  # int8 kernels that take each output's code sums per group (wsum)

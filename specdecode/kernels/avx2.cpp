@@ -25,6 +25,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -210,6 +212,124 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
   return y;
 }
 
+// exp(x) for x <= 0 (softmax weights, SiLU's exp(-|g|)): 2^n * p(r), r = x - n ln2 in
+// [-ln2/2, ln2/2], p Cephes' degree-7 polynomial (relative error ~2e-7); x < -87 gives 0.
+SD_AVX2 inline __m256 exp_neg(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+SD_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One query row of one head: softmax(q . k_j / sqrt(D)) over the key slots `slots` (n of them),
+// times their values, into out (bf16). Every row alone, in the same order whatever else is scored.
+SD_AVX2 void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t D,
+                        const int64_t* slots, int64_t n, float* scores, float* acc, at::BFloat16* out) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  float qf[256];
+  for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(qf + i, bf16x8(q + i));
+  float best = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const at::BFloat16* kr = k + slots[j] * D;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i), bf16x8(kr + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i + 8), bf16x8(kr + i + 8), s1);
+    }
+    scores[j] = hsum(_mm256_add_ps(s0, s1)) * scale;
+    best = std::max(best, scores[j]);
+  }
+  int64_t j = 0;
+  __m256 total = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(best)));
+    _mm256_storeu_ps(scores + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum(total);
+  if (j < n) {  // the last keys, padded with -inf (weight 0)
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? scores[j + i] - best : -INFINITY;
+    _mm256_store_ps(tail, exp_neg(_mm256_load_ps(tail)));
+    for (int i = 0; j + i < n; ++i) {
+      scores[j + i] = tail[i];
+      sum += tail[i];
+    }
+  }
+  for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_setzero_ps());
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const __m256 w = _mm256_set1_ps(scores[jj]);
+    const at::BFloat16* vr = v + slots[jj] * D;
+    for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, bf16x8(vr + i), _mm256_loadu_ps(acc + i)));
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (int64_t i = 0; i < D; i += 8) store_bf16_rne(out + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), inv));
+}
+
+SD_AVX2 void rms_norm_rows(const float* x, const float* w, at::BFloat16* y, int64_t T, int64_t H, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = x + t * H;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < H; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(r + i), acc);
+    const __m256 s = _mm256_set1_ps(1.0f / std::sqrt(hsum(acc) / (float)H + eps));
+    for (int64_t i = 0; i < H; i += 8)
+      store_bf16_rne(y + t * H + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), s), _mm256_loadu_ps(w + i)));
+  }
+}
+
+SD_AVX2 void rotate_row(const at::BFloat16* x, const float* rope, at::BFloat16* y, int64_t D) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi64x(0x0000000080000000LL));  // negate even lanes
+  for (int64_t i = 0; i < D; i += 8) {  // 4 pairs (a, b): (a c - b s, b c + a s)
+    const __m256 ab = bf16x8(x + i), rs = _mm256_loadu_ps(rope + i);
+    const __m256 c = _mm256_moveldup_ps(rs), sn = _mm256_xor_ps(_mm256_movehdup_ps(rs), sign);
+    store_bf16_rne(y + i, _mm256_fmadd_ps(_mm256_permute_ps(ab, 0xB1), sn, _mm256_mul_ps(ab, c)));
+  }
+}
+
+SD_AVX2 void silu_mul_vectors(const at::BFloat16* src, at::BFloat16* y, int64_t F, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i round = _mm256_set1_epi32(0x7fff), lsb = _mm256_set1_epi32(1), high = _mm256_set1_epi32((int)0xffff0000);
+  for (int64_t vi = begin; vi < end; ++vi) {
+    const int64_t t = vi / (F / 16), i0 = vi % (F / 16) * 16;
+    for (int64_t i = i0; i < i0 + 16; i += 8) {
+      const __m256 g = bf16x8(src + t * 2 * F + i);
+      const __m256 e = exp_neg(_mm256_sub_ps(zero, _mm256_and_ps(g, absmask)));  // exp(-|g|)
+      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+      const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), _mm256_cmp_ps(g, zero, _CMP_LT_OQ));  // g < 0: e / (1 + e)
+      const __m256i b = _mm256_castps_si256(_mm256_mul_ps(g, sig));  // silu, rounded to bf16 before the product
+      const __m256 silu16 = _mm256_castsi256_ps(_mm256_and_si256(
+          _mm256_add_epi32(b, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(b, 16), lsb))), high));
+      store_bf16_rne(y + t * F + i, _mm256_mul_ps(silu16, bf16x8(src + t * 2 * F + F + i)));
+    }
+  }
+}
+
+SD_AVX2 void add_residual_rows(float* x, const at::BFloat16* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), bf16x8(y + i)));
+}
+
+}  // namespace
+
+namespace sdk {
+
 at::Tensor int4_linear_avx2(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   return qlinear_avx2<true>(x, packed, d, m);
 }
@@ -218,7 +338,46 @@ at::Tensor int8_linear_avx2(const at::Tensor& x, const at::Tensor& packed, const
   return qlinear_avx2<false>(x, packed, d, d);
 }
 
-}  // namespace
+void rms_norm_rows_avx2(const float* x, const float* w, at::BFloat16* y, int64_t T, int64_t H, float eps) {
+  rms_norm_rows(x, w, y, T, H, eps);
+}
+
+void rotate_row_avx2(const at::BFloat16* x, const float* rope, at::BFloat16* y, int64_t D) { rotate_row(x, rope, y, D); }
+
+void silu_mul_vectors_avx2(const at::BFloat16* src, at::BFloat16* y, int64_t F, int64_t begin, int64_t end) {
+  silu_mul_vectors(src, y, F, begin, end);
+}
+
+void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n) { add_residual_rows(x, y, n); }
+
+// Each sequence's rows x heads, one task each: a row attends to its sequence's cached slots and
+// the new rows of its chain (or of its tree path), on its own.
+void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
+  std::vector<int64_t> first(seqs.size() + 1, 0);  // first task of each sequence
+  for (size_t s = 0; s < seqs.size(); ++s) first[s + 1] = first[s] + seqs[s].T * H;
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    thread_local std::vector<float> scores, acc;
+    thread_local std::vector<int64_t> slots;
+    for (int64_t task = begin; task < end; ++task) {
+      const size_t s = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const SeqAttention& a = seqs[s];
+      const int64_t t = (task - first[s]) / H, h = (task - first[s]) % H, kv = h / group;
+      slots.resize(a.past);
+      for (int64_t j = 0; j < a.past; ++j) slots[j] = j;
+      if (a.paths.empty())
+        for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
+      else
+        for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
+      if ((int64_t)scores.size() < (int64_t)slots.size()) scores.resize(slots.size());
+      acc.resize(D);
+      attend_row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(),
+                 scores.data(), acc.data(), a.out + (t * H + h) * D);
+    }
+  });
+}
+
+}  // namespace sdk
 
 TORCH_LIBRARY_FRAGMENT(specdecode, m) {
   m.def("int4_linear_avx2(Tensor x, Tensor packed, Tensor d, Tensor m) -> Tensor");
@@ -226,6 +385,6 @@ TORCH_LIBRARY_FRAGMENT(specdecode, m) {
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
-  m.impl("int4_linear_avx2", &int4_linear_avx2);
-  m.impl("int8_linear_avx2", &int8_linear_avx2);
+  m.impl("int4_linear_avx2", &sdk::int4_linear_avx2);
+  m.impl("int8_linear_avx2", &sdk::int8_linear_avx2);
 }

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace sdk {
 
@@ -41,5 +42,34 @@ inline LinearShape linear_shape(const at::Tensor& x_in, const at::Tensor& packed
   TORCH_CHECK(packed.is_contiguous() && packed.numel() == s.N * s.K / (int4 ? 2 : 1), "specdecode qlinear: packed weight of the wrong size");
   return s;
 }
+
+// Whether this CPU runs qmatmul.cpp's AVX-512 code (its glue ops take avx2.cpp's otherwise).
+inline bool cpu_has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+// One sequence's attention in a layer: its q rows, its cache layer, its output rows.
+struct SeqAttention {
+  const at::BFloat16* q;  // [T, H, D], row stride qs
+  int64_t qs, T;
+  const at::BFloat16* k;  // [Hkv, L, D] (head stride hs)
+  const at::BFloat16* v;
+  int64_t hs, past;
+  at::BFloat16* out;  // [T, H * D]
+  std::vector<std::vector<int64_t>> paths;  // a tree's paths, root first (empty: a chain)
+};
+
+// avx2.cpp: the avx2 kernel's linears, and the glue of a forward for CPUs without AVX-512 (each
+// row computed on its own in a fixed order, batch invariant as the AVX-512 versions; not their bits)
+at::Tensor int4_linear_avx2(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m);
+at::Tensor int8_linear_avx2(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d);
+void rms_norm_rows_avx2(const float* x, const float* w, at::BFloat16* y, int64_t T, int64_t H, float eps);
+void rotate_row_avx2(const at::BFloat16* x, const float* rope, at::BFloat16* y, int64_t D);
+void silu_mul_vectors_avx2(const at::BFloat16* src, at::BFloat16* y, int64_t F, int64_t begin, int64_t end);
+void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n);
+void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group);
 
 }  // namespace sdk

@@ -1314,16 +1314,7 @@ SD_AMX_BF16 void attend_head_amx(const at::BFloat16* qp, int64_t qs, int64_t T, 
   }
 }
 
-// One sequence's attention in a layer (for attend_many): its q rows, its cache layer, its output rows.
-struct SeqAttention {
-  const at::BFloat16* q;  // [T, H, D], row stride qs
-  int64_t qs, T;
-  const at::BFloat16* k;  // [Hkv, L, D] (head stride hs)
-  const at::BFloat16* v;
-  int64_t hs, past;
-  at::BFloat16* out;  // [T, H * D]
-  std::vector<std::vector<int64_t>> paths;  // a tree's paths (empty: a chain)
-};
+// (SeqAttention, one sequence's attention in a layer: common.h)
 
 bool tiles_fit(bool tiles, int64_t D) { return tiles && D % 32 == 0 && D <= 128; }
 
@@ -1348,6 +1339,10 @@ SD_AMX_BF16 void attend_many_amx(const std::vector<SeqAttention>& seqs, int64_t 
 }
 
 void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group, bool tiles) {
+  if (!cpu_has_avx512()) {
+    attend_many_avx2(seqs, H, D, group);
+    return;
+  }
   if (tiles_fit(tiles, D)) {
     TORCH_CHECK(amx_permitted(), "specdecode attention: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
     attend_many_amx(seqs, H, D, group);
@@ -1367,7 +1362,7 @@ void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, in
 void attend(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
             const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op, const int64_t* parents,
             bool tiles) {
-  if (tiles_fit(tiles, D))
+  if (tiles_fit(tiles, D) || !cpu_has_avx512())
     attend_many({SeqAttention{qp, qs, T, kp, vp, hs, past, op, tree_paths(parents, T)}}, H, D, group, tiles);
   else
     attend_block(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
@@ -1418,7 +1413,21 @@ SD_TARGET inline void store_bf16x16(at::BFloat16* p, __m512 v) {
 }
 
 // y[t] = bf16(x[t] * rsqrt(mean(x[t]^2) + eps) * w): x the fp32 residual stream [T, H], w [H].
-SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+SD_TARGET void rms_norm_rows(const float* xp, const float* wp, at::BFloat16* yp, int64_t T, int64_t H, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = xp + t * H;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __m512 v = _mm512_loadu_ps(r + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const __m512 s = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)H + eps));
+    for (int64_t i = 0; i < H; i += 16)
+      store_bf16x16(yp + t * H + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r + i), s), _mm512_loadu_ps(wp + i)));
+  }
+}
+
+at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   const FlushDenormals flush;
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "specdecode rms_norm: x must be [T, H] fp32");
   const at::Tensor x = x_in.contiguous(), w = w_in.to(at::kFloat).contiguous();
@@ -1428,17 +1437,7 @@ SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_i
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* r = xp + t * H;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      const __m512 v = _mm512_loadu_ps(r + i);
-      acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    const __m512 s = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)H + (float)eps));
-    for (int64_t i = 0; i < H; i += 16)
-      store_bf16x16(yp + t * H + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(r + i), s), _mm512_loadu_ps(wp + i)));
-  }
+  (cpu_has_avx512() ? rms_norm_rows : rms_norm_rows_avx2)(xp, wp, yp, T, H, (float)eps);
   return y;
 }
 
@@ -1449,7 +1448,19 @@ SD_TARGET at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_i
 // as attend_rows. Returns [T, H * D] bf16.
 // rope_attend's first half: q rotated into a new [T, H, D] tensor, k rotated and v copied into
 // the cache layer at slots past..past+T-1.
-SD_TARGET at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k,
+// One head row of RoPE: pairs (a, b) of x -> (a c - b s, b c + a s), rope (cos, sin) of pair j at
+// rope[2j], rope[2j + 1]; each in fp32, rounded to bf16.
+SD_TARGET void rotate_row(const at::BFloat16* x, const float* rope, at::BFloat16* y, int64_t D) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi64(0x0000000080000000LL));  // negate even lanes
+  for (int64_t i = 0; i < D; i += 16) {  // 8 pairs (a, b): (a c - b s, b c + a s)
+    const __m512 ab = bf16x16_to_ps(x + i), rs = _mm512_loadu_ps(rope + i);
+    const __m512 c = _mm512_moveldup_ps(rs), sn = _mm512_xor_ps(_mm512_movehdup_ps(rs), sign);  // (c, c), (-s, s)
+    const __m512 ba = _mm512_permute_ps(ab, 0xB1);
+    store_bf16x16(y + i, _mm512_fmadd_ps(ba, sn, _mm512_mul_ps(ab, c)));
+  }
+}
+
+at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k,
                                        at::Tensor& cache_v, int64_t layer, int64_t past, int64_t n_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(), "specdecode rope_attend: qkv must be [T, n] bf16");
   TORCH_CHECK(cache_k.dim() == 5 && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kBFloat16 &&
@@ -1468,20 +1479,12 @@ SD_TARGET at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& 
   auto* qp = q.data_ptr<at::BFloat16>();
   auto* kl = cache_k.data_ptr<at::BFloat16>() + layer * ls;
   auto* vl = cache_v.data_ptr<at::BFloat16>() + layer * ls;
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi64(0x0000000080000000LL));  // negate even lanes
+  const auto rotate = cpu_has_avx512() ? rotate_row : rotate_row_avx2;
   for (int64_t t = 0; t < T; ++t) {
     const at::BFloat16* row = src + t * width;
     const float* r = cs + t * D;  // (cos, sin) of pair j at r[2j], r[2j+1]
-    for (int64_t h = 0; h < H + Hkv; ++h) {
-      const at::BFloat16* x = row + h * D;
-      at::BFloat16* y = h < H ? qp + (t * H + h) * D : kl + (h - H) * hs + (past + t) * D;
-      for (int64_t i = 0; i < D; i += 16) {  // 8 pairs (a, b): (a c - b s, b c + a s)
-        const __m512 ab = bf16x16_to_ps(x + i), rs = _mm512_loadu_ps(r + i);
-        const __m512 c = _mm512_moveldup_ps(rs), sn = _mm512_xor_ps(_mm512_movehdup_ps(rs), sign);  // (c, c), (-s, s)
-        const __m512 ba = _mm512_permute_ps(ab, 0xB1);
-        store_bf16x16(y + i, _mm512_fmadd_ps(ba, sn, _mm512_mul_ps(ab, c)));
-      }
-    }
+    for (int64_t h = 0; h < H + Hkv; ++h)
+      rotate(row + h * D, r, h < H ? qp + (t * H + h) * D : kl + (h - H) * hs + (past + t) * D, D);
     for (int64_t h = 0; h < Hkv; ++h)
       std::memcpy(vl + h * hs + (past + t) * D, row + (H + Hkv + h) * D, D * sizeof(at::BFloat16));
   }
@@ -1493,7 +1496,7 @@ SD_TARGET at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& 
 // rope [T, D/2, 2] fp32 cos/sin; each product in fp32, rounded to bf16), write k and v into the
 // cache (cache_k/v [layers, 1, Hkv, L, D] bf16) at slots past..past+T-1, then attend row by row
 // as attend_rows. Returns [T, H * D] bf16.
-SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
+at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::Tensor cache_k,
                                  at::Tensor cache_v, int64_t layer, int64_t past, int64_t n_heads,
                                  const c10::optional<at::Tensor>& parents, bool tiles) {
   const FlushDenormals flush;
@@ -1511,7 +1514,7 @@ SD_TARGET at::Tensor rope_attend(const at::Tensor& qkv_in, const at::Tensor& rop
 // rope_attend for several sequences (rows[s] rows each, one after another in qkv and rope),
 // each with its own cache; their attention in one parallel region (attend_many). Returns
 // [rows, H * D] bf16: each row bitwise what rope_attend gives it for its sequence alone.
-SD_TARGET at::Tensor rope_attend_many(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::TensorList caches_k,
+at::Tensor rope_attend_many(const at::Tensor& qkv_in, const at::Tensor& rope_in, at::TensorList caches_k,
                                       at::TensorList caches_v, int64_t layer, at::IntArrayRef pasts, at::IntArrayRef rows,
                                       const c10::List<c10::optional<at::Tensor>>& parents, int64_t n_heads, bool tiles) {
   const FlushDenormals flush;
@@ -1567,21 +1570,23 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   auto* yp = y.data_ptr<at::BFloat16>();
   // over the threads from 192 vectors on (a forward of 9 rows spent 0.25 ms here on one thread:
   // the division alone is ~16 cycles a vector); one row of the embedded model's 1536 stays on one
-  at::parallel_for(0, T * F / 16, 192, [&](int64_t begin, int64_t end) { silu_mul_vectors(src, yp, F, begin, end); });
+  const auto vectors = cpu_has_avx512() ? silu_mul_vectors : silu_mul_vectors_avx2;
+  at::parallel_for(0, T * F / 16, 192, [&](int64_t begin, int64_t end) { vectors(src, yp, F, begin, end); });
   return y;
 }
 
 // x [T, n] fp32 (the residual stream) += y [T, n] bf16 (a layer's output), in place: what
 // x.add_(y) gives, without ATen's conversion copy of y.
-SD_TARGET void add_residual(at::Tensor x, const at::Tensor& y_in) {
+SD_TARGET void add_residual_rows(float* xp, const at::BFloat16* yp, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(xp + i, _mm512_add_ps(_mm512_loadu_ps(xp + i), bf16x16_to_ps(yp + i)));
+}
+
+void add_residual(at::Tensor x, const at::Tensor& y_in) {
   const at::Tensor y = y_in.contiguous();
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kBFloat16 &&
                   x.sizes() == y.sizes() && x.numel() % 16 == 0,
               "specdecode add_residual: x [T, n] fp32 contiguous, y [T, n] bf16, n a multiple of 16");
-  float* xp = x.data_ptr<float>();
-  const auto* yp = y.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < x.numel(); i += 16)
-    _mm512_storeu_ps(xp + i, _mm512_add_ps(_mm512_loadu_ps(xp + i), bf16x16_to_ps(yp + i)));
+  (cpu_has_avx512() ? add_residual_rows : add_residual_avx2)(x.data_ptr<float>(), y.data_ptr<at::BFloat16>(), x.numel());
 }
 
 
@@ -2144,7 +2149,8 @@ at::Tensor int8_block_sums(const at::Tensor& q_in) {
 // Which linear a stack runs (specdecode/models/quant.py: _TiledStack.fused_kind); its weights
 // come as three tensors: packed codes, d, and m (int4) / wsum (int8 on avx512-vnni) / unused.
 enum LinearKind : int64_t {
-  kInt4Bf16 = 0, kInt8Bf16 = 1, kInt4Vnni = 2, kInt8Vnni = 3, kInt4Amx = 4, kInt8Amx = 5, kInt4AmxInt8 = 6, kInt8AmxInt8 = 7
+  kInt4Bf16 = 0, kInt8Bf16 = 1, kInt4Vnni = 2, kInt8Vnni = 3, kInt4Amx = 4, kInt8Amx = 5, kInt4AmxInt8 = 6, kInt8AmxInt8 = 7,
+  kInt4Avx2 = 8, kInt8Avx2 = 9
 };
 
 at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, const c10::optional<at::Tensor>& bias) {
@@ -2158,6 +2164,8 @@ at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, co
     case kInt8Amx: y = int8_linear_amx(x, w[0], w[1]); break;
     case kInt4AmxInt8: y = qlinear_vnni<true>(x, w[0], w[1], w[2], amx_int8_rows(true)); break;
     case kInt8AmxInt8: y = qlinear_vnni<false>(x, w[0], w[1], w[2], amx_int8_rows(false)); break;
+    case kInt4Avx2: y = int4_linear_avx2(x, w[0], w[1], w[2]); break;
+    case kInt8Avx2: y = int8_linear_avx2(x, w[0], w[1]); break;
     default: TORCH_CHECK(false, "specdecode decoder_layers: unknown linear kind ", kind);
   }
   return bias.has_value() ? y + *bias : y;  // what the stack's `y + b` gives (ATen's bf16 add)

@@ -77,7 +77,7 @@ def direct_loading_supported(quant: str | None, kernel: str | None = None) -> bo
     """Direct loading needs an int8/int4 target whose matmuls run on our kernels."""
     if quant not in ("int4", "int8") or os.environ.get(DISABLE_ENV) == "1":
         return False
-    return (kernel or kernels.active()) in kernels.MATMULS
+    return (kernel or kernels.active()) in kernels.OURS
 
 
 class _Tensors:

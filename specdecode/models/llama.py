@@ -47,10 +47,6 @@ MAX_COMPILED_TOKENS = 16
 # Verification steps of at most this many tokens attend row by row (see `_step`); on our
 # kernels' row attention (`specdecode::attend_rows`), every step after a cached prefix does.
 MAX_ROWWISE_TOKENS = 16
-# ... and up to this many where the matmuls are ours but attention is PyTorch's (the avx2 kernel):
-# our matmuls compute every row alike for any count, so longer verification blocks and trees
-# stay bitwise single steps; longer blocks (a prompt after a cached one) take one masked call.
-MAX_ROWWISE_TOKENS_OUR_MATMULS = 64
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
 # its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
 # except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
@@ -374,10 +370,6 @@ class LlamaModel(nn.Module):
         fp32; bf16 float matmuls (oneDNN) are not row-invariant anyway, so not there."""
         return self.quant is not None or self.dtype == torch.float32
 
-    def _max_rowwise(self, runtime: Runtime, past: int) -> int:
-        """The most new tokens a step attends row by row through PyTorch's attention."""
-        return MAX_ROWWISE_TOKENS_OUR_MATMULS if past > 0 and runtime.kernel in kernels.MATMULS else MAX_ROWWISE_TOKENS
-
     def _attends_in_kernel(self, runtime: Runtime) -> bool:
         """Attend through our row-by-row kernel? For int8/int4 models whose matmuls run on our
         kernels (specdecode.kernels; bf16 activations): one call per layer instead of one per
@@ -567,12 +559,11 @@ class LlamaModel(nn.Module):
                       and (window is None or past + t <= window) and self._attends_in_kernel(runtime))
         if row_kernel:
             mask = None  # every new token attends to the cache and its ancestors (a chain: the tokens before it)
-        elif 1 < t <= self._max_rowwise(runtime, past) and attn_mask is None and positions is None and self._rowwise:
+        elif 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
             mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
-        elif (1 < t <= self._max_rowwise(runtime, past) and parents is not None and self._rowwise
-              and (window is None or past + t <= window)):
+        elif 1 < t <= MAX_ROWWISE_TOKENS and parents is not None and self._rowwise and (window is None or past + t <= window):
             # A tree node likewise, to the keys its path has as a chain: the cache's and its
             # ancestors' slots, gathered in path order (long tensors in the list).
             mask = tree.path_slots(parents, past)

@@ -289,7 +289,7 @@ def tile_int8(q: torch.Tensor) -> torch.Tensor:
 def _packed_int8(q: torch.Tensor, width: int) -> torch.Tensor:
     """`_lanes(q, width)` made contiguous: by our kernels' `pack_int8` where they load (the same
     bytes; the torch permute was most of packing a requantized output head)."""
-    if kernels.load_error() is None and q.dtype == torch.int8:
+    if kernels.library_error() is None and q.dtype == torch.int8:
         return torch.ops.specdecode.pack_int8(q, width == 4)
     return _lanes(q, width).contiguous()
 
@@ -345,7 +345,7 @@ def pack_q4_nibbles(qs: torch.Tensor, vnni: bool) -> torch.Tensor:
     BF16 pair register p: low nibbles inputs 4p + {0, 1}, high nibbles 4p + 2 + {0, 1} of the
     same row (2 bytes: one int16). Our kernels' `pack_q4_nibbles` gives the same bytes in one
     pass where they load (these torch shuffles were a fifth of a load's time)."""
-    if kernels.load_error() is None:
+    if kernels.library_error() is None:
         return torch.ops.specdecode.pack_q4_nibbles(qs, vnni)
     return _pack_q4_nibbles_torch(qs, vnni)
 
@@ -466,7 +466,8 @@ class _TiledStack(LinearStack):
     # this stack: its LinearKind and, per layer, three tensors (codes, d, m / wsum / d again).
     _KINDS = {("int4", "avx512-bf16"): 0, ("int8", "avx512-bf16"): 1, ("int4", "avx512-vnni"): 2,
               ("int8", "avx512-vnni"): 3, ("int4", "amx"): 4, ("int8", "amx"): 5, ("int4", "amx-int8"): 6,
-              ("int8", "amx-int8"): 7}
+              ("int8", "amx-int8"): 7,
+              ("int4", "avx2"): 8, ("int8", "avx2"): 9}
 
     @property
     def fused_kind(self) -> int | None:
@@ -593,7 +594,7 @@ def _block_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """int8 codes [N, K] -> int16 [N, K/32], each block's sum; a few thousand rows at a time
     (sum(dtype=int16) first converts its whole input: +2 bytes a weight for a 150k-row head);
     in one pass by our kernels' `int8_block_sums` where they load."""
-    if kernels.load_error() is None and q.dtype == torch.int8:
+    if kernels.library_error() is None and q.dtype == torch.int8:
         return torch.ops.specdecode.int8_block_sums(q)
     n, k = q.shape
     out = torch.empty(n, k // INT4_GROUP, dtype=torch.int16)
@@ -641,7 +642,7 @@ def linear_stack(
         return FloatStack(weights, biases, dtype)
     if kernel is None and mode in QUANT_MODES:
         kernel = kernels.active()
-    if kernel in kernels.MATMULS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
+    if kernel in kernels.OURS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
         if mode == "int4":
             return TiledInt4Stack.from_float(weights, biases, dtype, kernel)
         if mode == "int8":
