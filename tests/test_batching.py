@@ -16,7 +16,7 @@ from specdecode.decoding import decode
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.models.base import ForwardCall
 
-pytestmark = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+pytestmark = pytest.mark.skipif(kernels.library_error() is not None, reason=f"our kernels unavailable: {kernels.library_error()}")
 
 QCFG = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)
 

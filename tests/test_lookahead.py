@@ -81,7 +81,7 @@ def test_lookahead_is_token_identical_to_greedy_decoding(arch):
             assert stats.draft_nodes > 0
 
 
-@pytest.mark.skipif(kernels.load_error() is not None, reason="our kernels unavailable")
+@pytest.mark.skipif(kernels.library_error() is not None, reason="our kernels unavailable")
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_lookahead_keeps_quantized_greedy_decoding(mode):
     cfg_model = tiny_config("llama", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab=128)

@@ -66,7 +66,10 @@ def engines():
 
 
 PROMPTS = ["Write a Python function that checks whether a number is prime.", "List three facts about the Moon."]
-TREE_PROMPTS = ["Count from 1 to 20, one number per line, like 'number 1', 'number 2'."]  # repeats: n-gram trees
+# repeats: n-gram trees (the first one's answer opens on a tied first token, which a kernel's
+# rounding decides: the int4 model may not count at all; the second repeats its prompt's list)
+TREE_PROMPTS = ["Count from 1 to 20, one number per line, like 'number 1', 'number 2'.",
+                "Repeat this list exactly: number 1, number 2, number 3, number 4, number 5, number 6."]
 
 
 @pytest.mark.slow

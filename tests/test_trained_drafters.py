@@ -275,7 +275,7 @@ def test_drafters_follow_a_bf16_or_quantized_target(tiny_target, fmt, kind):
 # ---------------------------------------------------------------------------- the EAGLE head on our kernels
 from specdecode import kernels, tree  # noqa: E402
 
-ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+ours = pytest.mark.skipif(kernels.library_error() is not None, reason=f"our kernels unavailable: {kernels.library_error()}")
 # shapes our glue and attention kernels take (head_dim a multiple of 16, sizes of 16)
 NATIVE = tiny_config(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1, head_dim=32)
 

@@ -21,7 +21,7 @@ PARENTS = [-1, 0, 0, 1, -1, 3, 2, 4, 5, 1]
 TOKENS = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
 PREFIX = list(range(3, 30))
 
-ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+ours = pytest.mark.skipif(kernels.library_error() is not None, reason=f"our kernels unavailable: {kernels.library_error()}")
 
 
 def test_tree_helpers_round_trip():

@@ -279,7 +279,7 @@ class NativeBlock:
     def build(cls, block: Block, quant: str | None, dtype: torch.dtype) -> "NativeBlock | None":
         """The native copy of `block`, or None where the kernels cannot run it (then the Block drafts)."""
         a, hidden, inter = block.self_attn, block.input_layernorm.weight.shape[0], block.mlp.up_proj.out_features
-        if (dtype != torch.bfloat16 or kernels.load_error() is not None or not kernels.attention_fits(a.head_dim)
+        if (dtype != torch.bfloat16 or kernels.library_error() is not None or not kernels.attention_fits(a.head_dim)
                 or hidden % 16 or inter % 16 or a.heads % a.kv_heads):
             return None
         return cls(block, quant, dtype)

@@ -1,25 +1,30 @@
-"""specdecode's own CPU kernels (C++, `qmatmul.cpp`): which one runs, built once, loaded lazily.
+"""specdecode's own CPU kernels (C++: `qmatmul.cpp` for AVX-512 and AMX, `avx2.cpp` for CPUs
+without AVX-512): which one runs, built once, loaded lazily.
 
-Matmul paths for int4/int8 weights, chosen once per process by CPU features:
+Matmul paths for int4/int8 weights, chosen once per process by CPU features (PREFERENCE):
 
-- ``avx512-vnni`` (the default): activations quantized to int8 per block of 32 (as llama.cpp
-  does), exact integer dot products (AVX512-VNNI: Intel Sapphire Rapids and later, AMD Zen 4 and
-  later). Fastest for decoding and chains (up to ~9 rows) on both machine kinds (PREFERENCE).
+- ``amx-int8`` (the default on Intel Sapphire Rapids and later): ``avx512-vnni``'s arithmetic,
+  with a call's row chunks of 8+ rows (int4) / 4+ (int8) on AMX-INT8 tiles: bitwise the same
+  results, blocks of rows for less.
+- ``avx512-vnni`` (the default on AMD Zen 4 and later): activations quantized to int8 per block
+  of 32 (as llama.cpp does), exact integer dot products (AVX512-VNNI).
 - ``amx`` (Intel Sapphire Rapids and later): int4 and int8 weights unpacked group by group to
   bf16 (int8: bf16(d * q)) and multiplied with up to 16 rows of bf16 activations an instruction
-  on AMX-BF16 tiles, fp32 sums kept in the tiles, for any number of rows: a verification block
-  of 33 rows costs about twice one row, but one row ~1.5x VNNI's.
-- ``avx512-bf16``: our kernels (AVX-512 with the BF16 extension: Intel Sapphire Rapids and
-  later, AMD Zen 4 and later). A weight tile is unpacked once and reused by every row, so
-  verifying k+1 tokens costs little more than one; attention runs row by row in one call.
+  on AMX-BF16 tiles, fp32 sums kept in the tiles, for any number of rows.
+- ``avx512-bf16`` (AVX-512 with the BF16 extension): bf16 activations, exact products; a weight
+  tile is unpacked once and reused by every row.
+- ``avx2`` (the default without AVX-512: AMD Zen 1-3, older Intel): ``avx512-vnni``'s arithmetic
+  in 256-bit registers, bitwise its results; attention and the glue from `avx2.cpp` too.
 - ``aten``: PyTorch's weight-only kernels (`_weight_int4pack_mm_for_cpu`,
   `_weight_int8pack_mm`) and attention one row per call; any CPU. Also what fp32-activation
   quantized models use.
 
-`SPECDECODE_KERNEL=auto|avx512-bf16|aten` (or `--kernel`) forces one; forcing a path this CPU
-or install lacks is an error that names the fix. The library is compiled by
-`scripts/setup.sh` (`python -m specdecode.kernels.build`) into a folder keyed by the source's
-hash and torch's version; if it is missing at run time it is built then (about a minute).
+`SPECDECODE_KERNEL=auto|<kernel>` (or `--kernel`) forces one; forcing a path this CPU or install
+lacks is an error that names the fix. The library is compiled by `scripts/setup.sh`
+(`python -m specdecode.kernels.build`) into a folder keyed by the sources' hash and torch's
+version; if it is missing at run time it is built then (about a minute). It loads on any CPU
+with AVX2 (`library_error`); its AVX-512 code (`load_error`: also the GGUF conversion ops) only
+where the CPU has AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -46,10 +51,13 @@ CODE_SUMS = ("amx-int8", "avx512-vnni")  # int8 kernels that take each output's 
 # of rows it costs about half the row-by-row code's (embedded model, T=9: 0.66 vs 1.27 ms a
 # forward), one row alike
 TILE_ATTENTION = ("amx-int8", "amx")
-# what `auto` picks, the first that runs: avx512-vnni before amx, since its integer dot products
-# cost less per weight than amx's unpacking to bf16 for the few rows of decoding and chains
-# (Xeon, 2 cores, int4 steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B
-# 46/57/63 vs 56/60/68; llama-3-8B 165/196/259 vs 246/267/297); amx stays for wide trees (T >= 9)
+# what `auto` picks, the first that runs: amx-int8 (VNNI's integer dot products for a few rows,
+# AMX-INT8 tiles for blocks: embedded int4 step T=1/5/9/17 3.10/4.01/5.02/8.08 ms vs avx512-vnni's
+# 3.10/4.43/6.11/10.41), then avx512-vnni before amx, since its integer dot products cost less per
+# weight than amx's unpacking to bf16 for the few rows of decoding and chains (Xeon, 2 cores, int4
+# steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B 46/57/63 vs 56/60/68;
+# llama-3-8B 165/196/259 vs 246/267/297); avx2 where there is no AVX-512 (AMD EPYC Zen 3, int4
+# T=1/5: 7.9/22.1 ms vs aten's 28.3/78.4)
 PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "avx2", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,

@@ -237,49 +237,82 @@ SD_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// 16 bf16 values as two fp32 vectors: lanes j of `even` and `odd` hold values 2j and 2j + 1 (a bf16
+// is the top half of its fp32: a shift for the low value of each pair, a mask for the high one).
+SD_AVX2 inline void split_bf16x16(const at::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000)));
+}
+
+// The sums of 8 vectors, one per lane: lane i = sum of v[i]'s lanes.
+SD_AVX2 inline __m256 sums8(const __m256 v[8]) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
 // One query row of one head: softmax(q . k_j / sqrt(D)) over the key slots `slots` (n of them),
-// times their values, into out (bf16). Every row alone, in the same order whatever else is scored.
+// times their values, into out (bf16); scores: room for n rounded up to 8. Every row alone, in
+// the same order whatever else is scored. C = D / 16 chunks (0: any D, read at run time).
+template <int C>
 SD_AVX2 void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t D,
-                        const int64_t* slots, int64_t n, float* scores, float* acc, at::BFloat16* out) {
+                        const int64_t* slots, int64_t n, float* scores, at::BFloat16* out) {
+  constexpr int kMaxChunks = 16;  // D <= 256
+  const int chunks = C > 0 ? C : (int)(D / 16);
   const float scale = 1.0f / std::sqrt((float)D);
-  float qf[256];
-  for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(qf + i, bf16x8(q + i));
-  float best = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    const at::BFloat16* kr = k + slots[j] * D;
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i), bf16x8(kr + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i + 8), bf16x8(kr + i + 8), s1);
+  __m256 qe[kMaxChunks], qo[kMaxChunks];
+  for (int c = 0; c < chunks; ++c) split_bf16x16(q + 16 * c, qe[c], qo[c]);
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {  // 8 keys at a time (past the last key: key j0 again, dropped)
+    __m256 dot[8];
+    for (int r = 0; r < 8; ++r) {
+      const at::BFloat16* kr = k + slots[std::min<int64_t>(j0 + r, n - 1)] * D;
+      __m256 acc = _mm256_setzero_ps();
+      for (int c = 0; c < chunks; ++c) {
+        __m256 ke, ko;
+        split_bf16x16(kr + 16 * c, ke, ko);
+        acc = _mm256_fmadd_ps(qe[c], ke, acc);
+        acc = _mm256_fmadd_ps(qo[c], ko, acc);
+      }
+      dot[r] = acc;
     }
-    scores[j] = hsum(_mm256_add_ps(s0, s1)) * scale;
-    best = std::max(best, scores[j]);
+    __m256 sc = _mm256_mul_ps(sums8(dot), _mm256_set1_ps(scale));
+    if (j0 + 8 > n) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j0)), lane));
+      sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, valid);
+    }
+    _mm256_storeu_ps(scores + j0, sc);
+    best = _mm256_max_ps(best, sc);
   }
-  int64_t j = 0;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))));
   __m256 total = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(best)));
-    _mm256_storeu_ps(scores + j, e);
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {  // (-inf past the last key: weight 0)
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), top));
+    _mm256_storeu_ps(scores + j0, e);
     total = _mm256_add_ps(total, e);
   }
-  float sum = hsum(total);
-  if (j < n) {  // the last keys, padded with -inf (weight 0)
-    alignas(32) float tail[8];
-    for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? scores[j + i] - best : -INFINITY;
-    _mm256_store_ps(tail, exp_neg(_mm256_load_ps(tail)));
-    for (int i = 0; j + i < n; ++i) {
-      scores[j + i] = tail[i];
-      sum += tail[i];
+  __m256 ae[kMaxChunks], ao[kMaxChunks];
+  for (int c = 0; c < chunks; ++c) ae[c] = ao[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_broadcast_ss(scores + j);
+    const at::BFloat16* vr = v + slots[j] * D;
+    for (int c = 0; c < chunks; ++c) {
+      __m256 ve, vo;
+      split_bf16x16(vr + 16 * c, ve, vo);
+      ae[c] = _mm256_fmadd_ps(w, ve, ae[c]);
+      ao[c] = _mm256_fmadd_ps(w, vo, ao[c]);
     }
   }
-  for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_setzero_ps());
-  for (int64_t jj = 0; jj < n; ++jj) {
-    const __m256 w = _mm256_set1_ps(scores[jj]);
-    const at::BFloat16* vr = v + slots[jj] * D;
-    for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, bf16x8(vr + i), _mm256_loadu_ps(acc + i)));
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
+  for (int c = 0; c < chunks; ++c) {  // back to the values' order: (e0 o0 e1 o1 ...)
+    const __m256 lo = _mm256_unpacklo_ps(ae[c], ao[c]), hi = _mm256_unpackhi_ps(ae[c], ao[c]);
+    store_bf16_rne(out + 16 * c, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), inv));
+    store_bf16_rne(out + 16 * c + 8, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), inv));
   }
-  const __m256 inv = _mm256_set1_ps(1.0f / sum);
-  for (int64_t i = 0; i < D; i += 8) store_bf16_rne(out + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), inv));
 }
 
 SD_AVX2 void rms_norm_rows(const float* x, const float* w, at::BFloat16* y, int64_t T, int64_t H, float eps) {
@@ -357,7 +390,7 @@ void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t 
   for (size_t s = 0; s < seqs.size(); ++s) first[s + 1] = first[s] + seqs[s].T * H;
   at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    thread_local std::vector<float> scores, acc;
+    thread_local std::vector<float> scores;
     thread_local std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const size_t s = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
@@ -369,10 +402,10 @@ void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t 
         for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
       else
         for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
-      if ((int64_t)scores.size() < (int64_t)slots.size()) scores.resize(slots.size());
-      acc.resize(D);
-      attend_row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(),
-                 scores.data(), acc.data(), a.out + (t * H + h) * D);
+      if (scores.size() < slots.size() + 8) scores.resize(slots.size() + 8);
+      const auto row = D == 64 ? attend_row<4> : D == 128 ? attend_row<8> : attend_row<0>;
+      row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(), scores.data(),
+          a.out + (t * H + h) * D);
     }
   });
 }

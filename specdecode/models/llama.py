@@ -563,10 +563,11 @@ class LlamaModel(nn.Module):
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
             mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
-        elif 1 < t <= MAX_ROWWISE_TOKENS and parents is not None and self._rowwise and (window is None or past + t <= window):
-            # A tree node likewise, to the keys its path has as a chain: the cache's and its
-            # ancestors' slots, gathered in path order (long tensors in the list).
-            mask = tree.path_slots(parents, past)
+        elif 1 < t <= MAX_ROWWISE_TOKENS and parents is not None and self._rowwise:
+            # A tree node likewise, as the last row of its path decoded as a chain: the keys of
+            # the cache's and its ancestors' slots (gathered in path order), that row's mask.
+            depths = tree.depths(parents).tolist()
+            mask = [(slots, self._mask(1, past + d, None, None)) for slots, d in zip(tree.path_slots(parents, past), depths)]
         else:
             mask = self._mask(t, past, attn_mask, positions)
         step = self._compiled if compiled else _step
@@ -724,8 +725,8 @@ def _step(
     embedded: torch.Tensor,  # [T, hidden] the new tokens' embeddings, in the activation dtype
     rope: torch.Tensor,  # [T, head_dim / 2] complex64 (eager) or its view_as_real [T, head_dim / 2, 2] (compiled)
     mask: torch.Tensor | list[torch.Tensor | None] | None,  # [T, past+T] bool, True = may attend;
-    # None = everything; a list (one [1, past+i+1] mask or None per token, or for a tree node the
-    # long tensor of the cache slots it attends to) = row by row
+    # None = everything; a list (one [1, past+i+1] mask or None per token, or for a tree node
+    # (the long tensor of the cache slots it attends to, their mask or None)) = row by row
     cache_k: torch.Tensor,  # [layers, 1, kv_heads, max_length, head_dim], written in place
     cache_v: torch.Tensor,
     past: int,  # valid cache slots before these tokens
@@ -768,7 +769,8 @@ def _step(
         if isinstance(mask, torch.Tensor):
             mask = mask.repeat(group, 1)
         elif rowwise:
-            mask = [m if m is None or m.dtype == torch.long else m.repeat(group, 1) for m in mask]
+            mask = [(m[0], None if m[1] is None else m[1].repeat(group, 1)) if isinstance(m, tuple)
+                    else None if m is None else m.repeat(group, 1) for m in mask]
     dtype = embedded.dtype
     # The residual stream stays fp32 (also for bf16/int8/int4 models): RMSNorm reads it
     # without a conversion, and sums of many layers' outputs keep their precision.
@@ -816,9 +818,9 @@ def _step(
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
             out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents, tiles)
-        elif rowwise:  # (a long tensor: the slots a tree node attends to, see `forward`)
-            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li][:, :, m], cache_v[li][:, :, m], m.numel(), None, group)
-                    if m is not None and m.dtype == torch.long else
+        elif rowwise:  # (a tuple: a tree node's slots and mask, see `forward`)
+            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li][:, :, m[0]], cache_v[li][:, :, m[0]], m[0].numel(), m[1], group)
+                    if isinstance(m, tuple) else
                     _attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
             out = torch.cat(rows)
         else:
