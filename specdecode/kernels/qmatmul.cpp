@@ -27,7 +27,9 @@
 // in this order for every row, whatever T is.
 //
 // Every kernel function carries its own target attribute, so the library loads on any x86-64
-// CPU; Python calls these ops only where /proc/cpuinfo lists avx512_bf16 (specdecode/kernels).
+// CPU. The glue ops (rms_norm, rope_attend, attend_rows, silu_mul, add_residual, decoder_layers)
+// run avx2.cpp's code where the CPU lacks AVX-512 (cpu_has_avx512); the others are called only
+// where /proc/cpuinfo lists avx512_bf16 (specdecode/kernels: load_error).
 
 #include "common.h"
 
@@ -1460,8 +1462,8 @@ SD_TARGET void rotate_row(const at::BFloat16* x, const float* rope, at::BFloat16
   }
 }
 
-at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k,
-                                       at::Tensor& cache_v, int64_t layer, int64_t past, int64_t n_heads) {
+at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k, at::Tensor& cache_v,
+                             int64_t layer, int64_t past, int64_t n_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(), "specdecode rope_attend: qkv must be [T, n] bf16");
   TORCH_CHECK(cache_k.dim() == 5 && cache_k.sizes() == cache_v.sizes() && cache_k.scalar_type() == at::kBFloat16 &&
                   cache_v.scalar_type() == at::kBFloat16 && cache_k.strides() == cache_v.strides(),

@@ -47,6 +47,9 @@ MAX_COMPILED_TOKENS = 16
 # Verification steps of at most this many tokens attend row by row (see `_step`); on our
 # kernels' row attention (`specdecode::attend_rows`), every step after a cached prefix does.
 MAX_ROWWISE_TOKENS = 16
+# A row-by-row step's mask for one row: a [1, past+i+1] bool mask or None (everything), or for a
+# tree node the cache slots it attends to with their mask (see LlamaModel.forward)
+RowMask = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | None
 # A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
 # its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
 # except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
@@ -562,7 +565,7 @@ class LlamaModel(nn.Module):
         elif 1 < t <= MAX_ROWWISE_TOKENS and attn_mask is None and positions is None and self._rowwise:
             # Each new token attends exactly as it would alone: same kernel call, same key
             # count, same mask as in autoregressive decoding.
-            mask: torch.Tensor | list[torch.Tensor | None] | None = [self._mask(1, past + i, None, None) for i in range(t)]
+            mask: torch.Tensor | list[RowMask] | None = [self._mask(1, past + i, None, None) for i in range(t)]
         elif 1 < t <= MAX_ROWWISE_TOKENS and parents is not None and self._rowwise:
             # A tree node likewise, as the last row of its path decoded as a chain: the keys of
             # the cache's and its ancestors' slots (gathered in path order), that row's mask.
@@ -724,7 +727,7 @@ def _attend(
 def _step(
     embedded: torch.Tensor,  # [T, hidden] the new tokens' embeddings, in the activation dtype
     rope: torch.Tensor,  # [T, head_dim / 2] complex64 (eager) or its view_as_real [T, head_dim / 2, 2] (compiled)
-    mask: torch.Tensor | list[torch.Tensor | None] | None,  # [T, past+T] bool, True = may attend;
+    mask: torch.Tensor | list[RowMask] | None,  # [T, past+T] bool, True = may attend;
     # None = everything; a list (one [1, past+i+1] mask or None per token, or for a tree node
     # (the long tensor of the cache slots it attends to, their mask or None)) = row by row
     cache_k: torch.Tensor,  # [layers, 1, kv_heads, max_length, head_dim], written in place
