@@ -57,7 +57,7 @@ TILE_ATTENTION = ("amx-int8", "amx")
 # weight than amx's unpacking to bf16 for the few rows of decoding and chains (Xeon, 2 cores, int4
 # steps T=1/5/9: SmolLM2-135M 4.45/5.74/7.97 ms vs 5.79/6.30/7.54; qwen2-1.5B 46/57/63 vs 56/60/68;
 # llama-3-8B 165/196/259 vs 246/267/297); avx2 where there is no AVX-512 (AMD EPYC Zen 3, int4
-# T=1/5: 7.9/22.1 ms vs aten's 28.3/78.4)
+# T=1/5: 7.5/16.8 ms vs aten's 28.6/77.3)
 PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "avx2", "aten")
 # what `auto` picks in a batching server (`prefer_flat`): its forwards carry many rows (16
 # clients: ~10 sequences x 1-3 rows), where amx's cost, flat in rows, wins (HTTP load test,
