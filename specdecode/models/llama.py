@@ -142,7 +142,7 @@ class FusedLayers:
                     post_norm: Sequence[torch.Tensor]) -> "FusedLayers | None":
         """From the qkv, o, gate_up and down stacks and the two norms of every layer; None
         where a stack is not on our kernels."""
-        if not all(getattr(s, "fused_kind", None) is not None for s in stacks):
+        if not all(hasattr(s, "fused_kind") for s in stacks):
             return None
         norms, weights, biases = [], [], []
         for li in range(len(input_norm)):
@@ -724,6 +724,16 @@ def _attend(
     return out.view(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, n_heads * d)
 
 
+def _attend_row(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, end: int, mask: RowMask,
+                group: int) -> torch.Tensor:
+    """One row of a row-by-row step: `_attend` over slots [0, end), or for a tree node (a tuple)
+    over its path's slots, gathered, with that chain row's mask."""
+    if isinstance(mask, tuple):
+        slots, mask = mask
+        cache_k, cache_v, end = cache_k[:, :, slots], cache_v[:, :, slots], slots.numel()
+    return _attend(q, cache_k, cache_v, end, mask, group)
+
+
 def _step(
     embedded: torch.Tensor,  # [T, hidden] the new tokens' embeddings, in the activation dtype
     rope: torch.Tensor,  # [T, head_dim / 2] complex64 (eager) or its view_as_real [T, head_dim / 2, 2] (compiled)
@@ -821,11 +831,9 @@ def _step(
             cache_v[li, 0, :, past:end] = v
         if row_kernel:
             out = torch.ops.specdecode.attend_rows(qk[:, :n_heads], cache_k[li, 0], cache_v[li, 0], past_t, parents, tiles)
-        elif rowwise:  # (a tuple: a tree node's slots and mask, see `forward`)
-            rows = [_attend(qk[i : i + 1, :n_heads], cache_k[li][:, :, m[0]], cache_v[li][:, :, m[0]], m[0].numel(), m[1], group)
-                    if isinstance(m, tuple) else
-                    _attend(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group) for i, m in enumerate(mask)]
-            out = torch.cat(rows)
+        elif rowwise:
+            out = torch.cat([_attend_row(qk[i : i + 1, :n_heads], cache_k[li], cache_v[li], past + i + 1, m, group)
+                             for i, m in enumerate(mask)])
         else:
             out = _attend(qk[:, :n_heads], cache_k[li], cache_v[li], end, mask, group)
         x = x + w.o(out, li)

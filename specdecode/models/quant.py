@@ -470,9 +470,8 @@ class _TiledStack(LinearStack):
               ("int4", "avx2"): 8, ("int8", "avx2"): 9}
 
     @property
-    def fused_kind(self) -> int | None:
-        """None for kernels without fused layers (avx2)."""
-        return self._KINDS.get((self.mode, self.kernel))
+    def fused_kind(self) -> int:
+        return self._KINDS[(self.mode, self.kernel)]
 
     def fused_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         aux = getattr(self, "m", None) or getattr(self, "wsum", None) or self.d
