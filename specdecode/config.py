@@ -5,11 +5,21 @@ They are frozen so that no code path can mutate a config and forget to restore i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+def cache_root() -> Path:
+    """Where specdecode keeps what it builds once and reuses (compiled kernels, cost tables,
+    tokenizers built from GGUF metadata, retrieval datastores): $SPECDECODE_CACHE, else
+    ~/.cache/specdecode."""
+    root = os.environ.get("SPECDECODE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "specdecode"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from specdecode.config import cache_root
 from specdecode.errors import UserError
 from specdecode.kernels import build_dir, cpu_name
 
@@ -439,7 +440,7 @@ def _machine_key(model: torch.nn.Module, source: str | None, **more: object) -> 
 
 def _on_disk(key: str, field: str, measure: "Callable[[], list[float]]", source: str | None) -> list[float]:
     """measure(), remembered in ~/.cache/specdecode/costs/<key>.json (or $SPECDECODE_CACHE)."""
-    root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode")) / "costs"
+    root = cache_root() / "costs"
     path = root / f"{key}.json"
     try:
         return [float(x) for x in json.loads(path.read_text())[field]]

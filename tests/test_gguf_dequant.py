@@ -20,7 +20,7 @@ from specdecode.models.gguf_file import GGUFFile, GGUFTensor
 from specdecode.models.quant import quantize_q4_1, quantize_q8_0, to_nibbles
 from specdecode.models.synthetic import _SCALE_FIELDS, _random_tensor
 
-ours = pytest.mark.skipif(kernels.load_error() is not None, reason=f"our kernels unavailable: {kernels.load_error()}")
+ours = pytest.mark.skipif(kernels.library_error() is not None, reason=f"our kernels unavailable: {kernels.library_error()}")
 
 _TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # f16 bit patterns at the edges: zeros, subnormals (smallest, largest), smallest normal, largest
@@ -167,10 +167,10 @@ def _write_gguf(path: Path, kind: str, rows: int = 16, k: int = 512) -> np.ndarr
 
 def _with_kernels_or_not(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run on our kernels (skipped where they are unavailable) or as on a CPU without them."""
-    if native and kernels.load_error() is not None:
-        pytest.skip(f"our kernels unavailable: {kernels.load_error()}")
+    if native and kernels.library_error() is not None:
+        pytest.skip(f"our kernels unavailable: {kernels.library_error()}")
     if not native:
-        monkeypatch.setattr(kernels, "load_error", lambda: "this CPU lacks AVX512-BF16")
+        monkeypatch.setattr(kernels, "library_error", lambda: "this CPU lacks AVX2, FMA or F16C")
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["kernels", "numpy"])

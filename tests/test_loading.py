@@ -170,6 +170,57 @@ def test_tokenizer_same_as_autotokenizer(embedded: LoadedModel) -> None:
     assert (ours.bos_token, ours.eos_token, ours.chat_template) == (auto.bos_token, auto.eos_token, auto.chat_template)
 
 
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
+    texts = ["Hello, world!", "x = 1234567 + 89", "  two  spaces\n\ttab", "<|im_start|>user\nhé 🙂<|im_end|>"]
+    for text in texts:
+        assert a.encode(text) == b.encode(text), text
+        assert a.decode(a.encode(text), skip_special_tokens=True) == b.decode(b.encode(text), skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hé 🙂"}]
+    assert a.render_chat(chat) == b.render_chat(chat) and a.apply_chat_template(chat) == b.apply_chat_template(chat)
+    assert (a.eos_token_ids, a.bos_token_id, a.vocab_size) == (b.eos_token_ids, b.bos_token_id, b.vocab_size)
+    assert a.hf.get_vocab() == b.hf.get_vocab() and a.hf.all_special_ids == b.hf.all_special_ids
+    assert a.hf.added_tokens_decoder == b.hf.added_tokens_decoder
+
+
+def test_gguf_tokenizer_is_kept_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer transformers builds from a GGUF's metadata is saved under the cache and read
+    back by the next load of the same file (no conversion then), equal in every way the engine
+    uses; a damaged entry is built again, a changed file gets a new entry, and
+    SPECDECODE_TOKENIZER_CACHE=0 keeps nothing."""
+    from transformers import PreTrainedTokenizerFast
+
+    from specdecode.tokenizer import gguf_tokenizer_folder
+
+    monkeypatch.setenv("SPECDECODE_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(embedded_model_path().read_bytes())  # (a copy: its mtime is changed below)
+    conversions = []
+    build = PreTrainedTokenizerFast.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        conversions.extend([kwargs["gguf_file"]] if kwargs.get("gguf_file") else [])
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", classmethod(counting))
+    fresh = Tokenizer.from_gguf(model)
+    folder = gguf_tokenizer_folder(model)
+    assert conversions == ["model.gguf"] and folder is not None and (folder / "tokenizer.json").is_file()
+    again = Tokenizer.from_gguf(model)
+    assert conversions == ["model.gguf"]  # read back, not converted
+    _same_tokenizer(fresh, again)
+
+    (folder / "tokenizer.json").write_text("{ truncated")
+    _same_tokenizer(fresh, Tokenizer.from_gguf(model))
+    assert conversions == ["model.gguf"] * 2
+
+    os.utime(model, ns=(1, 1))
+    assert gguf_tokenizer_folder(model) != folder
+    monkeypatch.setenv("SPECDECODE_TOKENIZER_CACHE", "0")
+    assert gguf_tokenizer_folder(model) is None
+    Tokenizer.from_gguf(model)
+    assert conversions == ["model.gguf"] * 3
+
+
 def test_template_end_token_joins_eos(embedded: LoadedModel, tmp_path: Path) -> None:
     """A tokenizer whose eos is <|endoftext|> still stops on the template's <|im_end|>."""
     embedded.tokenizer.hf.save_pretrained(str(tmp_path))

@@ -23,8 +23,8 @@ Matmul paths for int4/int8 weights, chosen once per process by CPU features (PRE
 lacks is an error that names the fix. The library is compiled by `scripts/setup.sh`
 (`python -m specdecode.kernels.build`) into a folder keyed by the sources' hash and torch's
 version; if it is missing at run time it is built then (about a minute). It loads on any CPU
-with AVX2 (`library_error`); its AVX-512 code (`load_error`: also the GGUF conversion ops) only
-where the CPU has AVX512-BF16.
+with AVX2 (`library_error`), as do its GGUF conversion ops (`gguf.cpp`, compiled for AVX-512 and
+for AVX2); its AVX-512 kernels (`load_error`) only where the CPU has AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from specdecode.config import cache_root
 from specdecode.errors import UserError
 
 KERNELS = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten")
@@ -64,8 +65,8 @@ PREFERENCE = ("amx-int8", "avx512-vnni", "amx", "avx512-bf16", "avx2", "aten")
 # 16 clients, ngram: 405 tok/s with amx, 308 with avx512-vnni; one client alone 170 vs 212)
 PREFERENCE_BATCHED = ("amx-int8", "amx", "avx512-vnni", "avx512-bf16", "avx2", "aten")
 _preference = PREFERENCE
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("qmatmul.cpp", "avx2.cpp"))
-HEADERS = (Path(__file__).with_name("common.h"),)
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("qmatmul.cpp", "avx2.cpp", "gguf.cpp"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("common.h", "gguf_blocks.h"))
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c")
 _AVX2_FLAGS = ("avx2", "fma", "f16c")
 _FIX = "choose another with --kernel (or SPECDECODE_KERNEL), e.g. auto, which picks the best this machine runs"
@@ -113,8 +114,7 @@ def build_dir() -> Path:
     a torch upgrade builds a fresh one."""
     code = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     key = hashlib.sha256(code + " ".join(_CFLAGS).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
-    return root / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{key}"
+    return cache_root() / "kernels" / f"torch{torch.__version__.replace('+', '_')}-{key}"
 
 
 def build(verbose: bool = False) -> Path:
@@ -129,8 +129,8 @@ def build(verbose: bool = False) -> Path:
 
 
 def load_error() -> str | None:
-    """None if our AVX-512 library runs here (loaded into torch.ops.specdecode: the matmuls of
-    OURS, attention, norms, GGUF conversion), else why not."""
+    """None if our AVX-512 code runs here (loaded into torch.ops.specdecode: the matmuls of
+    OURS but avx2, and their attention and norms), else why not."""
     if not cpu_supports_avx512_bf16():
         return "this CPU lacks AVX512-BF16"
     return library_error()
@@ -243,7 +243,7 @@ def gguf_native(ggml_type: int) -> bool:
     """Whether our library turns GGUF blocks of this GGML type into floats (`dequantize_gguf`,
     bitwise the gguf package's numpy code) and Q4_1/Q8_0 blocks (`gguf_to_q4_1`/`gguf_to_q8_0`,
     quant.py's requantization); where not, the gguf package and quant.py do it."""
-    return load_error() is None and bool(torch.ops.specdecode.gguf_supported(ggml_type))
+    return library_error() is None and bool(torch.ops.specdecode.gguf_supported(ggml_type))
 
 
 def attention_fits(head_dim: int) -> bool:

@@ -31,6 +31,7 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 # Metadata arrays read item by item up to this length; longer ones are kept as their length.
 _MAX_STRING_ARRAY, _MAX_NUMBER_ARRAY = 64, 4096
+_U64 = struct.Struct("<Q")
 
 
 def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = None,
@@ -80,9 +81,9 @@ def read_gguf_header(path: Path, extents: list[tuple[str, int, int]] | None = No
                 if item in _GGUF_SCALARS:
                     pos += struct.calcsize(_GGUF_SCALARS[item]) * count
                 elif item == 8:  # strings skipped by their lengths, none decoded (a vocabulary: ~150k)
+                    length = _U64.unpack_from
                     for _ in range(count):
-                        length = take("<Q")  # (not `pos += take(...)`: that adds to pos as it was before take moved it)
-                        pos += length
+                        pos += 8 + length(mm, pos)[0]
                     if pos > len(mm):
                         raise fail("a string runs past the end of the file")
                 else:

@@ -3,7 +3,6 @@ first use into specdecode's cache ($SPECDECODE_CACHE or ~/.cache/specdecode, out
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from specdecode.config import cache_root
 from specdecode.errors import UserError
 from specdecode.retrieval.corpus import default_corpus, read_documents
 from specdecode.retrieval.datastore import Datastore, Header, vocabulary_hash
@@ -58,9 +58,7 @@ def build_datastore(files: Sequence[Path], tokenizer: Any, name: str, max_tokens
 
 
 def default_datastore_path(tokenizer: Any) -> Path:
-    root = os.environ.get("SPECDECODE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "specdecode"
-    return base / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}-{vocabulary_hash(tokenizer.hf.get_vocab())[:16]}.npz"
+    return cache_root() / "datastores" / f"default-v{DEFAULT_CORPUS_VERSION}-{vocabulary_hash(tokenizer.hf.get_vocab())[:16]}.npz"
 
 
 def default_datastore(tokenizer: Any, name: str) -> Datastore:
