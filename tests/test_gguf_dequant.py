@@ -216,13 +216,21 @@ def test_partial_blocks_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_blocks_split_into_their_fields(kind: str) -> None:
     """split_gguf_blocks: the file's own codes and f16 scales, field by field (the direct loader's
-    int4/int8 stacks take them as they are)."""
+    int4/int8 stacks take them as they are), written into rows of larger tensors (a fused
+    matrix's) and nowhere else."""
     rows, k = 48, 256
     raw = _blocks(kind, rows, k, 11)
     b = raw.reshape(rows, k // 32, -1)
     scales = 2 if kind == "Q4_1" else 1
-    parts = torch.ops.specdecode.split_gguf_blocks(torch.from_numpy(raw), int(_qtype(kind)))
-    assert len(parts) == 1 + scales
+    whole = [torch.full((rows + 20, k), 7, dtype=torch.int8) if kind == "Q8_0" else
+             torch.full((rows + 20, k // 32, 16), 7, dtype=torch.uint8)]
+    whole += [torch.full((rows + 20, k // 32), 7.0, dtype=torch.float16) for _ in range(scales)]
+    parts = [x[10 : 10 + rows] for x in whole]
+    torch.ops.specdecode.split_gguf_blocks(torch.from_numpy(raw), int(_qtype(kind)), *parts)
+    assert all(bool((x[:10] == 7).all() and (x[10 + rows :] == 7).all()) for x in whole)
+    with pytest.raises(RuntimeError, match="m is Q4_1's"):
+        torch.ops.specdecode.split_gguf_blocks(torch.from_numpy(raw), int(_qtype(kind)), *parts[:1], parts[1],
+                                               None if kind == "Q4_1" else parts[1].clone())
     codes = b[..., 2 * scales :]
     assert torch.equal(parts[0], torch.from_numpy(codes.view(np.int8).reshape(rows, k) if kind == "Q8_0" else codes.copy()))
     for f in range(scales):
@@ -236,7 +244,8 @@ def test_q4_k_splits_into_its_own_codes_with_f16_factors() -> None:
     d * scale and -(dmin * min) rounded to f16: the weights within that rounding of the file's."""
     rows, k = 32, 512
     raw = _blocks("Q4_K", rows, k, 13)
-    nib, d, m = torch.ops.specdecode.split_q4_k(torch.from_numpy(raw))
+    nib, d, m = kernels.empty_requantized(rows, k, "int4")
+    assert torch.ops.specdecode.split_q4_k(torch.from_numpy(raw), nib, d, m)
     b = raw.reshape(rows, k // 256, 144)
     dd = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -253,3 +262,8 @@ def test_q4_k_splits_into_its_own_codes_with_f16_factors() -> None:
     w = (torch.from_numpy(q).float() * d.float()[..., None] + m.float()[..., None]).view(rows, k)
     file_w = _numpy(raw, "Q4_K").view(rows, k)
     assert float((w - file_w).abs().max()) <= 2.0**-10 * float(file_w.abs().max())
+    # a block scale of 60000 times a 6-bit scale of 63 is past f16's range: not split (requantized)
+    big = raw.reshape(rows, k // 256, 144).copy()
+    big[3, 1, 0:2] = np.array([60000], dtype=np.float16).view(np.uint8)
+    big[3, 1, 4] = 63
+    assert not torch.ops.specdecode.split_q4_k(torch.from_numpy(big.reshape(rows, -1)), nib, d, m)

@@ -21,6 +21,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -50,7 +51,7 @@ struct GGUFCode {
   gguf_avx2::GGUFRowFn (*row_fn)(int64_t ggml_type);
   void (*q4_1_group)(const float* w, uint8_t* nibbles, uint16_t* d_bits, uint16_t* m_bits);
   void (*q8_0_group)(const float* w, int8_t* q, uint16_t* d_bits);
-  void (*split_q4_k_blocks)(const uint8_t* src, int64_t begin, int64_t end, uint8_t* nib, uint16_t* dp, uint16_t* mp);
+  bool (*split_q4_k_blocks)(const uint8_t* src, int64_t begin, int64_t end, uint8_t* nib, uint16_t* dp, uint16_t* mp);
 };
 
 const GGUFCode& code() {
@@ -185,22 +186,28 @@ void gguf_to_q8_0(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor q, at:
 }
 
 // A Q4_0 / Q4_1 / Q8_0 tensor's blocks split into their fields, as our stacks take them (the
-// file's own codes: no float round trip): Q4_0 [nibbles uint8 [N, G, 16], d f16 [N, G]], Q4_1
-// [nibbles, d, m], Q8_0 [codes int8 [N, K], d]. Why here: numpy's strided copies of 2-byte fields
-// every 18 bytes took ~1 s of a 1.5B Q4_0 load.
-std::vector<at::Tensor> split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml_type) {
+// file's own codes: no float round trip), written into codes and d (and m, Q4_1's): Q4_0 and Q4_1
+// nibbles uint8 [N, G, 16], Q8_0 codes int8 [N, K]; d, m f16 [N, G]. Often rows of a larger
+// tensor (q, k and v of one fused matrix: no concatenation after). Why here: numpy's strided
+// copies of 2-byte fields every 18 bytes took ~1 s of a 1.5B Q4_0 load.
+void split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml_type, at::Tensor codes_out, at::Tensor d,
+                       const c10::optional<at::Tensor>& m) {
   TORCH_CHECK(raw_in.dim() == 2 && (ggml_type == 2 || ggml_type == 3 || ggml_type == 8),
               "specdecode split_gguf_blocks: raw [rows, bytes a row] of Q4_0, Q4_1 or Q8_0");
+  TORCH_CHECK(m.has_value() == (ggml_type == 3), "specdecode split_gguf_blocks: m is Q4_1's (and only its) output");
   const GGUFRows in = gguf_rows(raw_in, ggml_type);
   const int64_t N = in.rows, G = in.blocks, bytes = in.type->block_bytes;
   const int64_t scales = ggml_type == 3 ? 2 : 1, code_bytes = bytes - 2 * scales;  // f16 fields first, then codes
-  const auto opts = raw_in.options();
-  std::vector<at::Tensor> out{ggml_type == 8 ? at::empty({N, G * code_bytes}, opts.dtype(at::kChar)) : at::empty({N, G, code_bytes}, opts)};
-  for (int64_t f = 0; f < scales; ++f) out.push_back(at::empty({N, G}, opts.dtype(at::kHalf)));
+  if (ggml_type == 8)
+    check_output(codes_out, at::kChar, {N, G * code_bytes});
+  else
+    check_output(codes_out, at::kByte, {N, G, code_bytes});
+  check_output(d, at::kHalf, {N, G});
+  if (m) check_output(*m, at::kHalf, {N, G});
   const uint8_t* src = in.raw.data_ptr<uint8_t>();
-  auto* codes = static_cast<uint8_t*>(out[0].data_ptr());
-  std::vector<uint16_t*> fields;
-  for (int64_t f = 0; f < scales; ++f) fields.push_back(reinterpret_cast<uint16_t*>(out[1 + f].data_ptr<at::Half>()));
+  auto* codes = static_cast<uint8_t*>(codes_out.data_ptr());
+  std::vector<uint16_t*> fields{reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>())};
+  if (m) fields.push_back(reinterpret_cast<uint16_t*>(m->data_ptr<at::Half>()));
   at::parallel_for(0, N * G, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* block = src + b * bytes;
@@ -208,28 +215,31 @@ std::vector<at::Tensor> split_gguf_blocks(const at::Tensor& raw_in, int64_t ggml
       std::memcpy(codes + b * code_bytes, block + 2 * scales, code_bytes);
     }
   });
-  return out;
 }
 
 // A Q4_K tensor as our int4 stacks take it, its codes as they are: [nibbles uint8 [N, G, 16] in
 // Q4_0/Q4_1's order (byte i: weight i low, weight i + 16 high), d f16 [N, G], m f16 [N, G]] for
 // G = K / 32 sub-blocks, with d = f16(d_block * scale) and m = f16(-(dmin * min)): the file's
 // w = (d * scale) * q - (dmin * min) with only the two sub-block factors rounded to f16 (relative
-// 2^-11), instead of requantizing the weights to new 4-bit codes. A factor past f16's range comes
-// out inf: the caller checks and requantizes that tensor instead.
-std::vector<at::Tensor> split_q4_k(const at::Tensor& raw_in) {
+// 2^-11), instead of requantizing the weights to new 4-bit codes; written into nibbles, d and m
+// (as split_gguf_blocks). False where a factor is past f16's range (inf) or NaN: then the caller
+// requantizes that tensor instead.
+bool split_q4_k(const at::Tensor& raw_in, at::Tensor nibbles, at::Tensor d, at::Tensor m) {
   const GGUFRows in = gguf_rows(raw_in, 12);
   const int64_t N = in.rows, blocks = in.blocks, G = blocks * 8;
-  const auto opts = raw_in.options();
-  std::vector<at::Tensor> out{at::empty({N, G, 16}, opts), at::empty({N, G}, opts.dtype(at::kHalf)),
-                              at::empty({N, G}, opts.dtype(at::kHalf))};
+  check_output(nibbles, at::kByte, {N, G, 16});
+  check_output(d, at::kHalf, {N, G});
+  check_output(m, at::kHalf, {N, G});
   const uint8_t* src = in.raw.data_ptr<uint8_t>();
-  uint8_t* nib = out[0].data_ptr<uint8_t>();
-  auto* dp = reinterpret_cast<uint16_t*>(out[1].data_ptr<at::Half>());
-  auto* mp = reinterpret_cast<uint16_t*>(out[2].data_ptr<at::Half>());
+  uint8_t* nib = nibbles.data_ptr<uint8_t>();
+  auto* dp = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+  auto* mp = reinterpret_cast<uint16_t*>(m.data_ptr<at::Half>());
   const auto split = code().split_q4_k_blocks;
-  at::parallel_for(0, N * blocks, 1024, [&](int64_t begin, int64_t end) { split(src, begin, end, nib, dp, mp); });
-  return out;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, N * blocks, 1024, [&](int64_t begin, int64_t end) {
+    if (!split(src, begin, end, nib, dp, mp)) finite = false;
+  });
+  return finite;
 }
 
 }  // namespace
@@ -240,8 +250,8 @@ TORCH_LIBRARY_FRAGMENT(specdecode, m) {
   m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
   m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
   m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
-  m.def("split_gguf_blocks(Tensor raw, int ggml_type) -> Tensor[]");
-  m.def("split_q4_k(Tensor raw) -> Tensor[]");
+  m.def("split_gguf_blocks(Tensor raw, int ggml_type, Tensor(a!) codes, Tensor(b!) d, Tensor(c!)? m=None) -> ()");
+  m.def("split_q4_k(Tensor raw, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {

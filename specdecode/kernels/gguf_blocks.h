@@ -323,8 +323,9 @@ SD_GGUF void q8_0_group(const float* w, int8_t* q, uint16_t* d_bits) {
 }
 
 // Q4_K blocks [begin, end) -> Q4_1-shaped sub-blocks (gguf.cpp split_q4_k): nibbles in Q4_0/Q4_1's
-// order, d = f16(d_block * scale), m = f16(-(dmin * min)).
-SD_GGUF void split_q4_k_blocks(const uint8_t* src, int64_t begin, int64_t end, uint8_t* nib, uint16_t* dp, uint16_t* mp) {
+// order, d = f16(d_block * scale), m = f16(-(dmin * min)). False if a factor is not finite in f16.
+SD_GGUF bool split_q4_k_blocks(const uint8_t* src, int64_t begin, int64_t end, uint8_t* nib, uint16_t* dp, uint16_t* mp) {
+  bool finite = true;
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* block = src + b * 144;
     const float d = f16_at(block), dmin = f16_at(block + 2);
@@ -335,10 +336,12 @@ SD_GGUF void split_q4_k_blocks(const uint8_t* src, int64_t begin, int64_t end, u
       const int64_t g = b * 8 + sub;
       dp[g] = to_f16_bits(d * (float)scale[sub]);
       mp[g] = to_f16_bits(-(dmin * (float)min[sub]));
+      finite = finite && (dp[g] & 0x7C00) != 0x7C00 && (mp[g] & 0x7C00) != 0x7C00;  // (exponent all ones: inf, NaN)
       const uint8_t* q = qs + 32 * (sub / 2);
       const int shift = 4 * (sub % 2);
       for (int i = 0; i < 16; ++i)
         nib[g * 16 + i] = (uint8_t)(((q[i] >> shift) & 0x0F) | (((q[i + 16] >> shift) & 0x0F) << 4));
     }
   }
+  return finite;
 }

@@ -35,7 +35,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,7 +52,6 @@ from specdecode.models.loading import (
     open_gguf_model,
 )
 from specdecode.models.quant import (
-    INT4_GROUP,
     LinearStack,
     TiledInt4Stack,
     TiledInt8Stack,
@@ -64,8 +62,6 @@ from specdecode.models.quant import (
 )
 from specdecode.tokenizer import Tokenizer
 
-# Bytes of one block of 32 weights, by GGML type name.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 # Weights requantized at once from a big tensor (4 Mi; where the gguf package dequantizes them,
 # 16 MiB of float32 and several temporaries of that size, one chunk per thread).
 _CHUNK_WEIGHTS = 1 << 22
@@ -207,14 +203,11 @@ class _Tensors:
         type is the format's (Q4_0/Q4_1 -> int4, Q8_0 -> int8), else requantized from floats,
         into `into` where given (rows of a fused matrix: no copy, then no concatenation)."""
         tensor = self.by_name[name]
-        parts = self._fields(tensor) if self.native(name, mode) else None
-        if parts is not None:
-            self._release(name)
-            if tensor.tensor_type.name == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
-                parts.append(parts[1] * -8)
-            return tuple(self._rows(x, name).contiguous() for x in parts)
-        # requantized a chunk of rows at a time (quantization is per row group)
         outs = into if into is not None else kernels.empty_requantized(*tensor.shape, mode)
+        if self.native(name, mode) and self._split(name, outs):
+            self._release(name)
+            return outs
+        # requantized a chunk of rows at a time (quantization is per row group)
         ours = self.file.kernels_read(tensor)  # (then written in place by our kernels)
         for lo, parts in self.requantized(name, mode, into=outs if ours else None):
             if not ours:
@@ -224,39 +217,31 @@ class _Tensors:
 
     def fused_blocks(self, names: list[str], mode: str) -> tuple[torch.Tensor, ...]:
         """`blocks` of matrices of one input size concatenated along their rows (q/k/v, gate/up):
-        requantized ones written straight into their rows of the whole, the file's own codes
-        concatenated."""
-        if any(self.native(name, mode) for name in names):
-            parts = [self.blocks(name, mode) for name in names]
-            return tuple(torch.cat(xs) for xs in zip(*parts)) if len(parts) > 1 else parts[0]
+        each written straight into its rows of the whole (no concatenation after)."""
         rows = [self.by_name[name].shape[0] for name in names]
         whole = kernels.empty_requantized(sum(rows), self.by_name[names[0]].shape[1], mode)
         for name, lo, n in zip(names, accumulate(rows, initial=0), rows):
             self.blocks(name, mode, into=tuple(x[lo : lo + n] for x in whole))
         return whole
 
-    def _fields(self, tensor: GGUFTensor) -> list[torch.Tensor] | None:
-        """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, copied out of the map:
-        [nibbles uint8 [N, G, 16], d f16 [N, G]] (Q4_0), [nibbles, d, m] (Q4_1), [codes int8
-        [N, K], d] (Q8_0). By our kernels where they load, else numpy's strided copies. Q4_K
-        (our kernels only): its sub-blocks as Q4_1's [nibbles, d, m], d = f16(d * scale),
-        m = f16(-dmin * min), the file's codes; None where a factor is past f16's range or our
-        kernels do not load (then the tensor is requantized)."""
-        if tensor.tensor_type.name == "Q4_K":
-            if not self.file.kernels_read(tensor):
-                return None
-            parts = list(torch.ops.specdecode.split_q4_k(self.file.rows(tensor)))
-            return parts if all(bool(torch.isfinite(x).all()) for x in parts[1:]) else None
-        if self.file.kernels_read(tensor):
-            return list(torch.ops.specdecode.split_gguf_blocks(self.file.rows(tensor), tensor.type_number))
+    def _split(self, name: str, outs: tuple[torch.Tensor, ...]) -> bool:
+        """A Q4_0/Q4_1/Q8_0 tensor's blocks split into their fields, written into `outs` (runtime
+        row order): int4 (nibbles uint8 [N, G, 16], d f16 [N, G], m f16; Q4_0's m = -8 d),
+        int8 (codes int8 [N, K], d), by our kernels (`split_gguf_blocks`; direct loading runs
+        only where they load). Q4_K: its sub-blocks as Q4_1's, d = f16(d * scale),
+        m = f16(-dmin * min), the file's codes (`split_q4_k`). False where a Q4_K factor is past
+        f16's range (then the tensor is requantized)."""
+        tensor = self.by_name[name]
         kind = tensor.tensor_type.name
-        n, k = tensor.shape
-        b = self.file.data(tensor).reshape(n, k // INT4_GROUP, _BLOCK_BYTES[kind])
-        scales = 2 if kind == "Q4_1" else 1  # f16 fields first, then the codes
-        fields = [torch.from_numpy(np.ascontiguousarray(b[..., 2 * f : 2 * f + 2]).view(np.float16)[..., 0].copy())
-                  for f in range(scales)]
-        codes = np.ascontiguousarray(b[..., 2 * scales :])
-        return [torch.from_numpy(codes.view(np.int8).reshape(n, k) if kind == "Q8_0" else codes), *fields]
+        if not self.file.kernels_read(tensor):
+            return False
+        raw = self._rows(self.file.rows(tensor), name)  # (q/k: the rows permuted, their codes with them)
+        if kind == "Q4_K":
+            return bool(torch.ops.specdecode.split_q4_k(raw, *outs))
+        torch.ops.specdecode.split_gguf_blocks(raw, tensor.type_number, *outs[: 3 if kind == "Q4_1" else 2])
+        if kind == "Q4_0":  # w = d * (q - 8) = d * q + (-8 d); -8d is exact in f16
+            torch.mul(outs[1], -8, out=outs[2])
+        return True
 
 
 def _matrix_names(config: ModelConfig) -> list[str]:
