@@ -85,6 +85,24 @@ def test_outputs_match_their_grammar(target, tokenizer, compiler):
             assert re.fullmatch(REGEX, text), text
 
 
+def test_json_grammars_allow_no_free_whitespace(tokenizer, compiler):
+    """JSON comes out as json.dumps writes it: after '{"ok":' only the one space of ': ' and the
+    value may follow, never a run of spaces or newlines (a small model filled its budget with
+    them); a schema's own x-guidance can allow them again."""
+    def allowed(spec, text):
+        mask = compiler.compile(spec).allowed_after(tokenizer.encode(text, add_special_tokens=False))
+        return {tokenizer.decode([i]) for i in torch.nonzero(mask).flatten().tolist()}
+
+    for spec in (GrammarSpec.json_schema(SCHEMA), GrammarSpec("json_object")):
+        after_key = allowed(spec, '{"ok"')
+        assert ":" in after_key and not any(t.strip() == "" for t in after_key)
+        after_colon = allowed(spec, '{"ok":')
+        assert " " in after_colon and not any(t.strip() == "" and t != " " for t in after_colon)
+        assert all(t.strip() for t in allowed(spec, '{"ok": '))  # one space, then the value
+    flexible = GrammarSpec.json_schema({**SCHEMA, "x-guidance": {"whitespace_flexible": True}})
+    assert "\n" in allowed(flexible, '{"ok"')
+
+
 def test_bad_grammars_are_one_line_user_errors(compiler):
     with pytest.raises(UserError, match=r"^invalid regex: .*unclosed group"):
         compiler.compile(GrammarSpec("regex", "(("))

@@ -37,7 +37,7 @@ namespace {
 
 using namespace sdk;  // common.h
 
-constexpr int kMaxRows = 8;  // rows per pass over a tile: 8 accumulators + 6 working registers of 16
+constexpr int kMaxRows = 4;  // rows per pass over a tile: 8 accumulators (4 rows x 2 halves) of 16 registers
 constexpr int64_t kPrefetchGroups = 8;
 
 struct QuantRows {
@@ -101,82 +101,97 @@ SD_AVX2 inline void store_bf16_rne(at::BFloat16* y, __m256 v) {
   _mm_storeu_si128((__m128i*)y, _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-// R rows x TILES tiles of 16 outputs over all groups, one half-tile (8 outputs) at a time.
-template <int R, int TILES, bool INT4>
+// R rows x H half-tiles (H / 2 tiles of 16 outputs side by side, 8 outputs a half) over all
+// groups. Each row's activations are broadcast once a quad for all H halves (a broadcast a
+// `vpmaddubsw` before: a fifth of the instructions); per group and half the same integer sums and
+// the same fp32 steps in the same order, so the results are those of one half at a time.
+template <int R, int H, bool INT4>
 SD_AVX2 void tile_rows(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt,
                        const int8_t* xq, int64_t ldx, const float* dx, const float* sq, int64_t G, at::BFloat16* y,
                        int64_t ldy) {
+  static_assert(H % 2 == 0 && R * H <= 8, "8 accumulators at most (16 registers)");
   constexpr int group_bytes = INT4 ? 256 : 512;
-  alignas(32) float tot[TILES * 2][R][8];
+  alignas(32) float tot[H][R][8];
   for (auto& half : tot)
     for (auto& row : half) _mm256_store_ps(row, _mm256_setzero_ps());
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* xg = xq + g * kGroup;
     if (g + kPrefetchGroups < G)
-      for (int u = 0; u < TILES; ++u)
+      for (int u = 0; u < H / 2; ++u)
         for (int line = 0; line < group_bytes; line += 64)
           _mm_prefetch((const char*)(wt + u * tile_bytes + (g + kPrefetchGroups) * group_bytes + line), _MM_HINT_T0);
-    for (int h = 0; h < TILES * 2; ++h) {
-      const uint8_t* w = wt + (h / 2) * tile_bytes + g * group_bytes + (h % 2) * 32;
-      __m256i acc[R];
-      if constexpr (INT4) {
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    const uint8_t* w[H];
+    for (int h = 0; h < H; ++h) w[h] = wt + (h / 2) * tile_bytes + g * group_bytes + (h % 2) * 32;
+    __m256i acc[H][R];
+    for (int h = 0; h < H; ++h)
+      for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_si256();
+    if constexpr (INT4) {
 #pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p) {  // quads 2p (low nibbles) and 2p + 1 (high)
-          const __m256i raw = _mm256_loadu_si256((const __m256i*)(w + p * 64));
-          const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-          for (int r = 0; r < R; ++r) {
-            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(lo, bcast_quad(xg + r * ldx + 8 * p)));
-            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(hi, bcast_quad(xg + r * ldx + 8 * p + 4)));
-          }
+      for (int p = 0; p < 4; ++p) {  // quads 2p (low nibbles) and 2p + 1 (high)
+        __m256i lo[H], hi[H];
+        for (int h = 0; h < H; ++h) {
+          const __m256i raw = _mm256_loadu_si256((const __m256i*)(w[h] + p * 64));
+          lo[h] = _mm256_and_si256(raw, low4);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
         }
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_madd_epi16(acc[r], ones);
-      } else {
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-        for (int qd = 0; qd < 8; ++qd) {
-          const __m256i wq = _mm256_loadu_si256((const __m256i*)(w + qd * 64));
-          const __m256i aw = _mm256_abs_epi8(wq);  // -128 -> 128 as the unsigned operand
-          for (int r = 0; r < R; ++r) {
-            const __m256i xs = _mm256_sign_epi8(bcast_quad(xg + r * ldx + 4 * qd), wq);
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
+        for (int r = 0; r < R; ++r) {
+          const __m256i xa = bcast_quad(xg + r * ldx + 8 * p), xb = bcast_quad(xg + r * ldx + 8 * p + 4);
+          for (int h = 0; h < H; ++h) {
+            acc[h][r] = _mm256_add_epi16(acc[h][r], _mm256_maddubs_epi16(lo[h], xa));
+            acc[h][r] = _mm256_add_epi16(acc[h][r], _mm256_maddubs_epi16(hi[h], xb));
           }
         }
       }
-      const int64_t so = (h / 2) * G * kTile + g * kTile + (h % 2) * 8;
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + so)));
-      if constexpr (INT4) {
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mt + so)));
-        for (int r = 0; r < R; ++r) {
-          const __m256 t = _mm256_fmadd_ps(m, _mm256_set1_ps(sq[r * G + g]), _mm256_mul_ps(d, _mm256_cvtepi32_ps(acc[r])));
-          _mm256_store_ps(tot[h][r], _mm256_fmadd_ps(t, _mm256_set1_ps(dx[r * G + g]), _mm256_load_ps(tot[h][r])));
+      for (int h = 0; h < H; ++h)
+        for (int r = 0; r < R; ++r) acc[h][r] = _mm256_madd_epi16(acc[h][r], ones);
+    } else {
+#pragma GCC unroll 8
+      for (int qd = 0; qd < 8; ++qd) {
+        __m256i wq[H], aw[H];
+        for (int h = 0; h < H; ++h) {
+          wq[h] = _mm256_loadu_si256((const __m256i*)(w[h] + qd * 64));
+          aw[h] = _mm256_abs_epi8(wq[h]);  // -128 -> 128 as the unsigned operand
         }
-      } else {
-        for (int r = 0; r < R; ++r)
-          _mm256_store_ps(tot[h][r], _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(acc[r])), _mm256_set1_ps(dx[r * G + g]),
-                                                     _mm256_load_ps(tot[h][r])));
+        for (int r = 0; r < R; ++r) {
+          const __m256i xr = bcast_quad(xg + r * ldx + 4 * qd);
+          for (int h = 0; h < H; ++h) {
+            const __m256i xs = _mm256_sign_epi8(xr, wq[h]);
+            acc[h][r] = _mm256_add_epi32(acc[h][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[h], xs), ones));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 dxr = _mm256_set1_ps(dx[r * G + g]);
+      const __m256 sqr = _mm256_set1_ps(INT4 ? sq[r * G + g] : 0.0f);
+      for (int h = 0; h < H; ++h) {
+        const int64_t so = (h / 2) * G * kTile + g * kTile + (h % 2) * 8;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + so)));
+        __m256 t = _mm256_mul_ps(d, _mm256_cvtepi32_ps(acc[h][r]));
+        if constexpr (INT4) t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mt + so))), sqr, t);
+        _mm256_store_ps(tot[h][r], _mm256_fmadd_ps(t, dxr, _mm256_load_ps(tot[h][r])));
       }
     }
   }
-  for (int h = 0; h < TILES * 2; ++h)
+  for (int h = 0; h < H; ++h)
     for (int r = 0; r < R; ++r) store_bf16_rne(y + r * ldy + h * 8, _mm256_load_ps(tot[h][r]));
 }
 
-// Tiles side by side per pass: more independent work for one or two rows.
-constexpr int tiles_for(int R) { return R <= 2 ? 2 : 1; }
+// Halves per pass: two tiles side by side for one row (more independent work), one tile else.
+constexpr int halves_for(int R) { return R == 1 ? 4 : 2; }
 
 using TileFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int8_t*, int64_t, const float*,
                         const float*, int64_t, at::BFloat16*, int64_t);
 
 template <bool INT4, int... Rs>
 struct Kernels {
-  static constexpr TileFn wide[] = {tile_rows<Rs, tiles_for(Rs), INT4>...};
-  static constexpr TileFn narrow[] = {tile_rows<Rs, 1, INT4>...};
+  static constexpr TileFn wide[] = {tile_rows<Rs, halves_for(Rs), INT4>...};
+  static constexpr TileFn narrow[] = {tile_rows<Rs, 2, INT4>...};
 };
 
 template <bool INT4>
-using RowKernels = Kernels<INT4, 1, 2, 3, 4, 5, 6, 7, 8>;
+using RowKernels = Kernels<INT4, 1, 2, 3, 4>;
 
 template <bool INT4>
 at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
@@ -197,7 +212,7 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
     int64_t t0 = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       const int rows = (int)((T - t0) / (chunks - c));
-      const int wide = tiles_for(rows);
+      const int wide = halves_for(rows) / 2;
       auto run = [&](TileFn fn, int64_t tile) {
         const int64_t so = tile * G * kTile;
         fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.data() + t0 * K, K,
