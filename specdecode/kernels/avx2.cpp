@@ -301,9 +301,7 @@ SD_AVX2 void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::
     _mm256_storeu_ps(scores + j0, sc);
     best = _mm256_max_ps(best, sc);
   }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))));
+  const __m256 top = _mm256_set1_ps(hmax(best));
   __m256 total = _mm256_setzero_ps();
   for (int64_t j0 = 0; j0 < n; j0 += 8) {  // (-inf past the last key: weight 0)
     const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j0), top));
@@ -407,17 +405,22 @@ void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t 
     const FlushDenormals flush;
     thread_local std::vector<float> scores;
     thread_local std::vector<int64_t> slots;
+    size_t slots_s = seqs.size();  // the (sequence, row) `slots` holds: a row's H heads share it
+    int64_t slots_t = -1;
     for (int64_t task = begin; task < end; ++task) {
       const size_t s = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
       const SeqAttention& a = seqs[s];
       const int64_t t = (task - first[s]) / H, h = (task - first[s]) % H, kv = h / group;
-      slots.resize(a.past);
-      for (int64_t j = 0; j < a.past; ++j) slots[j] = j;
-      if (a.paths.empty())
-        for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
-      else
-        for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
-      if (scores.size() < slots.size() + 8) scores.resize(slots.size() + 8);
+      if (s != slots_s || t != slots_t) {
+        slots_s = s, slots_t = t;
+        slots.resize(a.past);
+        for (int64_t j = 0; j < a.past; ++j) slots[j] = j;
+        if (a.paths.empty())
+          for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
+        else
+          for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
+        if (scores.size() < slots.size() + 8) scores.resize(slots.size() + 8);
+      }
       const auto row = D == 64 ? attend_row<4> : D == 128 ? attend_row<8> : attend_row<0>;
       row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(), scores.data(),
           a.out + (t * H + h) * D);
