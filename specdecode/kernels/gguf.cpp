@@ -46,35 +46,32 @@ namespace gguf_avx2 {
 
 namespace {
 
+using gguf_avx2::GGUFRowFn;
+using GGUFType = gguf_avx2::GGUFType;  // (its sizes; this CPU's row decoder: row_decoder)
+
 // One instruction set's copy of gguf_blocks.h.
 struct GGUFCode {
-  gguf_avx2::GGUFRowFn (*row_fn)(int64_t ggml_type);
   void (*q4_1_group)(const float* w, uint8_t* nibbles, uint16_t* d_bits, uint16_t* m_bits);
   void (*q8_0_group)(const float* w, int8_t* q, uint16_t* d_bits);
   bool (*split_q4_k_blocks)(const uint8_t* src, int64_t begin, int64_t end, uint8_t* nib, uint16_t* dp, uint16_t* mp);
 };
 
 const GGUFCode& code() {
-  static const GGUFCode avx512{gguf_avx512::row_fn, gguf_avx512::q4_1_group, gguf_avx512::q8_0_group,
-                               gguf_avx512::split_q4_k_blocks};
-  static const GGUFCode avx2{gguf_avx2::row_fn, gguf_avx2::q4_1_group, gguf_avx2::q8_0_group, gguf_avx2::split_q4_k_blocks};
+  static const GGUFCode avx512{gguf_avx512::q4_1_group, gguf_avx512::q8_0_group, gguf_avx512::split_q4_k_blocks};
+  static const GGUFCode avx2{gguf_avx2::q4_1_group, gguf_avx2::q8_0_group, gguf_avx2::split_q4_k_blocks};
   return cpu_has_avx512() ? avx512 : avx2;
 }
 
-struct GGUFType {
-  int64_t ggml_type, block_bytes, block_weights;
-};
-
-// GGML type numbers (ggml.h's enum ggml_type): the types gguf_blocks.h's row_fn decodes.
-constexpr GGUFType kGGUFTypes[] = {
-    {0, 4, 1},       {1, 2, 1},       {2, 18, 32},     {3, 20, 32},     {6, 22, 32}, {7, 24, 32}, {8, 34, 32},
-    {10, 84, 256},   {11, 110, 256},  {12, 144, 256},  {13, 176, 256},  {14, 210, 256}, {30, 2, 1},
-};
-
 const GGUFType* find_gguf_type(int64_t ggml_type) {
-  for (const GGUFType& t : kGGUFTypes)
+  for (const GGUFType& t : gguf_avx2::kGGUFTypes)
     if (t.ggml_type == ggml_type) return &t;
   return nullptr;
+}
+
+// This CPU's row decoder of type t (t one of gguf_avx2::kGGUFTypes).
+GGUFRowFn row_decoder(const GGUFType& t) {
+  const size_t i = &t - gguf_avx2::kGGUFTypes;
+  return cpu_has_avx512() ? gguf_avx512::kGGUFTypes[i].row : gguf_avx2::kGGUFTypes[i].row;
 }
 
 bool gguf_supported(int64_t ggml_type) { return find_gguf_type(ggml_type) != nullptr; }
@@ -89,7 +86,7 @@ const GGUFType& gguf_type(int64_t ggml_type) {
 struct GGUFRows {
   at::Tensor raw;
   const GGUFType* type;
-  gguf_avx2::GGUFRowFn row;  // this CPU's decoder of one row
+  GGUFRowFn row;  // this CPU's decoder of one row
   int64_t rows, blocks, K;
 };
 
@@ -101,7 +98,7 @@ GGUFRows gguf_rows(const at::Tensor& raw_in, int64_t ggml_type) {
   TORCH_CHECK(row_bytes % t.block_bytes == 0, "specdecode: a row of ", row_bytes, " bytes is not whole blocks of ",
               t.block_bytes, " (GGML type ", ggml_type, ")");
   const int64_t blocks = row_bytes / t.block_bytes;
-  return {raw_in.contiguous(), &t, code().row_fn(ggml_type), raw_in.dim() == 2 ? raw_in.size(0) : 1, blocks,
+  return {raw_in.contiguous(), &t, row_decoder(t), raw_in.dim() == 2 ? raw_in.size(0) : 1, blocks,
           blocks * t.block_weights};
 }
 

@@ -178,26 +178,27 @@ SD_GGUF void gguf_row(const uint8_t* src, int64_t blocks, float* w) {
   for (int64_t i = 0; i < blocks; ++i) BLOCK(src + i * BYTES, w + i * WEIGHTS);
 }
 
-// The row decoder of GGML type `ggml_type` (ggml.h's enum ggml_type), null for a type we do not
-// decode; gguf.cpp's kGGUFTypes lists the same types with their block sizes.
-inline GGUFRowFn row_fn(int64_t ggml_type) {
-  switch (ggml_type) {
-    case 0: return gguf_row<4, 1, f32_block>;
-    case 1: return gguf_row<2, 1, f16_block>;
-    case 2: return gguf_row<18, 32, q4_0_block>;
-    case 3: return gguf_row<20, 32, q4_1_block>;
-    case 6: return gguf_row<22, 32, q5_0_block>;
-    case 7: return gguf_row<24, 32, q5_1_block>;
-    case 8: return gguf_row<34, 32, q8_0_block>;
-    case 10: return gguf_row<84, 256, q2_k_block>;
-    case 11: return gguf_row<110, 256, q3_k_block>;
-    case 12: return gguf_row<144, 256, q45_k_block<false>>;
-    case 13: return gguf_row<176, 256, q45_k_block<true>>;
-    case 14: return gguf_row<210, 256, q6_k_block>;
-    case 30: return gguf_row<2, 1, bf16_block>;
-    default: return nullptr;
-  }
+struct GGUFType {
+  int64_t ggml_type, block_bytes, block_weights;
+  GGUFRowFn row;
+};
+
+template <int BYTES, int WEIGHTS, void (*BLOCK)(const uint8_t*, float*)>
+constexpr GGUFType gguf_type_of(int64_t ggml_type) {
+  return {ggml_type, BYTES, WEIGHTS, gguf_row<BYTES, WEIGHTS, BLOCK>};
 }
+
+// The types we decode, by GGML type number (ggml.h's enum ggml_type); both copies list them in
+// this order (gguf.cpp takes the sizes from one and the row decoder from the CPU's).
+constexpr GGUFType kGGUFTypes[] = {
+    gguf_type_of<4, 1, f32_block>(0),           gguf_type_of<2, 1, f16_block>(1),
+    gguf_type_of<18, 32, q4_0_block>(2),        gguf_type_of<20, 32, q4_1_block>(3),
+    gguf_type_of<22, 32, q5_0_block>(6),        gguf_type_of<24, 32, q5_1_block>(7),
+    gguf_type_of<34, 32, q8_0_block>(8),        gguf_type_of<84, 256, q2_k_block>(10),
+    gguf_type_of<110, 256, q3_k_block>(11),     gguf_type_of<144, 256, q45_k_block<false>>(12),
+    gguf_type_of<176, 256, q45_k_block<true>>(13), gguf_type_of<210, 256, q6_k_block>(14),
+    gguf_type_of<2, 1, bf16_block>(30),
+};
 
 SD_GGUF inline uint16_t to_f16_bits(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
 SD_GGUF inline float from_f16_bits(uint16_t h) { return _cvtsh_ss(h); }
