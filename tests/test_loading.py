@@ -209,8 +209,14 @@ def test_gguf_tokenizer_is_kept_and_read_back(tmp_path: Path, monkeypatch: pytes
     assert conversions == ["model.gguf"]  # read back, not converted
     _same_tokenizer(fresh, again)
 
+    # the added tokens are listed in the entry's config (else transformers parses tokenizer.json again to find them)
+    listed = json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i): t["content"] for i, t in listed.items()} == {i: t.content for i, t in fresh.hf.added_tokens_decoder.items()}
+
     (folder / "tokenizer.json").write_text("{ truncated")
     _same_tokenizer(fresh, Tokenizer.from_gguf(model))
+    assert conversions == ["model.gguf"] * 2
+    _same_tokenizer(fresh, Tokenizer.from_gguf(model))  # the damaged entry was replaced
     assert conversions == ["model.gguf"] * 2
 
     os.utime(model, ns=(1, 1))
@@ -219,6 +225,19 @@ def test_gguf_tokenizer_is_kept_and_read_back(tmp_path: Path, monkeypatch: pytes
     assert gguf_tokenizer_folder(model) is None
     Tokenizer.from_gguf(model)
     assert conversions == ["model.gguf"] * 3
+
+
+def test_tokenizer_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    """The tokenizer cache holds at most _KEPT_ENTRIES entries: the least recently used go."""
+    from specdecode.tokenizer import _prune
+
+    for i in range(5):
+        (tmp_path / f"e{i}").mkdir()
+        os.utime(tmp_path / f"e{i}", ns=(i * 10**9, i * 10**9))
+    os.utime(tmp_path / "e0")  # e0 just used
+    (tmp_path / ".partial-x").mkdir()  # another process's entry being written: left alone
+    _prune(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial-x", "e0", "e3", "e4"]
 
 
 def test_template_end_token_joins_eos(embedded: LoadedModel, tmp_path: Path) -> None:

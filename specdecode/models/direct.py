@@ -180,7 +180,9 @@ class _Tensors:
             return lo, quantize_q8_0(w)
 
         chunks = self._chunks(name, rows)
-        workers = max(1, min(self.threads, len(chunks)))
+        # our ops split a chunk over torch's threads themselves; numpy and quant.py's torch code
+        # run a chunk a thread
+        workers = 1 if ours else max(1, min(self.threads, len(chunks)))
 
         def done(future: Future[tuple[int, tuple[torch.Tensor, ...]]]) -> tuple[int, tuple[torch.Tensor, ...]]:
             lo, parts = future.result()
@@ -276,14 +278,10 @@ def _load(path: str | os.PathLike[str], quant: str, kernel: str, dtype: torch.dt
     files = _Tensors(file, config, path, threads)
     if any(not tiled_compatible(files.by_name[n].shape) for n in _matrix_names(config)):
         return None  # a shape our kernels cannot take: the float loader (ATen kernels) does
-    # torch ops one thread each: a load runs thousands of small byte shuffles, and with the
-    # cores busy each multi-threaded op waited ~8 ms for its second thread (measured: the
-    # qwen2-1.5B load 23 s -> 7 s); large requantizations run in `threads` threads instead.
-    torch.set_num_threads(1)
-    try:
-        model = _build(files, config, quant, kernel, dtype)
-    finally:
-        torch.set_num_threads(threads)
+    # The load's big ops (splitting, packing, requantizing: our kernels) run in torch's threads;
+    # the small ones are too small to start a team (1.5B Q4_0 on 2 idle cores: 3.3 -> 2.7 s;
+    # with both cores busy elsewhere ~10% slower than in one thread).
+    model = _build(files, config, quant, kernel, dtype)
     del files, file  # unmaps the file
     return_free_heap()  # the load's temporary buffers, kept mapped by malloc otherwise
     return model, tokenizer
