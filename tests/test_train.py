@@ -131,10 +131,12 @@ def test_unrolled_training_passes_equal_drafting(setup):
     assert chain_mask(4, 2).tolist()[2] == [True, True, False, False, False, False, True, False]
 
 
-def test_unrolled_eagle3_passes_equal_drafting(setup3):
-    """The same for EAGLE-3: fused layer inputs at real rows, the head's own outputs fed back."""
+@pytest.mark.parametrize("mix", ["fc", "qkv"])
+def test_unrolled_eagle3_passes_equal_drafting(setup3, mix):
+    """The same for EAGLE-3: fused layer inputs at real rows, the head's own outputs fed back
+    (with either layer: fc then a Llama layer, or EAGLE-3's own whose q/k/v read both)."""
     target, _, ds = setup3
-    task = EagleTask(target, ds, [0], None, unroll=3, noise=0.0, fused=True)
+    task = EagleTask(target, ds, [0], None, unroll=3, noise=0.0, fused=True, mix=mix)
     batch = make_batch(ds, [0], 512)
     outs = task._passes(batch, 3, 0.0)
     drafter = EagleDrafter(target, task.module.eval())
@@ -158,15 +160,16 @@ def test_unrolled_eagle3_passes_equal_drafting(setup3):
             torch.testing.assert_close(h[0], outs[s - 1][0, pos], atol=1e-5, rtol=1e-5)
 
 
-def test_eagle3_training_lowers_loss_and_raises_acceptance(setup3, tmp_path):
+@pytest.mark.parametrize("mix", ["fc", "qkv"])
+def test_eagle3_training_lowers_loss_and_raises_acceptance(setup3, tmp_path, mix):
     target, prompts, ds = setup3
-    task = EagleTask(target, ds, [0, 1], None, unroll=2, noise=0.0, fused=True)
+    task = EagleTask(target, ds, [0, 1], None, unroll=2, noise=0.0, fused=True, mix=mix, init_layer=1 if mix == "qkv" else None)
     before = tau(target, prompts[:6], EagleDrafter(target, task.module))
     summary = fit(task, ds, tmp_path, 100, 3e-3)
     first, last = _loss_drop(tmp_path / "train_log.json")
     assert last < 0.7 * first
     trained = build_drafter(f"eagle:{tmp_path}", target)
-    assert trained.hidden_layers == (0, 1)
+    assert trained.hidden_layers == (0, 1) and trained.module.config.mix == mix
     after = tau(target, prompts[:6], trained)
     assert after > before + 0.4, (before, after)
     assert summary["final_eval"]["tau_est"] > summary["evals"][0]["tau_est"]

@@ -37,15 +37,20 @@ def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.
     return module
 
 
-def eagle(target, vocab=None, seed=0, taps=()):
+def eagle(target, vocab=None, seed=0, taps=(), mix="fc"):
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # default init is random too: same seed, same head
-        head = EagleHead(EagleConfig.for_target(target, tap_layers=taps))
+        head = EagleHead(EagleConfig.for_target(target, tap_layers=taps, mix=mix))
     return EagleDrafter(target, _randomise(head, seed), vocab)
 
 
-def eagle3(target, vocab=None, seed=0):
-    return eagle(target, vocab, seed, taps=(0, 1, target.config.num_layers - 1))
+def eagle3(target, vocab=None, seed=0, mix="fc"):
+    return eagle(target, vocab, seed, taps=(0, 1, target.config.num_layers - 1), mix=mix)
+
+
+def eagle3_qkv(target, vocab=None, seed=0):
+    """EAGLE-3's own layer (q/k/v read embedding ⊕ feature), as speculators' eagle3."""
+    return eagle3(target, vocab, seed, mix="qkv")
 
 
 def medusa(target, vocab=None, seed=0, heads=4):
@@ -60,6 +65,7 @@ def distill(target, vocab=None, layers=(0, 2)):
 
 MAKERS = {
     "eagle": eagle, "eagle-subset": lambda t: eagle(t, SUBSET), "eagle3": eagle3, "eagle3-subset": lambda t: eagle3(t, SUBSET),
+    "eagle3-qkv": eagle3_qkv, "eagle3-qkv-subset": lambda t: eagle3_qkv(t, SUBSET),
     "medusa": medusa, "medusa-subset": lambda t: medusa(t, SUBSET),
     "distill": distill, "distill-subset": lambda t: distill(t, SUBSET),
 }
@@ -128,7 +134,7 @@ class NoHidden:
         self.inner.observe(draft, result)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa"])
 def test_hidden_from_the_loop_gives_the_same_drafts(tiny_target, kind):
     own, fed = MAKERS[kind](tiny_target), MAKERS[kind](tiny_target)
     s_own, s_fed = SpecStats(), SpecStats()
@@ -229,12 +235,13 @@ def small_target():
     return random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa", "distill-subset"])
 def test_sampling_matches_target_distribution(small_target, kind):
     """T=1: joint law of tokens 2-3 and law of token 4 vs exact enumeration (k=2)."""
     sampling = SamplingParams(temperature=1.0)
     sub = torch.tensor([0, 2, 3, 5, 6])
     drafter = {"eagle": lambda: eagle(small_target, seed=5), "eagle3": lambda: eagle3(small_target, seed=5),
+               "eagle3-qkv": lambda: eagle3_qkv(small_target, seed=5),
                "medusa": lambda: medusa(small_target, seed=5),
                "distill-subset": lambda: distill(small_target, sub, (0,))}[kind]()
     if hasattr(drafter, "draft_head"):  # a peaked head makes rejections (the residual path) common
@@ -258,7 +265,7 @@ def test_sampling_matches_target_distribution(small_target, kind):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-@pytest.mark.parametrize("kind", ["eagle-subset", "eagle3-subset", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle-subset", "eagle3-subset", "eagle3-qkv-subset", "medusa", "distill-subset"])
 def test_drafters_follow_a_bf16_or_quantized_target(tiny_target, fmt, kind):
     """The drafters compute in the target's activation dtype (bf16 for quantized targets).
     Greedy identity is promised in fp32 only (see test_exactness), so this checks decoding runs
@@ -286,7 +293,8 @@ def _int8_target(seed=3):
 
 
 @ours
-def test_eagle_head_on_our_kernels_computes_what_the_block_does():
+@pytest.mark.parametrize("kind", ["eagle", "eagle3-qkv"])
+def test_eagle_head_on_our_kernels_computes_what_the_block_does(kind):
     """The drafting copy of a head runs its layer on our kernels (NativeBlock: fused matmuls,
     q/k rows in RoPE pair order, fp32 residual). Its outputs must be the Block's within bf16
     rounding, for chain rows after a cached prefix and for tree rows (each sees its ancestors).
@@ -296,7 +304,7 @@ def test_eagle_head_on_our_kernels_computes_what_the_block_does():
     from specdecode.drafters.trained import NativeBlock
 
     target = _int8_target()
-    drafter = eagle(target)
+    drafter = MAKERS[kind](target)
     native = drafter.head
     assert isinstance(native.native, NativeBlock)
     plain = copy.deepcopy(native)
@@ -319,6 +327,9 @@ def test_eagle_head_on_our_kernels_computes_what_the_block_does():
             assert cache.length == 21 + f.shape[1]
         got, want = outs
         assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
+        if kind == "eagle3-qkv":  # EAGLE-3's layer runs op by op (its q/k/v read 2H)
+            assert native.native.fused is None
+            continue
         # the layer in one call (specdecode::decoder_layers) is bitwise its ops called one by one
         assert native.native.fused is not None
         by_ops = copy.deepcopy(native)
@@ -347,7 +358,7 @@ def test_eagle_tree_on_our_kernels_of_width_one_is_the_chain_draft():
 
 
 @ours
-@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv"])
 def test_eagle_on_our_kernels_keeps_greedy_identity(kind):
     """int8 target (bf16 activations, our kernels): speculative greedy output is the target's own."""
     target = _int8_target()

@@ -29,6 +29,7 @@ from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft, draft_probability
 from specdecode.drafters.trained import (
     Block,
+    Eagle3Block,
     NativeBlock,
     RMSNorm,
     TargetFeatures,
@@ -58,23 +59,33 @@ class EagleConfig:
     rope_theta: float
     rms_norm_eps: float
     tap_layers: tuple[int, ...] = ()  # EAGLE-3: target layers whose inputs are fused; () = EAGLE-1
+    # how the layer reads feature and token: "fc" (fc(feature ⊕ embedding) + b, then a Llama
+    # layer: EAGLE-1, and this project's first EAGLE-3 heads) or "qkv" (EAGLE-3's own layer:
+    # q/k/v read both, the feature is the residual; speculators' `eagle3`, vLLM's llama_eagle3)
+    mix: str = "fc"
+    norm_before_residual: bool = False  # "qkv": the residual is hidden_norm(feature)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tap_layers", tuple(self.tap_layers))  # JSON gives a list
+        if self.mix not in ("fc", "qkv"):
+            raise ValueError(f"EAGLE head mix must be 'fc' or 'qkv', got {self.mix!r}")
+        if self.mix == "qkv" and not self.tap_layers:
+            raise ValueError("an EAGLE head with EAGLE-3's layer (mix 'qkv') reads fused target layers: give tap_layers")
 
     @classmethod
     def for_target(cls, target: LlamaModel, intermediate_size: int | None = None,
-                   tap_layers: tuple[int, ...] = ()) -> "EagleConfig":
+                   tap_layers: tuple[int, ...] = (), mix: str = "fc") -> "EagleConfig":
         c = target.config
         return cls(c.hidden_size, intermediate_size or c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                   c.rope_theta, c.rms_norm_eps, tuple(tap_layers))
+                   c.rope_theta, c.rms_norm_eps, tuple(tap_layers), mix)
 
 
 class EagleHead(nn.Module):
     """fc(feature ⊕ token embedding) -> one decoder layer -> predicted next feature.
 
     EAGLE-3 adds `fuse` (the low/mid/high layer inputs, each normalised, -> one feature) and
-    `out_norm` (the head's own final norm before the LM head)."""
+    `out_norm` (the head's own final norm before the LM head); with `mix="qkv"` no fc: the
+    layer is EAGLE-3's (trained.Eagle3Block: q/k/v read embedding ⊕ feature)."""
 
     def __init__(self, cfg: EagleConfig) -> None:
         super().__init__()
@@ -82,10 +93,14 @@ class EagleHead(nn.Module):
         h = cfg.hidden_size
         # Features (rms ~2 on SmolLM2) and embeddings (rms ~0.1) differ in scale by >10x:
         # normalise each before mixing, so the token is not drowned at the start of training.
-        self.feature_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.fc = nn.Linear(2 * h, h, bias=True)
-        self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.mix == "qkv":  # the layer normalises both itself (Eagle3Block)
+            self.layer: Block = Eagle3Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                            cfg.rms_norm_eps, cfg.norm_before_residual)
+        else:
+            self.feature_norm = RMSNorm(h, cfg.rms_norm_eps)
+            self.embed_norm = RMSNorm(h, cfg.rms_norm_eps)
+            self.fc = nn.Linear(2 * h, h, bias=True)
+            self.layer = Block(h, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
         self.native: NativeBlock | None = None  # an inference copy's layer on our kernels (EagleDrafter)
         if cfg.tap_layers:
             # residual streams grow with depth: normalise each layer's input before mixing
@@ -109,6 +124,9 @@ class EagleHead(nn.Module):
         return _kernel_norm(self.out_norm, out) if self.native is not None and out.dim() == 2 else self.out_norm(out)
 
     def inputs(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """The layer's input: fc(norm(f) ⊕ norm(e)) ("fc"), or e ⊕ f as EAGLE-3's layer reads it ("qkv")."""
+        if self.config.mix == "qkv":
+            return torch.cat((embeddings.to(features.dtype), features), dim=-1)
         return self.fc(torch.cat((self.feature_norm(features), self.embed_norm(embeddings)), dim=-1))
 
     def forward(
@@ -124,8 +142,12 @@ class EagleHead(nn.Module):
         ancestors and itself), and their keys and values are appended to the cache."""
         c, t = self.config, features.shape[1]
         if cache is not None and self.native is not None:  # drafting on our kernels (B = 1)
-            mixed = torch.cat((_kernel_norm(self.feature_norm, features[0]), _kernel_norm(self.embed_norm, embeddings[0])), -1)
-            x = self.native(self.fc(mixed).float(), rope_pairs(positions, c.head_dim, c.rope_theta), cache, parents)
+            if c.mix == "qkv":
+                x = torch.cat((embeddings[0].float(), features[0].float()), -1)
+            else:
+                mixed = torch.cat((_kernel_norm(self.feature_norm, features[0]), _kernel_norm(self.embed_norm, embeddings[0])), -1)
+                x = self.fc(mixed).float()
+            x = self.native(x, rope_pairs(positions, c.head_dim, c.rope_theta), cache, parents)
             out = x.to(features.dtype).unsqueeze(0)
         else:
             x = self.inputs(features, embeddings)

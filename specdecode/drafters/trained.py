@@ -212,7 +212,8 @@ class Block(nn.Module):
         layer: int = 0,
         mask: torch.Tensor | None = None,  # with a cache: [T, past + T] bool, what each row sees (a tree)
     ) -> torch.Tensor:
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        a, x = self.split(x)
+        q, k, v = self.self_attn.qkv(a, cos, sin)
         if cache is None:
             o = self.self_attn.attend(q, k, v, None, causal=True)
         else:
@@ -222,6 +223,10 @@ class Block(nn.Module):
                 mask = torch.cat((torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()), 1)
             o = self.self_attn.attend(q, keys, values, mask, causal=False)
         return self._rest(x, self.self_attn.out(o))
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what q/k/v read, the residual stream) of a layer input: input_layernorm(x), x."""
+        return self.input_layernorm(x), x
 
     def _rest(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The residual add and the MLP after attention."""
@@ -239,14 +244,38 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training with unrolled drafting: queries see other passes' keys under `mask`.
         Returns (output, k, v) so that later passes can attend to this one."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        a, x = self.split(x)
+        q, k, v = self.self_attn.qkv(a, cos, sin)
         o = self.self_attn.attend(q, torch.cat((extra_k, k), 2), torch.cat((extra_v, v), 2), mask, causal=False)
         x = x + self.self_attn.out(o)
         return x + self._mlp(self.post_attention_layernorm(x)), k, v
 
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        _, k, v = self.self_attn.qkv(self.split(x)[0], cos, sin)
         return k, v
+
+
+class Eagle3Block(Block):
+    """EAGLE-3's layer (Li et al., 2025; speculators' `eagle3`, vLLM's llama_eagle3): its input is
+    embedding ⊕ feature [.., 2H]; q/k/v read input_layernorm(embedding) ⊕ hidden_norm(feature)
+    (2H wide) and the feature is the residual stream (normalised first with
+    `norm_before_residual`); o_proj and the MLP as in any Llama layer."""
+
+    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 norm_before_residual: bool = False) -> None:
+        super().__init__(hidden, intermediate, heads, kv_heads, head_dim, eps)
+        self.hidden_norm = RMSNorm(hidden, eps)
+        self.norm_before_residual = norm_before_residual
+        a = self.self_attn
+        a.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
+        a.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        a.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, feature = x.chunk(2, dim=-1)
+        normed = self.hidden_norm(feature)
+        return (torch.cat((self.input_layernorm(embedding), normed), -1),
+                normed if self.norm_before_residual else feature)
 
 
 class NativeBlock:
@@ -271,9 +300,13 @@ class NativeBlock:
             self.down = linear_stack([m.down_proj.weight.float()], None, quant, dtype)
             self.input_norm = block.input_layernorm.weight.detach().float()
             self.post_norm = block.post_attention_layernorm.weight.detach().float()
+            # EAGLE-3's layer: q/k/v read the normalised embedding ⊕ feature (Eagle3Block)
+            self.hidden_norm = block.hidden_norm.weight.detach().float() if isinstance(block, Eagle3Block) else None
+        self.norm_before_residual = getattr(block, "norm_before_residual", False)
         self.tiles = self.qkv.kernel in kernels.TILE_ATTENTION  # attention on AMX tiles where the matmuls run there (as the target's)
         # the layer in one call (`specdecode::decoder_layers`), where its stacks are on our kernels
-        self.fused = FusedLayers.from_stacks((self.qkv, self.o, self.gate_up, self.down), [self.input_norm], [self.post_norm])
+        self.fused = None if self.hidden_norm is not None else FusedLayers.from_stacks(
+            (self.qkv, self.o, self.gate_up, self.down), [self.input_norm], [self.post_norm])
 
     @classmethod
     def build(cls, block: Block, quant: str | None, dtype: torch.dtype) -> "NativeBlock | None":
@@ -285,14 +318,22 @@ class NativeBlock:
         return cls(block, quant, dtype)
 
     def __call__(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, hidden] fp32 (updated in place and returned), rope [T, head_dim/2, 2] fp32 (cos, sin
-        of each row's position); writes the rows' keys and values at cache slots length..length+T-1."""
+        """x [T, hidden] fp32 (updated in place and returned; EAGLE-3's layer: [T, 2 hidden],
+        embedding ⊕ feature, and a new [T, hidden] is returned), rope [T, head_dim/2, 2] fp32 (cos,
+        sin of each row's position); writes the rows' keys and values at cache slots
+        length..length+T-1."""
         ops, past = torch.ops.specdecode, cache.length
         cache.ensure(past + x.shape[0])
         if self.fused is not None:
             self.fused.run(x, rope, [cache.k], [cache.v], [past], [x.shape[0]], [parents], self.heads, self.tiles, self.eps, [0])
             return x
-        qkv = self.qkv(ops.rms_norm(x, self.input_norm, self.eps), 0)
+        if self.hidden_norm is not None:
+            embedding, feature = (part.contiguous() for part in x.chunk(2, dim=-1))
+            normed = ops.rms_norm(feature, self.hidden_norm, self.eps)
+            qkv = self.qkv(torch.cat((ops.rms_norm(embedding, self.input_norm, self.eps), normed), -1), 0)
+            x = normed.float() if self.norm_before_residual else feature
+        else:
+            qkv = self.qkv(ops.rms_norm(x, self.input_norm, self.eps), 0)
         ops.add_residual(x, self.o(ops.rope_attend(qkv, rope, cache.k, cache.v, 0, past, self.heads, parents, self.tiles), 0))
         ops.add_residual(x, self.down(ops.silu_mul(self.gate_up(ops.rms_norm(x, self.post_norm, self.eps), 0)), 0))
         return x

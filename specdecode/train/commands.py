@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--eagle3", action="store_true",
                            help="EAGLE-3: fuse the target's low/mid/high layer inputs, token loss only unless --w-reg "
                                 "(adds them to the data first if it has none, see `train taps`)")
+            p.add_argument("--eagle3-layer", choices=("qkv", "fc"), default="qkv",
+                           help="with --eagle3: qkv = EAGLE-3's layer (q/k/v read embedding and feature; exports to "
+                                "speculators' eagle3, default), fc = fc(feature, embedding) then a Llama layer")
             p.add_argument("--w-reg", type=float, default=None,
                            help="weight of the feature-regression loss (default 1; 0 with --eagle3)")
         elif kind == "medusa":
@@ -286,7 +289,7 @@ def _task(args, target, ds, val_ids, vocab_ids):  # type: ignore[no-untyped-def]
         from specdecode.train.eagle import EagleTask
 
         return EagleTask(target, ds, val_ids, vocab_ids, args.unroll, args.noise, args.w_cls, args.init_layer, args.seed,
-                         fused=args.eagle3, w_reg=args.w_reg)
+                         fused=args.eagle3, w_reg=args.w_reg, mix=args.eagle3_layer if args.eagle3 else "fc")
     if args.kind == "medusa":
         from specdecode.train.medusa import MedusaTask
 

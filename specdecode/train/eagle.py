@@ -8,7 +8,7 @@ real keys only up to where the draft chain started plus the keys of its own earl
 steps — exactly what the draft KV cache holds at drafting time.
 
 EAGLE-3 (data with taps, `fused=True`): f_i is replaced by fuse(the target's layer inputs at
-i), and the distribution term reads the head's own final norm: CE(softmax(W f_{i+1}),
+i) (with `mix="qkv"` the layer is EAGLE-3's own: q/k/v read embedding ⊕ feature), and the distribution term reads the head's own final norm: CE(softmax(W f_{i+1}),
 softmax(W norm(g_{i+1}))). By default (`w_reg` 0, as in the paper) that is the whole loss and
 the gradient flows through the fed-back outputs of earlier passes (nothing asks an output to
 look like a target feature, so what the next pass needs from it is learned); `w_reg` > 0 adds
@@ -62,6 +62,7 @@ class EagleTask:
         eval_unroll: int = 5,
         fused: bool = False,
         w_reg: float | None = None,
+        mix: str = "fc",
     ) -> None:
         torch.manual_seed(seed)
         if fused and ds.taps is None:
@@ -79,12 +80,19 @@ class EagleTask:
         self.export_vocab_ids = vocab_ids
         self.w_reg = (0.0 if fused else 1.0) if w_reg is None else w_reg
         self.detach_fed = self.w_reg > 0  # outputs pulled towards features are fed back as given
-        self.module = EagleHead(EagleConfig.for_target(target, tap_layers=ds.tap_layers if fused else ()))
+        self.module = EagleHead(EagleConfig.for_target(target, tap_layers=ds.tap_layers if fused else (), mix=mix))
         if fused:  # start from the target's own final norm
             self.module.out_norm.weight.data.copy_(target.norm.weight.detach().float())
         if init_layer is not None:
             own = {k.removeprefix(f"layers.{init_layer}."): v for k, v in _target_state(target).items()
                    if k.startswith(f"layers.{init_layer}.")}
+            if mix == "qkv":  # EAGLE-3's q/k/v read embedding ⊕ feature: the target's rows go to the feature half
+                h = target.config.hidden_size
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(self.module.layer.self_attn, name).weight.data[:, h:] = own.pop(f"self_attn.{name}.weight")
+                own["hidden_norm.weight"] = torch.ones(h)
+                own.update({f"self_attn.{n}.weight": getattr(self.module.layer.self_attn, n).weight.data
+                            for n in ("q_proj", "k_proj", "v_proj")})
             self.module.layer.load_state_dict(own)
         self.embed = target.embedding_weight().float()
         full = target.lm_head.weight.detach().float()
