@@ -23,7 +23,7 @@ from specdecode.export.speculators import read_speculators_eagle, write_speculat
 from specdecode.models.loading import _unpermute_rope_rows
 from specdecode.models.synthetic import SHAPES, write_synthetic_gguf
 from specdecode.train.distill import Student
-from test_trained_drafters import PROMPTS, _randomise, eagle, eagle3, run
+from test_trained_drafters import PROMPTS, _randomise, eagle, eagle3, eagle3_qkv, run
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -103,18 +103,26 @@ def test_llama_cpp_runs_the_exported_draft_and_agrees(target_gguf, distill_dir, 
     assert agree / total >= 0.9  # two engines' float sums differ in order; a layout error agrees ~never
 
 
-def _saved_eagle(target, tmp_path, vocab):
+def _saved_eagle(target, tmp_path, vocab, make=eagle):
     """A random EAGLE head saved and loaded as a folder (bf16 values, as shipped)."""
-    save_eagle(tmp_path / "eagle", eagle(target, vocab, seed=5).module, target, vocab, {})
+    save_eagle(tmp_path / "eagle", make(target, vocab, seed=5).module, target, vocab, {})
     return EagleDrafter.load(target, str(tmp_path / "eagle"))
 
 
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
 @pytest.mark.parametrize("vocab", [None, torch.tensor([40, 2, 7, 11, 90, 13, 1, 3, 5, 60, 61, 62])])
-def test_speculators_folder_round_trips_to_identical_drafts(tiny_target, tmp_path, vocab):
-    ours = _saved_eagle(tiny_target, tmp_path, vocab)
+def test_speculators_folder_round_trips_to_identical_drafts(tiny_target, tmp_path, vocab, kind):
+    """EAGLE-1 heads as speculators' `eagle`, EAGLE-3 heads (EAGLE-3's own layer) as `eagle3`."""
+    ours = _saved_eagle(tiny_target, tmp_path, vocab, eagle if kind == "eagle" else eagle3_qkv)
     out = write_speculators(tmp_path / "spec", ours.module, tiny_target, vocab, "some/verifier", 4)
     config = json.loads((out / "config.json").read_text())
-    assert config["speculators_model_type"] == "eagle" and config["draft_vocab_size"] == (97 if vocab is None else 12)
+    assert config["speculators_model_type"] == kind and config["draft_vocab_size"] == (97 if vocab is None else 12)
+    if kind == "eagle3":
+        assert config["eagle_aux_hidden_state_layer_ids"] == list(ours.module.config.tap_layers)
+        assert (config["fc_norm"], config["norm_before_fc"], config["norm_output"]) == (True, False, False)
+        # read as a folder written elsewhere (no specdecode section): the same head
+        del config["specdecode"]
+        (out / "config.json").write_text(json.dumps(config))
     assert config["speculators_config"]["verifier"] == {"name_or_path": "some/verifier",
                                                         "architectures": ["LlamaForCausalLM"]}
     layer = config["transformer_layer_config"]
@@ -146,8 +154,25 @@ def test_speculators_tensor_names_are_what_its_loaders_read(tiny_target, tmp_pat
     assert not any(n.startswith(("layer.", "fc.")) for n in names)
 
 
+def test_eagle3_tensor_names_are_what_its_loaders_read(tiny_target, tmp_path):
+    """speculators' Eagle3DraftModel / vLLM's llama_eagle3 names (fc_norm per tapped layer)."""
+    from safetensors.torch import load_file
+
+    out = write_speculators(tmp_path / "spec", eagle3_qkv(tiny_target).module, tiny_target, None, "v")
+    names = set(load_file(str(out / "model.safetensors")))
+    assert {"fc.weight", "fc_norm.0.weight", "fc_norm.2.weight", "norm.weight", "lm_head.weight", "d2t", "t2d",
+            "layers.0.hidden_norm.weight", "layers.0.input_layernorm.weight", "layers.0.self_attn.q_proj.weight",
+            "layers.0.post_attention_layernorm.weight", "layers.0.mlp.down_proj.weight"} <= names
+    assert load_file(str(out / "model.safetensors"))["layers.0.self_attn.q_proj.weight"].shape[1] == 2 * 32
+    config = json.loads((out / "config.json").read_text())
+    config["fc_norm"], config["norm_before_fc"] = False, True
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="fc_norm: false"):
+        build_drafter(f"eagle:{out}", tiny_target)
+
+
 def test_what_speculators_cannot_express_is_refused(tiny_target, tmp_path):
-    with pytest.raises(UserError, match="EAGLE-3 head"):
+    with pytest.raises(UserError, match="EAGLE-3 head with the fc layer"):
         write_speculators(tmp_path / "e3", eagle3(tiny_target).module, tiny_target, None, "v")
     out = write_speculators(tmp_path / "spec", _saved_eagle(tiny_target, tmp_path, None).module, tiny_target, None, "v")
     from safetensors.torch import load_file, save_file

@@ -23,10 +23,19 @@ What differs, exactly (docs/export.md):
 * the draft vocabulary (our `vocab_ids`) is written as EAGLE-3's `lm_head.weight` (the target
   head's rows), `d2t` (draft index -> target id offset: id = index + d2t[index]) and `t2d` (a
   target-vocabulary mask), with `draft_vocab_size`.
-Our EAGLE-3 heads (fused low/mid/high features, `tap_layers`) cannot be written: speculators'
-`eagle3` feeds the normalised embedding and hidden state straight into a 2H-wide q/k/v with
-the hidden state as residual, where our head mixes them through `fc` and normalises again; no
-setting of its layer computes ours, so the export refuses them.
+EAGLE-3 heads with EAGLE-3's own layer (`train eagle --eagle3`, mix "qkv") are written as
+speculators' `eagle3` (`Eagle3Speculator`; vLLM's llama_eagle3) with `fc_norm: true`:
+
+    ours                         speculators `eagle3`
+    tap_norms.i.weight           fc_norm.i.weight (an RMSNorm per tapped layer input)
+    fuse.weight [H, n H]         fc.weight
+    layer.*                      layers.0.* (hidden_norm included; q/k/v [., 2H]: embedding ⊕ feature)
+    out_norm.weight              norm.weight
+    tap_layers                   eagle_aux_hidden_state_layer_ids (inputs of those verifier layers)
+
+with the same `lm_head` / `d2t` / `t2d`. That one is exact both ways. Our first EAGLE-3 heads
+(mix "fc": fc over normalised feature and embedding, then a Llama layer) have no speculators
+layout and are refused.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import torch
 from specdecode.errors import UserError
 
 SPECULATORS_TYPE = "eagle"
+EAGLE3_TYPE = "eagle3"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EMBEDDED_VERIFIER = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -65,6 +75,11 @@ def head_tensors(head: Any, head_weight: torch.Tensor, vocab_ids: torch.Tensor |
     rows (`head_weight` [V, H]: the target's head, whose rows the draft reads)."""
     sd = {k: v.detach().float() for k, v in head.state_dict().items()}
     h = head.config.hidden_size
+    if head.config.mix == "qkv":  # speculators' eagle3
+        out = {"fc.weight": sd.pop("fuse.weight"), "norm.weight": sd.pop("out_norm.weight")}
+        out.update({"fc_norm." + k.removeprefix("tap_norms."): sd.pop(k) for k in list(sd) if k.startswith("tap_norms.")})
+        out.update({"layers.0." + k.removeprefix("layer."): v for k, v in sd.items()})
+        return {**out, **vocabulary_tensors(head_weight, vocab_ids)}
     out = {
         "embedding_layernorm.weight": sd.pop("embed_norm.weight"),
         FEATURE_NORM: sd.pop("feature_norm.weight"),
@@ -74,13 +89,16 @@ def head_tensors(head: Any, head_weight: torch.Tensor, vocab_ids: torch.Tensor |
     }
     sd.pop("fc.weight")
     out.update({"transformer." + k.removeprefix("layer."): v for k, v in sd.items()})
+    return {**out, **vocabulary_tensors(head_weight, vocab_ids)}
+
+
+def vocabulary_tensors(head_weight: torch.Tensor, vocab_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The draft vocabulary as speculators writes it: `lm_head.weight` (the target head's rows),
+    `d2t` (id = index + d2t[index]) and `t2d` (a mask over the target's vocabulary)."""
     ids = torch.arange(head_weight.shape[0]) if vocab_ids is None else vocab_ids.long()
-    out["lm_head.weight"] = head_weight.detach().float()[ids].contiguous()
-    out["d2t"] = ids - torch.arange(len(ids))
     t2d = torch.zeros(head_weight.shape[0], dtype=torch.bool)
     t2d[ids] = True
-    out["t2d"] = t2d
-    return out
+    return {"lm_head.weight": head_weight.detach().float()[ids].contiguous(), "d2t": ids - torch.arange(len(ids)), "t2d": t2d}
 
 
 def speculators_config(head_config: Any, target_config: Any, draft_vocab: int, verifier: str,
@@ -95,8 +113,30 @@ def speculators_config(head_config: Any, target_config: Any, draft_vocab: int, v
                                    rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, attention_bias=False,
                                    tie_word_embeddings=False, sliding_window=None))
     layer["torch_dtype"] = "bfloat16"
-    layer["add_para_norm"] = True  # vLLM's HASS-style EAGLE: a norm on the verifier's hidden state
     verifier_archs = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    proposals = {
+        "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
+                              "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+        "default_proposal_method": "greedy",
+        "verifier": {"name_or_path": verifier, "architectures": [verifier_archs[target_config.arch]]},
+    }
+    if c.mix == "qkv":
+        return {
+            "speculators_model_type": EAGLE3_TYPE,
+            "architectures": ["Eagle3Speculator"],
+            "transformer_layer_config": layer,
+            "draft_vocab_size": draft_vocab,
+            "norm_before_residual": c.norm_before_residual,
+            "target_hidden_size": c.hidden_size,
+            "eagle_aux_hidden_state_layer_ids": list(c.tap_layers),
+            "norm_before_fc": False,
+            "fc_norm": True,
+            "norm_output": False,
+            "embed_requires_grad": False,
+            "speculators_config": {"algorithm": EAGLE3_TYPE, **proposals},
+            "specdecode": {"head": asdict(c), "target": target_signature},
+        }
+    layer["add_para_norm"] = True  # vLLM's HASS-style EAGLE: a norm on the verifier's hidden state
     return {
         "speculators_model_type": SPECULATORS_TYPE,
         "architectures": ["EagleSpeculator", "LlamaDecoderLayer"],
@@ -105,13 +145,7 @@ def speculators_config(head_config: Any, target_config: Any, draft_vocab: int, v
         "layernorms": True,
         "fusion_bias": True,
         "draft_vocab_size": draft_vocab,
-        "speculators_config": {
-            "algorithm": SPECULATORS_TYPE,
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens,
-                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier, "architectures": [verifier_archs[target_config.arch]]},
-        },
+        "speculators_config": {"algorithm": SPECULATORS_TYPE, **proposals},
         "specdecode": {
             "head": asdict(c),
             "target": target_signature,
@@ -157,11 +191,12 @@ def export_eagle_speculators(out: str | os.PathLike[str], target_path: str | Non
 
 
 def check_expressible(head: Any, where: str) -> None:
-    if head.config.tap_layers:
+    if head.config.tap_layers and head.config.mix != "qkv":
         raise UserError(
-            f"{where} is an EAGLE-3 head (fused layers {list(head.config.tap_layers)}), which speculators' eagle3 "
-            "cannot express: its first layer feeds the normalised embedding and hidden state straight into a "
-            "2H-wide q/k/v, ours mixes them through fc and normalises again (docs/export.md); export an EAGLE-1 head")
+            f"{where} is an EAGLE-3 head with the fc layer (fused layers {list(head.config.tap_layers)}), which "
+            "speculators' eagle3 cannot express: its first layer feeds the normalised embedding and hidden state "
+            "straight into a 2H-wide q/k/v, this head mixes them through fc and normalises again (docs/export.md); "
+            "train with `specdecode train eagle --eagle3` (EAGLE-3's own layer, the default) or export an EAGLE-1 head")
 
 
 def write_speculators(out: Path, head: Any, target: Any, vocab_ids: torch.Tensor | None, verifier: str,
@@ -202,9 +237,12 @@ def read_speculators_eagle(folder: str | os.PathLike[str]) -> tuple[dict[str, An
         raise UserError(f"{path} is not a speculators folder (needs {CONFIG_FILE} with speculators_model_type and {MODEL_FILE})")
     config = json.loads((path / CONFIG_FILE).read_text())
     kind = config.get("speculators_model_type")
-    if kind != SPECULATORS_TYPE:
-        raise UserError(f"{path} is a speculators '{kind}' model; specdecode reads the '{SPECULATORS_TYPE}' layout only")
+    if kind not in (SPECULATORS_TYPE, EAGLE3_TYPE):
+        raise UserError(f"{path} is a speculators '{kind}' model; specdecode reads the "
+                        f"'{SPECULATORS_TYPE}' and '{EAGLE3_TYPE}' layouts")
     t = load_file(str(path / MODEL_FILE))
+    if kind == EAGLE3_TYPE:
+        return config, _eagle3_state(path, config, t), _draft_ids(t)
     missing = [n for n in ("embedding_layernorm.weight", FEATURE_NORM, "fusion_fc.weight", "fusion_fc.bias", "lm_head.weight")
                if n not in t]
     if missing:
@@ -220,10 +258,33 @@ def read_speculators_eagle(folder: str | os.PathLike[str]) -> tuple[dict[str, An
         "fc.bias": t["fusion_fc.bias"].float(),
     }
     state.update({"layer." + k.removeprefix("transformer."): v.float() for k, v in t.items() if k.startswith("transformer.")})
+    return config, state, _draft_ids(t)
+
+
+def _eagle3_state(path: Path, config: dict[str, Any], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our EagleHead's state dict (EAGLE-3's layer) from a speculators `eagle3` folder's tensors;
+    what our head cannot compute is a one-line UserError."""
+    for flag, want in (("fc_norm", True), ("norm_before_fc", False), ("norm_output", False)):
+        if bool(config.get(flag, False)) != want:
+            raise UserError(f"{path} has {flag}: {str(not want).lower()}; specdecode's EAGLE-3 head computes "
+                            f"{flag}: {str(want).lower()} (an RMSNorm per tapped layer, the pre-norm output fed back)")
+    layers = config.get("transformer_layer_config", {}).get("num_hidden_layers", 1)
+    missing = [n for n in ("fc.weight", "norm.weight", "lm_head.weight", "layers.0.hidden_norm.weight") if n not in t]
+    if missing or layers != 1:
+        raise UserError(f"{path} lacks {', '.join(missing)}" if missing else
+                        f"{path} has {layers} draft layers; specdecode's EAGLE-3 head has one")
+    state = {"fuse.weight": t["fc.weight"].float(), "out_norm.weight": t["norm.weight"].float()}
+    state.update({"tap_norms." + k.removeprefix("fc_norm."): v.float() for k, v in t.items() if k.startswith("fc_norm.")})
+    state.update({"layer." + k.removeprefix("layers.0."): v.float() for k, v in t.items() if k.startswith("layers.0.")})
+    return state
+
+
+def _draft_ids(t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The draft vocabulary's target ids (None: the whole vocabulary, in order)."""
     n = t["lm_head.weight"].shape[0]
     ids = torch.arange(n) + t["d2t"].long() if "d2t" in t else torch.arange(n)
     full = "t2d" in t and n == t["t2d"].shape[0]
-    return config, state, None if full and torch.equal(ids, torch.arange(n)) else ids
+    return None if full and torch.equal(ids, torch.arange(n)) else ids
 
 
 def load_speculators_eagle(target: Any, folder: str, max_length: int | None = None, cls: Any = None,
@@ -235,11 +296,14 @@ def load_speculators_eagle(target: Any, folder: str, max_length: int | None = No
     config, state, ids = read_speculators_eagle(folder)
     ours = config.get("specdecode", {})
     layer = config.get("transformer_layer_config", {})
+    eagle3 = config.get("speculators_model_type") == EAGLE3_TYPE
     head_config = EagleConfig(**ours["head"]) if "head" in ours else EagleConfig(
         layer["hidden_size"], layer["intermediate_size"], layer["num_attention_heads"],
         layer.get("num_key_value_heads", layer["num_attention_heads"]),
         layer.get("head_dim", layer["hidden_size"] // layer["num_attention_heads"]),
-        float(layer.get("rope_theta", 10000.0)), float(layer.get("rms_norm_eps", 1e-5)))
+        float(layer.get("rope_theta", 10000.0)), float(layer.get("rms_norm_eps", 1e-5)),
+        _tap_layers(config, target) if eagle3 else (),
+        "qkv" if eagle3 else "fc", bool(config.get("norm_before_residual", False)))
     # a folder written elsewhere carries no signature of its target: its shapes are checked
     signature = ours.get("target") or {**target_signature(target), "vocab_size": layer.get("vocab_size"),
                                        "hidden_size": head_config.hidden_size}
@@ -250,3 +314,11 @@ def load_speculators_eagle(target: Any, folder: str, max_length: int | None = No
     except RuntimeError as exc:
         raise UserError(f"{folder}: its tensors do not fit specdecode's EAGLE head ({str(exc).splitlines()[0]})") from None
     return (cls or EagleDrafter)(target, head, None if full_vocab else ids, f"eagle:{folder}", max_length)
+
+
+def _tap_layers(config: dict[str, Any], target: Any) -> tuple[int, ...]:
+    """An eagle3 folder's verifier layers (vLLM's default where it names none: 2, L/2, L-3)."""
+    from specdecode.train.data import default_tap_layers
+
+    ids = config.get("eagle_aux_hidden_state_layer_ids")
+    return tuple(int(i) for i in ids) if ids else default_tap_layers(target.config.num_layers)
