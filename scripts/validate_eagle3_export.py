@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from specdecode.bench.prompts import load_prompts  # noqa: E402
-from specdecode.config import SamplingParams  # noqa: E402
 from specdecode.drafters.eagle import EagleDrafter  # noqa: E402
-from specdecode.engine import Engine, load_llama  # noqa: E402
 from specdecode.export.speculators import MODEL_FILE, export_eagle_speculators  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from validate_export import engine_against_ar, same_drafts, setup  # noqa: E402
 
 
 class _Stub(types.ModuleType):
@@ -75,19 +75,8 @@ def speculators_model(folder: Path) -> torch.nn.Module | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("head_dir")
-    ap.add_argument("--prompts", type=int, default=50)
-    ap.add_argument("--out", default=str(ROOT / ".cache" / "export"))
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out, target, tokenizer, prompts, ids = setup(ap, threads=2)
     report: dict[str, object] = {}
-
-    target, tokenizer = load_llama(None, "fp32")
-    prompts = load_prompts("all", limit=6)[: args.prompts]
-    ids = [tokenizer.apply_chat_template(list(p.messages)) for p in prompts]
 
     start = time.perf_counter()
     spec = export_eagle_speculators(out / "eagle3-speculators", head_dir=args.head_dir)
@@ -98,13 +87,7 @@ def main() -> int:
     # 1. read back by our loader
     ours, back = EagleDrafter.load(target, args.head_dir), EagleDrafter.load(target, str(spec))
     same_weights = all(torch.equal(t, back.module.state_dict()[n]) for n, t in ours.module.state_dict().items())
-    same = 0
-    for p in ids:
-        drafts = []
-        for d in (ours, back):
-            d.begin(p)
-            drafts.append(d.propose(p, 5, SamplingParams(), torch.Generator()).tokens)
-        same += drafts[0] == drafts[1]
+    same = same_drafts(ours, back, ids)
     report["reimported"] = {"MiB": round(size, 1), "weights_equal": same_weights, "draft_chains_identical": f"{same}/{len(ids)}"}
     print(f"read back: {report['reimported']}", flush=True)
 
@@ -139,22 +122,8 @@ def main() -> int:
         print(f"speculators model: {report['speculators_model']}", flush=True)
 
     # 3. our engine with the exported folder against AR
-    engine = Engine.load(None, max_context=2048)
-    runs = {"ar": "none", "eagle (trained folder)": f"eagle:{args.head_dir}", "eagle (speculators export)": f"eagle:{spec}"}
-    tokens: dict[str, list[list[int]]] = {}
-    for name, drafter in runs.items():
-        start = time.perf_counter()
-        accepted = drafted = steps = 0
-        tokens[name] = []
-        for p in prompts:
-            g = engine.generate(p.messages, drafter=drafter, k=5, max_new_tokens=args.max_new_tokens)
-            tokens[name].append(g.token_ids)
-            accepted, drafted, steps = accepted + g.stats.accepted, drafted + g.stats.drafted, steps + g.stats.target_forwards
-        row = {"identical_to_ar": f"{sum(a == b for a, b in zip(tokens[name], tokens['ar']))}/{len(prompts)}",
-               "tokens_per_target_forward": round(sum(map(len, tokens[name])) / max(1, steps), 3),
-               "acceptance": round(accepted / max(1, drafted), 3), "seconds": round(time.perf_counter() - start, 1)}
-        report[f"engine: {name}"] = row
-        print(f"engine {name}: {row}", flush=True)
+    report.update(engine_against_ar(prompts, {"ar": ("none", None), "eagle (trained folder)": (f"eagle:{args.head_dir}", None),
+                                              "eagle (speculators export)": (f"eagle:{spec}", None)}, args.max_new_tokens))
     (out / "report-eagle3.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out / 'report-eagle3.json'}")
     return 0

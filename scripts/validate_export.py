@@ -61,12 +61,13 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{same}/{len(a)} sequences, {tokens / max(1, sum(map(len, a))):.1%} tokens"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def setup(ap: argparse.ArgumentParser, threads: int) -> tuple:
+    """The scripts' common options and inputs: (args, output folder, the embedded target in fp32,
+    its tokenizer, the first --prompts MT-Bench/HumanEval prompts, their chat-template ids)."""
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / ".cache" / "export"))
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=threads)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -76,6 +77,48 @@ def main() -> int:
     target, tokenizer = load_llama(None, "fp32")
     prompts = load_prompts("all", limit=6)[: args.prompts]
     ids = [tokenizer.apply_chat_template(list(p.messages)) for p in prompts]
+    return args, out, target, tokenizer, prompts, ids
+
+
+def same_drafts(a: EagleDrafter, b: EagleDrafter, ids: list[list[int]], k: int = 5) -> int:
+    """On how many prompts two drafters' greedy draft chains (k tokens) are identical."""
+    same = 0
+    for p in ids:
+        drafts = []
+        for d in (a, b):
+            d.begin(p)
+            drafts.append(d.propose(p, k, SamplingParams(), torch.Generator()).tokens)
+        same += drafts[0] == drafts[1]
+    return same
+
+
+def engine_against_ar(prompts: list, runs: dict[str, tuple[str, str | None]], max_new_tokens: int) -> dict[str, dict]:
+    """Our engine (embedded target, auto weights, k=5) with each drafter (`runs`: name ->
+    (drafter, draft), "ar" first): greedy output identical to AR, tokens per target forward,
+    acceptance."""
+    engine = Engine.load(None, max_context=2048)
+    tokens: dict[str, list[list[int]]] = {}
+    rows: dict[str, dict] = {}
+    for name, (drafter, draft) in runs.items():
+        start = time.perf_counter()
+        accepted = drafted = steps = 0
+        tokens[name] = []
+        for p in prompts:
+            g = engine.generate(p.messages, drafter=drafter, draft=draft, k=5, max_new_tokens=max_new_tokens)
+            tokens[name].append(g.token_ids)
+            accepted, drafted, steps = accepted + g.stats.accepted, drafted + g.stats.drafted, steps + g.stats.target_forwards
+        row = {"identical_to_ar": f"{sum(a == b for a, b in zip(tokens[name], tokens['ar']))}/{len(prompts)}",
+               "tokens_per_target_forward": round(sum(map(len, tokens[name])) / max(1, steps), 3),
+               "acceptance": round(accepted / max(1, drafted), 3), "seconds": round(time.perf_counter() - start, 1)}
+        rows[f"engine: {name}"] = row
+        print(f"engine {name}: {row}", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    args, out, target, tokenizer, prompts, ids = setup(ap, threads=1)
+    report: dict[str, object] = {}
 
     # 1. distill -> GGUF
     _, tensors = load_folder(resolve_folder("distill", None), "distill")
@@ -110,37 +153,17 @@ def main() -> int:
     spec = export_eagle_speculators(out / "eagle-speculators")
     seconds = time.perf_counter() - start
     shipped, back_eagle = EagleDrafter.load(target, None), EagleDrafter.load(target, str(spec))
-    same = 0
-    for p in ids:
-        drafts = []
-        for d in (shipped, back_eagle):
-            d.begin(p)
-            drafts.append(d.propose(p, 5, SamplingParams(), torch.Generator()).tokens)
-        same += drafts[0] == drafts[1]
+    same = same_drafts(shipped, back_eagle, ids)
     size = sum(f.stat().st_size for f in spec.iterdir()) / 2**20
     report["eagle-speculators"] = {"MiB": round(size, 1), "export_s": round(seconds, 1),
                                    "first_drafts_identical": f"{same}/{len(ids)}"}
     print(f"eagle speculators: {report['eagle-speculators']}", flush=True)
 
     # 3. our engine with the re-imported drafters: greedy identity against AR
-    engine = Engine.load(None, max_context=2048)
     runs = {"ar": ("none", None), "distill (shipped)": ("distill", None),
             "model --draft distill-f32.gguf": ("model", str(out / "distill-f32.gguf")),
             "eagle (shipped)": ("eagle", None), "eagle:speculators folder": (f"eagle:{spec}", None)}
-    tokens: dict[str, list[list[int]]] = {}
-    for name, (drafter, draft) in runs.items():
-        start = time.perf_counter()
-        accepted = drafted = steps = 0
-        tokens[name] = []
-        for p in prompts:
-            g = engine.generate(p.messages, drafter=drafter, draft=draft, k=5, max_new_tokens=args.max_new_tokens)
-            tokens[name].append(g.token_ids)
-            accepted, drafted, steps = accepted + g.stats.accepted, drafted + g.stats.drafted, steps + g.stats.target_forwards
-        row = {"identical_to_ar": sum(a == b for a, b in zip(tokens[name], tokens["ar"])),
-               "tokens_per_target_forward": round(sum(map(len, tokens[name])) / max(1, steps), 3),
-               "acceptance": round(accepted / max(1, drafted), 3), "seconds": round(time.perf_counter() - start, 1)}
-        report[f"engine: {name}"] = row
-        print(f"engine {name}: {row}", flush=True)
+    report.update(engine_against_ar(prompts, runs, args.max_new_tokens))
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out / 'report.json'}")
     return 0

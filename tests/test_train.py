@@ -281,7 +281,9 @@ def test_cli_train_arguments():
     assert (args.layers, args.store) == ("0,29", "bf16")
     assert build_parser().parse_args(["train", "medusa", "--out", "x", "--store", "int8"]).store == "int8"
     args = build_parser().parse_args(["train", "eagle", "--out", "x", "--eagle3", "--no-fresh-eval"])
-    assert (args.eagle3, args.w_reg, args.no_fresh_eval) == (True, None, True)
+    assert (args.eagle3, args.w_reg, args.no_fresh_eval, args.eagle3_layer) == (True, None, True, "qkv")
+    args = build_parser().parse_args(["train", "eagle", "--out", "x", "--eagle3", "--eagle3-layer", "fc"])
+    assert args.eagle3_layer == "fc"
     args = build_parser().parse_args(["train", "taps", "--data", "d", "--layers", "1,2"])
     assert args.func.__name__ == "cmd_taps"
     from specdecode.train.commands import parse_tap_layers
