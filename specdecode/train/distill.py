@@ -15,6 +15,7 @@ from specdecode.drafters.trained import Block, RMSNorm, rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
 from specdecode.train.loop import Batch, HeldOut, brief
+from specdecode.train.precision import autocast
 
 
 class Student(nn.Module):
@@ -69,7 +70,7 @@ class DistillTask:
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         rows = batch.has_feature
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             h = self.module(batch.tokens, self.embed)
             with torch.no_grad():
                 p = torch.softmax(F.linear(batch.features[rows], self.w_draft).float(), -1)
@@ -85,7 +86,7 @@ class DistillTask:
         hits = total = 0
         run_sum, chains = 0.0, 0
         for batch, truth in (self.held_out if held_out is None else held_out):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 h = self.module(batch.tokens, self.embed)
             guess = F.linear(h.float(), self.w_draft).argmax(-1)
             if self.vocab_ids is not None:

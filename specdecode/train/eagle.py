@@ -27,6 +27,7 @@ from specdecode.drafters.trained import rope_tables
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
 from specdecode.train.loop import Batch, HeldOut, brief
+from specdecode.train.precision import autocast
 
 
 def chain_mask(t: int, s: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ class EagleTask:
         return outs
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             outs = self._passes(batch, self.unroll, self.noise)
             target_f = batch.features[:, 1:]  # f_{i+1}
             mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]  # [B, T-1]
@@ -152,7 +153,7 @@ class EagleTask:
             m = mask.clone()
             m[:, : s - 1] = False  # a chain needs s-1 earlier rows
             sel = m[mask]  # rows of p that this pass scores
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 out = self.module.to_head(g[m])
                 logq = torch.log_softmax(F.linear(out, self.w_draft).float(), -1)
             cls = -(p[sel] * logq).sum(-1).mean()
@@ -176,7 +177,7 @@ class EagleTask:
         counts = [0] * self.eval_unroll
         run_sum, chains = 0.0, 0
         for batch, truth_all in (self.held_out if held_out is None else held_out):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 outs = self._passes(batch, self.eval_unroll, 0.0)
             mask = batch.has_feature[:, 1:] & batch.trained[:, 1:]
             truth = truth_all[:, 1:]  # target's argmax after f_{i+1}

@@ -13,6 +13,7 @@ from specdecode.drafters.medusa import MedusaConfig, MedusaHeads, save_medusa
 from specdecode.models.llama import LlamaModel
 from specdecode.train.data import DataSet
 from specdecode.train.loop import Batch, HeldOut, brief
+from specdecode.train.precision import autocast
 
 
 class MedusaTask:
@@ -42,14 +43,14 @@ class MedusaTask:
         total = torch.zeros(())
         parts: dict[str, float] = {}
         t = batch.tokens.shape[1]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             out = self.module(batch.features)  # [M, B, T, H]
             with torch.no_grad():  # the target's distribution after every position, once
                 p_all = torch.softmax(F.linear(batch.features, self.w_draft).float(), -1)  # [B, T, Vd]
         for j in range(1, self.module.config.num_heads + 1):
             rows = self._rows(batch, j)
             label = p_all[:, j:][rows[:, : t - j]]  # softmax(W f_{i+j}) for the rows i
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 logq = torch.log_softmax(F.linear(out[j - 1][rows], self.w_draft).float(), -1)
             ce = -(label * logq).sum(-1).mean()
             total = total + 0.8 ** (j - 1) * ce
@@ -65,7 +66,7 @@ class MedusaTask:
         run_sum, chains = 0.0, 0
         for batch, truth in (self.held_out if held_out is None else held_out):  # truth [B, T]: the token after f_i
             t = batch.tokens.shape[1]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 out = self.module(batch.features)
             start = batch.has_feature & batch.trained
             alive = start.clone()

@@ -18,6 +18,7 @@ import torch
 
 from specdecode.config import ModelConfig
 from specdecode.errors import UserError
+from specdecode.train.precision import compute_dtype
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Generated:
 
 
 class BatchTeacher:
-    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if config.attention_bias or config.sliding_window is not None:
@@ -52,7 +53,7 @@ class BatchTeacher:
             raise ValueError(f"teacher weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        self.model = model.to(dtype).eval()
+        self.model = model.to(dtype or compute_dtype()).eval()  # bf16 where the CPU has it (precision.py)
         self.config = config
 
     @torch.inference_mode()
