@@ -207,22 +207,31 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
   const auto* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = INT4 ? mc.data_ptr<at::Half>() : nullptr;
   const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
+  // Rows in balanced chunks of at most kMaxRows (T = 9 -> 3 + 3 + 3). Every chunk of rows runs
+  // over a tile (or a pair) before the next tile: the tile's weights come from memory once and
+  // stay in L1/L2 for the other chunks (with chunks outside, T = 17 streamed them 5 times).
+  // Each output is the same call on the same rows either way.
+  std::vector<int> chunk_rows(chunks);
+  std::vector<int64_t> chunk_first(chunks);
+  for (int64_t c = 0, t0 = 0; c < chunks; ++c) {
+    chunk_rows[c] = (int)((T - t0) / (chunks - c));
+    chunk_first[c] = t0;
+    t0 += chunk_rows[c];
+  }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    int64_t t0 = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int rows = (int)((T - t0) / (chunks - c));
-      const int wide = halves_for(rows) / 2;
-      auto run = [&](TileFn fn, int64_t tile) {
-        const int64_t so = tile * G * kTile;
-        fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.data() + t0 * K, K,
-           xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, yp + t0 * N + tile * kTile, N);
-      };
-      int64_t j = begin;
-      for (; j + wide <= end; j += wide) run(RowKernels<INT4>::wide[rows - 1], j);
-      for (; j < end; ++j) run(RowKernels<INT4>::narrow[rows - 1], j);
-      t0 += rows;
-    }
+    auto run = [&](TileFn fn, int64_t tile, int64_t t0) {
+      const int64_t so = tile * G * kTile;
+      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.data() + t0 * K, K,
+         xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, yp + t0 * N + tile * kTile, N);
+    };
+    // Two tiles a call for one row (T = 1), else one (a chunk has one row only when T = 1).
+    const int wide = halves_for(chunk_rows[0]) / 2;
+    int64_t j = begin;
+    for (; j + wide <= end; j += wide)
+      for (int64_t c = 0; c < chunks; ++c) run(RowKernels<INT4>::wide[chunk_rows[c] - 1], j, chunk_first[c]);
+    for (; j < end; ++j)
+      for (int64_t c = 0; c < chunks; ++c) run(RowKernels<INT4>::narrow[chunk_rows[c] - 1], j, chunk_first[c]);
   });
   return y;
 }
