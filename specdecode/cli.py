@@ -38,6 +38,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
              "F16/BF16 -> bf16, F32 -> fp32; HF folders by torch_dtype), fp32, bf16, or weight-only int8/int4 "
              "(computing in bf16; fastest on CPU)",
     )
+    p.add_argument(
+        "--draft-dtype", default=None, choices=["auto", "fp32", "bf16", "int8", "int4"],
+        help="weights of the --draft model (default: the target's format; auto: the draft file's own precision), "
+             "e.g. an int4 draft for an fp32 target",
+    )
     p.add_argument("--max-context", type=_integer, default=None,
                    help="longest context in tokens (default 4096); the KV cache grows on demand up to it")
     p.add_argument("--threads", type=_integer, default=None, help="torch CPU threads (default: torch's choice)")
@@ -169,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     grammar = grammar_from_args(args)
-    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
+    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
     if args.compile:
         engine.warm_up(max_draft(args.k) + 1)  # compile verification steps now, not inside the timed request
     stream = engine.stream(

@@ -169,16 +169,21 @@ class Engine:
         self._seats: list[dict[tuple[str, str | None], Drafter | None]] = []
         self._seats_lock = threading.Lock()
         self._grammars: GrammarCompiler | None = None
+        # the weight format of draft models (--draft): None = the target's; auto = the draft
+        # file's own precision; or fp32 | bf16 | int8 | int4 (as llama.cpp's draft GGUF keeps its own)
+        self.draft_dtype: str | None = None
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
-             compile: bool = False) -> "Engine":
+             compile: bool = False, draft_dtype: str | None = None) -> "Engine":
         """target: a GGUF file or an HF folder; None = the embedded SmolLM2-135M-Instruct.
         dtype: auto (the file's own precision: Q4_* -> int4, Q8_0 -> int8, F16 -> bf16, ...),
         fp32, bf16, int8 or int4. A load that would not fit in available memory is refused
         before it starts (UserError with the estimate and the fix).
         compile: torch.compile the decode and verification steps (each new step length
         compiles once, minutes on a CPU; see `LlamaModel.compile`).
+        draft_dtype: the format draft models (`draft=PATH`) compute in: None (the target's),
+        auto (the draft file's own precision), fp32, bf16, int8 or int4.
         `load_report` records the format chosen, the seconds (warm-up included: quantized
         weights are built on first use) and resident memory after loading."""
         if max_context is not None and max_context < 1:
@@ -189,6 +194,7 @@ class Engine:
         model, tokenizer = load_target(target, weight_format, compile)
         engine = cls(model, tokenizer, max_context)
         engine.source = None if target is None else str(target)
+        engine.draft_dtype = draft_dtype
         engine.warm_up()
         engine.load_report = memory.LoadReport(
             engine.weight_format, reason, time.perf_counter() - start, memory.current_rss_bytes(),
@@ -235,7 +241,7 @@ class Engine:
         if spec.startswith("model"):
             if draft is None:
                 raise UserError("--drafter model needs --draft PATH (a GGUF file or HF folder)")
-            fmt = self.weight_format
+            fmt = self.weight_format if self.draft_dtype is None else resolve_dtype(draft, self.draft_dtype)[0]
             check_memory(draft, fmt, self.max_context)
             draft_model, draft_tok = load_target(draft, fmt)
         return build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,

@@ -221,6 +221,27 @@ def test_avx2_gives_the_vnni_kernels_bits(stack):
 
 
 @pytest.mark.parametrize("kernel", OURS_HERE)
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_output_count_off_the_tiles_runs_on_our_kernels_padded(kernel, mode):
+    """An output count that is not a multiple of the 16-row tiles (a draft's reduced
+    vocabulary of 29,153 tokens, GPT-2's 50,257) runs on our kernels with zero rows padded
+    on, not on ATen's: each output is the padded stack's, bias included, batch invariant."""
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(37, 64, generator=g) * 0.05, torch.randn(37, generator=g)
+    s = linear_stack([w], [b], mode, torch.bfloat16, kernel)
+    assert s.kernel == kernel and s.out_features == 37
+    padded = linear_stack([torch.cat((w, torch.zeros(11, 64)))], [torch.cat((b, torch.zeros(11)))], mode,
+                          torch.bfloat16, kernel)
+    x = torch.randn(9, 64, generator=g).bfloat16()
+    y = s(x, 0)
+    assert y.shape == (9, 37) and y.is_contiguous()
+    assert torch.equal(y, padded(x, 0)[:, :37])
+    assert torch.equal(torch.cat([s(x[t : t + 1], 0) for t in range(9)]), y)
+    assert torch.equal(s.dequantize(0), padded.dequantize(0)[:37])
+    torch.testing.assert_close(y.float(), x.float() @ s.dequantize(0).T + b.bfloat16().float(), rtol=1e-2, atol=6e-2)
+
+
+@pytest.mark.parametrize("kernel", OURS_HERE)
 def test_kernel_catches_a_wrong_row_order(kernel):
     """The invariance check above can fail: rows swapped in x give different outputs."""
     g = torch.Generator().manual_seed(3)

@@ -160,6 +160,28 @@ def test_engine_loads_a_draft_folder_with_another_tokenizer(target_tok, others, 
     assert out.stats.to_dict()["draft_vocab"]["shared_tokens"] == m.shared
 
 
+def test_draft_dtype_gives_the_draft_model_its_own_format(target_tok, others, big_target, tmp_path):
+    """`--draft-dtype int4`: an int4 draft beside an fp32 target (a llama.cpp draft GGUF keeps
+    its own format likewise); still the target's greedy output."""
+    from specdecode.engine import Engine
+    from specdecode.models.loading import save_hf_folder
+
+    other = others["fewer-merges"]
+    m = VocabMap.build(other, target_tok, other.vocab_size, big_target.config.vocab_size)
+    folder = save_hf_folder((transplant(big_target, m).config, transplant(big_target, m).state_dict()), other,
+                            tmp_path / "draft")
+    engine = Engine(big_target, target_tok, 512)
+    assert engine.weight_format == "fp32"
+    formats = {}
+    for draft_dtype in (None, "int4"):
+        engine.draft_dtype = draft_dtype
+        engine._drafters.clear()
+        formats[draft_dtype] = engine.drafter("model", str(folder)).inner.model.weight_format
+        out = engine.generate("Hello there", drafter="model", draft=str(folder), k=4, max_new_tokens=16, ignore_eos=True)
+        assert out.token_ids == engine.generate("Hello there", drafter=None, max_new_tokens=16, ignore_eos=True).token_ids
+    assert formats == {None: "fp32", "int4": "int4"}
+
+
 # -- sampling: the target's distribution ---------------------------------------------------------
 # target: 8 byte-level tokens; the draft's ids differ, it lacks 'd', 'e', 'ba' and has 'x', 'ca'
 # and '<unk>', which have no counterpart and are never drafted.

@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    lab = Lab.load(args.target, args.dtype, args.draft, args.max_context, args.compile)
+    lab = Lab.load(args.target, args.dtype, args.draft, args.max_context, args.compile, args.draft_dtype)
     if args.compile:
         print(f"compiling steps of 1..{config.longest_draft + 1} tokens (torch.compile; cached on disk by torch)",
               file=sys.stderr)
@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "target": args.target or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)",
         "draft": args.draft,
-        "config": {**config.to_dict(), "dtype": args.dtype, "weight_format": weight_format, "compile": args.compile,
+        "config": {**config.to_dict(), "dtype": args.dtype, "weight_format": weight_format, "draft_dtype": args.draft_dtype,
+                   "compile": args.compile,
                    "temperature": args.temperature, "prompt_set": args.prompts or args.prompt_set,
                    "limit": args.limit, "quick": args.quick},
         "memory": memory,
@@ -352,7 +353,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     limit = args.limit or (None if args.prompts else 1)
     prompts = load_prompts(args.prompt_set, args.prompts, limit)
-    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile)
+    engine = Engine.load(args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
     named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
     say: Callable[[str], None] = (lambda text: None) if args.json else print
     say(f"check: drafter {args.drafter}, k={args.k}, dtype {engine.weight_format}, " + (

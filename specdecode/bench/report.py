@@ -398,7 +398,8 @@ def render_markdown(
         "",
         f"- target: `{meta.get('target')}` ({_format_text(cfg)}"
         + (", steps through torch.compile" if cfg.get("compile") else "") + "), draft: "
-        + (f"`{meta['draft']}`" if meta.get("draft") else "–"),
+        + (f"`{meta['draft']}`" if meta.get("draft") else "–")
+        + (f" ({cfg['draft_dtype']} weights)" if meta.get("draft") and cfg.get("draft_dtype") else ""),
         *_memory_lines(meta.get("memory")),
         f"- prompts: {meta.get('num_prompts')} ({', '.join(meta.get('categories', []))}), "  # type: ignore[arg-type]
         f"max new tokens {cfg.get('max_new_tokens')}, repeats {cfg.get('repeats')}, "

@@ -112,10 +112,10 @@ class Lab:
 
     @classmethod
     def load(cls, target: str | None, dtype: str = "auto", draft: str | None = None,
-             max_context: int | None = None, compile: bool = False) -> "Lab":
+             max_context: int | None = None, compile: bool = False, draft_dtype: str | None = None) -> "Lab":
         """Our target exactly as `specdecode generate` loads it (any dtype, any architecture);
         the peers get the format it resolved to (`auto` -> the file's)."""
-        engine = Engine.load(target, dtype, max_context, compile)
+        engine = Engine.load(target, dtype, max_context, compile, draft_dtype)
         return cls(engine, target, None, engine.weight_format, draft)
 
     def close(self) -> None:

@@ -50,11 +50,11 @@ MAX_ROWWISE_TOKENS = 16
 # A row-by-row step's mask for one row: a [1, past+i+1] bool mask or None (everything), or for a
 # tree node the cache slots it attends to with their mask (see LlamaModel.forward)
 RowMask = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | None
-# A quantized model's prefill (a forward into an empty cache) of more tokens than this runs
-# its layers through float matmuls of the same weights (see `LlamaModel._prefill_runtime`),
-# except a model loaded straight from its GGUF (models/direct.py), which has no float copy and
-# prefills on its quantized runtime: our kernels reuse each unpacked weight tile for every row,
-# so a 200-token prefill costs no more than oneDNN's packed bf16 matmuls (docs/memory.md).
+# A quantized model on ATen's int4/int8 kernels prefills (a forward into an empty cache) more
+# tokens than this through float matmuls of the same weights (see `LlamaModel._prefill_runtime`).
+# On our kernels every forward runs the quantized runtime: they reuse each unpacked weight tile
+# for every row, so a 200-token prefill costs no more than oneDNN's packed bf16 matmuls
+# (docs/memory.md), and a model loaded straight from its GGUF (models/direct.py) has no float copy.
 MIN_FLOAT_PREFILL_TOKENS = MAX_ROWWISE_TOKENS
 
 
@@ -416,6 +416,8 @@ class LlamaModel(nn.Module):
         than single tokens. Only a forward into an empty cache takes this path, in
         autoregressive and speculative decoding alike, so both still decode the same tokens;
         every later step (each draft block, each single token) runs the quantized kernels.
+        Our kernels (`kernels.OURS`) prefill faster than these float matmuls (and where bf16 is
+        emulated, as on AMD Zen 3, several times faster), so a model on them never takes it.
         """
         return self._runtimes.get_prefill(self, self.quant, self.dtype, self.kernel_choice)  # type: ignore[arg-type]
 
@@ -552,9 +554,10 @@ class LlamaModel(nn.Module):
         # exactly as its path decoded as a chain (specdecode/tree.py).
         parents = None if attn_mask is None or positions is None else tree.parents_of(attn_mask, positions, past)
         compiled = self._compiled is not None and t <= MAX_COMPILED_TOKENS and parents is None
-        float_prefill = (self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
-                         and self._runtimes.has_float_weights)
-        runtime = self._prefill_runtime() if float_prefill else self.runtime()
+        runtime = self.runtime()
+        if (self.quant is not None and past == 0 and t > MIN_FLOAT_PREFILL_TOKENS and attn_mask is None
+                and self._runtimes.has_float_weights and runtime.kernel not in kernels.OURS):
+            runtime = self._prefill_runtime()
         window = self.config.sliding_window
         # Our row kernel attends any block after a cached prefix (a verification of any length:
         # bitwise the rows of single steps); a long prefill into an empty cache takes SDPA.

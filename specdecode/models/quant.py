@@ -386,6 +386,30 @@ def untile_scales(s: torch.Tensor) -> torch.Tensor:
     return s.transpose(1, 2).reshape(tiles * _TILE, g)
 
 
+class RowPaddedStack(LinearStack):
+    """A stack of N outputs, N not a multiple of our kernels' 16-row tiles, run as the stack
+    of its rows and zero rows up to the next multiple; a call drops the padding's outputs.
+    Rows are independent, so each real output is what an unpadded kernel would give."""
+
+    def __init__(self, inner: LinearStack, n: int) -> None:
+        self.inner = inner
+        self.mode, self.kernel, self.in_features = inner.mode, inner.kernel, inner.in_features
+        self.out_features = n
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.inner(x, i)[:, : self.out_features].contiguous()
+
+    def dequantize(self, i: int) -> torch.Tensor:
+        return self.inner.dequantize(i)[: self.out_features]
+
+    def codes(self, i: int) -> torch.Tensor:
+        return self.inner.codes(i)[: self.out_features]  # type: ignore[attr-defined]
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
 def tiled_compatible(shape: Sequence[int]) -> bool:
     n, k = shape
     return n % _TILE == 0 and k % INT4_GROUP == 0
@@ -621,14 +645,14 @@ def linear_stack(
     activations of `dtype` (weights are quantized from their own values, then scales and
     float weights are cast to `dtype`).
 
-    A shape the int4 kernel cannot take (N not a multiple of 16, K not of 32) falls back to
-    int8, so any model can be quantized; the fallback is part of what "int4" means for it.
+    On ATen a shape its int4 kernel cannot take falls back to int8, so any model can be
+    quantized; the fallback is part of what "int4" means for it.
 
     kernel (int8/int4 with bf16 activations): None = the best this process has
     (`kernels.active()`), 'aten' = PyTorch's kernels, 'avx512-bf16' / 'avx512-vnni' / 'amx' = ours
     (GGUF Q4_1 / Q8_0 layouts: per block of 32, d * q + m and d * q; see TiledInt4Stack).
-    Shapes our kernels cannot take (N not a multiple of 16, K not of 32) and fp32 activations
-    run on ATen's.
+    On our kernels an N that is not a multiple of 16 is padded with zero rows
+    (`RowPaddedStack`); K not a multiple of 32 and fp32 activations run on ATen's.
     """
     if kernel not in (None, *kernels.KERNELS):
         raise ValueError(f"unknown kernel '{kernel}': choose one of {', '.join(kernels.KERNELS)}")
@@ -641,11 +665,16 @@ def linear_stack(
         return FloatStack(weights, biases, dtype)
     if kernel is None and mode in QUANT_MODES:
         kernel = kernels.active()
-    if kernel in kernels.OURS and dtype == torch.bfloat16 and tiled_compatible(weights[0].shape):
-        if mode == "int4":
-            return TiledInt4Stack.from_float(weights, biases, dtype, kernel)
-        if mode == "int8":
-            return TiledInt8Stack.from_float(weights, biases, dtype, kernel)
+    if kernel in kernels.OURS and dtype == torch.bfloat16 and mode in QUANT_MODES:
+        n, k = weights[0].shape
+        if k % INT4_GROUP == 0 and n % _TILE:  # a vocabulary of 29,153 or 50,257 rows: pad the tiles
+            pad = _TILE - n % _TILE
+            padded = [torch.cat((w.detach(), w.new_zeros(pad, k))) for w in weights]
+            padded_biases = None if biases is None else [torch.cat((b.detach(), b.new_zeros(pad))) for b in biases]
+            return RowPaddedStack(linear_stack(padded, padded_biases, mode, dtype, kernel), n)
+        if tiled_compatible((n, k)):
+            stack = TiledInt4Stack if mode == "int4" else TiledInt8Stack
+            return stack.from_float(weights, biases, dtype, kernel)
     if mode == "int4" and int4_compatible(weights[0].shape):
         return Int4Stack(weights, biases, dtype)
     if mode in QUANT_MODES:

@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     compute.start()
     if args.max_batch != 1:
         kernels.prefer_flat()  # batched forwards carry many rows: amx where the CPU has it (kernels.PREFERENCE_BATCHED)
-    engine = compute.run(Engine.load, args.target, args.dtype, args.max_context, args.compile)
+    engine = compute.run(Engine.load, args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
     offered = tuple(dict.fromkeys([args.drafter] + [d.strip() for d in (args.drafters or "").split(",") if d.strip()]))
     for spec in offered:
         compute.run(engine.drafter, spec, args.draft)  # load them now: fail fast on a bad one, before listening
