@@ -127,11 +127,11 @@ class Batcher:
         # this thread with one intra-op thread: a thread's OpenMP team of two would spin after
         # each op against the forward thread's (16 clients, AR: 170 -> 348 tok/s; docs/serving.md).
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        compute.set_thread_count(1)  # (our kernels' copy of ATen's per-thread count too)
         try:
             yield self
         finally:
-            torch.set_num_threads(threads)
+            compute.set_thread_count(threads)
             with self._cond:
                 self._seated -= 1
                 self._cond.notify_all()  # a smaller batch may be complete now, or a seat free

@@ -57,6 +57,14 @@ def set_thread_count(threads: int) -> None:
     caller of `start`, a seated request) would become this thread's count too."""
     torch.get_num_threads()  # (ATen's per-thread lazy init, now)
     torch.set_num_threads(threads)
+    from specdecode import kernels
+
+    if kernels.library_error() is None:
+        # Our library keeps its own copy of that lazy init (an inline function's thread_local):
+        # run it now too, or our first kernel on this thread resets the count to the process's
+        # last one (1, set by `start`'s caller): the compute thread ran on one core (Zen 3,
+        # embedded int4 step 7.1 -> 11.2 ms).
+        torch.ops.specdecode.set_thread_count(threads)
 
 
 def started() -> bool:

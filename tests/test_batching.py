@@ -299,6 +299,10 @@ assert where[0].startswith("specdecode-compute") and where[1] == 2, where
 assert torch.get_num_threads() == 1  # the caller keeps one intra-op thread
 assert compute.run(lambda: compute.run(threading.current_thread)).name.startswith("specdecode-compute")  # nested: in place
 model = compute.run(random_model, tiny_config("llama"), 3)
+# our kernels' first parallel op on the compute thread must not reset its count to the caller's 1
+quantized = compute.run(lambda: model.quantized("int4"))
+compute.run(lambda: quantized.forward(torch.tensor([1, 2]), quantized.new_cache(8)))
+assert compute.run(torch.get_num_threads) == 2
 batcher = Batcher(model, 2)
 cache = model.new_cache(32)
 model.forward(torch.tensor([1, 2, 3]), cache)

@@ -371,7 +371,7 @@ def test_aten_path_is_kept_for_fp32_activations_and_odd_shapes():
     w = [torch.randn(96, 64)]
     assert isinstance(linear_stack(w, None, "int4", torch.float32), Int4Stack)
     assert linear_stack(w, None, "int4", torch.bfloat16, "aten").kernel == "aten"
-    assert linear_stack([torch.randn(97, 64)], None, "int8", torch.bfloat16).kernel == "aten"  # 97 % 16
+    assert linear_stack([torch.randn(96, 72)], None, "int8", torch.bfloat16).kernel == "aten"  # 72 % 32 inputs
 
 
 def test_forcing_a_kernel_this_cpu_lacks_is_a_clear_error(monkeypatch):

@@ -824,6 +824,17 @@ at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& packed, const
 // head: T=4 0.56 vs 0.61 ms, T=9 0.62 vs 1.01, T=33 1.25 vs 3.09; one row alike).
 int64_t amx_int8_rows(bool int4) { return int4 ? 8 : 4; }
 
+// This thread's intra-op thread count, set after this library's own lazy initialisation of it.
+// ATen's `lazy_init_num_threads` is inline with a thread_local flag, so every shared library
+// has its own: the first `at::parallel_for` of THIS library on a thread sets the thread's count
+// to the count last set anywhere in the process (a serving process's main thread sets 1 after
+// starting its compute thread with 2, and the compute thread then ran our kernels on one core).
+int64_t set_thread_count(int64_t threads) {
+  at::internal::lazy_init_num_threads();
+  at::set_num_threads((int)threads);
+  return at::get_num_threads();
+}
+
 at::Tensor int4_linear_amx_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
                                 int64_t amx_rows) {
   return qlinear_vnni<true>(x, packed, d, m, std::max<int64_t>(amx_rows, 1));
@@ -1768,6 +1779,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("int8_linear_amx_int8(Tensor x, Tensor packed, Tensor d, Tensor wsum, int amx_rows) -> Tensor");
   m.def("amx_int8_rows(bool int4) -> int", &amx_int8_rows);  // no tensors: one kernel for every dispatch key
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
+  m.def("set_thread_count(int threads) -> int", &set_thread_count);  // no tensors: likewise
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
