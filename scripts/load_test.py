@@ -107,6 +107,14 @@ MALFORMED = [
 ]
 
 
+def stop(server: subprocess.Popen, seconds: float) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def wait_until_up(server: subprocess.Popen, base: str, seconds: float) -> bool:
     deadline = time.time() + seconds
     while True:
@@ -209,11 +217,7 @@ def vllm_peer(args: argparse.Namespace, prompts: list) -> dict[str, float] | Non
               f"{len(tally.crashes)} crashed")
         return {"alone": one_stream, "load": rate}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, 60)
 
 
 def main() -> int:
@@ -318,11 +322,7 @@ def main() -> int:
             print("the server died", file=sys.stderr)
             failed = True
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, 30)
     if args.vllm:  # after ours has stopped: each server has the cores to itself
         peer = vllm_peer(args, prompts)
         if peer is not None:
