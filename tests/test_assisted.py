@@ -52,3 +52,45 @@ def test_a_loaded_assistant_model_drafts_as_is(tiny_target, tiny_draft):
 def test_contradictions_are_one_line_errors(kw, match):
     with pytest.raises(UserError, match=match):
         _resolve(**kw)
+
+
+def test_greedy_assisted_generation_gives_transformers_own_tokens(tmp_path):
+    """A transformers user's call, unchanged in spirit: the embedded model (fp32 HF folder) with
+    its int4-quantized copy (dequantized, saved as another HF folder) as the assistant,
+    `assistant_model=..., num_assistant_tokens=4, do_sample=False`, gives the tokens that
+    transformers' own `generate` with the same pair and keywords gives."""
+    import torch
+    import transformers
+
+    from specdecode.engine import Engine
+    from specdecode.models.loading import load_model_source, save_hf_folder
+    from specdecode.models.quant import quantize_int4
+
+    def int4_copy(w: torch.Tensor) -> torch.Tensor:
+        q, scale, zero = quantize_int4(w)
+        n, k = w.shape
+        return ((q.float().view(n, -1, 32) - 8) * scale[..., None] + zero[..., None]).view(n, k)
+
+    loaded = load_model_source(None)
+    target = save_hf_folder(loaded, loaded.tokenizer, tmp_path / "target")
+    state = {name: int4_copy(w) if w.dim() == 2 and "embed" not in name else w for name, w in loaded.state_dict.items()}
+    draft = save_hf_folder((loaded.config, state), loaded.tokenizer, tmp_path / "draft")
+    engine = Engine.load(str(target))  # auto: the folder's fp32
+    assert engine.weight_format == "fp32"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    assistant = transformers.AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval()
+    keywords = dict(num_assistant_tokens=4, do_sample=False, max_new_tokens=24)
+    agreed = 0
+    for prompt in ("Name three primary colors.",):  # (ends before 24 tokens: the end-of-sequence rule too)
+        messages = [{"role": "user", "content": prompt}]
+        ours = engine.generate(messages, assistant_model=str(draft), **keywords)
+        ids = torch.tensor([engine.encode_prompt(messages, True)])
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant,
+                                 pad_token_id=engine.tokenizer.eos_token_ids[0], **keywords)
+        new = theirs[0, ids.shape[1]:].tolist()
+        if new and new[-1] in engine.tokenizer.eos_token_ids:
+            new = new[:-1]  # transformers keeps the end-of-sequence token, our token_ids do not
+        assert ours.token_ids == new, prompt
+        agreed += ours.stats.to_dict()["accepted"]
+    assert agreed > 0  # the assistant's drafts were accepted: a real assisted run, not AR in disguise
