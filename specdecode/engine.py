@@ -212,7 +212,7 @@ class Engine:
         set-up (oneDNN primitives, weight packing) of ~0.5 s, and a compiled model compiles
         each step length on first use (minutes): that belongs to loading, not to a request.
         Pass k+1 to cover verification steps of k drafts. 32 prompt tokens: long enough to
-        take (and build) a quantized model's float prefill path."""
+        take (and build) the float prefill path of a quantized model on ATen's kernels."""
         n = min(32, self.cache.max_length - 1 - step_tokens * (step_tokens + 1) // 2)
         if n < 1:
             return
