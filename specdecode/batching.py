@@ -163,9 +163,15 @@ class Batcher:
             self._pending.append(ticket)
             self._cond.notify_all()
             while ticket.output is None and ticket.error is None:
-                if not self._busy and self._pending and self._complete():
+                if self._busy:  # the running forward's end wakes everyone (_lead, _alone)
+                    self._cond.wait()
+                    continue
+                if self._pending and self._complete():
                     self._lead()
                     continue
+                # Until the oldest step has waited `wait`. (Polling here while a forward ran, every
+                # waiting sequence woke each 0.1 ms once the oldest had waited that long: 16
+                # threads spinning for the GIL and the cores made the forwards 2-5x slower.)
                 oldest = min(t.since for t in self._pending) if self._pending else time.perf_counter()
                 self._cond.wait(timeout=max(1e-4, oldest + self.wait - time.perf_counter()))
         if ticket.error is not None:
