@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #define SD_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -40,10 +41,18 @@ using namespace sdk;  // common.h
 constexpr int kMaxRows = 4;  // rows per pass over a tile: 8 accumulators (4 rows x 2 halves) of 16 registers
 constexpr int64_t kPrefetchGroups = 8;
 
+// A thread's buffers for a call's quantized rows, kept between calls (growing only): allocating
+// and zeroing them for every linear was a few % of a step, on the calling thread alone while
+// the other waited.
 struct QuantRows {
-  std::vector<int8_t> q;  // [T, K]
-  std::vector<float> dx;  // [T, G]
-  std::vector<float> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
+  std::unique_ptr<int8_t[]> q;  // [T, K]
+  std::unique_ptr<float[]> dx;  // [T, G]
+  std::unique_ptr<float[]> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
+  int64_t q_size = 0, g_size = 0;
+  void reserve(int64_t n, int64_t groups) {
+    if (n > q_size) q.reset(new int8_t[n]), q_size = n;  // (uninitialised: every code is written)
+    if (groups > g_size) dx.reset(new float[groups]), sq.reset(new float[groups]), g_size = groups;
+  }
 };
 
 SD_AVX2 inline __m256 bf16x8(const at::BFloat16* p) {
@@ -63,9 +72,10 @@ SD_AVX2 inline int32_t hsum(__m256i v) {
 }
 
 // qmatmul.cpp's quantize_rows: the same codes (round to nearest even, saturated), scales and sums.
-SD_AVX2 QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
+SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
   const int64_t G = K / kGroup;
-  QuantRows out{std::vector<int8_t>(T * K), std::vector<float>(T * G), std::vector<float>(T * G)};
+  thread_local QuantRows out;
+  out.reserve(T * K, T * G);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
   for (int64_t i = 0; i < T * G; ++i) {
@@ -80,7 +90,7 @@ SD_AVX2 QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
     __m256i q[4];
     for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256((__m256i*)(out.q.data() + i * kGroup), _mm256_permutevar8x32_epi32(bytes, order));
+    _mm256_storeu_si256((__m256i*)(out.q.get() + i * kGroup), _mm256_permutevar8x32_epi32(bytes, order));
     out.dx[i] = d;
     out.sq[i] = (float)hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
   }
@@ -91,6 +101,14 @@ SD_AVX2 inline __m256i bcast_quad(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
   return _mm256_set1_epi32(v);
+}
+
+// An empty asm that takes and gives back each of n vectors in a register: the compiler must
+// have them there at this point, so it cannot merge the adds before and after it.
+template <int n>
+SD_AVX2 inline void keep(__m256i* v) {
+#pragma GCC unroll 16
+  for (int i = 0; i < n; ++i) asm("" : "+x"(v[i]));
 }
 
 // fp32 -> bf16, round to nearest even (qmatmul.cpp's store_bf16_rne)
@@ -126,50 +144,60 @@ SD_AVX2 void tile_rows(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt
     __m256i acc[H][R];
     for (int h = 0; h < H; ++h)
       for (int r = 0; r < R; ++r) acc[h][r] = _mm256_setzero_si256();
+    // Half by half within a quad step (a half's unpacked codes live only while its rows use
+    // them), and `keep` after each step: the accumulators stay in registers. Without it GCC
+    // merged a group's whole chain of adds and computed every product first (17 spilled
+    // vectors a quad step, half the kernel's speed). Integer sums: any order gives the same.
     if constexpr (INT4) {
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {  // quads 2p (low nibbles) and 2p + 1 (high)
-        __m256i lo[H], hi[H];
+        // one row: its two broadcasts serve every half; more rows: broadcast again per half
+        // (a load each) rather than hold 2R more registers
+        __m256i xa1, xb1;
+        if constexpr (R == 1) xa1 = bcast_quad(xg + 8 * p), xb1 = bcast_quad(xg + 8 * p + 4);
         for (int h = 0; h < H; ++h) {
           const __m256i raw = _mm256_loadu_si256((const __m256i*)(w[h] + p * 64));
-          lo[h] = _mm256_and_si256(raw, low4);
-          hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m256i xa = bcast_quad(xg + r * ldx + 8 * p), xb = bcast_quad(xg + r * ldx + 8 * p + 4);
-          for (int h = 0; h < H; ++h) {
-            acc[h][r] = _mm256_add_epi16(acc[h][r], _mm256_maddubs_epi16(lo[h], xa));
-            acc[h][r] = _mm256_add_epi16(acc[h][r], _mm256_maddubs_epi16(hi[h], xb));
+          const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+          for (int r = 0; r < R; ++r) {
+            const __m256i xa = R == 1 ? xa1 : bcast_quad(xg + r * ldx + 8 * p);
+            const __m256i xb = R == 1 ? xb1 : bcast_quad(xg + r * ldx + 8 * p + 4);
+            acc[h][r] = _mm256_add_epi16(acc[h][r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa),
+                                                                     _mm256_maddubs_epi16(hi, xb)));
           }
         }
+        if constexpr (R > 1) keep<H * R>(&acc[0][0]);
       }
       for (int h = 0; h < H; ++h)
         for (int r = 0; r < R; ++r) acc[h][r] = _mm256_madd_epi16(acc[h][r], ones);
     } else {
 #pragma GCC unroll 8
       for (int qd = 0; qd < 8; ++qd) {
-        __m256i wq[H], aw[H];
+        __m256i x1;
+        if constexpr (R == 1) x1 = bcast_quad(xg + 4 * qd);
         for (int h = 0; h < H; ++h) {
-          wq[h] = _mm256_loadu_si256((const __m256i*)(w[h] + qd * 64));
-          aw[h] = _mm256_abs_epi8(wq[h]);  // -128 -> 128 as the unsigned operand
-        }
-        for (int r = 0; r < R; ++r) {
-          const __m256i xr = bcast_quad(xg + r * ldx + 4 * qd);
-          for (int h = 0; h < H; ++h) {
-            const __m256i xs = _mm256_sign_epi8(xr, wq[h]);
-            acc[h][r] = _mm256_add_epi32(acc[h][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[h], xs), ones));
+          const __m256i wq = _mm256_loadu_si256((const __m256i*)(w[h] + qd * 64));
+          const __m256i aw = _mm256_abs_epi8(wq);  // -128 -> 128 as the unsigned operand
+          for (int r = 0; r < R; ++r) {
+            const __m256i xs = _mm256_sign_epi8(R == 1 ? x1 : bcast_quad(xg + r * ldx + 4 * qd), wq);
+            acc[h][r] = _mm256_add_epi32(acc[h][r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
           }
         }
+        if constexpr (R > 1) keep<H * R>(&acc[0][0]);
       }
+    }
+    // A half's scales are converted once for all rows; per row the same fp32 steps as before.
+    __m256 dh[H], mh[H];
+    for (int h = 0; h < H; ++h) {
+      const int64_t so = (h / 2) * G * kTile + g * kTile + (h % 2) * 8;
+      dh[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + so)));
+      if constexpr (INT4) mh[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mt + so)));
     }
     for (int r = 0; r < R; ++r) {
       const __m256 dxr = _mm256_set1_ps(dx[r * G + g]);
       const __m256 sqr = _mm256_set1_ps(INT4 ? sq[r * G + g] : 0.0f);
       for (int h = 0; h < H; ++h) {
-        const int64_t so = (h / 2) * G * kTile + g * kTile + (h % 2) * 8;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dt + so)));
-        __m256 t = _mm256_mul_ps(d, _mm256_cvtepi32_ps(acc[h][r]));
-        if constexpr (INT4) t = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mt + so))), sqr, t);
+        __m256 t = _mm256_mul_ps(dh[h], _mm256_cvtepi32_ps(acc[h][r]));
+        if constexpr (INT4) t = _mm256_fmadd_ps(mh[h], sqr, t);
         _mm256_store_ps(tot[h][r], _mm256_fmadd_ps(t, dxr, _mm256_load_ps(tot[h][r])));
       }
     }
@@ -200,7 +228,7 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
   const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
-  const QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
+  const QuantRows& xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const at::Tensor dc = d.contiguous(), mc = INT4 ? m.contiguous() : d;
@@ -218,12 +246,18 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
     chunk_first[c] = t0;
     t0 += chunk_rows[c];
   }
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  // Several rows (compute-bound): about 8 chunks a thread, an even number of tiles each. One
+  // row streams the weights from memory: a contiguous half each (the prefetchers' streams;
+  // chunks made the one-row step ~10% slower).
+  const int64_t threads = at::get_num_threads();
+  const int64_t step = T == 1 ? (tiles + threads - 1) / threads
+                              : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
+  parallel_chunks(tiles, step, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     auto run = [&](TileFn fn, int64_t tile, int64_t t0) {
       const int64_t so = tile * G * kTile;
-      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.data() + t0 * K, K,
-         xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, yp + t0 * N + tile * kTile, N);
+      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.get() + t0 * K, K,
+         xr.dx.get() + t0 * G, xr.sq.get() + t0 * G, G, yp + t0 * N + tile * kTile, N);
     };
     // Two tiles a call for one row (T = 1), else one (a chunk has one row only when T = 1).
     const int wide = halves_for(chunk_rows[0]) / 2;
@@ -282,7 +316,9 @@ SD_AVX2 inline __m256 sums8(const __m256 v[8]) {
 template <int C>
 SD_AVX2 void attend_row(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t D,
                         const int64_t* slots, int64_t n, float* scores, at::BFloat16* out) {
-  constexpr int kMaxChunks = 16;  // D <= 256
+  // D <= 256; with C known the arrays have exactly C chunks, so GCC keeps them in registers
+  // (sized 16 for every C, the value accumulators went to the stack and back for every key)
+  constexpr int kMaxChunks = C > 0 ? C : 16;
   const int chunks = C > 0 ? C : (int)(D / 16);
   const float scale = 1.0f / std::sqrt((float)D);
   __m256 qe[kMaxChunks], qo[kMaxChunks];
@@ -410,7 +446,7 @@ void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n) { add_residua
 void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
   std::vector<int64_t> first(seqs.size() + 1, 0);  // first task of each sequence
   for (size_t s = 0; s < seqs.size(); ++s) first[s + 1] = first[s] + seqs[s].T * H;
-  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(first.back(), std::max<int64_t>(1, H / 2), [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     thread_local std::vector<float> scores;
     thread_local std::vector<int64_t> slots;

@@ -5,6 +5,10 @@
 #include <immintrin.h>
 #include <torch/torch.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +30,21 @@ struct FlushDenormals {
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 };
+
+// fn(begin, end) over [0, n) in chunks of `step` that the threads take in turn as they finish
+// (an atomic counter) rather than one fixed half each: a thread slowed by its caches, the other
+// process on its core or unequal tasks no longer leaves the other spinning at the region's end
+// (Zen 3, embedded model, a 9-row step: the second thread waited a third of the time). Each
+// chunk is computed alike whichever thread takes it.
+template <class F>
+void parallel_chunks(int64_t n, int64_t step, const F& fn) {
+  if (n <= 0) return;
+  const int64_t chunks = (n + step - 1) / step;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(step); b < n; b = next.fetch_add(step)) fn(b, std::min(n, b + step));
+  });
+}
 
 // What every quantized linear takes: x [T, K] bf16, d [N/16, K/32, 16] f16 and N*K/2 (int4) or
 // N*K (int8) bytes of packed weight; x comes back contiguous.
