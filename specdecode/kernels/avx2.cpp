@@ -135,10 +135,15 @@ SD_AVX2 void tile_rows(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt
   const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < G; ++g) {
     const int8_t* xg = xq + g * kGroup;
-    if (g + kPrefetchGroups < G)
-      for (int u = 0; u < H / 2; ++u)
-        for (int line = 0; line < group_bytes; line += 64)
-          _mm_prefetch((const char*)(wt + u * tile_bytes + (g + kPrefetchGroups) * group_bytes + line), _MM_HINT_T0);
+    // kPrefetchGroups ahead; near a tile's end, the start of the tile after this call's (the
+    // next call's: tiles lie one after another), whose first groups were not prefetched before
+    // (a prefetch past the weights' end does not fault)
+    const int64_t ahead = g + kPrefetchGroups;
+    for (int u = 0; u < H / 2; ++u) {
+      const uint8_t* next = ahead < G ? wt + u * tile_bytes + ahead * group_bytes
+                                      : wt + (H / 2 + u) * tile_bytes + (ahead - G) * group_bytes;
+      for (int line = 0; line < group_bytes; line += 64) _mm_prefetch((const char*)(next + line), _MM_HINT_T0);
+    }
     const uint8_t* w[H];
     for (int h = 0; h < H; ++h) w[h] = wt + (h / 2) * tile_bytes + g * group_bytes + (h % 2) * 32;
     __m256i acc[H][R];
