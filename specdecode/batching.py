@@ -40,6 +40,7 @@ from specdecode import compute
 from specdecode.cost_model import CostTable
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ForwardCall, ModelOutput
+from specdecode.prefix_cache import PrefixCache
 
 T = TypeVar("T")
 
@@ -89,10 +90,13 @@ class Batcher:
     """Runs the forwards of up to `max_batch` seated sequences of `model` together."""
 
     def __init__(self, model: torch.nn.Module, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache: PrefixCache | None = None) -> None:
+        """prefix_cache: keep prompts' keys and values in blocks and copy the blocks a later
+        prompt starts with instead of computing them (prefix_cache.py)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch, self.wait, self.prefill_chunk = model, max_batch, wait, prefill_chunk
+        self.prefix_cache = prefix_cache
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._seated = 0
@@ -145,16 +149,27 @@ class Batcher:
         if batchable is None or not batchable(call):
             return self._alone(call)
         t = int(tokens.shape[0])
-        if cache.length > 0 or t <= self.prefill_chunk or positions is not None or attn_mask is not None:
+        if cache.length > 0 or positions is not None or attn_mask is not None:
             return self._shared(call)
+        # A prefill: the prompt's cached blocks copied in (not where its hidden states are
+        # wanted: an EAGLE drafter reads every prompt row's), then the rest chunk by chunk,
+        # each chunk in a shared forward.
         n_out = t if num_logits is None else min(num_logits, t)
-        parts = []
-        for lo in range(0, t, self.prefill_chunk):  # a prefill: chunk by chunk, each in a shared forward
-            hi = min(t, lo + self.prefill_chunk)
-            parts.append(self._shared(ForwardCall(tokens[lo:hi], cache, None, None, max(0, hi - max(lo, t - n_out)),
-                                                  return_hidden, hidden_layers)))
-        hidden = torch.cat([p.hidden for p in parts]) if return_hidden else None  # type: ignore[misc]
-        return ModelOutput(logits=torch.cat([p.logits for p in parts]), hidden=hidden)
+        ids = tokens.tolist() if self.prefix_cache is not None else []
+        start = 0 if self.prefix_cache is None or return_hidden else self.prefix_cache.restore(ids, cache, n_out)
+        if start == 0 and t <= self.prefill_chunk:
+            out = self._shared(call)
+        else:
+            parts = []
+            for lo in range(start, t, self.prefill_chunk):
+                hi = min(t, lo + self.prefill_chunk)
+                parts.append(self._shared(ForwardCall(tokens[lo:hi], cache, None, None, max(0, hi - max(lo, t - n_out)),
+                                                      return_hidden, hidden_layers)))
+            hidden = torch.cat([p.hidden for p in parts]) if return_hidden else None  # type: ignore[misc]
+            out = ModelOutput(logits=torch.cat([p.logits for p in parts]), hidden=hidden)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(ids, cache)
+        return out
 
     def _shared(self, call: ForwardCall) -> ModelOutput:
         """Wait for this step's batch (leading it when it is complete) and return its rows."""

@@ -38,6 +38,7 @@ from specdecode.errors import UserError
 from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
 from specdecode.kv_cache import KVCache
+from specdecode.prefix_cache import PrefixCache
 from specdecode.models.base import CausalLM, ModelOutput
 from specdecode.models.hf_adapter import HFCausalLM
 from specdecode.models.llama import LlamaModel
@@ -248,12 +249,13 @@ class Engine:
                              self.source or "the embedded SmolLM2-135M-Instruct", draft_tok)
 
     # -- continuous batching -----------------------------------------------------------
-    def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS) -> None:
+    def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS, prefix_caching: bool = True) -> None:
         """Decode up to `max_batch` streams at once, their target forwards shared (batching.py):
         each stream iterated in its own thread gets its own KV cache (growing on demand, freed
         when the stream ends) and drafter instances (made on first use, reused by later
-        streams); more streams wait for a free seat."""
-        self.batcher = Batcher(self.model, max_batch, wait)
+        streams); more streams wait for a free seat. prefix_caching: prompts' keys and values
+        kept in blocks for later prompts that start alike (prefix_cache.py)."""
+        self.batcher = Batcher(self.model, max_batch, wait, prefix_cache=PrefixCache() if prefix_caching else None)
 
     def _take_seat(self) -> dict[tuple[str, str | None], Drafter | None]:
         with self._seats_lock:

@@ -15,6 +15,7 @@ from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.models.base import ForwardCall
+from specdecode.prefix_cache import PrefixCache
 
 pytestmark = pytest.mark.skipif(kernels.library_error() is not None, reason=f"our kernels unavailable: {kernels.library_error()}")
 
@@ -72,6 +73,48 @@ def test_a_chunked_prefill_is_bitwise_the_whole_prompt_in_one_forward(model, ret
     assert torch.equal(whole_cache.k[:, :, :, :n], chunked_cache.k[:, :, :, :n])
 
 
+def test_a_prefix_cache_hit_is_bitwise_the_prefill_it_replaces(model):
+    """A prompt that starts with blocks another prompt left in the prefix cache gets those
+    blocks copied, computes only the rest, and ends with the same logits and cache bits as
+    computing it all; one that shares less than a block computes everything."""
+    first = [(5 * i) % 128 for i in range(30)]
+    second = first[:21] + [(3 * i + 1) % 128 for i in range(19)]  # shares 21 tokens: 2 blocks of 8
+    other = first[:7] + [99] * 12  # shares 7: no whole block
+    prefix = PrefixCache(block_size=8)
+    cached = Batcher(model, max_batch=1, prefill_chunk=8, prefix_cache=prefix)
+    plain = Batcher(model, max_batch=1, prefill_chunk=8)
+    cached.forward(torch.tensor(first), model.new_cache(128), num_logits=1)
+    assert prefix.stats.blocks == 3 and prefix.stats.hit_tokens == 0
+    for prompt, hit in ((second, 16), (other, 0), (first, 24)):
+        before = prefix.stats.hit_tokens
+        a_cache, b_cache = model.new_cache(128), model.new_cache(128)
+        a = cached.forward(torch.tensor(prompt), a_cache, num_logits=2)
+        b = plain.forward(torch.tensor(prompt), b_cache, num_logits=2)
+        assert prefix.stats.hit_tokens - before == hit
+        assert a.logits.shape[0] == 2 and torch.equal(a.logits, b.logits)
+        n = b_cache.length
+        assert a_cache.length == n == len(prompt)
+        assert torch.equal(a_cache.k[:, :, :, :n], b_cache.k[:, :, :, :n]) and torch.equal(a_cache.v[:, :, :, :n], b_cache.v[:, :, :, :n])
+    # every prompt row's logits asked for: nothing can be copied
+    before = prefix.stats.hit_tokens
+    cached.forward(torch.tensor(first), model.new_cache(128))
+    assert prefix.stats.hit_tokens == before
+
+
+def test_the_prefix_cache_keeps_to_its_bytes_and_drops_children_first(model):
+    cache = model.new_cache(128)
+    model.forward(torch.tensor(list(range(40))), cache)
+    one = PrefixCache(block_size=8)
+    one.store(list(range(40)), cache)
+    block_bytes = one.stats.bytes // 5
+    small = PrefixCache(block_size=8, max_bytes=3 * block_bytes)
+    small.store(list(range(40)), cache)  # 5 blocks stored, the last two (children) dropped
+    assert small.stats.blocks == 3 and small.stats.bytes == 3 * block_bytes
+    fresh = model.new_cache(128)
+    assert small.restore(list(range(40)), fresh) == 24 and fresh.length == 24
+    assert torch.equal(fresh.k[:, :, :, :24], cache.k[:, :, :, :24])
+
+
 def _generate(model, prompt, sampling, forward, k=3):
     config = GenerationConfig(max_new_tokens=24, sampling=sampling)
     out = []
@@ -85,9 +128,10 @@ def test_concurrent_requests_decode_as_if_alone(model, sampling):
     """Six requests through a batcher of 4 seats (some wait for a seat, they join and leave at
     different steps, prompts prefilled in chunks of 4 beside others' steps): each output equals
     its run alone (greedy; sampled with its seed)."""
-    prompts = [[(7 * i + j) % 128 for j in range(5 + 3 * i)] * 2 for i in range(6)]
+    system = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # every prompt starts alike: prefix-cache hits (blocks of 4)
+    prompts = [system + [(7 * i + j) % 128 for j in range(5 + 3 * i)] * 2 for i in range(6)]
     solo = [_generate(model, p, sampling, Batcher(model, max_batch=1, prefill_chunk=4).forward) for p in prompts]
-    batcher = Batcher(model, max_batch=4, wait=0.05, prefill_chunk=4)
+    batcher = Batcher(model, max_batch=4, wait=0.05, prefill_chunk=4, prefix_cache=PrefixCache(block_size=4))
     results: list[list[int] | None] = [None] * len(prompts)
     errors: list[BaseException] = []
 
@@ -108,6 +152,7 @@ def test_concurrent_requests_decode_as_if_alone(model, sampling):
     assert batcher.seated == 0
     assert batcher.stats.forwards > 0 and batcher.stats.mean_batch > 1.0  # steps really were shared
     assert batcher.stats.solo == 0
+    assert batcher.prefix_cache.stats.hit_tokens > 0  # later prompts copied the shared blocks
 
 
 def test_an_error_in_a_batched_forward_reaches_every_waiting_sequence(model):

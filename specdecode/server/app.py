@@ -107,14 +107,15 @@ class ChatRequest(_Request):
 
 def create_app(
     engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None,
-    limits: ServerLimits | None = None, max_batch: int = 1,
+    limits: ServerLimits | None = None, max_batch: int = 1, prefix_caching: bool = True,
 ) -> FastAPI:
     """limits: what requests may ask (default: the server's own drafter only, k <= 32,
     max_tokens <= 4096, 16 waiting requests, no API key). max_batch: requests decoded at once
     (continuous batching, specdecode/batching.py: their target forwards shared; 1 = one at a
-    time, through the same batcher, so that outputs do not depend on it)."""
+    time, through the same batcher, so that outputs do not depend on it). prefix_caching:
+    prompts' keys and values kept for later prompts that start alike (prefix_cache.py)."""
     app = FastAPI(title="specdecode", version="0.1.0")
-    engine.enable_batching(max_batch)
+    engine.enable_batching(max_batch, prefix_caching=prefix_caching)
     lock = threading.Semaphore(max_batch)  # a seat (one KV cache) per running request
     limits = limits or ServerLimits(drafters=() if drafter is None else (drafter,))
     queue = Queue(limits.max_queue)

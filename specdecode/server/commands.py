@@ -33,6 +33,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="requests decoded at once, their target forwards shared (continuous batching); "
                         "default: as many as fit in half the free memory with a full --max-context KV cache each, at most 16")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full (default: keep prompts' keys and values in blocks of 8 tokens, "
+                        "64 MiB at most, and copy the blocks a later prompt starts with, e.g. the chat template's "
+                        "system prompt)")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="on SIGTERM: stop listening, finish the requests in flight (waiting ones too) for at most "
                         "this many seconds, then exit 0 (default 120)")
@@ -78,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_batch = args.max_batch if args.max_batch is not None else default_max_batch(engine)
     print(f"specdecode: serving up to {max_batch} requests at once", file=sys.stderr, flush=True)
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits,
-                     max_batch)
+                     max_batch, args.prefix_caching)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.drain_timeout)
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: ours ends with 0

@@ -110,6 +110,12 @@ class ServerMetrics:
                   registry=r).set_function(lambda: stats.mean_batch)
             Gauge(f"{PREFIX}batched_forward_seconds", "Seconds spent in batched forwards (since start; its rate "
                   "is how busy the forward thread is)", registry=r).set_function(lambda: stats.seconds)
+            prefix = batcher.prefix_cache
+            if prefix is not None:  # vLLM's names; counts of prompt tokens since start
+                Gauge(f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache (since start)",
+                      registry=r).set_function(lambda: prefix.stats.queried_tokens)
+                Gauge(f"{PREFIX}prefix_cache_hits", "Prompt tokens found there, copied instead of computed (since start)",
+                      registry=r).set_function(lambda: prefix.stats.hit_tokens)
 
     def finished(self, stats: SpecStats, prompt_tokens: int, reason: str, seconds: float, first_token: float | None) -> None:
         self.drafts.inc(stats.drafted_at[0] if stats.drafted_at else 0)  # steps with a draft at position 0

@@ -1,0 +1,127 @@
+"""Prompt prefixes' keys and values kept between requests (automatic prefix caching).
+
+A serving process sees the same beginnings again and again: every chat request starts with
+the chat template's system prompt, and a conversation's next turn repeats the whole previous
+one. After a prefill, the prompt's keys and values are kept in blocks of `block_size` tokens;
+a later prompt that starts with the same blocks gets them copied into its cache and prefills
+only the rest. Blocks are chained (a block is known by its tokens AND the block before it, as
+vLLM's hashes chain them), compared by their token ids exactly (no hash collisions), and the
+least recently used go first once the blocks take more than `max_bytes`.
+
+Exactness: a row's keys and values depend only on the tokens up to it, and our row kernel
+computes a prompt's rows with the same bits whatever chunks the prefill is cut into and
+whoever shares the forward (batching.py), so copied blocks are bitwise what the prefill would
+have written, and the request's output is token for token the same (tests/test_batching.py).
+At least one prompt token is always computed: its logits give the first new token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from specdecode.kv_cache import KVCache
+
+# Tokens a block: SmolLM2's chat template puts 24 tokens before the first user word; 8-token
+# blocks reuse 24 of them (16-token blocks, vLLM's default, only 16).
+DEFAULT_BLOCK_SIZE = 8
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+@dataclass
+class _Block:
+    id: int
+    k: torch.Tensor  # [layers, kv_heads, block_size, head_dim]
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class PrefixStats:
+    queried_tokens: int = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+    hit_tokens: int = 0  # of those, found and copied instead of computed (prefix_cache_hits)
+    blocks: int = 0
+    bytes: int = 0
+
+
+class PrefixCache:
+    """Blocks of prompt keys and values, shared by every sequence of one model."""
+
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size, self.max_bytes = block_size, max_bytes
+        self.stats = PrefixStats()
+        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
+        self._next_id = 1
+        self._lock = threading.Lock()
+
+    def _chain(self, tokens: Sequence[int], n_blocks: int) -> list[_Block]:
+        """The cached blocks that start `tokens`, at most n_blocks (touched as recently used)."""
+        found, parent, b = [], 0, self.block_size
+        for i in range(n_blocks):
+            key = (parent, tuple(tokens[i * b : (i + 1) * b]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            found.append((key, block))
+            parent = block.id
+        self._touch([key for key, _ in found])
+        return [block for _, block in found]
+
+    def _touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
+        """Mark a chain used, its first block as the most recent: a block is then never older
+        than its descendants, and the least recently used go children first."""
+        for key in reversed(chain):
+            self._blocks.move_to_end(key)
+
+    def restore(self, tokens: Sequence[int], cache: KVCache, compute: int = 1) -> int:
+        """Copy the cached blocks that begin `tokens` into the empty `cache`, leaving at least
+        the last `compute` tokens (those whose logits are wanted, at least one) to the forward;
+        returns how many tokens the cache holds now."""
+        usable = (len(tokens) - max(1, compute)) // self.block_size
+        with self._lock:
+            blocks = self._chain(tokens, usable)
+            self.stats.queried_tokens += len(tokens)
+            self.stats.hit_tokens += len(blocks) * self.block_size
+        if not blocks:
+            return 0
+        n = len(blocks) * self.block_size
+        cache.ensure(n)
+        b = self.block_size
+        for i, block in enumerate(blocks):  # (a block is never changed once stored: no lock needed to read it)
+            cache.k[:, 0, :, i * b : (i + 1) * b].copy_(block.k)
+            cache.v[:, 0, :, i * b : (i + 1) * b].copy_(block.v)
+        cache.length = n
+        return n
+
+    def store(self, tokens: Sequence[int], cache: KVCache) -> None:
+        """Keep the full blocks of `tokens` that `cache` holds (after their prefill)."""
+        b = self.block_size
+        n_blocks = min(len(tokens), cache.length) // b
+        with self._lock:
+            parent, chain = 0, []
+            for i in range(n_blocks):
+                key = (parent, tuple(tokens[i * b : (i + 1) * b]))
+                block = self._blocks.get(key)
+                if block is None:
+                    block = _Block(self._next_id, cache.k[:, 0, :, i * b : (i + 1) * b].clone(),
+                                   cache.v[:, 0, :, i * b : (i + 1) * b].clone())
+                    self._next_id += 1
+                    self._blocks[key] = block
+                    self.stats.blocks += 1
+                    self.stats.bytes += block.nbytes
+                chain.append(key)
+                parent = block.id
+            self._touch(chain)
+            while self.stats.bytes > self.max_bytes and self._blocks:  # least recently used first
+                _, old = self._blocks.popitem(last=False)
+                self.stats.blocks -= 1
+                self.stats.bytes -= old.nbytes
