@@ -176,6 +176,27 @@ def load_phase(base: str, prompts: list, max_tokens: int, clients: int, solo: li
     return tally, tally.tokens / (time.perf_counter() - start)
 
 
+def reset_prefix_cache(base: str) -> None:
+    """Empty the server's prefix cache (ours; vLLM's in its dev mode) after the alone phase: the
+    load phase replays the same prompts, and copying their whole prefills back would measure
+    copies, not prefills. What prompts share (the chat template's system prompt) hits again."""
+    response = httpx.post(f"{base}/reset_prefix_cache", timeout=60)
+    if response.status_code != 200:
+        print(f"note: {base}/reset_prefix_cache answered {response.status_code}: prefixes from the alone phase may hit",
+              file=sys.stderr)
+
+
+def prefix_counts(base: str) -> tuple[float, float] | None:
+    """The prefix cache's (hit, queried) prompt tokens since the server started (ours: /metrics)."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=60).text
+        values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith(("specdecode:prefix_cache_hits ", "specdecode:prefix_cache_queries "))}
+        return values["specdecode:prefix_cache_hits"], values["specdecode:prefix_cache_queries"]
+    except (httpx.HTTPError, KeyError, ValueError, IndexError):
+        return None
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")
@@ -197,7 +218,7 @@ def vllm_peer(args: argparse.Namespace, prompts: list) -> dict[str, float] | Non
 
         dtype = "bfloat16" if native_bf16() else "float32"
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [args.vllm, "-m", "vllm.entrypoints.cli.main", "serve", folder, "--served-model-name", "peer",
            "--dtype", dtype, "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)]
@@ -210,6 +231,7 @@ def vllm_peer(args: argparse.Namespace, prompts: list) -> dict[str, float] | Non
         print(f"vLLM up: {dtype}, {folder}")
         solo, one_stream = alone_phase(base, prompts, args.max_tokens, "peer")
         print(f"vLLM alone: {one_stream:.1f} tok/s, one request at a time")
+        reset_prefix_cache(base)
         tally, rate = load_phase(base, prompts, args.max_tokens, args.clients, solo, "peer")
         print(f"vLLM load: {args.clients} clients {rate:.1f} tok/s = {rate / one_stream:.2f}x its one stream; time to "
               f"first token p50 {statistics.median(tally.ttft):.2f} s, p95 {p95(tally.ttft):.2f} s; "
@@ -261,10 +283,15 @@ def main() -> int:
         idle_rss = rss_bytes(server.pid)
 
         # 2. load
+        reset_prefix_cache(base)
+        before = prefix_counts(base)
         tally, rate = load_phase(base, prompts, args.max_tokens, args.clients, solo)
+        after = prefix_counts(base)
+        hits = (f"; {100 * (after[0] - before[0]) / max(1.0, after[1] - before[1]):.0f}% of its "
+                f"{after[1] - before[1]:.0f} prompt tokens from the prefix cache" if before and after else "")
         print(f"load: {args.clients} clients {rate:.1f} tok/s = {rate / one_stream:.2f}x one stream; time to first "
               f"token p50 {statistics.median(tally.ttft):.2f} s, p95 {p95(tally.ttft):.2f} s; {tally.texts_checked} "
-              f"texts checked, {len(tally.mismatches)} differ from alone, {len(tally.crashes)} crashed")
+              f"texts checked, {len(tally.mismatches)} differ from alone, {len(tally.crashes)} crashed{hits}")
         failed = bool(tally.mismatches or tally.crashes)
 
         # 3. chaos

@@ -102,6 +102,12 @@ class PrefixCache:
         cache.length = n
         return n
 
+    def reset(self) -> None:
+        """Drop every block (the counts of queried and hit tokens stay)."""
+        with self._lock:
+            self._blocks.clear()
+            self.stats.blocks = self.stats.bytes = 0
+
     def store(self, tokens: Sequence[int], cache: KVCache) -> None:
         """Keep the full blocks of `tokens` that `cache` holds (after their prefill)."""
         b = self.block_size

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import random_model, tiny_config
+from specdecode import kernels
 from specdecode.engine import Engine
 from specdecode.errors import UserError
 from specdecode.models.loading import embedded_model_path
@@ -106,6 +107,38 @@ def test_health_metrics_and_api_key(engine):
     assert f"specdecode:spec_decode_num_accepted_tokens_total {float(stats['accepted'])}" in text
     assert f"specdecode:generation_tokens_total {float(stats['new_tokens'])}" in text
     assert "specdecode:time_to_first_token_seconds_count 1.0" in text and "specdecode:num_requests_running 0.0" in text
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+@pytest.mark.skipif(kernels.library_error() is not None, reason="prefix caching rides on batched forwards (our kernels)")
+def test_prefix_cache_hits_in_metrics_and_reset(engine):
+    """A repeated prompt's blocks are copied from the prefix cache (the answer the same),
+    /metrics counts them, and /reset_prefix_cache (behind the API key) empties it."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)  # (our kernels' glue)
+    quantized = Engine(random_model(tiny_config(vocab=engine.tokenizer.vocab_size, max_position_embeddings=512, **shape),
+                                    seed=3).quantized("int4"), engine.tokenizer)
+    keyed = TestClient(create_app(quantized, "tiny", drafter="ngram", limits=ServerLimits(drafters=("ngram",), api_key="k")))
+    auth = {"Authorization": "Bearer k"}
+    body = {"messages": [{"role": "user", "content": "Tell me about the sea and the sky"}], "max_tokens": 6, "temperature": 0}
+    texts, hits = [], []
+    for _ in range(2):
+        r = keyed.post("/v1/chat/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["message"]["content"])
+        hits.append(_metric(keyed.get("/metrics").text, "specdecode:prefix_cache_hits"))
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert texts[0] == texts[1], texts
+    assert (hits[0], hits[1]) == (0, (prompt_tokens - 1) // 8 * 8), (hits, prompt_tokens)
+    assert _metric(keyed.get("/metrics").text, "specdecode:prefix_cache_queries") == 2 * prompt_tokens
+    assert keyed.post("/reset_prefix_cache").status_code == 401
+    assert keyed.post("/reset_prefix_cache", headers=auth).status_code == 200
+    assert quantized.batcher.prefix_cache.stats.blocks == 0
+    r = keyed.post("/v1/chat/completions", json=body, headers=auth)
+    assert r.json()["choices"][0]["message"]["content"] == texts[0]
+    assert _metric(keyed.get("/metrics").text, "specdecode:prefix_cache_hits") == hits[1]  # nothing left to hit
 
 
 def test_the_queue_admits_up_to_its_limit():  # (past it the server answers 429 with Retry-After)

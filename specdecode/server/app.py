@@ -123,7 +123,8 @@ def create_app(
 
     @app.middleware("http")
     async def require_key(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/v1/") and not limits.authorized(request.headers.get("authorization")):
+        guarded = request.url.path.startswith("/v1/") or request.url.path == "/reset_prefix_cache"
+        if guarded and not limits.authorized(request.headers.get("authorization")):
             return _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)
         return await call_next(request)
 
@@ -189,6 +190,16 @@ def create_app(
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache")
+    def reset_prefix_cache() -> Response:
+        """Forget the prefix cache's blocks (vLLM's endpoint of this name): a benchmark that
+        replays prompts it has sent before measures prefills, not copies. Needs the API key
+        where one is set."""
+        prefix = engine.batcher.prefix_cache if engine.batcher is not None else None
+        if prefix is not None:
+            prefix.reset()
+        return Response(status_code=200)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
