@@ -103,6 +103,7 @@ class Batcher:
         self._pending: list[_Ticket] = []
         self._busy = False  # a forward (batched or alone) is running
         self._solo = 0  # seated sequences in (or waiting for) a forward that runs alone
+        self._prefix_waits = 0  # seated sequences waiting for another's prefill blocks (prefix_cache.py)
         # Every forward runs on one thread, not on the request thread that leads it: an OpenMP
         # runtime keeps a team of workers per calling thread, and forwards led by 16 request
         # threads in turn kept 16 teams against each other on 2 cores (16 clients, AR: 130 ->
@@ -155,21 +156,37 @@ class Batcher:
         # wanted: an EAGLE drafter reads every prompt row's), then the rest chunk by chunk,
         # each chunk in a shared forward.
         n_out = t if num_logits is None else min(num_logits, t)
-        ids = tokens.tolist() if self.prefix_cache is not None else []
-        start = 0 if self.prefix_cache is None or return_hidden else self.prefix_cache.restore(ids, cache, n_out)
-        if start == 0 and t <= self.prefill_chunk:
-            out = self._shared(call)
-        else:
-            parts = []
-            for lo in range(start, t, self.prefill_chunk):
-                hi = min(t, lo + self.prefill_chunk)
-                parts.append(self._shared(ForwardCall(tokens[lo:hi], cache, None, None, max(0, hi - max(lo, t - n_out)),
-                                                      return_hidden, hidden_layers)))
-            hidden = torch.cat([p.hidden for p in parts]) if return_hidden else None  # type: ignore[misc]
-            out = ModelOutput(logits=torch.cat([p.logits for p in parts]), hidden=hidden)
+        claim = None
         if self.prefix_cache is not None:
-            self.prefix_cache.store(ids, cache)
+            claim = self.prefix_cache.begin(tokens.tolist(), cache, n_out, restore=not return_hidden,
+                                            on_wait=self._waiting_for_prefix)
+        start = cache.length
+        try:
+            if start == 0 and t <= self.prefill_chunk:
+                out = self._shared(call)
+            else:
+                parts = []
+                for lo in range(start, t, self.prefill_chunk):
+                    hi = min(t, lo + self.prefill_chunk)
+                    parts.append(self._shared(ForwardCall(tokens[lo:hi], cache, None, None,
+                                                          max(0, hi - max(lo, t - n_out)), return_hidden, hidden_layers)))
+                    if claim is not None:
+                        claim.advance(cache)  # prompts waiting for these blocks go on
+                hidden = torch.cat([p.hidden for p in parts]) if return_hidden else None  # type: ignore[misc]
+                out = ModelOutput(logits=torch.cat([p.logits for p in parts]), hidden=hidden)
+        except BaseException:
+            if claim is not None:
+                claim.end(None)
+            raise
+        if claim is not None:
+            claim.end(cache)
         return out
+
+    def _waiting_for_prefix(self, waiting: bool) -> None:
+        """A seated sequence waits for another's prefill blocks: batches do not wait for it."""
+        with self._cond:
+            self._prefix_waits += 1 if waiting else -1
+            self._cond.notify_all()
 
     def _shared(self, call: ForwardCall) -> ModelOutput:
         """Wait for this step's batch (leading it when it is complete) and return its rows."""
@@ -196,7 +213,7 @@ class Batcher:
     def _complete(self) -> bool:
         """Every seated sequence outside a prefill has a step waiting, or the oldest waited long enough."""
         waited = time.perf_counter() - min(t.since for t in self._pending)
-        return len(self._pending) >= self._seated - self._solo or waited >= self.wait
+        return len(self._pending) >= self._seated - self._solo - self._prefix_waits or waited >= self.wait
 
     def _lead(self) -> None:
         """Run every pending step as one forward (called holding the lock; releases it while

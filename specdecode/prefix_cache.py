@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,6 +62,8 @@ class PrefixCache:
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
         self._next_id = 1
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # blocks stored or a claim ended
+        self._claims: dict[int, tuple[int, ...]] = {}  # prefills in flight: id -> the tokens they will store
 
     def _chain(self, tokens: Sequence[int], n_blocks: int) -> list[_Block]:
         """The cached blocks that start `tokens`, at most n_blocks (touched as recently used)."""
@@ -86,21 +88,55 @@ class PrefixCache:
         """Copy the cached blocks that begin `tokens` into the empty `cache`, leaving at least
         the last `compute` tokens (those whose logits are wanted, at least one) to the forward;
         returns how many tokens the cache holds now."""
-        usable = (len(tokens) - max(1, compute)) // self.block_size
-        with self._lock:
-            blocks = self._chain(tokens, usable)
-            self.stats.queried_tokens += len(tokens)
-            self.stats.hit_tokens += len(blocks) * self.block_size
-        if not blocks:
-            return 0
-        n = len(blocks) * self.block_size
-        cache.ensure(n)
+        claim = self.begin(tokens, cache, compute, wait=False)
+        claim.end(cache)
+        return cache.length
+
+    def begin(self, tokens: Sequence[int], cache: KVCache, compute: int = 1, restore: bool = True, wait: bool = True,
+              on_wait: Callable[[bool], None] | None = None) -> "Claim":
+        """Start a prefill of `tokens` into the empty `cache`: copy the cached blocks it starts
+        with (`restore`; leaving at least the last `compute` tokens to compute) and claim the
+        rest, so that prompts arriving meanwhile with the same beginning (a chat template's
+        system prompt: 16 clients at once) wait for this prefill's blocks (`wait`) instead of
+        computing them again. on_wait(True/False) brackets such a wait. The caller stores
+        blocks as its chunks finish (`Claim.advance`) and ends the claim (`Claim.end`)."""
         b = self.block_size
-        for i, block in enumerate(blocks):  # (a block is never changed once stored: no lock needed to read it)
-            cache.k[:, 0, :, i * b : (i + 1) * b].copy_(block.k)
-            cache.v[:, 0, :, i * b : (i + 1) * b].copy_(block.v)
-        cache.length = n
-        return n
+        usable = (len(tokens) - max(1, compute)) // b if restore else 0
+        blocks: list[_Block] = []
+        with self._lock:
+            waited = False
+            while True:
+                blocks = self._chain(tokens, usable)
+                if not wait or not self._in_flight(tokens, len(blocks), usable):
+                    break
+                if not waited and on_wait is not None:
+                    on_wait(True)
+                waited = True
+                self._changed.wait(timeout=1.0)
+            if waited and on_wait is not None:
+                on_wait(False)
+            self.stats.queried_tokens += len(tokens) if restore else 0
+            self.stats.hit_tokens += len(blocks) * b
+            claim = Claim(self, self._next_id, tokens)
+            self._next_id += 1
+            self._claims[claim.id] = tuple(tokens[: len(tokens) // b * b])
+        if blocks:
+            n = len(blocks) * b
+            cache.ensure(n)
+            for i, block in enumerate(blocks):  # (a block is never changed once stored: no lock needed to read it)
+                cache.k[:, 0, :, i * b : (i + 1) * b].copy_(block.k)
+                cache.v[:, 0, :, i * b : (i + 1) * b].copy_(block.v)
+            cache.length = n
+        return claim
+
+    def _in_flight(self, tokens: Sequence[int], cached: int, usable: int) -> bool:
+        """Whether another prefill in flight will store block `cached` of `tokens` (the first
+        one not cached), which this one could then copy."""
+        if cached >= usable:
+            return False
+        b = self.block_size
+        wanted = tuple(tokens[: (cached + 1) * b])
+        return any(claimed[: len(wanted)] == wanted for claimed in self._claims.values())
 
     def reset(self) -> None:
         """Drop every block (the counts of queried and hit tokens stay)."""
@@ -110,24 +146,47 @@ class PrefixCache:
 
     def store(self, tokens: Sequence[int], cache: KVCache) -> None:
         """Keep the full blocks of `tokens` that `cache` holds (after their prefill)."""
+        with self._lock:
+            self._store(tokens, cache)
+            self._changed.notify_all()
+
+    def _store(self, tokens: Sequence[int], cache: KVCache) -> None:
         b = self.block_size
         n_blocks = min(len(tokens), cache.length) // b
-        with self._lock:
-            parent, chain = 0, []
-            for i in range(n_blocks):
-                key = (parent, tuple(tokens[i * b : (i + 1) * b]))
-                block = self._blocks.get(key)
-                if block is None:
-                    block = _Block(self._next_id, cache.k[:, 0, :, i * b : (i + 1) * b].clone(),
-                                   cache.v[:, 0, :, i * b : (i + 1) * b].clone())
-                    self._next_id += 1
-                    self._blocks[key] = block
-                    self.stats.blocks += 1
-                    self.stats.bytes += block.nbytes
-                chain.append(key)
-                parent = block.id
-            self._touch(chain)
-            while self.stats.bytes > self.max_bytes and self._blocks:  # least recently used first
-                _, old = self._blocks.popitem(last=False)
-                self.stats.blocks -= 1
-                self.stats.bytes -= old.nbytes
+        parent, chain = 0, []
+        for i in range(n_blocks):
+            key = (parent, tuple(tokens[i * b : (i + 1) * b]))
+            block = self._blocks.get(key)
+            if block is None:
+                block = _Block(self._next_id, cache.k[:, 0, :, i * b : (i + 1) * b].clone(),
+                               cache.v[:, 0, :, i * b : (i + 1) * b].clone())
+                self._next_id += 1
+                self._blocks[key] = block
+                self.stats.blocks += 1
+                self.stats.bytes += block.nbytes
+            chain.append(key)
+            parent = block.id
+        self._touch(chain)
+        while self.stats.bytes > self.max_bytes and self._blocks:  # least recently used first
+            _, old = self._blocks.popitem(last=False)
+            self.stats.blocks -= 1
+            self.stats.bytes -= old.nbytes
+
+
+class Claim:
+    """One prefill in flight (PrefixCache.begin): stores its blocks as they are computed."""
+
+    def __init__(self, owner: PrefixCache, id: int, tokens: Sequence[int]) -> None:
+        self.owner, self.id, self.tokens = owner, id, tokens
+
+    def advance(self, cache: KVCache) -> None:
+        """Store the blocks `cache` holds now (after a chunk): prompts waiting for them go on."""
+        self.owner.store(self.tokens, cache)
+
+    def end(self, cache: KVCache | None = None) -> None:
+        """Store what `cache` holds (None: nothing, e.g. after an error) and end the claim."""
+        with self.owner._lock:
+            if cache is not None:
+                self.owner._store(self.tokens, cache)
+            self.owner._claims.pop(self.id, None)
+            self.owner._changed.notify_all()

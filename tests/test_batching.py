@@ -115,6 +115,37 @@ def test_the_prefix_cache_keeps_to_its_bytes_and_drops_children_first(model):
     assert torch.equal(fresh.k[:, :, :, :24], cache.k[:, :, :, :24])
 
 
+def test_a_prompt_waits_for_the_blocks_another_prefill_is_computing(model):
+    """Prompts that arrive together with the same beginning compute it once: the second waits
+    for the first's blocks (stored as its chunks finish) and copies them."""
+    prefix = PrefixCache(block_size=8)
+    first = list(range(1, 30))
+    second = first[:20] + [77, 78, 79, 80, 81]  # 2 blocks in common
+    a_cache, b_cache = model.new_cache(128), model.new_cache(128)
+    a = prefix.begin(first, a_cache)
+    waits, done = [], threading.Event()
+
+    def arrive():
+        b = prefix.begin(second, b_cache, on_wait=waits.append)
+        b.end(None)
+        done.set()
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    assert not done.wait(0.3) and waits == [True]  # waiting for a's blocks, not computing them
+    model.forward(torch.tensor(first[:16]), a_cache)
+    a.advance(a_cache)  # a's first chunk: both blocks b wants
+    assert done.wait(10)
+    thread.join()
+    assert waits == [True, False] and b_cache.length == 16 and prefix.stats.hit_tokens == 16
+    assert torch.equal(b_cache.k[:, :, :, :16], a_cache.k[:, :, :, :16])
+    a.end(a_cache)
+    # a prefill that ends with an error releases its claim: nobody waits for it
+    c = prefix.begin([5] * 30, model.new_cache(128))
+    c.end(None)
+    assert prefix.begin([5] * 30, model.new_cache(128), on_wait=lambda _: pytest.fail("waited")).id > c.id
+
+
 def _generate(model, prompt, sampling, forward, k=3):
     config = GenerationConfig(max_new_tokens=24, sampling=sampling)
     out = []
