@@ -9,8 +9,9 @@ rows stacked for every matmul, each sequence attending to its own cache), and ea
 goes on with its own rows: it verifies, rolls back by its own number of rejected tokens and
 drafts again. A newcomer's prefill is cut into chunks of `prefill_chunk` tokens that ride in
 the same batched forwards, so that a long prompt does not stall the others for its whole
-prefill. Sequences join and leave between steps (`seat`), up to `max_batch` at once; more wait
-for a seat.
+prefill. With a prefix cache (prefix_cache.py), the blocks a prompt starts with are copied from
+earlier prompts (or from prompts prefilled at the same time) instead of computed. Sequences join
+and leave between steps (`seat`), up to `max_batch` at once; more wait for a seat.
 
 Exactness: our kernels compute each row with the same instructions however many rows a call
 has, so a sequence's logits are bitwise those of serving it alone, and greedy output per
