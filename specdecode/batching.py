@@ -171,7 +171,7 @@ class Batcher:
                     hi = min(t, lo + self.prefill_chunk)
                     parts.append(self._shared(ForwardCall(tokens[lo:hi], cache, None, None,
                                                           max(0, hi - max(lo, t - n_out)), return_hidden, hidden_layers)))
-                    if claim is not None:
+                    if claim is not None and hi < t:  # (the last chunk's blocks: claim.end below)
                         claim.advance(cache)  # prompts waiting for these blocks go on
                 hidden = torch.cat([p.hidden for p in parts]) if return_hidden else None  # type: ignore[misc]
                 out = ModelOutput(logits=torch.cat([p.logits for p in parts]), hidden=hidden)

@@ -84,14 +84,6 @@ class PrefixCache:
         for key in reversed(chain):
             self._blocks.move_to_end(key)
 
-    def restore(self, tokens: Sequence[int], cache: KVCache, compute: int = 1) -> int:
-        """Copy the cached blocks that begin `tokens` into the empty `cache`, leaving at least
-        the last `compute` tokens (those whose logits are wanted, at least one) to the forward;
-        returns how many tokens the cache holds now."""
-        claim = self.begin(tokens, cache, compute, wait=False)
-        claim.end(cache)
-        return cache.length
-
     def begin(self, tokens: Sequence[int], cache: KVCache, compute: int = 1, restore: bool = True, wait: bool = True,
               on_wait: Callable[[bool], None] | None = None) -> "Claim":
         """Start a prefill of `tokens` into the empty `cache`: copy the cached blocks it starts
