@@ -252,8 +252,9 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
     t0 += chunk_rows[c];
   }
   // Several rows (compute-bound): about 8 chunks a thread, an even number of tiles each. One
-  // row streams the weights from memory: a contiguous half each (the prefetchers' streams;
-  // chunks made the one-row step ~10% slower).
+  // row streams the weights from memory: one contiguous chunk a thread (the prefetchers'
+  // streams; smaller chunks made the one-row step ~10% slower), taken like the others, so a
+  // thread that finishes before the other has started takes the second too.
   const int64_t threads = at::get_num_threads();
   const int64_t step = T == 1 ? (tiles + threads - 1) / threads
                               : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
