@@ -76,6 +76,10 @@ SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t
   const int64_t G = K / kGroup;
   thread_local QuantRows out;
   out.reserve(T * K, T * G);
+  // (plain pointers: through `out` GCC called __tls_get_addr in every iteration)
+  int8_t* const codes = out.q.get();
+  float* const dxs = out.dx.get();
+  float* const sqs = out.sq.get();
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
   for (int64_t i = 0; i < T * G; ++i) {
@@ -90,9 +94,9 @@ SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t
     __m256i q[4];
     for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256((__m256i*)(out.q.get() + i * kGroup), _mm256_permutevar8x32_epi32(bytes, order));
-    out.dx[i] = d;
-    out.sq[i] = (float)hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    _mm256_storeu_si256((__m256i*)(codes + i * kGroup), _mm256_permutevar8x32_epi32(bytes, order));
+    dxs[i] = d;
+    sqs[i] = (float)hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
   }
   return out;
 }

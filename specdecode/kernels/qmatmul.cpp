@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -219,15 +220,29 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::T
 
 #define SD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 
+// A thread's buffers for a call's quantized rows, kept between calls (growing only): a vector
+// per call was a malloc and a memset on the calling thread while the others waited (~3% of a
+// 9-row step on Zen 4).
 struct QuantRows {
-  std::vector<int8_t> q;   // [T, K]
-  std::vector<float> dx;   // [T, G]
-  std::vector<float> sq;   // [T, G] sum of the row's codes per group (exact in fp32)
+  std::unique_ptr<int8_t[]> q;  // [T, K]
+  std::unique_ptr<float[]> dx;  // [T, G]
+  std::unique_ptr<float[]> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
+  int64_t q_size = 0, g_size = 0;
+  void reserve(int64_t n, int64_t groups) {
+    if (n > q_size) q.reset(new int8_t[n]), q_size = n;  // (uninitialised: every code is written)
+    if (groups > g_size) dx.reset(new float[groups]), sq.reset(new float[groups]), g_size = groups;
+  }
 };
 
-SD_VNNI QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
+SD_VNNI const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
   const int64_t G = K / kGroup;
-  QuantRows out{std::vector<int8_t>(T * K), std::vector<float>(T * G), std::vector<float>(T * G)};
+  thread_local QuantRows out;
+  out.reserve(T * K, T * G);
+  // (plain pointers: through `out` GCC called __tls_get_addr in every iteration, spilling the
+  // vectors around the call: 4x this loop's time)
+  int8_t* const q = out.q.get();
+  float* const dxs = out.dx.get();
+  float* const sqs = out.sq.get();
   const __m512i shift = _mm512_set1_epi32(16);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t i = 0; i < T * G; ++i) {
@@ -239,10 +254,10 @@ SD_VNNI QuantRows quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
     const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
     __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));  // round to nearest even
     __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-    _mm_storeu_si128((__m128i*)(out.q.data() + i * kGroup), _mm512_cvtsepi32_epi8(qlo));
-    _mm_storeu_si128((__m128i*)(out.q.data() + i * kGroup + 16), _mm512_cvtsepi32_epi8(qhi));
-    out.dx[i] = d;
-    out.sq[i] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    _mm_storeu_si128((__m128i*)(q + i * kGroup), _mm512_cvtsepi32_epi8(qlo));
+    _mm_storeu_si128((__m128i*)(q + i * kGroup + 16), _mm512_cvtsepi32_epi8(qhi));
+    dxs[i] = d;
+    sqs[i] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
   }
   return out;
 }
@@ -263,12 +278,15 @@ SD_VNNI inline __m512i bcast_quad(const int8_t* p) {
 constexpr int64_t kPrefetchGroups = 8;
 
 // Ask for group g of TILES output tiles (group_bytes each) a few groups before it is used: the
-// weights' memory traffic and the arithmetic overlap.
+// weights' memory traffic and the arithmetic overlap. Near a tile's end (g >= G), the start of
+// the tiles after this call's (the next call's: tiles lie one after another), whose first groups
+// were not prefetched before (a prefetch past the weights' end does not fault).
 template <int TILES>
-SD_VNNI inline void prefetch_group(const uint8_t* wt, int64_t tile_bytes, int64_t g, int group_bytes) {
-  for (int u = 0; u < TILES; ++u)
-    for (int line = 0; line < group_bytes; line += 64)
-      _mm_prefetch((const char*)(wt + u * tile_bytes + g * group_bytes + line), _MM_HINT_T0);
+SD_VNNI inline void prefetch_group(const uint8_t* wt, int64_t tile_bytes, int64_t g, int64_t G, int group_bytes) {
+  for (int u = 0; u < TILES; ++u) {
+    const uint8_t* next = g < G ? wt + u * tile_bytes + g * group_bytes : wt + (TILES + u) * tile_bytes + (g - G) * group_bytes;
+    for (int line = 0; line < group_bytes; line += 64) _mm_prefetch((const char*)(next + line), _MM_HINT_T0);
+  }
 }
 
 // One group's exact int32 sums (16 outputs of one row) into the row's fp32 totals.
@@ -294,7 +312,7 @@ SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Hal
     for (int u = 0; u < TILES; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
     const int8_t* xg = xq + g * kGroup;
-    if (g + kPrefetchGroups < G) prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, INT4 ? 256 : 512);
+    prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, G, INT4 ? 256 : 512);
     __m512i pair[TILES][2];  // int4: quads 2p and 2p+1, from one 64-byte load
 #pragma GCC unroll 8  // (rolled, GCC copied every accumulator twice an iteration: -25% at T=9)
     for (int qd = 0; qd < 8; ++qd) {
@@ -367,7 +385,7 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
   const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
-  QuantRows xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
+  const QuantRows& xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const at::Tensor dc = d.contiguous(), ac = aux.contiguous();
@@ -376,10 +394,10 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
   const int16_t* sp = INT4 ? nullptr : ac.data_ptr<int16_t>();
   const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
   const int64_t R = (T + chunks - 1) / chunks;  // the largest chunk
-  const bool amx = amx_rows > 0 && R >= amx_rows;
-  if (amx) {  // tiles read whole chunks of R rows: zero rows past T
+  if (amx_rows > 0 && R >= amx_rows) {  // tiles read whole chunks of R rows: zero rows past T
     TORCH_CHECK(amx_permitted(), "specdecode qlinear: Linux refused this process the AMX tile state (kernel 5.16+ needed)");
-    xr.q.resize(chunks * R * K, 0);
+    std::vector<int8_t> q(chunks * R * K, 0);
+    std::copy(xr.q.get(), xr.q.get() + T * K, q.begin());
     std::vector<float> dx(chunks * G * R, 0.0f), sq(chunks * G * R, 0.0f);  // [chunks, G, R]: a group's rows side by side
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {
@@ -387,31 +405,41 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
         dx[at] = xr.dx[t * G + g];
         sq[at] = xr.sq[t * G + g];
       }
-    xr.dx.swap(dx);
-    xr.sq.swap(sq);
-  }
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const FlushDenormals flush;
-    if (amx) {
-      chunk_amx_int8<INT4>(wp, tile_bytes, dp, mp, xr.q.data(), K, xr.dx.data(), xr.sq.data(), G, (int)R, T, yp, N,
-                           begin, end);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals flush;
+      chunk_amx_int8<INT4>(wp, tile_bytes, dp, mp, q.data(), K, dx.data(), sq.data(), G, (int)R, T, yp, N, begin, end);
       release_amx_tiles();
-      return;
-    }
-    int64_t t0 = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int rows = (int)((T - t0) / (chunks - c));
-      const int wide = vnni_tiles_for(rows, INT4);
-      auto run = [&](VnniFn fn, int64_t tile) {
-        const int64_t so = tile * G * kTile;
-        fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, INT4 ? nullptr : sp + so,
-           xr.q.data() + t0 * K, K, xr.dx.data() + t0 * G, xr.sq.data() + t0 * G, G, yp + t0 * N + tile * kTile, N);
-      };
-      int64_t j = begin;
-      for (; j + wide <= end; j += wide) run(VnniRowKernels<INT4>::wide[rows - 1], j);
-      for (; j < end; ++j) run(VnniRowKernels<INT4>::narrow[rows - 1], j);
-      t0 += rows;
-    }
+    });
+    return y;
+  }
+  // Rows in balanced chunks of at most kMaxRows (T = 17 -> 9 + 8); every chunk runs over a tile
+  // group before the next one, so the tiles' weights come from memory once for all chunks.
+  std::vector<int> chunk_rows(chunks);
+  std::vector<int64_t> chunk_first(chunks);
+  for (int64_t c = 0, t0 = 0; c < chunks; ++c) {
+    chunk_rows[c] = (int)((T - t0) / (chunks - c));
+    chunk_first[c] = t0;
+    t0 += chunk_rows[c];
+  }
+  const int wide = vnni_tiles_for(chunk_rows[0], INT4);
+  // Tiles in chunks the threads take as they finish (common.h parallel_chunks): several rows
+  // are compute-bound, about 8 chunks a thread (a whole number of `wide` groups); one row
+  // streams the weights, one contiguous chunk a thread (the prefetchers' streams).
+  const int64_t threads = at::get_num_threads();
+  const int64_t step = T == 1 ? (tiles + threads - 1) / threads
+                              : std::max<int64_t>(wide, (tiles / (8 * threads) / wide + 1) * wide);
+  parallel_chunks(tiles, step, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
+    auto run = [&](VnniFn fn, int64_t tile, int64_t t0) {
+      const int64_t so = tile * G * kTile;
+      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, INT4 ? nullptr : sp + so,
+         xr.q.get() + t0 * K, K, xr.dx.get() + t0 * G, xr.sq.get() + t0 * G, G, yp + t0 * N + tile * kTile, N);
+    };
+    int64_t j = begin;
+    for (; j + wide <= end; j += wide)
+      for (int64_t c = 0; c < chunks; ++c) run(VnniRowKernels<INT4>::wide[chunk_rows[c] - 1], j, chunk_first[c]);
+    for (; j < end; ++j)
+      for (int64_t c = 0; c < chunks; ++c) run(VnniRowKernels<INT4>::narrow[chunk_rows[c] - 1], j, chunk_first[c]);
   });
   return y;
 }
