@@ -358,7 +358,10 @@ def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monk
             got += [a.k[:, :, :, : a.length], a.v[:, :, :, : a.length], b.k[:, :, :, : b.length]]
         return got
 
+    team_before = torch.ops.specdecode.decoder_team_calls()
     fused = forwards()
+    # the AVX-512 VNNI linears run every forward's layers in one parallel region (the team path)
+    assert (torch.ops.specdecode.decoder_team_calls() > team_before) == (kernel == "avx512-vnni")
     monkeypatch.setattr(llama.Runtime, "fused_layers", property(lambda self: None))
     loop = forwards()
     assert len(fused) == len(loop) and all(torch.equal(x, y) for x, y in zip(fused, loop))

@@ -43,6 +43,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <omp.h>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -234,31 +236,33 @@ struct QuantRows {
   }
 };
 
-SD_VNNI const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
-  const int64_t G = K / kGroup;
-  thread_local QuantRows out;
-  out.reserve(T * K, T * G);
-  // (plain pointers: through `out` GCC called __tls_get_addr in every iteration, spilling the
-  // vectors around the call: 4x this loop's time)
-  int8_t* const q = out.q.get();
-  float* const dxs = out.dx.get();
-  float* const sqs = out.sq.get();
+// Groups [lo, hi) of rows x [.., K] bf16 (flat: group i is x[i * 32 .. i * 32 + 31]) to int8
+// codes q, scales dx and code sums sq at the same indices (q at i * 32).
+SD_VNNI void quantize_groups(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* q, float* dxs, float* sqs) {
   const __m512i shift = _mm512_set1_epi32(16);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t i = 0; i < T * G; ++i) {
+  for (int64_t i = lo; i < hi; ++i) {
     __m512i raw = _mm512_loadu_si512(x + i * kGroup);
-    __m512 lo = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), shift));
-    __m512 hi = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), shift));
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, absmask), _mm512_and_ps(hi, absmask)));
+    __m512 lo16 = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), shift));
+    __m512 hi16 = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), shift));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo16, absmask), _mm512_and_ps(hi16, absmask)));
     const float d = amax / 127.0f;
     const __m512 inv = _mm512_set1_ps(d > 0 ? 1.0f / d : 0.0f);
-    __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));  // round to nearest even
-    __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo16, inv));  // round to nearest even
+    __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi16, inv));
     _mm_storeu_si128((__m128i*)(q + i * kGroup), _mm512_cvtsepi32_epi8(qlo));
     _mm_storeu_si128((__m128i*)(q + i * kGroup + 16), _mm512_cvtsepi32_epi8(qhi));
     dxs[i] = d;
     sqs[i] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
   }
+}
+
+SD_VNNI const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
+  thread_local QuantRows out;
+  out.reserve(T * K, T * (K / kGroup));
+  // (plain pointers: a loop through `out` called __tls_get_addr in every iteration, spilling the
+  // vectors around the call: 4x this loop's time)
+  quantize_groups(x, 0, T * (K / kGroup), out.q.get(), out.dx.get(), out.sq.get());
   return out;
 }
 
@@ -377,6 +381,61 @@ void chunk_amx_int8(const uint8_t* wp, int64_t tile_bytes, const at::Half* dp, c
 void release_amx_tiles();
 bool amx_permitted();
 
+// y[t, n] = bf16(y[t, n] + bias[n]) for outputs [n0, n1) of T rows (y's row stride N): what
+// ATen's bf16 `y + b` gives (both widened to fp32, added, rounded to nearest even).
+SD_VNNI void add_bias(at::BFloat16* y, int64_t N, int64_t T, const at::BFloat16* bias, int64_t n0, int64_t n1) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = n0; n < n1; ++n) y[t * N + n] = at::BFloat16((float)y[t * N + n] + (float)bias[n]);
+}
+
+// One VNNI linear over quantized rows: tiles [begin, end) of its outputs for all T rows (run),
+// and a bias added to those outputs where given (bf16 + bf16 rounded to bf16: what ATen's
+// `y + b` gives). Rows go in balanced chunks of at most kMaxRows (T = 17 -> 8 + 9); every chunk
+// runs over a tile group before the next group, so the weights come from memory once for all.
+template <bool INT4>
+struct VnniCall {
+  const uint8_t* w;
+  int64_t tile_bytes;
+  const at::Half* d;
+  const at::Half* m;   // int4
+  const int16_t* ws;   // int8
+  const int8_t* q;     // the rows' codes [T, K], scales and code sums [T, G] (quantize_groups)
+  const float* dx;
+  const float* sq;
+  int64_t T, K, G, N;
+  at::BFloat16* y;     // [T, N]
+  const at::BFloat16* bias;  // [N] or nullptr
+
+  int64_t chunks() const { return (T + kMaxRows - 1) / kMaxRows; }
+  // (chunks of 8 rows and more all run one tile at a time: `wide` is the same for every chunk)
+  int wide() const { return vnni_tiles_for((int)(T / chunks()), INT4); }
+  // Tiles a chunk of work takes (common.h parallel_chunks): several rows are compute-bound, about
+  // 8 chunks a thread (whole `wide` groups); one row streams the weights, one contiguous chunk a
+  // thread (the prefetchers' streams).
+  int64_t step(int64_t tiles, int64_t threads) const {
+    const int64_t span = wide();
+    return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(span, (tiles / (8 * threads) / span + 1) * span);
+  }
+  void run(int64_t begin, int64_t end) const {
+    const int64_t n = chunks();
+    const int span = wide();
+    auto tile = [&](bool many, int64_t j) {
+      for (int64_t c = 0, t0 = 0; c < n; ++c) {
+        const int rows = (int)((T - t0) / (n - c));
+        const VnniFn fn = many ? VnniRowKernels<INT4>::wide[rows - 1] : VnniRowKernels<INT4>::narrow[rows - 1];
+        const int64_t so = j * G * kTile;
+        fn(w + j * tile_bytes, tile_bytes, d + so, INT4 ? m + so : nullptr, INT4 ? nullptr : ws + so, q + t0 * K, K,
+           dx + t0 * G, sq + t0 * G, G, y + t0 * N + j * kTile, N);
+        t0 += rows;
+      }
+    };
+    int64_t j = begin;
+    for (; j + span <= end; j += span) tile(true, j);
+    for (; j < end; ++j) tile(false, j);
+    if (bias) add_bias(y, N, T, bias, begin * kTile, end * kTile);
+  }
+};
+
 template <bool INT4>
 at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& aux,
                         int64_t amx_rows = 0) {
@@ -412,34 +471,10 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
     });
     return y;
   }
-  // Rows in balanced chunks of at most kMaxRows (T = 17 -> 9 + 8); every chunk runs over a tile
-  // group before the next one, so the tiles' weights come from memory once for all chunks.
-  std::vector<int> chunk_rows(chunks);
-  std::vector<int64_t> chunk_first(chunks);
-  for (int64_t c = 0, t0 = 0; c < chunks; ++c) {
-    chunk_rows[c] = (int)((T - t0) / (chunks - c));
-    chunk_first[c] = t0;
-    t0 += chunk_rows[c];
-  }
-  const int wide = vnni_tiles_for(chunk_rows[0], INT4);
-  // Tiles in chunks the threads take as they finish (common.h parallel_chunks): several rows
-  // are compute-bound, about 8 chunks a thread (a whole number of `wide` groups); one row
-  // streams the weights, one contiguous chunk a thread (the prefetchers' streams).
-  const int64_t threads = at::get_num_threads();
-  const int64_t step = T == 1 ? (tiles + threads - 1) / threads
-                              : std::max<int64_t>(wide, (tiles / (8 * threads) / wide + 1) * wide);
-  parallel_chunks(tiles, step, [&](int64_t begin, int64_t end) {
+  const VnniCall<INT4> call{wp, tile_bytes, dp, mp, sp, xr.q.get(), xr.dx.get(), xr.sq.get(), T, K, G, N, yp, nullptr};
+  parallel_chunks(tiles, call.step(tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
-    auto run = [&](VnniFn fn, int64_t tile, int64_t t0) {
-      const int64_t so = tile * G * kTile;
-      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, INT4 ? nullptr : sp + so,
-         xr.q.get() + t0 * K, K, xr.dx.get() + t0 * G, xr.sq.get() + t0 * G, G, yp + t0 * N + tile * kTile, N);
-    };
-    int64_t j = begin;
-    for (; j + wide <= end; j += wide)
-      for (int64_t c = 0; c < chunks; ++c) run(VnniRowKernels<INT4>::wide[chunk_rows[c] - 1], j, chunk_first[c]);
-    for (; j < end; ++j)
-      for (int64_t c = 0; c < chunks; ++c) run(VnniRowKernels<INT4>::narrow[chunk_rows[c] - 1], j, chunk_first[c]);
+    call.run(begin, end);
   });
   return y;
 }
@@ -1760,6 +1795,270 @@ at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, co
   return bias.has_value() ? y + *bias : y;  // what the stack's `y + b` gives (ATen's bf16 add)
 }
 
+// ---------------------------------------------------------------------------------------------
+// decoder_layers as ONE parallel region (the "team" path). Op by op, every linear, attention
+// and silu opens its own parallel region (at::parallel_for: ~2.7 us to fork and join on 2
+// threads, ~7 regions a layer), and the glue between them (norms, RoPE, the rows' int8
+// quantization, residuals, biases) runs on the calling thread while the others wait: in a 9-row
+// step of the embedded model on Zen 4 the second thread idled a third of the time. Here the
+// threads enter one region for all layers and meet at a barrier between phases; every phase
+// splits its work over them (rows, groups of 32 inputs, tiles, attention tasks). Each value is
+// computed by the same function on the same inputs as op by op, so the results are bitwise
+// those (tests/test_kernels.py compares the two). Taken for the avx512-vnni linears with
+// AVX-512 attention (not AMX tiles); every other case runs op by op.
+
+// One linear of a layer as the team runs it (the VNNI kernels' weights, checked before the region).
+struct TeamLinear {
+  bool int4;
+  const uint8_t* w;
+  const at::Half* d;
+  const at::Half* m;
+  const int16_t* ws;
+  const at::BFloat16* bias;
+  int64_t K, G, N, tiles;
+
+  template <bool INT4>
+  VnniCall<INT4> call(const int8_t* q, const float* dx, const float* sq, int64_t T, at::BFloat16* y) const {
+    return VnniCall<INT4>{w, K * kTile / (INT4 ? 2 : 1), d, m, ws, q, dx, sq, T, K, G, N, y, bias};
+  }
+  int64_t step(int64_t T, int64_t threads) const {
+    return int4 ? call<true>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads)
+                : call<false>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads);
+  }
+  void run(const int8_t* q, const float* dx, const float* sq, int64_t T, at::BFloat16* y, int64_t begin, int64_t end) const {
+    if (int4) call<true>(q, dx, sq, T, y).run(begin, end);
+    else call<false>(q, dx, sq, T, y).run(begin, end);
+  }
+};
+
+// The linear of `kind` with weights w[0..2] and an optional bias for K inputs, or why the team
+// cannot run it ("" where it can).
+std::string team_linear(int64_t kind, const at::Tensor* w, const c10::optional<at::Tensor>& bias, int64_t K, TeamLinear& out) {
+  if (kind != kInt4Vnni && kind != kInt8Vnni) return "not an avx512-vnni linear";
+  const bool int4 = kind == kInt4Vnni;
+  const at::Tensor& packed = w[0];
+  const at::Tensor& d = w[1];
+  const at::Tensor& aux = w[2];
+  if (!(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile && d.is_contiguous() && d.size(1) * kGroup == K))
+    return "scales";
+  const int64_t N = d.size(0) * kTile;
+  if (!(packed.is_contiguous() && packed.numel() == N * K / (int4 ? 2 : 1))) return "packed weights";
+  if (!(aux.sizes() == d.sizes() && aux.is_contiguous() && aux.scalar_type() == (int4 ? at::kHalf : at::kShort)))
+    return "offsets or code sums";
+  const at::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    if (!(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N)) return "bias";
+    b = bias->data_ptr<at::BFloat16>();
+  }
+  out = TeamLinear{int4, (const uint8_t*)packed.data_ptr(), d.data_ptr<at::Half>(),
+                   int4 ? aux.data_ptr<at::Half>() : nullptr, int4 ? nullptr : aux.data_ptr<int16_t>(), b,
+                   K, K / kGroup, N, d.size(0)};
+  return "";
+}
+
+// One sequence of the batch as the team attends it.
+struct TeamSeq {
+  int64_t lo, T, past;     // its first row, its rows, its cached slots
+  at::BFloat16* k;         // its caches (layer 0): [layers, 1, Hkv, L, D]
+  at::BFloat16* v;
+  int64_t ls, hs;          // layer and head strides of the caches
+  std::vector<std::vector<int64_t>> paths;  // a tree's paths (empty: a chain)
+  int64_t blocks, width;   // key blocks of 16, a score row's width
+  int64_t value_rows, tasks_per_head;  // rows per values task (attend_block's rule), tasks per KV head
+  float* scores;           // [H, T, width]
+};
+
+// SPECDECODE_TEAM=0: op by op (for A/B timings; read at every call, so one process can alternate)
+bool team_disabled() {
+  const char* v = std::getenv("SPECDECODE_TEAM");
+  return v != nullptr && v[0] == '0';
+}
+
+std::atomic<int64_t> team_calls{0};  // forwards the team ran (tests check that it runs where it should)
+int64_t decoder_team_calls() { return team_calls.load(); }
+
+// decoder_layers on the team, or false (nothing done) where a linear, the attention path or a
+// tensor is not what the team takes.
+bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorList caches_k, at::TensorList caches_v,
+                         at::IntArrayRef pasts, at::IntArrayRef rows, const c10::List<c10::optional<at::Tensor>>& parents,
+                         int64_t H, bool tiles, double eps, at::IntArrayRef layers, at::IntArrayRef kinds,
+                         at::TensorList norms, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases) {
+  if (team_disabled() || !cpu_has_avx512() || layers.empty() || x.size(0) == 0) return false;
+  const at::Tensor& ck0 = caches_k[0];
+  if (ck0.dim() != 5) return false;
+  const int64_t Hkv = ck0.size(2), D = ck0.size(4), hidden = x.size(1), R = x.size(0);
+  if (tiles_fit(tiles, D) || D % 16 != 0 || D > 256 || Hkv <= 0 || H % Hkv != 0 || hidden % kGroup != 0) return false;
+  const int64_t group = H / Hkv, HD = H * D, W = (H + 2 * Hkv) * D;
+  const at::Tensor rope = rope_in.contiguous();
+  if (!(rope.scalar_type() == at::kFloat && rope.numel() == R * D)) return false;
+  // the linears of every layer run, checked before any work
+  std::vector<TeamLinear> lin(layers.size() * 4);
+  int64_t F = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int64_t li = layers[i];
+    const at::Tensor* w = weights.data() + li * 12;
+    if (!team_linear(kinds[0], w, biases.get(li * 4), hidden, lin[4 * i]).empty() || lin[4 * i].N != W) return false;
+    if (!team_linear(kinds[1], w + 3, biases.get(li * 4 + 1), HD, lin[4 * i + 1]).empty() || lin[4 * i + 1].N != hidden) return false;
+    if (!team_linear(kinds[2], w + 6, biases.get(li * 4 + 2), hidden, lin[4 * i + 2]).empty()) return false;
+    F = lin[4 * i + 2].N / 2;
+    if (F % kGroup != 0 || !team_linear(kinds[3], w + 9, biases.get(li * 4 + 3), F, lin[4 * i + 3]).empty() ||
+        lin[4 * i + 3].N != hidden)
+      return false;
+  }
+  std::vector<at::Tensor> norm_w;  // fp32 copies (what rms_norm_bf16 converts each call)
+  for (const at::Tensor& n : norms) {
+    norm_w.push_back(n.to(at::kFloat).contiguous());
+    if (norm_w.back().numel() != hidden) return false;
+  }
+  // the sequences: their caches as rotate_into_cache checks them
+  const int64_t threads = at::get_num_threads();
+  std::vector<TeamSeq> seqs(rows.size());
+  std::vector<int64_t> seq_of(R);
+  std::vector<at::Tensor> holders(rows.size());
+  int64_t lo = 0, score_floats = 0;
+  for (size_t s = 0; s < rows.size(); ++s) {
+    const at::Tensor &ck = caches_k[s], &cv = caches_v[s];
+    TORCH_CHECK(ck.dim() == 5 && ck.sizes() == cv.sizes() && ck.scalar_type() == at::kBFloat16 &&
+                    cv.scalar_type() == at::kBFloat16 && ck.strides() == cv.strides(),
+                "specdecode rope_attend: caches must be [layers, 1, Hkv, L, D] bf16 alike");
+    TORCH_CHECK(ck.size(2) == Hkv && ck.size(4) == D, "specdecode rope_attend_many: every cache must have the same heads");
+    const int64_t T = rows[s], past = pasts[s];
+    TORCH_CHECK(ck.stride(4) == 1 && ck.stride(3) == D && past >= 0 && past + T <= ck.size(3),
+                "specdecode rope_attend: bad cache layout, layer or length");
+    for (const int64_t li : layers) TORCH_CHECK(li < ck.size(0), "specdecode rope_attend: bad cache layout, layer or length");
+    TeamSeq& q = seqs[s];
+    q.lo = lo, q.T = T, q.past = past;
+    q.k = ck.data_ptr<at::BFloat16>(), q.v = cv.data_ptr<at::BFloat16>(), q.ls = ck.stride(0), q.hs = ck.stride(2);
+    q.paths = tree_paths(tree_parents(parents.get(s), T, holders[s]), T);
+    q.blocks = (past + T + 15) / 16, q.width = q.blocks * 16;
+    const int64_t per_head = T * group;
+    q.value_rows = std::max<int64_t>(1, std::min<int64_t>(value_rows_for((int)(D / 16)), per_head * Hkv / (2 * threads)));
+    q.tasks_per_head = (per_head + q.value_rows - 1) / q.value_rows;
+    score_floats += H * T * q.width;
+    for (int64_t t = 0; t < T; ++t) seq_of[lo + t] = (int64_t)s;
+    lo += T;
+  }
+  // the tasks of the two attention phases, sequence after sequence
+  std::vector<int64_t> score_first(seqs.size() + 1, 0), value_first(seqs.size() + 1, 0);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    score_first[s + 1] = score_first[s] + Hkv * seqs[s].blocks;
+    value_first[s + 1] = value_first[s] + Hkv * seqs[s].tasks_per_head;
+  }
+  // work buffers (uninitialised: every value is written before it is read)
+  const auto bf16 = x.options().dtype(at::kBFloat16);
+  const int64_t Kmax = std::max({hidden, HD, F});
+  at::Tensor normed = at::empty({R, hidden}, bf16), qkv = at::empty({R, W}, bf16), qrot = at::empty({R, HD}, bf16),
+             att = at::empty({R, HD}, bf16), out = at::empty({R, hidden}, bf16), gu = at::empty({R, 2 * F}, bf16),
+             act = at::empty({R, F}, bf16), codes = at::empty({R * Kmax}, x.options().dtype(at::kChar)),
+             scales = at::empty({2 * R * (Kmax / kGroup)}, x.options()), scores = at::empty({score_floats}, x.options());
+  float* sp = scores.data_ptr<float>();
+  for (TeamSeq& q : seqs) q.scores = sp, sp += H * q.T * q.width;
+  float* xp = x.data_ptr<float>();
+  const float* rp = rope.data_ptr<float>();
+  auto *np = normed.data_ptr<at::BFloat16>(), *qkvp = qkv.data_ptr<at::BFloat16>(), *qp = qrot.data_ptr<at::BFloat16>(),
+       *ap = att.data_ptr<at::BFloat16>(), *op = out.data_ptr<at::BFloat16>(), *gp = gu.data_ptr<at::BFloat16>(),
+       *actp = act.data_ptr<at::BFloat16>();
+  int8_t* cq = codes.data_ptr<int8_t>();
+  float* dx = scales.data_ptr<float>();
+  float* sq = dx + R * (Kmax / kGroup);
+  // a fresh counter for each phase whose tasks the threads take as they finish
+  constexpr int kDynamic = 6;  // qkv, scores, values, o, gate_up, down
+  std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[layers.size() * kDynamic]);
+  for (size_t i = 0; i < layers.size() * kDynamic; ++i) counters[i].store(0, std::memory_order_relaxed);
+  const float scale = 1.0f / std::sqrt((float)D);
+  const float feps = (float)eps;
+  const int64_t Gh = hidden / kGroup;
+  team_calls.fetch_add(1);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushDenormals flush;
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    auto split = [&](int64_t n, const auto& fn) {  // a fixed share each (cheap, equal work)
+      const int64_t a = n * tid / nt, b = n * (tid + 1) / nt;
+      if (a < b) fn(a, b);
+    };
+    auto take = [&](std::atomic<int64_t>& next, int64_t n, int64_t step, const auto& fn) {  // as they finish
+      for (int64_t b = next.fetch_add(step); b < n; b = next.fetch_add(step)) fn(b, std::min(n, b + step));
+    };
+    auto linear = [&](const TeamLinear& L, at::BFloat16* y, std::atomic<int64_t>& next) {
+      take(next, L.tiles, L.step(R, nt), [&](int64_t b, int64_t e) { L.run(cq, dx, sq, R, y, b, e); });
+    };
+    // rows [a, b) of x: normed by norm weight w, quantized for the next linear
+    auto norm_rows = [&](const float* w, int64_t a, int64_t b) {
+      rms_norm_rows(xp + a * hidden, w, np + a * hidden, b - a, hidden, feps);
+      quantize_groups(np, a * Gh, b * Gh, cq, dx, sq);
+    };
+    split(R, [&](int64_t a, int64_t b) { norm_rows(norm_w[2 * layers[0]].data_ptr<float>(), a, b); });
+#pragma omp barrier
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const int64_t li = layers[i];
+      const TeamLinear* L = &lin[4 * i];
+      std::atomic<int64_t>* next = &counters[i * kDynamic];
+      linear(L[0], qkvp, next[0]);
+#pragma omp barrier
+      // RoPE: q heads into qrot, k heads and v into the cache layer (rotate_into_cache's work)
+      split(R * (H + 2 * Hkv), [&](int64_t a, int64_t b) {
+        for (int64_t j = a; j < b; ++j) {
+          const int64_t r = j / (H + 2 * Hkv), h = j % (H + 2 * Hkv);
+          const TeamSeq& q = seqs[seq_of[r]];
+          const int64_t slot = q.past + r - q.lo;
+          const at::BFloat16* src = qkvp + r * W + h * D;
+          if (h < H) rotate_row(src, rp + r * D, qp + (r * H + h) * D, D);
+          else if (h < H + Hkv) rotate_row(src, rp + r * D, q.k + li * q.ls + (h - H) * q.hs + slot * D, D);
+          else std::memcpy(q.v + li * q.ls + (h - H - Hkv) * q.hs + slot * D, src, D * sizeof(at::BFloat16));
+        }
+      });
+#pragma omp barrier
+      take(next[1], score_first.back(), 1, [&](int64_t a, int64_t b) {  // attend_block's first pass
+        for (int64_t j = a; j < b; ++j) {
+          const size_t s = std::upper_bound(score_first.begin(), score_first.end(), j) - score_first.begin() - 1;
+          const TeamSeq& q = seqs[s];
+          const int64_t task = j - score_first[s], kv = task / q.blocks;
+          score_block(qp + q.lo * HD, HD, q.T, D, q.k + li * q.ls + kv * q.hs, q.past + q.T, q.past, kv, group,
+                      (task % q.blocks) * 16, scale, q.scores, q.width);
+        }
+      });
+#pragma omp barrier
+      take(next[2], value_first.back(), 1, [&](int64_t a, int64_t b) {  // and its second
+        for (int64_t j = a; j < b; ++j) {
+          const size_t s = std::upper_bound(value_first.begin(), value_first.end(), j) - value_first.begin() - 1;
+          const TeamSeq& q = seqs[s];
+          const int64_t task = j - value_first[s], kv = task / q.tasks_per_head;
+          const int64_t first = (task % q.tasks_per_head) * q.value_rows;
+          head_values(q.T, H, D, q.v + li * q.ls + kv * q.hs, q.past, group, ap + q.lo * HD, q.paths, q.scores, q.width,
+                      kv, first, (int)std::min(q.value_rows, q.T * group - first));
+        }
+      });
+#pragma omp barrier
+      split(R * HD / kGroup, [&](int64_t a, int64_t b) { quantize_groups(ap, a, b, cq, dx, sq); });
+#pragma omp barrier
+      linear(L[1], op, next[3]);
+#pragma omp barrier
+      split(R, [&](int64_t a, int64_t b) {
+        add_residual_rows(xp + a * hidden, op + a * hidden, (b - a) * hidden);
+        norm_rows(norm_w[2 * li + 1].data_ptr<float>(), a, b);
+      });
+#pragma omp barrier
+      linear(L[2], gp, next[4]);
+#pragma omp barrier
+      split(R * F / kGroup, [&](int64_t a, int64_t b) {  // silu(gate) * up, group by group
+        silu_mul_vectors(gp, actp, F, 2 * a, 2 * b);
+        quantize_groups(actp, a, b, cq, dx, sq);
+      });
+#pragma omp barrier
+      linear(L[3], op, next[5]);
+#pragma omp barrier
+      split(R, [&](int64_t a, int64_t b) {
+        add_residual_rows(xp + a * hidden, op + a * hidden, (b - a) * hidden);
+        if (i + 1 < layers.size()) norm_rows(norm_w[2 * layers[i + 1]].data_ptr<float>(), a, b);
+      });
+#pragma omp barrier
+    }
+  }
+  return true;
+}
+
 // x [rows, hidden] fp32, the residual stream of every sequence's new rows one after another
 // (rows[s] of sequence s), updated in place; rope [rows, D/2, 2]; sequence s attends with
 // caches_k/v[s] after pasts[s] cached slots (its rows a tree where parents[s] is given).
@@ -1781,8 +2080,11 @@ void decoder_layers(at::Tensor x, const at::Tensor& rope, at::TensorList caches_
   for (int64_t r : rows) total += r;
   TORCH_CHECK(total == x.size(0), "specdecode decoder_layers: the sequences' rows must add up to x's");
   const int64_t n_layers = (int64_t)norms.size() / 2;
+  for (const int64_t li : layers) TORCH_CHECK(li >= 0 && li < n_layers, "specdecode decoder_layers: layer ", li, " out of range");
+  if (decoder_layers_team(x, rope, caches_k, caches_v, pasts, rows, parents, n_heads, tiles, eps, layers, kinds, norms,
+                          weights, biases))
+    return;
   for (const int64_t li : layers) {
-    TORCH_CHECK(li >= 0 && li < n_layers, "specdecode decoder_layers: layer ", li, " out of range");
     const at::Tensor* w = weights.data() + li * 12;
     const at::Tensor qkv = run_linear(kinds[0], rms_norm_bf16(x, norms[2 * li], eps), w, biases.get(li * 4));
     const at::Tensor attended = seqs == 1
@@ -1808,6 +2110,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("amx_int8_rows(bool int4) -> int", &amx_int8_rows);  // no tensors: one kernel for every dispatch key
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
   m.def("set_thread_count(int threads) -> int", &set_thread_count);  // no tensors: likewise
+  m.def("decoder_team_calls() -> int", &decoder_team_calls);  // no tensors: likewise
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
