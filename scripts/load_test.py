@@ -186,15 +186,32 @@ def reset_prefix_cache(base: str) -> None:
               file=sys.stderr)
 
 
-def prefix_counts(base: str) -> tuple[float, float] | None:
-    """The prefix cache's (hit, queried) prompt tokens since the server started (ours: /metrics)."""
+COUNTERS = ("prefix_cache_hits", "prefix_cache_queries", "batched_forwards", "batched_sequence_steps", "batched_rows",
+            "batched_forward_seconds")
+
+
+def server_counters(base: str) -> dict[str, float] | None:
+    """Our server's counters since it started (/metrics: prefix cache, batched forwards)."""
     try:
         text = httpx.get(f"{base}/metrics", timeout=60).text
-        values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
-                  if line.startswith(("specdecode:prefix_cache_hits ", "specdecode:prefix_cache_queries "))}
-        return values["specdecode:prefix_cache_hits"], values["specdecode:prefix_cache_queries"]
-    except (httpx.HTTPError, KeyError, ValueError, IndexError):
+        values = {line.split()[0].removeprefix("specdecode:"): float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("specdecode:") and line.split()[0].removeprefix("specdecode:") in COUNTERS}
+        return values if all(name in values for name in COUNTERS) else None
+    except (httpx.HTTPError, ValueError, IndexError):
         return None
+
+
+def describe_load(before: dict[str, float] | None, after: dict[str, float] | None, seconds: float) -> str:
+    """What the server's counters say about a phase: prefix hits, how full and how busy its forwards were."""
+    if not before or not after:
+        return ""
+    d = {name: after[name] - before[name] for name in COUNTERS}
+    forwards = max(1.0, d["batched_forwards"])
+    return (f"; {100 * d['prefix_cache_hits'] / max(1.0, d['prefix_cache_queries']):.0f}% of its "
+            f"{d['prefix_cache_queries']:.0f} prompt tokens from the prefix cache; {d['batched_forwards']:.0f} forwards "
+            f"of {d['batched_sequence_steps'] / forwards:.1f} sequences and {d['batched_rows'] / forwards:.1f} rows on "
+            f"average, {1e3 * d['batched_forward_seconds'] / forwards:.1f} ms each, the forward thread busy "
+            f"{100 * d['batched_forward_seconds'] / max(seconds, 1e-9):.0f}% of the phase")
 
 
 def p95(values: list[float]) -> float:
@@ -284,11 +301,9 @@ def main() -> int:
 
         # 2. load
         reset_prefix_cache(base)
-        before = prefix_counts(base)
+        before, started = server_counters(base), time.perf_counter()
         tally, rate = load_phase(base, prompts, args.max_tokens, args.clients, solo)
-        after = prefix_counts(base)
-        hits = (f"; {100 * (after[0] - before[0]) / max(1.0, after[1] - before[1]):.0f}% of its "
-                f"{after[1] - before[1]:.0f} prompt tokens from the prefix cache" if before and after else "")
+        hits = describe_load(before, server_counters(base), time.perf_counter() - started)
         print(f"load: {args.clients} clients {rate:.1f} tok/s = {rate / one_stream:.2f}x one stream; time to first "
               f"token p50 {statistics.median(tally.ttft):.2f} s, p95 {p95(tally.ttft):.2f} s; {tally.texts_checked} "
               f"texts checked, {len(tally.mismatches)} differ from alone, {len(tally.crashes)} crashed{hits}")

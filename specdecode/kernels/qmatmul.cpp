@@ -1025,6 +1025,13 @@ SD_TARGET float softmax_bf16(const float* s, int64_t n, int64_t width, float sca
   return 1.0f / _mm512_reduce_add_ps(vsum);
 }
 
+// Attention reads each cached key and value once per KV head and step, from memory (a batch of
+// 12 decoding sequences of 300 tokens: 80 MB a forward, as much as the weights): the next block
+// of keys and the value rows a few ahead are asked for while the current ones are used (12
+// sequences x 1-2 rows: 7-10% faster forwards; 16 / 32 keys ahead alike).
+constexpr int64_t kValuePrefetch = 8;  // value rows ahead
+constexpr int64_t kKeyAhead = 16;      // keys ahead: the next block
+
 // Rows of one KV head's group that attend together: each value row is converted once for all.
 constexpr int value_rows_for(int chunks) { return chunks >= 12 ? 1 : 24 / chunks > 8 ? 8 : 24 / chunks; }
 
@@ -1043,6 +1050,7 @@ SD_TARGET void values_block(float* const* p, const int64_t* len, const float* in
     if (r < n) common = std::min(common, len[r]);
   }
   for (int64_t s = 0; s < common; ++s) {
+    for (int c = 0; c < CH; c += 2) _mm_prefetch((const char*)(v + (s + kValuePrefetch) * ld + 16 * c), _MM_HINT_T0);
     __m512 vs[CH];
     for (int c = 0; c < CH; ++c) vs[c] = bf16x16_to_ps(v + s * ld + 16 * c);
     for (int r = 0; r < R; ++r)
@@ -1093,6 +1101,7 @@ SD_TARGET void score_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_
                            int64_t S, int64_t past, int64_t kv, int64_t group, int64_t j0, float scale,
                            float* scores, int64_t width) {
   __m512i kt[128];
+  for (int64_t line = 0; line < 16 * D; line += 32) _mm_prefetch((const char*)(k + (j0 + kKeyAhead) * D + line), _MM_HINT_T0);
   transpose_keys(k + j0 * D, D, std::min<int64_t>(16, S - j0), D, kt);
   const __m512 vscale = _mm512_set1_ps(scale);
   const int64_t t0 = std::max<int64_t>(0, j0 - past), n = (T - t0) * group;  // rows (t, h) that see key j0
@@ -1944,6 +1953,11 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
     score_first[s + 1] = score_first[s] + Hkv * seqs[s].blocks;
     value_first[s + 1] = value_first[s] + Hkv * seqs[s].tasks_per_head;
   }
+  // Attention tasks in runs of consecutive ones (a run reads one stretch of a head's cache: the
+  // prefetchers follow it), about 4 runs a thread: one task a take made the threads bounce the
+  // counter's cache line ~20k times a batched forward (12 sequences: attention 1.5x slower).
+  const int64_t score_step = std::max<int64_t>(1, score_first.back() / (4 * threads));
+  const int64_t value_step = std::max<int64_t>(1, value_first.back() / (4 * threads));
   // work buffers (uninitialised: every value is written before it is read)
   const auto bf16 = x.options().dtype(at::kBFloat16);
   const int64_t Kmax = std::max({hidden, HD, F});
@@ -2010,7 +2024,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
         }
       });
 #pragma omp barrier
-      take(next[1], score_first.back(), 1, [&](int64_t a, int64_t b) {  // attend_block's first pass
+      take(next[1], score_first.back(), score_step, [&](int64_t a, int64_t b) {  // attend_block's first pass
         for (int64_t j = a; j < b; ++j) {
           const size_t s = std::upper_bound(score_first.begin(), score_first.end(), j) - score_first.begin() - 1;
           const TeamSeq& q = seqs[s];
@@ -2020,7 +2034,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
         }
       });
 #pragma omp barrier
-      take(next[2], value_first.back(), 1, [&](int64_t a, int64_t b) {  // and its second
+      take(next[2], value_first.back(), value_step, [&](int64_t a, int64_t b) {  // and its second
         for (int64_t j = a; j < b; ++j) {
           const size_t s = std::upper_bound(value_first.begin(), value_first.end(), j) - value_first.begin() - 1;
           const TeamSeq& q = seqs[s];

@@ -106,6 +106,8 @@ class ServerMetrics:
                   registry=r).set_function(lambda: stats.forwards)
             Gauge(f"{PREFIX}batched_sequence_steps", "Sequences' steps those forwards carried (since start)",
                   registry=r).set_function(lambda: stats.sequences)
+            Gauge(f"{PREFIX}batched_rows", "Token rows those forwards scored (since start)",
+                  registry=r).set_function(lambda: stats.rows)
             Gauge(f"{PREFIX}batch_size_mean", "Mean sequences per batched forward (since start)",
                   registry=r).set_function(lambda: stats.mean_batch)
             Gauge(f"{PREFIX}batched_forward_seconds", "Seconds spent in batched forwards (since start; its rate "
