@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
@@ -121,12 +121,7 @@ def create_app(
     queue = Queue(limits.max_queue)
     metrics = ServerMetrics(queue, engine.batcher)
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Any) -> Any:
-        guarded = request.url.path.startswith("/v1/") or request.url.path == "/reset_prefix_cache"
-        if guarded and not limits.authorized(request.headers.get("authorization")):
-            return _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)
-        return await call_next(request)
+    app.add_middleware(_RequireKey, limits=limits)
 
     def start(req: _Request, prompt: Any, chat: bool, grammar: GrammarSpec | None, logprobs: int | None,
               choice: int) -> TextStream:
@@ -313,6 +308,26 @@ class _Served:
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status,
                         headers=headers)
+
+
+class _RequireKey:
+    """The API key check (where the server has one) before /v1/ and /reset_prefix_cache, as plain
+    ASGI: Starlette's function middleware (`@app.middleware("http")`) passed every streamed chunk
+    through a memory stream and a task of its own, on the event loop's thread, whose Python
+    competed for the interpreter lock with the sequences' steps under load."""
+
+    def __init__(self, app: Any, limits: ServerLimits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            if path.startswith("/v1/") or path == "/reset_prefix_cache":
+                header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+                if not self.limits.authorized(header):
+                    await _error("missing or wrong API key: send 'Authorization: Bearer KEY'", 401)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 class _EventStream(StreamingResponse):
