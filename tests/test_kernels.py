@@ -328,16 +328,34 @@ def test_every_kernel_path_scores_a_block_as_single_steps(kernel, mode, head_dim
             assert_block_scores_as_single_steps(model, list(range(3, 40)), list(range(50, 50 + t)))
 
 
+# the glue ops' code: this CPU's, and avx2.cpp's where this CPU has AVX-512 (forced: what CPUs
+# without AVX-512 run, tested here too)
+GLUES = ["native"] + (["avx2"] if kernels.load_error() is None else [])
+
+
+@pytest.fixture
+def glue(request):
+    forced = request.param == "avx2"
+    old = torch.ops.specdecode.force_avx2_glue(forced) if forced else None
+    yield request.param
+    if forced:
+        torch.ops.specdecode.force_avx2_glue(old)
+
+
 @pytest.mark.parametrize("kernel", OURS_HERE)
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monkeypatch):
-    """`specdecode::decoder_layers` (a forward's layers in one C++ call) against the Python loop
-    calling the same ops one by one: chains, trees, a batch of sequences, tapped layer inputs
-    (EAGLE-3) and a layer subset (layerskip), bitwise, logits, hidden states and caches."""
+@pytest.mark.parametrize("glue", GLUES, indirect=True)
+def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, glue, monkeypatch):
+    """`specdecode::decoder_layers` (a forward's layers in one C++ call: one parallel region for
+    the vnni and avx2 linears, the team path) against the Python loop calling the same ops one by
+    one: chains, trees, a batch of sequences, tapped layer inputs (EAGLE-3) and a layer subset
+    (layerskip), bitwise, logits, hidden states and caches."""
     from specdecode import tree
     from specdecode.models import llama
     from specdecode.models.base import ForwardCall
 
+    if glue == "avx2" and kernel in kernels.TILE_ATTENTION:
+        pytest.skip("AMX attention has no avx2 glue")
     model = random_model(tiny_config("qwen2", layers=5, head_dim=16, **QCFG), seed=5).quantized(mode, torch.bfloat16, kernel)
     assert model.runtime().fused_layers is not None
     nodes = torch.tensor([-1, 0, 0, 1, 2, 2])
@@ -360,8 +378,8 @@ def test_one_call_for_all_layers_is_bitwise_the_op_by_op_loop(kernel, mode, monk
 
     team_before = torch.ops.specdecode.decoder_team_calls()
     fused = forwards()
-    # the AVX-512 VNNI linears run every forward's layers in one parallel region (the team path)
-    assert (torch.ops.specdecode.decoder_team_calls() > team_before) == (kernel == "avx512-vnni")
+    # the VNNI and avx2 linears run every forward's layers in one parallel region (the team path)
+    assert (torch.ops.specdecode.decoder_team_calls() > team_before) == (kernel in ("avx512-vnni", "avx2"))
     monkeypatch.setattr(llama.Runtime, "fused_layers", property(lambda self: None))
     loop = forwards()
     assert len(fused) == len(loop) and all(torch.equal(x, y) for x, y in zip(fused, loop))

@@ -71,18 +71,12 @@ SD_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
 
-// qmatmul.cpp's quantize_rows: the same codes (round to nearest even, saturated), scales and sums.
-SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
-  const int64_t G = K / kGroup;
-  thread_local QuantRows out;
-  out.reserve(T * K, T * G);
-  // (plain pointers: through `out` GCC called __tls_get_addr in every iteration)
-  int8_t* const codes = out.q.get();
-  float* const dxs = out.dx.get();
-  float* const sqs = out.sq.get();
+// qmatmul.cpp's quantize_groups: the same codes (round to nearest even, saturated), scales and
+// sums for groups [lo, hi) of rows x (flat: group i is x[32 i .. 32 i + 31]).
+SD_AVX2 void quantize_groups(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* codes, float* dxs, float* sqs) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
-  for (int64_t i = 0; i < T * G; ++i) {
+  for (int64_t i = lo; i < hi; ++i) {
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
     for (int j = 0; j < 4; ++j) {
@@ -98,6 +92,13 @@ SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t
     dxs[i] = d;
     sqs[i] = (float)hsum(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
   }
+}
+
+SD_AVX2 const QuantRows& quantize_rows(const at::BFloat16* x, int64_t T, int64_t K) {
+  thread_local QuantRows out;
+  out.reserve(T * K, T * (K / kGroup));
+  // (plain pointers: a loop through `out` called __tls_get_addr in every iteration)
+  quantize_groups(x, 0, T * (K / kGroup), out.q.get(), out.dx.get(), out.sq.get());
   return out;
 }
 
@@ -230,52 +231,55 @@ struct Kernels {
 template <bool INT4>
 using RowKernels = Kernels<INT4, 1, 2, 3, 4>;
 
+// Tiles [begin, end) of an avx2 linear for T quantized rows (codes q [T, K], scales dx and code
+// sums sq [T, G]) into y [T, N]. Rows in balanced chunks of at most kMaxRows (T = 9 -> 3 + 3 + 3);
+// every chunk runs over a tile (or a pair) before the next tile: the tile's weights come from
+// memory once and stay in L1/L2 for the other chunks (with chunks outside, T = 17 streamed them 5
+// times). Each output is the same call on the same rows either way.
+template <bool INT4>
+void linear_tiles(const uint8_t* wp, const at::Half* dp, const at::Half* mp, const int8_t* q, const float* dx,
+                  const float* sq, int64_t T, int64_t K, int64_t N, at::BFloat16* yp, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
+  const int64_t G = K / kGroup, chunks = (T + kMaxRows - 1) / kMaxRows, tile_bytes = K * kTile / (INT4 ? 2 : 1);
+  auto run = [&](bool wide, int64_t tile) {
+    for (int64_t c = 0, t0 = 0; c < chunks; ++c) {
+      const int rows = (int)((T - t0) / (chunks - c));
+      const int64_t so = tile * G * kTile;
+      const TileFn fn = wide ? RowKernels<INT4>::wide[rows - 1] : RowKernels<INT4>::narrow[rows - 1];
+      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, q + t0 * K, K, dx + t0 * G, sq + t0 * G,
+         G, yp + t0 * N + tile * kTile, N);
+      t0 += rows;
+    }
+  };
+  // Two tiles a call for one row (T = 1), else one (a chunk has one row only when T = 1).
+  const int span = T == 1 ? halves_for(1) / 2 : 1;
+  int64_t j = begin;
+  for (; j + span <= end; j += span) run(true, j);
+  for (; j < end; ++j) run(false, j);
+}
+
+// Tiles a chunk of work takes. Several rows (compute-bound): about 8 chunks a thread, an even
+// number of tiles each. One row streams the weights from memory: one contiguous chunk a thread
+// (the prefetchers' streams; smaller chunks made the one-row step ~10% slower), taken like the
+// others, so a thread that finishes before the other has started takes the second too.
+int64_t linear_step(int64_t T, int64_t tiles, int64_t threads) {
+  return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
+}
+
 template <bool INT4>
 at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m) {
   const auto [x, T, K, tiles, G, N] = linear_shape(x_in, packed, d, INT4);
   if (INT4) TORCH_CHECK(m.scalar_type() == at::kHalf && m.sizes() == d.sizes(), "specdecode qlinear: m must match d");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0) return y;
-  const int64_t chunks = (T + kMaxRows - 1) / kMaxRows;
   const QuantRows& xr = quantize_rows(x.data_ptr<at::BFloat16>(), T, K);
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto* wp = (const uint8_t*)packed.data_ptr();
   const at::Tensor dc = d.contiguous(), mc = INT4 ? m.contiguous() : d;
   const auto* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = INT4 ? mc.data_ptr<at::Half>() : nullptr;
-  const int64_t tile_bytes = K * kTile / (INT4 ? 2 : 1);
-  // Rows in balanced chunks of at most kMaxRows (T = 9 -> 3 + 3 + 3). Every chunk of rows runs
-  // over a tile (or a pair) before the next tile: the tile's weights come from memory once and
-  // stay in L1/L2 for the other chunks (with chunks outside, T = 17 streamed them 5 times).
-  // Each output is the same call on the same rows either way.
-  std::vector<int> chunk_rows(chunks);
-  std::vector<int64_t> chunk_first(chunks);
-  for (int64_t c = 0, t0 = 0; c < chunks; ++c) {
-    chunk_rows[c] = (int)((T - t0) / (chunks - c));
-    chunk_first[c] = t0;
-    t0 += chunk_rows[c];
-  }
-  // Several rows (compute-bound): about 8 chunks a thread, an even number of tiles each. One
-  // row streams the weights from memory: one contiguous chunk a thread (the prefetchers'
-  // streams; smaller chunks made the one-row step ~10% slower), taken like the others, so a
-  // thread that finishes before the other has started takes the second too.
-  const int64_t threads = at::get_num_threads();
-  const int64_t step = T == 1 ? (tiles + threads - 1) / threads
-                              : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
-  parallel_chunks(tiles, step, [&](int64_t begin, int64_t end) {
-    const FlushDenormals flush;
-    auto run = [&](TileFn fn, int64_t tile, int64_t t0) {
-      const int64_t so = tile * G * kTile;
-      fn(wp + tile * tile_bytes, tile_bytes, dp + so, INT4 ? mp + so : nullptr, xr.q.get() + t0 * K, K,
-         xr.dx.get() + t0 * G, xr.sq.get() + t0 * G, G, yp + t0 * N + tile * kTile, N);
-    };
-    // Two tiles a call for one row (T = 1), else one (a chunk has one row only when T = 1).
-    const int wide = halves_for(chunk_rows[0]) / 2;
-    int64_t j = begin;
-    for (; j + wide <= end; j += wide)
-      for (int64_t c = 0; c < chunks; ++c) run(RowKernels<INT4>::wide[chunk_rows[c] - 1], j, chunk_first[c]);
-    for (; j < end; ++j)
-      for (int64_t c = 0; c < chunks; ++c) run(RowKernels<INT4>::narrow[chunk_rows[c] - 1], j, chunk_first[c]);
+  parallel_chunks(tiles, linear_step(T, tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
+    linear_tiles<INT4>(wp, dp, mp, xr.q.get(), xr.dx.get(), xr.sq.get(), T, K, N, yp, begin, end);
   });
   return y;
 }
@@ -451,37 +455,61 @@ void silu_mul_vectors_avx2(const at::BFloat16* src, at::BFloat16* y, int64_t F, 
 
 void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n) { add_residual_rows(x, y, n); }
 
-// Each sequence's rows x heads, one task each: a row attends to its sequence's cached slots and
-// the new rows of its chain (or of its tree path), on its own.
-void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
+// Tasks [begin, end) of attend_many_avx2 (first[s]: sequence s's first task; a task is one row x
+// head): a row attends to its sequence's cached slots and the new rows of its chain (or of its
+// tree path), on its own.
+void attend_tasks_avx2(const std::vector<SeqAttention>& seqs, const std::vector<int64_t>& first, int64_t H, int64_t D,
+                       int64_t group, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
+  thread_local std::vector<float> scores;
+  thread_local std::vector<int64_t> slots;
+  size_t slots_s = seqs.size();  // the (sequence, row) `slots` holds: a row's H heads share it
+  int64_t slots_t = -1;
+  for (int64_t task = begin; task < end; ++task) {
+    const size_t s = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+    const SeqAttention& a = seqs[s];
+    const int64_t t = (task - first[s]) / H, h = (task - first[s]) % H, kv = h / group;
+    if (s != slots_s || t != slots_t) {
+      slots_s = s, slots_t = t;
+      slots.resize(a.past);
+      for (int64_t j = 0; j < a.past; ++j) slots[j] = j;
+      if (a.paths.empty())
+        for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
+      else
+        for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
+      if (scores.size() < slots.size() + 8) scores.resize(slots.size() + 8);
+    }
+    const auto row = D == 64 ? attend_row<4> : D == 128 ? attend_row<8> : attend_row<0>;
+    row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(), scores.data(),
+        a.out + (t * H + h) * D);
+  }
+}
+
+std::vector<int64_t> attend_task_starts_avx2(const std::vector<SeqAttention>& seqs, int64_t H) {
   std::vector<int64_t> first(seqs.size() + 1, 0);  // first task of each sequence
   for (size_t s = 0; s < seqs.size(); ++s) first[s + 1] = first[s] + seqs[s].T * H;
+  return first;
+}
+
+// Each sequence's rows x heads, one task each (attend_tasks_avx2).
+void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
+  const std::vector<int64_t> first = attend_task_starts_avx2(seqs, H);
   parallel_chunks(first.back(), std::max<int64_t>(1, H / 2), [&](int64_t begin, int64_t end) {
-    const FlushDenormals flush;
-    thread_local std::vector<float> scores;
-    thread_local std::vector<int64_t> slots;
-    size_t slots_s = seqs.size();  // the (sequence, row) `slots` holds: a row's H heads share it
-    int64_t slots_t = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const size_t s = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
-      const SeqAttention& a = seqs[s];
-      const int64_t t = (task - first[s]) / H, h = (task - first[s]) % H, kv = h / group;
-      if (s != slots_s || t != slots_t) {
-        slots_s = s, slots_t = t;
-        slots.resize(a.past);
-        for (int64_t j = 0; j < a.past; ++j) slots[j] = j;
-        if (a.paths.empty())
-          for (int64_t j = 0; j <= t; ++j) slots.push_back(a.past + j);
-        else
-          for (const int64_t node : a.paths[t]) slots.push_back(a.past + node);
-        if (scores.size() < slots.size() + 8) scores.resize(slots.size() + 8);
-      }
-      const auto row = D == 64 ? attend_row<4> : D == 128 ? attend_row<8> : attend_row<0>;
-      row(a.q + t * a.qs + h * D, a.k + kv * a.hs, a.v + kv * a.hs, D, slots.data(), (int64_t)slots.size(), scores.data(),
-          a.out + (t * H + h) * D);
-    }
+    attend_tasks_avx2(seqs, first, H, D, group, begin, end);
   });
 }
+
+void quantize_groups_avx2(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* q, float* dx, float* sq) {
+  quantize_groups(x, lo, hi, q, dx, sq);
+}
+
+void linear_tiles_avx2(bool int4, const uint8_t* w, const at::Half* d, const at::Half* m, const int8_t* q, const float* dx,
+                       const float* sq, int64_t T, int64_t K, int64_t N, at::BFloat16* y, int64_t begin, int64_t end) {
+  if (int4) linear_tiles<true>(w, d, m, q, dx, sq, T, K, N, y, begin, end);
+  else linear_tiles<false>(w, d, m, q, dx, sq, T, K, N, y, begin, end);
+}
+
+int64_t linear_step_avx2(int64_t T, int64_t tiles, int64_t threads) { return linear_step(T, tiles, threads); }
 
 }  // namespace sdk
 

@@ -70,6 +70,16 @@ inline bool cpu_has_avx512() {
   return yes;
 }
 
+// Tests only (specdecode::force_avx2_glue): the glue ops run avx2.cpp's code on an AVX-512 CPU too,
+// so that machines with AVX-512 test what CPUs without it run.
+inline std::atomic<bool>& avx2_glue_forced() {
+  static std::atomic<bool> forced{false};
+  return forced;
+}
+
+// Whether the glue ops (norms, RoPE, attention, silu, residuals) run qmatmul.cpp's AVX-512 code.
+inline bool glue_avx512() { return cpu_has_avx512() && !avx2_glue_forced().load(std::memory_order_relaxed); }
+
 // One sequence's attention in a layer: its q rows, its cache layer, its output rows.
 struct SeqAttention {
   const at::BFloat16* q;  // [T, H, D], row stride qs
@@ -90,5 +100,15 @@ void rotate_row_avx2(const at::BFloat16* x, const float* rope, at::BFloat16* y, 
 void silu_mul_vectors_avx2(const at::BFloat16* src, at::BFloat16* y, int64_t F, int64_t begin, int64_t end);
 void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n);
 void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group);
+// the pieces of those for one parallel region (qmatmul.cpp's team path): attention tasks (one row x
+// head each, sequence s's from starts[s]), the rows' int8 groups [lo, hi), an avx2 linear's tiles
+// [begin, end) over quantized rows and the tiles a chunk of its work takes
+std::vector<int64_t> attend_task_starts_avx2(const std::vector<SeqAttention>& seqs, int64_t H);
+void attend_tasks_avx2(const std::vector<SeqAttention>& seqs, const std::vector<int64_t>& starts, int64_t H, int64_t D,
+                       int64_t group, int64_t begin, int64_t end);
+void quantize_groups_avx2(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* q, float* dx, float* sq);
+void linear_tiles_avx2(bool int4, const uint8_t* w, const at::Half* d, const at::Half* m, const int8_t* q, const float* dx,
+                       const float* sq, int64_t T, int64_t K, int64_t N, at::BFloat16* y, int64_t begin, int64_t end);
+int64_t linear_step_avx2(int64_t T, int64_t tiles, int64_t threads);
 
 }  // namespace sdk

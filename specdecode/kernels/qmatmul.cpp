@@ -383,7 +383,7 @@ bool amx_permitted();
 
 // y[t, n] = bf16(y[t, n] + bias[n]) for outputs [n0, n1) of T rows (y's row stride N): what
 // ATen's bf16 `y + b` gives (both widened to fp32, added, rounded to nearest even).
-SD_VNNI void add_bias(at::BFloat16* y, int64_t N, int64_t T, const at::BFloat16* bias, int64_t n0, int64_t n1) {
+void add_bias(at::BFloat16* y, int64_t N, int64_t T, const at::BFloat16* bias, int64_t n0, int64_t n1) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t n = n0; n < n1; ++n) y[t * N + n] = at::BFloat16((float)y[t * N + n] + (float)bias[n]);
 }
@@ -1424,7 +1424,7 @@ SD_AMX_BF16 void attend_many_amx(const std::vector<SeqAttention>& seqs, int64_t 
 }
 
 void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group, bool tiles) {
-  if (!cpu_has_avx512()) {
+  if (!glue_avx512()) {
     attend_many_avx2(seqs, H, D, group);
     return;
   }
@@ -1447,7 +1447,7 @@ void attend_many(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, in
 void attend(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64_t D, const at::BFloat16* kp,
             const at::BFloat16* vp, int64_t hs, int64_t past, int64_t group, at::BFloat16* op, const int64_t* parents,
             bool tiles) {
-  if (tiles_fit(tiles, D) || !cpu_has_avx512())
+  if (tiles_fit(tiles, D) || !glue_avx512())
     attend_many({SeqAttention{qp, qs, T, kp, vp, hs, past, op, tree_paths(parents, T)}}, H, D, group, tiles);
   else
     attend_block(qp, qs, T, H, D, kp, vp, hs, past, group, op, parents);
@@ -1522,7 +1522,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x_in, const at::Tensor& w_in, double 
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  (cpu_has_avx512() ? rms_norm_rows : rms_norm_rows_avx2)(xp, wp, yp, T, H, (float)eps);
+  (glue_avx512() ? rms_norm_rows : rms_norm_rows_avx2)(xp, wp, yp, T, H, (float)eps);
   return y;
 }
 
@@ -1564,7 +1564,7 @@ at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::
   auto* qp = q.data_ptr<at::BFloat16>();
   auto* kl = cache_k.data_ptr<at::BFloat16>() + layer * ls;
   auto* vl = cache_v.data_ptr<at::BFloat16>() + layer * ls;
-  const auto rotate = cpu_has_avx512() ? rotate_row : rotate_row_avx2;
+  const auto rotate = glue_avx512() ? rotate_row : rotate_row_avx2;
   for (int64_t t = 0; t < T; ++t) {
     const at::BFloat16* row = src + t * width;
     const float* r = cs + t * D;  // (cos, sin) of pair j at r[2j], r[2j+1]
@@ -1655,7 +1655,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   auto* yp = y.data_ptr<at::BFloat16>();
   // over the threads from 192 vectors on (a forward of 9 rows spent 0.25 ms here on one thread:
   // the division alone is ~16 cycles a vector); one row of the embedded model's 1536 stays on one
-  const auto vectors = cpu_has_avx512() ? silu_mul_vectors : silu_mul_vectors_avx2;
+  const auto vectors = glue_avx512() ? silu_mul_vectors : silu_mul_vectors_avx2;
   at::parallel_for(0, T * F / 16, 192, [&](int64_t begin, int64_t end) { vectors(src, yp, F, begin, end); });
   return y;
 }
@@ -1671,7 +1671,7 @@ void add_residual(at::Tensor x, const at::Tensor& y_in) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && y.scalar_type() == at::kBFloat16 &&
                   x.sizes() == y.sizes() && x.numel() % 16 == 0,
               "specdecode add_residual: x [T, n] fp32 contiguous, y [T, n] bf16, n a multiple of 16");
-  (cpu_has_avx512() ? add_residual_rows : add_residual_avx2)(x.data_ptr<float>(), y.data_ptr<at::BFloat16>(), x.numel());
+  (glue_avx512() ? add_residual_rows : add_residual_avx2)(x.data_ptr<float>(), y.data_ptr<at::BFloat16>(), x.numel());
 }
 
 
@@ -1818,7 +1818,7 @@ at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, co
 
 // One linear of a layer as the team runs it (the VNNI kernels' weights, checked before the region).
 struct TeamLinear {
-  bool int4;
+  bool int4, avx2;  // avx2: avx2.cpp's kernel (else avx512-vnni's)
   const uint8_t* w;
   const at::Half* d;
   const at::Half* m;
@@ -1831,20 +1831,27 @@ struct TeamLinear {
     return VnniCall<INT4>{w, K * kTile / (INT4 ? 2 : 1), d, m, ws, q, dx, sq, T, K, G, N, y, bias};
   }
   int64_t step(int64_t T, int64_t threads) const {
+    if (avx2) return linear_step_avx2(T, tiles, threads);
     return int4 ? call<true>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads)
                 : call<false>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads);
   }
   void run(const int8_t* q, const float* dx, const float* sq, int64_t T, at::BFloat16* y, int64_t begin, int64_t end) const {
-    if (int4) call<true>(q, dx, sq, T, y).run(begin, end);
-    else call<false>(q, dx, sq, T, y).run(begin, end);
+    if (avx2) {
+      linear_tiles_avx2(int4, w, d, m, q, dx, sq, T, K, N, y, begin, end);
+      if (bias) add_bias(y, N, T, bias, begin * kTile, end * kTile);
+    } else if (int4) {
+      call<true>(q, dx, sq, T, y).run(begin, end);
+    } else {
+      call<false>(q, dx, sq, T, y).run(begin, end);
+    }
   }
 };
 
 // The linear of `kind` with weights w[0..2] and an optional bias for K inputs, or why the team
 // cannot run it ("" where it can).
 std::string team_linear(int64_t kind, const at::Tensor* w, const c10::optional<at::Tensor>& bias, int64_t K, TeamLinear& out) {
-  if (kind != kInt4Vnni && kind != kInt8Vnni) return "not an avx512-vnni linear";
-  const bool int4 = kind == kInt4Vnni;
+  if (kind != kInt4Vnni && kind != kInt8Vnni && kind != kInt4Avx2 && kind != kInt8Avx2) return "not a vnni or avx2 linear";
+  const bool int4 = kind == kInt4Vnni || kind == kInt4Avx2, avx2 = kind == kInt4Avx2 || kind == kInt8Avx2;
   const at::Tensor& packed = w[0];
   const at::Tensor& d = w[1];
   const at::Tensor& aux = w[2];
@@ -1852,15 +1859,16 @@ std::string team_linear(int64_t kind, const at::Tensor* w, const c10::optional<a
     return "scales";
   const int64_t N = d.size(0) * kTile;
   if (!(packed.is_contiguous() && packed.numel() == N * K / (int4 ? 2 : 1))) return "packed weights";
-  if (!(aux.sizes() == d.sizes() && aux.is_contiguous() && aux.scalar_type() == (int4 ? at::kHalf : at::kShort)))
+  if (!(avx2 && !int4) &&  // (avx2's int8 takes no code sums)
+      !(aux.sizes() == d.sizes() && aux.is_contiguous() && aux.scalar_type() == (int4 ? at::kHalf : at::kShort)))
     return "offsets or code sums";
   const at::BFloat16* b = nullptr;
   if (bias.has_value()) {
     if (!(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N)) return "bias";
     b = bias->data_ptr<at::BFloat16>();
   }
-  out = TeamLinear{int4, (const uint8_t*)packed.data_ptr(), d.data_ptr<at::Half>(),
-                   int4 ? aux.data_ptr<at::Half>() : nullptr, int4 ? nullptr : aux.data_ptr<int16_t>(), b,
+  out = TeamLinear{int4, avx2, (const uint8_t*)packed.data_ptr(), d.data_ptr<at::Half>(),
+                   int4 ? aux.data_ptr<at::Half>() : nullptr, int4 || avx2 ? nullptr : aux.data_ptr<int16_t>(), b,
                    K, K / kGroup, N, d.size(0)};
   return "";
 }
@@ -1886,13 +1894,16 @@ bool team_disabled() {
 std::atomic<int64_t> team_calls{0};  // forwards the team ran (tests check that it runs where it should)
 int64_t decoder_team_calls() { return team_calls.load(); }
 
+// Tests only: the glue ops run avx2.cpp's code on this AVX-512 CPU too (common.h); returns the old setting.
+bool force_avx2_glue(bool force) { return avx2_glue_forced().exchange(force); }
+
 // decoder_layers on the team, or false (nothing done) where a linear, the attention path or a
 // tensor is not what the team takes.
 bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorList caches_k, at::TensorList caches_v,
                          at::IntArrayRef pasts, at::IntArrayRef rows, const c10::List<c10::optional<at::Tensor>>& parents,
                          int64_t H, bool tiles, double eps, at::IntArrayRef layers, at::IntArrayRef kinds,
                          at::TensorList norms, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases) {
-  if (team_disabled() || !cpu_has_avx512() || layers.empty() || x.size(0) == 0) return false;
+  if (team_disabled() || layers.empty() || x.size(0) == 0) return false;
   const at::Tensor& ck0 = caches_k[0];
   if (ck0.dim() != 5) return false;
   const int64_t Hkv = ck0.size(2), D = ck0.size(4), hidden = x.size(1), R = x.size(0);
@@ -1979,6 +1990,23 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
   constexpr int kDynamic = 6;  // qkv, scores, values, o, gate_up, down
   std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[layers.size() * kDynamic]);
   for (size_t i = 0; i < layers.size() * kDynamic; ++i) counters[i].store(0, std::memory_order_relaxed);
+  // the glue's code: AVX-512 (qmatmul.cpp) or avx2.cpp's, as the op-by-op path picks it
+  const bool wide = glue_avx512();
+  const auto norm_fn = wide ? rms_norm_rows : rms_norm_rows_avx2;
+  const auto rotate_fn = wide ? rotate_row : rotate_row_avx2;
+  const auto silu_fn = wide ? silu_mul_vectors : silu_mul_vectors_avx2;
+  const auto residual_fn = wide ? add_residual_rows : add_residual_avx2;
+  const auto quantize_fn = wide ? quantize_groups : quantize_groups_avx2;  // (the same codes)
+  // avx2.cpp's attention: one task per row and head, in one phase (attend_many_avx2's)
+  std::vector<SeqAttention> avx2_seqs;
+  std::vector<int64_t> avx2_first;
+  int64_t avx2_step = 1;
+  if (!wide) {
+    for (const TeamSeq& q : seqs)
+      avx2_seqs.push_back(SeqAttention{qp + q.lo * HD, HD, q.T, nullptr, nullptr, q.hs, q.past, ap + q.lo * HD, q.paths});
+    avx2_first = attend_task_starts_avx2(avx2_seqs, H);
+    avx2_step = std::max<int64_t>(1, H / 2);
+  }
   const float scale = 1.0f / std::sqrt((float)D);
   const float feps = (float)eps;
   const int64_t Gh = hidden / kGroup;
@@ -2000,8 +2028,8 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
     };
     // rows [a, b) of x: normed by norm weight w, quantized for the next linear
     auto norm_rows = [&](const float* w, int64_t a, int64_t b) {
-      rms_norm_rows(xp + a * hidden, w, np + a * hidden, b - a, hidden, feps);
-      quantize_groups(np, a * Gh, b * Gh, cq, dx, sq);
+      norm_fn(xp + a * hidden, w, np + a * hidden, b - a, hidden, feps);
+      quantize_fn(np, a * Gh, b * Gh, cq, dx, sq);
     };
     split(R, [&](int64_t a, int64_t b) { norm_rows(norm_w[2 * layers[0]].data_ptr<float>(), a, b); });
 #pragma omp barrier
@@ -2012,59 +2040,68 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
       linear(L[0], qkvp, next[0]);
 #pragma omp barrier
       // RoPE: q heads into qrot, k heads and v into the cache layer (rotate_into_cache's work)
+      if (!wide && tid == 0)  // (read by the attention after the barrier below)
+        for (size_t s = 0; s < seqs.size(); ++s)
+          avx2_seqs[s].k = seqs[s].k + li * seqs[s].ls, avx2_seqs[s].v = seqs[s].v + li * seqs[s].ls;
       split(R * (H + 2 * Hkv), [&](int64_t a, int64_t b) {
         for (int64_t j = a; j < b; ++j) {
           const int64_t r = j / (H + 2 * Hkv), h = j % (H + 2 * Hkv);
           const TeamSeq& q = seqs[seq_of[r]];
           const int64_t slot = q.past + r - q.lo;
           const at::BFloat16* src = qkvp + r * W + h * D;
-          if (h < H) rotate_row(src, rp + r * D, qp + (r * H + h) * D, D);
-          else if (h < H + Hkv) rotate_row(src, rp + r * D, q.k + li * q.ls + (h - H) * q.hs + slot * D, D);
+          if (h < H) rotate_fn(src, rp + r * D, qp + (r * H + h) * D, D);
+          else if (h < H + Hkv) rotate_fn(src, rp + r * D, q.k + li * q.ls + (h - H) * q.hs + slot * D, D);
           else std::memcpy(q.v + li * q.ls + (h - H - Hkv) * q.hs + slot * D, src, D * sizeof(at::BFloat16));
         }
       });
 #pragma omp barrier
-      take(next[1], score_first.back(), score_step, [&](int64_t a, int64_t b) {  // attend_block's first pass
-        for (int64_t j = a; j < b; ++j) {
-          const size_t s = std::upper_bound(score_first.begin(), score_first.end(), j) - score_first.begin() - 1;
-          const TeamSeq& q = seqs[s];
-          const int64_t task = j - score_first[s], kv = task / q.blocks;
-          score_block(qp + q.lo * HD, HD, q.T, D, q.k + li * q.ls + kv * q.hs, q.past + q.T, q.past, kv, group,
-                      (task % q.blocks) * 16, scale, q.scores, q.width);
-        }
-      });
+      if (!wide) {  // avx2.cpp's attention: each row x head on its own
+        take(next[1], avx2_first.back(), avx2_step, [&](int64_t a, int64_t b) {
+          attend_tasks_avx2(avx2_seqs, avx2_first, H, D, group, a, b);
+        });
+      } else {
+        take(next[1], score_first.back(), score_step, [&](int64_t a, int64_t b) {  // attend_block's first pass
+          for (int64_t j = a; j < b; ++j) {
+            const size_t s = std::upper_bound(score_first.begin(), score_first.end(), j) - score_first.begin() - 1;
+            const TeamSeq& q = seqs[s];
+            const int64_t task = j - score_first[s], kv = task / q.blocks;
+            score_block(qp + q.lo * HD, HD, q.T, D, q.k + li * q.ls + kv * q.hs, q.past + q.T, q.past, kv, group,
+                        (task % q.blocks) * 16, scale, q.scores, q.width);
+          }
+        });
 #pragma omp barrier
-      take(next[2], value_first.back(), value_step, [&](int64_t a, int64_t b) {  // and its second
-        for (int64_t j = a; j < b; ++j) {
-          const size_t s = std::upper_bound(value_first.begin(), value_first.end(), j) - value_first.begin() - 1;
-          const TeamSeq& q = seqs[s];
-          const int64_t task = j - value_first[s], kv = task / q.tasks_per_head;
-          const int64_t first = (task % q.tasks_per_head) * q.value_rows;
-          head_values(q.T, H, D, q.v + li * q.ls + kv * q.hs, q.past, group, ap + q.lo * HD, q.paths, q.scores, q.width,
-                      kv, first, (int)std::min(q.value_rows, q.T * group - first));
-        }
-      });
+        take(next[2], value_first.back(), value_step, [&](int64_t a, int64_t b) {  // and its second
+          for (int64_t j = a; j < b; ++j) {
+            const size_t s = std::upper_bound(value_first.begin(), value_first.end(), j) - value_first.begin() - 1;
+            const TeamSeq& q = seqs[s];
+            const int64_t task = j - value_first[s], kv = task / q.tasks_per_head;
+            const int64_t first = (task % q.tasks_per_head) * q.value_rows;
+            head_values(q.T, H, D, q.v + li * q.ls + kv * q.hs, q.past, group, ap + q.lo * HD, q.paths, q.scores, q.width,
+                        kv, first, (int)std::min(q.value_rows, q.T * group - first));
+          }
+        });
+      }
 #pragma omp barrier
-      split(R * HD / kGroup, [&](int64_t a, int64_t b) { quantize_groups(ap, a, b, cq, dx, sq); });
+      split(R * HD / kGroup, [&](int64_t a, int64_t b) { quantize_fn(ap, a, b, cq, dx, sq); });
 #pragma omp barrier
       linear(L[1], op, next[3]);
 #pragma omp barrier
       split(R, [&](int64_t a, int64_t b) {
-        add_residual_rows(xp + a * hidden, op + a * hidden, (b - a) * hidden);
+        residual_fn(xp + a * hidden, op + a * hidden, (b - a) * hidden);
         norm_rows(norm_w[2 * li + 1].data_ptr<float>(), a, b);
       });
 #pragma omp barrier
       linear(L[2], gp, next[4]);
 #pragma omp barrier
       split(R * F / kGroup, [&](int64_t a, int64_t b) {  // silu(gate) * up, group by group
-        silu_mul_vectors(gp, actp, F, 2 * a, 2 * b);
-        quantize_groups(actp, a, b, cq, dx, sq);
+        silu_fn(gp, actp, F, 2 * a, 2 * b);
+        quantize_fn(actp, a, b, cq, dx, sq);
       });
 #pragma omp barrier
       linear(L[3], op, next[5]);
 #pragma omp barrier
       split(R, [&](int64_t a, int64_t b) {
-        add_residual_rows(xp + a * hidden, op + a * hidden, (b - a) * hidden);
+        residual_fn(xp + a * hidden, op + a * hidden, (b - a) * hidden);
         if (i + 1 < layers.size()) norm_rows(norm_w[2 * layers[i + 1]].data_ptr<float>(), a, b);
       });
 #pragma omp barrier
@@ -2125,6 +2162,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("amx_ready() -> bool", &amx_ready);  // no tensors: one kernel for every dispatch key
   m.def("set_thread_count(int threads) -> int", &set_thread_count);  // no tensors: likewise
   m.def("decoder_team_calls() -> int", &decoder_team_calls);  // no tensors: likewise
+  m.def("force_avx2_glue(bool force) -> bool", &force_avx2_glue);  // no tensors: likewise (tests only)
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
