@@ -9,9 +9,20 @@
 # the CPU lacks (SIGILL): there the build is native (AVX2/FMA/F16C; no AMX to avoid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if grep -q -w avx512f /proc/cpuinfo; then
-  args="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+has() { grep -q -w "$1" /proc/cpuinfo; }
+if has avx512f; then
+  # each extension only where the CPU lists it: AMD Zen 4 has AVX512-VNNI and AVX512-BF16 but not
+  # the VEX AVX-VNNI (Intel's, Zen 5's), and a build with it died of SIGILL there on the first decode
+  args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+  args="$args -DGGML_AVX512_VBMI=$(has avx512vbmi && echo ON || echo OFF)"
+  args="$args -DGGML_AVX512_VNNI=$(has avx512_vnni && echo ON || echo OFF)"
+  args="$args -DGGML_AVX512_BF16=$(has avx512_bf16 && echo ON || echo OFF)"
+  args="$args -DGGML_AVX_VNNI=$(has avx_vnni && echo ON || echo OFF)"
+  args="$args -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 else
   args="-DGGML_NATIVE=ON"
 fi
-CMAKE_ARGS="$args" .venv/bin/pip install --disable-pip-version-check llama-cpp-python==0.3.36
+echo "CMAKE_ARGS=$args"
+# (a build from before, and pip's cache of built wheels, may hold other flags: build anew)
+.venv/bin/pip uninstall --disable-pip-version-check -y llama-cpp-python >/dev/null 2>&1 || true
+CMAKE_ARGS="$args" .venv/bin/pip install --disable-pip-version-check --no-cache-dir llama-cpp-python==0.3.36
