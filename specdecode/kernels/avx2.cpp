@@ -41,20 +41,6 @@ using namespace sdk;  // common.h
 constexpr int kMaxRows = 4;  // rows per pass over a tile: 8 accumulators (4 rows x 2 halves) of 16 registers
 constexpr int64_t kPrefetchGroups = 8;
 
-// A thread's buffers for a call's quantized rows, kept between calls (growing only): allocating
-// and zeroing them for every linear was a few % of a step, on the calling thread alone while
-// the other waited.
-struct QuantRows {
-  std::unique_ptr<int8_t[]> q;  // [T, K]
-  std::unique_ptr<float[]> dx;  // [T, G]
-  std::unique_ptr<float[]> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
-  int64_t q_size = 0, g_size = 0;
-  void reserve(int64_t n, int64_t groups) {
-    if (n > q_size) q.reset(new int8_t[n]), q_size = n;  // (uninitialised: every code is written)
-    if (groups > g_size) dx.reset(new float[groups]), sq.reset(new float[groups]), g_size = groups;
-  }
-};
-
 SD_AVX2 inline __m256 bf16x8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace sdk {
@@ -45,6 +46,20 @@ void parallel_chunks(int64_t n, int64_t step, const F& fn) {
     for (int64_t b = next.fetch_add(step); b < n; b = next.fetch_add(step)) fn(b, std::min(n, b + step));
   });
 }
+
+// A thread's buffers for a call's rows quantized to int8 (the vnni and avx2 kernels), kept
+// between calls (growing only): allocating and zeroing them for every linear was a few % of a
+// step, on the calling thread while the others waited.
+struct QuantRows {
+  std::unique_ptr<int8_t[]> q;  // [T, K]
+  std::unique_ptr<float[]> dx;  // [T, G]
+  std::unique_ptr<float[]> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
+  int64_t q_size = 0, g_size = 0;
+  void reserve(int64_t n, int64_t groups) {
+    if (n > q_size) q.reset(new int8_t[n]), q_size = n;  // (uninitialised: every code is written)
+    if (groups > g_size) dx.reset(new float[groups]), sq.reset(new float[groups]), g_size = groups;
+  }
+};
 
 // What every quantized linear takes: x [T, K] bf16, d [N/16, K/32, 16] f16 and N*K/2 (int4) or
 // N*K (int8) bytes of packed weight; x comes back contiguous.

@@ -222,20 +222,6 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& packed, const at::T
 
 #define SD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 
-// A thread's buffers for a call's quantized rows, kept between calls (growing only): a vector
-// per call was a malloc and a memset on the calling thread while the others waited (~3% of a
-// 9-row step on Zen 4).
-struct QuantRows {
-  std::unique_ptr<int8_t[]> q;  // [T, K]
-  std::unique_ptr<float[]> dx;  // [T, G]
-  std::unique_ptr<float[]> sq;  // [T, G] sum of the row's codes per group (exact in fp32)
-  int64_t q_size = 0, g_size = 0;
-  void reserve(int64_t n, int64_t groups) {
-    if (n > q_size) q.reset(new int8_t[n]), q_size = n;  // (uninitialised: every code is written)
-    if (groups > g_size) dx.reset(new float[groups]), sq.reset(new float[groups]), g_size = groups;
-  }
-};
-
 // Groups [lo, hi) of rows x [.., K] bf16 (flat: group i is x[i * 32 .. i * 32 + 31]) to int8
 // codes q, scales dx and code sums sq at the same indices (q at i * 32).
 SD_VNNI void quantize_groups(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* q, float* dxs, float* sqs) {
@@ -1813,10 +1799,11 @@ at::Tensor run_linear(int64_t kind, const at::Tensor& x, const at::Tensor* w, co
 // threads enter one region for all layers and meet at a barrier between phases; every phase
 // splits its work over them (rows, groups of 32 inputs, tiles, attention tasks). Each value is
 // computed by the same function on the same inputs as op by op, so the results are bitwise
-// those (tests/test_kernels.py compares the two). Taken for the avx512-vnni linears with
-// AVX-512 attention (not AMX tiles); every other case runs op by op.
+// those (tests/test_kernels.py compares the two). Taken for the avx512-vnni and avx2 linears
+// with the AVX-512 or avx2.cpp glue (not AMX tiles: their tile state is set up per region, and
+// their attention is its own); every other case runs op by op.
 
-// One linear of a layer as the team runs it (the VNNI kernels' weights, checked before the region).
+// One linear of a layer as the team runs it (the vnni or avx2 kernels' weights, checked before the region).
 struct TeamLinear {
   bool int4, avx2;  // avx2: avx2.cpp's kernel (else avx512-vnni's)
   const uint8_t* w;
