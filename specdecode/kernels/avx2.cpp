@@ -477,10 +477,13 @@ std::vector<int64_t> attend_task_starts_avx2(const std::vector<SeqAttention>& se
   return first;
 }
 
+// Tasks a chunk of attend_tasks_avx2's work takes: half a row's heads.
+int64_t attend_step_avx2(int64_t H) { return std::max<int64_t>(1, H / 2); }
+
 // Each sequence's rows x heads, one task each (attend_tasks_avx2).
 void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group) {
   const std::vector<int64_t> first = attend_task_starts_avx2(seqs, H);
-  parallel_chunks(first.back(), std::max<int64_t>(1, H / 2), [&](int64_t begin, int64_t end) {
+  parallel_chunks(first.back(), attend_step_avx2(H), [&](int64_t begin, int64_t end) {
     attend_tasks_avx2(seqs, first, H, D, group, begin, end);
   });
 }

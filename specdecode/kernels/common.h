@@ -115,10 +115,12 @@ void rotate_row_avx2(const at::BFloat16* x, const float* rope, at::BFloat16* y, 
 void silu_mul_vectors_avx2(const at::BFloat16* src, at::BFloat16* y, int64_t F, int64_t begin, int64_t end);
 void add_residual_avx2(float* x, const at::BFloat16* y, int64_t n);
 void attend_many_avx2(const std::vector<SeqAttention>& seqs, int64_t H, int64_t D, int64_t group);
-// the pieces of those for one parallel region (qmatmul.cpp's team path): attention tasks (one row x
-// head each, sequence s's from starts[s]), the rows' int8 groups [lo, hi), an avx2 linear's tiles
-// [begin, end) over quantized rows and the tiles a chunk of its work takes
+// the pieces of those for one parallel region (qmatmul.cpp's team path): attention tasks (one row
+// x head each, sequence s's from starts[s], taken attend_step_avx2 at a time), the rows' int8
+// groups [lo, hi), an avx2 linear's tiles [begin, end) over quantized rows and the tiles a chunk
+// of its work takes
 std::vector<int64_t> attend_task_starts_avx2(const std::vector<SeqAttention>& seqs, int64_t H);
+int64_t attend_step_avx2(int64_t H);
 void attend_tasks_avx2(const std::vector<SeqAttention>& seqs, const std::vector<int64_t>& starts, int64_t H, int64_t D,
                        int64_t group, int64_t begin, int64_t end);
 void quantize_groups_avx2(const at::BFloat16* x, int64_t lo, int64_t hi, int8_t* q, float* dx, float* sq);

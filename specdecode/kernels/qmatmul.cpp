@@ -43,10 +43,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <omp.h>
-#include <string>
-#include <memory>
 #include <vector>
+
+#include <omp.h>
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -392,19 +391,20 @@ struct VnniCall {
   at::BFloat16* y;     // [T, N]
   const at::BFloat16* bias;  // [N] or nullptr
 
-  int64_t chunks() const { return (T + kMaxRows - 1) / kMaxRows; }
-  // (chunks of 8 rows and more all run one tile at a time: `wide` is the same for every chunk)
-  int wide() const { return vnni_tiles_for((int)(T / chunks()), INT4); }
+  static int64_t chunks(int64_t T) { return (T + kMaxRows - 1) / kMaxRows; }
+  // Tiles side by side for T rows (chunks of 8 rows and more all run one tile at a time: the
+  // same for every chunk).
+  static int wide(int64_t T) { return vnni_tiles_for((int)(T / chunks(T)), INT4); }
   // Tiles a chunk of work takes (common.h parallel_chunks): several rows are compute-bound, about
   // 8 chunks a thread (whole `wide` groups); one row streams the weights, one contiguous chunk a
   // thread (the prefetchers' streams).
-  int64_t step(int64_t tiles, int64_t threads) const {
-    const int64_t span = wide();
+  static int64_t step(int64_t T, int64_t tiles, int64_t threads) {
+    const int64_t span = wide(T);
     return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(span, (tiles / (8 * threads) / span + 1) * span);
   }
   void run(int64_t begin, int64_t end) const {
-    const int64_t n = chunks();
-    const int span = wide();
+    const int64_t n = chunks(T);
+    const int span = wide(T);
     auto tile = [&](bool many, int64_t j) {
       for (int64_t c = 0, t0 = 0; c < n; ++c) {
         const int rows = (int)((T - t0) / (n - c));
@@ -458,7 +458,7 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
     return y;
   }
   const VnniCall<INT4> call{wp, tile_bytes, dp, mp, sp, xr.q.get(), xr.dx.get(), xr.sq.get(), T, K, G, N, yp, nullptr};
-  parallel_chunks(tiles, call.step(tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
+  parallel_chunks(tiles, VnniCall<INT4>::step(T, tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     call.run(begin, end);
   });
@@ -1021,6 +1021,12 @@ constexpr int64_t kKeyAhead = 16;      // keys ahead: the next block
 // Rows of one KV head's group that attend together: each value row is converted once for all.
 constexpr int value_rows_for(int chunks) { return chunks >= 12 ? 1 : 24 / chunks > 8 ? 8 : 24 / chunks; }
 
+// Rows a values task takes (of a KV head's per_head query rows): up to value_rows_for, and at
+// least two tasks a thread where the rows allow it.
+int64_t value_task_rows(int64_t D, int64_t per_head, int64_t kv_heads, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(value_rows_for((int)(D / 16)), per_head * kv_heads / (2 * threads)));
+}
+
 // out[r] = bf16(inv[r] * sum_{s < len[r]} p[r][s] v_{slot(r, s)}) for n <= value_rows_for(CH)
 // rows, D = 16 CH, where slot(r, s) = s for s < shared and shared + tail[r][s - shared] past it
 // (tail = nullptr: s; a tree row's path). For each row the same fmas in the same order (s
@@ -1167,9 +1173,7 @@ void attend_block(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int6
   });
   // Values: a KV head's query rows (t, then the heads of its group) in blocks of up to `rows`,
   // at least two tasks a thread where the rows allow it.
-  const int64_t per_head = T * group, chunks = D / 16;
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(value_rows_for((int)chunks),
-                                                                per_head * kv_heads / (2 * at::get_num_threads())));
+  const int64_t per_head = T * group, rows = value_task_rows(D, per_head, kv_heads, at::get_num_threads());
   const int64_t tasks_per_head = (per_head + rows - 1) / rows;
   at::parallel_for(0, kv_heads * tasks_per_head, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
@@ -1531,6 +1535,18 @@ SD_TARGET void rotate_row(const at::BFloat16* x, const float* rope, at::BFloat16
   }
 }
 
+using RotateFn = void (*)(const at::BFloat16*, const float*, at::BFloat16*, int64_t);
+
+// Head h of one qkv row (heads q 0..H-1, then k, then v; D each) with its rope row: a q head
+// rotated into q_row ([H, D]), a k head rotated and a v head copied into the cache layer's slot
+// (kl, vl: [Hkv, L, D], head stride hs).
+void rotate_head(RotateFn rotate, const at::BFloat16* row, const float* rope, int64_t h, int64_t H, int64_t Hkv,
+                 int64_t D, at::BFloat16* q_row, at::BFloat16* kl, at::BFloat16* vl, int64_t hs, int64_t slot) {
+  if (h < H) rotate(row + h * D, rope, q_row + h * D, D);
+  else if (h < H + Hkv) rotate(row + h * D, rope, kl + (h - H) * hs + slot * D, D);
+  else std::memcpy(vl + (h - H - Hkv) * hs + slot * D, row + h * D, D * sizeof(at::BFloat16));
+}
+
 at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k, at::Tensor& cache_v,
                              int64_t layer, int64_t past, int64_t n_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(), "specdecode rope_attend: qkv must be [T, n] bf16");
@@ -1551,14 +1567,9 @@ at::Tensor rotate_into_cache(const at::Tensor& qkv, const at::Tensor& rope, at::
   auto* kl = cache_k.data_ptr<at::BFloat16>() + layer * ls;
   auto* vl = cache_v.data_ptr<at::BFloat16>() + layer * ls;
   const auto rotate = glue_avx512() ? rotate_row : rotate_row_avx2;
-  for (int64_t t = 0; t < T; ++t) {
-    const at::BFloat16* row = src + t * width;
-    const float* r = cs + t * D;  // (cos, sin) of pair j at r[2j], r[2j+1]
-    for (int64_t h = 0; h < H + Hkv; ++h)
-      rotate(row + h * D, r, h < H ? qp + (t * H + h) * D : kl + (h - H) * hs + (past + t) * D, D);
-    for (int64_t h = 0; h < Hkv; ++h)
-      std::memcpy(vl + h * hs + (past + t) * D, row + (H + Hkv + h) * D, D * sizeof(at::BFloat16));
-  }
+  for (int64_t t = 0; t < T; ++t)  // (rope row t: (cos, sin) of pair j at 2j, 2j + 1)
+    for (int64_t h = 0; h < H + 2 * Hkv; ++h)
+      rotate_head(rotate, src + t * width, cs + t * D, h, H, Hkv, D, qp + t * H * D, kl, vl, hs, past + t);
   return q;
 }
 
@@ -1819,8 +1830,7 @@ struct TeamLinear {
   }
   int64_t step(int64_t T, int64_t threads) const {
     if (avx2) return linear_step_avx2(T, tiles, threads);
-    return int4 ? call<true>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads)
-                : call<false>(nullptr, nullptr, nullptr, T, nullptr).step(tiles, threads);
+    return int4 ? VnniCall<true>::step(T, tiles, threads) : VnniCall<false>::step(T, tiles, threads);
   }
   void run(const int8_t* q, const float* dx, const float* sq, int64_t T, at::BFloat16* y, int64_t begin, int64_t end) const {
     if (avx2) {
@@ -1834,30 +1844,30 @@ struct TeamLinear {
   }
 };
 
-// The linear of `kind` with weights w[0..2] and an optional bias for K inputs, or why the team
-// cannot run it ("" where it can).
-std::string team_linear(int64_t kind, const at::Tensor* w, const c10::optional<at::Tensor>& bias, int64_t K, TeamLinear& out) {
-  if (kind != kInt4Vnni && kind != kInt8Vnni && kind != kInt4Avx2 && kind != kInt8Avx2) return "not a vnni or avx2 linear";
+// The linear of `kind` with weights w[0..2] and an optional bias for K inputs into `out`, or
+// false where the team cannot run it (another kernel, another layout).
+bool team_linear(int64_t kind, const at::Tensor* w, const c10::optional<at::Tensor>& bias, int64_t K, TeamLinear& out) {
+  if (kind != kInt4Vnni && kind != kInt8Vnni && kind != kInt4Avx2 && kind != kInt8Avx2) return false;
   const bool int4 = kind == kInt4Vnni || kind == kInt4Avx2, avx2 = kind == kInt4Avx2 || kind == kInt8Avx2;
   const at::Tensor& packed = w[0];
   const at::Tensor& d = w[1];
   const at::Tensor& aux = w[2];
   if (!(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(2) == kTile && d.is_contiguous() && d.size(1) * kGroup == K))
-    return "scales";
+    return false;
   const int64_t N = d.size(0) * kTile;
-  if (!(packed.is_contiguous() && packed.numel() == N * K / (int4 ? 2 : 1))) return "packed weights";
+  if (!(packed.is_contiguous() && packed.numel() == N * K / (int4 ? 2 : 1))) return false;
   if (!(avx2 && !int4) &&  // (avx2's int8 takes no code sums)
       !(aux.sizes() == d.sizes() && aux.is_contiguous() && aux.scalar_type() == (int4 ? at::kHalf : at::kShort)))
-    return "offsets or code sums";
+    return false;
   const at::BFloat16* b = nullptr;
   if (bias.has_value()) {
-    if (!(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N)) return "bias";
+    if (!(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N)) return false;
     b = bias->data_ptr<at::BFloat16>();
   }
   out = TeamLinear{int4, avx2, (const uint8_t*)packed.data_ptr(), d.data_ptr<at::Half>(),
                    int4 ? aux.data_ptr<at::Half>() : nullptr, int4 || avx2 ? nullptr : aux.data_ptr<int16_t>(), b,
                    K, K / kGroup, N, d.size(0)};
-  return "";
+  return true;
 }
 
 // One sequence of the batch as the team attends it.
@@ -1904,11 +1914,11 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
   for (size_t i = 0; i < layers.size(); ++i) {
     const int64_t li = layers[i];
     const at::Tensor* w = weights.data() + li * 12;
-    if (!team_linear(kinds[0], w, biases.get(li * 4), hidden, lin[4 * i]).empty() || lin[4 * i].N != W) return false;
-    if (!team_linear(kinds[1], w + 3, biases.get(li * 4 + 1), HD, lin[4 * i + 1]).empty() || lin[4 * i + 1].N != hidden) return false;
-    if (!team_linear(kinds[2], w + 6, biases.get(li * 4 + 2), hidden, lin[4 * i + 2]).empty()) return false;
+    if (!team_linear(kinds[0], w, biases.get(li * 4), hidden, lin[4 * i]) || lin[4 * i].N != W) return false;
+    if (!team_linear(kinds[1], w + 3, biases.get(li * 4 + 1), HD, lin[4 * i + 1]) || lin[4 * i + 1].N != hidden) return false;
+    if (!team_linear(kinds[2], w + 6, biases.get(li * 4 + 2), hidden, lin[4 * i + 2])) return false;
     F = lin[4 * i + 2].N / 2;
-    if (F % kGroup != 0 || !team_linear(kinds[3], w + 9, biases.get(li * 4 + 3), F, lin[4 * i + 3]).empty() ||
+    if (F % kGroup != 0 || !team_linear(kinds[3], w + 9, biases.get(li * 4 + 3), F, lin[4 * i + 3]) ||
         lin[4 * i + 3].N != hidden)
       return false;
   }
@@ -1939,7 +1949,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
     q.paths = tree_paths(tree_parents(parents.get(s), T, holders[s]), T);
     q.blocks = (past + T + 15) / 16, q.width = q.blocks * 16;
     const int64_t per_head = T * group;
-    q.value_rows = std::max<int64_t>(1, std::min<int64_t>(value_rows_for((int)(D / 16)), per_head * Hkv / (2 * threads)));
+    q.value_rows = value_task_rows(D, per_head, Hkv, threads);
     q.tasks_per_head = (per_head + q.value_rows - 1) / q.value_rows;
     score_floats += H * T * q.width;
     for (int64_t t = 0; t < T; ++t) seq_of[lo + t] = (int64_t)s;
@@ -1992,7 +2002,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
     for (const TeamSeq& q : seqs)
       avx2_seqs.push_back(SeqAttention{qp + q.lo * HD, HD, q.T, nullptr, nullptr, q.hs, q.past, ap + q.lo * HD, q.paths});
     avx2_first = attend_task_starts_avx2(avx2_seqs, H);
-    avx2_step = std::max<int64_t>(1, H / 2);
+    avx2_step = attend_step_avx2(H);
   }
   const float scale = 1.0f / std::sqrt((float)D);
   const float feps = (float)eps;
@@ -2034,11 +2044,8 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
         for (int64_t j = a; j < b; ++j) {
           const int64_t r = j / (H + 2 * Hkv), h = j % (H + 2 * Hkv);
           const TeamSeq& q = seqs[seq_of[r]];
-          const int64_t slot = q.past + r - q.lo;
-          const at::BFloat16* src = qkvp + r * W + h * D;
-          if (h < H) rotate_fn(src, rp + r * D, qp + (r * H + h) * D, D);
-          else if (h < H + Hkv) rotate_fn(src, rp + r * D, q.k + li * q.ls + (h - H) * q.hs + slot * D, D);
-          else std::memcpy(q.v + li * q.ls + (h - H - Hkv) * q.hs + slot * D, src, D * sizeof(at::BFloat16));
+          rotate_head(rotate_fn, qkvp + r * W, rp + r * D, h, H, Hkv, D, qp + r * HD, q.k + li * q.ls, q.v + li * q.ls,
+                      q.hs, q.past + r - q.lo);
         }
       });
 #pragma omp barrier
