@@ -193,8 +193,10 @@ class Batcher:
         """Wait for this step's batch (leading it when it is complete) and return its rows."""
         ticket = _Ticket(call)
         with self._cond:
+            # No notify here: only this arrival can have completed the batch, and then this thread
+            # leads it below. (It woke every waiting sequence at every arrival: n(n-1)/2 wakeups
+            # a step, each taking the interpreter lock between two forwards.)
             self._pending.append(ticket)
-            self._cond.notify_all()
             while ticket.output is None and ticket.error is None:
                 if self._busy:  # the running forward's end wakes everyone (_lead, _alone)
                     self._cond.wait()

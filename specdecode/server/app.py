@@ -7,11 +7,12 @@ and `response_format` (json_object, json_schema) work as OpenAI clients send the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -330,22 +331,88 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
+_END = object()  # (the end of an event stream's relay)
+
+
 class _EventStream(StreamingResponse):
-    """Server-sent events from a generator that holds the model; the generator is closed however
-    the response ends. A client that goes away cancels the sending (Starlette) while the generator
-    waits at a yield; left alone it was never closed, the model stayed held and every later request
-    waited forever. Closing it stops the decoding and frees the model (its `finally`). No worker
-    thread runs the generator by then: a step in flight is finished before the cancellation lands."""
+    """Server-sent events from a generator that holds the model, run on a thread of its own.
+
+    Starlette runs a plain generator's every `next()` on its thread pool (`iterate_in_threadpool`):
+    two thread hops and a wakeup of the event loop per event, and successive steps of one request
+    on different threads. Under load (16 streams) that Python, taking the interpreter lock between
+    two batched forwards, left the forward thread idle ~30% of the time (the same requests without
+    HTTP: ~17%; docs/serving.md). Here one thread per response runs the generator from start to
+    end and posts each event to the event loop, which sends whatever has arrived as one chunk.
+
+    The generator is closed however the response ends (its `finally` stops the decoding and frees
+    the model): a client that goes away cancels the sending (Starlette), which tells the thread to
+    stop; the thread finishes the step in flight and closes the generator itself (a generator cannot
+    be closed from another thread while it runs). A response that never started sending closes it
+    here."""
 
     def __init__(self, events: Iterator[str]) -> None:
-        super().__init__(events, media_type="text/event-stream")
         self.events = events
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._started = self._over = False
+        super().__init__(self._relay(), media_type="text/event-stream")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self._stop.set()
+            with self._lock:
+                self._over = True
+                started = self._started
+            if not started:
+                self.events.close()  # type: ignore[attr-defined]
+
+    async def _relay(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[object] = asyncio.Queue()
+
+        def post(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (the server stopped)
+                pass
+
+        with self._lock:
+            if self._over:
+                return
+            self._started = True
+        threading.Thread(target=self._produce, args=(post,), name="specdecode-stream", daemon=True).start()
+        try:
+            while True:
+                items = [await arrived.get()]
+                while not arrived.empty():
+                    items.append(arrived.get_nowait())
+                text = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is _END:
+                        break
+                    text.append(item)
+                if text:
+                    yield "".join(text)  # type: ignore[arg-type]
+                if items[-1] is _END:
+                    return
+        finally:
+            self._stop.set()
+
+    def _produce(self, post: Any) -> None:
+        try:
+            for event in self.events:
+                post(event)
+                if self._stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - the response's task raises it
+            post(exc)
+        finally:
             self.events.close()  # type: ignore[attr-defined]
+            post(_END)
 
 
 def _sse(served: _Served, reply: _Reply, usage: bool) -> Iterator[str]:
