@@ -244,12 +244,12 @@ void linear_tiles(const uint8_t* wp, const at::Half* dp, const at::Half* mp, con
   for (; j < end; ++j) run(false, j);
 }
 
-// Tiles a chunk of work takes. Several rows (compute-bound): about 8 chunks a thread, an even
-// number of tiles each. One row streams the weights from memory: one contiguous chunk a thread
-// (the prefetchers' streams; smaller chunks made the one-row step ~10% slower), taken like the
-// others, so a thread that finishes before the other has started takes the second too.
+// Tiles a chunk of work takes: about 8 chunks a thread, an even number of tiles each, each thread
+// first through its own contiguous share (common.h take_shares: its chunks follow one another,
+// so the prefetchers' streams go on; chunks from one shared counter made the one-row step ~10%
+// slower than a fixed half each).
 int64_t linear_step(int64_t T, int64_t tiles, int64_t threads) {
-  return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
+  return std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
 }
 
 template <bool INT4>
@@ -264,9 +264,10 @@ at::Tensor qlinear_avx2(const at::Tensor& x_in, const at::Tensor& packed, const 
   const at::Tensor dc = d.contiguous(), mc = INT4 ? m.contiguous() : d;
   const auto* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = INT4 ? mc.data_ptr<at::Half>() : nullptr;
-  parallel_chunks(tiles, linear_step(T, tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
+  const auto run = [&](int64_t begin, int64_t end) {
     linear_tiles<INT4>(wp, dp, mp, xr.q.get(), xr.dx.get(), xr.sq.get(), T, K, N, yp, begin, end);
-  });
+  };
+  parallel_shares(tiles, linear_step(T, tiles, at::get_num_threads()), run);
   return y;
 }
 

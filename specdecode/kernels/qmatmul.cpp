@@ -395,12 +395,11 @@ struct VnniCall {
   // Tiles side by side for T rows (chunks of 8 rows and more all run one tile at a time: the
   // same for every chunk).
   static int wide(int64_t T) { return vnni_tiles_for((int)(T / chunks(T)), INT4); }
-  // Tiles a chunk of work takes (common.h parallel_chunks): several rows are compute-bound, about
-  // 8 chunks a thread (whole `wide` groups); one row streams the weights, one contiguous chunk a
-  // thread (the prefetchers' streams).
+  // Tiles a chunk of work takes: about 8 chunks a thread (whole `wide` groups), each thread first
+  // through its own contiguous share of the tiles (common.h take_shares).
   static int64_t step(int64_t T, int64_t tiles, int64_t threads) {
     const int64_t span = wide(T);
-    return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(span, (tiles / (8 * threads) / span + 1) * span);
+    return std::max<int64_t>(span, (tiles / (8 * threads) / span + 1) * span);
   }
   void run(int64_t begin, int64_t end) const {
     const int64_t n = chunks(T);
@@ -458,10 +457,11 @@ at::Tensor qlinear_vnni(const at::Tensor& x_in, const at::Tensor& packed, const 
     return y;
   }
   const VnniCall<INT4> call{wp, tile_bytes, dp, mp, sp, xr.q.get(), xr.dx.get(), xr.sq.get(), T, K, G, N, yp, nullptr};
-  parallel_chunks(tiles, VnniCall<INT4>::step(T, tiles, at::get_num_threads()), [&](int64_t begin, int64_t end) {
+  const auto run = [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     call.run(begin, end);
-  });
+  };
+  parallel_shares(tiles, VnniCall<INT4>::step(T, tiles, at::get_num_threads()), run);
   return y;
 }
 
@@ -1984,9 +1984,16 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
   float* dx = scales.data_ptr<float>();
   float* sq = dx + R * (Kmax / kGroup);
   // a fresh counter for each phase whose tasks the threads take as they finish
-  constexpr int kDynamic = 6;  // qkv, scores, values, o, gate_up, down
+  constexpr int kDynamic = 2;  // the attention's scores and values
   std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[layers.size() * kDynamic]);
   for (size_t i = 0; i < layers.size() * kDynamic; ++i) counters[i].store(0, std::memory_order_relaxed);
+  // the linears: each thread through its own share of the tiles first (common.h take_shares)
+  std::unique_ptr<ShareCounter[]> share_counters(new ShareCounter[lin.size() * threads]);
+  for (size_t j = 0; j < lin.size(); ++j)
+    for (int u = 0; u < threads; ++u)
+      share_counters[j * threads + u].next.store(share_start(lin[j].tiles, lin[j].step(R, threads), (int)threads, u),
+                                                 std::memory_order_relaxed);
+  auto share_of = [&](size_t i, int j) { return &share_counters[(4 * i + j) * threads]; };
   // the glue's code: AVX-512 (qmatmul.cpp) or avx2.cpp's, as the op-by-op path picks it
   const bool wide = glue_avx512();
   const auto norm_fn = wide ? rms_norm_rows : rms_norm_rows_avx2;
@@ -2020,8 +2027,8 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
     auto take = [&](std::atomic<int64_t>& next, int64_t n, int64_t step, const auto& fn) {  // as they finish
       for (int64_t b = next.fetch_add(step); b < n; b = next.fetch_add(step)) fn(b, std::min(n, b + step));
     };
-    auto linear = [&](const TeamLinear& L, at::BFloat16* y, std::atomic<int64_t>& next) {
-      take(next, L.tiles, L.step(R, nt), [&](int64_t b, int64_t e) { L.run(cq, dx, sq, R, y, b, e); });
+    auto linear = [&](const TeamLinear& L, at::BFloat16* y, ShareCounter* shares) {
+      take_shares(shares, (int)threads, tid, L.tiles, L.step(R, threads), [&](int64_t b, int64_t e) { L.run(cq, dx, sq, R, y, b, e); });
     };
     // rows [a, b) of x: normed by norm weight w, quantized for the next linear
     auto norm_rows = [&](const float* w, int64_t a, int64_t b) {
@@ -2034,7 +2041,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
       const int64_t li = layers[i];
       const TeamLinear* L = &lin[4 * i];
       std::atomic<int64_t>* next = &counters[i * kDynamic];
-      linear(L[0], qkvp, next[0]);
+      linear(L[0], qkvp, share_of(i, 0));
 #pragma omp barrier
       // RoPE: q heads into qrot, k heads and v into the cache layer (rotate_into_cache's work)
       if (!wide && tid == 0)  // (read by the attention after the barrier below)
@@ -2050,11 +2057,11 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
       });
 #pragma omp barrier
       if (!wide) {  // avx2.cpp's attention: each row x head on its own
-        take(next[1], avx2_first.back(), avx2_step, [&](int64_t a, int64_t b) {
+        take(next[0], avx2_first.back(), avx2_step, [&](int64_t a, int64_t b) {
           attend_tasks_avx2(avx2_seqs, avx2_first, H, D, group, a, b);
         });
       } else {
-        take(next[1], score_first.back(), score_step, [&](int64_t a, int64_t b) {  // attend_block's first pass
+        take(next[0], score_first.back(), score_step, [&](int64_t a, int64_t b) {  // attend_block's first pass
           for (int64_t j = a; j < b; ++j) {
             const size_t s = std::upper_bound(score_first.begin(), score_first.end(), j) - score_first.begin() - 1;
             const TeamSeq& q = seqs[s];
@@ -2064,7 +2071,7 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
           }
         });
 #pragma omp barrier
-        take(next[2], value_first.back(), value_step, [&](int64_t a, int64_t b) {  // and its second
+        take(next[1], value_first.back(), value_step, [&](int64_t a, int64_t b) {  // and its second
           for (int64_t j = a; j < b; ++j) {
             const size_t s = std::upper_bound(value_first.begin(), value_first.end(), j) - value_first.begin() - 1;
             const TeamSeq& q = seqs[s];
@@ -2078,21 +2085,21 @@ bool decoder_layers_team(at::Tensor& x, const at::Tensor& rope_in, at::TensorLis
 #pragma omp barrier
       split(R * HD / kGroup, [&](int64_t a, int64_t b) { quantize_fn(ap, a, b, cq, dx, sq); });
 #pragma omp barrier
-      linear(L[1], op, next[3]);
+      linear(L[1], op, share_of(i, 1));
 #pragma omp barrier
       split(R, [&](int64_t a, int64_t b) {
         residual_fn(xp + a * hidden, op + a * hidden, (b - a) * hidden);
         norm_rows(norm_w[2 * li + 1].data_ptr<float>(), a, b);
       });
 #pragma omp barrier
-      linear(L[2], gp, next[4]);
+      linear(L[2], gp, share_of(i, 2));
 #pragma omp barrier
       split(R * F / kGroup, [&](int64_t a, int64_t b) {  // silu(gate) * up, group by group
         silu_fn(gp, actp, F, 2 * a, 2 * b);
         quantize_fn(actp, a, b, cq, dx, sq);
       });
 #pragma omp barrier
-      linear(L[3], op, next[5]);
+      linear(L[3], op, share_of(i, 3));
 #pragma omp barrier
       split(R, [&](int64_t a, int64_t b) {
         residual_fn(xp + a * hidden, op + a * hidden, (b - a) * hidden);
