@@ -6,10 +6,12 @@
 Kernel changes cannot be compared in one process (both builds register the same ops), and this
 VM's speed drifts 10-30% between runs, so: the other commit is checked out as a git worktree in a
 temporary folder (its kernel library builds on first use, keyed by its sources), and each round
-runs one fresh process per side, in turn. A process loads the model straight into the runtime
-format (`load_gguf_direct`), prefills 200 tokens, and times forwards of T new tokens after them:
-the minimum of `--reps` forwards (the least disturbed), then a 200-token prefill the same way.
-The table gives the median over rounds of those minima, in ms, and after / before.
+runs one fresh process per side, in turn (either side first, alternately). A process loads the
+model straight into the runtime format (`load_gguf_direct`), prefills 200 tokens, and times
+forwards of T new tokens after them: the minimum of `--reps` forwards (the least disturbed), then
+a 200-token prefill the same way. The table gives the median over rounds of those minima, in ms,
+and after / before. (On a busy host two such runs of the same pair have differed by 20%: where a
+change can be switched at run time, alternate it inside one process instead.)
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def main() -> int:
                        check=True, capture_output=True)
         try:
             for r in range(args.rounds):
-                for side, root in (("base", base), ("this", ROOT)):
+                sides = (("base", base), ("this", ROOT))
+                for side, root in sides if r % 2 == 0 else sides[::-1]:  # (either side first in turn)
                     for key, ms in run_side(root, args).items():
                         times[(side, key)].append(ms)
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
