@@ -244,12 +244,12 @@ void linear_tiles(const uint8_t* wp, const at::Half* dp, const at::Half* mp, con
   for (; j < end; ++j) run(false, j);
 }
 
-// Tiles a chunk of work takes: about 8 chunks a thread, an even number of tiles each, each thread
-// first through its own contiguous share (common.h take_shares: its chunks follow one another,
-// so the prefetchers' streams go on; chunks from one shared counter made the one-row step ~10%
-// slower than a fixed half each).
+// Tiles a chunk of work takes, each thread first through its own contiguous share (common.h
+// take_shares: its chunks follow one another, so the prefetchers' streams go on). Several rows:
+// about 8 chunks a thread, an even number of tiles each; one row streams the weights: the share
+// in one chunk (chunks from one shared counter made the one-row step ~10% slower).
 int64_t linear_step(int64_t T, int64_t tiles, int64_t threads) {
-  return std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
+  return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(2, (tiles / (8 * threads) + 1) & ~int64_t{1});
 }
 
 template <bool INT4>
