@@ -353,8 +353,7 @@ class _EventStream(StreamingResponse):
     def __init__(self, events: Iterator[str]) -> None:
         self.events = events
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._started = self._over = False
+        self._producer: threading.Thread | None = None  # (set by _relay, on the event loop's thread)
         super().__init__(self._relay(), media_type="text/event-stream")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -362,10 +361,7 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._stop.set()
-            with self._lock:
-                self._over = True
-                started = self._started
-            if not started:
+            if self._producer is None:
                 self.events.close()  # type: ignore[attr-defined]
 
     async def _relay(self) -> AsyncIterator[str]:
@@ -378,29 +374,24 @@ class _EventStream(StreamingResponse):
             except RuntimeError:  # the event loop is gone (the server stopped)
                 pass
 
-        with self._lock:
-            if self._over:
+        self._producer = threading.Thread(target=self._produce, args=(post,), name="specdecode-stream", daemon=True)
+        self._producer.start()
+        while True:
+            items = [await arrived.get()]
+            while not arrived.empty():
+                items.append(arrived.get_nowait())
+            text, done = [], False
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _END:
+                    done = True
+                    break
+                text.append(item)
+            if text:
+                yield "".join(text)  # type: ignore[arg-type]
+            if done:
                 return
-            self._started = True
-        threading.Thread(target=self._produce, args=(post,), name="specdecode-stream", daemon=True).start()
-        try:
-            while True:
-                items = [await arrived.get()]
-                while not arrived.empty():
-                    items.append(arrived.get_nowait())
-                text = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is _END:
-                        break
-                    text.append(item)
-                if text:
-                    yield "".join(text)  # type: ignore[arg-type]
-                if items[-1] is _END:
-                    return
-        finally:
-            self._stop.set()
 
     def _produce(self, post: Any) -> None:
         try:
