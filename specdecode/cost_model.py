@@ -231,6 +231,22 @@ class AutoK:
             self.after_idle = True
         return k
 
+    def best_length(self, confidence: list[float]) -> int:
+        """How much of a drafted chain to verify when the drafter estimates its tokens'
+        acceptance (Draft.confidence[i]: token i accepted given the ones before it were): the
+        prefix that maximises E(m) / verify(m + 1); 0 is an autoregressive step. The drafting is
+        spent by then, so its cost does not enter; the choice depends on the tokens and the cost
+        table only (seeded sampling stays reproducible)."""
+        verify = self.costs.verify
+        best, best_rate, gain, run = 0, 1.0 / verify[0], 1.0, 1.0
+        for m, a in enumerate(confidence[: self.k_max], 1):
+            run *= a
+            gain += run
+            rate = gain / verify[m]
+            if rate > best_rate:
+                best, best_rate = m, rate
+        return best
+
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:
             return

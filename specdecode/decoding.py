@@ -65,6 +65,8 @@ def decode(
         drafter.size_by(TreeSize(tree_costs_for(target)) if k == "auto" else None)  # type: ignore[union-attr]
         k = TREE_MAX_NODES if k == "auto" else k
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
+    # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
+    cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     stop_below = getattr(policy, "stop_below", 0.0)
     if stop_below and getattr(drafter, "grows_trees", False):
         raise UserError(f"'{drafter.name}' sizes its trees by its own path probabilities: use --k auto (or a number "  # type: ignore[union-attr]
@@ -117,16 +119,21 @@ def decode(
                 drafter.observe_hidden(out.hidden)  # type: ignore[attr-defined]
         tokens = list(prompt_ids) + [first]
         while stats.new_tokens < max_new:
-            budget = 0 if policy is None else policy.choose(max_new - stats.new_tokens - 1)
+            left = max_new - stats.new_tokens - 1
+            budget = 0 if policy is None else min(policy.k_max, left) if cuts else policy.choose(left)  # type: ignore[union-attr]
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
                 extra: dict[str, object] = {"stop_below": stop_below} if stop_below else {}
+                if cuts:
+                    extra["whole"] = True
                 if constraint is not None and getattr(drafter, "follows_grammar", False):
                     extra["grammar"] = constraint  # it drafts inside the grammar: its q is masked too
                 draft = drafter.propose(tokens, budget, sampling, generator, **extra)  # type: ignore[call-arg]
                 if len(draft.tokens) > budget:
                     draft = cut_draft(draft, budget)
+                if cuts and draft.confidence is not None:
+                    draft = cut_draft(draft, policy.best_length(draft.confidence))  # type: ignore[union-attr]
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
             if constraint is not None:
                 draft, allowed = _constrain(draft, constraint)
@@ -136,7 +143,8 @@ def decode(
             result, logits, out, kept_rows = step.result, step.logits, step.out, step.kept_rows
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            stats.record(step.levels, result.num_accepted, None if policy is None else budget, nodes=len(draft.tokens))
+            stats.record(step.levels, result.num_accepted, None if policy is None else len(draft.tokens) if cuts else budget,
+                         nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
@@ -220,7 +228,8 @@ def verify_draft(target: CausalLM, cache: KVCache, newest: int, draft: Draft, sa
 def cut_draft(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
-    return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget])
+    confidence = None if draft.confidence is None else draft.confidence[:budget]
+    return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget], confidence)
 
 
 def _constrain(draft: Draft, constraint: Constraint) -> tuple[Draft, torch.Tensor]:

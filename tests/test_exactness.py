@@ -53,7 +53,7 @@ def pair(request):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, "auto", "heuristic", "confidence:0.4"])
-@pytest.mark.parametrize("spec", ["model", "ngram", "ngram:2-4", "layerskip:1", "layerskip:3"])
+@pytest.mark.parametrize("spec", ["model", "ngram", "ngram:2-4", "ngram-tree", "layerskip:1", "layerskip:3"])
 def test_greedy_spec_equals_autoregressive(pair, spec, k):
     target, draft = pair
     if str(k).startswith("confidence") and spec.startswith("ngram"):

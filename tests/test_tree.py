@@ -191,13 +191,17 @@ def test_the_tree_sampling_test_catches_a_broken_sampler(small_pair, broken, mon
 
 
 # -- n-gram trees in the decoding loop --------------------------------------------------------------
-def test_ngram_tree_drafts_merge_matches_into_a_trie():
+def test_ngram_tree_ranks_continuations_by_how_many_matches_share_them():
     from specdecode.drafters.ngram import NgramTreeDrafter
 
-    toks = [1, 2, 3, 4, 9, 1, 2, 3, 5, 9, 1, 2, 3, 6, 7, 9, 1, 2, 3]
-    draft = NgramTreeDrafter(4).propose(toks, 6, None, None)
-    assert draft.tokens == [6, 7, 9, 5, 9, 1] and draft.parents == [-1, 0, 1, -1, 3, 4]
-    assert NgramTreeDrafter(1).propose(toks, 6, None, None).parents is None  # one branch: a chain
+    toks = [1, 2, 3, 5, 9, 1, 2, 3, 6, 7, 1, 2, 3, 5, 8, 1, 2, 3]  # after (1, 2, 3): 5 twice, 6 once
+    draft = NgramTreeDrafter(4).propose(toks, 1, None, None)
+    assert draft.tokens == [5]
+    draft = NgramTreeDrafter(4).propose(toks, 3, None, None)
+    # 5 (2/3 of the matches), then under it 8 and 9 (half of 5's each) against 6 (1/3, one token shorter)
+    assert draft.tokens[0] == 5 and draft.parents is not None and set(draft.parents) <= {-1, 0}
+    assert NgramTreeDrafter(1).propose(toks, 6, None, None).parents is None  # one branch a node: a chain
+    assert NgramTreeDrafter(4).propose([1, 2, 3], 4, None, None).tokens == []  # no earlier occurrence
 
 
 class _OracleTree:

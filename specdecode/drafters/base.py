@@ -20,6 +20,10 @@ class Draft:
     # A tree draft: parents[i] in [-1, i) is the node that token i follows (-1: the sequence so
     # far), siblings distinct; None = a chain. Trees are deterministic drafts (probs None).
     parents: list[int] | None = None
+    # A chain's estimated acceptance: confidence[i] = P(token i is accepted | the tokens before it
+    # were), from drafters with `estimates_acceptance` asked for a whole draft (the loop then
+    # keeps the prefix the cost model chooses: cost_model.AutoK.best_length); None otherwise.
+    confidence: list[float] | None = None
 
     @classmethod
     def tree(cls, tokens: list[int], parents: list[int]) -> "Draft":
@@ -46,6 +50,9 @@ class Drafter(Protocol):
 # Drafters that score their drafts set `scores_drafts = True` and take a keyword argument
 # `propose(..., stop_below=t)`: stop after the first drafted token whose draft probability
 # (`draft_probability`) is below t (`--k confidence:t`, transformers' assistant_confidence_threshold).
+# Drafters that estimate how likely each drafted token is accepted set `estimates_acceptance = True`
+# and take a keyword argument `propose(..., whole=True)`: draft up to k tokens with
+# `Draft.confidence` and let the loop cut the chain (--k auto; n-gram prompt lookup).
 # Drafters that can draft inside a grammar set `follows_grammar = True` and take a keyword
 # argument `propose(..., grammar=g)` (structured output, grammar.Constraint): each drafted token's
 # logits are masked by `g.allowed_after(drafted so far)` before q is formed, so q is the masked

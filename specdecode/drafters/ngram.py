@@ -1,42 +1,108 @@
-"""Prompt lookup (n-gram) drafting: copy what followed the latest earlier occurrence of the
-sequence's last n tokens. No model, no q: the draft is deterministic (one-hot q).
+"""Prompt lookup (n-gram) drafting: copy what followed earlier occurrences of the sequence's
+last n tokens. No model, no q: drafts are deterministic (one-hot q).
 
-How much to copy depends on how long the match is. A match of n tokens earns up to
-n - min_n + 1 draft tokens (capped at k): with the default sizes 2-5, a bigram match
-drafts one token, a 5-gram match four. Short matches are weak evidence (measured on the
-target's own answers to self-instruct requests, `specdecode train data`, not on a benchmark:
-drafts after a bigram match are accepted ~70% of the time, after a unigram match ~30%),
-and a verified draft token is not free (scoring k+1 tokens costs 1.2-1.4 single steps on a
-CPU), so a weak match drafts little or nothing.
+How much a copy is worth depends on how long the match is: a copied token continues a match
+of n tokens, and is accepted (the tokens before it were) with a probability that grows with n
+(`ACCEPTANCE_BY_MATCH`: ~0.2 after a single token, ~0.7 after four, ~0.95 after thirteen).
+
+* `--k auto` (the default): the drafter copies up to k tokens of the latest longest match and
+  says how likely each is to be accepted (`Draft.confidence`: the table, updated by what this
+  request's verifications accept); the cost model keeps the prefix that maximises expected
+  tokens per second (`cost_model.AutoK.best_length`), so a weak match drafts one token where a
+  row is nearly free, and nothing where it is not.
+* a fixed k: a match of n tokens drafts n - min_n + 1 of them (at most k).
+
+`NgramTreeDrafter` verifies several continuations at once: every earlier occurrence of about
+the longest match, their continuations merged into a trie weighted by how many occurrences
+share each node.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from specdecode.config import SamplingParams
 from specdecode.drafters.base import Draft
+from specdecode.drafters.tree_search import Candidates, GrowsTrees
 from specdecode.errors import UserError
-from specdecode.tree import merge_branch
 from specdecode.verify import VerifyResult
+
+# P(a copied token is accepted | the copies before it were), by the length n of the match it
+# continues (a match of n tokens continued by i accepted copies is one of n + i), n = 1..16+:
+# measured on the target's greedy answers (128 tokens) to this project's own requests
+# (train/data.py SEED_REQUESTS and SEED_CODE_REQUESTS, train/heldout.py) by
+# `scripts/ngram_acceptance.py`, never on a benchmark's prompts; made non-decreasing.
+ACCEPTANCE_BY_MATCH = (0.20, 0.47, 0.59, 0.68, 0.73, 0.75, 0.81, 0.83, 0.85, 0.88, 0.90, 0.90, 0.94, 0.95, 0.95, 0.95)
+PRIOR_WEIGHT = 4.0  # the table counts as this many verified copies per match length
+FADE = 0.98  # a request's own observations fade by this much per verification
+
+
+class MatchAcceptance:
+    """The acceptance of a copied token by the length of the match it continues: the table
+    above as a prior, and what this request's verifications showed (older ones fading)."""
+
+    def __init__(self, prior: tuple[float, ...] = ACCEPTANCE_BY_MATCH, weight: float = PRIOR_WEIGHT,
+                 fade: float = FADE) -> None:
+        self.prior, self.weight, self.fade = prior, weight, fade
+        self.hits = [0.0] * len(prior)
+        self.seen = [0.0] * len(prior)
+
+    def rate(self, n: int) -> float:
+        i = min(max(n, 1), len(self.prior)) - 1
+        return (self.prior[i] * self.weight + self.hits[i]) / (self.weight + self.seen[i])
+
+    def along(self, n: int, length: int) -> list[float]:
+        """The estimates for `length` copies continuing a match of n tokens."""
+        return [self.rate(n + i) for i in range(length)]
+
+    def observe(self, n: int, drafted: int, accepted: int) -> None:
+        """A chain of `drafted` copies after a match of n tokens kept `accepted` of them."""
+        self.hits = [h * self.fade for h in self.hits]
+        self.seen = [s * self.fade for s in self.seen]
+        top = len(self.prior)
+        for i in range(min(drafted, accepted + 1)):  # verified: every copy before it accepted
+            j = min(n + i, top) - 1
+            self.seen[j] += 1.0
+            if i < accepted:
+                self.hits[j] += 1.0
 
 
 class NgramDrafter:
     name = "ngram"
+    # `propose(..., whole=True)` copies up to k tokens with Draft.confidence: the decoding loop
+    # cuts the chain where the cost model says (--k auto; cost_model.AutoK.best_length)
+    estimates_acceptance = True
 
-    def __init__(self, min_n: int = 2, max_n: int = 5, copy_whole: bool = False) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 16, copy_whole: bool = False) -> None:
         """copy_whole: draft k tokens after any match, however short (transformers' prompt lookup)."""
         if not 1 <= min_n <= max_n:
             raise UserError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n, self.copy_whole = min_n, max_n, copy_whole
         self._seen: list[int] = []  # the sequence indexed so far
         self._where: dict[int, list[int]] = {}  # token -> its positions in _seen, ascending
+        self.acceptance = MatchAcceptance()
+        self._match = 0  # the match length the last whole draft continued
 
     def begin(self, prompt_ids: list[int]) -> None:
         self._seen, self._where = [], {}
+        self.acceptance = MatchAcceptance()
 
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
-        return Draft(self.lookup(tokens, k))
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
+                whole: bool = False) -> Draft:
+        if not whole:
+            return Draft(self.lookup(tokens, k))
+        n, end = self.longest_match(tokens)
+        self._match = n
+        if n < self.min_n:
+            return Draft([])
+        copy = tokens[end + 1 : end + 1 + k]
+        return Draft(copy, confidence=self.acceptance.along(n, len(copy)))
+
+    def observe(self, draft: Draft, result: VerifyResult) -> None:
+        if draft.confidence is not None and draft.tokens:
+            self.acceptance.observe(self._match, len(draft.tokens), result.num_accepted)
 
     def matches(self, tokens: list[int]) -> list[tuple[int, int]]:
         """Every earlier occurrence of the last token as (match length n <= max_n, position j),
@@ -90,29 +156,80 @@ class NgramDrafter:
             where.setdefault(tokens[pos], []).append(pos)
         seen.extend(tokens[len(seen) :])
 
-    def observe(self, draft: Draft, result: VerifyResult) -> None:
-        pass
+
+MAX_MATCHES = 32  # occurrences merged into a tree at most (the longest, then the latest)
+TREE_DEPTH = 8  # tokens copied after each occurrence
 
 
-class NgramTreeDrafter(NgramDrafter):
-    """Prompt lookup with several earlier matches as sibling branches: the continuations of up
-    to `branches` matches (longest first, each as long as plain n-gram drafting would copy)
-    merged into a tree of at most k nodes. Where one continuation is found it is a plain chain."""
+class NgramTreeDrafter(GrowsTrees, NgramDrafter):
+    """Prompt lookup with several continuations as a tree: every earlier occurrence of the
+    suffix whose match is at most one token shorter than the longest (up to MAX_MATCHES of
+    them) contributes its next TREE_DEPTH tokens to a trie. A node's path probability is the
+    product, down from the root, of its share of its parent's occurrences (at most `branches`
+    children a node, the most shared) times ACCEPTANCE_BY_MATCH for the match it continues.
+    With a fixed k the k most probable nodes are drafted; under --k auto the cost model sizes
+    the tree (cost_model.TreeSize, calibrated by what verification accepts)."""
 
-    def __init__(self, branches: int = 4, min_n: int = 2, max_n: int = 5) -> None:
-        super().__init__(min_n, max_n)
+    scores_drafts = False
+    estimates_acceptance = False  # its trees are sized by TreeSize, not cut as chains
+
+    def __init__(self, branches: int = 4, min_n: int = 1, max_n: int = 16) -> None:
+        NgramDrafter.__init__(self, min_n, max_n)
         if branches < 1:
             raise UserError(f"ngram-tree needs at least 1 branch, got {branches}")
         self.branches = branches
         self.name = f"ngram-tree:{branches}"
 
-    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:
-        nodes: list[int] = []
+    def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:  # type: ignore[override]
+        tree = self.candidates(tokens)
+        if not len(tree):
+            self._predicted = None
+            return Draft([])
+        return self.pick(tree, k)
+
+    def observe(self, draft: Draft, result: VerifyResult) -> None:
+        GrowsTrees.observe(self, draft, result)
+
+    def candidates(self, tokens: list[int]) -> Candidates:
+        """The trie of the continuations, scored by log path probability."""
+        found = self.matches(tokens)
+        tree = Candidates()
+        if not found or found[0][0] < self.min_n:
+            return tree
+        top = found[0][0]
+        used = [j for n, j in found if n >= max(self.min_n, top - 1)][:MAX_MATCHES]
+        # count the occurrences through each trie node: (parent node, token) -> node
+        child: dict[tuple[int, int], int] = {}
+        count: list[int] = []
         parents: list[int] = []
-        used = 0
-        for n, j in self.matches(tokens):
-            if n < self.min_n or used == self.branches or len(nodes) >= k:
-                break
-            _, added = merge_branch(nodes, parents, tokens[j + 1 : j + 1 + min(k, n - self.min_n + 1)], k)
-            used += added
-        return Draft.tree(nodes, parents)  # (one branch: a chain)
+        toks: list[int] = []
+        for j in used:
+            node = -1
+            for tok in tokens[j + 1 : j + 1 + TREE_DEPTH]:
+                nxt = child.get((node, tok))
+                if nxt is None:
+                    nxt = child[(node, tok)] = len(toks)
+                    toks.append(tok)
+                    parents.append(node)
+                    count.append(0)
+                count[nxt] += 1
+                node = nxt
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):
+            kids.setdefault(p, []).append(i)
+        frontier = [(-1, 0.0, -1)]  # (trie node, score, candidate id)
+        depth = 0
+        while frontier:
+            level = []
+            for node, score, cid in frontier:
+                children = sorted(kids.get(node, ()), key=lambda c: -count[c])[: self.branches]
+                total = sum(count[c] for c in kids.get(node, ()))
+                for c in children:
+                    s = score + math.log(count[c] / total * self.acceptance.rate(top + depth))
+                    tree.tokens.append(toks[c])
+                    tree.parents.append(cid)
+                    tree.depths.append(depth)
+                    tree.scores.append(s)
+                    level.append((c, s, len(tree.tokens) - 1))
+            frontier, depth = level, depth + 1
+        return tree
