@@ -15,48 +15,71 @@ import torch
 def check_parents(parents: torch.Tensor) -> torch.Tensor:
     """parents as a 1-D int64 tensor, or ValueError naming the first bad entry."""
     parents = torch.as_tensor(parents, dtype=torch.long)
-    if parents.dim() != 1:
-        raise ValueError(f"parents must be 1-D (one entry per node), got shape {list(parents.shape)}")
-    for i, p in enumerate(parents.tolist()):
+    _checked(parents)
+    return parents
+
+
+def _checked(parents: "torch.Tensor | list[int]") -> list[int]:
+    """parents as a list of ints, checked (ValueError naming the first bad entry)."""
+    if isinstance(parents, torch.Tensor):
+        if parents.dim() != 1:
+            raise ValueError(f"parents must be 1-D (one entry per node), got shape {list(parents.shape)}")
+        parents = parents.tolist()
+    for i, p in enumerate(parents):
         if not -1 <= p < i:
             raise ValueError(f"parents[{i}] = {p}: each node extends -1 (the prefix) or an earlier node")
-    return parents
+    return list(parents)
+
+
+def _depth_list(parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
 
 
 def depths(parents: torch.Tensor) -> torch.Tensor:
     """[T] depth of each node (0 for a child of the prefix)."""
-    out: list[int] = []
-    for p in check_parents(parents).tolist():
-        out.append(0 if p < 0 else out[p] + 1)
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(_depth_list(_checked(parents)), dtype=torch.long)
+
+
+def _ancestor_rows(parents: list[int]) -> list[list[bool]]:
+    rows: list[list[bool]] = []
+    t = len(parents)
+    for i, p in enumerate(parents):
+        row = rows[p][:] if p >= 0 else [False] * t
+        row[i] = True
+        rows.append(row)
+    return rows
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """[T, T] bool: row i is True at i and at each of its ancestors."""
-    parents = check_parents(parents)
-    t = parents.shape[0]
-    mask = torch.eye(t, dtype=torch.bool)
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            mask[i] |= mask[p]
-    return mask
+    parents = _checked(parents)
+    if not parents:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    return torch.tensor(_ancestor_rows(parents), dtype=torch.bool)
 
 
 def path(parents: torch.Tensor, node: int) -> list[int]:
     """The nodes from the root down to `node`, both included."""
-    parents = check_parents(parents)
+    return _path(_checked(parents), node)
+
+
+def _path(parents: list[int], node: int) -> list[int]:
     out = []
     while node >= 0:
         out.append(node)
-        node = int(parents[node])
+        node = parents[node]
     return out[::-1]
 
 
 def path_slots(parents: torch.Tensor, start: int) -> list[torch.Tensor]:
     """For each node (node i in cache slot start + i), the slots its path holds as a chain: the
     `start` cached ones, then its ancestors' and its own, root first (what a node attends to)."""
+    values = _checked(parents)
     prefix = torch.arange(start)
-    return [torch.cat((prefix, start + torch.tensor(path(parents, i), dtype=torch.long))) for i in range(parents.shape[0])]
+    return [torch.cat((prefix, start + torch.tensor(_path(values, i), dtype=torch.long))) for i in range(len(values))]
 
 
 def parents_of(attn_mask: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor | None:
@@ -64,20 +87,19 @@ def parents_of(attn_mask: torch.Tensor, positions: torch.Tensor, start: int) -> 
     `start` cached tokens, or None if they are not a tree in topological order (a node that
     sees a later one, sees what its parent does not, or sits at another depth)."""
     t = attn_mask.shape[0]
-    mask = attn_mask.to(torch.bool)
-    if attn_mask.shape != (t, t) or positions.shape != (t,) or not bool(mask.diagonal().all()):
+    if attn_mask.shape != (t, t) or positions.shape != (t,):
         return None
-    if bool(mask.triu(1).any()):
+    rows = attn_mask.to(torch.bool).tolist()
+    parents = []
+    for i, row in enumerate(rows):  # parent = the nearest earlier node the row sees; -1 where it sees none
+        if not row[i] or any(row[i + 1 :]):
+            return None
+        parents.append(next((j for j in range(i - 1, -1, -1) if row[j]), -1))
+    if _ancestor_rows(parents) != rows:
         return None
-    seen = mask.tril(-1)
-    # parent = the nearest earlier node the row sees; -1 where it sees none
-    idx = torch.arange(t).expand(t, t)
-    parents = torch.where(seen, idx, torch.full_like(idx, -1)).max(dim=1).values
-    if not torch.equal(ancestor_mask(parents), mask):
+    if positions.tolist() != [start + d for d in _depth_list(parents)]:
         return None
-    if not torch.equal(positions.to(torch.long), start + depths(parents)):
-        return None
-    return parents
+    return torch.tensor(parents, dtype=torch.long)
 
 
 def merge_branch(tokens: list[int], parents: list[int], branch: "list[int] | tuple[int, ...]", limit: int) -> tuple[list[int], bool]:

@@ -19,6 +19,7 @@ share each node.
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -181,7 +182,7 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
         self.name = f"ngram-tree:{branches}"
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:  # type: ignore[override]
-        tree = self.candidates(tokens)
+        tree = self.candidates(tokens, k)
         if not len(tree):
             self._predicted = None
             return Draft([])
@@ -190,19 +191,21 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         GrowsTrees.observe(self, draft, result)
 
-    def candidates(self, tokens: list[int]) -> Candidates:
-        """The trie of the continuations, scored by log path probability."""
+    def candidates(self, tokens: list[int], limit: int) -> Candidates:
+        """The `limit` most probable nodes of the trie of the continuations (best first, so
+        every node's ancestors come before it), scored by log path probability; under the cost
+        model none below what could pay (GrowsTrees.min_score)."""
         found = self.matches(tokens)
         tree = Candidates()
         if not found or found[0][0] < self.min_n:
             return tree
         top = found[0][0]
         used = [j for n, j in found if n >= max(self.min_n, top - 1)][:MAX_MATCHES]
-        # count the occurrences through each trie node: (parent node, token) -> node
+        # the trie, counting the occurrences through each node: (parent node, token) -> node
         child: dict[tuple[int, int], int] = {}
         count: list[int] = []
-        parents: list[int] = []
         toks: list[int] = []
+        kids: dict[int, list[int]] = {}
         for j in used:
             node = -1
             for tok in tokens[j + 1 : j + 1 + TREE_DEPTH]:
@@ -210,26 +213,29 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
                 if nxt is None:
                     nxt = child[(node, tok)] = len(toks)
                     toks.append(tok)
-                    parents.append(node)
                     count.append(0)
+                    kids.setdefault(node, []).append(nxt)
                 count[nxt] += 1
                 node = nxt
-        kids: dict[int, list[int]] = {}
-        for i, p in enumerate(parents):
-            kids.setdefault(p, []).append(i)
-        frontier = [(-1, 0.0, -1)]  # (trie node, score, candidate id)
-        depth = 0
-        while frontier:
-            level = []
-            for node, score, cid in frontier:
-                children = sorted(kids.get(node, ()), key=lambda c: -count[c])[: self.branches]
-                total = sum(count[c] for c in kids.get(node, ()))
-                for c in children:
-                    s = score + math.log(count[c] / total * self.acceptance.rate(top + depth))
-                    tree.tokens.append(toks[c])
-                    tree.parents.append(cid)
-                    tree.depths.append(depth)
-                    tree.scores.append(s)
-                    level.append((c, s, len(tree.tokens) - 1))
-            frontier, depth = level, depth + 1
+        floor = self.min_score()
+        rates = [math.log(self.acceptance.rate(top + d)) for d in range(TREE_DEPTH)]
+        heap: list[tuple[float, int, int, int, int]] = []  # (-score, order, trie node, candidate parent, depth)
+
+        def push(node: int, score: float, cid: int, depth: int) -> None:
+            children = kids.get(node, [])
+            total = sum(count[c] for c in children)
+            for c in sorted(children, key=lambda c: -count[c])[: self.branches]:
+                s = score + math.log(count[c] / total) + rates[depth]
+                if s >= floor:
+                    heapq.heappush(heap, (-s, len(toks) * depth + c, c, cid, depth))
+
+        push(-1, 0.0, -1, 0)
+        while heap and len(tree) < limit:  # best first: scores only fall along a path
+            neg, _, c, cid, depth = heapq.heappop(heap)
+            tree.tokens.append(toks[c])
+            tree.parents.append(cid)
+            tree.depths.append(depth)
+            tree.scores.append(-neg)
+            if depth + 1 < TREE_DEPTH:
+                push(c, -neg, len(tree) - 1, depth + 1)
         return tree
