@@ -57,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | MODEL+CHEAPER "
+    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | hybrid[:SPEC] (prompt lookup or SPEC, default eagle, whichever is worth more each step) | MODEL+CHEAPER "
                    "(multi-level, e.g. model+ngram, layerskip:8+ngram) (default ngram)")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder; another tokenizer drafts through text)")
     p.add_argument("--k", default=None,

@@ -67,6 +67,8 @@ def decode(
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
+    if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)
+        drafter.price_with(policy.costs if cuts else None)  # type: ignore[union-attr]
     stop_below = getattr(policy, "stop_below", 0.0)
     if stop_below and getattr(drafter, "grows_trees", False):
         raise UserError(f"'{drafter.name}' sizes its trees by its own path probabilities: use --k auto (or a number "  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from specdecode.models.llama import LlamaModel
 from specdecode.tokenizer import Tokenizer
 
 DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
-            "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree")
+            "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree", "hybrid")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
 # the lower level of a multi-level drafter (MODEL+CHEAPER): chains that draft for the draft model
 CHEAPER = ("ngram", "layerskip", "quantized")
@@ -83,6 +83,16 @@ def build_drafter(
         except ValueError:
             raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
         return NgramDrafter(lo, hi)
+    if name == "hybrid":  # prompt lookup or a model drafter, whichever is worth more each step
+        from specdecode.drafters.hybrid import HybridDrafter
+
+        inner = arg or "eagle"
+        if parse_spec(inner)[0] in ("none", "hybrid", "ngram", "ngram-tree"):
+            raise UserError(f"hybrid:SPEC pairs prompt lookup with a model drafter (eagle, medusa, distill, model, "
+                            f"layerskip, quantized), got '{inner}'")
+        model = build_drafter(inner, target, draft_model, max_length, tokenizer, target_name, draft_tokenizer)
+        assert model is not None
+        return HybridDrafter(model)
     if name == "ngram-tree":
         _drafts_trees(name, target)
         return NgramTreeDrafter(4 if arg is None else _int(arg, spec))
