@@ -61,8 +61,15 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one token per row of probs [N, V] -> [N]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Draw one token per row of probs [N, V] (non-negative, any positive total) -> [N].
+
+    Inverse CDF with one uniform per row: the first token whose cumulative mass (float64)
+    exceeds u * total, so a token of probability 0 is never drawn. `torch.multinomial` draws
+    one exponential per vocabulary entry instead: 1.1 ms a row for a 49k vocabulary on 2
+    threads against ~0.05 ms here, paid by every sampled step and drafted token."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=torch.float64) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def select_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
