@@ -234,7 +234,7 @@ def masked_loop_pvalues(target, draft, draws, drafter_class, k=3):
         out = [t for step in steps for t in step]
         c23[out[1], out[2]] += 1
         c4[out[3]] += 1
-    assert stats.accepted > draws // 4  # drafts were accepted, and sometimes rejected
+    assert stats.accepted > draws // 5  # drafts were accepted (cut drafts keep fewer), and sometimes rejected
     assert stats.accepted < stats.drafted
     joint23, marg4 = exact_masked(target, prompt, sampling)
     return gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
