@@ -237,6 +237,10 @@ class AutoK:
         prefix that maximises E(m) / verify(m + 1); 0 is an autoregressive step. The drafting is
         spent by then, so its cost does not enter; the choice depends on the tokens and the cost
         table only (seeded sampling stays reproducible)."""
+        return self.best_prefix(confidence)[0]
+
+    def best_prefix(self, confidence: list[float]) -> tuple[int, float]:
+        """(m, E(m) / verify(m + 1)): `best_length` and the tokens per second it expects."""
         verify = self.costs.verify
         best, best_rate, gain, run = 0, 1.0 / verify[0], 1.0, 1.0
         for m, a in enumerate(confidence[: self.k_max], 1):
@@ -245,7 +249,7 @@ class AutoK:
             rate = gain / verify[m]
             if rate > best_rate:
                 best, best_rate = m, rate
-        return best
+        return best, best_rate
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:

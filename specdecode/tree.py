@@ -12,13 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def check_parents(parents: torch.Tensor) -> torch.Tensor:
-    """parents as a 1-D int64 tensor, or ValueError naming the first bad entry."""
-    parents = torch.as_tensor(parents, dtype=torch.long)
-    _checked(parents)
-    return parents
-
-
 def _checked(parents: "torch.Tensor | list[int]") -> list[int]:
     """parents as a list of ints, checked (ValueError naming the first bad entry)."""
     if isinstance(parents, torch.Tensor):

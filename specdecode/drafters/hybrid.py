@@ -78,18 +78,11 @@ class HybridDrafter:
             if draft.tokens:
                 return self._drafted("lookup", draft)
             return self._drafted("model", self.model.propose(tokens, k, sampling, generator), k)
+        # (the loop cuts the chain where best_prefix says: the same costs)
         draft = self.lookup.propose(tokens, k, sampling, generator, whole=True)
-        lookup_rate = 0.0
-        if draft.confidence:
-            m = policy.best_length(draft.confidence)
-            draft = Draft(draft.tokens[:m], confidence=draft.confidence[:m])
-            gain, run = 1.0, 1.0
-            for a in draft.confidence:
-                run *= a
-                gain += run
-            lookup_rate = gain / policy.costs.verify[m] if m else 0.0
+        m, lookup_rate = policy.best_prefix(draft.confidence or [])
         asked = policy.choose(k)
-        if lookup_rate > 0 and lookup_rate >= policy.expected_rate(asked):
+        if m > 0 and lookup_rate >= policy.expected_rate(asked):
             return self._drafted("lookup", draft)
         if asked == 0:
             return self._drafted("lookup", Draft([]))

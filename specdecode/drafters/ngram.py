@@ -172,7 +172,6 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
     With a fixed k the k most probable nodes are drafted; under --k auto the cost model sizes
     the tree (cost_model.TreeSize, calibrated by what verification accepts)."""
 
-    scores_drafts = False
     estimates_acceptance = False  # its trees are sized by TreeSize, not cut as chains
 
     def __init__(self, branches: int = 4, min_n: int = 1, max_n: int = 16) -> None:
@@ -183,14 +182,7 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
         self.name = f"ngram-tree:{branches}"
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator) -> Draft:  # type: ignore[override]
-        tree = self.candidates(tokens, k)
-        if not len(tree):
-            self._predicted = None
-            return Draft([])
-        return self.pick(tree, k)
-
-    def observe(self, draft: Draft, result: VerifyResult) -> None:
-        GrowsTrees.observe(self, draft, result)
+        return self.pick(self.candidates(tokens, k), k)  # (no match: an empty tree, no draft)
 
     def candidates(self, tokens: list[int], limit: int) -> Candidates:
         """The `limit` most probable nodes of the trie of the continuations (best first, so
