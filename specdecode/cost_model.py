@@ -131,7 +131,7 @@ CONFIDENCE_DEFAULT = 0.4  # transformers' default assistant_confidence_threshold
 
 class ConfidenceK:
     """Ask for up to k_max tokens every step; the drafter stops after the first token whose
-    draft probability is below `stop_below` (the decoding loop passes it to `propose`)."""
+    draft probability is below `stop_below` (the decoding loop hands `keep_drafting` to `propose`)."""
 
     def __init__(self, threshold: float = CONFIDENCE_DEFAULT, k_max: int = 8) -> None:
         if not 0.0 < threshold < 1.0:
@@ -140,6 +140,10 @@ class ConfidenceK:
 
     def choose(self, budget: int) -> int:
         return min(self.k_max, budget)
+
+    def keep_drafting(self, scores: list[float]) -> bool:
+        """Draft another token after these draft probabilities?"""
+        return scores[-1] >= self.stop_below
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         pass
@@ -174,6 +178,7 @@ class AutoK:
         if self.k_max < 1:
             raise UserError("the cost table has no verification steps (measure at least T = 1..2)")
         self.decay = decay
+        self.prior_weight = 1.0
         self.reached = [0.0] * self.k_max  # (faded) times position i was verified
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
@@ -186,11 +191,11 @@ class AutoK:
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
-        out, prior = [], 0.5
+        out, prior, weight = [], 0.5, self.prior_weight
         for reached, accepted in zip(self.reached, self.accepted):
-            a = (accepted + prior) / (reached + 1.0)
+            a = (accepted + prior * weight) / (reached + weight)
             out.append(a)
-            prior = a
+            prior, weight = a, 1.0
         return out
 
     def expected_rate(self, k: int) -> float:
@@ -231,25 +236,39 @@ class AutoK:
             self.after_idle = True
         return k
 
-    def best_length(self, confidence: list[float]) -> int:
-        """How much of a drafted chain to verify when the drafter estimates its tokens'
-        acceptance (Draft.confidence[i]: token i accepted given the ones before it were): the
-        prefix that maximises E(m) / verify(m + 1); 0 is an autoregressive step. The drafting is
-        spent by then, so its cost does not enter; the choice depends on the tokens and the cost
-        table only (seeded sampling stays reproducible)."""
-        return self.best_prefix(confidence)[0]
+    def best_length(self, confidence: list[float], spent: float = 0.0) -> int:
+        """How much of a drafted chain to verify when its tokens' acceptance is estimated
+        (confidence[i]: token i accepted given the ones before it were; an n-gram drafter's
+        Draft.confidence, or a model drafter's calibrated scores): the prefix that maximises
+        E(m) / (spent + verify(m + 1)), spent the drafting's seconds, paid whatever is kept; 0 is
+        an autoregressive step. The choice depends on the tokens and the cost table only (and
+        the drafter's cost from `draft_seconds`: fixed for seeded sampling, reproducible)."""
+        return self.best_prefix(confidence, spent)[0]
 
-    def best_prefix(self, confidence: list[float]) -> tuple[int, float]:
-        """(m, E(m) / verify(m + 1)): `best_length` and the tokens per second it expects."""
+    def best_prefix(self, confidence: list[float], spent: float = 0.0) -> tuple[int, float]:
+        """(m, E(m) / (spent + verify(m + 1))): `best_length` and the tokens per second it expects."""
         verify = self.costs.verify
-        best, best_rate, gain, run = 0, 1.0 / verify[0], 1.0, 1.0
+        best, best_rate, gain, run = 0, 1.0 / (spent + verify[0]), 1.0, 1.0
         for m, a in enumerate(confidence[: self.k_max], 1):
             run *= a
             gain += run
-            rate = gain / verify[m]
+            rate = gain / (spent + verify[m])
             if rate > best_rate:
                 best, best_rate = m, rate
         return best, best_rate
+
+    def keep_drafting(self, confidence: list[float]) -> bool:
+        """Whether a drafter that pays for every token (a model) should draft one more after
+        tokens accepted with these estimated probabilities: yes when the best rate with one
+        more token, assumed as likely accepted as the last one (a drafter's confidence runs
+        on: EAGLE-2's premise), beats the best rate of the chain as it is; both count the
+        drafting (`draft_seconds`)."""
+        m = len(confidence)
+        if m == 0 or m >= self.k_max:
+            return m < self.k_max
+        _, now = self.best_prefix(confidence, self.draft_seconds(m))
+        _, then = self.best_prefix(confidence + [confidence[-1]], self.draft_seconds(m + 1))
+        return then > now
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:

@@ -15,6 +15,7 @@ import torch
 from specdecode import tree
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
+from specdecode.drafters.acceptance import ScoreAcceptance
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
 from specdecode.grammar import Constraint, first_outside
@@ -77,6 +78,14 @@ def decode(
         raise UserError(f"--k confidence stops drafts by the drafter's own probabilities, which "
                         f"'{getattr(drafter, 'name', drafter)}' does not have: use a model drafter "
                         "(model, layerskip, quantized, distill, eagle, medusa) or another --k")
+    # a drafter that scores its tokens drafts, under the cost model, while one more token pays
+    # (its scores calibrated into acceptance estimates as the request goes), and the loop cuts the
+    # chain where the cost model says; under --k confidence it stops below the threshold
+    calibration = None
+    more: Callable[[list[float]], bool] | None = policy.keep_drafting if stop_below else None  # type: ignore[union-attr]
+    if getattr(drafter, "scores_drafts", False) and hasattr(policy, "best_length"):
+        calibration = ScoreAcceptance(getattr(drafter, "acceptance_by_score", None))
+        more = lambda scores: policy.keep_drafting(calibration.estimates(scores))  # type: ignore[union-attr]  # noqa: E731
     room = cache.max_length - len(prompt_ids)
     if room < 1:
         raise UserError(
@@ -123,10 +132,12 @@ def decode(
         while stats.new_tokens < max_new:
             left = max_new - stats.new_tokens - 1
             budget = 0 if policy is None else min(policy.k_max, left) if cuts else policy.choose(left)  # type: ignore[union-attr]
+            if calibration is not None and budget > 0:  # worth drafting: how much, the drafting decides
+                budget = min(policy.k_max, left)  # type: ignore[union-attr]
             t0 = time.perf_counter()
             draft = Draft([])
             if drafter is not None and budget > 0:
-                extra: dict[str, object] = {"stop_below": stop_below} if stop_below else {}
+                extra: dict[str, object] = {"more": more} if more is not None else {}
                 if cuts:
                     extra["whole"] = True
                 if constraint is not None and getattr(drafter, "follows_grammar", False):
@@ -134,8 +145,17 @@ def decode(
                 draft = drafter.propose(tokens, budget, sampling, generator, **extra)  # type: ignore[call-arg]
                 if len(draft.tokens) > budget:
                     draft = cut_draft(draft, budget)
+                drafted = len(draft.tokens)
                 if cuts and draft.confidence is not None:
                     draft = cut_draft(draft, policy.best_length(draft.confidence))  # type: ignore[union-attr]
+                elif calibration is not None:
+                    budget = drafted  # (the drafter's cost is fitted to what it drafted)
+                    if draft.scores and sampling.greedy:
+                        # The cut reads every drafted token's score, so under sampling it would
+                        # keep a token depending on what was drawn for it and bias the output;
+                        # there each token was drafted on the scores before it only (`more`).
+                        keep = policy.best_length(calibration.estimates(draft.scores), policy.draft_seconds(drafted))  # type: ignore[union-attr]
+                        draft = cut_draft(draft, keep)
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix
             if constraint is not None:
                 draft, allowed = _constrain(draft, constraint)
@@ -145,10 +165,12 @@ def decode(
             result, logits, out, kept_rows = step.result, step.logits, step.out, step.kept_rows
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
-            stats.record(step.levels, result.num_accepted, None if policy is None else len(draft.tokens) if cuts else budget,
+            stats.record(step.levels, result.num_accepted, None if policy is None else len(draft.tokens) if cuts or calibration else budget,
                          nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
+                if calibration is not None and draft.scores:
+                    calibration.observe(draft.scores, result.num_accepted)
                 drafter.observe(draft, result)
                 if feed_logits:
                     drafter.observe_logits(draft, logits, result)  # type: ignore[attr-defined]
@@ -231,7 +253,9 @@ def cut_draft(draft: Draft, budget: int) -> Draft:
     """The first `budget` tokens of a draft (of a tree: its first nodes, still a tree)."""
     probs = None if draft.probs is None else draft.probs[:budget]
     confidence = None if draft.confidence is None else draft.confidence[:budget]
-    return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget], confidence)
+    scores = None if draft.scores is None else draft.scores[:budget]
+    return Draft(draft.tokens[:budget], probs, None if draft.parents is None else draft.parents[:budget], confidence,
+                 scores)
 
 
 def _constrain(draft: Draft, constraint: Constraint) -> tuple[Draft, torch.Tensor]:

@@ -15,12 +15,15 @@ from specdecode.cost_model import (
     PROBE_EVERY,
     AutoK,
     CostTable,
+    DraftCost,
     HeuristicK,
     measure_verify_costs,
     monotone,
     parse_k,
 )
 from specdecode.decoding import decode
+from specdecode.drafters.acceptance import BY_SCORE_MEDUSA, ScoreAcceptance
+from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.engine import Engine
 from specdecode.errors import UserError
@@ -208,3 +211,63 @@ def test_the_first_call_of_a_request_is_not_charged_as_drafting_cost():
     assert policy.choose(8) >= 1
     policy.observe(3, 3, 3, 0.3 * FLAT.verify[0])  # a steady drafting call
     assert abs(policy.draft_seconds(3) - 0.3 * FLAT.verify[0]) < 1e-9
+
+
+def test_auto_k_drafts_one_more_token_only_while_it_pays():
+    """A drafter that pays per token (a model) asks `keep_drafting` after each one: go on while
+    the best rate with one more token (as likely accepted as the last) beats the chain's."""
+    per_token = 0.15  # seconds a drafted token; a step costs ~1
+    policy = AutoK(FLAT, draft_cost=DraftCost(0.0, per_token))
+
+    def best(chain: list[float]) -> float:  # brute force over the prefixes, the drafting spent
+        rates, gain, run = [1.0 / (per_token * len(chain) + FLAT.verify[0])], 1.0, 1.0
+        for m, a in enumerate(chain, 1):
+            run *= a
+            gain += run
+            rates.append(gain / (per_token * len(chain) + FLAT.verify[m]))
+        return max(rates)
+
+    for chain in ([0.5], [0.9], [0.1], [0.7, 0.4], [0.9, 0.2], [0.3, 0.3], [0.99, 0.6, 0.25], [0.9, 0.9, 0.9]):
+        assert policy.keep_drafting(chain) == (best(chain + chain[-1:]) > best(chain)), chain
+    assert policy.keep_drafting([]) and policy.keep_drafting([0.9, 0.9, 0.9])
+    assert not policy.keep_drafting([0.1]) and not policy.keep_drafting([0.9, 0.2])
+    assert not policy.keep_drafting([0.95] * 8)  # k_max
+    assert not AutoK(FLAT, draft_cost=DraftCost(0.0, 0.6)).keep_drafting([0.5])  # a slower drafter stops sooner
+
+
+def test_a_scored_chain_is_cut_where_verifying_its_tail_does_not_pay():
+    """The spent drafting counts in the cut: a tail that costs a verification block is dropped."""
+    policy = AutoK(ATEN, draft_cost=DraftCost(0.0, 0.05))
+    spent = policy.draft_seconds(4)
+    assert policy.best_length([0.9, 0.9, 0.9, 0.1], spent) == 3  # the 4th would cost the 2.2 block
+    assert AutoK(FLAT, draft_cost=DraftCost(0.0, 0.05)).best_length([0.9, 0.9, 0.9, 0.1], spent) == 4  # nearly free
+
+
+def test_score_acceptance_starts_from_its_prior_and_follows_the_request():
+    table = ScoreAcceptance(BY_SCORE_MEDUSA)
+    assert table.estimates([0.05, 0.85, 0.99]) == pytest.approx([BY_SCORE_MEDUSA[0], BY_SCORE_MEDUSA[8], BY_SCORE_MEDUSA[9]])
+    assert ScoreAcceptance().estimates([0.33]) == pytest.approx([0.35])  # no table: as sure as the draft says
+    for _ in range(30):  # this request's 0.8-0.9 tokens are always accepted, its 0.2-0.3 ones never
+        table.observe([0.85, 0.85, 0.25], 2)
+    high, low = table.estimates([0.85, 0.25])
+    assert high > 0.9 and low < 0.05
+
+
+def test_auto_k_with_a_scoring_drafter_drafts_long_when_sure_and_short_when_not():
+    """Under --k auto a model drafter's draft length follows its scores and what the request
+    showed: the target drafting for itself (every draft right) drafts long, a draft model that
+    is always wrong short; greedy output stays the target's."""
+    target = random_model(tiny_config("llama"), seed=10)
+    wrong = random_model(tiny_config("llama", layers=1), seed=99)
+    cfg = GenerationConfig(max_new_tokens=60, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+    ar = [t for step in decode(target, target.new_cache(), prompt, cfg) for t in step]
+    per_step = {}
+    for name, drafter in (("self", DraftModelDrafter(target, target.config.vocab_size, "self")),
+                          ("wrong", build_drafter("model", target, wrong))):
+        stats = SpecStats()
+        policy = AutoK(FLAT, draft_cost=DraftCost(0.0, 0.05))  # cheap drafting: only acceptance decides
+        out = [t for step in decode(target, target.new_cache(), prompt, cfg, drafter, policy, stats=stats) for t in step]
+        assert out == ar
+        per_step[name] = stats.drafted / stats.verify_steps
+    assert per_step["self"] > 3 > per_step["wrong"], per_step

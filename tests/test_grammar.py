@@ -186,7 +186,7 @@ class OutsideDrafter(DraftModelDrafter):
 class UnmaskedQDrafter(DraftModelDrafter):
     """Broken: drafts inside the grammar (masked q) but reports its unmasked q."""
 
-    def propose(self, tokens, k, sampling, generator, stop_below=0.0, grammar=None):
+    def propose(self, tokens, k, sampling, generator, more=None, grammar=None):
         draft = super().propose(tokens, k, sampling, generator, grammar=grammar)
         if draft.tokens:
             seq = torch.tensor(tokens + draft.tokens[:-1])

@@ -16,7 +16,8 @@ from scipy.stats import chisquare
 import specdecode.decoding as decoding
 from conftest import random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
-from specdecode.cost_model import HeuristicK
+from specdecode.cost_model import AutoK, CostTable, DraftCost, HeuristicK
+from specdecode.drafters.base import Draft
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.sampling import greedy_tokens, logits_to_probs, make_generator, sample
 from specdecode.verify import VerifyResult, greedy_verify, rejection_sample
@@ -243,8 +244,8 @@ def test_speculative_loop_with_adaptive_k_matches_target_distribution(small_pair
 class _LengthRecorder(DraftModelDrafter):
     lengths: set[int] = set()
 
-    def propose(self, tokens, k, sampling, generator, stop_below=0.0):
-        draft = super().propose(tokens, k, sampling, generator, stop_below=stop_below)
+    def propose(self, tokens, k, sampling, generator, more=None):
+        draft = super().propose(tokens, k, sampling, generator, more=more)
         self.lengths.add(len(draft.tokens))
         return draft
 
@@ -257,3 +258,31 @@ def test_speculative_loop_with_a_confidence_stop_matches_target_distribution(sma
                            drafter_class=_LengthRecorder)
     assert {1, 2} <= _LengthRecorder.lengths  # stopped early, and not
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+
+
+def test_speculative_loop_with_auto_k_and_a_scoring_drafter_matches_target_distribution(small_pair):
+    """--k auto with a drafter that scores its drafts: each token is drafted or not on the
+    calibrated scores of the tokens before it (AutoK.keep_drafting), so the draft length depends
+    on what was drawn; the output must still be exactly the target's."""
+    _LengthRecorder.lengths = set()
+    costs = CostTable(tuple(1.0 + 0.02 * t for t in range(9)))
+    policy = AutoK(costs, draft_cost=DraftCost(0.0, 0.3))  # (one policy learning over all draws)
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=5_000, k=policy, drafter_class=_LengthRecorder)
+    assert {1, 2} <= _LengthRecorder.lengths  # stopped after one token, and not
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+
+
+class _KeepsOnlySureTokens(DraftModelDrafter):
+    """Broken: drops a drafted token when its own draft probability is low, which is what a cut
+    of a sampled chain by its tokens' scores would do (the loop only cuts greedy chains so)."""
+
+    def propose(self, tokens, k, sampling, generator, more=None):
+        draft = super().propose(tokens, 1, sampling, generator)
+        if draft.scores and draft.scores[0] < 0.25:
+            return Draft([])
+        return draft
+
+
+def test_loop_test_catches_a_draft_kept_by_its_own_score(small_pair):
+    p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=2_000, k=1, drafter_class=_KeepsOnlySureTokens)
+    assert min(p23, p4) < ALPHA, (p23, p4)

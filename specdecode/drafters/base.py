@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,9 @@ class Draft:
     # were), from drafters with `estimates_acceptance` asked for a whole draft (the loop then
     # keeps the prefix the cost model chooses: cost_model.AutoK.best_length); None otherwise.
     confidence: list[float] | None = None
+    # A scored chain's draft probabilities (`draft_probability` of each token), from drafters that
+    # score their drafts (below); the loop turns them into acceptance estimates; None otherwise.
+    scores: list[float] | None = None
 
     @classmethod
     def tree(cls, tokens: list[int], parents: list[int]) -> "Draft":
@@ -47,9 +51,12 @@ class Drafter(Protocol):
         """The target kept `result.num_accepted` of the draft (for adaptive drafters)."""
 
 
-# Drafters that score their drafts set `scores_drafts = True` and take a keyword argument
-# `propose(..., stop_below=t)`: stop after the first drafted token whose draft probability
-# (`draft_probability`) is below t (`--k confidence:t`, transformers' assistant_confidence_threshold).
+# Drafters that score their drafts set `scores_drafts = True`, return each token's draft
+# probability (`draft_probability`) in `Draft.scores` and take a keyword argument
+# `propose(..., more=f)`: after each drafted token they call f(scores so far) and stop drafting
+# when it returns False. The decoding loop's policy gives f: `--k confidence:t` stops after the
+# first token below t (transformers' assistant_confidence_threshold), `--k auto` stops when one
+# more token is not worth its drafting (cost_model.AutoK.keep_drafting).
 # Drafters that estimate how likely each drafted token is accepted set `estimates_acceptance = True`
 # and take a keyword argument `propose(..., whole=True)`: draft up to k tokens with
 # `Draft.confidence` and let the loop cut the chain (--k auto; n-gram prompt lookup).
@@ -57,6 +64,10 @@ class Drafter(Protocol):
 # argument `propose(..., grammar=g)` (structured output, grammar.Constraint): each drafted token's
 # logits are masked by `g.allowed_after(drafted so far)` before q is formed, so q is the masked
 # distribution the token really came from. Other drafters' drafts are cut by the loop instead.
+
+
+# `propose(..., more=f)` of drafters that score their drafts: f(scores so far) -> draft another token?
+MoreDrafts = Callable[[list[float]], bool]
 
 
 def draft_probability(logits: torch.Tensor, token: int, q: torch.Tensor | None) -> float:

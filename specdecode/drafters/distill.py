@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from specdecode.config import ModelConfig
+from specdecode.drafters.acceptance import BY_SCORE_DISTILL
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.trained import check_target, load_folder, resolve_folder, save_folder, target_signature
 from specdecode.kv_cache import KVCache
@@ -87,7 +88,9 @@ def load_distill(target: LlamaModel, path: str | None, max_length: int | None = 
     ids = tensors.pop("vocab_ids", None)
     model = build_draft_model(target, tensors, int(config["num_layers"]), None if full_vocab or ids is None else ids.long())
     name = "distill" if path is None else f"distill:{path}"
-    return DraftModelDrafter(model, target.config.vocab_size, name, max_length)  # type: ignore[arg-type]
+    drafter = DraftModelDrafter(model, target.config.vocab_size, name, max_length)  # type: ignore[arg-type]
+    drafter.acceptance_by_score = BY_SCORE_DISTILL  # (a prior: each request corrects it)
+    return drafter
 
 
 def save_distill(path: Path, layers: dict[str, torch.Tensor], num_layers: int, target: LlamaModel,

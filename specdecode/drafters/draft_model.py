@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.base import Draft, MoreDrafts, draft_probability
 from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_mask, log_probs
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
@@ -21,8 +21,11 @@ from specdecode.verify import VerifyResult
 
 
 class DraftModelDrafter:
-    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
     follows_grammar = True  # propose(..., grammar=g): see drafters/base.py
+    # acceptance by draft probability in tenths, a prior for --k auto (drafters/acceptance.py);
+    # None: as likely accepted as the draft says
+    acceptance_by_score: tuple[float, ...] | None = None
 
     def __init__(self, model: CausalLM, target_vocab_size: int, name: str = "model", max_length: int | None = None) -> None:
         if model.config.vocab_size != target_vocab_size:
@@ -54,8 +57,8 @@ class DraftModelDrafter:
         return tokens[common:]
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0, grammar: Constraint | None = None) -> Draft:
-        """stop_below: stop after a token drawn with probability below it (--k confidence).
+                more: MoreDrafts | None = None, grammar: Constraint | None = None) -> Draft:
+        """more: asked after each token whether to draft another (drafters/base.py).
         grammar: draft inside it (each position's logits masked from the state after the draft so far)."""
         k = min(k, self.cache.max_length - len(tokens))
         if k <= 0:
@@ -63,20 +66,22 @@ class DraftModelDrafter:
         feed = self._sync(tokens)
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
+        scores: list[float] = []
         for _ in range(k):
             allowed = None if grammar is None else grammar.allowed_after(drafted)
             token, q, logits = self.step(feed, sampling, generator, allowed)
             if token is None:
                 break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             drafted.append(token)
+            scores.append(draft_probability(logits, token, q))
             if q is not None:
                 probs.append(q)
             feed = [token]
             if grammar is not None and token in grammar.eos_ids:
                 break  # the grammar's output is complete: nothing may follow
-            if stop_below and draft_probability(logits, token, q) < stop_below:
+            if more is not None and len(drafted) < k and not more(scores):
                 break
-        return Draft(drafted, torch.stack(probs) if probs else None)
+        return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
     def step(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
              allowed: torch.Tensor | None = None) -> tuple[int | None, torch.Tensor | None, torch.Tensor]:
@@ -127,7 +132,7 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         k = min(k, self.cache.max_length - len(tokens))
         if k <= 0:
             return Draft([])

@@ -26,7 +26,8 @@ from torch import nn
 
 from specdecode import tree
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.acceptance import BY_SCORE_EAGLE
+from specdecode.drafters.base import Draft, MoreDrafts, draft_probability
 from specdecode.drafters.trained import (
     Block,
     Eagle3Block,
@@ -171,7 +172,8 @@ def _kernel_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class EagleDrafter:
-    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
+    acceptance_by_score = BY_SCORE_EAGLE  # drafters/acceptance.py
     """Chain drafting with an EAGLE head. The decoding loop passes the target's hidden states
     of committed tokens through `observe_hidden`; without them (another loop) the drafter
     computes them itself (TargetFeatures)."""
@@ -227,7 +229,7 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         k = min(k, self.max_length - len(tokens))
         h = self._catch_up(tokens) if k > 0 else None
         if h is None:
@@ -235,6 +237,7 @@ class EagleDrafter:
         n = len(tokens) - 1
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
+        scores: list[float] = []
         for step in range(k):
             logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
             if sampling.greedy:
@@ -244,12 +247,12 @@ class EagleDrafter:
                 token = int(sample(q, generator)[0])
                 probs.append(q[0])
             drafted.append(token)
-            if stop_below and draft_probability(logits[0], token, probs[-1] if probs else None) < stop_below:
+            scores.append(draft_probability(logits[0], token, probs[-1] if probs else None))
+            if step + 1 == k or (more is not None and not more(scores)):
                 break
-            if step + 1 < k:
-                pos = torch.tensor([n + step])
-                h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
-        return Draft(drafted, torch.stack(probs) if probs else None)
+            pos = torch.tensor([n + step])
+            h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
+        return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
     def _catch_up(self, tokens: list[int]) -> torch.Tensor | None:
         """Bring the head's cache up to the committed sequence with the target's real features
@@ -295,7 +298,7 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         room = self.max_length - len(tokens)
         k = min(k, room)
         h = self._catch_up(tokens) if k > 0 else None

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, draft_probability
+from specdecode.drafters.acceptance import BY_SCORE_MEDUSA
+from specdecode.drafters.base import Draft, MoreDrafts, draft_probability
 from specdecode.drafters.trained import TargetFeatures, check_target, drafting_parts, load_folder, resolve_folder
 from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_probs
 from specdecode.errors import UserError
@@ -59,7 +60,8 @@ class MedusaHeads(nn.Module):
 
 
 class MedusaDrafter:
-    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
+    acceptance_by_score = BY_SCORE_MEDUSA  # drafters/acceptance.py
     def __init__(
         self,
         target: LlamaModel,
@@ -97,7 +99,7 @@ class MedusaDrafter:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         k = min(k, self.heads.config.num_heads, self.max_length - len(tokens))
         if k <= 0 or len(tokens) < 2:
             return Draft([])
@@ -105,15 +107,17 @@ class MedusaDrafter:
         feats = self.heads(last)[:k]  # [k, H]
         logits = self.draft_head.logits(feats)  # [k, Vd]
         if sampling.greedy:
-            draft = Draft([self.draft_head.token(int(i)) for i in greedy_tokens(logits)])
+            tokens, q = [self.draft_head.token(int(i)) for i in greedy_tokens(logits)], None
         else:
             q = logits_to_probs(self.draft_head.to_full(logits), sampling)  # [k, V]
-            draft = Draft(sample(q, generator).tolist(), q)
-        if stop_below:  # the heads ran together; keep up to the first unsure one
-            for i, token in enumerate(draft.tokens):
-                if draft_probability(logits[i], token, None if draft.probs is None else draft.probs[i]) < stop_below:
-                    return Draft(draft.tokens[: i + 1], None if draft.probs is None else draft.probs[: i + 1])
-        return draft
+            tokens = sample(q, generator).tolist()
+        scores: list[float] = []
+        for i, token in enumerate(tokens):  # the heads ran together; asked anyway, keep up to a no
+            scores.append(draft_probability(logits[i], token, None if q is None else q[i]))
+            if more is not None and i + 1 < len(tokens) and not more(scores):
+                break
+        n = len(scores)
+        return Draft(tokens[:n], None if q is None else q[:n], scores=scores)
 
 
 class MedusaTreeDrafter(GrowsTrees, MedusaDrafter):
@@ -132,7 +136,7 @@ class MedusaTreeDrafter(GrowsTrees, MedusaDrafter):
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         depth = min(self.heads.config.num_heads, k, self.max_length - len(tokens))
         if depth <= 0 or len(tokens) < 2:
             return Draft([])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, Drafter, draft_probability
+from specdecode.drafters.base import Draft, Drafter, MoreDrafts, draft_probability
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.metrics import SpecStats
 from specdecode.verify import VerifyResult
@@ -24,7 +24,7 @@ INNER_K_MAX = 8  # the cheaper drafter's longest draft per step of the draft mod
 
 
 class MultiLevelDrafter:
-    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
 
     def __init__(self, base: DraftModelDrafter, inner: Drafter, name: str | None = None) -> None:
         self.name = name or f"{base.name}+{inner.name}"  # (the factory names it by its spec)
@@ -38,7 +38,7 @@ class MultiLevelDrafter:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
         from specdecode.decoding import cut_draft, verify_draft  # (the loop's module imports the drafters' protocol)
 
         base = self.base
@@ -48,9 +48,9 @@ class MultiLevelDrafter:
             return Draft([])
         # the first token as the plain draft model draws it (one forward over what is new)
         token, q, logits = base.step(base._sync(tokens), sampling, generator)
-        drafted, probs = [token], ([] if q is None else [q])
+        drafted, probs, scores = [token], ([] if q is None else [q]), [draft_probability(logits, token, q)]
         context = list(tokens) + [token]
-        stop = bool(stop_below) and draft_probability(logits, token, q) < stop_below
+        stop = more is not None and not more(scores)
         while len(drafted) < k and not stop:
             # one step of the draft model yields accepted + 1 tokens: k - 1 drafts can fill k
             budget = min(k - len(drafted) - 1, INNER_K_MAX, cache.max_length - len(context) - 1)
@@ -64,12 +64,15 @@ class MultiLevelDrafter:
             for row, token in zip(step.kept_rows, new):
                 q = None if step.probs is None else step.probs[row]
                 drafted.append(token)
+                scores.append(draft_probability(step.logits[row], token, q))
                 if q is not None:
                     probs.append(q)
-                stop = bool(stop_below) and draft_probability(step.logits[row], token, q) < stop_below
-                if len(drafted) == k or stop:
+                if len(drafted) == k:
                     break
-        return Draft(drafted, torch.stack(probs) if probs else None)
+                stop = more is not None and not more(scores)
+                if stop:
+                    break
+        return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass  # the draft model's cache is synced on the next propose, as DraftModelDrafter's

@@ -25,6 +25,7 @@ import math
 import torch
 
 from specdecode.config import SamplingParams
+from specdecode.drafters.acceptance import AcceptanceTable
 from specdecode.drafters.base import Draft
 from specdecode.drafters.tree_search import Candidates, GrowsTrees
 from specdecode.errors import UserError
@@ -37,38 +38,22 @@ from specdecode.verify import VerifyResult
 # `scripts/ngram_acceptance.py`, never on a benchmark's prompts; made non-decreasing and capped at
 # 0.95 (the measured 9-16 dip and rise come from a few answers that repeat themselves).
 ACCEPTANCE_BY_MATCH = (0.20, 0.47, 0.59, 0.68, 0.73, 0.75, 0.81, 0.83, 0.85, 0.88, 0.90, 0.90, 0.94, 0.95, 0.95, 0.95)
-PRIOR_WEIGHT = 4.0  # the table counts as this many verified copies per match length
-FADE = 0.98  # a request's own observations fade by this much per verification
 
 
-class MatchAcceptance:
+class MatchAcceptance(AcceptanceTable):
     """The acceptance of a copied token by the length of the match it continues: the table
     above as a prior, and what this request's verifications showed (older ones fading)."""
 
-    def __init__(self, prior: tuple[float, ...] = ACCEPTANCE_BY_MATCH, weight: float = PRIOR_WEIGHT,
-                 fade: float = FADE) -> None:
-        self.prior, self.weight, self.fade = prior, weight, fade
-        self.hits = [0.0] * len(prior)
-        self.seen = [0.0] * len(prior)
-
-    def rate(self, n: int) -> float:
-        i = min(max(n, 1), len(self.prior)) - 1
-        return (self.prior[i] * self.weight + self.hits[i]) / (self.weight + self.seen[i])
+    def __init__(self, prior: tuple[float, ...] = ACCEPTANCE_BY_MATCH) -> None:
+        super().__init__(prior)
 
     def along(self, n: int, length: int) -> list[float]:
-        """The estimates for `length` copies continuing a match of n tokens."""
-        return [self.rate(n + i) for i in range(length)]
+        """The estimates for `length` copies continuing a match of n tokens (n = 1: bucket 0)."""
+        return [self.rate(n + i - 1) for i in range(length)]
 
     def observe(self, n: int, drafted: int, accepted: int) -> None:
         """A chain of `drafted` copies after a match of n tokens kept `accepted` of them."""
-        self.hits = [h * self.fade for h in self.hits]
-        self.seen = [s * self.fade for s in self.seen]
-        top = len(self.prior)
-        for i in range(min(drafted, accepted + 1)):  # verified: every copy before it accepted
-            j = min(n + i, top) - 1
-            self.seen[j] += 1.0
-            if i < accepted:
-                self.hits[j] += 1.0
+        self.observe_chain([n + i - 1 for i in range(drafted)], accepted)
 
 
 class NgramDrafter:
@@ -211,7 +196,7 @@ class NgramTreeDrafter(GrowsTrees, NgramDrafter):
                 count[nxt] += 1
                 node = nxt
         floor = self.min_score()
-        rates = [math.log(self.acceptance.rate(top + d)) for d in range(TREE_DEPTH)]
+        rates = [math.log(r) for r in self.acceptance.along(top, TREE_DEPTH)]
         heap: list[tuple[float, int, int, int, int]] = []  # (-score, order, trie node, candidate parent, depth)
 
         def push(node: int, score: float, cid: int, depth: int) -> None:

@@ -21,14 +21,14 @@ from dataclasses import replace
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, Drafter
+from specdecode.drafters.base import Draft, Drafter, MoreDrafts
 from specdecode.tokenizer import Tokenizer
 from specdecode.verify import VerifyResult
 from specdecode.vocab_map import VocabMap, carry_text, continue_tokens, resync
 
 
 class OtherTokenizerDrafter:
-    scores_drafts = True  # propose(..., stop_below=t): see drafters/base.py
+    scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
 
     def __init__(self, inner: Drafter, draft_tokenizer: Tokenizer, target_tokenizer: Tokenizer, vocab: VocabMap) -> None:
         self.name = inner.name
@@ -53,11 +53,13 @@ class OtherTokenizerDrafter:
         return self._draft_ids
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
-                stop_below: float = 0.0) -> Draft:
+                more: MoreDrafts | None = None) -> Draft:
+        """more: asked about the draft model's own tokens. Greedy drafts come back without scores
+        (their text is re-tokenized for the target, so the draft's scores do not line up with them)."""
         context = self._catch_up(tokens)
         if not context:
             return Draft([])
-        extra = {"stop_below": stop_below} if stop_below else {}
+        extra = {"more": more} if more is not None else {}
         if sampling.greedy:
             draft = self.inner.propose(context, k, sampling, generator, **extra)
             text, _ = carry_text(self.draft_tokenizer, context, draft.tokens)
@@ -71,7 +73,7 @@ class OtherTokenizerDrafter:
             return Draft([])
         assert draft.probs is not None, "a sampled draft model hands over its q"
         ids = self.vocab.to_target[torch.tensor(draft.tokens)].tolist()
-        return Draft(ids, self.vocab.scatter(draft.probs))
+        return Draft(ids, self.vocab.scatter(draft.probs), scores=draft.scores)
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         pass  # the draft's context is re-synced from the committed text on the next propose
