@@ -179,6 +179,7 @@ class AutoK:
             raise UserError("the cost table has no verification steps (measure at least T = 1..2)")
         self.decay = decay
         self.prior_weight = 1.0
+        self.idle_fade = False
         self.reached = [0.0] * self.k_max  # (faded) times position i was verified
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
@@ -272,6 +273,9 @@ class AutoK:
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:
+            if self.idle_fade:
+                self.reached = [r * self.decay for r in self.reached]
+                self.accepted = [a * self.decay for a in self.accepted]
             return
         if self.after_idle:
             self.after_idle = False

@@ -341,8 +341,10 @@ SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Hal
 
 // Tiles side by side in the VNNI kernels: measured on the 49152 x 576 output head and the layers
 // of the embedded model (Zen 4): past a few rows one tile at a time streams the weights better
-// (int8 at 6-8 rows: 2.5 ms with 2 tiles, 1.9 with 1).
-constexpr int vnni_tiles_for(int R, bool int4) { return R <= 2 ? 4 : R <= (int4 ? 5 : 2) ? 2 : 1; }
+// (int8 at 6-8 rows: 2.5 ms with 2 tiles, 1.9 with 1); two rows go two tiles wide, as three do
+// (with four, a 2-row forward of the embedded int4 model cost ~1.08 one-row steps, 3 rows ~1.02;
+// with two, ~1.01: medians of 40 in one process, four processes alternated).
+constexpr int vnni_tiles_for(int R, bool int4) { return R <= 1 ? 4 : R <= (int4 ? 5 : 2) ? 2 : 1; }
 
 using VnniFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int16_t*, const int8_t*, int64_t,
                         const float*, const float*, int64_t, at::BFloat16*, int64_t);
