@@ -178,8 +178,6 @@ class AutoK:
         if self.k_max < 1:
             raise UserError("the cost table has no verification steps (measure at least T = 1..2)")
         self.decay = decay
-        self.prior_weight = 1.0
-        self.idle_fade = False
         self.reached = [0.0] * self.k_max  # (faded) times position i was verified
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
@@ -192,11 +190,11 @@ class AutoK:
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
-        out, prior, weight = [], 0.5, self.prior_weight
+        out, prior = [], 0.5
         for reached, accepted in zip(self.reached, self.accepted):
-            a = (accepted + prior * weight) / (reached + weight)
+            a = (accepted + prior) / (reached + 1.0)
             out.append(a)
-            prior, weight = a, 1.0
+            prior = a
         return out
 
     def expected_rate(self, k: int) -> float:
@@ -273,9 +271,6 @@ class AutoK:
 
     def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
         if asked == 0:
-            if self.idle_fade:
-                self.reached = [r * self.decay for r in self.reached]
-                self.accepted = [a * self.decay for a in self.accepted]
             return
         if self.after_idle:
             self.after_idle = False
