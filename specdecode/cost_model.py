@@ -269,7 +269,12 @@ class AutoK:
         _, then = self.best_prefix(confidence + [confidence[-1]], self.draft_seconds(m + 1))
         return then > now
 
-    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float) -> None:
+    def observe(self, asked: int, drafted: int, accepted: int, draft_seconds: float,
+                expected: list[float] | None = None) -> None:
+        """expected: the drafted tokens' estimated acceptance (calibrated scores, given before
+        verification), counted in place of the verdicts: each drafted position adds its
+        estimate, a far steadier sign of the drafter's acceptance than one accept or reject
+        (the estimates themselves follow the verdicts: drafters/acceptance.py)."""
         if asked == 0:
             return
         if self.after_idle:
@@ -281,6 +286,11 @@ class AutoK:
             return
         self.reached = [r * self.decay for r in self.reached]
         self.accepted = [a * self.decay for a in self.accepted]
+        if expected is not None:
+            for i, a in enumerate(expected[: min(drafted, self.k_max)]):
+                self.reached[i] += 1.0
+                self.accepted[i] += a
+            return
         for i in range(min(drafted, accepted + 1, self.k_max)):  # verified: all before it accepted
             self.reached[i] += 1.0
             if i < accepted:

@@ -168,9 +168,12 @@ def decode(
             stats.record(step.levels, result.num_accepted, None if policy is None else len(draft.tokens) if cuts or calibration else budget,
                          nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
-                policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 if calibration is not None and draft.scores:
+                    policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0,  # type: ignore[call-arg]
+                                   expected=calibration.estimates(draft.scores))
                     calibration.observe(draft.scores, result.num_accepted)
+                else:
+                    policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)
                 if feed_logits:
                     drafter.observe_logits(draft, logits, result)  # type: ignore[attr-defined]

@@ -271,3 +271,16 @@ def test_auto_k_with_a_scoring_drafter_drafts_long_when_sure_and_short_when_not(
         assert out == ar
         per_step[name] = stats.drafted / stats.verify_steps
     assert per_step["self"] > 3 > per_step["wrong"], per_step
+
+
+def test_auto_k_counts_estimated_acceptance_in_place_of_verdicts_when_given():
+    """A scored drafter's calibrated estimates stand in for the verdicts: position i's estimate
+    is the mean of what was expected there, whatever this step's accept or reject said."""
+    policy = AutoK(FLAT, decay=1.0)
+    for _ in range(200):
+        policy.observe(3, 3, 0, 0.001, expected=[0.6, 0.3, 0.9])  # every draft rejected, yet
+    assert policy.acceptance()[:3] == pytest.approx([0.6, 0.3, 0.9], abs=0.01)
+    hard = AutoK(FLAT, decay=1.0)
+    for _ in range(200):
+        hard.observe(3, 3, 0, 0.001)
+    assert hard.acceptance()[0] < 0.01
