@@ -12,7 +12,8 @@ Each step the n-gram drafter proposes its chain with each copy's estimated accep
 rate 0); the model drafter's rate is what its own `AutoK` expects from the acceptance it has
 shown this request and its cost per token (`step_cost`, in target steps: fixed, so that the
 choice depends on the tokens only and seeded sampling stays reproducible). The higher rate
-drafts. The model drafter is kept up to date whichever drafts (EAGLE reads the target's
+drafts; a model that scores its drafts (EAGLE) then drafts while one more token pays, on its
+calibrated scores (as alone under --k auto: cost_model.AutoK.keep_drafting). The model drafter is kept up to date whichever drafts (EAGLE reads the target's
 features of every committed token and catches up on its next call). Every choice depends on
 the past only, and the draft is verified as any other: exact, greedy and sampled.
 
@@ -25,6 +26,7 @@ import torch
 
 from specdecode.config import SamplingParams
 from specdecode.cost_model import AutoK, CostTable, DraftCost
+from specdecode.drafters.acceptance import ScoreAcceptance
 from specdecode.drafters.base import Draft, Drafter, wants_hidden, wants_logits
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.errors import UserError
@@ -53,6 +55,8 @@ class HybridDrafter:
             self.observe_hidden = model.observe_hidden  # type: ignore[attr-defined]
             self.hidden_layers = getattr(model, "hidden_layers", None)
         self.model_policy: AutoK | None = None
+        # a model that scores its drafts drafts while one more token pays (as under --k auto alone)
+        self.calibration: ScoreAcceptance | None = None
         self._chose: str | None = None  # who drafted the last draft: 'lookup' or 'model'
         self._asked = 0
         self.steps = {"lookup": 0, "model": 0}
@@ -64,6 +68,8 @@ class HybridDrafter:
             return
         step = getattr(self.model, "step_cost", DEFAULT_STEP_COST) * costs.verify[0]
         self.model_policy = AutoK(costs, draft_cost=DraftCost(0.0, step))
+        if getattr(self.model, "scores_drafts", False):
+            self.calibration = ScoreAcceptance(getattr(self.model, "acceptance_by_score", None))
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.lookup.begin(prompt_ids)
@@ -86,7 +92,12 @@ class HybridDrafter:
             return self._drafted("lookup", draft)
         if asked == 0:
             return self._drafted("lookup", Draft([]))
-        return self._drafted("model", self.model.propose(tokens, asked, sampling, generator), asked)
+        if self.calibration is None:
+            return self._drafted("model", self.model.propose(tokens, asked, sampling, generator), asked)
+        calibration = self.calibration
+        more = lambda scores: policy.keep_drafting(calibration.estimates(scores))  # noqa: E731
+        draft = self.model.propose(tokens, k, sampling, generator, more=more)  # type: ignore[call-arg]
+        return self._drafted("model", draft, len(draft.tokens))
 
     def _drafted(self, who: str, draft: Draft, asked: int = 0) -> Draft:
         self._chose, self._asked = who, asked
@@ -98,5 +109,11 @@ class HybridDrafter:
             self.lookup.observe(draft, result)
         elif self._chose == "model":
             self.model.observe(draft, result)
-            if self.model_policy is not None:
+            if self.model_policy is None:
+                return
+            if self.calibration is not None and draft.scores:
+                self.model_policy.observe(self._asked, len(draft.tokens), result.num_accepted, 0.0,
+                                          expected=self.calibration.estimates(draft.scores))
+                self.calibration.observe(draft.scores, result.num_accepted)
+            else:
                 self.model_policy.observe(self._asked, len(draft.tokens), result.num_accepted, 0.0)
