@@ -107,17 +107,17 @@ class MedusaDrafter:
         feats = self.heads(last)[:k]  # [k, H]
         logits = self.draft_head.logits(feats)  # [k, Vd]
         if sampling.greedy:
-            tokens, q = [self.draft_head.token(int(i)) for i in greedy_tokens(logits)], None
+            drafted, q = [self.draft_head.token(int(i)) for i in greedy_tokens(logits)], None
         else:
             q = logits_to_probs(self.draft_head.to_full(logits), sampling)  # [k, V]
-            tokens = sample(q, generator).tolist()
+            drafted = sample(q, generator).tolist()
         scores: list[float] = []
-        for i, token in enumerate(tokens):  # the heads ran together; asked anyway, keep up to a no
+        for i, token in enumerate(drafted):  # the heads ran together; asked anyway, keep up to a no
             scores.append(draft_probability(logits[i], token, None if q is None else q[i]))
-            if more is not None and i + 1 < len(tokens) and not more(scores):
+            if more is not None and i + 1 < len(drafted) and not more(scores):
                 break
         n = len(scores)
-        return Draft(tokens[:n], None if q is None else q[:n], scores=scores)
+        return Draft(drafted[:n], None if q is None else q[:n], scores=scores)
 
 
 class MedusaTreeDrafter(GrowsTrees, MedusaDrafter):
