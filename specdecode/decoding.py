@@ -85,7 +85,7 @@ def decode(
     more: Callable[[list[float]], bool] | None = policy.keep_drafting if stop_below else None  # type: ignore[union-attr]
     if getattr(drafter, "scores_drafts", False) and hasattr(policy, "best_length"):
         calibration = ScoreAcceptance(getattr(drafter, "acceptance_by_score", None))
-        more = lambda scores: policy.keep_drafting(calibration.estimates(scores))  # type: ignore[union-attr]  # noqa: E731
+        more = calibration.drafting_by(policy)
     room = cache.max_length - len(prompt_ids)
     if room < 1:
         raise UserError(
@@ -169,9 +169,7 @@ def decode(
                          nodes=len(draft.tokens))
             if drafter is not None and policy is not None:
                 if calibration is not None and draft.scores:
-                    policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0,  # type: ignore[call-arg]
-                                   expected=calibration.estimates(draft.scores))
-                    calibration.observe(draft.scores, result.num_accepted)
+                    calibration.verified(policy, budget, draft.scores, result.num_accepted, t1 - t0)
                 else:
                     policy.observe(budget, len(draft.tokens), result.num_accepted, t1 - t0)
                 drafter.observe(draft, result)

@@ -10,6 +10,9 @@ drafter drafts one more token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 PRIOR_WEIGHT = 4.0  # the prior counts as this many verified tokens per bucket
 FADE = 0.98  # a request's own observations fade by this much per verification
 
@@ -64,3 +67,14 @@ class ScoreAcceptance(AcceptanceTable):
 
     def observe(self, scores: list[float], accepted: int) -> None:
         self.observe_chain([self.bucket(s) for s in scores], accepted)
+
+    def drafting_by(self, policy: Any) -> Callable[[list[float]], bool]:
+        """`propose(..., more=)` for a drafter priced by `policy` (cost_model.AutoK): draft one
+        more token while its `keep_drafting` says so on these estimates."""
+        return lambda scores: policy.keep_drafting(self.estimates(scores))
+
+    def verified(self, policy: Any, asked: int, scores: list[float], accepted: int, seconds: float) -> None:
+        """A scored chain (its kept tokens' scores) kept `accepted` tokens: `policy` counts the
+        estimates it was drafted on (AutoK.observe's `expected`), then the table learns the verdict."""
+        policy.observe(asked, len(scores), accepted, seconds, expected=self.estimates(scores))
+        self.observe(scores, accepted)

@@ -13,8 +13,9 @@ rate 0); the model drafter's rate is what its own `AutoK` expects from the accep
 shown this request and its cost per token (`step_cost`, in target steps: fixed, so that the
 choice depends on the tokens only and seeded sampling stays reproducible). The higher rate
 drafts; a model that scores its drafts (EAGLE) then drafts while one more token pays, on its
-calibrated scores (as alone under --k auto: cost_model.AutoK.keep_drafting). The model drafter is kept up to date whichever drafts (EAGLE reads the target's
-features of every committed token and catches up on its next call). Every choice depends on
+calibrated scores (as alone under --k auto: cost_model.AutoK.keep_drafting). The model drafter
+is kept up to date whichever drafts (EAGLE reads the target's features of every committed
+token and catches up on its next call). Every choice depends on
 the past only, and the draft is verified as any other: exact, greedy and sampled.
 
 With a fixed k (no cost table), lookup drafts where it finds a match, the model elsewhere.
@@ -94,8 +95,7 @@ class HybridDrafter:
             return self._drafted("lookup", Draft([]))
         if self.calibration is None:
             return self._drafted("model", self.model.propose(tokens, asked, sampling, generator), asked)
-        calibration = self.calibration
-        more = lambda scores: policy.keep_drafting(calibration.estimates(scores))  # noqa: E731
+        more = self.calibration.drafting_by(policy)
         draft = self.model.propose(tokens, k, sampling, generator, more=more)  # type: ignore[call-arg]
         return self._drafted("model", draft, len(draft.tokens))
 
@@ -112,8 +112,6 @@ class HybridDrafter:
             if self.model_policy is None:
                 return
             if self.calibration is not None and draft.scores:
-                self.model_policy.observe(self._asked, len(draft.tokens), result.num_accepted, 0.0,
-                                          expected=self.calibration.estimates(draft.scores))
-                self.calibration.observe(draft.scores, result.num_accepted)
+                self.calibration.verified(self.model_policy, self._asked, draft.scores, result.num_accepted, 0.0)
             else:
                 self.model_policy.observe(self._asked, len(draft.tokens), result.num_accepted, 0.0)
