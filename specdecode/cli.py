@@ -57,8 +57,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="ngram", help="none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | hybrid[:SPEC] (prompt lookup or SPEC, default eagle, whichever is worth more each step) | MODEL+CHEAPER "
-                   "(multi-level, e.g. model+ngram, layerskip:8+ngram) (default ngram)")
+    p.add_argument("--drafter", default="auto", help="auto | none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N] | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | hybrid[:SPEC] (prompt lookup or SPEC, default eagle, whichever is worth more each step) | MODEL+CHEAPER "
+                   "(multi-level, e.g. model+ngram, layerskip:8+ngram). Default auto: hybrid where the shipped EAGLE head "
+                        "was trained for the target (the embedded model), else ngram")
     p.add_argument("--draft", default=None, help="draft model for --drafter model (GGUF file or HF folder; another tokenizer drafts through text)")
     p.add_argument("--k", default=None,
                    help="draft length: auto (default: each step the k that maximises expected tokens per second "
@@ -175,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     grammar = grammar_from_args(args)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
+    args.drafter = engine.resolve_drafter(args.drafter)
     if args.compile:
         engine.warm_up(max_draft(args.k) + 1)  # compile verification steps now, not inside the timed request
     stream = engine.stream(

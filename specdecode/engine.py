@@ -33,7 +33,7 @@ from specdecode.cost_model import (
 )
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
-from specdecode.drafters.factory import build_drafter
+from specdecode.drafters.factory import auto_drafter, build_drafter
 from specdecode.errors import UserError
 from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
@@ -229,6 +229,11 @@ class Engine:
         if spec is None or not isinstance(spec, str):
             return spec
         return self._drafter_in(self._drafters, spec, draft)
+
+    def resolve_drafter(self, spec: str) -> str:
+        """The spec a name stands for on this target: 'auto' -> 'hybrid' where the shipped EAGLE
+        head was trained for it, else 'ngram' (factory.auto_drafter); other specs as given."""
+        return auto_drafter(self.model) if spec == "auto" else spec
 
     def _drafter_in(self, drafters: dict[tuple[str, str | None], Drafter | None], spec: str,
                     draft: str | None) -> Drafter | None:

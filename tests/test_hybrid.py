@@ -56,6 +56,17 @@ def test_greedy_hybrid_with_an_eagle_head_equals_autoregressive():
     assert drafter.steps["model"] > 0
 
 
+def test_auto_drafts_with_ngram_where_the_shipped_eagle_head_does_not_fit():
+    from specdecode.drafters.factory import auto_drafter
+    from specdecode.drafters.ngram import NgramDrafter
+
+    target = random_model(tiny_config("llama"), seed=10)  # not the embedded model: its head was not trained here
+    assert auto_drafter(target) == "ngram"
+    assert isinstance(build_drafter("auto", target), NgramDrafter)
+    with pytest.raises(UserError, match="auto takes no argument"):
+        build_drafter("auto:eagle", target)
+
+
 class _Fixed:
     """A model drafter that proposes `tokens` and says how often it is right."""
 

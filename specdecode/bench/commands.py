@@ -354,6 +354,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     limit = args.limit or (None if args.prompts else 1)
     prompts = load_prompts(args.prompt_set, args.prompts, limit)
     engine = Engine.load(args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
+    args.drafter = engine.resolve_drafter(args.drafter)
     named = [(p.id, prompt_ids(engine, p, not args.no_chat)) for p in prompts]
     say: Callable[[str], None] = (lambda text: None) if args.json else print
     say(f"check: drafter {args.drafter}, k={args.k}, dtype {engine.weight_format}, " + (

@@ -4,6 +4,8 @@ multi-level drafters MODEL+CHEAPER (a draft model drafting for itself with a che
 
 from __future__ import annotations
 
+import json
+
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
 from specdecode.drafters.multilevel import MultiLevelDrafter
@@ -13,7 +15,7 @@ from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.tokenizer import Tokenizer
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
+DRAFTERS = ("auto", "none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
             "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree", "hybrid")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
 # the lower level of a multi-level drafter (MODEL+CHEAPER): chains that draft for the draft model
@@ -40,6 +42,24 @@ def tree_variant(spec: str) -> str:
                     f"{', '.join(MODEL_TREES)} (or --tree off)")
 
 
+def auto_drafter(target: CausalLM) -> str:
+    """What `--drafter auto` drafts with: 'hybrid' (prompt lookup or the shipped EAGLE head,
+    whichever is worth more each step: the fastest single stream, 1.72x our AR loop against
+    ngram's 1.32x on all 244 bench prompts, docs/perf.md) where that head was trained for this
+    target, else 'ngram' (any target)."""
+    from specdecode.drafters.trained import ASSETS, CONFIG_FILE, check_target
+
+    if not isinstance(target, LlamaModel):
+        return "ngram"
+    folder = ASSETS / "eagle"
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        check_target(config, target, folder)
+    except (OSError, ValueError, UserError):
+        return "ngram"
+    return "hybrid"
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """'layerskip:8' -> ('layerskip', '8'); 'model:/path' -> ('model', '/path')."""
     name, _, arg = spec.partition(":")
@@ -62,6 +82,11 @@ def build_drafter(
     if "+" in spec:
         return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
     name, arg = parse_spec(spec)
+    if name == "auto":
+        if arg:
+            raise UserError(f"--drafter auto takes no argument, got '{spec}'")
+        return build_drafter(auto_drafter(target), target, draft_model, max_length, tokenizer, target_name,
+                             draft_tokenizer)
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
