@@ -278,6 +278,25 @@ def test_attention_rows_are_causal_softmax_and_batch_invariant(head_dim, T, past
 
 
 @ours
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_rows_of_a_whole_head_in_chunks_are_the_rows_split_across_tasks(head_dim):
+    """Decoding rows (<= 8 a KV head) take a head's values in one task, in chunks of at most
+    value_rows_for rows (64: 6 + 2, 128: 3 + 3 + 2); longer blocks split the rows over tasks:
+    every row bitwise the same either way, and as alone."""
+    g = torch.Generator().manual_seed(9)
+    H, Hkv, L, past = 8, 2, 96, 41
+    q = torch.randn(5, H + 2 * Hkv, head_dim, generator=g).bfloat16()[:, :H]
+    k = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
+    v = torch.randn(Hkv, L, head_dim, generator=g).bfloat16()
+    attend = lambda rows, at: torch.ops.specdecode.attend_rows(q[rows], k, v, torch.tensor(at))  # noqa: E731
+    block = attend(slice(0, 5), past)  # 20 rows a head: split over tasks
+    pair = attend(slice(0, 2), past)  # 8 rows a head: one task, chunked
+    assert torch.equal(pair, block[:2])
+    for t in range(5):
+        assert torch.equal(attend(slice(t, t + 1), past + t)[0], block[t])
+
+
+@ours
 @pytest.mark.parametrize("tiles", TILES_HERE)
 def test_glue_ops_compute_the_formulas_row_by_row(tiles):
     """rms_norm, rope_attend (RoPE + cache write + attention) and silu_mul: what the ATen ops
