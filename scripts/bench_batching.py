@@ -7,10 +7,10 @@ For each client count C, C threads each generate one request at a time from a sh
 prompts (MT-Bench and HumanEval, the bench's sets) until every prompt is answered, once with
 `max_batch = C` (their target forwards shared) and once with `max_batch = 1` (one request at
 a time, today's server); the two alternate `--rounds` times (medians). Prints aggregate
-tokens/s, mean request latency, the mean sequences per batched forward and how busy the
-forward thread was (its share of the wall time in forwards; the rest it waits for the
-sequences' own Python between two forwards), and checks that every greedy text is the same in
-both modes (batching must not change outputs).
+tokens/s, mean request latency, the mean sequences and rows per batched forward, its mean
+time, and how busy the forward thread was (its share of the wall time in forwards; the rest it
+waits for the sequences' own Python between two forwards), and checks that every greedy text
+is the same in both modes (batching must not change outputs).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from specdecode.engine import Engine
 
 
 def run(engine: Engine, prompts: list[list[dict[str, str]]], clients: int, max_batch: int, drafter: str | None, k: str,
-        max_new: int) -> tuple[float, float, float, float, list[str]]:
+        max_new: int) -> tuple[float, float, float, float, float, float, list[str]]:
     engine.enable_batching(max_batch)  # 1: one request at a time (the others wait for the seat)
     lock = threading.Lock()
     todo = list(enumerate(prompts))
@@ -59,7 +59,8 @@ def run(engine: Engine, prompts: list[list[dict[str, str]]], clients: int, max_b
     wall = time.perf_counter() - start
     assert engine.batcher is not None
     stats = engine.batcher.stats
-    return tokens / wall, statistics.mean(latencies), stats.mean_batch, stats.seconds / wall, texts
+    per_forward = stats.rows / max(1, stats.forwards), stats.seconds / max(1, stats.forwards)
+    return tokens / wall, statistics.mean(latencies), stats.mean_batch, stats.seconds / wall, *per_forward, texts
 
 
 def main() -> int:
@@ -83,13 +84,12 @@ def main() -> int:
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, drafter {args.drafter}, k {args.k}, "
           f"{args.threads} threads, kernel {getattr(engine.model, 'kernel', '?')}")
     for clients in args.clients:
-        got: dict[int, list[tuple[float, float, float, float]]] = {1: [], clients: []}
+        got: dict[int, list[tuple[float, ...]]] = {1: [], clients: []}
         reference: list[str] | None = None
         for _ in range(args.rounds):
             for max_batch in dict.fromkeys([clients, 1]):
-                rate, latency, mean_batch, busy, texts = run(engine, prompts, clients, max_batch, drafter, args.k,
-                                                             args.max_new_tokens)
-                got[max_batch].append((rate, latency, mean_batch, busy))
+                *figures, texts = run(engine, prompts, clients, max_batch, drafter, args.k, args.max_new_tokens)
+                got[max_batch].append(tuple(figures))
                 if reference is None:
                     reference = texts
                 elif texts != reference:
@@ -102,8 +102,11 @@ def main() -> int:
             latency = statistics.median(r[1] for r in rows)
             batch = statistics.median(r[2] for r in rows)
             busy = statistics.median(r[3] for r in rows)
+            rows_each = statistics.median(r[4] for r in rows)
+            ms_each = statistics.median(r[5] for r in rows) * 1e3
             print(f"clients {clients:2d}  max_batch {max_batch:2d}: {rate:6.1f} tok/s  mean latency {latency:5.2f} s  "
-                  f"sequences per forward {batch:4.2f}  forward thread busy {busy:4.0%}")
+                  f"sequences per forward {batch:4.2f}  rows {rows_each:4.1f}  {ms_each:5.1f} ms a forward  "
+                  f"forward thread busy {busy:4.0%}")
         if clients > 1:
             ratio = statistics.median(r[0] for r in got[clients]) / statistics.median(r[0] for r in got[1])
             print(f"clients {clients:2d}  batched / one at a time: {ratio:.2f}x tokens/s (texts identical)")
