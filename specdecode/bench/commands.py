@@ -7,6 +7,7 @@ The work is done by prompts.py (what to run on), runner.py (how), report.py/plot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -20,8 +21,9 @@ from typing import Any
 from specdecode.cli import add_decoding_args, add_model_args
 from specdecode.errors import UserError
 
-DEFAULTS = dict(limit=None, max_new_tokens=128, k="4", drafters="ngram,layerskip")
-QUICK = dict(limit=1, max_new_tokens=64, k="4", drafters="ngram,layerskip,quantized,eagle,hf,hf-lookup,llamacpp,llamacpp-lookup,llamacpp-lowlevel")
+# (drafter 'auto': what `generate` drafts with on the target, e.g. hybrid on the embedded model)
+DEFAULTS = dict(limit=None, max_new_tokens=128, k="auto", drafters="ngram,auto")
+QUICK = dict(limit=1, max_new_tokens=64, k="auto", drafters="ngram,layerskip,quantized,eagle,auto,hf,hf-lookup,llamacpp,llamacpp-lookup,llamacpp-lowlevel")
 FULL_K = "1,2,3,4,6,8,10,15"
 
 
@@ -55,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "model, quantized, eagle, medusa, distill, NAME-tree of the model drafters) and peers "
                        "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup, llamacpp-lowlevel, llamacpp-draft; "
                        "llama.cpp ones run in a child process each); our AR baseline always runs "
-                       "(default ngram,layerskip)")
+                       "(default ngram,auto: auto is what `generate` drafts with on the target, hybrid on the embedded model)")
     bench.add_argument("--draft", default=None, help="draft model for 'model' and 'hf-assisted' (GGUF or HF folder) and 'llamacpp-draft' (GGUF)")
-    bench.add_argument("--k", default=None, help=f"draft lengths to sweep, e.g. {FULL_K} (default 4)")
+    bench.add_argument("--k", default=None, help=f"draft lengths to sweep, e.g. {FULL_K} (default auto)")
     _add_sampling_args(bench)
     bench.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="runs per prompt and method")
@@ -139,6 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(threads)
     lab = Lab.load(args.target, args.dtype, args.draft, args.max_context, args.compile, args.draft_dtype)
+    resolved = tuple(dict.fromkeys(lab.engine.resolve_drafter(d) for d in config.drafters))
+    config = dataclasses.replace(config, drafters=resolved)
     if args.compile:
         print(f"compiling steps of 1..{config.longest_draft + 1} tokens (torch.compile; cached on disk by torch)",
               file=sys.stderr)
