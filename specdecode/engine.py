@@ -232,8 +232,9 @@ class Engine:
 
     def resolve_drafter(self, spec: str) -> str:
         """The spec a name stands for on this target: 'auto' -> 'hybrid' where the shipped EAGLE
-        head was trained for it, else 'ngram' (factory.auto_drafter); other specs as given."""
-        return auto_drafter(self.model) if spec == "auto" else spec
+        head was trained for it, else 'ngram'; 'auto-tree' (auto with --tree) -> 'eagle-tree'
+        there, else 'ngram-tree' (factory.auto_drafter); other specs as given."""
+        return auto_drafter(self.model, spec == "auto-tree") if spec in ("auto", "auto-tree") else spec
 
     def _drafter_in(self, drafters: dict[tuple[str, str | None], Drafter | None], spec: str,
                     draft: str | None) -> Drafter | None:

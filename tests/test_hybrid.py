@@ -57,6 +57,7 @@ def test_greedy_hybrid_with_an_eagle_head_equals_autoregressive():
 
 
 def test_auto_drafts_with_ngram_where_the_shipped_eagle_head_does_not_fit():
+    """And with --tree, ngram-tree (eagle-tree where the head fits: tests/test_real_model.py)."""
     from specdecode.drafters.factory import auto_drafter
     from specdecode.drafters.ngram import NgramDrafter
 
@@ -65,6 +66,11 @@ def test_auto_drafts_with_ngram_where_the_shipped_eagle_head_does_not_fit():
     assert isinstance(build_drafter("auto", target), NgramDrafter)
     with pytest.raises(UserError, match="auto takes no argument"):
         build_drafter("auto:eagle", target)
+    from specdecode.drafters.factory import tree_variant
+    from specdecode.drafters.ngram import NgramTreeDrafter
+
+    assert tree_variant("auto") == "auto-tree" and auto_drafter(target, tree=True) == "ngram-tree"
+    assert isinstance(build_drafter("auto-tree", target), NgramTreeDrafter)  # (`--drafter auto --tree N`)
 
 
 class _Fixed:

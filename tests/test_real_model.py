@@ -65,7 +65,7 @@ def test_shipped_trained_drafters_predict_the_embedded_target(engine, spec):
 def test_the_default_drafter_is_the_hybrid_with_the_shipped_eagle_head(engine, autoregressive):
     """`--drafter auto` (generate's default): the shipped EAGLE head fits the embedded target,
     so auto drafts with hybrid (lookup or EAGLE each step), exactly."""
-    assert engine.resolve_drafter("auto") == "hybrid"
+    assert engine.resolve_drafter("auto") == "hybrid" and engine.resolve_drafter("auto-tree") == "eagle-tree"
     out = engine.generate(PROMPTS[0], drafter="auto", max_new_tokens=NEW)
     assert out.token_ids == autoregressive[0]
     assert out.stats.mean_accepted_length > 1.1, out.stats.summary_line()

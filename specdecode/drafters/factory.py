@@ -15,7 +15,7 @@ from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
 from specdecode.tokenizer import Tokenizer
 
-DRAFTERS = ("auto", "none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
+DRAFTERS = ("auto", "auto-tree", "none", "ngram", "ngram-tree", "lookahead", "retrieval", "layerskip", "layerskip-tree", "model", "model-tree", "quantized",
             "quantized-tree", "eagle", "eagle-tree", "medusa", "medusa-tree", "distill", "distill-tree", "hybrid")
 MODEL_TREES = ("layerskip", "model", "quantized", "distill")  # draft models that also grow trees: NAME-tree
 # the lower level of a multi-level drafter (MODEL+CHEAPER): chains that draft for the draft model
@@ -32,6 +32,8 @@ def tree_variant(spec: str) -> str:
     name, arg = parse_spec(spec)
     if name.endswith("-tree") or name in ("lookahead", "retrieval"):
         return spec
+    if name == "auto":
+        return "auto-tree"
     if name == "ngram":
         if arg:
             raise UserError(f"--tree with ngram uses ngram-tree[:BRANCHES] (its own n-gram sizes); drop ':{arg}'")
@@ -42,22 +44,24 @@ def tree_variant(spec: str) -> str:
                     f"{', '.join(MODEL_TREES)} (or --tree off)")
 
 
-def auto_drafter(target: CausalLM) -> str:
+def auto_drafter(target: CausalLM, tree: bool = False) -> str:
     """What `--drafter auto` drafts with: 'hybrid' (prompt lookup or the shipped EAGLE head,
     whichever is worth more each step: the fastest single stream, 1.72x our AR loop against
     ngram's 1.32x on all 244 bench prompts, docs/perf.md) where that head was trained for this
-    target, else 'ngram' (any target)."""
+    target, else 'ngram' (any target). tree (`--drafter auto --tree ...`): 'eagle-tree' there,
+    else 'ngram-tree'."""
     from specdecode.drafters.trained import ASSETS, CONFIG_FILE, check_target
 
-    if not isinstance(target, LlamaModel):
-        return "ngram"
-    folder = ASSETS / "eagle"
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        check_target(config, target, folder)
-    except (OSError, ValueError, UserError):
-        return "ngram"
-    return "hybrid"
+    fits = isinstance(target, LlamaModel)
+    if fits:
+        folder = ASSETS / "eagle"
+        try:
+            check_target(json.loads((folder / CONFIG_FILE).read_text()), target, folder)
+        except (OSError, ValueError, UserError):
+            fits = False
+    if tree:
+        return "eagle-tree" if fits else "ngram-tree"
+    return "hybrid" if fits else "ngram"
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -82,11 +86,11 @@ def build_drafter(
     if "+" in spec:
         return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
     name, arg = parse_spec(spec)
-    if name == "auto":
+    if name in ("auto", "auto-tree"):
         if arg:
             raise UserError(f"--drafter auto takes no argument, got '{spec}'")
-        return build_drafter(auto_drafter(target), target, draft_model, max_length, tokenizer, target_name,
-                             draft_tokenizer)
+        return build_drafter(auto_drafter(target, name == "auto-tree"), target, draft_model, max_length, tokenizer,
+                             target_name, draft_tokenizer)
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
