@@ -337,6 +337,17 @@ def test_bench_sampling_run(hf_folders, prompt_file, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_bench_defaults_run_k_auto_and_what_generate_drafts_with(hf_folders, prompt_file, tmp_path):
+    """No --drafters / --k: ngram and `auto` at --k auto; auto is ngram on a target the shipped
+    EAGLE head was not trained for (one method, not two)."""
+    target, _ = hf_folders
+    rc = main(["bench", "--target", str(target), "--prompts", str(prompt_file), "--max-new-tokens", "4", "--limit", "1",
+               "--no-progress", "--no-plots", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    labels = [m["label"] for m in json.loads((tmp_path / "results.json").read_text())["methods"]]
+    assert labels == ["ar", "ngram k=auto"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--drafters", "ngram,warp"], "unknown method 'warp'"),
     (["--k", "0,2"], "numbers >= 1"),
