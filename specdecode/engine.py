@@ -33,7 +33,7 @@ from specdecode.cost_model import (
 )
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
-from specdecode.drafters.factory import auto_drafter, build_drafter
+from specdecode.drafters.factory import build_drafter, resolve_auto
 from specdecode.errors import UserError
 from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
@@ -233,8 +233,8 @@ class Engine:
     def resolve_drafter(self, spec: str) -> str:
         """The spec a name stands for on this target: 'auto' -> 'hybrid' where the shipped EAGLE
         head was trained for it, else 'ngram'; 'auto-tree' (auto with --tree) -> 'eagle-tree'
-        there, else 'ngram-tree' (factory.auto_drafter); other specs as given."""
-        return auto_drafter(self.model, spec == "auto-tree") if spec in ("auto", "auto-tree") else spec
+        there, else 'ngram-tree' (factory.resolve_auto); other specs as given."""
+        return resolve_auto(spec, self.model)
 
     def _drafter_in(self, drafters: dict[tuple[str, str | None], Drafter | None], spec: str,
                     draft: str | None) -> Drafter | None:

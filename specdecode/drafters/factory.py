@@ -50,18 +50,29 @@ def auto_drafter(target: CausalLM, tree: bool = False) -> str:
     ngram's 1.32x on all 244 bench prompts, docs/perf.md) where that head was trained for this
     target, else 'ngram' (any target). tree (`--drafter auto --tree ...`): 'eagle-tree' there,
     else 'ngram-tree'."""
-    from specdecode.drafters.trained import ASSETS, CONFIG_FILE, check_target
+    from specdecode.drafters.trained import CONFIG_FILE, check_target, resolve_folder
 
     fits = isinstance(target, LlamaModel)
     if fits:
-        folder = ASSETS / "eagle"
         try:
+            folder = resolve_folder("eagle", None)
             check_target(json.loads((folder / CONFIG_FILE).read_text()), target, folder)
         except (OSError, ValueError, UserError):
             fits = False
     if tree:
         return "eagle-tree" if fits else "ngram-tree"
     return "hybrid" if fits else "ngram"
+
+
+def resolve_auto(spec: str, target: CausalLM) -> str:
+    """'auto' / 'auto-tree' (auto with --tree) -> the spec it stands for on `target`
+    (auto_drafter); any other spec as given."""
+    name, arg = parse_spec(spec)
+    if name not in ("auto", "auto-tree"):
+        return spec
+    if arg:
+        raise UserError(f"--drafter auto takes no argument, got '{spec}'")
+    return auto_drafter(target, name == "auto-tree")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -87,10 +98,8 @@ def build_drafter(
         return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
     name, arg = parse_spec(spec)
     if name in ("auto", "auto-tree"):
-        if arg:
-            raise UserError(f"--drafter auto takes no argument, got '{spec}'")
-        return build_drafter(auto_drafter(target, name == "auto-tree"), target, draft_model, max_length, tokenizer,
-                             target_name, draft_tokenizer)
+        return build_drafter(resolve_auto(spec, target), target, draft_model, max_length, tokenizer, target_name,
+                             draft_tokenizer)
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
