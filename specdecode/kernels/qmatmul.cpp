@@ -1218,10 +1218,7 @@ void attend_head(const at::BFloat16* qp, int64_t qs, int64_t T, int64_t H, int64
   if ((int64_t)scores.size() < H * T * width) scores.resize(H * T * width);
   for (int64_t b = 0; b < blocks; ++b)
     score_block(qp, qs, T, D, kp + kv * hs, S, past, kv, group, b * 16, scale, scores.data(), width);
-  const int64_t per_head = T * group, rows = value_rows_for((int)(D / 16));
-  for (int64_t first = 0; first < per_head; first += rows)
-    head_values(T, H, D, vp + kv * hs, past, group, op, paths, scores.data(), width, kv, first,
-                (int)std::min(rows, per_head - first));
+  head_values(T, H, D, vp + kv * hs, past, group, op, paths, scores.data(), width, kv, 0, (int)(T * group));
 }
 
 // ---------------------------------------------------------------------------------------------
