@@ -266,16 +266,13 @@ SD_VNNI inline __m512i bcast_quad(const int8_t* p) {
 
 constexpr int64_t kPrefetchGroups = 8;
 
-// Ask for group g of TILES output tiles (group_bytes each) a few groups before it is used: the
-// weights' memory traffic and the arithmetic overlap. Near a tile's end (g >= G), the start of
-// the tiles after this call's (the next call's: tiles lie one after another), whose first groups
-// were not prefetched before (a prefetch past the weights' end does not fault).
-template <int TILES>
+// Ask for group g of a tile (group_bytes each) a few groups before it is used: the weights'
+// memory traffic and the arithmetic overlap. Near the tile's end (g >= G), the start of the next
+// tile (tiles lie one after another), whose first groups were not prefetched before (a prefetch
+// past the weights' end does not fault).
 SD_VNNI inline void prefetch_group(const uint8_t* wt, int64_t tile_bytes, int64_t g, int64_t G, int group_bytes) {
-  for (int u = 0; u < TILES; ++u) {
-    const uint8_t* next = g < G ? wt + u * tile_bytes + g * group_bytes : wt + (TILES + u) * tile_bytes + (g - G) * group_bytes;
-    for (int line = 0; line < group_bytes; line += 64) _mm_prefetch((const char*)(next + line), _MM_HINT_T0);
-  }
+  const uint8_t* next = g < G ? wt + g * group_bytes : wt + tile_bytes + (g - G) * group_bytes;
+  for (int line = 0; line < group_bytes; line += 64) _mm_prefetch((const char*)(next + line), _MM_HINT_T0);
 }
 
 // One group's exact int32 sums (16 outputs of one row) into the row's fp32 totals.
@@ -288,71 +285,65 @@ SD_VNNI inline __m512 add_group_int8(__m512 tot, __m512i acc, __m512 d, float dx
   return _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(acc)), _mm512_set1_ps(dx), tot);
 }
 
-template <int R, int TILES, bool INT4>
+// R rows x one tile of 16 outputs over all groups, one tile at a time for every row count: each
+// tile's weights stream from memory in order, one stream per thread, which the prefetchers follow
+// best. (Tiles side by side, up to 4 for one row, had hidden `vpdpbusd`'s latency when a step's
+// matmuls ran on one thread; with a thread per core streaming its own share, one tile at a time
+// measured faster at every row count. Zen 4, in one process switched at run time: the embedded
+// int4 model's step at T = 1 / 2 / 3 / 5 0.89 / 0.84 / 0.85 / 0.90 of the side-by-side tiles,
+// T = 9 the same (one tile already); the qwen2-1.5B-shaped Q4_K_M 0.70 / 0.76 / 0.89 / 0.99 of
+// them; int8 T = 1 / 2 1.00 / 0.94.) Each row's instructions and their order are the same
+// whatever R is, so results are batch invariant.
+template <int R, bool INT4>
 SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt,
                             const int16_t* ws, const int8_t* xq, int64_t ldx, const float* dx, const float* sq,
                             int64_t G, at::BFloat16* y, int64_t ldy) {
-  alignas(64) float tot[R * TILES][kTile];
-  for (int i = 0; i < R * TILES; ++i) _mm512_store_ps(tot[i], _mm512_setzero_ps());
+  alignas(64) float tot[R][kTile];
+  for (int r = 0; r < R; ++r) _mm512_store_ps(tot[r], _mm512_setzero_ps());
   const __m512i low4 = _mm512_set1_epi8(0x0f);
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[TILES][R];
-    for (int u = 0; u < TILES; ++u)
-      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_si512();
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
     const int8_t* xg = xq + g * kGroup;
-    prefetch_group<TILES>(wt, tile_bytes, g + kPrefetchGroups, G, INT4 ? 256 : 512);
-    __m512i pair[TILES][2];  // int4: quads 2p and 2p+1, from one 64-byte load
+    prefetch_group(wt, tile_bytes, g + kPrefetchGroups, G, INT4 ? 256 : 512);
+    __m512i pair[2];  // int4: quads 2p and 2p+1, from one 64-byte load
 #pragma GCC unroll 8  // (rolled, GCC copied every accumulator twice an iteration: -25% at T=9)
     for (int qd = 0; qd < 8; ++qd) {
-      for (int u = 0; u < TILES; ++u) {
-        if constexpr (INT4) {
-          if (qd % 2 == 0) {
-            __m512i raw = _mm512_loadu_si512(wt + u * tile_bytes + g * 256 + qd * 32);
-            pair[u][0] = _mm512_and_si512(raw, low4);
-            pair[u][1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-          }
-          const __m512i w = pair[u][qd % 2];
-          for (int r = 0; r < R; ++r) acc[u][r] = _mm512_dpbusd_epi32(acc[u][r], w, bcast_quad(xg + r * ldx + 4 * qd));
-        } else {
-          __m512i w = _mm512_loadu_si512(wt + u * tile_bytes + g * 512 + qd * 64);
-          for (int r = 0; r < R; ++r)
-            acc[u][r] = _mm512_dpbusd_epi32(acc[u][r], _mm512_xor_si512(bcast_quad(xg + r * ldx + 4 * qd), flip), w);
+      if constexpr (INT4) {
+        if (qd % 2 == 0) {
+          __m512i raw = _mm512_loadu_si512(wt + g * 256 + qd * 32);
+          pair[0] = _mm512_and_si512(raw, low4);
+          pair[1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         }
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], pair[qd % 2], bcast_quad(xg + r * ldx + 4 * qd));
+      } else {
+        __m512i w = _mm512_loadu_si512(wt + g * 512 + qd * 64);
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(bcast_quad(xg + r * ldx + 4 * qd), flip), w);
       }
     }
-    for (int u = 0; u < TILES; ++u) {
-      const int64_t so = u * G * kTile + g * kTile;
-      __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
-      if constexpr (INT4) {
-        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + so)));
-        for (int r = 0; r < R; ++r)
-          _mm512_store_ps(tot[u * R + r], add_group_int4(_mm512_load_ps(tot[u * R + r]), acc[u][r], d, m, sq[r * G + g], dx[r * G + g]));
-      } else {
-        __m512i corr = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(ws + so))), 7);
-        for (int r = 0; r < R; ++r)
-          _mm512_store_ps(tot[u * R + r], add_group_int8(_mm512_load_ps(tot[u * R + r]), _mm512_sub_epi32(acc[u][r], corr), d, dx[r * G + g]));
-      }
+    const int64_t so = g * kTile;
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dt + so)));
+    if constexpr (INT4) {
+      __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + so)));
+      for (int r = 0; r < R; ++r)
+        _mm512_store_ps(tot[r], add_group_int4(_mm512_load_ps(tot[r]), acc[r], d, m, sq[r * G + g], dx[r * G + g]));
+    } else {
+      __m512i corr = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i*)(ws + so))), 7);
+      for (int r = 0; r < R; ++r)
+        _mm512_store_ps(tot[r], add_group_int8(_mm512_load_ps(tot[r]), _mm512_sub_epi32(acc[r], corr), d, dx[r * G + g]));
     }
   }
-  for (int u = 0; u < TILES; ++u)
-    for (int r = 0; r < R; ++r) store_bf16_rne(y + r * ldy + u * kTile, _mm512_load_ps(tot[u * R + r]));
+  for (int r = 0; r < R; ++r) store_bf16_rne(y + r * ldy, _mm512_load_ps(tot[r]));
 }
-
-// Tiles side by side in the VNNI kernels: measured on the 49152 x 576 output head and the layers
-// of the embedded model (Zen 4): past a few rows one tile at a time streams the weights better
-// (int8 at 6-8 rows: 2.5 ms with 2 tiles, 1.9 with 1); two rows go two tiles wide, as three do
-// (with four, a 2-row forward of the embedded int4 model cost ~1.08 one-row steps, 3 rows ~1.02;
-// with two, ~1.01: medians of 40 in one process, four processes alternated).
-constexpr int vnni_tiles_for(int R, bool int4) { return R <= 1 ? 4 : R <= (int4 ? 5 : 2) ? 2 : 1; }
 
 using VnniFn = void (*)(const uint8_t*, int64_t, const at::Half*, const at::Half*, const int16_t*, const int8_t*, int64_t,
                         const float*, const float*, int64_t, at::BFloat16*, int64_t);
 
 template <bool INT4, int... Rs>
 struct VnniKernels {
-  static constexpr VnniFn wide[] = {tile_rows_vnni<Rs, vnni_tiles_for(Rs, INT4), INT4>...};
-  static constexpr VnniFn narrow[] = {tile_rows_vnni<Rs, 1, INT4>...};
+  static constexpr VnniFn rows[] = {tile_rows_vnni<Rs, INT4>...};
 };
 
 template <bool INT4>
@@ -394,33 +385,24 @@ struct VnniCall {
   const at::BFloat16* bias;  // [N] or nullptr
 
   static int64_t chunks(int64_t T) { return (T + kMaxRows - 1) / kMaxRows; }
-  // Tiles side by side for T rows (chunks of 8 rows and more all run one tile at a time: the
-  // same for every chunk).
-  static int wide(int64_t T) { return vnni_tiles_for((int)(T / chunks(T)), INT4); }
   // Tiles a chunk of work takes, each thread first through its own contiguous share of the tiles
-  // (common.h take_shares). Several rows: about 8 chunks a thread (whole `wide` groups); one row,
-  // which streams the weights: the share in one chunk (in fresh processes 8 chunks measured 2-7%
-  // slower there, in one process 0-3% faster: kept as it was).
+  // (common.h take_shares). Several rows: about 8 chunks a thread; one row, which streams the
+  // weights: the share in one chunk (in fresh processes 8 chunks measured 2-7% slower there, in
+  // one process 0-3% faster: kept as it was).
   static int64_t step(int64_t T, int64_t tiles, int64_t threads) {
-    const int64_t span = wide(T);
-    return T == 1 ? (tiles + threads - 1) / threads : std::max<int64_t>(span, (tiles / (8 * threads) / span + 1) * span);
+    return T == 1 ? (tiles + threads - 1) / threads : tiles / (8 * threads) + 1;
   }
   void run(int64_t begin, int64_t end) const {
     const int64_t n = chunks(T);
-    const int span = wide(T);
-    auto tile = [&](bool many, int64_t j) {
+    for (int64_t j = begin; j < end; ++j)
       for (int64_t c = 0, t0 = 0; c < n; ++c) {
         const int rows = (int)((T - t0) / (n - c));
-        const VnniFn fn = many ? VnniRowKernels<INT4>::wide[rows - 1] : VnniRowKernels<INT4>::narrow[rows - 1];
         const int64_t so = j * G * kTile;
-        fn(w + j * tile_bytes, tile_bytes, d + so, INT4 ? m + so : nullptr, INT4 ? nullptr : ws + so, q + t0 * K, K,
-           dx + t0 * G, sq + t0 * G, G, y + t0 * N + j * kTile, N);
+        VnniRowKernels<INT4>::rows[rows - 1](w + j * tile_bytes, tile_bytes, d + so, INT4 ? m + so : nullptr,
+                                             INT4 ? nullptr : ws + so, q + t0 * K, K, dx + t0 * G, sq + t0 * G, G,
+                                             y + t0 * N + j * kTile, N);
         t0 += rows;
       }
-    };
-    int64_t j = begin;
-    for (; j + span <= end; j += span) tile(true, j);
-    for (; j < end; ++j) tile(false, j);
     if (bias) add_bias(y, N, T, bias, begin * kTile, end * kTile);
   }
 };
