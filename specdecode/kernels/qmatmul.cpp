@@ -290,10 +290,10 @@ SD_VNNI inline __m512 add_group_int8(__m512 tot, __m512i acc, __m512 d, float dx
 // best. (Tiles side by side, up to 4 for one row, had hidden `vpdpbusd`'s latency when a step's
 // matmuls ran on one thread; with a thread per core streaming its own share, one tile at a time
 // measured faster at every row count. Zen 4, in one process switched at run time: the embedded
-// int4 model's step at T = 1 / 2 / 3 / 5 0.89 / 0.84 / 0.85 / 0.90 of the side-by-side tiles,
-// T = 9 the same (one tile already); the qwen2-1.5B-shaped Q4_K_M 0.70 / 0.76 / 0.89 / 0.99 of
-// them; int8 T = 1 / 2 1.00 / 0.94.) Each row's instructions and their order are the same
-// whatever R is, so results are batch invariant.
+// int4 model's step at T = 1 / 2 / 3 / 5 0.82 / 0.76 / 0.83 / 0.90 of the side-by-side tiles,
+// T = 9 the same (one tile already); the qwen2-1.5B-shaped Q4_K_M 0.86 / 0.84 / 0.93 / 0.97;
+// all-int8 T = 1 / 2 0.90 / 0.81; docs/perf.md, session 30.) Each row's instructions and their
+// order are the same whatever R is, so results are batch invariant.
 template <int R, bool INT4>
 SD_VNNI void tile_rows_vnni(const uint8_t* wt, int64_t tile_bytes, const at::Half* dt, const at::Half* mt,
                             const int16_t* ws, const int8_t* xq, int64_t ldx, const float* dx, const float* sq,
