@@ -96,10 +96,10 @@ def build_drafter(
     `tokenizer` drafts through text, drafters/universal.py) | 'MODEL+CHEAPER' (multi-level)."""
     if "+" in spec:
         return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
+    resolved = resolve_auto(spec, target)  # ('auto' and 'auto-tree': the spec they stand for)
+    if resolved != spec:
+        return build_drafter(resolved, target, draft_model, max_length, tokenizer, target_name, draft_tokenizer)
     name, arg = parse_spec(spec)
-    if name in ("auto", "auto-tree"):
-        return build_drafter(resolve_auto(spec, target), target, draft_model, max_length, tokenizer, target_name,
-                             draft_tokenizer)
     if name == "none":
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
