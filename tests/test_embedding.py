@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from specdecode import kernels
 from specdecode.models.embedding import BlockEmbedding, DenseEmbedding
 from specdecode.models.synthetic import _random_tensor
 
@@ -27,8 +28,12 @@ def test_block_rows_are_the_float_paths(kind: str, dtype: torch.dtype) -> None:
     blocks = torch.from_numpy(raw.copy())
     emb = BlockEmbedding(blocks, int(qtype), hidden, dtype)
     ids = torch.tensor([[5, 0, 47], [5, 5, 12]])
-    assert torch.equal(emb.rows(ids), float_path[ids])
-    assert torch.equal(emb.rows(ids[0, :1]), float_path[ids[0, :1]])
+    assert emb.native == kernels.gguf_native(int(qtype))  # our library's gguf_embed where it takes the type
+    for native in sorted({emb.native, False}):  # the library's rows and the fallback's, both the float path's
+        emb.native = native
+        assert torch.equal(emb.rows(ids), float_path[ids])
+        assert torch.equal(emb.rows(ids[0, :1]), float_path[ids[0, :1]])
+        assert torch.equal(emb.rows(ids.int()), float_path[ids])
     assert torch.equal(emb.full(), float_path)
     assert emb.nbytes == blocks.numel() and emb.dtype == dtype
     assert torch.equal(DenseEmbedding(float_path).rows(ids), emb.rows(ids))
@@ -44,3 +49,15 @@ def test_full_table_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = torch.from_numpy(raw.reshape(10, -1).copy())
     emb = BlockEmbedding(blocks, int(gguf.GGMLQuantizationType.Q4_0), 64, torch.bfloat16)
     assert torch.equal(emb.full(), emb.rows(torch.arange(10)))
+
+
+def test_native_rows_refuse_ids_outside_the_vocabulary() -> None:
+    import gguf
+
+    raw = _random_tensor("token_embd.weight", (10, 64), "Q8_0", np.random.default_rng(1))
+    emb = BlockEmbedding(torch.from_numpy(raw.reshape(10, -1).copy()), int(gguf.GGMLQuantizationType.Q8_0), 64,
+                         torch.bfloat16)
+    if not emb.native:
+        pytest.skip("our library is not built here")
+    with pytest.raises(RuntimeError, match="token id 10 is outside the vocabulary"):
+        emb.rows(torch.tensor([3, 10]))

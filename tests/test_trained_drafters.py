@@ -330,8 +330,9 @@ def test_eagle_head_on_our_kernels_computes_what_the_block_does(kind):
         if kind == "eagle3-qkv":  # EAGLE-3's layer runs op by op (its q/k/v read 2H)
             assert native.native.fused is None
             continue
-        # the layer in one call (specdecode::decoder_layers) is bitwise its ops called one by one
-        assert native.native.fused is not None
+        # the layer in one call (specdecode::decoder_layers), and with the input mix before it
+        # (specdecode::eagle_layer), is bitwise its ops called one by one
+        assert native.native.fused is not None and native.native.mix is not None
         by_ops = copy.deepcopy(native)
         by_ops.native.fused = None
         cache = by_ops.new_cache(64, torch.bfloat16)

@@ -143,12 +143,18 @@ class EagleHead(nn.Module):
         ancestors and itself), and their keys and values are appended to the cache."""
         c, t = self.config, features.shape[1]
         if cache is not None and self.native is not None:  # drafting on our kernels (B = 1)
+            rope = rope_pairs(positions, c.head_dim, c.rope_theta)
+            x = None if c.mix == "qkv" else self.native.mixed(features[0], embeddings[0], rope, cache, parents)
+            if x is not None:  # mix and layer in one call
+                out = x.to(features.dtype).unsqueeze(0)
+                cache.length += t
+                return out
             if c.mix == "qkv":
                 x = torch.cat((embeddings[0].float(), features[0].float()), -1)
             else:
                 mixed = torch.cat((_kernel_norm(self.feature_norm, features[0]), _kernel_norm(self.embed_norm, embeddings[0])), -1)
                 x = self.fc(mixed).float()
-            x = self.native(x, rope_pairs(positions, c.head_dim, c.rope_theta), cache, parents)
+            x = self.native(x, rope, cache, parents)
             out = x.to(features.dtype).unsqueeze(0)
         else:
             x = self.inputs(features, embeddings)
@@ -191,6 +197,8 @@ class EagleDrafter:
         self.module = head  # as trained / loaded (what save_eagle writes)
         self.head, self.draft_head = drafting_parts(target, head, vocab_ids)  # what drafts
         self.head.native = NativeBlock.build(head.layer, draft_quant(target), target.dtype)
+        if self.head.native is not None and head.config.mix == "fc":
+            self.head.native.mix_with(self.head.feature_norm, self.head.embed_norm, self.head.fc)
         # rows as the target embeds them, in its activation dtype (a quantized target computes in
         # bf16; a directly loaded one dequantizes just these rows of its GGUF blocks)
         self.embed = target.embed_rows

@@ -307,6 +307,7 @@ class NativeBlock:
         # the layer in one call (`specdecode::decoder_layers`), where its stacks are on our kernels
         self.fused = None if self.hidden_norm is not None else FusedLayers.from_stacks(
             (self.qkv, self.o, self.gate_up, self.down), [self.input_norm], [self.post_norm])
+        self.mix: tuple | None = None  # an EAGLE head's input mix on our kernels (mix_with)
 
     @classmethod
     def build(cls, block: Block, quant: str | None, dtype: torch.dtype) -> "NativeBlock | None":
@@ -316,6 +317,28 @@ class NativeBlock:
                 or hidden % 16 or inter % 16 or a.heads % a.kv_heads):
             return None
         return cls(block, quant, dtype)
+
+    def mix_with(self, feature_norm: nn.Module, embed_norm: nn.Module, fc: "QuantLinear") -> None:
+        """An EAGLE head's input mix, fc(norm(feature) ⊕ norm(embedding)) + b, to run with the
+        layer in one call (`mixed`), where fc and the layer are on our kernels."""
+        stack = fc.stack
+        if self.fused is None or not hasattr(stack, "fused_kind"):
+            return
+        self.mix = (feature_norm.weight.detach().float(), embed_norm.weight.detach().float(), feature_norm.eps,
+                    stack.fused_kind, list(stack.fused_weights(0)), stack.biases[0])
+
+    def mixed(self, features: torch.Tensor, embeddings: torch.Tensor, rope: torch.Tensor, cache: KVCache,
+              parents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layer over fc(norm(features) ⊕ norm(embeddings)) + b ([T, hidden] bf16 each) in one
+        call (`specdecode::eagle_layer`: bitwise the op-by-op mix and __call__); returns x [T,
+        hidden] fp32, or None where `mix_with` found no fused path."""
+        if self.mix is None or self.fused is None:
+            return None
+        fused, (f_norm, e_norm, norm_eps, kind, weights, bias) = self.fused, self.mix
+        cache.ensure(cache.length + features.shape[0])
+        return torch.ops.specdecode.eagle_layer(
+            features, embeddings, f_norm, e_norm, norm_eps, kind, weights, bias, rope, cache.k, cache.v, cache.length,
+            parents, self.heads, self.tiles, self.eps, fused.kinds, fused.norms, fused.weights, fused.biases)  # type: ignore[union-attr]
 
     def __call__(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden] fp32 (updated in place and returned; EAGLE-3's layer: [T, 2 hidden],

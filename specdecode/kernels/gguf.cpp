@@ -239,12 +239,38 @@ bool split_q4_k(const at::Tensor& raw_in, at::Tensor nibbles, at::Tensor d, at::
   return finite;
 }
 
+// The rows of `tokens` (long, any shape) of an embedding stored as GGUF blocks (uint8 [V, bytes
+// a row]): each dequantized bitwise as dequantize_gguf does it, then rounded to `dtype` as ATen's
+// `.to()` rounds float32 -> [*tokens.shape, K]. One call for what a decode step embeds (a few
+// rows): no threads woken, no per-op dispatch.
+at::Tensor gguf_embed(const at::Tensor& blocks, const at::Tensor& tokens_in, int64_t ggml_type, at::ScalarType dtype) {
+  TORCH_CHECK(blocks.dim() == 2, "specdecode gguf_embed: the embedding's blocks must be uint8 [rows, bytes a row]");
+  TORCH_CHECK(tokens_in.scalar_type() == at::kLong, "specdecode gguf_embed: token ids must be int64");
+  const GGUFRows in = gguf_rows(blocks, ggml_type);
+  const at::Tensor tokens = tokens_in.contiguous();
+  const int64_t n = tokens.numel();
+  const int64_t* ids = tokens.data_ptr<int64_t>();
+  const uint8_t* src = in.raw.data_ptr<uint8_t>();
+  const int64_t row_bytes = in.blocks * in.type->block_bytes;
+  at::Tensor out = at::empty({n, in.K}, blocks.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < in.rows, "specdecode gguf_embed: token id ", ids[i], " is outside the vocabulary (",
+                in.rows, " rows)");
+    in.row(src + ids[i] * row_bytes, in.blocks, dst + i * in.K);
+  }
+  std::vector<int64_t> shape(tokens.sizes().begin(), tokens.sizes().end());
+  shape.push_back(in.K);
+  return (dtype == at::kFloat ? out : out.to(dtype)).view(shape);
+}
+
 }  // namespace
 }  // namespace sdk
 
 TORCH_LIBRARY_FRAGMENT(specdecode, m) {
   m.def("gguf_supported(int ggml_type) -> bool", &sdk::gguf_supported);  // no tensors: one kernel for every dispatch key
   m.def("dequantize_gguf(Tensor raw, int ggml_type) -> Tensor");
+  m.def("gguf_embed(Tensor blocks, Tensor tokens, int ggml_type, ScalarType dtype) -> Tensor");
   m.def("gguf_to_q4_1(Tensor raw, int ggml_type, Tensor(a!) nibbles, Tensor(b!) d, Tensor(c!) m) -> ()");
   m.def("gguf_to_q8_0(Tensor raw, int ggml_type, Tensor(a!) q, Tensor(b!) d) -> ()");
   m.def("split_gguf_blocks(Tensor raw, int ggml_type, Tensor(a!) codes, Tensor(b!) d, Tensor(c!)? m=None) -> ()");
@@ -253,6 +279,7 @@ TORCH_LIBRARY_FRAGMENT(specdecode, m) {
 
 TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("dequantize_gguf", &sdk::dequantize_gguf);
+  m.impl("gguf_embed", &sdk::gguf_embed);
   m.impl("gguf_to_q4_1", &sdk::gguf_to_q4_1);
   m.impl("gguf_to_q8_0", &sdk::gguf_to_q8_0);
   m.impl("split_gguf_blocks", &sdk::split_gguf_blocks);
