@@ -47,7 +47,12 @@ DEFAULT_K_MAX = 8  # auto considers 0..8 drafted tokens (verification steps of 1
 TREE_MAX_NODES = 32  # a tree drafter's auto size considers 0..32 nodes (verification steps of 1..33)
 # the step lengths measured for trees; the others are interpolated (cost is close to linear in T)
 TREE_POINTS = (1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 17, 21, 25, 33)
-PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again
+PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again,
+PROBE_MAX = 64  # and after every probe that did not bring drafting back, twice as many (up to this)
+# a drafted token's cost, in target steps, before the fit has seen a drafting call (the first
+# call is left out of it): what the shipped EAGLE head's costs (0.10-0.16); counted as free, a
+# drafter that is never right (layerskip) was drafted with on the first steps of every request
+DRAFT_COST_PRIOR = 0.15
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,14 @@ class AutoK:
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
         self.idle_steps = 0
+        # A probe is a draft the estimates say does not pay, drafted to see whether acceptance
+        # came back (a change of topic); each one that finds it has not waits twice as long for the
+        # next. A drafter that is never right (layerskip of an untrained model: 2-6% acceptance,
+        # the draft ~0.4 target steps plus its catch-up) probed every 8 steps ran at 0.86x AR.
+        self.probe_every = PROBE_EVERY
+        # a_1 before any observation (weight 1); a drafter with a calibration table sets its mean
+        # (`expect`): one that is never right then starts idle instead of drafting to find out
+        self.first_prior = 0.5
         # The first call catches up on the prompt (an EAGLE head or draft model prefills it: 0.8-1.2
         # target steps against ~0.4 for a steady k=3 call), like a call after idle steps: left out
         # of the fit. Counted, it priced drafting so high that k=0 won, and probes, left out too,
@@ -190,7 +203,7 @@ class AutoK:
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
-        out, prior = [], 0.5
+        out, prior = [], self.first_prior
         for reached, accepted in zip(self.reached, self.accepted):
             a = (accepted + prior) / (reached + 1.0)
             out.append(a)
@@ -206,18 +219,24 @@ class AutoK:
         return gain / (self.draft_seconds(k) + self.costs.verify[k])
 
     def draft_seconds(self, k: int) -> float:
-        """a + b k from the fit (0 for k = 0, and before any observation)."""
+        """a + b k from the fit (0 for k = 0; DRAFT_COST_PRIOR target steps a token before any observation)."""
         if self.fixed_draft_cost is not None:
             return self.fixed_draft_cost.seconds(k)
         n, sk, skk, ss, sks = self.fit
-        if k == 0 or n == 0:
+        if k == 0:
             return 0.0
+        if n == 0:
+            return DRAFT_COST_PRIOR * self.costs.verify[0] * k
         det = n * skk - sk * sk
         if det <= 1e-9 * n * n:  # one k value seen so far: all of it per token
             return ss / sk * k if sk > 0 else 0.0
         b = max(0.0, (n * sks - sk * ss) / det)
         a = max(0.0, (ss - b * sk) / n)
         return a + b * k
+
+    def expect(self, acceptance: float) -> None:
+        """The drafter's acceptance as known before this request (a calibration table's mean)."""
+        self.first_prior = acceptance
 
     def choose(self, budget: int) -> int:
         top = min(self.k_max, budget)
@@ -226,13 +245,16 @@ class AutoK:
         k = max(range(top + 1), key=self.expected_rate)
         if k == 0:
             self.idle_steps += 1
-            if self.idle_steps >= PROBE_EVERY:  # look again: acceptance may have changed
+            if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed
                 self.idle_steps = 0
                 self.after_idle = True
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX)  # (until drafting pays again)
                 return 1
-        elif self.idle_steps:
-            self.idle_steps = 0
-            self.after_idle = True
+        else:
+            self.probe_every = PROBE_EVERY
+            if self.idle_steps:
+                self.idle_steps = 0
+                self.after_idle = True
         return k
 
     def best_length(self, confidence: list[float], spent: float = 0.0) -> int:

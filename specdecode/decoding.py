@@ -85,6 +85,7 @@ def decode(
     more: Callable[[list[float]], bool] | None = policy.keep_drafting if stop_below else None  # type: ignore[union-attr]
     if getattr(drafter, "scores_drafts", False) and hasattr(policy, "best_length"):
         calibration = ScoreAcceptance(getattr(drafter, "acceptance_by_score", None))
+        policy.expect(calibration.mean_prior())  # type: ignore[union-attr]
         more = calibration.drafting_by(policy)
     room = cache.max_length - len(prompt_ids)
     if room < 1:
@@ -125,6 +126,8 @@ def decode(
         if constraint is not None and constraint.finished:
             return
         if drafter is not None:
+            if callable(getattr(drafter, "share_cache", None)):  # the target's first layers (drafters/base.py)
+                drafter.share_cache(cache)  # type: ignore[attr-defined]
             drafter.begin(list(prompt_ids))
             if feed_hidden:
                 drafter.observe_hidden(out.hidden)  # type: ignore[attr-defined]

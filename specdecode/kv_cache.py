@@ -112,3 +112,32 @@ class KVCache:
             self.k[:, :, :, start : start + n] = self.k.index_select(3, index)
             self.v[:, :, :, start : start + n] = self.v.index_select(3, index)
         self.length = start + n
+
+
+class SharedCache(KVCache):
+    """Another model's view of a cache: the same key/value storage (grown by its owner or by
+    this view alike), its own `length`. A layer-skip draft runs the target's first layers, whose
+    keys and values for the committed tokens are the target's own: reading them from the
+    target's cache, the draft never recomputes them (LayerSkip's shared cache). What it writes
+    past the target's length is overwritten by the target's next forward, which scores the same
+    tokens at the same positions."""
+
+    def __init__(self, owner: KVCache) -> None:  # (no storage of its own)
+        self.owner = owner
+        self.max_length = owner.max_length
+        self.length = 0
+        self._shape = owner._shape
+
+    @property  # type: ignore[override]
+    def k(self) -> torch.Tensor:
+        return self.owner.k
+
+    @property  # type: ignore[override]
+    def v(self) -> torch.Tensor:
+        return self.owner.v
+
+    def ensure(self, n: int) -> None:
+        self.owner.ensure(n)
+
+    def keep_slots(self, start: int, slots: list[int]) -> None:
+        raise NotImplementedError("a shared view does not move its owner's slots")

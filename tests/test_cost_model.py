@@ -12,7 +12,9 @@ import torch
 from conftest import random_model, tiny_config
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
+    DRAFT_COST_PRIOR,
     PROBE_EVERY,
+    PROBE_MAX,
     AutoK,
     CostTable,
     DraftCost,
@@ -73,6 +75,38 @@ def test_auto_k_stops_drafting_what_does_not_pay_and_looks_again():
         policy.observe(1, 1, 1, 0.0)  # the topic changed: drafts pass again
     assert policy.choose(8) >= 2
     assert policy.choose(1) <= 1 and policy.choose(0) == 0  # never past what the length allows
+
+
+def test_probes_that_find_nothing_come_less_often_until_drafting_pays_again():
+    """Each probe that leaves the estimates where drafting does not pay doubles the wait for the
+    next (8, 16, 32, 64, 64 steps); a step that drafts because it pays starts again at 8."""
+    policy = AutoK(STEEP)
+    for _ in range(50):
+        policy.observe(4, 4, 0, 0.0)  # never accepted
+    waits = []
+    for _ in range(5):
+        ks = []
+        while not ks or ks[-1] == 0:
+            ks.append(policy.choose(8))
+        waits.append(len(ks))
+        policy.observe(1, 1, 0, 0.0)  # the probe: rejected
+    assert waits == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY, PROBE_MAX, PROBE_MAX]
+    for _ in range(30):
+        policy.observe(2, 2, 2, 0.0)  # the topic changed: drafts pass again
+    assert policy.choose(8) >= 2
+    for _ in range(60):
+        policy.observe(4, 4, 0, 0.0)
+    assert [policy.choose(8) for _ in range(PROBE_EVERY)][-1] == 1  # back to the first wait
+
+
+def test_a_drafter_known_to_be_wrong_starts_idle():
+    """A calibration table's mean as the first position's prior (`expect`): a drafter that is
+    right 4% of the time does not draft on the first steps to find that out; one right half the
+    time (the default prior) does. Before any drafting call a token costs DRAFT_COST_PRIOR steps."""
+    wrong, unknown = AutoK(FLAT), AutoK(FLAT)
+    wrong.expect(0.04)
+    assert wrong.choose(8) == 0 and unknown.choose(8) >= 1
+    assert unknown.draft_seconds(2) == pytest.approx(2 * DRAFT_COST_PRIOR * FLAT.verify[0])
 
 
 def test_auto_k_counts_a_slow_drafter():
@@ -207,7 +241,7 @@ def test_the_first_call_of_a_request_is_not_charged_as_drafting_cost():
     drafting so high that k=0 won for the rest of the request, since probes are left out too."""
     policy = AutoK(FLAT)
     policy.observe(3, 3, 3, 5.0 * FLAT.verify[0])  # the prompt's catch-up
-    assert policy.draft_seconds(1) == 0.0
+    assert policy.draft_seconds(1) == pytest.approx(DRAFT_COST_PRIOR * FLAT.verify[0])  # (the prior, still)
     assert policy.choose(8) >= 1
     policy.observe(3, 3, 3, 0.3 * FLAT.verify[0])  # a steady drafting call
     assert abs(policy.draft_seconds(3) - 0.3 * FLAT.verify[0]) < 1e-9

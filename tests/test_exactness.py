@@ -11,6 +11,7 @@ from specdecode.decoding import decode
 from specdecode.drafters.base import Draft
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
+from specdecode.kv_cache import SharedCache
 from specdecode.metrics import SpecStats
 from specdecode.verify import VerifyResult
 
@@ -91,6 +92,35 @@ def test_layerskip_shares_target_weights(tiny_target):
     assert view.layer_ids == (0, 1)
     assert view.embed_tokens.weight.data_ptr() == tiny_target.embed_tokens.weight.data_ptr()
     assert view.layers[0].mlp.up_proj.weight.data_ptr() == tiny_target.layers[0].mlp.up_proj.weight.data_ptr()
+
+
+@pytest.mark.parametrize("spec", ["layerskip:2", "layerskip-tree:2"])
+def test_layerskip_drafts_on_the_targets_cache(pair, spec):
+    """layerskip reads its layers' keys and values of the committed tokens from the target's
+    cache (kv_cache.SharedCache) instead of computing them again: the same drafts as a copy of
+    it on a cache of its own, no slot the target holds changed, the output the target's."""
+    target, _ = pair
+    shared = build_drafter(spec, target)
+    own = build_drafter(spec, target)
+    own.share_cache = None  # (the loop looks for the method: this one keeps its own cache)
+    drafts = {}
+    for name, drafter in (("shared", shared), ("own", own)):
+        seen = drafts[name] = []
+        observe = drafter.observe
+        drafter.observe = lambda d, r, seen=seen, observe=observe: (seen.append(list(d.tokens)), observe(d, r))
+        for prompt in PROMPTS:
+            assert run(target, prompt, drafter, 3) == run(target, prompt)
+    assert drafts["shared"] == drafts["own"] and any(drafts["shared"])
+    assert isinstance(shared.cache, SharedCache) and not isinstance(own.cache, SharedCache)
+    cache = target.new_cache()
+    prompt = PROMPTS[2]
+    target.forward(torch.tensor(prompt[:-1]), cache)
+    held = cache.k[:, :, :, : cache.length].clone(), cache.v[:, :, :, : cache.length].clone()
+    shared.share_cache(cache)
+    shared.begin(prompt)
+    assert shared.propose(prompt, 4, SamplingParams(), torch.Generator()).tokens
+    assert cache.length == len(prompt) - 1
+    assert torch.equal(cache.k[:, :, :, : cache.length], held[0]) and torch.equal(cache.v[:, :, :, : cache.length], held[1])
 
 
 def test_kv_rollback_equals_cache_of_accepted_prefix(tiny_target):

@@ -60,6 +60,10 @@ class Drafter(Protocol):
 # Drafters that estimate how likely each drafted token is accepted set `estimates_acceptance = True`
 # and take a keyword argument `propose(..., whole=True)`: draft up to k tokens with
 # `Draft.confidence` and let the loop cut the chain (--k auto; n-gram prompt lookup).
+# Drafters that compute the target's own first layers (layer-skip self-speculation) define
+# `share_cache(cache)`: the decoding loop hands them the target's KV cache of the request (it holds
+# every token but the newest) before `begin`, and they read those layers' keys and values from it
+# instead of computing them again (kv_cache.SharedCache).
 # Drafters that can draft inside a grammar set `follows_grammar = True` and take a keyword
 # argument `propose(..., grammar=g)` (structured output, grammar.Constraint): each drafted token's
 # logits are masked by `g.allowed_after(drafted so far)` before q is formed, so q is the masked

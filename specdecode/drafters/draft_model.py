@@ -16,6 +16,7 @@ from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, level_
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.grammar import Constraint
+from specdecode.kv_cache import KVCache, SharedCache
 from specdecode.sampling import greedy_tokens, logits_to_probs, mask_logits, sample
 from specdecode.verify import VerifyResult
 
@@ -43,11 +44,25 @@ class DraftModelDrafter:
         self.cache.reset()
         self.cached_ids = []
 
+    def shares_layers(self) -> None:
+        """This draft is the target's first layers (`layerskip`): draft on the target's own
+        cache, handed over by the decoding loop (`share_cache`), instead of a cache of its own."""
+        self.share_cache = self._share_cache  # (the loop looks for the method: drafters/base.py)
+
+    def _share_cache(self, cache: KVCache) -> None:
+        self.cache = SharedCache(cache)
+        self.cached_ids = []
+
     def _sync(self, tokens: list[int]) -> list[int]:
         """Roll the cache back to the longest prefix it shares with `tokens`; return the rest.
 
         Accepted draft tokens stay cached for free; at least one token is always left to feed.
+        On the target's cache (SharedCache) that prefix is every token but the newest: the
+        target has cached them, the draft's layers among its own.
         """
+        if isinstance(self.cache, SharedCache):
+            self.cache.length = len(tokens) - 1
+            return tokens[-1:]
         n = min(len(self.cached_ids), len(tokens) - 1)
         common = 0
         while common < n and self.cached_ids[common] == tokens[common]:
@@ -89,7 +104,8 @@ class DraftModelDrafter:
         when greedy, the logits [V]). allowed: a grammar's mask [V] on the logits (token None
         where it allows none of the draft's tokens)."""
         logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-        self.cached_ids.extend(feed)
+        if not isinstance(self.cache, SharedCache):
+            self.cached_ids.extend(feed)
         if allowed is not None:
             logits = mask_logits(logits, allowed.unsqueeze(0))
             if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
@@ -127,8 +143,11 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
     def from_chain(cls, chain: DraftModelDrafter) -> "DraftModelTreeDrafter":
         """The tree-growing twin of a chain drafter (same model, `NAME-tree` for its name)."""
         name, _, arg = chain.name.partition(":")
-        return cls(chain.model, chain.model.config.vocab_size, f"{name}-tree" + (f":{arg}" if arg else ""),
+        tree = cls(chain.model, chain.model.config.vocab_size, f"{name}-tree" + (f":{arg}" if arg else ""),
                    chain.cache.max_length)
+        if callable(getattr(chain, "share_cache", None)):  # (layerskip: the target's own layers)
+            tree.shares_layers()
+        return tree
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
@@ -145,7 +164,8 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
             return super().propose(tokens, k, sampling, generator)
         feed = self._sync(tokens)
         logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-        self.cached_ids.extend(feed)
+        if not isinstance(self.cache, SharedCache):
+            self.cached_ids.extend(feed)
         committed = self.cache.length  # == len(tokens): the first draft token sits at this position
         slot: dict[int, int] = {}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from specdecode.drafters.acceptance import BY_SCORE_LAYERSKIP
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
 from specdecode.drafters.multilevel import MultiLevelDrafter
@@ -155,7 +156,10 @@ def build_drafter(
         n = default_layerskip_layers(total) if arg is None else _int(arg, spec)
         if not 1 <= n < total:
             raise UserError(f"layerskip needs 1 <= layers < {total} (the target's depth), got {n}")
-        return DraftModelDrafter(target.with_layers(range(n)), target.config.vocab_size, f"layerskip:{n}", max_length)
+        drafter = DraftModelDrafter(target.with_layers(range(n)), target.config.vocab_size, f"layerskip:{n}", max_length)
+        drafter.acceptance_by_score = BY_SCORE_LAYERSKIP  # (a prior: each request's verdicts correct it)
+        drafter.shares_layers()  # its layers' keys and values are the target's own
+        return drafter
     if name == "model":
         return across_tokenizers(_draft_model(draft_model, max_length), target.config.vocab_size, tokenizer, draft_tokenizer)
     if name == "quantized":
