@@ -42,6 +42,36 @@ def test_greedy_tokens_is_argmax_with_its_ties_and_nans():
     assert greedy_tokens(torch.tensor([1.0, 7.0, 7.0])).item() == 1  # a single row too
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_greedy_tokens_native_and_aten_pick_alike(monkeypatch, native):
+    """Our library's `argmax_rows` (float32 rows) and ATen's reduction agree on every kind of
+    row: ties, +0 and -0, NaN (the first one), infinities, lengths around the vector width."""
+    import specdecode.sampling as sampling
+
+    if native and not sampling._native_argmax():
+        pytest.skip("our library is not built here")
+    monkeypatch.setattr(sampling, "_native_argmax", lambda: native)
+    g = torch.Generator().manual_seed(1)
+    for trial in range(700):
+        width = (1, 7, 8, 9, 17, 49152, 100)[trial % 7]
+        x = torch.randn(3, width, generator=g)
+        kind = trial % 7
+        if kind == 1:
+            x = x.round()  # ties
+        elif kind == 2:
+            x[1, torch.randint(width, (2,), generator=g)] = float("nan")
+        elif kind == 3:
+            x[:] = float("-inf")
+        elif kind == 4:
+            x[0, torch.randint(width, (3,), generator=g)] = float("inf")
+        elif kind == 5:
+            x = torch.where(torch.rand(3, width, generator=g) < 0.5, -0.0, 0.0)  # +0 and -0 tie
+        elif kind == 6:
+            x[2, :] = float("nan")
+        assert torch.equal(greedy_tokens(x), x.max(-1).indices), (trial, x)
+        assert torch.equal(greedy_tokens(x[0]), x[0].max(-1).indices)
+
+
 def test_temperature_top_k_top_p_min_p_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
     p = logits_to_probs(logits, SamplingParams(temperature=1.0))
