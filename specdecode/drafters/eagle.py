@@ -134,7 +134,7 @@ class EagleHead(nn.Module):
         self,
         features: torch.Tensor,  # [B, T, H] f_i
         embeddings: torch.Tensor,  # [B, T, H] embedding of t_{i+1}
-        positions: torch.Tensor,  # [T] position i of each row
+        positions: torch.Tensor | range,  # [T] position i of each row (a range: a chain's rows)
         cache: KVCache | None = None,
         parents: torch.Tensor | None = None,  # with a cache: the rows form this tree after the cached ones
     ) -> torch.Tensor:
@@ -158,6 +158,8 @@ class EagleHead(nn.Module):
             out = x.to(features.dtype).unsqueeze(0)
         else:
             x = self.inputs(features, embeddings)
+            if isinstance(positions, range):
+                positions = torch.arange(positions.start, positions.stop)
             mask = None
             if parents is not None:
                 mask = torch.cat((torch.ones(t, cache.length, dtype=torch.bool), tree.ancestor_mask(parents)), 1)
@@ -258,7 +260,7 @@ class EagleDrafter:
             scores.append(draft_probability(logits[0], token, probs[-1] if probs else None))
             if step + 1 == k or (more is not None and not more(scores)):
                 break
-            pos = torch.tensor([n + step])
+            pos = range(n + step, n + step + 1)
             h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
         return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
@@ -280,7 +282,7 @@ class EagleDrafter:
         if self.head.fused:
             f_in = self.head.fuse_taps(f_in)
         e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
-        h = self.head(f_in, e_in, torch.arange(start, n), self.cache)[:, -1]
+        h = self.head(f_in, e_in, range(start, n), self.cache)[:, -1]
         self.cached = n
         return h
 

@@ -362,8 +362,13 @@ class NativeBlock:
         return x
 
 
-def rope_pairs(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """[T, head_dim/2, 2] fp32 cos, sin of integer positions [T], as the native model's RoPE reads them."""
+def rope_pairs(positions: torch.Tensor | range, head_dim: int, theta: float) -> torch.Tensor:
+    """[T, head_dim/2, 2] fp32 cos, sin of integer positions [T] (a tensor, or a range: a chain's
+    rows, sliced from the table without an index op), as the native model's RoPE reads them."""
+    if isinstance(positions, range):
+        need = positions.stop if len(positions) else 1
+        table = _rope_pair_table(head_dim, theta, max(4096, 1 << (need - 1).bit_length()))
+        return torch.view_as_real(table[positions.start : positions.stop])
     need = int(positions.max()) + 1 if positions.numel() else 1
     return torch.view_as_real(_rope_pair_table(head_dim, theta, max(4096, 1 << (need - 1).bit_length()))[positions])
 
@@ -431,6 +436,7 @@ class DraftHead:
     def __init__(self, lm_head_weight: torch.Tensor, vocab_ids: torch.Tensor | None, quant: str | None = None) -> None:
         self.vocab_size = lm_head_weight.shape[0]
         self.ids = vocab_ids
+        self._ids = None if vocab_ids is None else vocab_ids.tolist()  # (`token`: a list lookup, no tensor op)
         weight = lm_head_weight if vocab_ids is None else lm_head_weight[vocab_ids].contiguous()
         self.linear = QuantLinear(weight, quant, lm_head_weight.dtype)
 
@@ -447,7 +453,7 @@ class DraftHead:
         return full
 
     def token(self, index: int) -> int:
-        return index if self.ids is None else int(self.ids[index])
+        return index if self._ids is None else self._ids[index]
 
 
 # ---------------------------------------------------------------------------- features
