@@ -36,6 +36,16 @@ def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
     return scores.max(-1).indices
 
 
+def greedy_pick(scores: torch.Tensor) -> tuple[int, float]:
+    """One row of scores [V] -> (its greedy token, the top probability of softmax(scores)): a
+    greedy drafter's token and how sure it was (drafters/base.py draft_probability), in one call
+    of our library where it is built (the same values)."""
+    if scores.dtype == torch.float32 and scores.dim() == 1 and scores.shape[0] > 0 and _native_argmax():
+        index, prob = torch.ops.specdecode.greedy_pick(scores)
+        return index, prob
+    return int(greedy_tokens(scores)), float(torch.softmax(scores.float(), -1).max())
+
+
 @functools.cache
 def _native_argmax() -> bool:
     from specdecode import kernels  # (the library loads on first use)

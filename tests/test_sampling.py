@@ -316,3 +316,18 @@ class _KeepsOnlySureTokens(DraftModelDrafter):
 def test_loop_test_catches_a_draft_kept_by_its_own_score(small_pair):
     p23, p4 = loop_pvalues(*small_pair, SETTINGS[0], draws=2_000, k=1, drafter_class=_KeepsOnlySureTokens)
     assert min(p23, p4) < ALPHA, (p23, p4)
+
+
+def test_greedy_pick_is_the_argmax_and_its_draft_probability(monkeypatch):
+    """greedy_pick (one native call where the library is built) = greedy_tokens and
+    draft_probability's top softmax probability, the same numbers either way."""
+    import specdecode.sampling as sampling
+    from specdecode.drafters.base import draft_probability
+
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randn(8192, generator=g) * s for s in (0.5, 3.0, 20.0)] + [torch.randn(64, generator=g).round()]
+    want = [(int(greedy_tokens(x)), draft_probability(x, int(greedy_tokens(x)), None)) for x in rows]
+    for native in sorted({sampling._native_argmax(), False}):
+        monkeypatch.setattr(sampling, "_native_argmax", lambda native=native: native)
+        got = [sampling.greedy_pick(x) for x in rows]
+        assert got == want and all(isinstance(i, int) and isinstance(p, float) for i, p in got)

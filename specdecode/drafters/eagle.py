@@ -46,7 +46,7 @@ from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_pr
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
-from specdecode.sampling import greedy_tokens, logits_to_probs, sample
+from specdecode.sampling import greedy_pick, logits_to_probs, sample
 from specdecode.verify import VerifyResult
 
 
@@ -251,13 +251,15 @@ class EagleDrafter:
         for step in range(k):
             logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
             if sampling.greedy:
-                token = self.draft_head.token(int(greedy_tokens(logits[0])))
+                index, score = greedy_pick(logits[0])
+                token = self.draft_head.token(index)
             else:
                 q = logits_to_probs(self.draft_head.to_full(logits), sampling)
                 token = int(sample(q, generator)[0])
                 probs.append(q[0])
+                score = draft_probability(logits[0], token, q[0])
             drafted.append(token)
-            scores.append(draft_probability(logits[0], token, probs[-1] if probs else None))
+            scores.append(score)
             if step + 1 == k or (more is not None and not more(scores)):
                 break
             pos = range(n + step, n + step + 1)

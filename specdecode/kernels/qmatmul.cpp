@@ -2195,6 +2195,17 @@ at::Tensor argmax_rows(const at::Tensor& scores) {
   return out;
 }
 
+// A greedy draft's token and how sure the drafter was of it: (argmax of one row of float32
+// scores, max of softmax(scores)), i.e. argmax_rows and drafters/base.py's draft_probability
+// (the same ATen softmax and max) in one call returning plain numbers.
+std::tuple<int64_t, double> greedy_pick(const at::Tensor& scores) {
+  TORCH_CHECK(scores.dim() == 1 && scores.scalar_type() == at::kFloat && scores.size(0) > 0,
+              "specdecode greedy_pick: scores must be one float32 row [V], V > 0");
+  const at::Tensor x = scores.contiguous();
+  const int64_t index = argmax_row(x.data_ptr<float>(), x.size(0));
+  return {index, (double)at::softmax(x, -1).max().item<float>()};
+}
+
 // An EAGLE head's step for T rows in one call (drafters/eagle.py: EagleHead.forward on our
 // kernels): x = fc(rms_norm(feature) ⊕ rms_norm(embedding)) (+ its bias), then the head's one
 // decoder layer over x as decoder_layers runs it; returns x [T, hidden] fp32. The same functions
@@ -2239,6 +2250,7 @@ TORCH_LIBRARY(specdecode, m) {
   m.def("attend_rows(Tensor q, Tensor k, Tensor v, Tensor past, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("argmax_rows(Tensor scores) -> Tensor");
+  m.def("greedy_pick(Tensor scores) -> (int, float)");
   m.def("rope_attend(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, int past, int n_heads, Tensor? parents=None, bool tiles=False) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("add_residual(Tensor(a!) x, Tensor y) -> ()");
@@ -2267,6 +2279,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("eagle_layer", &eagle_layer);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("greedy_pick", &greedy_pick);
   m.impl("rope_attend", &rope_attend);
   m.impl("silu_mul", &silu_mul);
   m.impl("add_residual", &add_residual);
