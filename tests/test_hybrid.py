@@ -15,6 +15,7 @@ from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.hybrid import HybridDrafter
 from specdecode.errors import UserError
+from specdecode.kv_cache import SharedCache
 from specdecode.metrics import SpecStats
 from specdecode.verify import VerifyResult
 
@@ -40,6 +41,8 @@ def test_greedy_hybrid_equals_autoregressive(pair, spec, k):
     drafter = build_drafter(spec, target, draft)
     for prompt in PROMPTS:
         assert run(target, prompt, drafter, k) == run(target, prompt), (spec, k, prompt)
+    if "layerskip" in spec:  # the target's first layer drafts on the target's own cache (kv_cache.SharedCache)
+        assert isinstance(drafter.model.cache, SharedCache)
 
 
 def test_greedy_hybrid_with_an_eagle_head_equals_autoregressive():
