@@ -118,6 +118,27 @@ def test_distilled_draft_runs_in_a_quantized_targets_format(fmt):
     assert subset.model.model.weight_format == fmt
 
 
+def test_a_subset_draft_picks_on_its_own_logits_what_the_full_row_picks():
+    """distill with a vocabulary subset (SubsetHeadLM): greedy drafts picked on the subset's
+    logits (`pick`; its ids put in ascending order whatever order they came in, so that ties
+    break as in the full row) are the full row's picks, the scores the full row's within rounding."""
+    target = random_model(tiny_config("llama"), seed=4)
+    shuffled = torch.randperm(target.config.vocab_size, generator=torch.Generator().manual_seed(0))[:40]
+    for vocab in (shuffled, torch.arange(target.config.vocab_size - 1, -1, -1)):
+        fast = distill(target, vocab)
+        slow = distill(target, vocab)
+        slow.model.pick = None  # (the drafter then takes the full row)
+        assert fast.model._ids == sorted(vocab.tolist())
+        for prompt in PROMPTS:
+            fast.begin(prompt)
+            slow.begin(prompt)
+            a = fast.propose(list(prompt), 6, SamplingParams(), torch.Generator())
+            b = slow.propose(list(prompt), 6, SamplingParams(), torch.Generator())
+            assert a.tokens == b.tokens and len(a.tokens) == 6
+            assert a.scores == pytest.approx(b.scores, rel=1e-5)
+            assert run(target, prompt, fast, 3) == run(target, prompt)
+
+
 class NoHidden:
     """Hides `observe_hidden`, so the loop feeds no hidden states: the drafter computes them itself."""
 

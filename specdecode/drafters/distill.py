@@ -21,6 +21,7 @@ from specdecode.drafters.trained import check_target, load_folder, resolve_folde
 from specdecode.kv_cache import KVCache
 from specdecode.models.base import ModelOutput
 from specdecode.models.llama import LlamaModel
+from specdecode.sampling import greedy_pick
 
 
 class SubsetHeadLM:
@@ -29,7 +30,17 @@ class SubsetHeadLM:
     def __init__(self, model: LlamaModel, vocab_ids: torch.Tensor, full_vocab: int) -> None:
         self.model = model
         self.ids = vocab_ids
+        self._ids = vocab_ids.tolist()
         self.config = replace(model.config, vocab_size=full_vocab)
+
+    def pick(self, tokens: torch.Tensor, cache: KVCache) -> tuple[int, float]:
+        """Feed `tokens`; the greedy next token and its draft probability, from the subset's own
+        logits: the ids ascend (build_draft_model), so the first maximum is the full row's, and
+        the top probability is the full row's (its other entries are -inf; the same but for the
+        rounding of a sum taken in another order)."""
+        logits = self.model.forward(tokens, cache, num_logits=1).logits  # [1, V_subset]
+        index, prob = greedy_pick(logits[0])
+        return self._ids[index], prob
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,6 +84,7 @@ def build_draft_model(
     sd["lm_head.weight"] = head_weight
     model = LlamaModel.from_state_dict(cfg, sd, target.dtype)
     if vocab_ids is not None:
+        vocab_ids = vocab_ids.sort().values  # ascending: ties break as in the full row (SubsetHeadLM.pick)
         head = nn.Linear(cfg.hidden_size, len(vocab_ids), bias=False)
         head.weight = nn.Parameter(head_weight[vocab_ids].clone(), requires_grad=False)
         model.lm_head = head.to(target.dtype)

@@ -84,11 +84,11 @@ class DraftModelDrafter:
         scores: list[float] = []
         for _ in range(k):
             allowed = None if grammar is None else grammar.allowed_after(drafted)
-            token, q, logits = self.step(feed, sampling, generator, allowed)
+            token, q, score = self._draw(feed, sampling, generator, allowed)
             if token is None:
                 break  # the draft can say none of the allowed tokens (a vocabulary subset: distill)
             drafted.append(token)
-            scores.append(draft_probability(logits, token, q))
+            scores.append(score)
             if q is not None:
                 probs.append(q)
             feed = [token]
@@ -97,6 +97,20 @@ class DraftModelDrafter:
             if more is not None and len(drafted) < k and not more(scores):
                 break
         return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
+
+    def _draw(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
+              allowed: torch.Tensor | None) -> tuple[int | None, torch.Tensor | None, float]:
+        """`step`, and the drawn token's draft probability (`draft_probability`). A greedy draft
+        whose model scores a vocabulary subset (distill: SubsetHeadLM.pick) picks on the subset's
+        logits, not on the 49k row they are spread into: the same token."""
+        pick = getattr(self.model, "pick", None)
+        if sampling.greedy and allowed is None and pick is not None:
+            token, score = pick(torch.tensor(feed), self.cache)
+            if not isinstance(self.cache, SharedCache):
+                self.cached_ids.extend(feed)
+            return token, None, score
+        token, q, logits = self.step(feed, sampling, generator, allowed)
+        return token, q, 0.0 if token is None else draft_probability(logits, token, q)
 
     def step(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
              allowed: torch.Tensor | None = None) -> tuple[int | None, torch.Tensor | None, torch.Tensor]:
