@@ -17,7 +17,7 @@ from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.grammar import Constraint
 from specdecode.kv_cache import KVCache, SharedCache
-from specdecode.sampling import greedy_tokens, logits_to_probs, mask_logits, sample
+from specdecode.sampling import greedy_pick, greedy_tokens, logits_to_probs, mask_logits, sample
 from specdecode.verify import VerifyResult
 
 
@@ -101,11 +101,15 @@ class DraftModelDrafter:
     def _draw(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
               allowed: torch.Tensor | None) -> tuple[int | None, torch.Tensor | None, float]:
         """`step`, and the drawn token's draft probability (`draft_probability`). A greedy draft
-        whose model scores a vocabulary subset (distill: SubsetHeadLM.pick) picks on the subset's
-        logits, not on the 49k row they are spread into: the same token."""
-        pick = getattr(self.model, "pick", None)
-        if sampling.greedy and allowed is None and pick is not None:
-            token, score = pick(torch.tensor(feed), self.cache)
+        takes both in one call (sampling.greedy_pick); one whose model scores a vocabulary subset
+        (distill: SubsetHeadLM.pick) picks on the subset's logits, not on the 49k row they are
+        spread into: the same token."""
+        if sampling.greedy and allowed is None:
+            pick = getattr(self.model, "pick", None)
+            if pick is not None:
+                token, score = pick(torch.tensor(feed), self.cache)
+            else:
+                token, score = greedy_pick(self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits[0])
             if not isinstance(self.cache, SharedCache):
                 self.cached_ids.extend(feed)
             return token, None, score
