@@ -43,7 +43,12 @@ def greedy_pick(scores: torch.Tensor) -> tuple[int, float]:
     if scores.dtype == torch.float32 and scores.dim() == 1 and scores.shape[0] > 0 and _native_argmax():
         index, prob = torch.ops.specdecode.greedy_pick(scores)
         return index, prob
-    return int(greedy_tokens(scores)), float(torch.softmax(scores.float(), -1).max())
+    return int(greedy_tokens(scores)), top_probability(scores)
+
+
+def top_probability(scores: torch.Tensor) -> float:
+    """max(softmax(scores)) of one row: how sure a greedy drafter was of its token."""
+    return float(torch.softmax(scores.float(), -1).max())
 
 
 @functools.cache

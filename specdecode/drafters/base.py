@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from specdecode.config import SamplingParams
+from specdecode.sampling import top_probability
 from specdecode.verify import VerifyResult
 
 
@@ -79,7 +80,7 @@ def draft_probability(logits: torch.Tensor, token: int, q: torch.Tensor | None) 
     sampled from q, else the top probability of its logits (greedy: the token is the argmax)."""
     if q is not None:
         return float(q[token])
-    return float(torch.softmax(logits.float(), -1).max())
+    return top_probability(logits)
 
 
 def wants_hidden(drafter: Drafter | None) -> bool:

@@ -98,6 +98,17 @@ class DraftModelDrafter:
                 break
         return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
+    def _feed(self, feed: list[int]) -> torch.Tensor:
+        """Run the draft over `feed` after the cached tokens: the last one's logits [1, V]."""
+        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits
+        self._fed(feed)
+        return logits
+
+    def _fed(self, feed: list[int]) -> None:
+        """The cache now holds `feed` too (on the target's cache the target keeps that account)."""
+        if not isinstance(self.cache, SharedCache):
+            self.cached_ids.extend(feed)
+
     def _draw(self, feed: list[int], sampling: SamplingParams, generator: torch.Generator,
               allowed: torch.Tensor | None) -> tuple[int | None, torch.Tensor | None, float]:
         """`step`, and the drawn token's draft probability (`draft_probability`). A greedy draft
@@ -106,12 +117,11 @@ class DraftModelDrafter:
         spread into: the same token."""
         if sampling.greedy and allowed is None:
             pick = getattr(self.model, "pick", None)
-            if pick is not None:
-                token, score = pick(torch.tensor(feed), self.cache)
+            if pick is None:
+                token, score = greedy_pick(self._feed(feed)[0])
             else:
-                token, score = greedy_pick(self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits[0])
-            if not isinstance(self.cache, SharedCache):
-                self.cached_ids.extend(feed)
+                token, score = pick(torch.tensor(feed), self.cache)
+                self._fed(feed)
             return token, None, score
         token, q, logits = self.step(feed, sampling, generator, allowed)
         return token, q, 0.0 if token is None else draft_probability(logits, token, q)
@@ -121,9 +131,7 @@ class DraftModelDrafter:
         """Feed the tokens after the cached ones and draw the next: (token, its q [V] or None
         when greedy, the logits [V]). allowed: a grammar's mask [V] on the logits (token None
         where it allows none of the draft's tokens)."""
-        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-        if not isinstance(self.cache, SharedCache):
-            self.cached_ids.extend(feed)
+        logits = self._feed(feed)
         if allowed is not None:
             logits = mask_logits(logits, allowed.unsqueeze(0))
             if not np.isfinite(logits.numpy()).any():  # (numpy: see sampling.mask_logits)
@@ -181,9 +189,7 @@ class DraftModelTreeDrafter(GrowsTrees, DraftModelDrafter):
             self._predicted = None  # (nothing for the tree sizer to learn from)
             return super().propose(tokens, k, sampling, generator)
         feed = self._sync(tokens)
-        logits = self.model.forward(torch.tensor(feed), self.cache, num_logits=1).logits  # [1, V]
-        if not isinstance(self.cache, SharedCache):
-            self.cached_ids.extend(feed)
+        logits = self._feed(feed)
         committed = self.cache.length  # == len(tokens): the first draft token sits at this position
         slot: dict[int, int] = {}
 

@@ -144,8 +144,8 @@ class EagleHead(nn.Module):
         c, t = self.config, features.shape[1]
         if cache is not None and self.native is not None:  # drafting on our kernels (B = 1)
             rope = rope_pairs(positions, c.head_dim, c.rope_theta)
-            x = None if c.mix == "qkv" else self.native.mixed(features[0], embeddings[0], rope, cache, parents)
-            if x is not None:  # mix and layer in one call
+            x = self.native.mixed(features[0], embeddings[0], rope, cache, parents)
+            if x is not None:  # mix and layer in one call (an "fc" head: EagleDrafter's mix_with)
                 out = x.to(features.dtype).unsqueeze(0)
                 cache.length += t
                 return out

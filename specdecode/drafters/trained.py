@@ -365,12 +365,10 @@ class NativeBlock:
 def rope_pairs(positions: torch.Tensor | range, head_dim: int, theta: float) -> torch.Tensor:
     """[T, head_dim/2, 2] fp32 cos, sin of integer positions [T] (a tensor, or a range: a chain's
     rows, sliced from the table without an index op), as the native model's RoPE reads them."""
-    if isinstance(positions, range):
-        need = positions.stop if len(positions) else 1
-        table = _rope_pair_table(head_dim, theta, max(4096, 1 << (need - 1).bit_length()))
-        return torch.view_as_real(table[positions.start : positions.stop])
-    need = int(positions.max()) + 1 if positions.numel() else 1
-    return torch.view_as_real(_rope_pair_table(head_dim, theta, max(4096, 1 << (need - 1).bit_length()))[positions])
+    chain = isinstance(positions, range)
+    need = (positions.stop if chain else int(positions.max()) + 1) if len(positions) else 1
+    table = _rope_pair_table(head_dim, theta, max(4096, 1 << (need - 1).bit_length()))
+    return torch.view_as_real(table[positions.start : positions.stop] if chain else table[positions])
 
 
 @functools.lru_cache(maxsize=16)
