@@ -7,6 +7,7 @@ both the baseline for speed and the oracle for exactness.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from specdecode import tree
 from specdecode.config import GenerationConfig, SamplingParams
-from specdecode.cost_model import TREE_MAX_NODES, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
+from specdecode.cost_model import TREE_MAX_NODES, AutoK, KPolicy, TreeSize, costs_for, make_policy, tree_costs_for
 from specdecode.drafters.acceptance import ScoreAcceptance
 from specdecode.drafters.base import Draft, Drafter, hidden_layers, wants_hidden, wants_logits
 from specdecode.errors import UserError
@@ -24,6 +25,11 @@ from specdecode.metrics import SpecStats
 from specdecode.models.base import CausalLM, ModelOutput
 from specdecode.sampling import LogprobRecord, logits_to_probs, make_generator, mask_logits, select_tokens
 from specdecode.verify import VerifyResult, greedy_verify, greedy_verify_tree, rejection_sample, sample_tree
+
+# Each drafter's k-auto policy of its last request (AutoK.follow: a drafter that does not pay
+# starts its next request as rarely probed as it ended the last). Only under k='auto' given by
+# name: a seeded sampled request brings a policy of its own, whose choices follow its tokens only.
+_last_auto: "weakref.WeakKeyDictionary[object, AutoK]" = weakref.WeakKeyDictionary()
 
 
 def decode(
@@ -66,6 +72,9 @@ def decode(
         drafter.size_by(TreeSize(tree_costs_for(target)) if k == "auto" else None)  # type: ignore[union-attr]
         k = TREE_MAX_NODES if k == "auto" else k
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
+    if k == "auto" and isinstance(policy, AutoK):
+        policy.follow(_last_auto.get(drafter))
+        _last_auto[drafter] = policy
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)

@@ -24,7 +24,7 @@ from specdecode.cost_model import (
     parse_k,
 )
 from specdecode.decoding import decode
-from specdecode.drafters.acceptance import BY_SCORE_MEDUSA, ScoreAcceptance
+from specdecode.drafters.acceptance import BY_SCORE_LAYERSKIP, BY_SCORE_MEDUSA, ScoreAcceptance
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
 from specdecode.engine import Engine
@@ -98,6 +98,61 @@ def test_probes_that_find_nothing_come_less_often_until_drafting_pays_again():
         policy.observe(4, 4, 0, 0.0)
     assert [policy.choose(8) for _ in range(PROBE_EVERY)][-1] == 1  # back to the first wait
 
+
+
+def test_a_drafter_that_did_not_pay_starts_its_next_request_as_rarely_probed():
+    """`follow`: a request after one whose probes backed off to PROBE_MAX waits that long before
+    its first probe; after one that drafted (or none), the first wait is PROBE_EVERY again."""
+    def first_wait(policy: AutoK) -> int:
+        for _ in range(50):
+            policy.observe(4, 4, 0, 0.0)  # never accepted
+        steps = 1
+        while policy.choose(8) == 0:
+            steps += 1
+        return steps
+
+    backed_off = AutoK(STEEP)
+    for _ in range(50):
+        backed_off.observe(4, 4, 0, 0.0)
+    while backed_off.probe_every < PROBE_MAX:
+        backed_off.choose(8)
+    paying = AutoK(STEEP)
+    for follow, want in ((backed_off, PROBE_MAX), (paying, PROBE_EVERY), (None, PROBE_EVERY)):
+        nxt = AutoK(STEEP)
+        nxt.follow(follow)
+        assert first_wait(nxt) == want
+
+
+def test_k_auto_carries_a_drafters_probe_wait_into_its_next_request_and_keeps_the_text(monkeypatch):
+    """decode under k='auto' starts each request's policy from the same drafter's last one
+    (a drafter known to be wrong probes half as often in its second request), never for a
+    policy given as an object (a seeded request's), and the greedy text stays the target's.
+    Rows cost half a step each and the clock ticks 1 ms a reading: no choice follows the host."""
+    monkeypatch.setattr("specdecode.decoding.costs_for", lambda model: STEEP)
+    ticks = iter(range(10**9))
+    monkeypatch.setattr("specdecode.decoding.time.perf_counter", lambda: next(ticks) * 1e-3)
+    target = random_model(tiny_config("llama"), seed=10)
+    wrong = build_drafter("model", target, random_model(tiny_config("llama", layers=1), seed=99))
+    wrong.acceptance_by_score = BY_SCORE_LAYERSKIP  # known to be wrong: idle from the start, then probing
+    cfg = GenerationConfig(max_new_tokens=150, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+    ar = [t for step in decode(target, target.new_cache(), prompt, cfg) for t in step]
+    calls: list[int] = []
+    propose = wrong.propose
+    monkeypatch.setattr(wrong, "propose", lambda *args, **kw: calls.append(1) or propose(*args, **kw))
+    probes = []
+    for _ in range(2):
+        calls.clear()
+        out = [t for step in decode(target, target.new_cache(), prompt, cfg, wrong, "auto") for t in step]
+        assert out == ar
+        probes.append(len(calls))
+    assert probes == [4, 2], probes  # after 8, 24, 56, 120 steps; then after 64, 128
+    followed = []
+    monkeypatch.setattr(AutoK, "follow", lambda self, last: followed.append(last))
+    list(decode(target, target.new_cache(), prompt, cfg, wrong, AutoK(STEEP), stats=SpecStats()))
+    assert followed == []
+    list(decode(target, target.new_cache(), prompt, cfg, wrong, "auto", stats=SpecStats()))
+    assert len(followed) == 1 and isinstance(followed[0], AutoK)
 
 def test_a_drafter_known_to_be_wrong_starts_idle():
     """A calibration table's mean as the first position's prior (`expect`): a drafter that is
