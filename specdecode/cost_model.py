@@ -212,11 +212,17 @@ class AutoK:
 
     def expected_rate(self, k: int) -> float:
         """E(k) / cost(k): tokens per second of a step drafting k tokens."""
-        gain, run = 1.0, 1.0
-        for a in self.acceptance()[:k]:
-            run *= a
+        return self.expected_rates(k)[k]
+
+    def expected_rates(self, top: int) -> list[float]:
+        """expected_rate(k) for k = 0..top in one pass (the same values: E(k) grows term by term)."""
+        acceptance, verify = self.acceptance(), self.costs.verify
+        rates, gain, run = [1.0 / verify[0]], 1.0, 1.0
+        for k in range(1, top + 1):
+            run *= acceptance[k - 1]
             gain += run
-        return gain / (self.draft_seconds(k) + self.costs.verify[k])
+            rates.append(gain / (self.draft_seconds(k) + verify[k]))
+        return rates
 
     def draft_seconds(self, k: int) -> float:
         """a + b k from the fit (0 for k = 0; DRAFT_COST_PRIOR target steps a token before any observation)."""
@@ -251,7 +257,8 @@ class AutoK:
         top = min(self.k_max, budget)
         if top < 1:
             return 0
-        k = max(range(top + 1), key=self.expected_rate)
+        rates = self.expected_rates(top)
+        k = max(range(top + 1), key=rates.__getitem__)
         if k == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed

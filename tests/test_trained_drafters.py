@@ -363,6 +363,35 @@ def test_eagle_head_on_our_kernels_computes_what_the_block_does(kind):
 
 
 @ours
+def test_eagle_greedy_steps_in_one_call_draft_what_the_op_by_op_steps_draft():
+    """Greedy EAGLE drafting on our kernels runs each head step with its LM head and pick in one
+    call (specdecode::eagle_draft): the tokens, their scores and the head's cache must be
+    bitwise those of the head, LM head and pick called one by one."""
+    import copy
+
+    target = _int8_target()
+    fused = eagle(target, torch.arange(NATIVE.vocab_size // 16 * 16))  # a draft vocabulary of whole 16-row tiles
+    assert fused.pick_with is not None
+    by_ops = copy.copy(fused)
+    by_ops.pick_with = None
+    by_ops.cache = fused.head.new_cache(fused.max_length, target.dtype)
+    by_ops.features = copy.deepcopy(fused.features)
+    greedy = SamplingParams(temperature=0.0)
+    for prompt in ([5, 6, 7, 8, 9, 10], [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]):
+        drafts = []
+        for d in (fused, by_ops):
+            d.begin(prompt)
+            first = d.propose(prompt, 5, greedy, None)
+            # the next step's catch-up over several rows (two drafts accepted), then a draft again
+            longer = prompt + first.tokens[:2] + [7]
+            drafts.append((first.tokens, first.scores, d.propose(longer, 4, greedy, None).tokens, d.cache.length))
+        assert drafts[0] == drafts[1]
+        n = fused.cache.length
+        assert torch.equal(fused.cache.k[..., :n, :], by_ops.cache.k[..., :n, :])
+        assert torch.equal(fused.cache.v[..., :n, :], by_ops.cache.v[..., :n, :])
+
+
+@ours
 def test_eagle_tree_on_our_kernels_of_width_one_is_the_chain_draft():
     """On our kernels a tree level runs the whole tree so far again (rows computed alike however
     many a call has, each attending to its ancestors): a width-1 tree must draft the chain's

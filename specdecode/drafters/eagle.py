@@ -209,6 +209,15 @@ class EagleDrafter:
         self.features = TargetFeatures(target, self.max_length, self.hidden_layers)
         self.cache = head.new_cache(self.max_length, target.dtype)
         self.cached = 0  # head cache entries built from real target features (positions 0..cached-1)
+        # greedy drafting with the head and the draft LM head on our kernels: a head step and its
+        # pick in one call (NativeBlock.mixed_pick); None: op by op
+        native = self.head.native
+        self.pick_with = (self.draft_head.kernel_weights() if native is not None and native.mix is not None
+                          and not self.head.fused else None)
+        # there, a picked token's embedding row by its index in the draft vocabulary (the target's
+        # rows, embedded once: 8,192 x 576 bf16 = 9 MB for the shipped head), not embedded per token
+        ids = self.draft_head.ids
+        self.draft_embeddings = self.embed(ids) if self.pick_with is not None and ids is not None else None
 
     @classmethod
     def load(cls, target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> "EagleDrafter":
@@ -241,19 +250,24 @@ class EagleDrafter:
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
                 more: MoreDrafts | None = None) -> Draft:
         k = min(k, self.max_length - len(tokens))
-        h = self._catch_up(tokens) if k > 0 else None
-        if h is None:
+        greedy = sampling.greedy
+        start = self._catch_up(tokens, greedy) if k > 0 else None
+        if start is None:
             return Draft([])
+        h, picked = start
         n = len(tokens) - 1
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         scores: list[float] = []
         for step in range(k):
-            logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
-            if sampling.greedy:
-                index, score = greedy_pick(logits[0])
+            if picked is not None:  # the head's call picked it (greedy on our kernels)
+                index, score = picked
+                token = self.draft_head.token(index)
+            elif greedy:
+                index, score = greedy_pick(self.draft_head.logits(self.head.to_head(h))[0])
                 token = self.draft_head.token(index)
             else:
+                logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
                 q = logits_to_probs(self.draft_head.to_full(logits), sampling)
                 token = int(sample(q, generator)[0])
                 probs.append(q[0])
@@ -262,15 +276,31 @@ class EagleDrafter:
             scores.append(score)
             if step + 1 == k or (more is not None and not more(scores)):
                 break
-            pos = range(n + step, n + step + 1)
-            h = self.head(h.unsqueeze(0), self.embed(torch.tensor([token])).unsqueeze(0), pos, self.cache)[:, -1]
+            if picked is not None and self.draft_embeddings is not None:
+                embedding = self.draft_embeddings[index : index + 1]
+            else:
+                embedding = self.embed(torch.tensor([token]))
+            h, picked = self._step(h, embedding, range(n + step, n + step + 1), greedy)
         return Draft(drafted, torch.stack(probs) if probs else None, scores=scores)
 
-    def _catch_up(self, tokens: list[int]) -> torch.Tensor | None:
+    def _step(self, features: torch.Tensor, embeddings: torch.Tensor, positions: range,
+              greedy: bool) -> tuple[torch.Tensor, tuple[int, float] | None]:
+        """The head over a chain's rows ([T, H] features and embeddings at `positions`, cached):
+        the predicted feature of the last row [1, H], and for greedy drafting on our kernels
+        the draft LM head's pick on it (index, top probability) from the same call, else None."""
+        if greedy and self.pick_with is not None:
+            rope = rope_pairs(positions, self.head.config.head_dim, self.head.config.rope_theta)
+            h, index, score = self.head.native.mixed_pick(features, embeddings, rope, self.cache, self.pick_with)  # type: ignore[union-attr]
+            self.cache.length += len(positions)
+            return h, (index, score)
+        return self.head(features.unsqueeze(0), embeddings.unsqueeze(0), positions, self.cache)[:, -1], None
+
+    def _catch_up(self, tokens: list[int], greedy: bool = False) -> tuple[torch.Tensor, tuple[int, float] | None] | None:
         """Bring the head's cache up to the committed sequence with the target's real features
         (rows cached..n-1 read (f_i, emb(t_{i+1}))); returns [1, H], the predicted feature f_n
-        of the newest token t_n (its LM-head logits are the first draft token's), or None
-        before the head has anything to read. Whatever drafting wrote past it is dropped."""
+        of the newest token t_n (its LM-head logits are the first draft token's), with its
+        greedy pick where `_step` makes it, or None before the head has anything to read.
+        Whatever drafting wrote past it is dropped."""
         n = len(tokens) - 1  # the newest token t_n has no feature yet
         if n < 1:
             return None
@@ -283,10 +313,10 @@ class EagleDrafter:
         f_in = feats[start:n].unsqueeze(0)
         if self.head.fused:
             f_in = self.head.fuse_taps(f_in)
-        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long)).unsqueeze(0)
-        h = self.head(f_in, e_in, range(start, n), self.cache)[:, -1]
+        e_in = self.embed(torch.as_tensor(tokens[start + 1 : n + 1], dtype=torch.long))
+        step = self._step(f_in[0], e_in, range(start, n), greedy)
         self.cached = n
-        return h
+        return step
 
 
 class EagleTreeDrafter(GrowsTrees, EagleDrafter):
@@ -313,9 +343,10 @@ class EagleTreeDrafter(GrowsTrees, EagleDrafter):
                 more: MoreDrafts | None = None) -> Draft:
         room = self.max_length - len(tokens)
         k = min(k, room)
-        h = self._catch_up(tokens) if k > 0 else None
-        if h is None:
+        start = self._catch_up(tokens) if k > 0 else None
+        if start is None:
             return Draft([])
+        h = start[0]
         n = len(tokens) - 1
         depth = max(1, min(self.depth, k, (self.max_length - self.cache.length) // self.width))
         after = {-1: h[0]}  # node -> the head's output after it: its children's logits come from it

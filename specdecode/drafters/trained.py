@@ -340,6 +340,17 @@ class NativeBlock:
             features, embeddings, f_norm, e_norm, norm_eps, kind, weights, bias, rope, cache.k, cache.v, cache.length,
             parents, self.heads, self.tiles, self.eps, fused.kinds, fused.norms, fused.weights, fused.biases)  # type: ignore[union-attr]
 
+    def mixed_pick(self, features: torch.Tensor, embeddings: torch.Tensor, rope: torch.Tensor, cache: KVCache,
+                   lm: tuple[int, list[torch.Tensor]]) -> tuple[torch.Tensor, int, float]:
+        """`mixed` over a chain's rows, then the LM head `lm` (its stack's kind and weights) over
+        the last row and the greedy pick, in one call (`specdecode::eagle_draft`: bitwise the
+        op-by-op path): (the last row in the features' dtype [1, hidden], index, top probability)."""
+        fused, (f_norm, e_norm, norm_eps, kind, weights, bias) = self.fused, self.mix  # type: ignore[misc]
+        cache.ensure(cache.length + features.shape[0])
+        return torch.ops.specdecode.eagle_draft(
+            features, embeddings, f_norm, e_norm, norm_eps, kind, weights, bias, rope, cache.k, cache.v, cache.length,
+            self.heads, self.tiles, self.eps, fused.kinds, fused.norms, fused.weights, fused.biases, lm[0], lm[1])  # type: ignore[union-attr]
+
     def __call__(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache, parents: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden] fp32 (updated in place and returned; EAGLE-3's layer: [T, 2 hidden],
         embedding ⊕ feature, and a new [T, hidden] is returned), rope [T, head_dim/2, 2] fp32 (cos,
@@ -452,6 +463,14 @@ class DraftHead:
 
     def token(self, index: int) -> int:
         return index if self._ids is None else self._ids[index]
+
+    def kernel_weights(self) -> tuple[int, list[torch.Tensor]] | None:
+        """The head's matmul as `specdecode::eagle_draft` runs it (kind, weights), or None where
+        it is not on our kernels."""
+        stack = self.linear.stack
+        if not hasattr(stack, "fused_kind") or stack.biases[0] is not None:
+            return None
+        return stack.fused_kind, list(stack.fused_weights(0))
 
 
 # ---------------------------------------------------------------------------- features

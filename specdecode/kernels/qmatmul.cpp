@@ -2231,6 +2231,27 @@ at::Tensor eagle_layer(const at::Tensor& features, const at::Tensor& embeddings,
   return x;
 }
 
+// An EAGLE head's greedy draft step in one call (drafters/eagle.py: EagleDrafter._head): eagle_layer
+// over the T rows, then the last row in the features' dtype (the feature the head hands on), the
+// draft LM head over it (kind `lm_kind`, no bias) widened to fp32, and greedy_pick; returns (that
+// row [1, hidden], the picked index, its top probability). The same functions on the same inputs
+// as the op-by-op path (head, LM head, greedy_pick): one dispatch instead of ~10.
+std::tuple<at::Tensor, int64_t, double> eagle_draft(
+    const at::Tensor& features, const at::Tensor& embeddings, const at::Tensor& feature_norm, const at::Tensor& embed_norm,
+    double norm_eps, int64_t fc_kind, at::TensorList fc_weights, const c10::optional<at::Tensor>& fc_bias,
+    const at::Tensor& rope, at::Tensor cache_k, at::Tensor cache_v, int64_t past, int64_t n_heads, bool tiles,
+    double eps, at::IntArrayRef kinds, at::TensorList norms, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& biases, int64_t lm_kind, at::TensorList lm_weights) {
+  TORCH_CHECK(lm_weights.size() == 3, "specdecode eagle_draft: three LM-head weight tensors");
+  const at::Tensor x = eagle_layer(features, embeddings, feature_norm, embed_norm, norm_eps, fc_kind, fc_weights, fc_bias,
+                                   rope, cache_k, cache_v, past, c10::nullopt, n_heads, tiles, eps, kinds, norms, weights,
+                                   biases);
+  const at::Tensor h = x.narrow(0, x.size(0) - 1, 1).to(features.scalar_type());
+  const at::Tensor logits = run_linear(lm_kind, h, lm_weights.data(), c10::nullopt).to(at::kFloat);
+  const auto picked = greedy_pick(logits.select(0, 0));
+  return {h, std::get<0>(picked), std::get<1>(picked)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specdecode, m) {
@@ -2261,6 +2282,10 @@ TORCH_LIBRARY(specdecode, m) {
         "int fc_kind, Tensor[] fc_weights, Tensor? fc_bias, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int past, "
         "Tensor? parents, int n_heads, bool tiles, float eps, int[] kinds, Tensor[] norms, Tensor[] weights, "
         "Tensor?[] biases) -> Tensor");
+  m.def("eagle_draft(Tensor features, Tensor embeddings, Tensor feature_norm, Tensor embed_norm, float norm_eps, "
+        "int fc_kind, Tensor[] fc_weights, Tensor? fc_bias, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, int past, "
+        "int n_heads, bool tiles, float eps, int[] kinds, Tensor[] norms, Tensor[] weights, Tensor?[] biases, "
+        "int lm_kind, Tensor[] lm_weights) -> (Tensor, int, float)");
   m.def("pack_q4_nibbles(Tensor nibbles, bool vnni) -> Tensor");
   m.def("pack_int8(Tensor codes, bool vnni) -> Tensor");
   m.def("int8_block_sums(Tensor codes) -> Tensor");
@@ -2278,6 +2303,7 @@ TORCH_LIBRARY_IMPL(specdecode, CPU, m) {
   m.impl("attend_rows", &attend_rows);
   m.impl("rms_norm", &rms_norm_bf16);
   m.impl("eagle_layer", &eagle_layer);
+  m.impl("eagle_draft", &eagle_draft);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("greedy_pick", &greedy_pick);
   m.impl("rope_attend", &rope_attend);
