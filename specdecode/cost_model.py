@@ -200,6 +200,7 @@ class AutoK:
         # of the fit. Counted, it priced drafting so high that k=0 won, and probes, left out too,
         # never corrected it (eagle k=auto 1.07x against 1.22x at k=1, 27 prompts).
         self.after_idle = True
+        self._best: tuple[int, int] | None = None  # (top, its best k) until the estimates change
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
@@ -252,13 +253,16 @@ class AutoK:
     def expect(self, acceptance: float) -> None:
         """The drafter's acceptance as known before this request (a calibration table's mean)."""
         self.first_prior = acceptance
+        self._best = None
 
     def choose(self, budget: int) -> int:
         top = min(self.k_max, budget)
         if top < 1:
             return 0
-        rates = self.expected_rates(top)
-        k = max(range(top + 1), key=rates.__getitem__)
+        if self._best is None or self._best[0] != top:  # (an idle step changes no estimate: asked again, same answer)
+            rates = self.expected_rates(top)
+            self._best = (top, max(range(top + 1), key=rates.__getitem__))
+        k = self._best[1]
         if k == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed
@@ -315,6 +319,7 @@ class AutoK:
         (the estimates themselves follow the verdicts: drafters/acceptance.py)."""
         if asked == 0:
             return
+        self._best = None
         if self.after_idle:
             self.after_idle = False
         else:
