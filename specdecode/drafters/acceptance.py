@@ -24,14 +24,20 @@ class AcceptanceTable:
         self.prior, self.weight, self.fade = prior, weight, fade
         self.hits = [0.0] * len(prior)
         self.seen = [0.0] * len(prior)
+        self._rates: list[float] | None = None  # every bucket's rate, until the next observation
+
+    def rates(self) -> list[float]:
+        if self._rates is None:
+            self._rates = [(p * self.weight + h) / (self.weight + s) for p, h, s in zip(self.prior, self.hits, self.seen)]
+        return self._rates
 
     def rate(self, bucket: int) -> float:
-        i = min(max(bucket, 0), len(self.prior) - 1)
-        return (self.prior[i] * self.weight + self.hits[i]) / (self.weight + self.seen[i])
+        return self.rates()[min(max(bucket, 0), len(self.prior) - 1)]
 
     def observe_chain(self, buckets: list[int], accepted: int) -> None:
         """A chain whose tokens fell in `buckets` kept its first `accepted` tokens: the tokens up
         to the first rejected one were verified (greedy and sampled verification alike)."""
+        self._rates = None
         self.hits = [h * self.fade for h in self.hits]
         self.seen = [s * self.fade for s in self.seen]
         top = len(self.prior) - 1
@@ -72,7 +78,8 @@ class ScoreAcceptance(AcceptanceTable):
         return min(int(score * len(self.prior)), len(self.prior) - 1)
 
     def estimates(self, scores: list[float]) -> list[float]:
-        return [self.rate(self.bucket(s)) for s in scores]
+        rates, top = self.rates(), len(self.prior) - 1
+        return [rates[min(int(s * len(self.prior)), top)] for s in scores]
 
     def observe(self, scores: list[float], accepted: int) -> None:
         self.observe_chain([self.bucket(s) for s in scores], accepted)
