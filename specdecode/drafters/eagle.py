@@ -18,6 +18,7 @@ the target's p gets.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,9 +216,10 @@ class EagleDrafter:
         self.pick_with = (self.draft_head.kernel_weights() if native is not None and native.mix is not None
                           and not self.head.fused else None)
         # there, a picked token's embedding row by its index in the draft vocabulary (the target's
-        # rows, embedded once: 8,192 x 576 bf16 = 9 MB for the shipped head), not embedded per token
+        # rows, embedded once per target and vocabulary: 8,192 x 576 bf16 = 9 MB for the shipped
+        # head, shared by a batching server's seats), not embedded per token
         ids = self.draft_head.ids
-        self.draft_embeddings = self.embed(ids) if self.pick_with is not None and ids is not None else None
+        self.draft_embeddings = vocabulary_rows(target, ids) if self.pick_with is not None and ids is not None else None
 
     @classmethod
     def load(cls, target: LlamaModel, path: str | None, max_length: int | None = None, full_vocab: bool = False) -> "EagleDrafter":
@@ -317,6 +319,19 @@ class EagleDrafter:
         step = self._step(f_in[0], e_in, range(start, n), greedy)
         self.cached = n
         return step
+
+
+_VOCABULARY_ROWS: "weakref.WeakKeyDictionary[LlamaModel, dict[bytes, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def vocabulary_rows(target: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
+    """The target's embeddings of a draft vocabulary's ids [Vd, H] (as `embed_rows` gives them),
+    computed once per target and vocabulary."""
+    tables = _VOCABULARY_ROWS.setdefault(target, {})
+    key = ids.numpy().tobytes()
+    if key not in tables:
+        tables[key] = target.embed_rows(ids)
+    return tables[key]
 
 
 class EagleTreeDrafter(GrowsTrees, EagleDrafter):
