@@ -16,7 +16,8 @@ The alternatives the bench sets beside it: `FixedK` (k every step), `HeuristicK`
 after the first whose draft probability is below t; drafters that score their drafts only).
 
 verify(T) comes from `measure_verify_costs` (a few hundred forwards, well under a second on
-the embedded model), cached per model file and machine by `cached_verify_costs`. The
+the embedded model), cached per model file and machine by `cached_verify_costs`; during a
+request `AutoK` replaces each length's cost by the loop's own timing of it (`verified`). The
 drafter's cost is learnt online from the loop's own timing of `propose` (a + b k, fitted as
 the request goes), so drafters carry no timing code.
 
@@ -53,6 +54,15 @@ PROBE_MAX = 64  # and after every probe that did not bring drafting back, twice 
 # call is left out of it): what the shipped EAGLE head's costs (0.10-0.16); counted as free, a
 # drafter that is never right (layerskip) was drafted with on the first steps of every request
 DRAFT_COST_PRIOR = 0.15
+# Verification costs as the loop times them: the table is a hot loop's fastest forwards, and the
+# loop's own (caches cold after drafting, longer contexts, a host whose arithmetic speed varies:
+# on one Zen 4 host T = 3 / 5 / 8 took 1.06 / 1.30 / 1.75 of T = 1 at one hour, 1.22 / 1.62 /
+# 2.33 at another, against the table's 1.09 / 1.25 / 1.54) decide better: simulated on the
+# target's answers to this project's requests, n-gram drafting cut by the loop's costs gained
+# 1.7-2.6% over the table's. Each length's observations fade by VERIFY_FADE; one seen fewer than
+# VERIFY_SEEN times (faded) takes the table's cost scaled as the nearest timed length's.
+VERIFY_FADE = 0.9
+VERIFY_SEEN = 2.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,8 @@ class AutoK:
         # never corrected it (eagle k=auto 1.07x against 1.22x at k=1, 27 prompts).
         self.after_idle = True
         self._best: tuple[int, int] | None = None  # (top, its best k) until the estimates change
+        self._timed = [(0.0, 0.0)] * len(costs.verify)  # per length T: (faded count, faded seconds)
+        self._verify: list[float] | None = None  # verify_costs(), until the next timing
 
     def acceptance(self) -> list[float]:
         """Estimated a_i, i = 1..k_max."""
@@ -217,13 +229,47 @@ class AutoK:
 
     def expected_rates(self, top: int) -> list[float]:
         """expected_rate(k) for k = 0..top in one pass (the same values: E(k) grows term by term)."""
-        acceptance, verify = self.acceptance(), self.costs.verify
+        acceptance, verify = self.acceptance(), self.verify_costs()
         rates, gain, run = [1.0 / verify[0]], 1.0, 1.0
         for k in range(1, top + 1):
             run *= acceptance[k - 1]
             gain += run
             rates.append(gain / (self.draft_seconds(k) + verify[k]))
         return rates
+
+    def verify_costs(self) -> list[float]:
+        """Seconds of a verification step of T = 1..k_max+1 tokens: the loop's own timings
+        (`verified`) where it has them, else the table's scaled as the nearest timed length's
+        (the table as it is before any timing, and always for a fixed drafter cost: a seeded
+        request's choices follow its tokens only)."""
+        if self._verify is None:
+            table = self.costs.verify
+            if self.fixed_draft_cost is not None:
+                self._verify = list(table)
+                return self._verify
+            scale = [s / w / t if w >= VERIFY_SEEN else None for (w, s), t in zip(self._timed, table)]
+            timed = [i for i, r in enumerate(scale) if r is not None]
+            out = []
+            for i, t in enumerate(table):
+                if scale[i] is None and timed:
+                    near = min(timed, key=lambda j: (abs(j - i), j))
+                    out.append(t * scale[near])  # type: ignore[operator]
+                else:
+                    out.append(t * (scale[i] or 1.0))
+            self._verify = out
+        return self._verify
+
+    def verified(self, rows: int, seconds: float) -> None:
+        """The loop timed a verification step of `rows` tokens (the target's forward and the
+        verdict): it counts towards that length's cost; the choices change where a cost moved
+        by more than 1%."""
+        if self.fixed_draft_cost is not None or not 1 <= rows <= len(self._timed) or seconds <= 0:
+            return
+        w, s = self._timed[rows - 1]
+        w, s = w * VERIFY_FADE + 1.0, s * VERIFY_FADE + seconds
+        self._timed[rows - 1] = (w, s)
+        if self._verify is not None and w >= VERIFY_SEEN and abs(s / w - self._verify[rows - 1]) > 0.01 * s / w:
+            self._verify = self._best = None  # (the costs in use are the ones last computed)
 
     def draft_seconds(self, k: int) -> float:
         """a + b k from the fit (0 for k = 0; DRAFT_COST_PRIOR target steps a token before any observation)."""
@@ -288,7 +334,7 @@ class AutoK:
 
     def best_prefix(self, confidence: list[float], spent: float = 0.0) -> tuple[int, float]:
         """(m, E(m) / (spent + verify(m + 1))): `best_length` and the tokens per second it expects."""
-        verify = self.costs.verify
+        verify = self.verify_costs()
         best, best_rate, gain, run = 0, 1.0 / (spent + verify[0]), 1.0, 1.0
         for m, a in enumerate(confidence[: self.k_max], 1):
             run *= a

@@ -175,8 +175,11 @@ def decode(
             step = verify_draft(target, cache, tokens[-1], draft, sampling, generator, feed_hidden, layers, allowed,
                                 forward)
             result, logits, out, kept_rows = step.result, step.logits, step.out, step.kept_rows
+            verify_seconds = time.perf_counter() - t1
             stats.draft_seconds += t1 - t0
-            stats.verify_seconds += time.perf_counter() - t1
+            stats.verify_seconds += verify_seconds
+            if draft.parents is None and hasattr(policy, "verified"):  # the cost model learns the loop's costs
+                policy.verified(len(draft.tokens) + 1, verify_seconds)  # type: ignore[union-attr]
             stats.record(step.levels, result.num_accepted, None if policy is None else len(draft.tokens) if cuts or calibration else budget,
                          nodes=len(draft.tokens))
             if drafter is not None and policy is not None:

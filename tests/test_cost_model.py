@@ -154,6 +154,27 @@ def test_k_auto_carries_a_drafters_probe_wait_into_its_next_request_and_keeps_th
     list(decode(target, target.new_cache(), prompt, cfg, wrong, "auto", stats=SpecStats()))
     assert len(followed) == 1 and isinstance(followed[0], AutoK)
 
+
+def test_verification_costs_follow_the_loops_own_timings():
+    """`verified`: a length timed VERIFY_SEEN times (faded) costs what the loop measured, the
+    others the table's scaled as the nearest timed length's; the cut follows (a third row the
+    table gives for free but the loop finds dear is not drafted); a fixed drafter cost (a seeded
+    request) keeps the table."""
+    policy, fixed = AutoK(FLAT), AutoK(FLAT, draft_cost=DraftCost(0.0, 0.0))
+    sure = [0.5, 0.5]
+    assert policy.verify_costs() == list(FLAT.verify) and policy.best_length(sure) == 2
+    for _ in range(3):
+        for p in (policy, fixed):
+            p.verified(1, 2.0 * FLAT.verify[0])  # the loop's steps cost twice the table's
+    assert policy.verify_costs() == pytest.approx([2.0 * t for t in FLAT.verify])
+    for _ in range(3):
+        policy.verified(3, 3.0 * 2.0 * FLAT.verify[2])  # ... and three rows three times that
+    costs = policy.verify_costs()
+    assert costs[2] == pytest.approx(6.0 * FLAT.verify[2]) and costs[1] == pytest.approx(2.0 * FLAT.verify[1])
+    assert costs[3] == pytest.approx(6.0 * FLAT.verify[3])  # nearest timed: three rows
+    assert policy.best_length(sure) == 1
+    assert fixed.verify_costs() == list(FLAT.verify) and fixed.best_length(sure) == 2
+
 def test_a_drafter_known_to_be_wrong_starts_idle():
     """A calibration table's mean as the first position's prior (`expect`): a drafter that is
     right 4% of the time does not draft on the first steps to find that out; one right half the
