@@ -210,6 +210,10 @@ class AutoK:
         # of the fit. Counted, it priced drafting so high that k=0 won, and probes, left out too,
         # never corrected it (eagle k=auto 1.07x against 1.22x at k=1, 27 prompts).
         self.after_idle = True
+        # A table read afresh at every choice (batching.SharedCosts: a seated sequence's share of a
+        # batch, which changes as sequences come and go) is neither cached nor replaced by timings
+        # (a batch's steps cost a sequence about the same whatever its own rows).
+        self._static = isinstance(costs, CostTable)
         self._best: tuple[int, int] | None = None  # (top, its best k) until the estimates change
         self._timed = [(0.0, 0.0)] * len(costs.verify)  # per length T: (faded count, faded seconds)
         self._verify: list[float] | None = None  # verify_costs(), until the next timing
@@ -242,9 +246,9 @@ class AutoK:
         (`verified`) where it has them, else the table's scaled as the nearest timed length's
         (the table as it is before any timing, and always for a fixed drafter cost: a seeded
         request's choices follow its tokens only)."""
-        if self._verify is None:
+        if self._verify is None or not self._static:
             table = self.costs.verify
-            if self.fixed_draft_cost is not None:
+            if self.fixed_draft_cost is not None or not self._static:
                 self._verify = list(table)
                 return self._verify
             scale = [s / w / t if w >= VERIFY_SEEN else None for (w, s), t in zip(self._timed, table)]
@@ -263,7 +267,7 @@ class AutoK:
         """The loop timed a verification step of `rows` tokens (the target's forward and the
         verdict): it counts towards that length's cost; the choices change where a cost moved
         by more than 1%."""
-        if self.fixed_draft_cost is not None or not 1 <= rows <= len(self._timed) or seconds <= 0:
+        if self.fixed_draft_cost is not None or not self._static or not 1 <= rows <= len(self._timed) or seconds <= 0:
             return
         w, s = self._timed[rows - 1]
         w, s = w * VERIFY_FADE + 1.0, s * VERIFY_FADE + seconds
@@ -305,7 +309,7 @@ class AutoK:
         top = min(self.k_max, budget)
         if top < 1:
             return 0
-        if self._best is None or self._best[0] != top:  # (an idle step changes no estimate: asked again, same answer)
+        if self._best is None or self._best[0] != top or not self._static:  # (an idle step changes no estimate)
             rates = self.expected_rates(top)
             self._best = (top, max(range(top + 1), key=rates.__getitem__))
         k = self._best[1]

@@ -175,6 +175,28 @@ def test_verification_costs_follow_the_loops_own_timings():
     assert policy.best_length(sure) == 1
     assert fixed.verify_costs() == list(FLAT.verify) and fixed.best_length(sure) == 2
 
+
+def test_a_batch_share_of_the_costs_is_read_at_every_choice_and_not_replaced_by_timings():
+    """Over batching.SharedCosts (a seated sequence's share of a batch's forward, which changes
+    as sequences come and go) AutoK neither keeps its last choice nor its last costs, and the
+    loop's timings (a batch's step costs a sequence about the same whatever its rows) do not
+    replace them."""
+    from types import SimpleNamespace
+
+    from specdecode.batching import SharedCosts
+
+    batcher = SimpleNamespace(seated=1)
+    policy = AutoK(SharedCosts(FLAT, batcher))
+    for _ in range(50):
+        policy.observe(2, 2, 1, 0.0)  # half the drafts kept
+    alone = policy.choose(8)
+    for _ in range(3):
+        policy.verified(1, 5.0)
+    assert policy.verify_costs() == pytest.approx(list(FLAT.verify))
+    batcher.seated = 16  # a full batch: each row is another sequence's share of a big forward
+    assert policy.verify_costs() != pytest.approx(list(FLAT.verify))
+    assert policy.choose(8) < alone
+
 def test_a_drafter_known_to_be_wrong_starts_idle():
     """A calibration table's mean as the first position's prior (`expect`): a drafter that is
     right 4% of the time does not draft on the first steps to find that out; one right half the
