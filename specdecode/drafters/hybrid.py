@@ -87,7 +87,8 @@ class HybridDrafter:
             if draft.tokens:
                 return self._drafted("lookup", draft)
             return self._drafted("model", self.model.propose(tokens, k, sampling, generator), k)
-        # (the loop cuts the chain where best_prefix says: the same costs)
+        # (the loop cuts the chain where its own best_prefix says, on the costs it has timed;
+        # the choice here prices with the table's: AutoK with a fixed drafter cost keeps them)
         draft = self.lookup.propose(tokens, k, sampling, generator, whole=True)
         m, lookup_rate = policy.best_prefix(draft.confidence or [])
         asked = policy.choose(k)
