@@ -184,10 +184,12 @@ class AutoK:
     name = "auto"
 
     def __init__(self, costs: CostTable, k_max: int | None = None, decay: float = 0.95,
-                 draft_cost: DraftCost | None = None) -> None:
+                 draft_cost: DraftCost | None = None, timed_by: "AutoK | None" = None) -> None:
         """draft_cost: a fixed drafter cost instead of the online fit (seeded requests: the
-        choices then depend on the tokens only)."""
+        choices then depend on the tokens only). timed_by: the loop's policy, whose verification
+        costs (`verify_costs`) this one prices with (a hybrid drafter's choice between drafters)."""
         self.costs = costs
+        self.timed_by = timed_by
         self.fixed_draft_cost = draft_cost
         self.k_max = min(costs.k_max, k_max if k_max is not None else costs.k_max)
         if self.k_max < 1:
@@ -246,6 +248,8 @@ class AutoK:
         (`verified`) where it has them, else the table's scaled as the nearest timed length's
         (the table as it is before any timing, and always for a fixed drafter cost: a seeded
         request's choices follow its tokens only)."""
+        if self.timed_by is not None:
+            return self.timed_by.verify_costs()
         if self._verify is None or not self._static:
             table = self.costs.verify
             if self.fixed_draft_cost is not None or not self._static:
@@ -309,7 +313,7 @@ class AutoK:
         top = min(self.k_max, budget)
         if top < 1:
             return 0
-        if self._best is None or self._best[0] != top or not self._static:  # (an idle step changes no estimate)
+        if self._best is None or self._best[0] != top or not self._static or self.timed_by is not None:  # (an idle step changes no estimate)
             rates = self.expected_rates(top)
             self._best = (top, max(range(top + 1), key=rates.__getitem__))
         k = self._best[1]

@@ -9,7 +9,7 @@ import torch
 from conftest import random_model, tiny_config
 from specdecode import decoding
 from specdecode.config import GenerationConfig, SamplingParams
-from specdecode.cost_model import CostTable
+from specdecode.cost_model import AutoK, CostTable
 from specdecode.drafters.base import Draft
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.factory import build_drafter
@@ -157,3 +157,17 @@ def test_hybrid_needs_a_chain_model_drafter(spec, words):
     target = random_model(tiny_config("llama"), seed=10)
     with pytest.raises(UserError, match=words):
         build_drafter(spec, target)
+
+
+def test_the_choice_between_drafters_prices_with_the_loops_timed_costs():
+    """The loop's policy times its verification steps (AutoK.verified); the hybrid's choice
+    between lookup and model prices with those costs, as the loop's cut of the chain does."""
+    costs = CostTable((1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16))
+    loop = AutoK(costs)
+    hybrid = HybridDrafter(_Fixed([7, 7, 7, 7]))
+    hybrid.price_with(costs, timings=loop)
+    for _ in range(3):
+        loop.verified(1, 1.0)
+        loop.verified(3, 4.0)  # three rows cost four steps in this loop, not the table's 1.04
+    assert hybrid.model_policy.verify_costs() == loop.verify_costs() != list(costs.verify)
+    assert hybrid.model_policy.best_prefix([0.9, 0.9])[0] == loop.best_prefix([0.9, 0.9])[0] == 1

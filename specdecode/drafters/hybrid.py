@@ -64,13 +64,14 @@ class HybridDrafter:
         self._asked = 0
         self.steps = {"lookup": 0, "model": 0}
 
-    def price_with(self, costs: CostTable | None) -> None:
-        """The decoding loop's cost table for this request (None: fixed k, no prices)."""
+    def price_with(self, costs: CostTable | None, timings: AutoK | None = None) -> None:
+        """The decoding loop's cost table for this request (None: fixed k, no prices), and its
+        policy, whose verification costs (timed in the loop) price the choice as they cut the chain."""
         if costs is None:
             self.model_policy = None
             return
         step = getattr(self.model, "step_cost", DEFAULT_STEP_COST) * costs.verify[0]
-        self.model_policy = AutoK(costs, draft_cost=DraftCost(0.0, step))
+        self.model_policy = AutoK(costs, draft_cost=DraftCost(0.0, step), timed_by=timings)
         if getattr(self.model, "scores_drafts", False):
             self.calibration = ScoreAcceptance(getattr(self.model, "acceptance_by_score", None))
 
@@ -87,8 +88,7 @@ class HybridDrafter:
             if draft.tokens:
                 return self._drafted("lookup", draft)
             return self._drafted("model", self.model.propose(tokens, k, sampling, generator), k)
-        # (the loop cuts the chain where its own best_prefix says, on the costs it has timed;
-        # the choice here prices with the table's: AutoK with a fixed drafter cost keeps them)
+        # (the loop cuts the chain where its best_prefix says: the same costs, `timed_by`)
         draft = self.lookup.propose(tokens, k, sampling, generator, whole=True)
         m, lookup_rate = policy.best_prefix(draft.confidence or [])
         asked = policy.choose(k)
