@@ -257,14 +257,12 @@ class AutoK:
                 return self._verify
             scale = [s / w / t if w >= VERIFY_SEEN else None for (w, s), t in zip(self._timed, table)]
             timed = [i for i, r in enumerate(scale) if r is not None]
-            out = []
-            for i, t in enumerate(table):
-                if scale[i] is None and timed:
-                    near = min(timed, key=lambda j: (abs(j - i), j))
-                    out.append(t * scale[near])  # type: ignore[operator]
-                else:
-                    out.append(t * (scale[i] or 1.0))
-            self._verify = out
+            def ratio(i: int) -> float:  # the length's own, else the nearest timed length's, else none
+                if scale[i] is not None or not timed:
+                    return scale[i] or 1.0
+                return scale[min(timed, key=lambda j: (abs(j - i), j))]  # type: ignore[return-value]
+
+            self._verify = [t * ratio(i) for i, t in enumerate(table)]
         return self._verify
 
     def verified(self, rows: int, seconds: float) -> None:

@@ -78,7 +78,7 @@ def decode(
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)
-        drafter.price_with(policy.costs if cuts else None, timings=policy if cuts else None)  # type: ignore[union-attr]
+        drafter.price_with(policy if cuts else None)  # type: ignore[union-attr]
     stop_below = getattr(policy, "stop_below", 0.0)
     if stop_below and getattr(drafter, "grows_trees", False):
         raise UserError(f"'{drafter.name}' sizes its trees by its own path probabilities: use --k auto (or a number "  # type: ignore[union-attr]

@@ -99,7 +99,7 @@ def test_the_drafter_expected_to_be_worth_more_drafts():
     costs = CostTable((1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16))
     model = _Fixed([7, 7, 7, 7])
     hybrid = HybridDrafter(model)
-    hybrid.price_with(costs)
+    hybrid.price_with(AutoK(costs))
     hybrid.begin([1])
     long_match = list(range(20, 40)) + [1] + list(range(20, 34))  # a 14-token match: lookup is nearly sure
     draft = hybrid.propose(long_match, 8, SamplingParams(), None, whole=True)
@@ -165,7 +165,7 @@ def test_the_choice_between_drafters_prices_with_the_loops_timed_costs():
     costs = CostTable((1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16))
     loop = AutoK(costs)
     hybrid = HybridDrafter(_Fixed([7, 7, 7, 7]))
-    hybrid.price_with(costs, timings=loop)
+    hybrid.price_with(loop)
     for _ in range(3):
         loop.verified(1, 1.0)
         loop.verified(3, 4.0)  # three rows cost four steps in this loop, not the table's 1.04

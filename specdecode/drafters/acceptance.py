@@ -78,8 +78,8 @@ class ScoreAcceptance(AcceptanceTable):
         return min(int(score * len(self.prior)), len(self.prior) - 1)
 
     def estimates(self, scores: list[float]) -> list[float]:
-        rates, top = self.rates(), len(self.prior) - 1
-        return [rates[min(int(s * len(self.prior)), top)] for s in scores]
+        rates = self.rates()
+        return [rates[self.bucket(s)] for s in scores]
 
     def observe(self, scores: list[float], accepted: int) -> None:
         self.observe_chain([self.bucket(s) for s in scores], accepted)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from specdecode.config import SamplingParams
-from specdecode.cost_model import AutoK, CostTable, DraftCost
+from specdecode.cost_model import AutoK, DraftCost
 from specdecode.drafters.acceptance import ScoreAcceptance
 from specdecode.drafters.base import Draft, Drafter, wants_hidden, wants_logits
 from specdecode.drafters.ngram import NgramDrafter
@@ -64,14 +64,15 @@ class HybridDrafter:
         self._asked = 0
         self.steps = {"lookup": 0, "model": 0}
 
-    def price_with(self, costs: CostTable | None, timings: AutoK | None = None) -> None:
-        """The decoding loop's cost table for this request (None: fixed k, no prices), and its
-        policy, whose verification costs (timed in the loop) price the choice as they cut the chain."""
-        if costs is None:
+    def price_with(self, policy: AutoK | None) -> None:
+        """The decoding loop's policy for this request (None: fixed k, no prices): its cost table,
+        and its verification costs as timed in the loop, price the choice as they cut the chain."""
+        if policy is None:
             self.model_policy = None
             return
+        costs = policy.costs
         step = getattr(self.model, "step_cost", DEFAULT_STEP_COST) * costs.verify[0]
-        self.model_policy = AutoK(costs, draft_cost=DraftCost(0.0, step), timed_by=timings)
+        self.model_policy = AutoK(costs, draft_cost=DraftCost(0.0, step), timed_by=policy)
         if getattr(self.model, "scores_drafts", False):
             self.calibration = ScoreAcceptance(getattr(self.model, "acceptance_by_score", None))
 

@@ -2231,7 +2231,7 @@ at::Tensor eagle_layer(const at::Tensor& features, const at::Tensor& embeddings,
   return x;
 }
 
-// An EAGLE head's greedy draft step in one call (drafters/eagle.py: EagleDrafter._head): eagle_layer
+// An EAGLE head's greedy draft step in one call (drafters/eagle.py: EagleDrafter._step): eagle_layer
 // over the T rows, then the last row in the features' dtype (the feature the head hands on), the
 // draft LM head over it (kind `lm_kind`, no bias) widened to fp32, and greedy_pick; returns (that
 // row [1, hidden], the picked index, its top probability). The same functions on the same inputs
