@@ -227,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import os
 
             os.environ["SPECDECODE_KERNEL"] = args.kernel
-        if getattr(args, "threads", None):
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be >= 1 (leave it out for torch's choice), got {threads}")
+        if threads:
             import torch
 
             torch.set_num_threads(args.threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> No
         (["generate", "hi", "--drafter", "bogus"], ["unknown drafter"]),
         (["generate", "hi", "--drafter", "model"], ["--draft"]),
         (["serve", "--max-batch", "0"], ["--max-batch", ">= 1"]),
+        (["serve", "--max-k", "0"], ["--max-k", ">= 1"]),
+        (["serve", "--port", "70000"], ["--port", "0..65535"]),
+        (["serve", "--host", "no-such-host.invalid"], ["--host no-such-host.invalid", "does not resolve"]),
+        (["generate", "hi", "--threads", "0"], ["--threads", ">= 1"]),
+        (["generate", "hi", "--threads", "-2"], ["--threads", ">= 1"]),
         (["generate", "hi", "--regex", "(("], ["invalid regex", "unclosed group"]),
         (["generate", "hi", "--json-schema", '{"type": "bogus"}'], ["invalid json schema", "bogus"]),
         (["generate", "hi", "--json-schema", "{nope"], ["JSON schema is not valid JSON"]),
@@ -54,6 +60,16 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *words: str) -> No
 )
 def test_bad_input_is_one_line_exit_2(args, words):
     assert_user_error(cli(*args), *words)
+
+
+def test_serve_port_in_use_is_one_line_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("serve", "--port", str(port))
+    assert_user_error(proc, f"127.0.0.1:{port}", "another --port")
+    assert "loaded" not in proc.stdout + proc.stderr  # (it failed before the model loaded)
 
 
 def test_corrupt_model_file(tmp_path):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
+
+from specdecode.errors import UserError
 
 if TYPE_CHECKING:
     from specdecode.engine import Engine
@@ -56,9 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from specdecode.cli import apply_tree, max_draft, resolve_k
 
-    if args.max_batch is not None and args.max_batch < 1:
-        print(f"specdecode: error: --max-batch must be >= 1, got {args.max_batch}", file=sys.stderr)
-        return 2
+    check_options(args)
     memory.limit_heap_arenas()  # before any thread (torch's, the request threads) allocates
     apply_tree(args)
     args.k = resolve_k(args.k, args.drafter)
@@ -89,6 +91,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _drained)
     uvicorn.Server(config).run()
     return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The server's own options, before the model loads (minutes on a large one): limits in
+    range, and an address uvicorn can listen on (a port in use, out of range, a host that does
+    not resolve or is not this machine's) as a one-line error instead of uvicorn's traceback."""
+    for option, value, least in (("--max-batch", args.max_batch, 1), ("--max-k", args.max_k, 1),
+                                 ("--max-tokens", args.max_tokens, 1), ("--max-queue", args.max_queue, 0),
+                                 ("--drain-timeout", args.drain_timeout, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{option} must be >= {least}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {args.host} does not resolve ({e.strerror}): give an address of this machine, "
+                        "e.g. 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            fix = ("another process listens there: stop it or pick another --port" if e.errno == errno.EADDRINUSE
+                   else "pick another --port (below 1024 needs privileges)" if e.errno == errno.EACCES
+                   else "give an address of this machine with --host, e.g. 127.0.0.1 or 0.0.0.0")
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): {fix}") from None
 
 
 def _drained(signum: int, frame: Any) -> None:
