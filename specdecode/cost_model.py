@@ -198,6 +198,7 @@ class AutoK:
         self.reached = [0.0] * self.k_max  # (faded) times position i was verified
         self.accepted = [0.0] * self.k_max  # (faded) times it was accepted
         self.fit = [0.0] * 5  # faded sums for seconds = a + b k: n, k, k^2, s, k s
+        self._line: tuple[float, float] | None = None  # (a, b) of the fit, until it changes
         self.idle_steps = 0
         # A probe is a draft the estimates say does not pay, drafted to see whether acceptance
         # came back (a change of topic); each one that finds it has not waits twice as long for the
@@ -281,17 +282,23 @@ class AutoK:
         """a + b k from the fit (0 for k = 0; DRAFT_COST_PRIOR target steps a token before any observation)."""
         if self.fixed_draft_cost is not None:
             return self.fixed_draft_cost.seconds(k)
-        n, sk, skk, ss, sks = self.fit
         if k == 0:
             return 0.0
-        if n == 0:
+        if self.fit[0] == 0:
             return DRAFT_COST_PRIOR * self.costs.verify[0] * k
+        if self._line is None:
+            self._line = self._fitted_line()
+        a, b = self._line
+        return a + b * k
+
+    def _fitted_line(self) -> tuple[float, float]:
+        """(a, b) of the fit, once per observation (the cost of every k is asked each step)."""
+        n, sk, skk, ss, sks = self.fit
         det = n * skk - sk * sk
         if det <= 1e-9 * n * n:  # one k value seen so far: all of it per token
-            return ss / sk * k if sk > 0 else 0.0
+            return 0.0, ss / sk if sk > 0 else 0.0
         b = max(0.0, (n * sks - sk * ss) / det)
-        a = max(0.0, (ss - b * sk) / n)
-        return a + b * k
+        return max(0.0, (ss - b * sk) / n), b
 
     def follow(self, last: "AutoK | None") -> None:
         """Start where the same drafter's last request left off: one whose probes kept finding
@@ -377,6 +384,7 @@ class AutoK:
         else:
             faded = [x * self.decay for x in self.fit]
             self.fit = [a + b for a, b in zip(faded, (1.0, asked, asked * asked, draft_seconds, asked * draft_seconds))]
+            self._line = None
         if drafted == 0:
             return
         self.reached = [r * self.decay for r in self.reached]

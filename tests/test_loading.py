@@ -673,3 +673,18 @@ def test_truncated_tensor_named(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"cut\.gguf is truncated: tensor blk\.1\.\S+ needs bytes") as info:
             load(cut)
         assert "\n" not in str(info.value)
+
+
+def test_decode_through_the_backend_is_transformers_decode(embedded: LoadedModel) -> None:
+    """Tokenizer.decode calls the tokenizers backend directly (it is on the streaming path twice
+    a token): for the embedded tokenizer it must take that path and give what transformers'
+    decode without clean-up gives, special tokens and arbitrary ids included."""
+    tok = embedded.tokenizer
+    assert tok._backend is not None
+    generator = torch.Generator().manual_seed(3)
+    specials = list(tok.hf.all_special_ids)
+    samples = [torch.randint(0, tok.vocab_size, (n,), generator=generator).tolist() for n in (1, 2, 5, 40)]
+    samples += [specials, specials + samples[-1], tok.encode("  spaces  , before . punctuation ?! 🙂")]
+    for ids in samples:
+        for skip in (False, True):
+            assert tok.decode(ids, skip) == tok.hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)

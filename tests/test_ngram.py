@@ -31,6 +31,17 @@ def brute_force(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     return []
 
 
+def brute_force_match(tokens: list[int], max_n: int) -> tuple[int, int]:
+    """(n, j): the longest n <= max_n whose last-n suffix also ends at some j < len - 1, the
+    latest such j; (0, -1) where the last token never occurred before."""
+    last = len(tokens) - 1
+    for n in range(min(max_n, last), 0, -1):
+        for j in range(last - 1, n - 2, -1):
+            if tokens[j - n + 1 : j + 1] == tokens[last - n + 1 :]:
+                return n, j
+    return 0, -1
+
+
 @pytest.mark.parametrize("min_n,max_n", [(1, 1), (1, 3), (2, 5), (3, 6)])
 def test_lookup_equals_brute_force_as_the_sequence_grows(min_n, max_n):
     rng = random.Random(min_n * 10 + max_n)
@@ -41,6 +52,7 @@ def test_lookup_equals_brute_force_as_the_sequence_grows(min_n, max_n):
         for _ in range(60):  # the loop's sequence only grows: the index is extended
             k = rng.randint(1, 6)
             assert drafter.lookup(tokens, k) == brute_force(tokens, k, min_n, max_n)
+            assert drafter.longest_match(tokens) == brute_force_match(tokens, max_n)  # (the latest of the longest)
             tokens = tokens + [rng.randrange(4 + trial % 5) for _ in range(rng.randint(1, 3))]
         other = tokens[:10] + [99, 98]  # not an extension of what was indexed: re-indexed
         assert drafter.lookup(other, 4) == brute_force(other, 4, min_n, max_n)

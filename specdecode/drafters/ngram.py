@@ -69,11 +69,12 @@ class NgramDrafter:
         self.min_n, self.max_n, self.copy_whole = min_n, max_n, copy_whole
         self._seen: list[int] = []  # the sequence indexed so far
         self._where: dict[int, list[int]] = {}  # token -> its positions in _seen, ascending
+        self._pairs: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> the token's positions
         self.acceptance = MatchAcceptance()
         self._match = 0  # the match length the last whole draft continued
 
     def begin(self, prompt_ids: list[int]) -> None:
-        self._seen, self._where = [], {}
+        self._seen, self._where, self._pairs = [], {}, {}
         self.acceptance = MatchAcceptance()
 
     def propose(self, tokens: list[int], k: int, sampling: SamplingParams, generator: torch.Generator,
@@ -121,7 +122,16 @@ class NgramDrafter:
         self._index(tokens)
         last = len(tokens) - 1
         best_n, best_j = 0, -1
-        for j in reversed(self._where.get(tokens[last], ())):  # latest first; a full-length match ends the scan
+        # Where the last two tokens occurred before, every match of two tokens or more ends there
+        # (and beats any one-token match): only those are scanned, not every occurrence of the
+        # last token (a comma or a space: dozens of Python calls a step)
+        pairs = self._pairs.get((tokens[last - 1], tokens[last]), ()) if last >= 1 and self.max_n >= 2 else ()
+        if not pairs or pairs[0] >= last:
+            for j in reversed(self._where.get(tokens[last], ())):  # a one-token match: the latest
+                if j < last:
+                    return 1, j
+            return 0, -1
+        for j in reversed(pairs):  # latest first; a full-length match ends the scan
             if j >= last:
                 continue
             n = self._match_length(tokens, j)
@@ -136,11 +146,13 @@ class NgramDrafter:
         as the decoding loop's sequence does; anything else is indexed from scratch)."""
         seen = self._seen
         if len(tokens) < len(seen) or tokens[: len(seen)] != seen:
-            self._seen, self._where = [], {}
+            self._seen, self._where, self._pairs = [], {}, {}
             seen = self._seen
-        where = self._where
+        where, pairs = self._where, self._pairs
         for pos in range(len(seen), len(tokens)):
             where.setdefault(tokens[pos], []).append(pos)
+            if pos >= 1:
+                pairs.setdefault((tokens[pos - 1], tokens[pos]), []).append(pos)
         seen.extend(tokens[len(seen) :])
 
 
