@@ -29,6 +29,7 @@ and kept on disk (`cached_draft_cost`), and its choices then depend on the token
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -50,6 +51,11 @@ TREE_MAX_NODES = 32  # a tree drafter's auto size considers 0..32 nodes (verific
 TREE_POINTS = (1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 17, 21, 25, 33)
 PROBE_EVERY = 8  # after this many steps without drafting, AutoK drafts once to look again,
 PROBE_MAX = 64  # and after every probe that did not bring drafting back, twice as many (up to this)
+# ... or up to this where drafting is far from paying (its best rate under FAR of not drafting:
+# layerskip of the embedded model, 2-6% accepted at ~0.6 target steps a token, whose probes every
+# 64 steps cost ~0.8% of the time)
+PROBE_FAR_MAX = 512
+FAR = 0.75
 # a drafted token's cost, in target steps, before the fit has seen a drafting call (the first
 # call is left out of it): what the shipped EAGLE head's costs (0.10-0.16); counted as free, a
 # drafter that is never right (layerskip) was drafted with on the first steps of every request
@@ -63,6 +69,7 @@ DRAFT_COST_PRIOR = 0.15
 # VERIFY_SEEN times (faded) takes the table's cost scaled as the nearest timed length's.
 VERIFY_FADE = 0.9
 VERIFY_SEEN = 2.0
+VERIFY_FLOOR = 0.9
 
 
 @dataclass(frozen=True)
@@ -213,11 +220,16 @@ class AutoK:
         # of the fit. Counted, it priced drafting so high that k=0 won, and probes, left out too,
         # never corrected it (eagle k=auto 1.07x against 1.22x at k=1, 27 prompts).
         self.after_idle = True
+        # ... unless the drafter has nothing to catch up on: the target's own first layers on the
+        # target's cache (layerskip), whose every call is idle-after: left out, its cost stayed the
+        # prior (0.15 steps a token against ~0.6) and its probes were never priced far from paying
+        self.catches_up = True
         # A table read afresh at every choice (batching.SharedCosts: a seated sequence's share of a
         # batch, which changes as sequences come and go) is neither cached nor replaced by timings
         # (a batch's steps cost a sequence about the same whatever its own rows).
         self._static = isinstance(costs, CostTable)
-        self._best: tuple[int, int] | None = None  # (top, its best k) until the estimates change
+        self._best: tuple[int, int, bool] | None = None  # (top, its best k, far from paying) until the estimates change
+        self.probing = False  # the last choice was a probe
         self._timed = [(0.0, 0.0)] * len(costs.verify)  # per length T: (faded count, faded seconds)
         self._verify: list[float] | None = None  # verify_costs(), until the next timing
 
@@ -263,7 +275,14 @@ class AutoK:
                     return scale[i] or 1.0
                 return scale[min(timed, key=lambda j: (abs(j - i), j))]  # type: ignore[return-value]
 
-            self._verify = [t * ratio(i) for i, t in enumerate(table)]
+            # Lengths timed at different moments of a host whose speed changes (or beside another
+            # process) gave a 2-row step 0.3 of a 1-row one, and a drafter that never pays
+            # (layerskip) then drafted on most steps: a step costs at least a shorter one, and at
+            # least VERIFY_FLOOR of what the table says it costs next to one row (the 1-row step
+            # is timed most often; in the loop a row never measured much cheaper than in the table)
+            timed_costs = [t * ratio(i) for i, t in enumerate(table)]
+            floor = VERIFY_FLOOR * timed_costs[0] / table[0]
+            self._verify = list(itertools.accumulate((max(c, floor * t) for c, t in zip(timed_costs, table)), max))
         return self._verify
 
     def verified(self, rows: int, seconds: float) -> None:
@@ -318,16 +337,20 @@ class AutoK:
         top = min(self.k_max, budget)
         if top < 1:
             return 0
+        self.probing = False
         if self._best is None or self._best[0] != top or not self._static or self.timed_by is not None:  # (an idle step changes no estimate)
             rates = self.expected_rates(top)
-            self._best = (top, max(range(top + 1), key=rates.__getitem__))
-        k = self._best[1]
+            best = max(range(top + 1), key=rates.__getitem__)
+            self._best = (top, best, best == 0 and max(rates[1:]) < FAR * rates[0])
+        _, k, far = self._best
         if k == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed
                 self.idle_steps = 0
                 self.after_idle = True
-                self.probe_every = min(2 * self.probe_every, PROBE_MAX)  # (until drafting pays again)
+                # (until drafting pays again)
+                self.probe_every = min(2 * self.probe_every, PROBE_FAR_MAX if far else PROBE_MAX)
+                self.probing = True  # the loop verifies what a probe drafts (decode): its verdicts are the point
                 return 1
         else:
             self.probe_every = PROBE_EVERY
@@ -379,9 +402,10 @@ class AutoK:
         if asked == 0:
             return
         self._best = None
-        if self.after_idle:
+        if self.after_idle and self.catches_up:
             self.after_idle = False
         else:
+            self.after_idle = False
             faded = [x * self.decay for x in self.fit]
             self.fit = [a + b for a, b in zip(faded, (1.0, asked, asked * asked, draft_seconds, asked * draft_seconds))]
             self._line = None

@@ -75,6 +75,8 @@ def decode(
     if k == "auto" and isinstance(policy, AutoK):
         policy.follow(_last_auto.get(drafter))
         _last_auto[drafter] = policy
+    if isinstance(policy, AutoK) and callable(getattr(drafter, "share_cache", None)):
+        policy.catches_up = False  # (the target's first layers on its cache: AutoK.observe)
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)
@@ -162,10 +164,12 @@ def decode(
                     draft = cut_draft(draft, policy.best_length(draft.confidence))  # type: ignore[union-attr]
                 elif calibration is not None:
                     budget = drafted  # (the drafter's cost is fitted to what it drafted)
-                    if draft.scores and sampling.greedy:
+                    if draft.scores and sampling.greedy and not getattr(policy, "probing", False):
                         # The cut reads every drafted token's score, so under sampling it would
                         # keep a token depending on what was drawn for it and bias the output;
                         # there each token was drafted on the scores before it only (`more`).
+                        # A probe's draft is verified whole: the verdicts are what it is for
+                        # (cut by the estimates that made drafting stop, it never changed them).
                         keep = policy.best_length(calibration.estimates(draft.scores), policy.draft_seconds(drafted))  # type: ignore[union-attr]
                         draft = cut_draft(draft, keep)
             allowed = None  # [1+d, V]: what the grammar allows after each scored row's prefix

@@ -14,7 +14,9 @@ from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import (
     DRAFT_COST_PRIOR,
     PROBE_EVERY,
+    PROBE_FAR_MAX,
     PROBE_MAX,
+    VERIFY_FLOOR,
     AutoK,
     CostTable,
     DraftCost,
@@ -77,20 +79,34 @@ def test_auto_k_stops_drafting_what_does_not_pay_and_looks_again():
     assert policy.choose(1) <= 1 and policy.choose(0) == 0  # never past what the length allows
 
 
-def test_probes_that_find_nothing_come_less_often_until_drafting_pays_again():
-    """Each probe that leaves the estimates where drafting does not pay doubles the wait for the
-    next (8, 16, 32, 64, 64 steps); a step that drafts because it pays starts again at 8."""
-    policy = AutoK(STEEP)
-    for _ in range(50):
-        policy.observe(4, 4, 0, 0.0)  # never accepted
+def probe_waits(policy: AutoK, probes: int) -> list[int]:
+    """Steps until each of the next `probes` probes, every probe rejected."""
     waits = []
-    for _ in range(5):
+    for _ in range(probes):
         ks = []
         while not ks or ks[-1] == 0:
             ks.append(policy.choose(8))
+        assert policy.probing
         waits.append(len(ks))
         policy.observe(1, 1, 0, 0.0)  # the probe: rejected
-    assert waits == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY, PROBE_MAX, PROBE_MAX]
+    return waits
+
+
+def test_probes_that_find_nothing_come_less_often_until_drafting_pays_again():
+    """Each probe that leaves the estimates where drafting does not pay doubles the wait for the
+    next (8, 16, 32, 64, 64 steps: near paying, a row costing a tenth of a step); a step that
+    drafts because it pays starts again at 8. Far from paying (a row half a step: drafting's
+    best rate under FAR of not drafting) the waits grow on to PROBE_FAR_MAX."""
+    policy = AutoK(CostTable(tuple(1.0 + 0.1 * t for t in range(9))))
+    for _ in range(50):
+        policy.observe(4, 4, 0, 0.0)  # never accepted
+    assert probe_waits(policy, 5) == [PROBE_EVERY, 2 * PROBE_EVERY, 4 * PROBE_EVERY, PROBE_MAX, PROBE_MAX]
+    far = AutoK(STEEP)
+    for _ in range(50):
+        far.observe(4, 4, 0, 0.0)
+    assert probe_waits(far, 8) == [8, 16, 32, 64, 128, 256, PROBE_FAR_MAX, PROBE_FAR_MAX]
+    assert far.choose(8) == 0 and not far.probing  # (an idle step is no probe)
+    policy = far
     for _ in range(30):
         policy.observe(2, 2, 2, 0.0)  # the topic changed: drafts pass again
     assert policy.choose(8) >= 2
@@ -143,10 +159,13 @@ def test_k_auto_carries_a_drafters_probe_wait_into_its_next_request_and_keeps_th
     probes = []
     for _ in range(2):
         calls.clear()
-        out = [t for step in decode(target, target.new_cache(), prompt, cfg, wrong, "auto") for t in step]
+        stats = SpecStats()
+        out = [t for step in decode(target, target.new_cache(), prompt, cfg, wrong, "auto", stats=stats) for t in step]
         assert out == ar
         probes.append(len(calls))
-    assert probes == [4, 2], probes  # after 8, 24, 56, 120 steps; then after 64, 128
+        # each probe's draft was verified (not cut by the estimates that made drafting stop)
+        assert stats.drafted >= len(calls) and sum(n for k, n in stats.k_chosen.items() if k) == len(calls)
+    assert probes == [4, 1], probes  # after 8, 24, 56, 120 steps; then after 128 (far from paying)
     followed = []
     monkeypatch.setattr(AutoK, "follow", lambda self, last: followed.append(last))
     list(decode(target, target.new_cache(), prompt, cfg, wrong, AutoK(STEEP), stats=SpecStats()))
@@ -174,6 +193,23 @@ def test_verification_costs_follow_the_loops_own_timings():
     assert costs[3] == pytest.approx(6.0 * FLAT.verify[3])  # nearest timed: three rows
     assert policy.best_length(sure) == 1
     assert fixed.verify_costs() == list(FLAT.verify) and fixed.best_length(sure) == 2
+
+
+def test_timed_costs_never_make_a_longer_step_cheaper_than_a_shorter_one():
+    """Lengths timed at different moments (the host slowed down while one-row steps were timed)
+    must not price a 2-row step below a 1-row one: a drafter that never pays would then draft
+    on every step (layerskip did, at a 2-row step priced 0.3 of a 1-row one)."""
+    policy = AutoK(FLAT)
+    for _ in range(3):
+        policy.verified(2, 0.3 * FLAT.verify[1])  # timed while the host was quick
+        policy.verified(1, 3.0 * FLAT.verify[0])  # ... and these while it was slow
+    costs = policy.verify_costs()
+    assert costs[0] == pytest.approx(3.0 * FLAT.verify[0])
+    assert all(later >= earlier for earlier, later in zip(costs, costs[1:]))
+    assert costs[8] == pytest.approx(VERIFY_FLOOR * 3.0 * FLAT.verify[8])  # (priced as 2 rows' timing would say: 0.3x)
+    for _ in range(50):  # a drafter right 5% of the time, at half a (slow) step a token
+        policy.observe(1, 1, 0, 1.5 * FLAT.verify[0], expected=[0.05])
+    assert policy.choose(8) == 0
 
 
 def test_a_batch_share_of_the_costs_is_read_at_every_choice_and_not_replaced_by_timings():
@@ -416,3 +452,26 @@ def test_auto_k_counts_estimated_acceptance_in_place_of_verdicts_when_given():
     for _ in range(200):
         hard.observe(3, 3, 0, 0.001)
     assert hard.acceptance()[0] < 0.01
+
+
+def test_a_drafter_with_nothing_to_catch_up_is_priced_by_its_calls_after_idle_steps():
+    """A call after idle steps is left out of the drafter's cost fit (a draft model or EAGLE head
+    also catches up on those steps then), except for layerskip, which drafts on the target's own
+    cache: its every call is after idle steps, and left out it stayed priced at the prior."""
+    own = AutoK(FLAT)
+    own.observe(1, 1, 0, 0.5)
+    assert own.draft_seconds(1) == pytest.approx(DRAFT_COST_PRIOR * FLAT.verify[0])
+    shared = AutoK(FLAT)
+    shared.catches_up = False
+    shared.observe(1, 1, 0, 0.5)
+    assert shared.draft_seconds(1) == pytest.approx(0.5)
+    target = random_model(tiny_config("llama", layers=4), seed=3)
+    layerskip = build_drafter("layerskip", target)
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    list(decode(target, target.new_cache(), [5, 6, 7], cfg, layerskip, "auto"))
+    from specdecode.decoding import _last_auto
+
+    assert _last_auto[layerskip].catches_up is False
+    model = build_drafter("model", target, random_model(tiny_config("llama", layers=1), seed=4))
+    list(decode(target, target.new_cache(), [5, 6, 7], cfg, model, "auto"))
+    assert _last_auto[model].catches_up is True
