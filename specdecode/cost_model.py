@@ -230,6 +230,7 @@ class AutoK:
         self._static = isinstance(costs, CostTable)
         self._best: tuple[int, int, bool] | None = None  # (top, its best k, far from paying) until the estimates change
         self.probing = False  # the last choice was a probe
+        self._best_costs: list[float] = []  # the verification costs _best was chosen with
         self._timed = [(0.0, 0.0)] * len(costs.verify)  # per length T: (faded count, faded seconds)
         self._verify: list[float] | None = None  # verify_costs(), until the next timing
 
@@ -294,8 +295,16 @@ class AutoK:
         w, s = self._timed[rows - 1]
         w, s = w * VERIFY_FADE + 1.0, s * VERIFY_FADE + seconds
         self._timed[rows - 1] = (w, s)
-        if self._verify is not None and w >= VERIFY_SEEN and abs(s / w - self._verify[rows - 1]) > 0.01 * s / w:
-            self._verify = self._best = None  # (the costs in use are the ones last computed)
+        if w < VERIFY_SEEN:
+            return
+        mean = s / w
+        if self._verify is not None and abs(mean - self._verify[rows - 1]) > 0.01 * mean:
+            self._verify = None  # (the costs in use are the ones last computed)
+        # the choice kept (`choose`) stands until a cost it was made with moves by 1%, or by 10%
+        # where it was far from drafting (the best draft's rate under FAR of a plain step's: a
+        # 10% move cannot reverse it): most steps of an idle drafter recompute nothing
+        if self._best is not None and abs(mean - self._best_costs[rows - 1]) > (0.1 if self._best[2] else 0.01) * mean:
+            self._best = None
 
     def draft_seconds(self, k: int) -> float:
         """a + b k from the fit (0 for k = 0; DRAFT_COST_PRIOR target steps a token before any observation)."""
@@ -327,6 +336,7 @@ class AutoK:
         afresh. (transformers' heuristic schedule likewise keeps its draft length across calls.)"""
         if last is not None and last.probe_every > PROBE_EVERY:
             self.probe_every = last.probe_every
+            self.fit, self._line = list(last.fit), last._line  # (and as dear: idle, it may not draft again)
 
     def expect(self, acceptance: float) -> None:
         """The drafter's acceptance as known before this request (a calibration table's mean)."""
@@ -340,6 +350,7 @@ class AutoK:
         self.probing = False
         if self._best is None or self._best[0] != top or not self._static or self.timed_by is not None:  # (an idle step changes no estimate)
             rates = self.expected_rates(top)
+            self._best_costs = self._verify or self.verify_costs()  # (what the rates were priced with)
             best = max(range(top + 1), key=rates.__getitem__)
             self._best = (top, best, best == 0 and max(rates[1:]) < FAR * rates[0])
         _, k, far = self._best

@@ -129,13 +129,15 @@ def test_a_drafter_that_did_not_pay_starts_its_next_request_as_rarely_probed():
 
     backed_off = AutoK(STEEP)
     for _ in range(50):
-        backed_off.observe(4, 4, 0, 0.0)
+        backed_off.observe(4, 4, 0, 0.4)  # never accepted, 0.1 s a token
     while backed_off.probe_every < PROBE_MAX:
         backed_off.choose(8)
     paying = AutoK(STEEP)
     for follow, want in ((backed_off, PROBE_MAX), (paying, PROBE_EVERY), (None, PROBE_EVERY)):
         nxt = AutoK(STEEP)
         nxt.follow(follow)
+        # the drafter's cost comes along where its probes had backed off
+        assert nxt.draft_seconds(2) == pytest.approx(0.2 if follow is backed_off else 2 * DRAFT_COST_PRIOR * STEEP.verify[0])
         assert first_wait(nxt) == want
 
 
@@ -475,3 +477,28 @@ def test_a_drafter_with_nothing_to_catch_up_is_priced_by_its_calls_after_idle_st
     model = build_drafter("model", target, random_model(tiny_config("llama", layers=1), seed=4))
     list(decode(target, target.new_cache(), [5, 6, 7], cfg, model, "auto"))
     assert _last_auto[model].catches_up is True
+
+
+def test_an_idle_choice_far_from_drafting_stands_until_a_cost_moves_by_a_tenth(monkeypatch):
+    """`verified` drops the kept choice when a cost it was made with moves by 1%, or by 10%
+    where drafting was far from paying (an idle drafter's steps then recompute nothing);
+    a choice near paying still follows 1% moves."""
+    far = AutoK(STEEP)
+    for _ in range(50):
+        far.observe(4, 4, 0, 0.0)  # never accepted, at half a step a row: far from paying
+    for _ in range(3):
+        far.verified(1, STEEP.verify[0])
+    assert far.choose(8) == 0 and far._best is not None and far._best[2]
+    far.verified(1, 1.05 * STEEP.verify[0])  # a 5% slower step (its faded mean moves ~2%)
+    assert far._best is not None
+    for _ in range(10):
+        far.verified(1, 1.5 * STEEP.verify[0])  # the host slowed down by half
+    assert far._best is None and far.choose(8) == 0
+    near = AutoK(FLAT)
+    for _ in range(50):
+        near.observe(2, 2, 1, 0.0)  # half the drafts kept, free: drafting pays
+    for _ in range(3):
+        near.verified(1, FLAT.verify[0])
+    assert near.choose(8) > 0 and near._best is not None and not near._best[2]
+    near.verified(1, 1.05 * FLAT.verify[0])
+    assert near._best is None
