@@ -194,12 +194,10 @@ def _plain_backend(hf: Any) -> Any:
     """The `tokenizers.Tokenizer` behind `hf` where transformers' decode without clean-up is
     exactly its decode (a fast tokenizer whose class keeps transformers' own `_decode`), else
     None. Streaming decodes twice a token (StreamDecoder): ~10 us a step of the decoding loop."""
-    try:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:
-        return None
+    from transformers import PreTrainedTokenizerFast  # (transformers 5: TokenizersBackend)
+
     backend = getattr(hf, "_tokenizer", None)
-    if not isinstance(hf, TokenizersBackend) or type(hf)._decode is not TokenizersBackend._decode or backend is None:
+    if not isinstance(hf, PreTrainedTokenizerFast) or type(hf)._decode is not PreTrainedTokenizerFast._decode or backend is None:
         return None
     return backend
 
