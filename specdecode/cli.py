@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if threads:
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(threads)
         return func(args)
     except UserError as e:
         print(f"specdecode: error: {e}", file=sys.stderr)

@@ -350,7 +350,7 @@ class AutoK:
         self.probing = False
         if self._best is None or self._best[0] != top or not self._static or self.timed_by is not None:  # (an idle step changes no estimate)
             rates = self.expected_rates(top)
-            self._best_costs = self._verify or self.verify_costs()  # (what the rates were priced with)
+            self._best_costs = self.verify_costs()  # (what the rates were priced with)
             best = max(range(top + 1), key=rates.__getitem__)
             self._best = (top, best, best == 0 and max(rates[1:]) < FAR * rates[0])
         _, k, far = self._best
@@ -413,10 +413,8 @@ class AutoK:
         if asked == 0:
             return
         self._best = None
-        if self.after_idle and self.catches_up:
-            self.after_idle = False
-        else:
-            self.after_idle = False
+        left_out, self.after_idle = self.after_idle and self.catches_up, False
+        if not left_out:
             faded = [x * self.decay for x in self.fit]
             self.fit = [a + b for a, b in zip(faded, (1.0, asked, asked * asked, draft_seconds, asked * draft_seconds))]
             self._line = None

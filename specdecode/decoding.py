@@ -75,8 +75,9 @@ def decode(
     if k == "auto" and isinstance(policy, AutoK):
         policy.follow(_last_auto.get(drafter))
         _last_auto[drafter] = policy
-    if isinstance(policy, AutoK) and callable(getattr(drafter, "share_cache", None)):
-        policy.catches_up = False  # (the target's first layers on its cache: AutoK.observe)
+    shares_cache = callable(getattr(drafter, "share_cache", None))  # the target's first layers (drafters/base.py)
+    if isinstance(policy, AutoK) and shares_cache:
+        policy.catches_up = False  # (nothing to catch up on: AutoK.observe)
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)
@@ -137,7 +138,7 @@ def decode(
         if constraint is not None and constraint.finished:
             return
         if drafter is not None:
-            if callable(getattr(drafter, "share_cache", None)):  # the target's first layers (drafters/base.py)
+            if shares_cache:
                 drafter.share_cache(cache)  # type: ignore[attr-defined]
             drafter.begin(list(prompt_ids))
             if feed_hidden:
