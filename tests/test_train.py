@@ -218,6 +218,47 @@ def test_distill_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
     assert after > before + 0.1, (before, after)
 
 
+def test_exit_training_lowers_loss_and_raises_acceptance(setup, tmp_path):
+    from specdecode.train.early_exit import ExitTask
+
+    target, prompts, ds = setup
+    task = ExitTask(target, ds, [0, 1], None, exit_layers=1, init_layer=0)
+    fit(task, ds, tmp_path / "untrained", 0, 1e-3)
+    before = tau(target, prompts[:6], build_drafter(f"layerskip:{tmp_path / 'untrained'}", target))
+    fit(task, ds, tmp_path / "trained", 100, 3e-3)
+    first, last = _loss_drop(tmp_path / "trained" / "train_log.json")
+    assert last < 0.9 * first
+    after = tau(target, prompts[:6], build_drafter(f"layerskip:{tmp_path / 'trained'}", target))
+    assert after > before + 0.1, (before, after)
+    assert all(not p.requires_grad for p in task.module.shared.parameters())  # the target's layers stay its own
+
+
+def test_exit_training_pass_computes_what_drafting_computes(setup):
+    """The trained exit's teacher-forced logits at every position are the drafter's first draft
+    after that prefix: the same early layers, norm, adapter and head."""
+    from specdecode.drafters.early_exit import EarlyExitDrafter, ExitHead
+    from specdecode.train.early_exit import ExitStudent
+
+    target, prompts, _ = setup
+    student = ExitStudent(target, 1, 1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in student.adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    head = ExitHead.for_target(target)
+    head.load_state_dict(student.exit_state())
+    drafter = EarlyExitDrafter(target, head, 1)
+    tokens = prompts[0] + prompts[1]
+    with torch.no_grad():
+        h = student(torch.tensor([tokens]), target.embedding_weight().float())[0]
+        probs = torch.softmax(F.linear(h, target.lm_head.weight.float()), -1)
+    drafter.begin(tokens[:1])
+    for i in range(1, len(tokens)):
+        draft = drafter.propose(tokens[: i + 1], 1, SamplingParams(), torch.Generator())
+        assert draft.tokens == [int(probs[i].argmax())]
+        assert abs(draft.scores[0] - float(probs[i].max())) < 1e-4
+
+
 def test_training_resumes_from_its_checkpoint(setup, tmp_path):
     target, _, ds = setup
     fit(MedusaTask(target, ds, [0], None, num_heads=2), ds, tmp_path, 5, 1e-3)
@@ -284,6 +325,8 @@ def test_cli_train_arguments():
     assert (args.eagle3, args.w_reg, args.no_fresh_eval, args.eagle3_layer) == (True, None, True, "qkv")
     args = build_parser().parse_args(["train", "eagle", "--out", "x", "--eagle3", "--eagle3-layer", "fc"])
     assert args.eagle3_layer == "fc"
+    args = build_parser().parse_args(["train", "exit", "--out", "x", "--exit-layers", "5"])
+    assert (args.kind, args.exit_layers, args.init_layer, args.vocab) == ("exit", 5, None, 8192)
     args = build_parser().parse_args(["train", "taps", "--data", "d", "--layers", "1,2"])
     assert args.func.__name__ == "cmd_taps"
     from specdecode.train.commands import parse_tap_layers

@@ -16,6 +16,7 @@ from specdecode.decoding import decode
 from specdecode.drafters.distill import build_draft_model, load_distill, save_distill
 from specdecode.drafters.draft_model import DraftModelDrafter
 from specdecode.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, save_eagle
+from specdecode.drafters.early_exit import EarlyExitDrafter, ExitHead, save_exit
 from specdecode.drafters.factory import build_drafter
 from specdecode.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, save_medusa
 from specdecode.drafters.trained import WEIGHTS_FILE, DraftHead, load_folder, store_int8
@@ -63,11 +64,20 @@ def distill(target, vocab=None, layers=(0, 2)):
     return DraftModelDrafter(model, target.config.vocab_size, "distill")
 
 
+def exit_(target, vocab=None, seed=0, layers=1):
+    """A layer-skip exit after the target's first `layers` layers (random adapter)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = ExitHead.for_target(target)
+    return EarlyExitDrafter(target, _randomise(head, seed), layers, vocab)
+
+
 MAKERS = {
     "eagle": eagle, "eagle-subset": lambda t: eagle(t, SUBSET), "eagle3": eagle3, "eagle3-subset": lambda t: eagle3(t, SUBSET),
     "eagle3-qkv": eagle3_qkv, "eagle3-qkv-subset": lambda t: eagle3_qkv(t, SUBSET),
     "medusa": medusa, "medusa-subset": lambda t: medusa(t, SUBSET),
     "distill": distill, "distill-subset": lambda t: distill(t, SUBSET),
+    "exit": exit_, "exit-subset": lambda t: exit_(t, SUBSET, layers=2),
 }
 
 
@@ -155,7 +165,7 @@ class NoHidden:
         self.inner.observe(draft, result)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa", "exit"])
 def test_hidden_from_the_loop_gives_the_same_drafts(tiny_target, kind):
     own, fed = MAKERS[kind](tiny_target), MAKERS[kind](tiny_target)
     s_own, s_fed = SpecStats(), SpecStats()
@@ -194,9 +204,12 @@ def test_folders_round_trip_through_the_factory(tiny_target, tmp_path):
     save_medusa(tmp_path / "m", m.module, tiny_target, None, {})
     student = Student(tiny_target, [0, 1])
     save_distill(tmp_path / "d", student.native_state(), 2, tiny_target, SUBSET, {})
+    x = exit_(tiny_target, SUBSET, layers=2)
+    save_exit(tmp_path / "x", x.module.state_dict(), 2, tiny_target, SUBSET, {})
     assert build_drafter(f"eagle:{tmp_path / 'e3'}", tiny_target).hidden_layers == e3.hidden_layers
+    assert build_drafter(f"layerskip:{tmp_path / 'x'}", tiny_target).hidden_layers == (2,)
     for spec, ref in ((f"eagle:{tmp_path / 'e'}", e), (f"eagle:{tmp_path / 'e3'}", e3), (f"medusa:{tmp_path / 'm'}", m),
-                      (f"distill:{tmp_path / 'd'}", distill(tiny_target, SUBSET, (0, 1)))):
+                      (f"distill:{tmp_path / 'd'}", distill(tiny_target, SUBSET, (0, 1))), (f"layerskip:{tmp_path / 'x'}", x)):
         loaded = build_drafter(spec, tiny_target, max_length=64)
         for prompt in PROMPTS:
             # bf16 storage: the loaded drafter may differ from `ref` in rare near-ties, so
@@ -248,6 +261,19 @@ def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
     big = random_model(tiny_config(layers=2), seed=0)
     with pytest.raises(UserError, match="another target"):
         build_drafter(f"medusa:{tmp_path / 'm'}", big)
+    with pytest.raises(UserError, match="a number of layers .* or a folder written by `specdecode train exit"):
+        build_drafter(f"layerskip:{tmp_path / 'nothing'}", tiny_target)
+    with pytest.raises(UserError, match="holds a 'medusa' drafter"):
+        build_drafter(f"layerskip:{tmp_path / 'm'}", tiny_target)
+
+
+def test_plain_layerskip_without_a_shipped_exit_is_the_untrained_one(tiny_target):
+    """The shipped exit was trained for the embedded model: another target's `layerskip` runs
+    its first layers through its own head, and trees and multi-level drafts take that one too."""
+    assert isinstance(build_drafter("layerskip", tiny_target), DraftModelDrafter)
+    assert build_drafter("layerskip", tiny_target).name == "layerskip:1"
+    assert build_drafter("layerskip-tree", tiny_target).name == "layerskip-tree:1"
+    assert build_drafter("layerskip+ngram", tiny_target).name == "layerskip+ngram"
 
 
 # -- sampling: the loop's output distribution is the target's --------------------------------
@@ -256,7 +282,7 @@ def small_target():
     return random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
 
 
-@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "eagle3-qkv", "medusa", "distill-subset", "exit"])
 def test_sampling_matches_target_distribution(small_target, kind):
     """T=1: joint law of tokens 2-3 and law of token 4 vs exact enumeration (k=2)."""
     sampling = SamplingParams(temperature=1.0)
@@ -264,7 +290,7 @@ def test_sampling_matches_target_distribution(small_target, kind):
     drafter = {"eagle": lambda: eagle(small_target, seed=5), "eagle3": lambda: eagle3(small_target, seed=5),
                "eagle3-qkv": lambda: eagle3_qkv(small_target, seed=5),
                "medusa": lambda: medusa(small_target, seed=5),
-               "distill-subset": lambda: distill(small_target, sub, (0,))}[kind]()
+               "distill-subset": lambda: distill(small_target, sub, (0,)), "exit": lambda: exit_(small_target, seed=5)}[kind]()
     if hasattr(drafter, "draft_head"):  # a peaked head makes rejections (the residual path) common
         drafter.draft_head = DraftHead(small_target.lm_head.weight.detach() * 3, drafter.draft_head.ids)
     draws = 2000
@@ -286,7 +312,7 @@ def test_sampling_matches_target_distribution(small_target, kind):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
-@pytest.mark.parametrize("kind", ["eagle-subset", "eagle3-subset", "eagle3-qkv-subset", "medusa", "distill-subset"])
+@pytest.mark.parametrize("kind", ["eagle-subset", "eagle3-subset", "eagle3-qkv-subset", "medusa", "distill-subset", "exit-subset"])
 def test_drafters_follow_a_bf16_or_quantized_target(tiny_target, fmt, kind):
     """The drafters compute in the target's activation dtype (bf16 for quantized targets).
     Greedy identity is promised in fp32 only (see test_exactness), so this checks decoding runs

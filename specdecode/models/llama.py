@@ -843,7 +843,8 @@ def _step(
         gate, up = w.gate_up(F.rms_norm(x, (hidden,), w.post_norm[li], eps).to(dtype), li).chunk(2, dim=-1)
         x = x + w.down(F.silu(gate) * up, li)
     h = F.rms_norm(x[t - n_hidden :], (hidden,), w.final_norm, eps).to(dtype)
-    logits = w.head(h[n_hidden - n_out :], 0).float()
+    # (n_out 0: a draft running the target's first layers for their hidden states, no head)
+    logits = w.head(h[n_hidden - n_out :], 0).float() if n_out else h.new_empty((0, cfg.vocab_size), dtype=torch.float32)
     if taps:
         return logits, torch.cat([tapped[li] for li in taps], dim=-1)
     return logits, h

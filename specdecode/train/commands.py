@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("eagle", "EAGLE head: one decoder layer over (target feature + token embedding)"),
         ("medusa", "Medusa heads on the target's last hidden state"),
         ("distill", "a small draft model (a few layers) distilled from the target"),
+        ("exit", "a layer-skip exit: one decoder layer after the target's first layers (drafts as layerskip:DIR)"),
     ):
         p = kinds.add_parser(kind, help=help_text)
         _common(p, out_help="output folder: drafter.safetensors + config.json, checkpoint, loss.png")
@@ -77,6 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         elif kind == "medusa":
             p.add_argument("--heads", type=int, default=4)
             p.add_argument("--layers", type=int, default=1, help="residual blocks per head")
+        elif kind == "exit":
+            p.add_argument("--exit-layers", type=int, default=None,
+                           help="the target's first layers the exit reads (default: a quarter of them)")
+            p.add_argument("--init-layer", type=int, default=None,
+                           help="target layer that initialises the exit's layer (default: the last)")
         else:
             p.add_argument("--layers", default="0,1", help="target layers that initialise the draft's layers (default 0,1)")
     _register_tau(kinds)
@@ -281,7 +287,7 @@ def default_data_dir(target: str | None) -> Path:
 
 
 def _default_lr(kind: str) -> float:
-    return {"eagle": 1e-3, "medusa": 1e-3, "distill": 3e-4}[kind]
+    return {"eagle": 1e-3, "medusa": 1e-3, "distill": 3e-4, "exit": 5e-4}[kind]
 
 
 def _task(args, target, ds, val_ids, vocab_ids):  # type: ignore[no-untyped-def]
@@ -296,6 +302,17 @@ def _task(args, target, ds, val_ids, vocab_ids):  # type: ignore[no-untyped-def]
         return MedusaTask(target, ds, val_ids, vocab_ids, args.heads, args.layers, args.seed)
     from specdecode.errors import UserError
     from specdecode.train.distill import DistillTask
+
+    if args.kind == "exit":
+        from specdecode.drafters.factory import default_layerskip_layers
+        from specdecode.train.early_exit import ExitTask
+
+        total = target.config.num_layers
+        n = default_layerskip_layers(total) if args.exit_layers is None else args.exit_layers
+        init = total - 1 if args.init_layer is None else args.init_layer
+        if not 1 <= n < total or not 0 <= init < total:
+            raise UserError(f"--exit-layers takes 1..{total - 1} and --init-layer 0..{total - 1} (the target has {total} layers)")
+        return ExitTask(target, ds, val_ids, vocab_ids, n, init, seed=args.seed)
 
     try:
         layers = [int(x) for x in args.layers.split(",")]
