@@ -344,6 +344,7 @@ def test_draft_cost_ratio_runs_for_every_trained_drafter(setup):
     from specdecode.drafters.distill import build_draft_model
     from specdecode.drafters.draft_model import DraftModelDrafter
     from specdecode.drafters.eagle import EagleConfig, EagleHead
+    from specdecode.drafters.early_exit import EarlyExitDrafter, ExitHead
     from specdecode.drafters.medusa import MedusaConfig, MedusaHeads
     from specdecode.train.distill import Student
     from specdecode.train.heldout import draft_cost_ratio
@@ -355,6 +356,7 @@ def test_draft_cost_ratio_runs_for_every_trained_drafter(setup):
         EagleDrafter(target, EagleHead(EagleConfig.for_target(target, tap_layers=(0, 1)))),
         MedusaDrafter(target, MedusaHeads(MedusaConfig(target.config.hidden_size))),
         DraftModelDrafter(build_draft_model(target, Student(target, [0]).native_state(), 1, None), 97),
+        EarlyExitDrafter(target, ExitHead.for_target(target), 1),
     ]
     for d in drafters:
         assert 0.0 < draft_cost_ratio(engine, d, steps=3) < 100.0

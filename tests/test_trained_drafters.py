@@ -267,13 +267,12 @@ def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
         build_drafter(f"layerskip:{tmp_path / 'm'}", tiny_target)
 
 
-def test_plain_layerskip_without_a_shipped_exit_is_the_untrained_one(tiny_target):
-    """The shipped exit was trained for the embedded model: another target's `layerskip` runs
-    its first layers through its own head, and trees and multi-level drafts take that one too."""
+def test_plain_layerskip_is_the_untrained_exit(tiny_target):
+    """`layerskip[:N]` reads the first layers through the target's own norm and head; only
+    `layerskip:DIR` is a trained exit."""
     assert isinstance(build_drafter("layerskip", tiny_target), DraftModelDrafter)
     assert build_drafter("layerskip", tiny_target).name == "layerskip:1"
-    assert build_drafter("layerskip-tree", tiny_target).name == "layerskip-tree:1"
-    assert build_drafter("layerskip+ngram", tiny_target).name == "layerskip+ngram"
+    assert isinstance(build_drafter("layerskip:2", tiny_target), DraftModelDrafter)
 
 
 # -- sampling: the loop's output distribution is the target's --------------------------------

@@ -105,8 +105,8 @@ def build_drafter(
         return None
     if name.removesuffix("-tree") in MODEL_TREES and name.endswith("-tree"):  # a draft model growing trees
         _drafts_trees(name, target)
-        chain = build_drafter(_plain_layerskip(spec.replace("-tree", "", 1), target), target, draft_model, max_length,
-                              tokenizer, target_name, draft_tokenizer)
+        chain = build_drafter(spec.replace("-tree", "", 1), target, draft_model, max_length, tokenizer, target_name,
+                              draft_tokenizer)
         if getattr(chain, "vocab_summary", None) is not None:
             raise UserError(f"{name} needs a draft with the target's tokenizer; a draft with another tokenizer "
                             "drafts chains: use --drafter model")
@@ -152,10 +152,10 @@ def build_drafter(
     if name == "layerskip":
         if not isinstance(target, LlamaModel):
             raise UserError("layerskip needs the native model (llama/qwen2/mistral targets)")
-        if (arg is None and shipped_exit_fits(target)) or (arg is not None and not arg.isdigit()):
+        if arg is not None and not arg.isdigit():
             from specdecode.drafters.early_exit import EarlyExitDrafter
 
-            return EarlyExitDrafter.load(target, arg, max_length)  # a trained exit (shipped, or layerskip:DIR)
+            return EarlyExitDrafter.load(target, arg, max_length)  # a trained exit (`specdecode train exit`)
         total = target.config.num_layers
         n = default_layerskip_layers(total) if arg is None else _int(arg, spec)
         if not 1 <= n < total:
@@ -214,10 +214,10 @@ def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_
     if upper_name == "model":
         base: Drafter | None = _draft_model(draft_model, max_length)
     else:
-        base = build_drafter(_plain_layerskip(upper, target), target, None, max_length)
+        base = build_drafter(upper, target, None, max_length)
     if not isinstance(base, DraftModelDrafter):
         raise UserError(f"'{upper}' is not a draft model that can draft for itself")
-    inner = build_drafter(_plain_layerskip(lower, base.model), base.model, None, max_length)
+    inner = build_drafter(lower, base.model, None, max_length)
     assert inner is not None
     multi = MultiLevelDrafter(base, inner, spec)
     if upper_name != "model":
@@ -266,27 +266,6 @@ def _drafts_trees(name: str, target: CausalLM) -> None:
 
 def default_layerskip_layers(total: int) -> int:
     return max(1, total // 4)
-
-
-def shipped_exit_fits(target: LlamaModel) -> bool:
-    """Is a trained layer-skip exit shipped for this target (specdecode/assets/drafters/exit)?"""
-    from specdecode.drafters.early_exit import KIND
-    from specdecode.drafters.trained import CONFIG_FILE, check_target, resolve_folder
-
-    try:
-        folder = resolve_folder(KIND, None)
-        check_target(json.loads((folder / CONFIG_FILE).read_text()), target, folder)
-    except (OSError, ValueError, UserError):
-        return False
-    return True
-
-
-def _plain_layerskip(spec: str, target: CausalLM) -> str:
-    """'layerskip' -> 'layerskip:N' (the untrained exit at the default depth) where a draft model
-    is needed (trees, multi-level drafting: the trained exit is not one); any other spec as given."""
-    if spec != "layerskip" or not isinstance(target, LlamaModel):
-        return spec
-    return f"layerskip:{default_layerskip_layers(target.config.num_layers)}"
 
 
 def _int(text: str, spec: str) -> int:

@@ -79,8 +79,10 @@ def draft_cost_ratio(engine, drafter, steps: int = 40) -> float:  # type: ignore
 
     import torch
 
+    from specdecode.config import SamplingParams
     from specdecode.drafters.draft_model import DraftModelDrafter
     from specdecode.drafters.eagle import EagleDrafter
+    from specdecode.drafters.early_exit import EarlyExitDrafter
     from specdecode.drafters.medusa import MedusaDrafter
 
     target = engine.model
@@ -113,6 +115,16 @@ def draft_cost_ratio(engine, drafter, steps: int = 40) -> float:  # type: ignore
 
         def step(tok: torch.Tensor) -> None:  # one propose: every head at once
             drafter.draft_head.logits(drafter.heads(feat)).argmax(-1)
+    elif isinstance(drafter, EarlyExitDrafter):  # the target's first layers on its cache, the exit's layer and head
+        drafter.share_cache(t_cache)
+        drafter.begin(context.tolist())
+        drafter.observe_hidden(target.forward(context, target.new_cache(512), return_hidden=True,
+                                              hidden_layers=drafter.hidden_layers).hidden)
+        greedy, generator = SamplingParams(), torch.Generator()
+        drafter.propose(context.tolist() + [0], 1, greedy, generator)  # (its layer catches up on the context)
+
+        def step(tok: torch.Tensor) -> None:  # one drafted token after the committed context
+            drafter.propose(context.tolist() + tok.tolist(), 1, greedy, generator)
     else:
         raise ValueError(f"no cost model for {type(drafter).__name__}")
     t_target = t_draft = 0.0
