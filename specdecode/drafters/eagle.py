@@ -28,7 +28,7 @@ from torch import nn
 from specdecode import tree
 from specdecode.config import SamplingParams
 from specdecode.drafters.acceptance import BY_SCORE_EAGLE
-from specdecode.drafters.base import Draft, MoreDrafts, draft_probability
+from specdecode.drafters.base import Draft, MoreDrafts
 from specdecode.drafters.trained import (
     Block,
     Eagle3Block,
@@ -47,7 +47,6 @@ from specdecode.drafters.tree_search import Candidates, GrowsTrees, grow, log_pr
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import LlamaModel
-from specdecode.sampling import greedy_pick, logits_to_probs, sample
 from specdecode.verify import VerifyResult
 
 
@@ -265,15 +264,10 @@ class EagleDrafter:
             if picked is not None:  # the head's call picked it (greedy on our kernels)
                 index, score = picked
                 token = self.draft_head.token(index)
-            elif greedy:
-                index, score = greedy_pick(self.draft_head.logits(self.head.to_head(h))[0])
-                token = self.draft_head.token(index)
             else:
-                logits = self.draft_head.logits(self.head.to_head(h))  # [1, Vd]
-                q = logits_to_probs(self.draft_head.to_full(logits), sampling)
-                token = int(sample(q, generator)[0])
-                probs.append(q[0])
-                score = draft_probability(logits[0], token, q[0])
+                token, q, score = self.draft_head.draw(self.draft_head.logits(self.head.to_head(h)), sampling, generator)
+                if q is not None:
+                    probs.append(q)
             drafted.append(token)
             scores.append(score)
             if step + 1 == k or (more is not None and not more(scores)):

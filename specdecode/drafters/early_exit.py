@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdecode.config import SamplingParams
-from specdecode.drafters.base import Draft, MoreDrafts, draft_probability
+from specdecode.drafters.base import Draft, MoreDrafts
 from specdecode.drafters.trained import (
     Block,
     DraftHead,
@@ -45,7 +45,6 @@ from specdecode.drafters.trained import (
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache, SharedCache
 from specdecode.models.llama import LlamaModel
-from specdecode.sampling import greedy_pick, logits_to_probs, sample
 from specdecode.verify import VerifyResult
 
 KIND = "exit"  # the folder kind (config.json's "kind")
@@ -184,15 +183,9 @@ class EarlyExitDrafter:
         for step in range(k):
             u = self.early.forward(torch.tensor([feed]), self.shared, num_logits=0, return_hidden=True).hidden
             h = self._adapter(u, range(n + step, n + step + 1))  # type: ignore[arg-type]
-            logits = self.draft_head.logits(h)  # [1, Vd]
-            if sampling.greedy:
-                index, score = greedy_pick(logits[0])
-                token = self.draft_head.token(index)
-            else:
-                q = logits_to_probs(self.draft_head.to_full(logits), sampling)
-                token = int(sample(q, generator)[0])
-                probs.append(q[0])
-                score = draft_probability(logits[0], token, q[0])
+            token, q, score = self.draft_head.draw(self.draft_head.logits(h), sampling, generator)
+            if q is not None:
+                probs.append(q)
             drafted.append(token)
             scores.append(score)
             feed = token

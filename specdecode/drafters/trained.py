@@ -27,10 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specdecode import kernels
+from specdecode.config import SamplingParams
+from specdecode.drafters.base import draft_probability
 from specdecode.errors import UserError
 from specdecode.kv_cache import KVCache
 from specdecode.models.llama import FusedLayers, LlamaModel, interleave_rope_rows, rope_table
 from specdecode.models.quant import linear_stack
+from specdecode.sampling import greedy_pick, logits_to_probs, sample
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 WEIGHTS_FILE = "drafter.safetensors"
@@ -463,6 +466,17 @@ class DraftHead:
 
     def token(self, index: int) -> int:
         return index if self._ids is None else self._ids[index]
+
+    def draw(self, logits: torch.Tensor, sampling: SamplingParams,
+             generator: torch.Generator) -> tuple[int, torch.Tensor | None, float]:
+        """A drafted token from this head's logits [1, V_draft] and its draft probability: greedy,
+        the argmax (q None); else drawn from q = the target's warping of the full row (q [V])."""
+        if sampling.greedy:
+            index, score = greedy_pick(logits[0])
+            return self.token(index), None, score
+        q = logits_to_probs(self.to_full(logits), sampling)
+        token = int(sample(q, generator)[0])
+        return token, q[0], draft_probability(logits[0], token, q[0])
 
     def kernel_weights(self) -> tuple[int, list[torch.Tensor]] | None:
         """The head's matmul as `specdecode::eagle_draft` runs it (kind, weights), or None where
