@@ -265,6 +265,9 @@ def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
         build_drafter(f"layerskip:{tmp_path / 'nothing'}", tiny_target)
     with pytest.raises(UserError, match="holds a 'medusa' drafter"):
         build_drafter(f"layerskip:{tmp_path / 'm'}", tiny_target)
+    save_exit(tmp_path / "x", exit_(tiny_target).module.state_dict(), 1, tiny_target, None, {})
+    with pytest.raises(UserError, match="a trained exit drafts chains"):
+        build_drafter(f"layerskip-tree:{tmp_path / 'x'}", tiny_target)
 
 
 def test_plain_layerskip_is_the_untrained_exit(tiny_target):

@@ -110,6 +110,9 @@ def build_drafter(
         if getattr(chain, "vocab_summary", None) is not None:
             raise UserError(f"{name} needs a draft with the target's tokenizer; a draft with another tokenizer "
                             "drafts chains: use --drafter model")
+        if name == "layerskip-tree" and not isinstance(chain, DraftModelDrafter):
+            raise UserError(f"{spec}: a trained exit drafts chains (--drafter layerskip:DIR); trees grow with the "
+                            "untrained one, layerskip-tree[:N]")
         native = getattr(getattr(chain, "model", None), "model", getattr(chain, "model", None))  # (a subset head wraps one)
         if not isinstance(chain, DraftModelDrafter) or not isinstance(native, LlamaModel):
             raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")

@@ -287,7 +287,7 @@ def default_data_dir(target: str | None) -> Path:
 
 
 def _default_lr(kind: str) -> float:
-    return {"eagle": 1e-3, "medusa": 1e-3, "distill": 3e-4, "exit": 5e-4}[kind]
+    return {"eagle": 1e-3, "medusa": 1e-3, "distill": 3e-4, "exit": 1e-3}[kind]
 
 
 def _task(args, target, ds, val_ids, vocab_ids):  # type: ignore[no-untyped-def]
