@@ -76,8 +76,8 @@ def decode(
         policy.follow(_last_auto.get(drafter))
         _last_auto[drafter] = policy
     shares_cache = callable(getattr(drafter, "share_cache", None))  # the target's first layers (drafters/base.py)
-    if isinstance(policy, AutoK) and shares_cache and not getattr(drafter, "catches_up", False):
-        policy.catches_up = False  # (nothing to catch up on: AutoK.observe; a trained exit's layer has)
+    if isinstance(policy, AutoK):
+        policy.catches_up = getattr(drafter, "catches_up", True)  # (drafters/base.py; AutoK.observe)
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)

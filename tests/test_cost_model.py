@@ -477,6 +477,11 @@ def test_a_drafter_with_nothing_to_catch_up_is_priced_by_its_calls_after_idle_st
     model = build_drafter("model", target, random_model(tiny_config("llama", layers=1), seed=4))
     list(decode(target, target.new_cache(), [5, 6, 7], cfg, model, "auto"))
     assert _last_auto[model].catches_up is True
+    from specdecode.drafters.early_exit import EarlyExitDrafter, ExitHead
+
+    exit_ = EarlyExitDrafter(target, ExitHead.for_target(target), 2)  # on the target's cache, its own layer catches up
+    list(decode(target, target.new_cache(), [5, 6, 7], cfg, exit_, "auto"))
+    assert _last_auto[exit_].catches_up is True
 
 
 def test_an_idle_choice_far_from_drafting_stands_until_a_cost_moves_by_a_tenth(monkeypatch):

@@ -64,7 +64,11 @@ class Drafter(Protocol):
 # Drafters that compute the target's own first layers (layer-skip self-speculation) define
 # `share_cache(cache)`: the decoding loop hands them the target's KV cache of the request (it holds
 # every token but the newest) before `begin`, and they read those layers' keys and values from it
-# instead of computing them again (kv_cache.SharedCache).
+# instead of computing them again (kv_cache.SharedCache). Such a drafter sets `catches_up = False`
+# where its calls after idle steps have nothing to catch up on (the target's own first layers):
+# those calls then count in its cost fit (cost_model.AutoK.catches_up; any other drafter's are left
+# out: an EAGLE head or a draft model, or a trained exit's own layer, first catches up on the steps
+# it was idle).
 # Drafters that can draft inside a grammar set `follows_grammar = True` and take a keyword
 # argument `propose(..., grammar=g)` (structured output, grammar.Constraint): each drafted token's
 # logits are masked by `g.allowed_after(drafted so far)` before q is formed, so q is the masked

@@ -46,8 +46,10 @@ class DraftModelDrafter:
 
     def shares_layers(self) -> None:
         """This draft is the target's first layers (`layerskip`): draft on the target's own
-        cache, handed over by the decoding loop (`share_cache`), instead of a cache of its own."""
+        cache, handed over by the decoding loop (`share_cache`), instead of a cache of its own:
+        after idle steps it has nothing to catch up on (`catches_up`)."""
         self.share_cache = self._share_cache  # (the loop looks for the method: drafters/base.py)
+        self.catches_up = False
 
     def _share_cache(self, cache: KVCache) -> None:
         self.cache = SharedCache(cache)

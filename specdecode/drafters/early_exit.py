@@ -67,10 +67,9 @@ class ExitHead(nn.Module):
 class EarlyExitDrafter:
     scores_drafts = True  # Draft.scores, propose(..., more=f): see drafters/base.py
     acceptance_by_score: tuple[float, ...] | None = None  # as likely accepted as the exit says (a prior)
-    # It drafts on the target's cache (share_cache) but its own layer catches up: a request's first
-    # call runs it over the prompt's rows, a call after idle steps over theirs (~2-4 ms for a
-    # 200-token prompt against ~0.8 ms a drafted token), left out of the cost fit (cost_model.AutoK)
-    catches_up = True
+    # It drafts on the target's cache (share_cache) but its own layer catches up (drafters/base.py:
+    # `catches_up` stays True): a request's first call runs it over the prompt's rows, a call after
+    # idle steps over theirs (~2-4 ms for a 200-token prompt against ~0.8 ms a drafted token)
 
     def __init__(self, target: LlamaModel, head: ExitHead, exit_layers: int, vocab_ids: torch.Tensor | None = None,
                  name: str = "layerskip", max_length: int | None = None) -> None:

@@ -54,7 +54,7 @@ class HybridDrafter:
         self.name = f"hybrid:{model.name}"
         if callable(getattr(model, "share_cache", None)):  # layerskip drafts on the target's cache (drafters/base.py)
             self.share_cache = model.share_cache
-            self.catches_up = getattr(model, "catches_up", False)
+        self.catches_up = getattr(model, "catches_up", True)  # (drafters/base.py)
         if wants_hidden(model):  # the loop then hands the target's features over (drafters/base.py)
             self.observe_hidden = model.observe_hidden  # type: ignore[attr-defined]
             self.hidden_layers = getattr(model, "hidden_layers", None)
