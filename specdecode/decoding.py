@@ -72,12 +72,12 @@ def decode(
         drafter.size_by(TreeSize(tree_costs_for(target)) if k == "auto" else None)  # type: ignore[union-attr]
         k = TREE_MAX_NODES if k == "auto" else k
     policy = None if drafter is None else make_policy(k, costs_for(target) if k == "auto" else None)
+    if isinstance(policy, AutoK):
+        policy.catches_up = getattr(drafter, "catches_up", True)  # (drafters/base.py; AutoK.observe, follow)
     if k == "auto" and isinstance(policy, AutoK):
         policy.follow(_last_auto.get(drafter))
         _last_auto[drafter] = policy
     shares_cache = callable(getattr(drafter, "share_cache", None))  # the target's first layers (drafters/base.py)
-    if isinstance(policy, AutoK):
-        policy.catches_up = getattr(drafter, "catches_up", True)  # (drafters/base.py; AutoK.observe)
     # a drafter that estimates its tokens' acceptance drafts whole chains, cut by the cost model
     cuts = getattr(drafter, "estimates_acceptance", False) and hasattr(policy, "best_length")
     if hasattr(drafter, "price_with"):  # it chooses between drafters by expected rate (drafters/hybrid.py)

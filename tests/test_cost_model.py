@@ -116,9 +116,13 @@ def test_probes_that_find_nothing_come_less_often_until_drafting_pays_again():
 
 
 
-def test_a_drafter_that_did_not_pay_starts_its_next_request_as_rarely_probed():
+@pytest.mark.parametrize("catches_up", [False, True])
+def test_a_drafter_that_did_not_pay_starts_its_next_request_as_rarely_probed(catches_up):
     """`follow`: a request after one whose probes backed off to PROBE_MAX waits that long before
-    its first probe; after one that drafted (or none), the first wait is PROBE_EVERY again."""
+    its first probe; after one that drafted (or none), the first wait is PROBE_EVERY again. The
+    drafter's cost comes along only where its probes keep it current (nothing to catch up on):
+    one that catches up leaves its probes out of the fit, and a dear cost handed on stayed dear
+    for every later request (distill in the 244-prompt bench: idle for its last 118 requests)."""
     def first_wait(policy: AutoK) -> int:
         for _ in range(50):
             policy.observe(4, 4, 0, 0.0)  # never accepted
@@ -135,10 +139,45 @@ def test_a_drafter_that_did_not_pay_starts_its_next_request_as_rarely_probed():
     paying = AutoK(STEEP)
     for follow, want in ((backed_off, PROBE_MAX), (paying, PROBE_EVERY), (None, PROBE_EVERY)):
         nxt = AutoK(STEEP)
+        nxt.catches_up = catches_up
         nxt.follow(follow)
-        # the drafter's cost comes along where its probes had backed off
-        assert nxt.draft_seconds(2) == pytest.approx(0.2 if follow is backed_off else 2 * DRAFT_COST_PRIOR * STEEP.verify[0])
+        # the drafter's cost comes along where its probes had backed off (and keep it current)
+        carried = follow is backed_off and not catches_up
+        assert nxt.draft_seconds(2) == pytest.approx(0.2 if carried else 2 * DRAFT_COST_PRIOR * STEEP.verify[0])
         assert first_wait(nxt) == want
+
+
+def test_a_probe_of_a_drafter_that_catches_up_is_followed_by_a_timed_draft_where_cost_decides():
+    """A drafter that catches up has its probes left out of the cost fit, so a cost seen dear
+    once (a stalled call) kept it idle while its probes were accepted: where drafting would pay
+    at no drafting cost, the step after a probe drafts once more, timed into the fit, and a
+    cheap drafter is drafting again within a few probes. Where acceptance alone rules drafting out,
+    the probes stay single (no cost to learn)."""
+    table = CostTable(tuple(1.0 + 0.1 * t for t in range(9)))
+    policy = AutoK(table)
+    for _ in range(20):
+        policy.observe(3, 3, 3, 3 * 0.05)  # steady, cheap (0.05 steps a token), always accepted
+    assert policy.choose(8) > 0
+    for _ in range(30):
+        policy.observe(3, 3, 3, 3 * 2.0)  # a stretch of stalled calls: 2 steps a token
+    assert policy.choose(8) == 0
+    ks = []
+    for _ in range(4 * PROBE_MAX):
+        k = policy.choose(8)
+        ks.append(k)
+        if k == 0:
+            continue
+        after_idle = policy.after_idle  # a probe's call is left out of the fit (it catches up)
+        policy.observe(k, k, k, k * 0.05)  # accepted, and cheap again
+        if not after_idle and policy.choose(8) > 1:
+            break
+    else:
+        raise AssertionError(f"still idle: {ks}")
+    assert len(ks) <= 2 * PROBE_EVERY + 2, ks
+    never = AutoK(table)
+    for _ in range(50):
+        never.observe(4, 4, 0, 4 * 2.0)  # dear and never accepted
+    assert probe_waits(never, 4) == [8, 16, 32, 64]  # no timed draft after the probes
 
 
 def test_k_auto_carries_a_drafters_probe_wait_into_its_next_request_and_keeps_the_text(monkeypatch):
