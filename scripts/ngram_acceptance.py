@@ -8,7 +8,10 @@ first answer token, the latest longest earlier match of the sequence's suffix (u
 proposes its next 8 tokens; the i-th copy continues a match of n + i - 1 tokens and is counted
 as verified when every copy before it was right (what greedy verification sees).
 
-    .venv/bin/python scripts/ngram_acceptance.py [--target FILE.gguf] [--max-new-tokens 128]
+    .venv/bin/python scripts/ngram_acceptance.py [--target FILE.gguf] [--max-new-tokens 128] [--memory]
+
+--memory measures `ACCEPTANCE_BY_MEMORY_MATCH` instead: each answer looked up in the sequences
+(prompt and answer) of the requests before it (`NgramMemory`, matches of two tokens or more).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.decoding import decode
-from specdecode.drafters.ngram import NgramDrafter
+from specdecode.drafters.ngram import NgramDrafter, NgramMemory
 from specdecode.engine import Engine
 from specdecode.train.data import SEED_CODE_REQUESTS, SEED_REQUESTS
 from specdecode.train.heldout import HELD_OUT_PROMPTS
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="GGUF file or HF folder (default: the embedded model)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="copies from earlier requests' sequences")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine.load(args.target)
@@ -41,6 +45,7 @@ def main() -> None:
     reached: dict[int, int] = defaultdict(int)
     accepted: dict[int, int] = defaultdict(int)
     requests = list(SEED_REQUESTS) + list(SEED_CODE_REQUESTS) + list(HELD_OUT_PROMPTS)
+    memory = NgramMemory()
     for request in requests:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": request}])
         answer = [t for step in decode(engine.model, engine.cache, prompt, config, None, 1,
@@ -48,10 +53,15 @@ def main() -> None:
         lookup = NgramDrafter(1, LONGEST, copy_whole=True)
         for pos in range(1, len(answer)):
             tokens = prompt + answer[:pos]
-            n, end = lookup.longest_match(tokens)
+            if args.memory:
+                n, end = memory.longest_match(tokens, LONGEST)
+                copies = memory.continuation(end, 8) if n else []
+            else:
+                n, end = lookup.longest_match(tokens)
+                copies = tokens[end + 1 : end + 9]
             if n == 0:
                 continue
-            for i, tok in enumerate(tokens[end + 1 : end + 9]):
+            for i, tok in enumerate(copies):
                 if pos + i >= len(answer):
                     break
                 key = min(n + i, LONGEST)
@@ -59,6 +69,7 @@ def main() -> None:
                 if tok != answer[pos + i]:
                     break
                 accepted[key] += 1
+        memory.remember(prompt, prompt + answer)
     print(f"{len(requests)} requests; acceptance of a copied token by the match length it continues:")
     print("n  verified  accepted")
     for n in sorted(reached):

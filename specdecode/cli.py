@@ -57,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="auto", help="auto | none | ngram[:MIN-MAX] | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N|:DIR] (DIR: a trained exit, `specdecode train exit`) | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | hybrid[:SPEC] (prompt lookup or SPEC, default eagle, whichever is worth more each step) | MODEL+CHEAPER "
+    p.add_argument("--drafter", default="auto", help="auto | none | ngram[:MIN-MAX][:context] (context: this sequence only, not earlier requests') | ngram-tree[:BRANCHES] | lookahead[:W-N-G] | retrieval[:FILE.npz] | layerskip[:N|:DIR] (DIR: a trained exit, `specdecode train exit`) | model | quantized[:int4|int8] | layerskip-tree, model-tree, quantized-tree, distill-tree | eagle[:DIR] | eagle-tree[:DIR] | medusa[:DIR] | medusa-tree[:DIR] | distill[:DIR] | hybrid[:SPEC] (prompt lookup or SPEC, default eagle, whichever is worth more each step) | MODEL+CHEAPER "
                    "(multi-level, e.g. model+ngram, layerskip:8+ngram). Default auto: hybrid where the shipped EAGLE head "
                    "was trained for the target (the embedded model), else ngram; with --tree: eagle-tree there, "
                    "else ngram-tree")

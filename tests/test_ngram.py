@@ -14,7 +14,7 @@ from specdecode import decoding
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import AutoK, CostTable
 from specdecode.drafters.factory import build_drafter
-from specdecode.drafters.ngram import ACCEPTANCE_BY_MATCH, NgramDrafter
+from specdecode.drafters.ngram import ACCEPTANCE_BY_MATCH, ACCEPTANCE_BY_MEMORY_MATCH, NgramDrafter, NgramMemory
 from specdecode.errors import UserError
 from specdecode.metrics import SpecStats
 from specdecode.verify import VerifyResult
@@ -74,6 +74,16 @@ def test_ngram_spec_sizes():
         build_drafter("ngram:x", None)
     with pytest.raises(UserError, match="min_n"):
         build_drafter("ngram:4-2", None)
+    # earlier requests are searched too, unless 'context' (the sequence only: transformers' and vLLM's)
+    assert isinstance(build_drafter("ngram", None).memory, NgramMemory)
+    assert isinstance(build_drafter("ngram:2-5", None).memory, NgramMemory)
+    assert build_drafter("ngram:context", None).memory is None
+    both = build_drafter("ngram:2-5:context", None)
+    assert (both.min_n, both.max_n, both.memory) == (2, 5, None)
+    with pytest.raises(UserError, match="ngram:context"):
+        build_drafter("ngram:memory", None)
+    with pytest.raises(UserError, match="one size range"):
+        build_drafter("ngram:1-2:3-4", None)
 
 
 def test_a_whole_draft_copies_up_to_k_with_the_acceptance_of_its_match():
@@ -154,3 +164,84 @@ def test_sampling_with_whole_ngram_drafts_keeps_the_target_distribution():
     p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
     assert 0 < stats.accepted < stats.drafted  # drafts, some accepted and some rejected
+
+
+def brute_force_memory(sequences: list[list[int]], tokens: list[int], max_n: int) -> tuple[int, list[int]]:
+    """The longest remembered match (2..max_n tokens) of the sequence's suffix that something
+    follows in its sequence, the latest such; its continuation (up to 8 tokens)."""
+    last = len(tokens) - 1
+    for n in range(min(max_n, last + 1), 1, -1):
+        for seq in reversed(sequences):
+            for j in range(len(seq) - 2, n - 2, -1):
+                if seq[j - n + 1 : j + 1] == tokens[last - n + 1 :]:
+                    return n, seq[j + 1 : j + 9]
+    return 0, []
+
+
+def test_memory_matches_equal_brute_force_and_never_cross_sequences():
+    """NgramMemory: the longest match of two or more tokens that something follows, over the
+    remembered sequences only (a match never runs across the end of one into the next)."""
+    rng = random.Random(5)
+    for trial in range(30):
+        memory, sequences = NgramMemory(), []
+        for _ in range(rng.randint(1, 4)):
+            seq = [rng.randrange(5) for _ in range(rng.randint(2, 25))]
+            memory.remember(seq[:2], seq)
+            sequences.append(seq)
+        for _ in range(20):
+            tokens = [rng.randrange(5) for _ in range(rng.randint(2, 12))]
+            n, j = memory.longest_match(tokens, 16)
+            want_n, want = brute_force_memory(sequences, tokens, 16)
+            assert n == want_n, (sequences, tokens)
+            if n:  # (among equally long matches the latest scanned; its continuation's length may differ)
+                got = memory.continuation(j, 8)
+                assert got and got[0] in {s[i + 1] for s in sequences for i in range(n - 1, len(s) - 1)
+                                          if s[i - n + 1 : i + 1] == tokens[-n:]}
+    memory = NgramMemory()
+    memory.remember([1], [1, 2, 3])
+    memory.remember([4], [4, 5, 6])
+    assert memory.longest_match([9, 3, 4], 16) == (0, -1)  # (3, 4) spans two sequences
+    n, j = memory.longest_match([8, 1, 2], 16)
+    assert n == 2 and memory.continuation(j, 8) == [3]  # not past its sequence's end
+
+
+def test_memory_forgets_the_oldest_sequences_and_a_repeated_prompt_does_not_copy_its_answer():
+    memory = NgramMemory(max_tokens=20)
+    for i in range(12):  # 12 sequences of 8 tokens, 9 with the separator
+        memory.remember([100 + i], [100 + i, 1, 2, 3, 50 + i, 60 + i, 70 + i, 80 + i])
+    n, j = memory.longest_match([1, 2, 3], 16)
+    assert n == 3 and memory.continuation(j, 8) == [61, 71, 81, 91]  # the latest
+    assert memory.longest_match([50, 60], 16) == (0, -1)  # forgotten
+    assert memory.longest_match([59, 69], 16) == (0, -1)
+    assert memory.longest_match([60, 70], 16)[0] == 2 and len(memory.tokens) - memory.base <= 20
+    # the latest sequence with the request's prompt is skipped: the one before it answers
+    skip = memory.span_of([111])
+    n, j = memory.longest_match([1, 2, 3], 16, skip)
+    assert n == 3 and memory.continuation(j, 8) == [60, 70, 80, 90]
+
+
+def test_the_drafter_copies_from_earlier_requests_where_the_sequence_has_no_better_match():
+    drafter = NgramDrafter(memory=NgramMemory())
+    drafter.begin([5, 6])
+    drafter.propose([5, 6, 7, 8, 9, 10, 11, 12], 4, None, None, whole=True)  # the request, as drafted for
+    drafter.begin([20, 21])  # (the request before is remembered)
+    draft = drafter.propose([20, 21, 30, 8, 9], 4, None, None, whole=True)
+    assert draft.tokens == [10, 11, 12]
+    assert draft.confidence == pytest.approx(list(ACCEPTANCE_BY_MEMORY_MATCH[1:4]))
+    assert drafter.propose([20, 21, 30, 8, 9], 4, None, None).tokens == [10, 11]  # fixed k: a match of n drafts n
+    own = drafter.propose([20, 21, 30, 8, 9, 40, 41, 8, 9], 4, None, None, whole=True)  # its own (8, 9) is likelier
+    assert own.tokens == [40, 41, 8, 9]
+    drafter.begin([5, 6])  # the first request's prompt again: not its own answer
+    assert drafter.propose([5, 6, 7], 4, None, None, whole=True).tokens == []
+
+
+@pytest.mark.parametrize("k", ["auto", 1, 4])
+def test_ngram_with_memory_keeps_greedy_decoding_over_many_requests(k):
+    target = random_model(tiny_config("llama"), seed=10)
+    drafter, stats = NgramDrafter(memory=NgramMemory()), SpecStats()
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    for prompt in ([3, 4, 5, 6], [7, 3, 4, 5], [3, 4, 5, 6], [9, 9, 3, 4]):
+        ar = [t for step in decoding.decode(target, target.new_cache(), prompt, cfg) for t in step]
+        out = [t for step in decoding.decode(target, target.new_cache(), prompt, cfg, drafter, k, stats=stats) for t in step]
+        assert out == ar
+    assert stats.drafted > 0 and len(drafter.memory.tokens) > 0

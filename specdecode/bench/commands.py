@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_args(bench)
     _add_prompt_args(bench)
     bench.add_argument("--drafters", default=None,
-                       help="comma list of ours (ngram[:a-b], ngram-tree[:B], lookahead, retrieval[:FILE.npz], layerskip[:N], "
+                       help="comma list of ours (ngram[:a-b][:context], ngram-tree[:B], lookahead, retrieval[:FILE.npz], layerskip[:N], "
                        "model, quantized, eagle, medusa, distill, NAME-tree of the model drafters) and peers "
                        "(hf, hf-lookup, hf-assisted, llamacpp, llamacpp-lookup, llamacpp-lowlevel, llamacpp-draft; "
                        "llama.cpp ones run in a child process each); our AR baseline always runs "
@@ -281,6 +281,10 @@ def _standard_notes(methods: list, dtype: str) -> list[str]:  # type: ignore[typ
     if any(m.drafter.startswith("ngram") for m in methods):
         notes.append("ngram's theory column assumes a k-token draft every step; steps where lookup finds no "
                      "match draft nothing, so its measured speedup can fall short of the theory.")
+    if any(m.drafter.split(":")[0] == "ngram" and "context" not in m.drafter for m in methods):
+        notes.append("ngram also copies from the sequences of the prompts it ran before in this run (NgramMemory, "
+                     "as llama-lookup's dynamic cache), never from the same prompt's earlier answer; "
+                     "ngram:context searches the sequence only.")
     return notes
 
 

@@ -10,7 +10,7 @@ from specdecode.drafters.acceptance import BY_SCORE_LAYERSKIP
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.draft_model import DraftModelDrafter, DraftModelTreeDrafter
 from specdecode.drafters.multilevel import MultiLevelDrafter
-from specdecode.drafters.ngram import NgramDrafter, NgramTreeDrafter
+from specdecode.drafters.ngram import NgramDrafter, NgramMemory, NgramTreeDrafter
 from specdecode.errors import UserError
 from specdecode.models.base import CausalLM
 from specdecode.models.llama import LlamaModel
@@ -82,6 +82,24 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (arg or None)
 
 
+def _ngram(spec: str, arg: str) -> NgramDrafter:
+    """'ngram[:MIN-MAX][:context]' (or 'ngram:context'): prompt lookup with the default sizes 1-16
+    or MIN-MAX, searching earlier requests' sequences too (NgramMemory) unless 'context'."""
+    parts = [p for p in arg.split(":") if p] if arg else []
+    context = "context" in parts
+    sizes = [p for p in parts if p != "context"]
+    if len(sizes) > 1:
+        raise UserError(f"ngram takes one size range and 'context', like ngram:2-5:context; got '{spec}'")
+    lo, hi = 1, 16
+    if sizes:
+        try:
+            lo, hi = (int(x) for x in sizes[0].split("-"))
+        except ValueError:
+            raise UserError(f"ngram sizes look like ngram:2-5 (min-max), or ngram:context for the sequence "
+                            f"only; got '{spec}'") from None
+    return NgramDrafter(lo, hi, memory=None if context else NgramMemory())
+
+
 def build_drafter(
     spec: str,
     target: CausalLM,
@@ -91,7 +109,7 @@ def build_drafter(
     target_name: str = "the target",
     draft_tokenizer: Tokenizer | None = None,
 ) -> Drafter | None:
-    """spec: 'none' | 'ngram[:MIN-MAX]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
+    """spec: 'none' | 'ngram[:MIN-MAX][:context]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
     target's tokenizer: a datastore is checked against it, the default one built with it) |
     'layerskip[:N]' | 'model' (needs draft_model; a draft_tokenizer other than the target's
     `tokenizer` drafts through text, drafters/universal.py) | 'MODEL+CHEAPER' (multi-level)."""
@@ -118,13 +136,7 @@ def build_drafter(
             raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")
         return DraftModelTreeDrafter.from_chain(chain)
     if name == "ngram":
-        if not arg:
-            return NgramDrafter()  # its default sizes
-        try:
-            lo, hi = (int(x) for x in arg.split("-"))
-        except ValueError:
-            raise UserError(f"ngram sizes look like ngram:2-5 (min-max), got '{spec}'") from None
-        return NgramDrafter(lo, hi)
+        return _ngram(spec, arg)
     if name == "hybrid":  # prompt lookup or a model drafter, whichever is worth more each step
         from specdecode.drafters.hybrid import HybridDrafter
 

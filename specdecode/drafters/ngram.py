@@ -56,24 +56,133 @@ class MatchAcceptance(AcceptanceTable):
         self.observe_chain([n + i - 1 for i in range(drafted)], accepted)
 
 
+# A copy from an earlier request (NgramMemory) continuing a match of n tokens (n = 2..16+; n = 1
+# is never drafted): measured as the table above (`scripts/ngram_acceptance.py --memory`: each
+# answer looked up in the sequences of the requests before it, 109 requests), made
+# non-decreasing (pooled from 6 on: 0.73, 0.79, then 0.54-0.75). Text the model wrote for another
+# request is a weaker guide than its own: a match of two tokens is right 21% of the time (47%
+# within the request), and long matches stop at ~2/3 (answers part where their requests differ).
+ACCEPTANCE_BY_MEMORY_MATCH = (0.10, 0.21, 0.27, 0.41, 0.59) + (0.67,) * 11
+MEMORY_TOKENS = 1 << 16  # tokens of earlier requests remembered (prompts and answers), oldest dropped first
+MEMORY_SCAN = 32  # the latest occurrences of the sequence's last two tokens compared, at most
+
+
+class NgramMemory:
+    """Prompt lookup across requests (llama.cpp's dynamic n-gram cache): what earlier requests'
+    sequences (prompt and answer) went on with after the current sequence's last tokens.
+
+    Sequences are kept whole, joined by a separator no match crosses, up to `max_tokens` in all
+    (the oldest forgotten first). A match is at least two tokens (the last two tokens index it)
+    and the latest occurrences are compared first. `acceptance` learns across requests how often
+    its copies are right (ACCEPTANCE_BY_MEMORY_MATCH as the prior)."""
+
+    def __init__(self, max_tokens: int = MEMORY_TOKENS) -> None:
+        self.max_tokens = max_tokens
+        self.tokens: list[int] = []  # the sequences, each followed by -1
+        self._pairs: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> the token's positions
+        self._starts: list[tuple[int, tuple[int, ...]]] = []  # (where a sequence starts, its prompt)
+        self.base = 0  # positions before it are forgotten
+        self.acceptance = MatchAcceptance(ACCEPTANCE_BY_MEMORY_MATCH)
+
+    def remember(self, prompt: list[int], sequence: list[int]) -> None:
+        """Keep a finished request's sequence (its prompt, then what was generated)."""
+        if len(sequence) < 2:
+            return
+        start = len(self.tokens)
+        self._starts.append((start, tuple(prompt)))
+        self.tokens.extend(sequence)
+        self.tokens.append(-1)
+        pairs, toks = self._pairs, self.tokens
+        for pos in range(start + 1, start + len(sequence)):
+            pairs.setdefault((toks[pos - 1], toks[pos]), []).append(pos)
+        while len(self.tokens) - self.base > self.max_tokens and len(self._starts) > 1:
+            self._starts.pop(0)
+            self.base = self._starts[0][0]
+        if self.base > self.max_tokens:  # the forgotten half: drop it from the lists (amortized)
+            self._compact()
+
+    def _compact(self) -> None:
+        kept = self.tokens[self.base :]
+        starts = [(s - self.base, p) for s, p in self._starts]
+        self.tokens, self._pairs, self._starts, self.base = [], {}, [], 0
+        for (s, prompt), (e, _) in zip(starts, starts[1:] + [(len(kept), ())]):
+            self.remember(list(prompt), kept[s : e - 1])
+
+    def span_of(self, prompt: list[int]) -> tuple[int, int]:
+        """Where the latest sequence with this prompt lies ((0, 0) if none): a request with the
+        same prompt does not copy from it (it would copy its own earlier answer whole: a
+        response cache, not a draft; and a benchmark's repeats would measure that)."""
+        key = tuple(prompt)
+        for i in range(len(self._starts) - 1, -1, -1):
+            start, p = self._starts[i]
+            if p == key:
+                end = self._starts[i + 1][0] if i + 1 < len(self._starts) else len(self.tokens)
+                return start, end
+        return 0, 0
+
+    def longest_match(self, tokens: list[int], max_n: int, skip: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """(n, j): the longest remembered match (2 <= n <= max_n tokens ending at j) of the
+        sequence's last tokens that something follows, among the MEMORY_SCAN latest occurrences
+        of its last two tokens outside `skip`; (0, -1) when there is none."""
+        last = len(tokens) - 1
+        if last < 1:
+            return 0, -1
+        found = self._pairs.get((tokens[last - 1], tokens[last]))
+        if not found:
+            return 0, -1
+        mem, best_n, best_j, scanned = self.tokens, 0, -1, 0
+        for j in reversed(found):
+            if j < self.base:
+                break
+            if skip[0] <= j < skip[1] or mem[j + 1] < 0:
+                continue
+            n = 2
+            while n < max_n and n <= last and j >= n and mem[j - n] == tokens[last - n]:
+                n += 1  # (the separator before a sequence matches no token)
+            if n > best_n:
+                best_n, best_j = n, j
+                if n == max_n:
+                    break
+            scanned += 1
+            if scanned == MEMORY_SCAN:
+                break
+        return best_n, best_j
+
+    def continuation(self, j: int, k: int) -> list[int]:
+        """Up to k remembered tokens after position j (not past its sequence's end)."""
+        out = self.tokens[j + 1 : j + 1 + k]
+        return out[: out.index(-1)] if -1 in out else out
+
+
 class NgramDrafter:
     name = "ngram"
     # `propose(..., whole=True)` copies up to k tokens with Draft.confidence: the decoding loop
     # cuts the chain where the cost model says (--k auto; cost_model.AutoK.best_length)
     estimates_acceptance = True
 
-    def __init__(self, min_n: int = 1, max_n: int = 16, copy_whole: bool = False) -> None:
-        """copy_whole: draft k tokens after any match, however short (transformers' prompt lookup)."""
+    def __init__(self, min_n: int = 1, max_n: int = 16, copy_whole: bool = False,
+                 memory: NgramMemory | None = None) -> None:
+        """copy_whole: draft k tokens after any match, however short (transformers' prompt lookup).
+        memory: earlier requests' sequences, searched too (each request's is added to it)."""
         if not 1 <= min_n <= max_n:
             raise UserError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.min_n, self.max_n, self.copy_whole = min_n, max_n, copy_whole
+        self.memory = memory
         self._seen: list[int] = []  # the sequence indexed so far
         self._where: dict[int, list[int]] = {}  # token -> its positions in _seen, ascending
         self._pairs: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> the token's positions
         self.acceptance = MatchAcceptance()
         self._match = 0  # the match length the last whole draft continued
+        self._table = self.acceptance  # ... and the table that estimated it (the sequence's or the memory's)
+        self._prompt: list[int] = []
+        self._skip = (0, 0)  # the memory's span this request does not copy from (NgramMemory.span_of)
 
     def begin(self, prompt_ids: list[int]) -> None:
+        if self.memory is not None:
+            if self._prompt:  # the request before, as far as it was drafted for
+                self.memory.remember(self._prompt, self._seen)
+            self._prompt = list(prompt_ids)
+            self._skip = self.memory.span_of(prompt_ids)
         self._seen, self._where, self._pairs = [], {}, {}
         self.acceptance = MatchAcceptance()
 
@@ -82,15 +191,20 @@ class NgramDrafter:
         if not whole:
             return Draft(self.lookup(tokens, k))
         n, end = self.longest_match(tokens)
-        self._match = n
-        if n < self.min_n:
+        self._match, self._table = n, self.acceptance
+        copy = tokens[end + 1 : end + 1 + k] if n >= self.min_n else []
+        if self.memory is not None:  # a remembered match instead where its first copy is likelier right
+            m, j = self.memory.longest_match(tokens, self.max_n, self._skip)
+            table = self.memory.acceptance
+            if m and (not copy or table.rate(m - 1) > self.acceptance.rate(n - 1)):
+                copy, self._match, self._table = self.memory.continuation(j, k), m, table
+        if not copy:
             return Draft([])
-        copy = tokens[end + 1 : end + 1 + k]
-        return Draft(copy, confidence=self.acceptance.along(n, len(copy)))
+        return Draft(copy, confidence=self._table.along(self._match, len(copy)))
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
         if draft.confidence is not None and draft.tokens:
-            self.acceptance.observe(self._match, len(draft.tokens), result.num_accepted)
+            self._table.observe(self._match, len(draft.tokens), result.num_accepted)
 
     def matches(self, tokens: list[int]) -> list[tuple[int, int]]:
         """Every earlier occurrence of the last token as (match length n <= max_n, position j),
@@ -112,6 +226,10 @@ class NgramDrafter:
         """The continuation of the longest suffix match (min_n..max_n tokens; the latest of
         equally long ones), n - min_n + 1 tokens of it for an n-token match, at most k."""
         n, end = self.longest_match(tokens)
+        if n < self.min_n and self.memory is not None:  # none in the sequence: one remembered
+            m, j = self.memory.longest_match(tokens, self.max_n, self._skip)
+            if m >= self.min_n:
+                return self.memory.continuation(j, k if self.copy_whole else min(k, m - self.min_n + 1))
         if n < self.min_n:
             return []
         return tokens[end + 1 : end + 1 + (k if self.copy_whole else min(k, n - self.min_n + 1))]
