@@ -372,3 +372,15 @@ def test_bench_wrapper_keeps_the_hidden_state_hook(tiny_target):
     wrapped = _StepRecorder(EagleDrafter(tiny_target, head))
     assert wants_hidden(wrapped)
     assert not wants_hidden(_StepRecorder(build_drafter("ngram", tiny_target)))
+
+
+def test_the_report_says_when_ngram_copies_from_earlier_prompts_of_the_run():
+    from types import SimpleNamespace
+
+    from specdecode.bench.commands import _standard_notes
+
+    def notes(*drafters: str) -> str:
+        return " ".join(_standard_notes([SimpleNamespace(family="specdecode", drafter=d) for d in drafters], "int4"))
+
+    assert "NgramMemory" in notes("ngram") and "NgramMemory" in notes("ngram:2-5")
+    assert "NgramMemory" not in notes("ngram:context", "ngram-tree", "eagle")
