@@ -214,10 +214,16 @@ def test_memory_forgets_the_oldest_sequences_and_a_repeated_prompt_does_not_copy
     assert memory.longest_match([50, 60], 16) == (0, -1)  # forgotten
     assert memory.longest_match([59, 69], 16) == (0, -1)
     assert memory.longest_match([60, 70], 16)[0] == 2 and len(memory.tokens) - memory.base <= 20
-    # the latest sequence with the request's prompt is skipped: the one before it answers
-    skip = memory.span_of([111])
-    n, j = memory.longest_match([1, 2, 3], 16, skip)
+    # the sequence with the request's prompt is skipped: the one before it answers
+    n, j = memory.longest_match([1, 2, 3], 16, memory.spans_of([111]))
     assert n == 3 and memory.continuation(j, 8) == [60, 70, 80, 90]
+    # ... every one with that prompt (a third repeat copies from neither earlier answer)
+    memory = NgramMemory()
+    for answer in ([1, 2, 3, 50], [1, 2, 3, 60], [1, 2, 3, 70], [1, 2, 3, 80]):
+        memory.remember([5] if answer[-1] in (60, 80) else [6], [9] + answer)
+    assert len(memory.spans_of([5])) == 2
+    n, j = memory.longest_match([1, 2, 3], 16, memory.spans_of([5]))
+    assert n == 3 and memory.continuation(j, 8) == [70]
 
 
 def test_the_drafter_copies_from_earlier_requests_where_the_sequence_has_no_better_match():
@@ -233,6 +239,11 @@ def test_the_drafter_copies_from_earlier_requests_where_the_sequence_has_no_bett
     assert own.tokens == [40, 41, 8, 9]
     drafter.begin([5, 6])  # the first request's prompt again: not its own answer
     assert drafter.propose([5, 6, 7], 4, None, None, whole=True).tokens == []
+    drafter.begin([1, 2])
+    longer = NgramDrafter(3, 16, memory=drafter.memory)  # a remembered match is no shorter than min_n either
+    longer.begin([1, 2])
+    assert longer.propose([1, 2, 31, 8, 9], 4, None, None, whole=True).tokens == []
+    assert longer.propose([1, 2, 7, 8, 9], 4, None, None, whole=True).tokens == [10, 11, 12]
 
 
 @pytest.mark.parametrize("k", ["auto", 1, 4])

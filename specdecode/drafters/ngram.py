@@ -108,22 +108,17 @@ class NgramMemory:
         for (s, prompt), (e, _) in zip(starts, starts[1:] + [(len(kept), ())]):
             self.remember(list(prompt), kept[s : e - 1])
 
-    def span_of(self, prompt: list[int]) -> tuple[int, int]:
-        """Where the latest sequence with this prompt lies ((0, 0) if none): a request with the
-        same prompt does not copy from it (it would copy its own earlier answer whole: a
-        response cache, not a draft; and a benchmark's repeats would measure that)."""
-        key = tuple(prompt)
-        for i in range(len(self._starts) - 1, -1, -1):
-            start, p = self._starts[i]
-            if p == key:
-                end = self._starts[i + 1][0] if i + 1 < len(self._starts) else len(self.tokens)
-                return start, end
-        return 0, 0
+    def spans_of(self, prompt: list[int]) -> tuple[tuple[int, int], ...]:
+        """Where the sequences with this prompt lie: a request with the same prompt does not
+        copy from them (it would copy its own earlier answer whole: a response cache, not a
+        draft; and a benchmark's repeats would measure that)."""
+        key, ends = tuple(prompt), [s for s, _ in self._starts[1:]] + [len(self.tokens)]
+        return tuple((start, end) for (start, p), end in zip(self._starts, ends) if p == key)
 
-    def longest_match(self, tokens: list[int], max_n: int, skip: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    def longest_match(self, tokens: list[int], max_n: int, skip: tuple[tuple[int, int], ...] = ()) -> tuple[int, int]:
         """(n, j): the longest remembered match (2 <= n <= max_n tokens ending at j) of the
         sequence's last tokens that something follows, among the MEMORY_SCAN latest occurrences
-        of its last two tokens outside `skip`; (0, -1) when there is none."""
+        of its last two tokens outside the `skip` spans; (0, -1) when there is none."""
         last = len(tokens) - 1
         if last < 1:
             return 0, -1
@@ -134,7 +129,7 @@ class NgramMemory:
         for j in reversed(found):
             if j < self.base:
                 break
-            if skip[0] <= j < skip[1] or mem[j + 1] < 0:
+            if mem[j + 1] < 0 or any(a <= j < b for a, b in skip):
                 continue
             n = 2
             while n < max_n and n <= last and j >= n and mem[j - n] == tokens[last - n]:
@@ -175,14 +170,14 @@ class NgramDrafter:
         self._match = 0  # the match length the last whole draft continued
         self._table = self.acceptance  # ... and the table that estimated it (the sequence's or the memory's)
         self._prompt: list[int] = []
-        self._skip = (0, 0)  # the memory's span this request does not copy from (NgramMemory.span_of)
+        self._skip: tuple[tuple[int, int], ...] = ()  # the memory's spans this request does not copy from (NgramMemory.spans_of)
 
     def begin(self, prompt_ids: list[int]) -> None:
         if self.memory is not None:
             if self._prompt:  # the request before, as far as it was drafted for
                 self.memory.remember(self._prompt, self._seen)
             self._prompt = list(prompt_ids)
-            self._skip = self.memory.span_of(prompt_ids)
+            self._skip = self.memory.spans_of(prompt_ids)
         self._seen, self._where, self._pairs = [], {}, {}
         self.acceptance = MatchAcceptance()
 
@@ -196,7 +191,7 @@ class NgramDrafter:
         if self.memory is not None:  # a remembered match instead where its first copy is likelier right
             m, j = self.memory.longest_match(tokens, self.max_n, self._skip)
             table = self.memory.acceptance
-            if m and (not copy or table.rate(m - 1) > self.acceptance.rate(n - 1)):
+            if m >= self.min_n and (not copy or table.rate(m - 1) > self.acceptance.rate(n - 1)):
                 copy, self._match, self._table = self.memory.continuation(j, k), m, table
         if not copy:
             return Draft([])
