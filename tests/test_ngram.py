@@ -166,6 +166,34 @@ def test_sampling_with_whole_ngram_drafts_keeps_the_target_distribution():
     assert 0 < stats.accepted < stats.drafted  # drafts, some accepted and some rejected
 
 
+def test_sampling_with_copies_from_earlier_requests_keeps_the_target_distribution():
+    """The same test with drafts taken from NgramMemory: earlier requests (other prompts) hold
+    the prompt's last tokens followed by various continuations, so the copies come from there."""
+    from test_sampling import ALPHA, SMALL_V, exact_distributions, gof_pvalue
+    from specdecode.sampling import make_generator
+
+    target = random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
+    prompt = [0, 5, 6, 7]  # no repeat inside it: the first copies can only be remembered ones
+    sampling = SamplingParams(temperature=0.7)
+    memory = NgramMemory()
+    rng = random.Random(7)
+    for i in range(12):
+        memory.remember([i], [4, 5, 6, 7] + [rng.randrange(SMALL_V) for _ in range(6)])
+    copies, observe = [], memory.acceptance.observe
+    memory.acceptance.observe = lambda *args: copies.append(1) or observe(*args)  # type: ignore[method-assign]
+    drafter, g, stats = NgramDrafter(memory=memory), make_generator(4321), SpecStats()
+    c23, c4 = torch.zeros(SMALL_V, SMALL_V), torch.zeros(SMALL_V)
+    for _ in range(3000):
+        out = _auto_run(target, prompt, drafter, 4, stats, sampling, g)
+        c23[out[1], out[2]] += 1
+        c4[out[3]] += 1
+    joint23, marg4 = exact_distributions(target, prompt, sampling)
+    p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
+    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
+    assert 0 < stats.accepted < stats.drafted
+    assert len(copies) > 300  # many drafts were remembered copies, verified
+
+
 def brute_force_memory(sequences: list[list[int]], tokens: list[int], max_n: int) -> tuple[int, list[int]]:
     """The longest remembered match (2..max_n tokens) of the sequence's suffix that something
     follows in its sequence, the latest such; its continuation (up to 8 tokens)."""

@@ -19,6 +19,7 @@ share each node.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 
@@ -81,6 +82,7 @@ class NgramMemory:
         self.tokens: list[int] = []  # the sequences, each followed by -1
         self._pairs: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> the token's positions
         self._starts: list[tuple[int, tuple[int, ...]]] = []  # (where a sequence starts, its prompt)
+        self._spans: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt -> its sequences' spans
         self.base = 0  # positions before it are forgotten
         self.acceptance = MatchAcceptance(ACCEPTANCE_BY_MEMORY_MATCH)
 
@@ -88,10 +90,11 @@ class NgramMemory:
         """Keep a finished request's sequence (its prompt, then what was generated)."""
         if len(sequence) < 2:
             return
-        start = len(self.tokens)
-        self._starts.append((start, tuple(prompt)))
+        start, key = len(self.tokens), tuple(prompt)
+        self._starts.append((start, key))
         self.tokens.extend(sequence)
         self.tokens.append(-1)
+        self._spans.setdefault(key, []).append((start, len(self.tokens)))
         pairs, toks = self._pairs, self.tokens
         for pos in range(start + 1, start + len(sequence)):
             pairs.setdefault((toks[pos - 1], toks[pos]), []).append(pos)
@@ -104,7 +107,7 @@ class NgramMemory:
     def _compact(self) -> None:
         kept = self.tokens[self.base :]
         starts = [(s - self.base, p) for s, p in self._starts]
-        self.tokens, self._pairs, self._starts, self.base = [], {}, [], 0
+        self.tokens, self._pairs, self._starts, self._spans, self.base = [], {}, [], {}, 0
         for (s, prompt), (e, _) in zip(starts, starts[1:] + [(len(kept), ())]):
             self.remember(list(prompt), kept[s : e - 1])
 
@@ -112,8 +115,7 @@ class NgramMemory:
         """Where the sequences with this prompt lie: a request with the same prompt does not
         copy from them (it would copy its own earlier answer whole: a response cache, not a
         draft; and a benchmark's repeats would measure that)."""
-        key, ends = tuple(prompt), [s for s, _ in self._starts[1:]] + [len(self.tokens)]
-        return tuple((start, end) for (start, p), end in zip(self._starts, ends) if p == key)
+        return tuple(span for span in self._spans.get(tuple(prompt), ()) if span[0] >= self.base)
 
     def longest_match(self, tokens: list[int], max_n: int, skip: tuple[tuple[int, int], ...] = ()) -> tuple[int, int]:
         """(n, j): the longest remembered match (2 <= n <= max_n tokens ending at j) of the
@@ -126,11 +128,16 @@ class NgramMemory:
         if not found:
             return 0, -1
         mem, best_n, best_j, scanned = self.tokens, 0, -1, 0
+        starts = [a for a, _ in skip]  # (ascending, disjoint: remembered in order)
         for j in reversed(found):
             if j < self.base:
                 break
-            if mem[j + 1] < 0 or any(a <= j < b for a, b in skip):
+            if mem[j + 1] < 0:
                 continue
+            if skip:
+                i = bisect.bisect_right(starts, j) - 1
+                if i >= 0 and j < skip[i][1]:
+                    continue
             n = 2
             while n < max_n and n <= last and j >= n and mem[j - n] == tokens[last - n]:
                 n += 1  # (the separator before a sequence matches no token)
