@@ -382,7 +382,7 @@ class AutoK:
                 # (until drafting pays again)
                 self.probe_every = min(2 * self.probe_every, PROBE_FAR_MAX if far else PROBE_MAX)
                 self.probing = True  # the loop verifies what a probe drafts (decode): its verdicts are the point
-                self._measure = self.catches_up
+                self._measure = self.catches_up and self.fixed_draft_cost is None  # (a fixed cost: nothing to time)
                 return 1
         else:
             self.probe_every = PROBE_EVERY

@@ -178,6 +178,10 @@ def test_a_probe_of_a_drafter_that_catches_up_is_followed_by_a_timed_draft_where
     for _ in range(50):
         never.observe(4, 4, 0, 4 * 2.0)  # dear and never accepted
     assert probe_waits(never, 4) == [8, 16, 32, 64]  # no timed draft after the probes
+    fixed = AutoK(table, draft_cost=DraftCost(0.0, 2.0))  # a fixed cost (hybrid's model, seeded requests)
+    for _ in range(20):
+        fixed.observe(3, 3, 3, 0.0)
+    assert probe_waits(fixed, 3) == [8, 16, 32]  # nothing to time: single probes
 
 
 def test_k_auto_carries_a_drafters_probe_wait_into_its_next_request_and_keeps_the_text(monkeypatch):
