@@ -147,14 +147,15 @@ def test_whole_drafts_cut_by_the_cost_model_keep_greedy_decoding():
     assert stats.drafted > 0
 
 
-def test_sampling_with_whole_ngram_drafts_keeps_the_target_distribution():
+def _sampled_like_the_target(prompt: list[int], drafter: NgramDrafter, seed: int) -> SpecStats:
+    """3000 sampled runs of 4 tokens (T = 0.7) with `drafter` under --k auto: tokens 2-3 jointly
+    and token 4 pass a goodness-of-fit test against the target's exact distributions."""
     from test_sampling import ALPHA, SMALL_V, exact_distributions, gof_pvalue
     from specdecode.sampling import make_generator
 
     target = random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # most sampled tokens repeat one of the prompt's: n-gram drafts
     sampling = SamplingParams(temperature=0.7)
-    drafter, g, stats = NgramDrafter(), make_generator(1234), SpecStats()
+    g, stats = make_generator(seed), SpecStats()
     c23, c4 = torch.zeros(SMALL_V, SMALL_V), torch.zeros(SMALL_V)
     for _ in range(3000):
         out = _auto_run(target, prompt, drafter, 4, stats, sampling, g)
@@ -164,33 +165,27 @@ def test_sampling_with_whole_ngram_drafts_keeps_the_target_distribution():
     p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
     assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
     assert 0 < stats.accepted < stats.drafted  # drafts, some accepted and some rejected
+    return stats
+
+
+def test_sampling_with_whole_ngram_drafts_keeps_the_target_distribution():
+    # most sampled tokens repeat one of the prompt's: n-gram drafts
+    _sampled_like_the_target([1, 2, 3, 1, 2, 3, 1, 2], NgramDrafter(), 1234)
 
 
 def test_sampling_with_copies_from_earlier_requests_keeps_the_target_distribution():
     """The same test with drafts taken from NgramMemory: earlier requests (other prompts) hold
     the prompt's last tokens followed by various continuations, so the copies come from there."""
-    from test_sampling import ALPHA, SMALL_V, exact_distributions, gof_pvalue
-    from specdecode.sampling import make_generator
+    from test_sampling import SMALL_V
 
-    target = random_model(tiny_config(vocab=SMALL_V, layers=2), seed=3, scale=0.3)
-    prompt = [0, 5, 6, 7]  # no repeat inside it: the first copies can only be remembered ones
-    sampling = SamplingParams(temperature=0.7)
     memory = NgramMemory()
     rng = random.Random(7)
     for i in range(12):
         memory.remember([i], [4, 5, 6, 7] + [rng.randrange(SMALL_V) for _ in range(6)])
     copies, observe = [], memory.acceptance.observe
     memory.acceptance.observe = lambda *args: copies.append(1) or observe(*args)  # type: ignore[method-assign]
-    drafter, g, stats = NgramDrafter(memory=memory), make_generator(4321), SpecStats()
-    c23, c4 = torch.zeros(SMALL_V, SMALL_V), torch.zeros(SMALL_V)
-    for _ in range(3000):
-        out = _auto_run(target, prompt, drafter, 4, stats, sampling, g)
-        c23[out[1], out[2]] += 1
-        c4[out[3]] += 1
-    joint23, marg4 = exact_distributions(target, prompt, sampling)
-    p23, p4 = gof_pvalue(c23.flatten(), joint23.flatten()), gof_pvalue(c4, marg4)
-    assert p23 > ALPHA and p4 > ALPHA, (p23, p4)
-    assert 0 < stats.accepted < stats.drafted
+    # no repeat inside the prompt: the first copies can only be remembered ones
+    _sampled_like_the_target([0, 5, 6, 7], NgramDrafter(memory=memory), 4321)
     assert len(copies) > 300  # many drafts were remembered copies, verified
 
 
