@@ -362,18 +362,17 @@ class AutoK:
             best = max(range(top + 1), key=rates.__getitem__)
             self._best = (top, best, best == 0 and max(rates[1:]) < FAR * rates[0])
         _, k, far = self._best
-        if k == 0 and self._measure:
+        measure, self._measure = self._measure, False
+        if k == 0 and measure:
             # the step after a probe of a drafter that catches up (whose probe is left out of the
             # fit): where drafting would pay at no drafting cost, draft once more for the cost the
             # probe could not tell, else a cost seen dear once would keep it idle for good. Its
             # time restarts the fit (`observe`): the calls before the idle steps are stale, and a
             # line through them and this one call (two values of k) would stretch between both.
-            self._measure = False
             free = self.expected_rates(top, free=True)
             if max(free[1:]) > free[0]:
                 self.probing = self._restart_fit = True
                 return 1
-        self._measure = False
         if k == 0:
             self.idle_steps += 1
             if self.idle_steps >= self.probe_every:  # look again: acceptance may have changed

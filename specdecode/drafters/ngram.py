@@ -57,6 +57,15 @@ class MatchAcceptance(AcceptanceTable):
         self.observe_chain([n + i - 1 for i in range(drafted)], accepted)
 
 
+def match_length(seq: list[int], j: int, tokens: list[int], n: int, max_n: int) -> int:
+    """How far (up to max_n tokens) a match of n tokens ending at seq[j] and at the end of
+    `tokens` reaches back."""
+    last = len(tokens) - 1
+    while n < max_n and n <= j and n <= last and seq[j - n] == tokens[last - n]:
+        n += 1
+    return n
+
+
 # A copy from an earlier request (NgramMemory) continuing a match of n tokens (n = 2..16+; n = 1
 # is never drafted): measured as the table above (`scripts/ngram_acceptance.py --memory`: each
 # answer looked up in the sequences of the requests before it, 109 requests), made
@@ -138,9 +147,7 @@ class NgramMemory:
                 i = bisect.bisect_right(starts, j) - 1
                 if i >= 0 and j < skip[i][1]:
                     continue
-            n = 2
-            while n < max_n and n <= last and j >= n and mem[j - n] == tokens[last - n]:
-                n += 1  # (the separator before a sequence matches no token)
+            n = match_length(mem, j, tokens, 2, max_n)  # (the separator before a sequence matches no token)
             if n > best_n:
                 best_n, best_j = n, j
                 if n == max_n:
@@ -218,11 +225,7 @@ class NgramDrafter:
 
     def _match_length(self, tokens: list[int], j: int) -> int:
         """How many tokens (<= max_n) end at j as the sequence ends (tokens[j] is its last)."""
-        last = len(tokens) - 1
-        n = 1
-        while n < self.max_n and j - n >= 0 and tokens[j - n] == tokens[last - n]:
-            n += 1
-        return n
+        return match_length(tokens, j, tokens, 1, self.max_n)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """The continuation of the longest suffix match (min_n..max_n tokens; the latest of
