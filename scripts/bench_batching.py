@@ -73,15 +73,19 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ngram-memory", choices=("off", "shared", "drafter"), default="off",
+                        help="what ngram remembers of earlier requests: off (serve's default), shared "
+                             "(serve --ngram-memory: one memory for every seat), drafter (each seat its own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     compute.start()  # as the server: every multi-threaded step on one thread (specdecode/compute.py)
     kernels.prefer_flat()  # and its kernel choice (amx where the CPU has it; SPECDECODE_KERNEL overrides)
     drafter = None if args.drafter == "none" else args.drafter
     engine = compute.run(Engine.load, args.target)
+    engine.ngram_memory = args.ngram_memory
     every = load_prompts("all", limit=-(-args.prompts // 9))  # a few of each of the 9 categories
     prompts = [list(p.messages) for p in every[: args.prompts]]
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, drafter {args.drafter}, k {args.k}, "
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, drafter {args.drafter} (memory: {args.ngram_memory}), k {args.k}, "
           f"{args.threads} threads, kernel {getattr(engine.model, 'kernel', '?')}")
     for clients in args.clients:
         got: dict[int, list[tuple[float, ...]]] = {1: [], clients: []}

@@ -34,6 +34,7 @@ from specdecode.cost_model import (
 from specdecode.decoding import decode
 from specdecode.drafters.base import Drafter
 from specdecode.drafters.factory import build_drafter, resolve_auto
+from specdecode.drafters.ngram import NgramMemory
 from specdecode.errors import UserError
 from specdecode.grammar import Constraint, Grammar, GrammarCompiler, GrammarSpec
 from specdecode.metrics import SpecStats
@@ -59,6 +60,7 @@ QUANTIZED = ("int8", "int4")
 AUTO = "auto"
 DTYPE_CHOICES = (AUTO, *DTYPES)
 DEFAULT_MAX_CONTEXT = 4096
+NGRAM_MEMORY = ("drafter", "shared", "off")  # Engine.ngram_memory
 
 Prompt = str | Sequence[dict[str, str]]  # raw text, or chat messages [{"role", "content"}]
 
@@ -173,6 +175,12 @@ class Engine:
         # the weight format of draft models (--draft): None = the target's; auto = the draft
         # file's own precision; or fp32 | bf16 | int8 | int4 (as llama.cpp's draft GGUF keeps its own)
         self.draft_dtype: str | None = None
+        # what `ngram` drafters remember of earlier requests (NgramMemory): "drafter" (each drafter
+        # instance its own requests: generate, bench, this API), "shared" (one memory for every
+        # stream: `serve --ngram-memory`) or "off" (the request's own sequence only: `serve`'s
+        # default, since copies from other clients' requests show in acceptance and timing)
+        self.ngram_memory = "drafter"
+        self._shared_ngram_memory: NgramMemory | None = None
 
     @classmethod
     def load(cls, target: str | None = None, dtype: str = AUTO, max_context: int | None = None,
@@ -252,7 +260,19 @@ class Engine:
             check_memory(draft, fmt, self.max_context)
             draft_model, draft_tok = load_target(draft, fmt)
         return build_drafter(spec, self.model, draft_model, self.max_context, self.tokenizer,
-                             self.source or "the embedded SmolLM2-135M-Instruct", draft_tok)
+                             self.source or "the embedded SmolLM2-135M-Instruct", draft_tok, self._ngram_memory)
+
+    def _ngram_memory(self) -> NgramMemory | None:
+        """The memory of earlier requests an `ngram` drafter built now searches (ngram_memory)."""
+        if self.ngram_memory not in NGRAM_MEMORY:
+            raise UserError(f"ngram_memory is one of {', '.join(NGRAM_MEMORY)}, got '{self.ngram_memory}'")
+        if self.ngram_memory == "off":
+            return None
+        if self.ngram_memory == "drafter":
+            return NgramMemory()
+        if self._shared_ngram_memory is None:
+            self._shared_ngram_memory = NgramMemory()
+        return self._shared_ngram_memory
 
     # -- continuous batching -----------------------------------------------------------
     def enable_batching(self, max_batch: int, wait: float = DEFAULT_WAIT_SECONDS, prefix_caching: bool = True) -> None:

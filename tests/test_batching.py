@@ -211,9 +211,12 @@ def test_an_error_in_a_batched_forward_reaches_every_waiting_sequence(model):
     assert len(errors) == 2 and batcher.seated == 0
 
 
-def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
+@pytest.mark.parametrize("ngram_memory", ["off", "shared"])
+def test_the_server_decodes_concurrent_requests_as_if_each_were_alone(ngram_memory):
     """Six clients at once against `create_app(max_batch=3)` over an int4 model on our kernels:
-    each answer is the one the engine gives that request alone, and forwards were shared."""
+    each answer is the one the engine gives that request alone, and forwards were shared. The
+    server's ngram copies from each request's own text only, unless asked to share one memory of
+    all requests between its seats (`serve --ngram-memory`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from fastapi.testclient import TestClient
@@ -234,11 +237,16 @@ def test_the_server_decodes_concurrent_requests_as_if_each_were_alone():
     expected = [alone.generate(p, drafter="ngram", k=3, max_new_tokens=20, chat=False).text for p in prompts]
     served = Engine(model, tokenizer)
     client = TestClient(create_app(served, "tiny", drafter="ngram", k=3, limits=ServerLimits(drafters=("ngram",)),
-                                   max_batch=3))
+                                   max_batch=3, ngram_memory=ngram_memory))
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: client.post("/v1/completions", json=b), bodies))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert [a.json()["choices"][0]["text"] for a in answers] == expected
+    memories = {id(d.memory) for seat in served._seats for d in seat.values()}
+    if ngram_memory == "off":
+        assert memories == {id(None)}
+    else:  # one memory for every seat, holding the requests the seats went on from
+        assert memories == {id(served._shared_ngram_memory)} and served._shared_ngram_memory.tokens
     assert served.batcher is not None and served.batcher.stats.forwards > 0
     assert served.batcher.seated == 0
     exposed = client.get("/metrics").text

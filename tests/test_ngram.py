@@ -5,6 +5,7 @@ are cut where the cost model says, exactly (greedy identity and the target's dis
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -247,6 +248,64 @@ def test_memory_forgets_the_oldest_sequences_and_a_repeated_prompt_does_not_copy
     assert len(memory.spans_of([5])) == 2
     n, j = memory.longest_match([1, 2, 3], 16, memory.spans_of([5]))
     assert n == 3 and memory.continuation(j, 8) == [70]
+
+
+def test_the_spans_a_request_skips_stay_right_when_the_memory_compacts():
+    """A request takes the spans of its prompt's sequences once (begin); another stream's
+    sequences may compact the memory meanwhile (a server's seats share one): the spans still
+    point at the same sequences."""
+    memory = NgramMemory(max_tokens=20)  # sequences of 6 tokens: 7 with the separator
+    memory.remember([1], [9, 1, 2, 3, 40, 41])
+    for i in range(2):  # other streams' requests
+        memory.remember([10 + i], [60 + i, 61 + i, 62 + i, 63 + i, 64 + i, 65 + i])
+    memory.remember([2], [9, 1, 2, 3, 50, 51])  # the answer a repeated prompt must not copy
+    skip = memory.spans_of([2])
+    memory.remember([12], [70, 71, 72, 73, 74, 75])  # forgets [1]'s and compacts the lists, keeps [2]'s
+    assert memory.shift > 0 and memory.spans_of([2]) == skip
+    assert memory.copy([1, 2, 3], 16, 4, skip) == (0, [])  # [1]'s sequence is forgotten, [2]'s skipped
+    assert memory.copy([1, 2, 3], 16, 4) == (3, [50, 51])
+
+
+def test_one_memory_serves_drafters_on_several_threads():
+    """Drafters of four streams remember into and copy from one memory at once, with
+    compactions on the way: every copy is what followed its match in one remembered sequence."""
+    memory, errors = NgramMemory(max_tokens=400), []
+
+    def stream(seed: int) -> None:
+        rng = random.Random(seed)
+        drafter = NgramDrafter(memory=memory)
+        try:
+            for request in range(40):
+                prompt = [rng.randrange(6) for _ in range(3)]
+                drafter.begin(prompt)
+                tokens = list(prompt)
+                for _ in range(30):
+                    draft = drafter.propose(tokens, 4, None, None, whole=True)
+                    if draft.tokens:
+                        drafter.observe(draft, VerifyResult(num_accepted=1, next_token=0, is_bonus=False))
+                    tokens.append(rng.randrange(6))
+                drafter.propose(tokens, 4, None, None, whole=True)  # (indexes the whole sequence)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=stream, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert memory.shift > 0 and sum(memory.acceptance.seen) > 0  # compacted; remembered copies drafted
+    sequences = [s.split(",") for s in ",".join(map(str, memory.tokens[memory.base:])).split(",-1,") if s]
+    text = ["," + ",".join(seq) + "," for seq in sequences]
+    rng, copied = random.Random(0), 0
+    for _ in range(50):  # what it copies now is a remembered continuation of the match
+        tokens = [rng.randrange(6) for _ in range(6)]
+        n, copy = memory.copy(tokens, 16, 4)
+        if n:
+            piece = "," + ",".join(map(str, tokens[-n:] + copy)) + ","
+            assert any(piece in t for t in text), (tokens, n, copy)
+            copied += 1
+    assert copied > 25
 
 
 def test_the_drafter_copies_from_earlier_requests_where_the_sequence_has_no_better_match():

@@ -5,6 +5,7 @@ multi-level drafters MODEL+CHEAPER (a draft model drafting for itself with a che
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from specdecode.drafters.acceptance import BY_SCORE_LAYERSKIP
 from specdecode.drafters.base import Drafter
@@ -82,9 +83,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (arg or None)
 
 
-def _ngram(spec: str, arg: str) -> NgramDrafter:
+def _ngram(spec: str, arg: str, memory: Callable[[], NgramMemory | None]) -> NgramDrafter:
     """'ngram[:MIN-MAX][:context]' (or 'ngram:context'): prompt lookup with the default sizes 1-16
-    or MIN-MAX, searching earlier requests' sequences too (NgramMemory) unless 'context'."""
+    or MIN-MAX, searching earlier requests' sequences too (the NgramMemory `memory()` gives:
+    none where it gives None) unless 'context'."""
     parts = [p for p in arg.split(":") if p] if arg else []
     context = "context" in parts
     sizes = [p for p in parts if p != "context"]
@@ -97,7 +99,7 @@ def _ngram(spec: str, arg: str) -> NgramDrafter:
         except ValueError:
             raise UserError(f"ngram sizes look like ngram:2-5 (min-max), or ngram:context for the sequence "
                             f"only; got '{spec}'") from None
-    return NgramDrafter(lo, hi, memory=None if context else NgramMemory())
+    return NgramDrafter(lo, hi, memory=None if context else memory())
 
 
 def build_drafter(
@@ -108,16 +110,20 @@ def build_drafter(
     tokenizer: Tokenizer | None = None,
     target_name: str = "the target",
     draft_tokenizer: Tokenizer | None = None,
+    ngram_memory: Callable[[], NgramMemory | None] = NgramMemory,
 ) -> Drafter | None:
     """spec: 'none' | 'ngram[:MIN-MAX][:context]' | 'ngram-tree[:BRANCHES]' | 'retrieval[:FILE.npz]' (needs the
     target's tokenizer: a datastore is checked against it, the default one built with it) |
     'layerskip[:N]' | 'model' (needs draft_model; a draft_tokenizer other than the target's
-    `tokenizer` drafts through text, drafters/universal.py) | 'MODEL+CHEAPER' (multi-level)."""
+    `tokenizer` drafts through text, drafters/universal.py) | 'MODEL+CHEAPER' (multi-level).
+    ngram_memory: what an 'ngram' drafter remembers earlier requests in (default: a memory of its
+    own; a server passes one shared memory, or None for the request's own sequence only)."""
     if "+" in spec:
-        return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer)
+        return _multi_level(spec, target, draft_model, max_length, tokenizer, draft_tokenizer, ngram_memory)
     resolved = resolve_auto(spec, target)  # ('auto' and 'auto-tree': the spec they stand for)
     if resolved != spec:
-        return build_drafter(resolved, target, draft_model, max_length, tokenizer, target_name, draft_tokenizer)
+        return build_drafter(resolved, target, draft_model, max_length, tokenizer, target_name, draft_tokenizer,
+                             ngram_memory)
     name, arg = parse_spec(spec)
     if name == "none":
         return None
@@ -136,7 +142,7 @@ def build_drafter(
             raise UserError(f"{name} needs a native draft model (a llama/qwen2/mistral GGUF or HF folder)")
         return DraftModelTreeDrafter.from_chain(chain)
     if name == "ngram":
-        return _ngram(spec, arg)
+        return _ngram(spec, arg, ngram_memory)
     if name == "hybrid":  # prompt lookup or a model drafter, whichever is worth more each step
         from specdecode.drafters.hybrid import HybridDrafter
 
@@ -218,9 +224,12 @@ def across_tokenizers(chain: DraftModelDrafter | MultiLevelDrafter, target_vocab
 
 
 def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_length: int | None,
-                 tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None) -> Drafter:
+                 tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None,
+                 ngram_memory: Callable[[], NgramMemory | None]) -> Drafter:
     """'model+ngram', 'model+layerskip:2', 'layerskip:8+ngram:1-3': the draft model on the left
-    drafts its own tokens speculatively with the drafter on the right (drafters/multilevel.py)."""
+    drafts its own tokens speculatively with the drafter on the right (drafters/multilevel.py).
+    A lower-level ngram keeps a memory of its own (the draft's ids may be another vocabulary's),
+    none where `ngram_memory` gives none."""
     upper, _, lower = spec.partition("+")
     upper_name, lower_name = parse_spec(upper)[0], parse_spec(lower)[0]
     if upper_name not in ("model", "layerskip", "quantized", "distill") or lower_name not in CHEAPER:
@@ -232,7 +241,8 @@ def _multi_level(spec: str, target: CausalLM, draft_model: CausalLM | None, max_
         base = build_drafter(upper, target, None, max_length)
     if not isinstance(base, DraftModelDrafter):
         raise UserError(f"'{upper}' is not a draft model that can draft for itself")
-    inner = build_drafter(lower, base.model, None, max_length)
+    off = ngram_memory() is None
+    inner = build_drafter(lower, base.model, None, max_length, ngram_memory=lambda: None if off else NgramMemory())
     assert inner is not None
     multi = MultiLevelDrafter(base, inner, spec)
     if upper_name != "model":

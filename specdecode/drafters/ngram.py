@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import threading
 
 import torch
 
@@ -84,26 +85,36 @@ class NgramMemory:
     Sequences are kept whole, joined by a separator no match crosses, up to `max_tokens` in all
     (the oldest forgotten first). A match is at least two tokens (the last two tokens index it)
     and the latest occurrences are compared first. `acceptance` learns across requests how often
-    its copies are right (ACCEPTANCE_BY_MEMORY_MATCH as the prior)."""
+    its copies are right (ACCEPTANCE_BY_MEMORY_MATCH as the prior).
+
+    One memory may serve the drafters of several streams at once (a batching server's seats,
+    each on its own thread): `remember`, `copy`, `observe` and `spans_of` take its lock, and the
+    spans are counted from the first token ever remembered, so a compaction does not move them."""
 
     def __init__(self, max_tokens: int = MEMORY_TOKENS) -> None:
         self.max_tokens = max_tokens
         self.tokens: list[int] = []  # the sequences, each followed by -1
         self._pairs: dict[tuple[int, int], list[int]] = {}  # (token before, token) -> the token's positions
         self._starts: list[tuple[int, tuple[int, ...]]] = []  # (where a sequence starts, its prompt)
-        self._spans: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt -> its sequences' spans
+        self._spans: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prompt -> its sequences' spans (+ shift)
         self.base = 0  # positions before it are forgotten
+        self.shift = 0  # tokens dropped from the front by compactions (a span's start is position + shift)
         self.acceptance = MatchAcceptance(ACCEPTANCE_BY_MEMORY_MATCH)
+        self.lock = threading.Lock()
 
     def remember(self, prompt: list[int], sequence: list[int]) -> None:
         """Keep a finished request's sequence (its prompt, then what was generated)."""
+        with self.lock:
+            self._remember(tuple(prompt), sequence)
+
+    def _remember(self, key: tuple[int, ...], sequence: list[int]) -> None:
         if len(sequence) < 2:
             return
-        start, key = len(self.tokens), tuple(prompt)
+        start = len(self.tokens)
         self._starts.append((start, key))
         self.tokens.extend(sequence)
         self.tokens.append(-1)
-        self._spans.setdefault(key, []).append((start, len(self.tokens)))
+        self._spans.setdefault(key, []).append((start + self.shift, len(self.tokens) + self.shift))
         pairs, toks = self._pairs, self.tokens
         for pos in range(start + 1, start + len(sequence)):
             pairs.setdefault((toks[pos - 1], toks[pos]), []).append(pos)
@@ -116,27 +127,42 @@ class NgramMemory:
     def _compact(self) -> None:
         kept = self.tokens[self.base :]
         starts = [(s - self.base, p) for s, p in self._starts]
+        self.shift += self.base
         self.tokens, self._pairs, self._starts, self._spans, self.base = [], {}, [], {}, 0
         for (s, prompt), (e, _) in zip(starts, starts[1:] + [(len(kept), ())]):
-            self.remember(list(prompt), kept[s : e - 1])
+            self._remember(prompt, kept[s : e - 1])
 
     def spans_of(self, prompt: list[int]) -> tuple[tuple[int, int], ...]:
-        """Where the sequences with this prompt lie: a request with the same prompt does not
-        copy from them (it would copy its own earlier answer whole: a response cache, not a
-        draft; and a benchmark's repeats would measure that)."""
-        return tuple(span for span in self._spans.get(tuple(prompt), ()) if span[0] >= self.base)
+        """Where the sequences with this prompt lie (positions + shift): a request with the same
+        prompt does not copy from them (it would copy its own earlier answer whole: a response
+        cache, not a draft; and a benchmark's repeats would measure that)."""
+        with self.lock:
+            return tuple(span for span in self._spans.get(tuple(prompt), ()) if span[0] >= self.base + self.shift)
+
+    def copy(self, tokens: list[int], max_n: int, k: int, skip: tuple[tuple[int, int], ...] = ()) -> tuple[int, list[int]]:
+        """(n, copy): the longest remembered match of n tokens (`longest_match`) and up to k
+        tokens that followed it; (0, []) when there is none."""
+        with self.lock:
+            n, j = self.longest_match(tokens, max_n, skip)
+            return (n, self.continuation(j, k)) if n else (0, [])
+
+    def observe(self, n: int, drafted: int, accepted: int) -> None:
+        """A chain of `drafted` copies after a remembered match of n tokens kept `accepted`."""
+        with self.lock:
+            self.acceptance.observe(n, drafted, accepted)
 
     def longest_match(self, tokens: list[int], max_n: int, skip: tuple[tuple[int, int], ...] = ()) -> tuple[int, int]:
         """(n, j): the longest remembered match (2 <= n <= max_n tokens ending at j) of the
         sequence's last tokens that something follows, among the MEMORY_SCAN latest occurrences
-        of its last two tokens outside the `skip` spans; (0, -1) when there is none."""
+        of its last two tokens outside the `skip` spans (`spans_of`); (0, -1) when there is none.
+        (The caller holds the lock where other threads may remember: `copy` does.)"""
         last = len(tokens) - 1
         if last < 1:
             return 0, -1
         found = self._pairs.get((tokens[last - 1], tokens[last]))
         if not found:
             return 0, -1
-        mem, best_n, best_j, scanned = self.tokens, 0, -1, 0
+        mem, best_n, best_j, scanned, shift = self.tokens, 0, -1, 0, self.shift
         starts = [a for a, _ in skip]  # (ascending, disjoint: remembered in order)
         for j in reversed(found):
             if j < self.base:
@@ -144,8 +170,8 @@ class NgramMemory:
             if mem[j + 1] < 0:
                 continue
             if skip:
-                i = bisect.bisect_right(starts, j) - 1
-                if i >= 0 and j < skip[i][1]:
+                i = bisect.bisect_right(starts, j + shift) - 1
+                if i >= 0 and j + shift < skip[i][1]:
                     continue
             n = match_length(mem, j, tokens, 2, max_n)  # (the separator before a sequence matches no token)
             if n > best_n:
@@ -203,17 +229,18 @@ class NgramDrafter:
         self._match, self._table = n, self.acceptance
         copy = tokens[end + 1 : end + 1 + k] if n >= self.min_n else []
         if self.memory is not None:  # a remembered match instead where its first copy is likelier right
-            m, j = self.memory.longest_match(tokens, self.max_n, self._skip)
+            m, remembered = self.memory.copy(tokens, self.max_n, k, self._skip)
             table = self.memory.acceptance
             if m >= self.min_n and (not copy or table.rate(m - 1) > self.acceptance.rate(n - 1)):
-                copy, self._match, self._table = self.memory.continuation(j, k), m, table
+                copy, self._match, self._table = remembered, m, table
         if not copy:
             return Draft([])
         return Draft(copy, confidence=self._table.along(self._match, len(copy)))
 
     def observe(self, draft: Draft, result: VerifyResult) -> None:
-        if draft.confidence is not None and draft.tokens:
-            self._table.observe(self._match, len(draft.tokens), result.num_accepted)
+        if draft.confidence is not None and draft.tokens:  # (the memory's table through the memory: its lock)
+            learner = self._table if self.memory is None or self._table is self.acceptance else self.memory
+            learner.observe(self._match, len(draft.tokens), result.num_accepted)
 
     def matches(self, tokens: list[int]) -> list[tuple[int, int]]:
         """Every earlier occurrence of the last token as (match length n <= max_n, position j),
@@ -232,9 +259,9 @@ class NgramDrafter:
         equally long ones), n - min_n + 1 tokens of it for an n-token match, at most k."""
         n, end = self.longest_match(tokens)
         if n < self.min_n and self.memory is not None:  # none in the sequence: one remembered
-            m, j = self.memory.longest_match(tokens, self.max_n, self._skip)
+            m, remembered = self.memory.copy(tokens, self.max_n, k, self._skip)
             if m >= self.min_n:
-                return self.memory.continuation(j, k if self.copy_whole else min(k, m - self.min_n + 1))
+                return remembered if self.copy_whole else remembered[: m - self.min_n + 1]
         if n < self.min_n:
             return []
         return tokens[end + 1 : end + 1 + (k if self.copy_whole else min(k, n - self.min_n + 1))]

@@ -108,13 +108,18 @@ class ChatRequest(_Request):
 
 def create_app(
     engine: Engine, model_name: str, drafter: str | None = "ngram", k: int | str = "auto", draft: str | None = None,
-    limits: ServerLimits | None = None, max_batch: int = 1, prefix_caching: bool = True,
+    limits: ServerLimits | None = None, max_batch: int = 1, prefix_caching: bool = True, ngram_memory: str = "off",
 ) -> FastAPI:
     """limits: what requests may ask (default: the server's own drafter only, k <= 32,
     max_tokens <= 4096, 16 waiting requests, no API key). max_batch: requests decoded at once
     (continuous batching, specdecode/batching.py: their target forwards shared; 1 = one at a
     time, through the same batcher, so that outputs do not depend on it). prefix_caching:
-    prompts' keys and values kept for later prompts that start alike (prefix_cache.py)."""
+    prompts' keys and values kept for later prompts that start alike (prefix_cache.py).
+    ngram_memory: "off" (ngram copies from each request's own text only), or "shared" (also from
+    every earlier request's: `serve --ngram-memory`; Engine.ngram_memory)."""
+    if ngram_memory not in ("off", "shared"):
+        raise UserError(f"a server's ngram memory is 'off' or 'shared', got '{ngram_memory}'")
+    engine.ngram_memory = ngram_memory  # (for the drafters built from now on: each seat's)
     app = FastAPI(title="specdecode", version="0.1.0")
     engine.enable_batching(max_batch, prefix_caching=prefix_caching)
     lock = threading.Semaphore(max_batch)  # a seat (one KV cache) per running request

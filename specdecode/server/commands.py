@@ -41,6 +41,11 @@ def register(sub: Any) -> None:
                    help="compute every prompt in full (default: keep prompts' keys and values in blocks of 8 tokens, "
                         "64 MiB at most, and copy the blocks a later prompt starts with, e.g. the chat template's "
                         "system prompt)")
+    p.add_argument("--ngram-memory", action="store_true",
+                   help="ngram also copies from earlier requests' prompts and answers (one memory for all clients, "
+                        "the latest 65,536 tokens): faster on repetitive traffic, but a client can then learn from "
+                        "its acceptance and timing whether text appeared in another client's request; use it only "
+                        "where every client may see the others' requests (default: each request's own text)")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="on SIGTERM: stop listening, finish the requests in flight (waiting ones too) for at most "
                         "this many seconds, then exit 0 (default 120)")
@@ -70,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_batch != 1:
         kernels.prefer_flat()  # batched forwards carry many rows: amx where the CPU has it (kernels.PREFERENCE_BATCHED)
     engine = compute.run(Engine.load, args.target, args.dtype, args.max_context, args.compile, args.draft_dtype)
+    engine.ngram_memory = memory_mode = "shared" if args.ngram_memory else "off"
     offered = tuple(dict.fromkeys([args.drafter] + [d.strip() for d in (args.drafters or "").split(",") if d.strip()]))
     for spec in offered:
         compute.run(engine.drafter, spec, args.draft)  # load them now: fail fast on a bad one, before listening
@@ -84,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_batch = args.max_batch if args.max_batch is not None else default_max_batch(engine)
     print(f"specdecode: serving up to {max_batch} requests at once", file=sys.stderr, flush=True)
     app = create_app(engine, name, None if args.drafter == "none" else args.drafter, args.k, args.draft, limits,
-                     max_batch, args.prefix_caching)
+                     max_batch, args.prefix_caching, memory_mode)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.drain_timeout)
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: ours ends with 0
