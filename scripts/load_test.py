@@ -263,6 +263,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=None)
     parser.add_argument("--drafter", default="ngram")
+    parser.add_argument("--ngram-memory", action="store_true", help="serve with --ngram-memory (one memory of every request)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=32)
@@ -286,6 +287,8 @@ def main() -> int:
            "--threads", str(args.threads)]
     if args.target:
         cmd += ["--target", args.target]
+    if args.ngram_memory:
+        cmd.append("--ngram-memory")
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
