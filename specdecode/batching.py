@@ -144,8 +144,9 @@ class Batcher:
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, num_logits: int | None = None, return_hidden: bool = False,
-                hidden_layers: tuple[int, ...] | None = None) -> ModelOutput:
-        """`model.forward` for the calling sequence, run with the other seated sequences' steps."""
+                hidden_layers: tuple[int, ...] | None = None, cache_salt: str | None = None) -> ModelOutput:
+        """`model.forward` for the calling sequence, run with the other seated sequences' steps.
+        cache_salt: a prefill shares prefix-cache blocks only with prompts of the same salt."""
         call = ForwardCall(tokens, cache, positions, attn_mask, num_logits, return_hidden, hidden_layers)
         batchable = getattr(self.model, "batchable", None)
         if batchable is None or not batchable(call):
@@ -160,7 +161,7 @@ class Batcher:
         claim = None
         if self.prefix_cache is not None:
             claim = self.prefix_cache.begin(tokens.tolist(), cache, n_out, restore=not return_hidden,
-                                            on_wait=self._waiting_for_prefix)
+                                            on_wait=self._waiting_for_prefix, salt=cache_salt)
         start = cache.length
         try:
             if start == 0 and t <= self.prefill_chunk:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import functools
 import json
 import os
 import threading
@@ -330,6 +331,7 @@ class Engine:
         ignore_eos: bool = False,
         grammar: GrammarSpec | None = None,
         logprobs: int | None = None,
+        cache_salt: str | None = None,
         **assisted: object,
     ) -> "TextStream":
         """Text deltas as they are decoded; the finished Generation is `.result` afterwards.
@@ -341,7 +343,11 @@ class Engine:
         num_assistant_tokens, num_assistant_tokens_schedule, assistant_confidence_threshold,
         prompt_lookup_num_tokens, max_matching_ngram_size, do_sample; see assisted.py).
         grammar: the output must match it (structured output, grammar.py). logprobs: record the
-        target's log-probability of every token and of its `logprobs` likeliest alternatives."""
+        target's log-probability of every token and of its `logprobs` likeliest alternatives.
+        cache_salt: under batching, share prefix-cache blocks only with requests of the same salt
+        (vLLM's `cache_salt`: a client's prompts cannot be probed through another's timing)."""
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise UserError("cache_salt must be a non-empty string (e.g. 43 random base64 characters)")
         unknown = sorted(set(assisted) - set(AssistedArgs.__dataclass_fields__))
         if unknown:
             raise UserError(f"unknown argument(s) {', '.join(unknown)}: see Engine.stream's docstring")
@@ -369,7 +375,7 @@ class Engine:
                 spec = (drafter, draft) if isinstance(drafter, str) else chosen
                 policy = AutoK(costs, draft_cost=self.draft_cost(spec, chosen))
         return TextStream(self, prompt_ids, config, chosen, policy, constraint, record,
-                          (drafter, draft) if isinstance(drafter, str) else None)
+                          (drafter, draft) if isinstance(drafter, str) else None, cache_salt)
 
     def cost_table(self) -> CostTable:
         """The target's verification costs on this machine (T = 1..9 new tokens), measured once
@@ -429,11 +435,12 @@ class TextStream:
 
     def __init__(self, engine: Engine, prompt_ids: list[int], config: GenerationConfig, drafter: Drafter | None,
                  k: int | str | KPolicy, constraint: Constraint | None = None, logprobs: LogprobRecord | None = None,
-                 drafter_spec: tuple[str, str | None] | None = None):
+                 drafter_spec: tuple[str, str | None] | None = None, cache_salt: str | None = None):
         """drafter_spec: the drafter's (name, draft path), so that a batched stream can take its
-        seat's own instance of it (drafters keep per-sequence state)."""
+        seat's own instance of it (drafters keep per-sequence state). cache_salt: Engine.stream's."""
         self.engine, self.prompt_ids, self.config, self.drafter, self.k = engine, prompt_ids, config, drafter, k
         self.constraint, self.logprobs, self.drafter_spec = constraint, logprobs, drafter_spec
+        self.cache_salt = cache_salt
         self.stats = SpecStats(kernel=getattr(engine.model, "kernel", None))
         self.result: Generation | None = None
 
@@ -449,7 +456,9 @@ class TextStream:
                            else self.engine._drafter_in(seat, *self.drafter_spec))
                 if self.k == "auto" and drafter is not None and not getattr(drafter, "grows_trees", False):
                     self.k = AutoK(SharedCosts(self.engine.cost_table(), batcher))  # type: ignore[arg-type]
-                yield from self._text(self.engine.model.new_cache(self.engine.max_context), drafter, batcher.forward)
+                forward = (batcher.forward if self.cache_salt is None
+                           else functools.partial(batcher.forward, cache_salt=self.cache_salt))
+                yield from self._text(self.engine.model.new_cache(self.engine.max_context), drafter, forward)
             finally:
                 self.engine._return_seat(seat)
 

@@ -8,6 +8,11 @@ only the rest. Blocks are chained (a block is known by its tokens AND the block 
 vLLM's hashes chain them), compared by their token ids exactly (no hash collisions), and the
 least recently used go first once the blocks take more than `max_bytes`.
 
+A prefix cache shared by every client is a side channel: a prompt whose first token comes back
+sooner shares blocks with an earlier request. A request's `salt` (vLLM's `cache_salt`) roots
+its chain in that string instead of the common root, so it shares blocks only with requests
+that send the same salt.
+
 Exactness: a row's keys and values depend only on the tokens up to it, and our row kernel
 computes a prompt's rows with the same bits whatever chunks the prefill is cut into and
 whoever shares the forward (batching.py), so copied blocks are bitwise what the prefill would
@@ -59,15 +64,17 @@ class PrefixCache:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size, self.max_bytes = block_size, max_bytes
         self.stats = PrefixStats()
-        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
+        # (parent block's id, or the root: 0, or a request's salt, a str; the block's tokens) -> block
+        self._blocks: OrderedDict[tuple[int | str, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
         self._next_id = 1
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # blocks stored or a claim ended
-        self._claims: dict[int, tuple[int, ...]] = {}  # prefills in flight: id -> the tokens they will store
+        # prefills in flight: id -> (their root, the tokens they will store)
+        self._claims: dict[int, tuple[int | str, tuple[int, ...]]] = {}
 
-    def _chain(self, tokens: Sequence[int], n_blocks: int) -> list[_Block]:
-        """The cached blocks that start `tokens`, at most n_blocks (touched as recently used)."""
-        found, parent, b = [], 0, self.block_size
+    def _chain(self, tokens: Sequence[int], n_blocks: int, root: int | str = 0) -> list[_Block]:
+        """The cached blocks that start `tokens` under `root`, at most n_blocks (touched as recently used)."""
+        found, parent, b = [], root, self.block_size
         for i in range(n_blocks):
             key = (parent, tuple(tokens[i * b : (i + 1) * b]))
             block = self._blocks.get(key)
@@ -78,28 +85,30 @@ class PrefixCache:
         self._touch([key for key, _ in found])
         return [block for _, block in found]
 
-    def _touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
+    def _touch(self, chain: list[tuple[int | str, tuple[int, ...]]]) -> None:
         """Mark a chain used, its first block as the most recent: a block is then never older
         than its descendants, and the least recently used go children first."""
         for key in reversed(chain):
             self._blocks.move_to_end(key)
 
     def begin(self, tokens: Sequence[int], cache: KVCache, compute: int = 1, restore: bool = True, wait: bool = True,
-              on_wait: Callable[[bool], None] | None = None) -> "Claim":
+              on_wait: Callable[[bool], None] | None = None, salt: str | None = None) -> "Claim":
         """Start a prefill of `tokens` into the empty `cache`: copy the cached blocks it starts
         with (`restore`; leaving at least the last `compute` tokens to compute) and claim the
         rest, so that prompts arriving meanwhile with the same beginning (a chat template's
         system prompt: 16 clients at once) wait for this prefill's blocks (`wait`) instead of
         computing them again. on_wait(True/False) brackets such a wait. The caller stores
-        blocks as its chunks finish (`Claim.advance`) and ends the claim (`Claim.end`)."""
+        blocks as its chunks finish (`Claim.advance`) and ends the claim (`Claim.end`).
+        salt: only blocks stored with the same salt are shared (None: the unsalted ones)."""
         b = self.block_size
+        root: int | str = 0 if salt is None else salt
         usable = (len(tokens) - max(1, compute)) // b if restore else 0
         blocks: list[_Block] = []
         with self._lock:
             waited = False
             while True:
-                blocks = self._chain(tokens, usable)
-                if not wait or not self._in_flight(tokens, len(blocks), usable):
+                blocks = self._chain(tokens, usable, root)
+                if not wait or not self._in_flight(tokens, len(blocks), usable, root):
                     break
                 if not waited and on_wait is not None:
                     on_wait(True)
@@ -109,9 +118,9 @@ class PrefixCache:
                 on_wait(False)
             self.stats.queried_tokens += len(tokens) if restore else 0
             self.stats.hit_tokens += len(blocks) * b
-            claim = Claim(self, self._next_id, tokens)
+            claim = Claim(self, self._next_id, tokens, root)
             self._next_id += 1
-            self._claims[claim.id] = tuple(tokens[: len(tokens) // b * b])
+            self._claims[claim.id] = (root, tuple(tokens[: len(tokens) // b * b]))
         if blocks:
             n = len(blocks) * b
             cache.ensure(n)
@@ -121,14 +130,14 @@ class PrefixCache:
             cache.length = n
         return claim
 
-    def _in_flight(self, tokens: Sequence[int], cached: int, usable: int) -> bool:
-        """Whether another prefill in flight will store block `cached` of `tokens` (the first
-        one not cached), which this one could then copy."""
+    def _in_flight(self, tokens: Sequence[int], cached: int, usable: int, root: int | str) -> bool:
+        """Whether another prefill in flight under the same root will store block `cached` of
+        `tokens` (the first one not cached), which this one could then copy."""
         if cached >= usable:
             return False
         b = self.block_size
         wanted = tuple(tokens[: (cached + 1) * b])
-        return any(claimed[: len(wanted)] == wanted for claimed in self._claims.values())
+        return any(other == root and claimed[: len(wanted)] == wanted for other, claimed in self._claims.values())
 
     def reset(self) -> None:
         """Drop every block (the counts of queried and hit tokens stay)."""
@@ -136,16 +145,17 @@ class PrefixCache:
             self._blocks.clear()
             self.stats.blocks = self.stats.bytes = 0
 
-    def store(self, tokens: Sequence[int], cache: KVCache) -> None:
+    def store(self, tokens: Sequence[int], cache: KVCache, salt: str | None = None) -> None:
         """Keep the full blocks of `tokens` that `cache` holds (after their prefill)."""
         with self._lock:
-            self._store(tokens, cache)
+            self._store(tokens, cache, 0 if salt is None else salt)
             self._changed.notify_all()
 
-    def _store(self, tokens: Sequence[int], cache: KVCache) -> None:
+    def _store(self, tokens: Sequence[int], cache: KVCache, root: int | str) -> None:
         b = self.block_size
         n_blocks = min(len(tokens), cache.length) // b
-        parent, chain = 0, []
+        parent: int | str = root
+        chain: list[tuple[int | str, tuple[int, ...]]] = []
         for i in range(n_blocks):
             key = (parent, tuple(tokens[i * b : (i + 1) * b]))
             block = self._blocks.get(key)
@@ -168,17 +178,19 @@ class PrefixCache:
 class Claim:
     """One prefill in flight (PrefixCache.begin): stores its blocks as they are computed."""
 
-    def __init__(self, owner: PrefixCache, id: int, tokens: Sequence[int]) -> None:
-        self.owner, self.id, self.tokens = owner, id, tokens
+    def __init__(self, owner: PrefixCache, id: int, tokens: Sequence[int], root: int | str = 0) -> None:
+        self.owner, self.id, self.tokens, self.root = owner, id, tokens, root
 
     def advance(self, cache: KVCache) -> None:
         """Store the blocks `cache` holds now (after a chunk): prompts waiting for them go on."""
-        self.owner.store(self.tokens, cache)
+        with self.owner._lock:
+            self.owner._store(self.tokens, cache, self.root)
+            self.owner._changed.notify_all()
 
     def end(self, cache: KVCache | None = None) -> None:
         """Store what `cache` holds (None: nothing, e.g. after an error) and end the claim."""
         with self.owner._lock:
             if cache is not None:
-                self.owner._store(self.tokens, cache)
+                self.owner._store(self.tokens, cache, self.root)
             self.owner._claims.pop(self.id, None)
             self.owner._changed.notify_all()

@@ -101,6 +101,29 @@ def test_a_prefix_cache_hit_is_bitwise_the_prefill_it_replaces(model):
     assert prefix.stats.hit_tokens == before
 
 
+def test_a_salted_prompt_shares_blocks_only_with_its_salt(model):
+    """vLLM's cache_salt: blocks stored under a salt are found only under that salt, unsalted
+    ones only without one; a prefill in flight under another salt is not waited for."""
+    cache = model.new_cache(128)
+    tokens = list(range(1, 26))
+    model.forward(torch.tensor(tokens), cache)
+    prefix = PrefixCache(block_size=8)
+    prefix.store(tokens, cache, salt="alice")
+    for salt, copied in ((None, 0), ("bob", 0), ("alice", 24), ("0", 0)):
+        fresh = model.new_cache(128)
+        prefix.begin(tokens + [30], fresh, salt=salt).end(None)
+        assert fresh.length == copied, salt
+    prefix.store(tokens, cache)
+    fresh = model.new_cache(128)
+    prefix.begin(tokens + [30], fresh).end(None)
+    assert fresh.length == 24 and prefix.stats.blocks == 6
+    busy = prefix.begin([40 + i for i in range(17)], model.new_cache(128), salt="alice")  # in flight
+    waits: list[bool] = []
+    prefix.begin([40 + i for i in range(17)], model.new_cache(128), salt="bob", on_wait=waits.append).end(None)
+    busy.end(None)
+    assert waits == []  # (the same salt would have waited for the claim's blocks)
+
+
 def test_the_prefix_cache_keeps_to_its_bytes_and_drops_children_first(model):
     cache = model.new_cache(128)
     model.forward(torch.tensor(list(range(40))), cache)

@@ -139,6 +139,15 @@ def test_prefix_cache_hits_in_metrics_and_reset(engine):
     r = keyed.post("/v1/chat/completions", json=body, headers=auth)
     assert r.json()["choices"][0]["message"]["content"] == texts[0]
     assert _metric(keyed.get("/metrics").text, "specdecode:prefix_cache_hits") == hits[1]  # nothing left to hit
+    # vLLM's cache_salt: a salted prompt shares blocks only with prompts of the same salt
+    for salt, hit in (("s1", 0), ("s1", (prompt_tokens - 1) // 8 * 8), ("s2", 0), (None, (prompt_tokens - 1) // 8 * 8)):
+        before = _metric(keyed.get("/metrics").text, "specdecode:prefix_cache_hits")
+        r = keyed.post("/v1/chat/completions", json={**body, "cache_salt": salt}, headers=auth)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == texts[0], r.text
+        assert _metric(keyed.get("/metrics").text, "specdecode:prefix_cache_hits") - before == hit, salt
+    for bad in ("", "x" * 1025):
+        r = keyed.post("/v1/chat/completions", json={**body, "cache_salt": bad}, headers=auth)
+        assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"], r.text
 
 
 def test_the_queue_admits_up_to_its_limit():  # (past it the server answers 429 with Retry-After)

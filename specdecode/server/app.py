@@ -45,6 +45,7 @@ class _Request(BaseModel):
     guided_regex: str | None = None  # extensions with vLLM's names: the output matches this regex,
     guided_json: dict[str, Any] | str | None = None  # this JSON schema,
     guided_grammar: str | None = None  # or this Lark grammar (llguidance's dialect)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
     drafter: str | None = None  # extension: override the server's drafter
     k: int | str | None = None  # extension: override the server's draft length (a number, "auto", "heuristic", "confidence:T")
     # extensions with transformers' names and meanings (specdecode/assisted.py); no assistant_model:
@@ -61,6 +62,7 @@ class _Request(BaseModel):
 ASSISTED_FIELDS = tuple(name for name in AssistedArgs.__dataclass_fields__
                         if name not in ("assistant_model", "assistant_tokenizer"))
 MAX_N = 16
+MAX_SALT = 1024  # characters of a cache_salt (each prompt's first prefix-cache key holds it)
 MAX_TOP_LOGPROBS = 20
 
 
@@ -145,13 +147,16 @@ def create_app(
             prompt, drafter=chosen, draft=draft, k=length,
             max_new_tokens=req.max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p,
             min_p=req.min_p, seed=None if req.seed is None else req.seed + choice, stop=stops, chat=chat,
-            grammar=grammar, logprobs=logprobs, **assisted,
+            grammar=grammar, logprobs=logprobs, cache_salt=req.cache_salt, **assisted,
         )
 
     def respond(req: _Request, prompt: Any, chat: bool, kind: str) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         try:
             limits.check(req.drafter, req.k, req.max_tokens)
+            if req.cache_salt is not None and not 1 <= len(req.cache_salt) <= MAX_SALT:
+                raise UserError(f"cache_salt must be a non-empty string of at most {MAX_SALT} characters "
+                                "(e.g. 43 random base64 characters)")
             if not 1 <= req.n <= MAX_N:
                 raise UserError(f"n must be in 1..{MAX_N}, got {req.n}")
             logprobs = requested_logprobs(req, chat)
