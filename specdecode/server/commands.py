@@ -44,8 +44,9 @@ def register(sub: Any) -> None:
     p.add_argument("--ngram-memory", action="store_true",
                    help="ngram also copies from earlier requests' prompts and answers (one memory for all clients, "
                         "the latest 65,536 tokens): faster on repetitive traffic, but a client can then learn from "
-                        "its acceptance and timing whether text appeared in another client's request; use it only "
-                        "where every client may see the others' requests (default: each request's own text)")
+                        "its acceptance and timing whether text appeared in another client's request (whatever its "
+                        "cache_salt); use it only where every client may see the others' requests (default: each "
+                        "request's own text)")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="on SIGTERM: stop listening, finish the requests in flight (waiting ones too) for at most "
                         "this many seconds, then exit 0 (default 120)")
