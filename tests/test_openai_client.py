@@ -138,6 +138,7 @@ def test_structured_output_through_the_client(client):
     ({"extra_body": {"guided_regex": "a", "guided_grammar": "start: \"a\""}}, "one structured output at a time"),
     ({"n": 99}, "n must be in 1..16"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs must be in 0..20"),
+    ({"extra_body": {"cache_salt": ""}}, "cache_salt must be a non-empty string"),
 ])
 def test_bad_requests_are_clear_400s(client, body, message):
     with pytest.raises(openai.BadRequestError) as e:
