@@ -54,8 +54,7 @@ def main() -> None:
         for pos in range(1, len(answer)):
             tokens = prompt + answer[:pos]
             if args.memory:
-                n, end = memory.longest_match(tokens, LONGEST)
-                copies = memory.continuation(end, 8) if n else []
+                n, copies = memory.copy(tokens, LONGEST, 8)
             else:
                 n, end = lookup.longest_match(tokens)
                 copies = tokens[end + 1 : end + 9]

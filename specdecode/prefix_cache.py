@@ -56,6 +56,12 @@ class PrefixStats:
     bytes: int = 0
 
 
+def _root(salt: str | None) -> int | str:
+    """Where a prompt's chain of blocks starts: the common root 0, or its salt (a str, never
+    equal to an int)."""
+    return 0 if salt is None else salt
+
+
 class PrefixCache:
     """Blocks of prompt keys and values, shared by every sequence of one model."""
 
@@ -101,7 +107,7 @@ class PrefixCache:
         blocks as its chunks finish (`Claim.advance`) and ends the claim (`Claim.end`).
         salt: only blocks stored with the same salt are shared (None: the unsalted ones)."""
         b = self.block_size
-        root: int | str = 0 if salt is None else salt
+        root = _root(salt)
         usable = (len(tokens) - max(1, compute)) // b if restore else 0
         blocks: list[_Block] = []
         with self._lock:
@@ -118,7 +124,7 @@ class PrefixCache:
                 on_wait(False)
             self.stats.queried_tokens += len(tokens) if restore else 0
             self.stats.hit_tokens += len(blocks) * b
-            claim = Claim(self, self._next_id, tokens, root)
+            claim = Claim(self, self._next_id, tokens, salt)
             self._next_id += 1
             self._claims[claim.id] = (root, tuple(tokens[: len(tokens) // b * b]))
         if blocks:
@@ -148,7 +154,7 @@ class PrefixCache:
     def store(self, tokens: Sequence[int], cache: KVCache, salt: str | None = None) -> None:
         """Keep the full blocks of `tokens` that `cache` holds (after their prefill)."""
         with self._lock:
-            self._store(tokens, cache, 0 if salt is None else salt)
+            self._store(tokens, cache, _root(salt))
             self._changed.notify_all()
 
     def _store(self, tokens: Sequence[int], cache: KVCache, root: int | str) -> None:
@@ -178,19 +184,17 @@ class PrefixCache:
 class Claim:
     """One prefill in flight (PrefixCache.begin): stores its blocks as they are computed."""
 
-    def __init__(self, owner: PrefixCache, id: int, tokens: Sequence[int], root: int | str = 0) -> None:
-        self.owner, self.id, self.tokens, self.root = owner, id, tokens, root
+    def __init__(self, owner: PrefixCache, id: int, tokens: Sequence[int], salt: str | None = None) -> None:
+        self.owner, self.id, self.tokens, self.salt = owner, id, tokens, salt
 
     def advance(self, cache: KVCache) -> None:
         """Store the blocks `cache` holds now (after a chunk): prompts waiting for them go on."""
-        with self.owner._lock:
-            self.owner._store(self.tokens, cache, self.root)
-            self.owner._changed.notify_all()
+        self.owner.store(self.tokens, cache, self.salt)
 
     def end(self, cache: KVCache | None = None) -> None:
         """Store what `cache` holds (None: nothing, e.g. after an error) and end the claim."""
         with self.owner._lock:
             if cache is not None:
-                self.owner._store(self.tokens, cache, self.root)
+                self.owner._store(self.tokens, cache, _root(self.salt))
             self.owner._claims.pop(self.id, None)
             self.owner._changed.notify_all()
