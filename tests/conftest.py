@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -49,6 +51,17 @@ def assert_block_scores_as_single_steps(model: LlamaModel, prefix: list[int], ne
     assert torch.equal(verify, steps)
     n = block.length
     assert torch.equal(block.k[:, :, :, :n], one.k[:, :, :, :n]) and torch.equal(block.v[:, :, :, :n], one.v[:, :, :, :n])
+
+
+def run_concurrently(work: Callable[[int], None], count: int, timeout: float) -> None:
+    """work(0), ..., work(count - 1), each on its own thread at once; every one must finish
+    within `timeout` seconds."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from conftest import random_model, run_concurrently, tiny_config
 from specdecode import kernels, tree
 from specdecode.batching import Batcher
 from specdecode.config import GenerationConfig, SamplingParams
@@ -197,11 +197,7 @@ def test_concurrent_requests_decode_as_if_alone(model, sampling):
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_concurrently(run, len(prompts), timeout=120)
     assert not errors, errors
     assert results == solo
     assert batcher.seated == 0
@@ -225,12 +221,7 @@ def test_an_error_in_a_batched_forward_reaches_every_waiting_sequence(model):
             except ValueError as exc:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=step, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads)
+    run_concurrently(step, 2, timeout=30)
     assert len(errors) == 2 and batcher.seated == 0
 
 

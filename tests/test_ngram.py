@@ -5,12 +5,11 @@ are cut where the cost model says, exactly (greedy identity and the target's dis
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from conftest import random_model, run_concurrently, tiny_config
 from specdecode import decoding
 from specdecode.config import GenerationConfig, SamplingParams
 from specdecode.cost_model import AutoK, CostTable
@@ -288,12 +287,8 @@ def test_one_memory_serves_drafters_on_several_threads():
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=stream, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and not any(t.is_alive() for t in threads)
+    run_concurrently(stream, 4, timeout=60)
+    assert not errors
     assert memory.shift > 0 and sum(memory.acceptance.seen) > 0  # compacted; remembered copies drafted
     sequences = [s.split(",") for s in ",".join(map(str, memory.tokens[memory.base:])).split(",-1,") if s]
     text = ["," + ",".join(seq) + "," for seq in sequences]
